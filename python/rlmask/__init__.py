@@ -1,0 +1,37 @@
+"""rlmask: what did RL actually change in this model?
+
+Reinforcement-learning finetuning updates only a small subnetwork of a large language model
+(Mukherjee et al., "Reinforcement Learning Finetunes Small Subnetworks in Large Language
+Models"). rlmask measures that subnetwork straight from safetensors checkpoints, exact to the
+bit, without loading either model into memory.
+
+    >>> import rlmask
+    >>> report = rlmask.diff("base/", "tuned/")          # paper's default tolerance, 1e-5
+    >>> report.sparsity                                   # share of elements left unchanged
+    >>> report.by_layer(), report.by_module()             # Figure 3 breakdowns
+
+Importing rlmask never imports torch.
+"""
+
+from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, DiffReport, diff
+from rlmask._rlmask import __version__
+from rlmask.errors import (
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    RlmaskError,
+    TensorMismatchError,
+)
+
+__all__ = [
+    "DEFAULT_SWEEP",
+    "DEFAULT_TOL",
+    "CheckpointError",
+    "CheckpointFormatError",
+    "CheckpointNotFoundError",
+    "DiffReport",
+    "RlmaskError",
+    "TensorMismatchError",
+    "__version__",
+    "diff",
+]

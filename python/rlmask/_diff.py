@@ -1,0 +1,456 @@
+"""Update sparsity between two checkpoints (paper §2.2, Table 6, Figure 3; DESIGN §1 and §4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import polars as pl
+
+from rlmask import _rlmask
+from rlmask._io import write_atomic, write_text_atomic
+from rlmask._names import MODULES, layer_of, module_of
+from rlmask._progress import progress_wanted, run_with_progress
+from rlmask._resolve import resolve_checkpoint
+
+Criterion = Literal["absolute", "exact", "relative"]
+
+#: The tolerance sweep of the paper's Table 6.
+DEFAULT_SWEEP: tuple[float, ...] = (1e-8, 1e-7, 1e-6, 1e-5)
+#: The paper's default tolerance (§2.2).
+DEFAULT_TOL = 1e-5
+
+PathArg = str | os.PathLike[str]
+
+
+def _sparsity(changed: int, numel: int) -> float:
+    """``1 - changed / numel``; an empty set has nothing changed, so its sparsity is 1."""
+    return 1.0 - changed / numel if numel else 1.0
+
+
+def _sparsity_expr(changed: str) -> pl.Expr:
+    """:func:`_sparsity` as a polars expression over a ``changed`` column and ``numel``."""
+    return (
+        pl.when(pl.col("numel") > 0)
+        .then(1.0 - pl.col(changed).cast(pl.Float64) / pl.col("numel").cast(pl.Float64))
+        .otherwise(1.0)
+    )
+
+
+def _label(criterion: str, t: float) -> str:
+    """How a threshold is written in column names: ``1e-05``, ``exact`` or ``eta=0.01``."""
+    if criterion == "exact":
+        return "exact"
+    return f"eta={t:g}" if criterion == "relative" else f"{t:g}"
+
+
+def _columns(kind: str, criterion: str, tolerances: Sequence[float]) -> list[str]:
+    """Names of the per-threshold ``kind`` columns (``changed`` or ``sparsity``)."""
+    if len(tolerances) == 1:
+        return [kind]
+    return [f"{kind}@{_label(criterion, t)}" for t in tolerances]
+
+
+def _compile(patterns: str | Iterable[str] | None, what: str) -> list[re.Pattern[str]]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"invalid {what} regex '{p}': {e}") from None
+    return out
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    """The comparison of two checkpoints.
+
+    Attributes:
+        base, tuned: the checkpoint arguments as given.
+        criterion: ``absolute``, ``exact`` or ``relative``.
+        tolerances: every threshold computed (ascending); one entry for exact (0) and
+            relative (eta).
+        tol: the primary threshold, reported in the unsuffixed ``changed``/``sparsity`` columns.
+        tensors: one row per compared tensor: name, layer, module, dtype, tuned_dtype, shape,
+            numel, floating, changed, sparsity, and ``changed@T``/``sparsity@T`` for every
+            threshold T when there is more than one.
+        only_in_base, only_in_tuned: names present on one side only.
+        tied: names absent because the checkpoint ties them to the embeddings.
+        skipped: ``(name, reason)`` of tensors skipped for mismatched shape or dtype.
+    """
+
+    base: str
+    tuned: str
+    criterion: Criterion
+    tolerances: tuple[float, ...]
+    tol: float
+    tensors: pl.DataFrame
+    only_in_base: list[str] = field(default_factory=list)
+    only_in_tuned: list[str] = field(default_factory=list)
+    tied: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    # ----- labels of the per-threshold columns -------------------------------------------
+
+    def label(self, t: float) -> str:
+        """How a threshold is written in column names: ``1e-05``, ``exact`` or ``eta=0.01``."""
+        return _label(self.criterion, t)
+
+    def _columns(self, kind: str) -> list[str]:
+        return _columns(kind, self.criterion, self.tolerances)
+
+    # ----- totals ------------------------------------------------------------------------
+
+    @property
+    def _floating(self) -> pl.DataFrame:
+        return self.tensors.filter(pl.col("floating"))
+
+    @property
+    def numel(self) -> int:
+        """Elements compared over the floating tensors."""
+        return int(self._floating["numel"].sum())
+
+    @property
+    def changed(self) -> int:
+        """Changed floating elements at the primary threshold."""
+        return int(self._floating["changed"].sum())
+
+    @property
+    def sparsity(self) -> float:
+        """Update sparsity at the primary threshold: ``1 - changed / numel`` (paper §2.2)."""
+        return _sparsity(self.changed, self.numel)
+
+    @property
+    def density(self) -> float:
+        """``1 - sparsity``: the share of elements in the updated subnetwork."""
+        return 1.0 - self.sparsity
+
+    def changed_per_threshold(self) -> list[int]:
+        """Changed floating elements, one count per entry of :attr:`tolerances`."""
+        f = self._floating
+        return [int(f[c].sum()) for c in self._columns("changed")]
+
+    def sparsity_per_threshold(self) -> list[float]:
+        """Update sparsity, one value per entry of :attr:`tolerances`."""
+        n = self.numel
+        return [_sparsity(c, n) for c in self.changed_per_threshold()]
+
+    @property
+    def sweep(self) -> pl.DataFrame:
+        """One row per threshold: tolerance, changed, sparsity (as the paper's Table 6)."""
+        return pl.DataFrame(
+            {
+                "tolerance": list(self.tolerances),
+                "changed": self.changed_per_threshold(),
+                "sparsity": self.sparsity_per_threshold(),
+            },
+            schema={"tolerance": pl.Float64, "changed": pl.UInt64, "sparsity": pl.Float64},
+        )
+
+    @property
+    def dtype_mismatches(self) -> list[str]:
+        """Tensors stored with different floating dtypes, compared after widening."""
+        df = self.tensors.filter(pl.col("dtype") != pl.col("tuned_dtype"))
+        return df["name"].to_list()
+
+    # ----- breakdowns --------------------------------------------------------------------
+
+    def _group(self, key: str, frame: pl.DataFrame) -> pl.DataFrame:
+        aggs: list[pl.Expr] = [pl.len().alias("tensors"), pl.col("numel").sum()]
+        changed_cols = self._columns("changed")
+        aggs += [pl.col(c).sum() for c in changed_cols]
+        aggs.append(pl.col("sparsity").mean().alias("sparsity_unweighted_mean"))
+        g = frame.group_by(key).agg(aggs)
+        sparsity_cols = self._columns("sparsity")
+        g = g.with_columns(
+            _sparsity_expr(c).alias(s) for c, s in zip(changed_cols, sparsity_cols, strict=True)
+        )
+        order = [key, "tensors", "numel"]
+        for c, s in zip(changed_cols, sparsity_cols, strict=True):
+            order += [c, s]
+        return g.select([*order, "sparsity_unweighted_mean"])
+
+    def by_layer(self) -> pl.DataFrame:
+        """Per transformer layer (``model.layers.N.``), floating tensors only.
+
+        ``sparsity`` is numel-weighted (changed elements over all elements of the layer);
+        ``sparsity_unweighted_mean`` is the mean of the per-matrix figures, as plotted in the
+        paper's Figure 3. Tensors outside the layer stack (embeddings, final norm, lm_head)
+        appear in :meth:`by_module`, not here.
+        """
+        frame = self._floating.filter(pl.col("layer").is_not_null())
+        return self._group("layer", frame).sort("layer")
+
+    def by_module(self) -> pl.DataFrame:
+        """Per module type (q_proj ... lm_head, norm, other), floating tensors only, with the
+        same columns as :meth:`by_layer`."""
+        rank = {m: i for i, m in enumerate((*MODULES, "other"))}
+        g = self._group("module", self._floating)
+        return g.sort(pl.col("module").replace_strict(rank, return_dtype=pl.Int64))
+
+    def by(self, level: Literal["total", "layer", "module", "tensor"]) -> pl.DataFrame:
+        """The breakdown named by ``level``; ``total`` is :attr:`sweep`."""
+        if level == "total":
+            return self.sweep
+        if level == "layer":
+            return self.by_layer()
+        if level == "module":
+            return self.by_module()
+        if level == "tensor":
+            return self.tensors
+        raise ValueError(f"unknown level '{level}' (total, layer, module or tensor)")
+
+    # ----- export ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The machine-readable report of DESIGN §4 (a stable contract: keys may be added,
+        never removed)."""
+        changed_cols = self._columns("changed")
+        tensors = []
+        for row in self.tensors.iter_rows(named=True):
+            counts = [int(row[c]) for c in changed_cols]
+            tensors.append(
+                {
+                    "name": row["name"],
+                    "dtype": row["dtype"],
+                    "shape": list(row["shape"]),
+                    "numel": int(row["numel"]),
+                    "changed": counts,
+                    "sparsity": [_sparsity(c, int(row["numel"])) for c in counts],
+                    "tuned_dtype": row["tuned_dtype"],
+                    "floating": row["floating"],
+                    "layer": row["layer"],
+                    "module": row["module"],
+                }
+            )
+        return {
+            "base": self.base,
+            "tuned": self.tuned,
+            "criterion": self.criterion,
+            "tolerances": list(self.tolerances),
+            "numel": self.numel,
+            "changed": self.changed_per_threshold(),
+            "sparsity": self.sparsity_per_threshold(),
+            "tensors": tensors,
+            "only_in_base": list(self.only_in_base),
+            "only_in_tuned": list(self.only_in_tuned),
+            "tied": list(self.tied),
+            "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+            "dtype_mismatch": self.dtype_mismatches,
+        }
+
+    def to_json(self, path: PathArg | None = None, *, indent: int | None = 2) -> str:
+        """The DESIGN §4 object as JSON text; also written atomically to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=indent) + "\n"
+        if path is not None:
+            write_text_atomic(path, text)
+        return text
+
+    @staticmethod
+    def _flat(df: pl.DataFrame) -> pl.DataFrame:
+        """CSV has no lists: shapes become ``4096x4096``."""
+        if "shape" not in df.columns:
+            return df
+        return df.with_columns(pl.col("shape").list.eval(pl.element().cast(pl.Utf8)).list.join("x"))
+
+    def to_csv(
+        self,
+        path: PathArg | None = None,
+        *,
+        by: Literal["total", "layer", "module", "tensor"] = "tensor",
+    ) -> str:
+        """The ``by`` breakdown as CSV text; also written atomically to ``path`` if given."""
+        text = self._flat(self.by(by)).write_csv()
+        if path is not None:
+            write_text_atomic(path, text)
+        return text
+
+    def to_parquet(
+        self, path: PathArg, *, by: Literal["total", "layer", "module", "tensor"] = "tensor"
+    ) -> None:
+        """Writes the ``by`` breakdown to a Parquet file, atomically."""
+        df = self.by(by)
+        write_atomic(path, lambda p: df.write_parquet(p))
+
+    def summary(self) -> str:
+        """A short human-readable account of the comparison."""
+        lines = [
+            f"base:  {self.base}",
+            f"tuned: {self.tuned}",
+            f"criterion: {self.criterion}; {self.tensors.height} tensors compared, "
+            f"{self.numel:,} floating elements",
+        ]
+        for t, c, s in zip(
+            self.tolerances,
+            self.changed_per_threshold(),
+            self.sparsity_per_threshold(),
+            strict=True,
+        ):
+            lines.append(f"  {self.label(t):>10}: {c:>15,} changed   sparsity {100 * s:7.3f}%")
+        for what, names in (
+            ("only in base", self.only_in_base),
+            ("only in tuned", self.only_in_tuned),
+            ("tied to the embeddings", self.tied),
+            ("compared after widening (dtypes differ)", self.dtype_mismatches),
+            ("skipped (mismatched)", [n for n, _ in self.skipped]),
+        ):
+            if names:
+                more = f", ... ({len(names)} in all)" if len(names) > 5 else ""
+                shown = ", ".join(names[:5]) + more
+                lines.append(f"{what}: {shown}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _thresholds(
+    criterion: str, tol: float, tolerances: Sequence[float] | None, eta: float | None
+) -> tuple[list[float], float]:
+    if criterion == "absolute":
+        values = sorted({float(tol), *(float(t) for t in tolerances or ())})
+        return values, float(tol)
+    if tolerances:
+        raise ValueError(f"tolerances apply to the absolute criterion, not '{criterion}'")
+    if criterion == "exact":
+        return [0.0], 0.0
+    if criterion == "relative":
+        if eta is None:
+            raise ValueError("the relative criterion needs eta (e.g. eta=1e-3)")
+        return [float(eta)], float(eta)
+    raise ValueError(f"unknown criterion '{criterion}' (absolute, exact or relative)")
+
+
+def diff(
+    base: PathArg,
+    tuned: PathArg,
+    *,
+    tol: float = DEFAULT_TOL,
+    tolerances: Sequence[float] | None = None,
+    criterion: Criterion = "absolute",
+    eta: float | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    skip_mismatched: bool = False,
+    progress: bool = True,
+) -> DiffReport:
+    """Update sparsity of ``tuned`` against ``base`` (paper §2.2), in one pass over the data.
+
+    Both checkpoints are memory-mapped, never loaded: any size works on a laptop.
+
+    Args:
+        base, tuned: a ``.safetensors`` file, a checkpoint directory (sharded or not, with or
+            without ``model.safetensors.index.json``), an index file, or a Hugging Face repo id
+            ``org/name[@revision]`` already in the local hub cache.
+        tol: the absolute tolerance (default 1e-5, the paper's): an element is unchanged iff
+            its bits are identical or ``|a - b| <= tol`` in float32 (float64 for F64 tensors).
+        tolerances: more absolute tolerances to compute in the same pass (a sweep, as Table 6;
+            :data:`DEFAULT_SWEEP` gives the paper's).
+        criterion: ``absolute`` (default), ``exact`` (identical bits only) or ``relative``
+            (``|a - b| <= eta * max(|a|, |b|)``).
+        eta: the relative tolerance, required by ``criterion="relative"``.
+        include, exclude: regular expressions (``re.search``) on tensor names.
+        skip_mismatched: list tensors whose shapes or dtypes cannot be compared in
+            :attr:`DiffReport.skipped` instead of raising
+            :class:`~rlmask.errors.TensorMismatchError`.
+        progress: draw a progress bar on stderr when it is a terminal.
+
+    Returns:
+        A :class:`DiffReport`.
+
+    Example:
+        >>> report = rlmask.diff("base/", "grpo/", tolerances=rlmask.DEFAULT_SWEEP)
+        >>> report.sparsity, report.by_module()
+    """
+    values, primary = _thresholds(criterion, tol, tolerances, eta)
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    a = _rlmask.Checkpoint(resolve_checkpoint(base))
+    b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
+    select = None
+    if inc or exc:
+        names = sorted(set(a.names()) | set(b.names()))
+        select = [
+            n
+            for n in names
+            if (not inc or any(p.search(n) for p in inc)) and not any(p.search(n) for p in exc)
+        ]
+    raw = run_with_progress(
+        lambda watch: _rlmask.diff(
+            a,
+            b,
+            criterion=criterion,
+            tolerances=values,
+            select=select,
+            skip_mismatched=skip_mismatched,
+            progress=watch,
+        ),
+        show=progress_wanted(progress),
+    )
+    return _report(os.fspath(base), os.fspath(tuned), criterion, values, primary, raw)
+
+
+def _report(
+    base: str,
+    tuned: str,
+    criterion: Criterion,
+    values: list[float],
+    primary: float,
+    raw: dict[str, Any],
+) -> DiffReport:
+    rows = raw["tensors"]
+    k = values.index(primary)
+    df = pl.DataFrame(
+        {
+            "name": [r[0] for r in rows],
+            "layer": [layer_of(r[0]) for r in rows],
+            "module": [module_of(r[0]) for r in rows],
+            "dtype": [r[1] for r in rows],
+            "tuned_dtype": [r[2] for r in rows],
+            "shape": [r[3] for r in rows],
+            "numel": [r[4] for r in rows],
+            "floating": [r[5] for r in rows],
+            "changed": [r[6][k] for r in rows],
+        },
+        schema={
+            "name": pl.Utf8,
+            "layer": pl.Int64,
+            "module": pl.Utf8,
+            "dtype": pl.Utf8,
+            "tuned_dtype": pl.Utf8,
+            "shape": pl.List(pl.Int64),
+            "numel": pl.UInt64,
+            "floating": pl.Boolean,
+            "changed": pl.UInt64,
+        },
+    )
+    df = df.with_columns(_sparsity_expr("changed").alias("sparsity"))
+    if len(values) > 1:
+        changed_cols = _columns("changed", criterion, values)
+        df = df.with_columns(
+            pl.Series(c, [r[6][j] for r in rows], dtype=pl.UInt64)
+            for j, c in enumerate(changed_cols)
+        )
+        df = df.with_columns(
+            _sparsity_expr(c).alias(s)
+            for c, s in zip(changed_cols, _columns("sparsity", criterion, values), strict=True)
+        )
+    return DiffReport(
+        base=base,
+        tuned=tuned,
+        criterion=criterion,
+        tolerances=tuple(values),
+        tol=primary,
+        tensors=df,
+        only_in_base=list(raw["only_in_base"]),
+        only_in_tuned=list(raw["only_in_tuned"]),
+        tied=list(raw["tied"]),
+        skipped=[(n, r) for n, r in raw["skipped"]],
+    )

@@ -1,0 +1,36 @@
+"""Atomic output: write beside the target, then rename, so a reader never sees half a file."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yields a temporary path in the target's directory; on success it replaces ``target``,
+    on failure it is removed and ``target`` is left untouched."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic(target: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+    """Calls ``write(tmp_path)`` and moves the result to ``target`` atomically."""
+    with atomic_path(target) as tmp:
+        write(tmp)
+
+
+def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
+    """Writes ``text`` (UTF-8) to ``target`` atomically."""
+    write_atomic(target, lambda p: p.write_text(text, encoding="utf-8"))

@@ -1,0 +1,39 @@
+"""Where a tensor sits in a transformer: its layer index and module type (paper Figure 3)."""
+
+from __future__ import annotations
+
+import re
+
+#: Module types of the per-module breakdown (DESIGN §1); anything else is ``other``.
+MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "embed_tokens",
+    "lm_head",
+    "norm",
+)
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_SUFFIXES = ("weight", "bias")
+
+
+def layer_of(name: str) -> int | None:
+    """The ``N`` of ``...layers.N...``, or None for tensors outside the layer stack."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def module_of(name: str) -> str:
+    """The module type of a tensor name, e.g. ``q_proj`` for
+    ``model.layers.3.self_attn.q_proj.weight``; ``other`` when it is none of :data:`MODULES`."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[-1] in _SUFFIXES:
+        parts = parts[:-1]
+    return parts[-1] if parts[-1] in MODULES else "other"

@@ -1,0 +1,64 @@
+"""Running a long core call on a worker thread while the caller's thread draws a progress bar
+(bytes done and rate) and stays responsive to Ctrl-C."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from rlmask._rlmask import Progress
+
+T = TypeVar("T")
+
+
+def progress_wanted(progress: bool) -> bool:
+    """A bar is drawn only when asked for and stderr is a terminal."""
+    return progress and sys.stderr.isatty()
+
+
+def run_with_progress(call: Callable[[Progress], T], *, show: bool, desc: str = "comparing") -> T:
+    """Runs ``call(progress)``; the core releases the GIL, so this thread can draw the bar.
+
+    On KeyboardInterrupt the core is asked to stop and the worker is joined before re-raising,
+    so no thread is left reading the memory maps.
+    """
+    watch = Progress()
+    if not show:
+        return call(watch)
+    from tqdm import tqdm
+
+    box: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = call(watch)
+        except BaseException as e:  # handed to the caller's thread below
+            box["error"] = e
+
+    worker = threading.Thread(target=work, name="rlmask-worker", daemon=True)
+    worker.start()
+    with tqdm(
+        total=0,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        delay=0.5,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    ) as bar:
+        try:
+            while worker.is_alive():
+                worker.join(0.1)
+                bar.total = watch.total
+                bar.n = watch.done
+                bar.refresh()
+        except KeyboardInterrupt:
+            watch.cancel()
+            worker.join()
+            raise
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]

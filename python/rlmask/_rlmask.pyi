@@ -1,0 +1,57 @@
+"""Type stubs of the private extension module (kept honest by ``mypy.stubtest`` in CI)."""
+
+from os import PathLike
+from typing import Any, final
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointFormatError",
+    "CheckpointNotFoundError",
+    "Progress",
+    "RlmaskError",
+    "TensorMismatchError",
+    "__version__",
+    "diff",
+]
+
+__version__: str
+
+class RlmaskError(Exception): ...
+class CheckpointError(RlmaskError): ...
+class CheckpointNotFoundError(CheckpointError): ...
+class CheckpointFormatError(CheckpointError): ...
+class TensorMismatchError(RlmaskError): ...
+
+@final
+class Checkpoint:
+    def __new__(cls, path: str | PathLike[str]) -> Checkpoint: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def shards(self) -> list[str]: ...
+    def names(self) -> list[str]: ...
+    def tensor_info(self, name: str) -> tuple[str, list[int], int, str]: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, name: str, /) -> bool: ...
+
+@final
+class Progress:
+    def __new__(cls) -> Progress: ...
+    @property
+    def done(self) -> int: ...
+    @property
+    def total(self) -> int: ...
+    def cancel(self) -> None: ...
+
+def diff(
+    base: Checkpoint,
+    tuned: Checkpoint,
+    *,
+    criterion: str,
+    tolerances: list[float],
+    select: list[str] | None = None,
+    skip_mismatched: bool = False,
+    mask_threshold: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]: ...

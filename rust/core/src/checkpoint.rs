@@ -1,0 +1,231 @@
+//! A checkpoint: one or more validated shards, and where each tensor lives.
+//!
+//! Accepted forms (DESIGN §1): a single `.safetensors` file; a directory holding
+//! `model.safetensors.index.json` (or exactly one other `*.safetensors.index.json`), or
+//! `model.safetensors`, or only shards; or an index file named directly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::safetensors::{Shard, TensorInfo};
+
+/// A set of shards and a name -> (shard, tensor) map.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The path the checkpoint was opened from.
+    pub path: PathBuf,
+    pub shards: Vec<Shard>,
+    names: BTreeMap<String, (usize, usize)>,
+}
+
+#[derive(Deserialize)]
+struct IndexFile {
+    weight_map: HashMap<String, String>,
+}
+
+const INDEX_NAME: &str = "model.safetensors.index.json";
+const SINGLE_NAME: &str = "model.safetensors";
+
+impl Checkpoint {
+    /// Opens every shard of the checkpoint at `path` and validates headers and index.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound {
+                path: path.to_path_buf(),
+                reason: "no such file or directory".into(),
+            },
+            _ => Error::io(path, e),
+        })?;
+        if meta.is_file() {
+            if path.to_string_lossy().ends_with(".json") {
+                return Self::from_index(path);
+            }
+            return Self::from_shards(path, vec![path.to_path_buf()]);
+        }
+        let index = path.join(INDEX_NAME);
+        if index.is_file() {
+            return Self::from_index(&index);
+        }
+        let single = path.join(SINGLE_NAME);
+        if single.is_file() {
+            return Self::from_shards(path, vec![single]);
+        }
+        let mut shards = Vec::new();
+        let mut indexes = Vec::new();
+        for entry in std::fs::read_dir(path).map_err(|e| Error::io(path, e))? {
+            let entry = entry.map_err(|e| Error::io(path, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let p = entry.path();
+            if !p.is_file() {
+                continue;
+            }
+            if name.ends_with(".safetensors.index.json") {
+                indexes.push(p);
+            } else if name.ends_with(".safetensors") {
+                shards.push(p);
+            }
+        }
+        if indexes.len() == 1 {
+            return Self::from_index(&indexes[0]);
+        }
+        if indexes.len() > 1 {
+            indexes.sort();
+            let names: Vec<String> = indexes
+                .iter()
+                .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+                .collect();
+            return Err(Error::NotFound {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "several index files ({}); name the one to use",
+                    names.join(", ")
+                ),
+            });
+        }
+        if shards.is_empty() {
+            return Err(Error::NotFound {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "directory holds no {INDEX_NAME}, no {SINGLE_NAME} and no *.safetensors files"
+                ),
+            });
+        }
+        shards.sort();
+        Self::from_shards(path, shards)
+    }
+
+    /// A checkpoint made of the given shards; a tensor name may appear in one shard only.
+    fn from_shards(root: &Path, paths: Vec<PathBuf>) -> Result<Checkpoint> {
+        let shards = paths
+            .iter()
+            .map(|p| Shard::open(p))
+            .collect::<Result<Vec<_>>>()?;
+        let mut names = BTreeMap::new();
+        for (si, shard) in shards.iter().enumerate() {
+            for (ti, t) in shard.tensors.iter().enumerate() {
+                if let Some((other, _)) = names.insert(t.name.clone(), (si, ti)) {
+                    return Err(Error::tensor(
+                        &shard.path,
+                        &t.name,
+                        format!("also present in {}", shards[other].path.display()),
+                    ));
+                }
+            }
+        }
+        Ok(Checkpoint {
+            path: root.to_path_buf(),
+            shards,
+            names,
+        })
+    }
+
+    /// A checkpoint described by an index file, checked against its shards both ways.
+    fn from_index(index_path: &Path) -> Result<Checkpoint> {
+        let text = std::fs::read(index_path).map_err(|e| Error::io(index_path, e))?;
+        let index: IndexFile = serde_json::from_slice(&text)
+            .map_err(|e| Error::index(index_path, format!("not a valid index file: {e}")))?;
+        let dir = index_path.parent().unwrap_or(Path::new("."));
+        let mut files: Vec<&String> = index.weight_map.values().collect();
+        files.sort();
+        files.dedup();
+        for f in &files {
+            let p = Path::new(f.as_str());
+            let plain = p.components().count() == 1
+                && matches!(p.components().next(), Some(std::path::Component::Normal(_)));
+            if !plain {
+                return Err(Error::index(
+                    index_path,
+                    format!("shard '{f}' must be a file name inside the checkpoint directory"),
+                ));
+            }
+            if !dir.join(p).is_file() {
+                let tensor = index
+                    .weight_map
+                    .iter()
+                    .filter(|(_, v)| v == f)
+                    .map(|(k, _)| k.as_str())
+                    .min()
+                    .unwrap_or("?");
+                return Err(Error::index(
+                    index_path,
+                    format!("shard '{f}' (holding tensor '{tensor}') does not exist"),
+                ));
+            }
+        }
+        let ckpt = Self::from_shards(
+            index_path,
+            files.iter().map(|f| dir.join(f.as_str())).collect(),
+        )?;
+        // Every listed tensor is where the index says, and every stored tensor is listed.
+        let mut listed: Vec<(&String, &String)> = index.weight_map.iter().collect();
+        listed.sort();
+        for (name, file) in listed {
+            match ckpt.names.get(name) {
+                None => {
+                    return Err(Error::index(
+                        index_path,
+                        format!("tensor '{name}' is listed in '{file}', which does not hold it"),
+                    ))
+                }
+                Some(&(si, _)) => {
+                    let actual = &ckpt.shards[si].path;
+                    if actual.file_name().map(|n| n.to_string_lossy()) != Some(file.into()) {
+                        return Err(Error::index(
+                            index_path,
+                            format!(
+                                "tensor '{name}' is listed in '{file}' but stored in '{}'",
+                                actual.display()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(name) = ckpt
+            .names
+            .keys()
+            .find(|n| !index.weight_map.contains_key(*n))
+        {
+            let (si, _) = ckpt.names[name];
+            return Err(Error::index(
+                index_path,
+                format!(
+                    "tensor '{name}' is stored in '{}' but not listed in the index",
+                    ckpt.shards[si].path.display()
+                ),
+            ));
+        }
+        Ok(ckpt)
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.keys().map(String::as_str)
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// True when the checkpoint holds no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// The shard holding `name` and the tensor's description.
+    pub fn get(&self, name: &str) -> Option<(&Shard, &TensorInfo)> {
+        self.names.get(name).map(|&(s, t)| {
+            let shard = &self.shards[s];
+            (shard, &shard.tensors[t])
+        })
+    }
+
+    /// True when `name` is stored.
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+}

@@ -1,0 +1,277 @@
+//! Pairing two checkpoints' tensors and comparing them in parallel, across and within tensors.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rayon::prelude::*;
+
+use crate::checkpoint::Checkpoint;
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::kernel::{compare_chunk, Criterion, Job, BLOCK};
+use crate::safetensors::{Shard, TensorInfo};
+
+/// Elements per unit of parallel work (a multiple of the mask word width).
+pub const CHUNK: usize = 1 << 18;
+const _: () = assert!(CHUNK % BLOCK == 0);
+
+/// Shared between a running comparison and whoever watches it (another thread).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes read so far, both checkpoints together.
+    pub done: AtomicU64,
+    /// Bytes the comparison will read, set once pairing is done.
+    pub total: AtomicU64,
+    /// Set to ask the comparison to stop; it then returns `Error::Cancelled`.
+    pub cancel: AtomicBool,
+}
+
+/// What to compare and how.
+#[derive(Debug, Clone)]
+pub struct DiffOptions {
+    pub criterion: Criterion,
+    /// Only these names are considered on either side (all when `None`).
+    pub select: Option<Vec<String>>,
+    /// List tensors whose shapes or dtypes cannot be compared instead of failing.
+    pub skip_mismatched: bool,
+    /// Emit the packed changed-bits of this threshold for every compared tensor.
+    pub mask_threshold: Option<usize>,
+}
+
+/// The comparison of one tensor.
+#[derive(Debug, Clone)]
+pub struct TensorDiff {
+    pub name: String,
+    pub base_dtype: Dtype,
+    pub tuned_dtype: Dtype,
+    pub shape: Vec<u64>,
+    pub numel: u64,
+    /// Both sides floating: compared by value and counted in the totals.
+    pub floating: bool,
+    /// Changed elements, one count per threshold.
+    pub changed: Vec<u64>,
+    /// Packed changed-bits (LSB-first) when a mask was asked for.
+    pub bits: Option<Vec<u64>>,
+}
+
+/// A tensor left out of the comparison, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub name: String,
+    pub reason: String,
+}
+
+/// Everything a comparison found.
+#[derive(Debug, Clone)]
+pub struct DiffResult {
+    pub tensors: Vec<TensorDiff>,
+    pub only_in_base: Vec<String>,
+    pub only_in_tuned: Vec<String>,
+    /// Names absent from a checkpoint because its weights are tied (`lm_head.weight` with
+    /// `model.embed_tokens.weight` present).
+    pub tied: Vec<String>,
+    pub skipped: Vec<Skipped>,
+}
+
+const TIED: [(&str, &str); 1] = [("lm_head.weight", "model.embed_tokens.weight")];
+
+struct Pair<'a> {
+    name: &'a str,
+    a: (&'a Shard, &'a TensorInfo),
+    b: (&'a Shard, &'a TensorInfo),
+}
+
+/// Why the two sides of a pair cannot be compared; `None` when they can.
+fn mismatch(p: &Pair) -> Option<String> {
+    let (ta, tb) = (p.a.1, p.b.1);
+    let (pa, pb) = (p.a.0.path.display(), p.b.0.path.display());
+    let detail = if ta.shape != tb.shape {
+        format!(
+            "shape {:?} in base ({pa}) but {:?} in tuned ({pb})",
+            ta.shape, tb.shape
+        )
+    } else if !((ta.dtype.is_float() && tb.dtype.is_float()) || ta.dtype == tb.dtype) {
+        format!(
+            "dtype {} in base ({pa}) cannot be compared with {} in tuned ({pb})",
+            ta.dtype, tb.dtype
+        )
+    } else {
+        return None;
+    };
+    Some(detail)
+}
+
+fn validate(opts: &DiffOptions) -> Result<()> {
+    let n = opts.criterion.thresholds();
+    if n == 0 {
+        return Err(Error::InvalidArgument(
+            "at least one tolerance is needed".into(),
+        ));
+    }
+    let bad = |v: f64| !(v.is_finite() && v >= 0.0);
+    if opts.criterion.values().into_iter().any(bad) {
+        return Err(Error::InvalidArgument(
+            "tolerances must be finite and non-negative".into(),
+        ));
+    }
+    if let Some(k) = opts.mask_threshold {
+        if k >= n {
+            return Err(Error::InvalidArgument(format!(
+                "mask threshold {k} is out of range for {n} thresholds"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Compares every tensor the two checkpoints share, in one pass over their data.
+pub fn diff(
+    base: &Checkpoint,
+    tuned: &Checkpoint,
+    opts: &DiffOptions,
+    progress: &Progress,
+) -> Result<DiffResult> {
+    validate(opts)?;
+    let selected: Option<BTreeSet<&str>> = opts
+        .select
+        .as_ref()
+        .map(|v| v.iter().map(String::as_str).collect());
+    let keep = |n: &str| selected.as_ref().is_none_or(|s| s.contains(n));
+
+    let mut tied = Vec::new();
+    for (head, embed) in TIED {
+        let absent_tied = |c: &Checkpoint| !c.contains(head) && c.contains(embed);
+        if (keep(head) || keep(embed)) && (absent_tied(base) || absent_tied(tuned)) {
+            tied.push(head.to_string());
+        }
+    }
+    let is_tied = |n: &str| tied.iter().any(|t| t == n);
+    let only = |x: &Checkpoint, y: &Checkpoint| -> Vec<String> {
+        x.names()
+            .filter(|n| keep(n) && !y.contains(n) && !is_tied(n))
+            .map(str::to_string)
+            .collect()
+    };
+    let only_in_base = only(base, tuned);
+    let only_in_tuned = only(tuned, base);
+
+    let mut pairs = Vec::new();
+    let mut skipped = Vec::new();
+    for name in base.names().filter(|n| keep(n)) {
+        let (Some(a), Some(b)) = (base.get(name), tuned.get(name)) else {
+            continue;
+        };
+        let p = Pair { name, a, b };
+        match mismatch(&p) {
+            None => pairs.push(p),
+            Some(reason) if opts.skip_mismatched => skipped.push(Skipped {
+                name: name.to_string(),
+                reason,
+            }),
+            Some(detail) => {
+                return Err(Error::Mismatch {
+                    tensor: name.to_string(),
+                    detail,
+                })
+            }
+        }
+    }
+
+    let nthr = opts.criterion.thresholds();
+    let mut bits: Vec<Option<Vec<u64>>> = pairs
+        .iter()
+        .map(|p| {
+            opts.mask_threshold
+                .map(|_| vec![0u64; (p.a.1.numel as usize).div_ceil(BLOCK)])
+        })
+        .collect();
+    let total: u64 = pairs.iter().map(|p| (p.a.1.len + p.b.1.len) as u64).sum();
+    progress.total.store(total, Ordering::Relaxed);
+
+    // One work item per chunk of a tensor, each owning the slice of mask words it writes.
+    struct Item<'a> {
+        pair: usize,
+        start: usize,
+        len: usize,
+        words: Option<&'a mut [u64]>,
+    }
+    let mut items = Vec::new();
+    for (pi, (p, words)) in pairs.iter().zip(bits.iter_mut()).enumerate() {
+        let n = p.a.1.numel as usize;
+        let mut words = words.as_mut().map(|w| w.chunks_mut(CHUNK / BLOCK));
+        for start in (0..n).step_by(CHUNK) {
+            items.push(Item {
+                pair: pi,
+                start,
+                len: CHUNK.min(n - start),
+                words: words.as_mut().and_then(|w| w.next()),
+            });
+        }
+    }
+
+    let exact = Criterion::Exact;
+    let partial: Vec<(usize, Vec<u64>)> = items
+        .into_par_iter()
+        .map(|item| {
+            if progress.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            let p = &pairs[item.pair];
+            let (ta, tb) = (p.a.1, p.b.1);
+            let (sa, sb) = (ta.dtype.size(), tb.dtype.size());
+            let a = &p.a.0.bytes(ta)[item.start * sa..(item.start + item.len) * sa];
+            let b = &p.b.0.bytes(tb)[item.start * sb..(item.start + item.len) * sb];
+            let floating = ta.dtype.is_float() && tb.dtype.is_float();
+            let crit = if floating { &opts.criterion } else { &exact };
+            let mut counts = vec![0u64; nthr];
+            let job = Job {
+                a,
+                b,
+                da: ta.dtype,
+                db: tb.dtype,
+                n: item.len,
+            };
+            if floating {
+                compare_chunk(crit, &job, &mut counts, item.words.zip(opts.mask_threshold));
+            } else {
+                // Integer tensors have one bitwise count, reported under every threshold.
+                let mut one = [0u64];
+                compare_chunk(crit, &job, &mut one, item.words.map(|w| (w, 0)));
+                counts.fill(one[0]);
+            }
+            progress
+                .done
+                .fetch_add((a.len() + b.len()) as u64, Ordering::Relaxed);
+            Ok((item.pair, counts))
+        })
+        .collect::<Result<_>>()?;
+
+    let mut changed = vec![vec![0u64; nthr]; pairs.len()];
+    for (pi, counts) in partial {
+        for (acc, c) in changed[pi].iter_mut().zip(counts) {
+            *acc += c;
+        }
+    }
+    let tensors = pairs
+        .iter()
+        .zip(changed)
+        .zip(bits)
+        .map(|((p, changed), bits)| TensorDiff {
+            name: p.name.to_string(),
+            base_dtype: p.a.1.dtype,
+            tuned_dtype: p.b.1.dtype,
+            shape: p.a.1.shape.clone(),
+            numel: p.a.1.numel,
+            floating: p.a.1.dtype.is_float() && p.b.1.dtype.is_float(),
+            changed,
+            bits,
+        })
+        .collect();
+    Ok(DiffResult {
+        tensors,
+        only_in_base,
+        only_in_tuned,
+        tied,
+        skipped,
+    })
+}

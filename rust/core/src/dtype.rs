@@ -1,0 +1,252 @@
+//! Element types of safetensors files and how we read them.
+
+use std::fmt;
+
+/// The safetensors dtypes rlmask reads. Anything else in a header is rejected by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    Bool,
+    U8,
+    I8,
+    U16,
+    I16,
+    U32,
+    I32,
+    U64,
+    I64,
+    F16,
+    BF16,
+    F32,
+    F64,
+    F8E4M3,
+    F8E5M2,
+}
+
+impl Dtype {
+    /// Every dtype, in a fixed order (used for error messages and tests).
+    pub const ALL: [Dtype; 15] = [
+        Dtype::Bool,
+        Dtype::U8,
+        Dtype::I8,
+        Dtype::U16,
+        Dtype::I16,
+        Dtype::U32,
+        Dtype::I32,
+        Dtype::U64,
+        Dtype::I64,
+        Dtype::F16,
+        Dtype::BF16,
+        Dtype::F32,
+        Dtype::F64,
+        Dtype::F8E4M3,
+        Dtype::F8E5M2,
+    ];
+
+    /// The name used in safetensors headers.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::Bool => "BOOL",
+            Dtype::U8 => "U8",
+            Dtype::I8 => "I8",
+            Dtype::U16 => "U16",
+            Dtype::I16 => "I16",
+            Dtype::U32 => "U32",
+            Dtype::I32 => "I32",
+            Dtype::U64 => "U64",
+            Dtype::I64 => "I64",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::F32 => "F32",
+            Dtype::F64 => "F64",
+            Dtype::F8E4M3 => "F8_E4M3",
+            Dtype::F8E5M2 => "F8_E5M2",
+        }
+    }
+
+    /// Parses a safetensors dtype name; `None` for names we do not read.
+    pub fn parse(name: &str) -> Option<Dtype> {
+        Dtype::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
+            Dtype::U16 | Dtype::I16 | Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::U32 | Dtype::I32 | Dtype::F32 => 4,
+            Dtype::U64 | Dtype::I64 | Dtype::F64 => 8,
+        }
+    }
+
+    /// Floating dtypes are compared by value; the others bit for bit.
+    pub fn is_float(self) -> bool {
+        matches!(
+            self,
+            Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64 | Dtype::F8E4M3 | Dtype::F8E5M2
+        )
+    }
+}
+
+impl fmt::Display for Dtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Widening of the narrow floating formats to f32 bit patterns, exact and injective (distinct
+/// inputs, NaN payloads included, give distinct outputs), so "same bits before widening" and
+/// "same bits after widening" mean the same thing.
+pub(crate) mod widen {
+    use std::sync::OnceLock;
+
+    /// bf16 is the top half of an f32.
+    #[inline(always)]
+    pub fn bf16(h: u16) -> u32 {
+        (h as u32) << 16
+    }
+
+    /// IEEE binary16 to binary32, computed (used to fill the table).
+    pub fn f16_compute(h: u16) -> u32 {
+        let sign = ((h as u32) & 0x8000) << 16;
+        let exp = ((h >> 10) & 0x1f) as u32;
+        let man = (h & 0x3ff) as u32;
+        match exp {
+            0 if man == 0 => sign,
+            0 => {
+                // Subnormal: value = man * 2^-24; normalise into an f32.
+                let shift = man.leading_zeros() - 21; // bring the top set bit to bit 10
+                let man = (man << shift) & 0x3ff;
+                let exp = 127 - 15 + 1 - shift;
+                sign | (exp << 23) | (man << 13)
+            }
+            0x1f => sign | 0x7f80_0000 | (man << 13), // Inf and NaN, payload kept
+            _ => sign | ((exp + 127 - 15) << 23) | (man << 13),
+        }
+    }
+
+    /// OCP FP8 E4M3 ("fn": no infinities, S.1111.111 is NaN) to binary32.
+    pub fn f8e4m3_compute(b: u8) -> u32 {
+        let sign = ((b as u32) & 0x80) << 24;
+        let exp = ((b >> 3) & 0xf) as u32;
+        let man = (b & 0x7) as u32;
+        if exp == 0xf && man == 0x7 {
+            return sign | 0x7fc0_0000;
+        }
+        match exp {
+            0 if man == 0 => sign,
+            0 => {
+                // Subnormal: man * 2^-9.
+                let shift = man.leading_zeros() - 28; // bring the top set bit to bit 3
+                let man = (man << shift) & 0x7;
+                let exp = 127 - 7 + 1 - shift;
+                sign | (exp << 23) | (man << 20)
+            }
+            _ => sign | ((exp + 127 - 7) << 23) | (man << 20),
+        }
+    }
+
+    /// FP8 E5M2 is the top byte of an IEEE binary16.
+    pub fn f8e5m2_compute(b: u8) -> u32 {
+        f16_compute((b as u16) << 8)
+    }
+
+    static F16_TABLE: OnceLock<Box<[u32]>> = OnceLock::new();
+    static F8_TABLES: OnceLock<Box<[[u32; 256]; 2]>> = OnceLock::new();
+
+    /// 65,536-entry table (256 KiB) for binary16.
+    pub fn f16_table() -> &'static [u32] {
+        F16_TABLE.get_or_init(|| (0..=u16::MAX).map(f16_compute).collect())
+    }
+
+    /// Tables for E4M3 (index 0) and E5M2 (index 1).
+    pub fn f8_tables() -> &'static [[u32; 256]; 2] {
+        F8_TABLES.get_or_init(|| {
+            let mut t = Box::new([[0u32; 256]; 2]);
+            for b in 0..=255u8 {
+                t[0][b as usize] = f8e4m3_compute(b);
+                t[1][b as usize] = f8e5m2_compute(b);
+            }
+            t
+        })
+    }
+
+    /// binary32 bits to binary64 bits, exact, keeping NaN payloads (a plain `as f64` may quiet
+    /// a signalling NaN and so merge two distinct patterns).
+    #[inline(always)]
+    pub fn f32_to_f64_bits(x: u32) -> u64 {
+        let f = f32::from_bits(x);
+        if f.is_nan() {
+            let sign = ((x >> 31) as u64) << 63;
+            sign | (0x7ffu64 << 52) | (((x & 0x7f_ffff) as u64) << 29)
+        } else {
+            (f as f64).to_bits()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::widen::*;
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for d in Dtype::ALL {
+            assert_eq!(Dtype::parse(d.name()), Some(d));
+        }
+        assert_eq!(Dtype::parse("F4"), None);
+        assert_eq!(Dtype::parse("bf16"), None);
+    }
+
+    /// binary16 reference values from the IEEE standard's examples.
+    #[test]
+    fn f16_known_values() {
+        let cases: [(u16, f32); 9] = [
+            (0x3c00, 1.0),
+            (0xc000, -2.0),
+            (0x7bff, 65504.0),
+            (0x0400, 6.103_515_6e-5),
+            (0x0001, 5.960_464_5e-8),
+            (0x03ff, 6.097_555e-5),
+            (0x3555, 0.333_251_95),
+            (0x7c00, f32::INFINITY),
+            (0xfc00, f32::NEG_INFINITY),
+        ];
+        for (h, want) in cases {
+            assert_eq!(f32::from_bits(f16_compute(h)), want, "{h:#06x}");
+        }
+        assert_eq!(f16_compute(0x8000), 0x8000_0000);
+        assert!(f32::from_bits(f16_compute(0x7e00)).is_nan());
+    }
+
+    #[test]
+    fn f8_known_values() {
+        // E4M3: max normal 448, min subnormal 2^-9, NaN at 0x7f.
+        assert_eq!(f32::from_bits(f8e4m3_compute(0x7e)), 448.0);
+        assert_eq!(f32::from_bits(f8e4m3_compute(0x01)), 2f32.powi(-9));
+        assert_eq!(f32::from_bits(f8e4m3_compute(0x38)), 1.0);
+        assert!(f32::from_bits(f8e4m3_compute(0x7f)).is_nan());
+        assert!(f32::from_bits(f8e4m3_compute(0xff)).is_nan());
+        // E5M2: max 57344, Inf at 0x7c.
+        assert_eq!(f32::from_bits(f8e5m2_compute(0x7b)), 57344.0);
+        assert_eq!(f32::from_bits(f8e5m2_compute(0x7c)), f32::INFINITY);
+        assert_eq!(f32::from_bits(f8e5m2_compute(0x01)), 2f32.powi(-16));
+    }
+
+    #[test]
+    fn widening_is_injective() {
+        let mut seen: Vec<u32> = (0..=u16::MAX).map(f16_compute).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 65536);
+        for f in [f8e4m3_compute, f8e5m2_compute] {
+            let mut seen: Vec<u32> = (0..=255u8).map(f).collect();
+            seen.sort_unstable();
+            seen.dedup();
+            assert_eq!(seen.len(), 256);
+        }
+        // f32 -> f64 keeps signalling and quiet NaNs apart.
+        assert_ne!(f32_to_f64_bits(0x7f80_0001), f32_to_f64_bits(0x7fc0_0001));
+        assert_eq!(f64::from_bits(f32_to_f64_bits(1.5f32.to_bits())), 1.5);
+    }
+}

@@ -1,0 +1,18 @@
+//! rlmask core: memory-mapped safetensors checkpoints with validated headers, the
+//! update-sparsity comparison kernel (DESIGN §1), and packed changed-bit masks.
+//!
+//! There is no Python here; `rust/py` holds the thin bindings.
+
+pub mod checkpoint;
+pub mod diff;
+pub mod dtype;
+pub mod error;
+pub mod kernel;
+pub mod safetensors;
+
+pub use checkpoint::Checkpoint;
+pub use diff::{diff, DiffOptions, DiffResult, Progress, Skipped, TensorDiff};
+pub use dtype::Dtype;
+pub use error::{Error, Result};
+pub use kernel::Criterion;
+pub use safetensors::{Shard, TensorInfo};

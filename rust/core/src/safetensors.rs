@@ -1,0 +1,408 @@
+//! Memory-mapped safetensors files with a fully validated header.
+//!
+//! Layout of a file: an 8-byte little-endian header length `n`, `n` bytes of JSON (an object
+//! mapping tensor names to `{dtype, shape, data_offsets}` plus an optional `__metadata__` map of
+//! strings), then the data buffer. Offsets are relative to the buffer and must tile it exactly.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+
+/// Largest header we accept (the official library's limit).
+pub const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// One tensor of a shard, validated against the file it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<u64>,
+    pub numel: u64,
+    /// Absolute byte offset of the first element in the file.
+    pub offset: usize,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// A mapped safetensors file. The map is shared (`Arc`) so that views handed out to other
+/// owners (numpy arrays, say) keep it alive without borrowing from this struct.
+pub struct Shard {
+    pub path: PathBuf,
+    pub tensors: Vec<TensorInfo>,
+    pub metadata: BTreeMap<String, String>,
+    mmap: Arc<Mmap>,
+}
+
+impl fmt::Debug for Shard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shard")
+            .field("path", &self.path)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+impl Shard {
+    /// Maps `path` and validates its whole header before any tensor data is read.
+    pub fn open(path: &Path) -> Result<Shard> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::header(path, "not a regular file"));
+        }
+        if meta.len() < 8 {
+            return Err(Error::header(
+                path,
+                format!(
+                    "file is {} bytes, too short for the 8-byte header length",
+                    meta.len()
+                ),
+            ));
+        }
+        // SAFETY: the map is read-only and private to this process. Like every memory-mapped
+        // reader (the official safetensors library included), we rely on the file not being
+        // truncated or rewritten by another process while it is mapped; rlmask documents that
+        // checkpoints must not be modified while they are being read.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (tensors, metadata) = parse_header(path, &mmap)?;
+        Ok(Shard {
+            path: path.to_path_buf(),
+            tensors,
+            metadata,
+            mmap: Arc::new(mmap),
+        })
+    }
+
+    /// The bytes of one tensor of this shard.
+    pub fn bytes(&self, t: &TensorInfo) -> &[u8] {
+        &self.mmap[t.offset..t.offset + t.len]
+    }
+
+    /// The shared map, for owners that outlive a borrow of the shard.
+    pub fn mmap(&self) -> &Arc<Mmap> {
+        &self.mmap
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_len(&self) -> usize {
+        self.mmap.len()
+    }
+}
+
+/// The header's top-level entries in file order, so that duplicates can be detected (a plain map
+/// would silently keep the last one).
+struct Entries(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for Entries {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut v = Vec::new();
+                while let Some(entry) = map.next_entry::<String, serde_json::Value>()? {
+                    v.push(entry);
+                }
+                Ok(Entries(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[derive(Deserialize)]
+struct RawTensor {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: (u64, u64),
+}
+
+/// Validates the header of a complete safetensors file held in `file` and returns its tensors
+/// (in the order of their data) and its metadata.
+pub fn parse_header(
+    path: &Path,
+    file: &[u8],
+) -> Result<(Vec<TensorInfo>, BTreeMap<String, String>)> {
+    if file.len() < 8 {
+        return Err(Error::header(
+            path,
+            format!(
+                "file is {} bytes, too short for the 8-byte header length",
+                file.len()
+            ),
+        ));
+    }
+    let n = u64::from_le_bytes(file[..8].try_into().expect("8 bytes"));
+    if n > MAX_HEADER_LEN {
+        return Err(Error::header(
+            path,
+            format!("header length {n} exceeds the limit of {MAX_HEADER_LEN} bytes"),
+        ));
+    }
+    let avail = file.len() as u64 - 8;
+    if n > avail {
+        return Err(Error::header(
+            path,
+            format!(
+                "header length {n} runs past the end of the file ({} bytes)",
+                file.len()
+            ),
+        ));
+    }
+    let header = &file[8..8 + n as usize];
+    if header.first() != Some(&b'{') {
+        return Err(Error::header(path, "header does not start with '{'"));
+    }
+    let entries: Entries = serde_json::from_slice(header)
+        .map_err(|e| Error::header(path, format!("header is not valid JSON: {e}")))?;
+    let buffer_len = avail - n;
+    let data_start = 8 + n;
+
+    let mut metadata = BTreeMap::new();
+    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(entries.0.len());
+    let mut seen = std::collections::HashSet::with_capacity(entries.0.len());
+    for (name, value) in entries.0 {
+        if !seen.insert(name.clone()) {
+            return Err(Error::tensor(
+                path,
+                name,
+                "appears more than once in the header",
+            ));
+        }
+        if name == "__metadata__" {
+            metadata = serde_json::from_value::<BTreeMap<String, String>>(value).map_err(|e| {
+                Error::header(
+                    path,
+                    format!("__metadata__ must map strings to strings: {e}"),
+                )
+            })?;
+            continue;
+        }
+        let raw: RawTensor = serde_json::from_value(value)
+            .map_err(|e| Error::tensor(path, &name, format!("malformed entry: {e}")))?;
+        let dtype = Dtype::parse(&raw.dtype)
+            .ok_or_else(|| Error::tensor(path, &name, format!("unknown dtype '{}'", raw.dtype)))?;
+        let (begin, end) = raw.data_offsets;
+        if end < begin {
+            return Err(Error::tensor(
+                path,
+                &name,
+                format!("data_offsets [{begin}, {end}] end before they begin"),
+            ));
+        }
+        if end > buffer_len {
+            return Err(Error::tensor(
+                path,
+                &name,
+                format!(
+                    "data_offsets [{begin}, {end}] run past the end of the data buffer ({buffer_len} bytes)"
+                ),
+            ));
+        }
+        let numel = raw
+            .shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| {
+                Error::tensor(path, &name, format!("shape {:?} overflows", raw.shape))
+            })?;
+        let nbytes = numel.checked_mul(dtype.size() as u64).ok_or_else(|| {
+            Error::tensor(path, &name, format!("shape {:?} overflows", raw.shape))
+        })?;
+        if nbytes != end - begin {
+            return Err(Error::tensor(
+                path,
+                &name,
+                format!(
+                    "shape {:?} of {} needs {nbytes} bytes but data_offsets [{begin}, {end}] hold {}",
+                    raw.shape,
+                    dtype,
+                    end - begin
+                ),
+            ));
+        }
+        tensors.push(TensorInfo {
+            name,
+            dtype,
+            shape: raw.shape,
+            numel,
+            // Both fit in usize: they are bounded by the length of a mapped file.
+            offset: (data_start + begin) as usize,
+            len: (end - begin) as usize,
+        });
+    }
+
+    // The tensors must tile the data buffer: no overlap, no gap, nothing after the last one.
+    tensors.sort_by_key(|t| (t.offset, t.len));
+    let mut cursor = data_start as usize;
+    let mut prev: Option<&TensorInfo> = None;
+    for t in &tensors {
+        if t.offset < cursor {
+            let other = prev.map(|p| p.name.as_str()).unwrap_or("?");
+            return Err(Error::tensor(
+                path,
+                &t.name,
+                format!("data overlaps tensor '{other}'"),
+            ));
+        }
+        if t.offset > cursor {
+            return Err(Error::tensor(
+                path,
+                &t.name,
+                format!(
+                    "{} bytes of the data buffer before this tensor belong to no tensor",
+                    t.offset - cursor
+                ),
+            ));
+        }
+        cursor = t.offset + t.len;
+        prev = Some(t);
+    }
+    if cursor != file.len() {
+        return Err(Error::header(
+            path,
+            format!(
+                "{} bytes after the last tensor belong to no tensor (the data buffer must end where the file ends)",
+                file.len() - cursor
+            ),
+        ));
+    }
+    Ok((tensors, metadata))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal writer for tests: tensors laid out in the given order, no padding.
+    fn file(header: &str, data_len: usize) -> Vec<u8> {
+        let mut v = (header.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(header.as_bytes());
+        v.extend(std::iter::repeat_n(7u8, data_len));
+        v
+    }
+
+    fn err(header: &str, data_len: usize) -> String {
+        parse_header(Path::new("x.safetensors"), &file(header, data_len))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn accepts_valid_and_unpadded() {
+        let h = r#"{"b":{"dtype":"BF16","shape":[3],"data_offsets":[1,7]},"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"__metadata__":{"format":"pt"}}"#;
+        let (t, m) = parse_header(Path::new("x"), &file(h, 7)).unwrap();
+        assert_eq!(t[0].name, "a");
+        assert_eq!(t[1].name, "b");
+        assert_eq!(t[1].offset, 8 + h.len() + 1);
+        assert_eq!(t[1].numel, 3);
+        assert_eq!(m["format"], "pt");
+    }
+
+    #[test]
+    fn accepts_zero_sized_and_scalar() {
+        let h = r#"{"e":{"dtype":"F32","shape":[0,4],"data_offsets":[0,0]},"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]}}"#;
+        let (t, _) = parse_header(Path::new("x"), &file(h, 4)).unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.iter().find(|t| t.name == "s").unwrap().numel, 1);
+    }
+
+    #[test]
+    fn rejects_each_defect() {
+        let cases = [
+            (
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
+                4,
+                "run past the end",
+            ),
+            (
+                r#"{"a":{"dtype":"Q7","shape":[2],"data_offsets":[0,8]}}"#,
+                8,
+                "unknown dtype 'Q7'",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+                8,
+                "needs 12 bytes",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                8,
+                "overlaps",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                8,
+                "belong to no tensor",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+                8,
+                "after the last tensor",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+                8,
+                "more than once",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]"#,
+                4,
+                "not valid JSON",
+            ),
+            (r#"{"a":{"dtype":"F32","shape":[1]}}"#, 4, "malformed entry"),
+            (
+                r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}"#,
+                4,
+                "end before",
+            ),
+            (r#"{"__metadata__":{"k":1}}"#, 0, "__metadata__"),
+            (r#"[1]"#, 0, "does not start"),
+            (
+                r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,4]}}"#,
+                4,
+                "overflows",
+            ),
+        ];
+        for (h, n, want) in cases {
+            let e = err(h, n);
+            assert!(e.contains(want), "{h}: got {e}");
+            assert!(e.starts_with("x.safetensors: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_lengths() {
+        let p = Path::new("f");
+        assert!(parse_header(p, &[1, 2, 3])
+            .unwrap_err()
+            .to_string()
+            .contains("too short"));
+        let mut v = 1000u64.to_le_bytes().to_vec();
+        v.extend_from_slice(b"{}");
+        assert!(parse_header(p, &v)
+            .unwrap_err()
+            .to_string()
+            .contains("runs past the end"));
+        let v = (MAX_HEADER_LEN + 1).to_le_bytes().to_vec();
+        assert!(parse_header(p, &v)
+            .unwrap_err()
+            .to_string()
+            .contains("exceeds the limit"));
+    }
+}

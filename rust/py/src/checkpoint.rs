@@ -1,0 +1,75 @@
+//! `Checkpoint`: a validated, memory-mapped set of safetensors shards.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use rlmask_core as core;
+
+use crate::errors::CoreError;
+
+/// A checkpoint opened from a `.safetensors` file, an index file or a directory. Every header
+/// is validated on opening; no tensor data is read until it is compared.
+#[pyclass(module = "rlmask._rlmask", frozen)]
+pub struct Checkpoint {
+    pub(crate) inner: Arc<core::Checkpoint>,
+}
+
+#[pymethods]
+impl Checkpoint {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> Result<Self, CoreError> {
+        let inner = py.detach(|| core::Checkpoint::open(&path))?;
+        Ok(Checkpoint {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The path the checkpoint was opened from.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.path.clone()
+    }
+
+    /// The shard files, in the order they were opened.
+    #[getter]
+    fn shards(&self) -> Vec<PathBuf> {
+        self.inner.shards.iter().map(|s| s.path.clone()).collect()
+    }
+
+    /// Tensor names, sorted.
+    fn names(&self) -> Vec<String> {
+        self.inner.names().map(str::to_string).collect()
+    }
+
+    /// `(dtype, shape, numel, shard path)` of one tensor; `KeyError` if absent.
+    fn tensor_info(&self, name: &str) -> PyResult<(String, Vec<u64>, u64, PathBuf)> {
+        let (shard, t) = self
+            .inner
+            .get(name)
+            .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(name.to_string()))?;
+        Ok((
+            t.dtype.to_string(),
+            t.shape.clone(),
+            t.numel,
+            shard.path.clone(),
+        ))
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn __contains__(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Checkpoint('{}', tensors={}, shards={})",
+            self.inner.path.display(),
+            self.inner.len(),
+            self.inner.shards.len()
+        )
+    }
+}

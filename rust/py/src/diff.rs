@@ -1,0 +1,117 @@
+//! `diff`: the one-pass comparison of two checkpoints, and `Progress`, its live counters.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use numpy::{IntoPyArray, PyArray1};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use rlmask_core as core;
+
+use crate::checkpoint::Checkpoint;
+use crate::errors::CoreError;
+
+/// Counters of a running comparison, safe to read from another thread while it runs.
+#[pyclass(module = "rlmask._rlmask", frozen)]
+#[derive(Default)]
+pub struct Progress {
+    inner: Arc<core::Progress>,
+}
+
+#[pymethods]
+impl Progress {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes read so far, both checkpoints together.
+    #[getter]
+    fn done(&self) -> u64 {
+        self.inner.done.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the comparison will read (0 until pairing is done).
+    #[getter]
+    fn total(&self) -> u64 {
+        self.inner.total.load(Ordering::Relaxed)
+    }
+
+    /// Asks the comparison to stop; it then raises `KeyboardInterrupt`.
+    fn cancel(&self) {
+        self.inner.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Compares two checkpoints (see `rlmask.diff` for the public interface). Returns a dict with
+/// `tensors` (tuples of name, base dtype, tuned dtype, shape, numel, floating, changed counts,
+/// packed bits or None), `only_in_base`, `only_in_tuned`, `tied` and `skipped`.
+#[pyfunction]
+#[pyo3(signature = (base, tuned, *, criterion, tolerances, select=None, skip_mismatched=false, mask_threshold=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn diff<'py>(
+    py: Python<'py>,
+    base: &Checkpoint,
+    tuned: &Checkpoint,
+    criterion: &str,
+    tolerances: Vec<f64>,
+    select: Option<Vec<String>>,
+    skip_mismatched: bool,
+    mask_threshold: Option<usize>,
+    progress: Option<&Progress>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let criterion = match (criterion, tolerances.as_slice()) {
+        ("absolute", _) => core::Criterion::Absolute(tolerances),
+        ("exact", _) => core::Criterion::Exact,
+        ("relative", [eta]) => core::Criterion::Relative(*eta),
+        ("relative", _) => {
+            return Err(PyValueError::new_err(
+                "the relative criterion takes exactly one eta",
+            ))
+        }
+        (other, _) => {
+            return Err(PyValueError::new_err(format!(
+                "unknown criterion '{other}' (absolute, exact or relative)"
+            )))
+        }
+    };
+    let opts = core::DiffOptions {
+        criterion,
+        select,
+        skip_mismatched,
+        mask_threshold,
+    };
+    let watch = progress.map(|p| p.inner.clone()).unwrap_or_default();
+    let (a, b) = (base.inner.clone(), tuned.inner.clone());
+    let result = py
+        .detach(|| core::diff(&a, &b, &opts, &watch))
+        .map_err(CoreError)?;
+
+    let tensors = PyList::empty(py);
+    for t in result.tensors {
+        let bits: Option<Bound<'py, PyArray1<u64>>> = t.bits.map(|b| b.into_pyarray(py));
+        tensors.append((
+            t.name,
+            t.base_dtype.to_string(),
+            t.tuned_dtype.to_string(),
+            t.shape,
+            t.numel,
+            t.floating,
+            t.changed,
+            bits,
+        ))?;
+    }
+    let out = PyDict::new(py);
+    out.set_item("tensors", tensors)?;
+    out.set_item("only_in_base", result.only_in_base)?;
+    out.set_item("only_in_tuned", result.only_in_tuned)?;
+    out.set_item("tied", result.tied)?;
+    let skipped: Vec<(String, String)> = result
+        .skipped
+        .into_iter()
+        .map(|s| (s.name, s.reason))
+        .collect();
+    out.set_item("skipped", skipped)?;
+    Ok(out)
+}

@@ -1,0 +1,27 @@
+//! Thin PyO3 bindings of `rlmask-core`, built by maturin into `rlmask._rlmask`. One file per
+//! Python-facing area: `errors`, `checkpoint`, `diff`.
+
+mod checkpoint;
+mod diff;
+mod errors;
+
+/// The private extension module behind the `rlmask` package.
+#[pyo3::pymodule]
+mod _rlmask {
+    use pyo3::prelude::*;
+
+    #[pymodule_export]
+    use super::checkpoint::Checkpoint;
+    #[pymodule_export]
+    use super::diff::{diff, Progress};
+    #[pymodule_export]
+    use super::errors::{
+        CheckpointError, CheckpointFormatError, CheckpointNotFoundError, RlmaskError,
+        TensorMismatchError,
+    };
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))
+    }
+}

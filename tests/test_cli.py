@@ -1,0 +1,152 @@
+"""The rlmask command: output formats, exit codes, atomic files, one real subprocess run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import rlmask
+import torch
+from click.testing import CliRunner
+from rlmask.cli import cli
+from rlmask.examples import example_path
+from safetensors.torch import save_file
+
+BASE, TUNED = str(example_path("base")), str(example_path("tuned-seed1"))
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(cli, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_json_is_the_report_contract() -> None:
+    code, out, _ = run("diff", BASE, TUNED, "--sweep", "--format", "json", "-q")
+    assert code == 0
+    got = json.loads(out)
+    want = rlmask.diff(BASE, TUNED, tolerances=rlmask.DEFAULT_SWEEP, progress=False).to_dict()
+    assert got == want
+
+
+def test_table_output_and_breakdowns() -> None:
+    report = rlmask.diff(BASE, TUNED, progress=False)
+    code, out, _ = run("diff", BASE, TUNED)
+    assert code == 0
+    assert f"{report.numel:,} floating elements" in out
+    assert f"{100 * report.sparsity:7.3f}%" in out
+    code, out, _ = run("diff", BASE, TUNED, "--by", "layer")
+    assert code == 0 and "sparsity_unweighted_mean" in out
+    table = out.split("by layer:")[1].splitlines()
+    assert [ln.split()[0] for ln in table[3:]] == ["0", "1", "2", "3"]
+    code, out, _ = run("diff", BASE, TUNED, "--by", "module")
+    assert "q_proj" in out and "lm_head" in out
+
+
+def test_csv_and_parquet_files(tmp_path: Path) -> None:
+    out_csv = tmp_path / "layers.csv"
+    code, _, _ = run("diff", BASE, TUNED, "--by", "layer", "--format", "csv", "-o", str(out_csv))
+    assert code == 0
+    df = pl.read_csv(out_csv)
+    want = rlmask.diff(BASE, TUNED, progress=False).by_layer()
+    assert df["changed"].to_list() == want["changed"].to_list()
+    out_pq = tmp_path / "tensors.parquet"
+    code, _, _ = run(
+        "diff", BASE, TUNED, "--format", "parquet", "-o", str(out_pq), "--by", "tensor"
+    )
+    assert code == 0
+    assert pl.read_parquet(out_pq)["name"].len() == 39
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_usage_errors_exit_2() -> None:
+    assert run("diff", BASE)[0] == 2
+    assert run("diff", BASE, TUNED, "--criterion", "relative")[0] == 2
+    assert run("diff", BASE, TUNED, "--format", "parquet")[0] == 2
+    assert run("diff", BASE, TUNED, "--tolerances", "1e-5,x")[0] == 2
+    assert run("diff", BASE, TUNED, "--include", "(")[0] == 2
+
+
+def test_data_errors_exit_1_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b'\x05\0\0\0\0\0\0\0{"w":')
+    code, _, err = run("diff", BASE, str(bad))
+    assert code == 1
+    assert "Traceback" not in err and str(bad) in err
+    code, _, err = run("diff", BASE, str(tmp_path / "nowhere"))
+    assert code == 1 and "cannot find checkpoint" in err
+
+
+def test_failed_run_leaves_output_untouched(tmp_path: Path) -> None:
+    save_file({"w": torch.zeros(3)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.zeros(4)}, tmp_path / "b.safetensors")
+    out = tmp_path / "out.json"
+    out.write_text("previous")
+    code, _, err = run(
+        "diff",
+        str(tmp_path / "a.safetensors"),
+        str(tmp_path / "b.safetensors"),
+        "--format",
+        "json",
+        "-o",
+        str(out),
+    )
+    assert code == 1 and "tensor 'w'" in err
+    assert out.read_text() == "previous"
+    code, _, _ = run(
+        "diff",
+        str(tmp_path / "a.safetensors"),
+        str(tmp_path / "b.safetensors"),
+        "--format",
+        "json",
+        "-o",
+        str(out),
+        "--skip-mismatched",
+    )
+    assert code == 0 and json.loads(out.read_text())["skipped"][0]["name"] == "w"
+
+
+def test_demo_and_help() -> None:
+    code, out, _ = run("demo")
+    assert code == 0 and "synthetic" in out and "1e-08" in out and "q_proj" in out
+    code, out, _ = run("diff", "--help")
+    assert code == 0 and "--sweep" in out and "Examples" in out
+
+
+def test_installed_command_in_a_subprocess(tmp_path: Path) -> None:
+    exe = shutil.which("rlmask")
+    assert exe, "the rlmask console script is not installed"
+    out = tmp_path / "r.json"
+    p = subprocess.run(
+        [exe, "diff", BASE, TUNED, "--format", "json", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""  # stderr is not a terminal: no progress bar
+    assert json.loads(out.read_text())["numel"] == 250_432
+    p = subprocess.run(
+        [exe, "diff", BASE, str(tmp_path / "missing")], capture_output=True, text=True, check=False
+    )
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_module_entry_point_matches() -> None:
+    p = subprocess.run(
+        [sys.executable, "-c", "from rlmask.cli import main; main()", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert p.returncode == 0 and rlmask.__version__ in p.stdout
+
+
+@pytest.mark.parametrize("level", ["total", "layer", "module", "tensor"])
+def test_every_level_renders(level: str) -> None:
+    assert run("diff", BASE, TUNED, "--by", level, "--format", "csv")[0] == 0

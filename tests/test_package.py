@@ -1,0 +1,45 @@
+"""Packaging promises: no torch on import, the bundled example is what its script makes, and the
+README's commands are the ones CI runs."""
+
+from __future__ import annotations
+
+import filecmp
+import subprocess
+import sys
+from pathlib import Path
+
+from rlmask.examples import EXAMPLES_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_does_not_import_torch() -> None:
+    code = "import sys, rlmask; rlmask.diff; assert 'torch' not in sys.modules, 'torch imported'"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr
+
+
+def test_bundled_example_is_reproducible(tmp_path: Path) -> None:
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "make_example.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    bundled = EXAMPLES_DIR / "tiny-llama"
+    for f in sorted(bundled.rglob("*")):
+        if f.is_file():
+            assert filecmp.cmp(f, tmp_path / f.relative_to(bundled), shallow=False), f
+    total = sum(f.stat().st_size for f in bundled.rglob("*") if f.is_file())
+    assert total < 4 * 2**20
+
+
+def test_readme_commands_are_what_ci_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    blocks = readme.split("## Quickstart", 1)[1].split("```")[1].strip().splitlines()[1:]
+    commands = [ln for ln in blocks if ln and not ln.startswith("#")]
+    assert len(commands) == 2, commands
+    assert commands[1] in ci
+    assert "rlmask demo" in commands[0]
