@@ -171,23 +171,25 @@ fn load64(d: Dtype, src: &[u8], out: &mut [u64; BLOCK], m: usize) {
     }
 }
 
-/// Packs 64 zero-or-one bytes into a word, element i at bit i.
+/// Packs 64 zero-or-one bytes into a word, element i at bit i. Each multiply gathers the low
+/// bits of 8 bytes into the top byte: byte j lands on bit 56 + j, and no two partial products
+/// share a bit position, so nothing carries.
 #[inline(always)]
 fn pack(ch: &[u8; BLOCK]) -> u64 {
     let mut w = 0u64;
-    for (i, &c) in ch.iter().enumerate() {
-        w |= (c as u64) << i;
+    for (j, c) in ch.chunks_exact(8).enumerate() {
+        let x = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        w |= (x.wrapping_mul(0x0102_0408_1020_4080) >> 56) << (8 * j);
     }
     w
 }
 
-/// Counts the ones of 64 zero-or-one bytes.
-#[inline(always)]
-fn ones(ch: &[u8; BLOCK]) -> u64 {
-    ch.iter().map(|&c| c as u32).sum::<u32>() as u64
-}
-
 /// One lane width: `$F` values carried as `$U` bit patterns, loaded by `$load`.
+///
+/// For the absolute criterion the block is reduced to one distance per element, `|a - b|`, or
+/// 0 where the bits are identical; an element is then changed at tolerance `t` iff
+/// `!(d <= t)`, which also holds for a NaN distance. Every loop runs over 32- or 64-bit lanes
+/// with fixed trip counts, so it vectorises.
 macro_rules! lane {
     ($name:ident, $F:ty, $U:ty, $load:ident) => {
         // `!(d <= t)` is meant: unlike `d > t`, it is true for a NaN difference.
@@ -205,52 +207,63 @@ macro_rules! lane {
                 Criterion::Exact => Vec::new(),
                 Criterion::Relative(eta) => vec![*eta as $F],
             };
+            let mask_at = bits.as_ref().map(|(_, k)| *k);
             let mut ua = [0 as $U; BLOCK];
             let mut ub = [0 as $U; BLOCK];
-            let mut ne = [0u8; BLOCK];
-            let mut ch = [0u8; BLOCK];
             let mut d = [0 as $F; BLOCK];
+            let mut ch = [0u8; BLOCK];
             for blk in 0..job.n.div_ceil(BLOCK) {
                 let s = blk * BLOCK;
                 let m = BLOCK.min(job.n - s);
                 $load(job.da, &job.a[s * sa..(s + m) * sa], &mut ua, m);
                 $load(job.db, &job.b[s * sb..(s + m) * sb], &mut ub, m);
-                for i in 0..BLOCK {
-                    ne[i] = (ua[i] != ub[i]) as u8;
-                }
                 let mut word = 0u64;
                 match crit {
                     Criterion::Exact => {
-                        counts[0] += ones(&ne);
-                        if bits.is_some() {
-                            word = pack(&ne);
+                        let mut acc = 0u32;
+                        for i in 0..BLOCK {
+                            acc += (ua[i] != ub[i]) as u32;
+                        }
+                        counts[0] += acc as u64;
+                        if mask_at.is_some() {
+                            for i in 0..BLOCK {
+                                ch[i] = (ua[i] != ub[i]) as u8;
+                            }
+                            word = pack(&ch);
                         }
                     }
                     Criterion::Absolute(_) => {
                         for i in 0..BLOCK {
-                            d[i] = (<$F>::from_bits(ua[i]) - <$F>::from_bits(ub[i])).abs();
+                            let diff = (<$F>::from_bits(ua[i]) - <$F>::from_bits(ub[i])).abs();
+                            d[i] = if ua[i] == ub[i] { 0.0 } else { diff };
                         }
                         for (k, &t) in tols.iter().enumerate() {
+                            let mut acc = 0u32;
                             for i in 0..BLOCK {
-                                // `!(d <= t)` rather than `d > t`: a NaN difference is changed.
-                                ch[i] = ne[i] & (!(d[i] <= t)) as u8;
+                                acc += (!(d[i] <= t)) as u32;
                             }
-                            counts[k] += ones(&ch);
-                            if matches!(bits, Some((_, j)) if j == k) {
+                            counts[k] += acc as u64;
+                            if mask_at == Some(k) {
+                                for i in 0..BLOCK {
+                                    ch[i] = (!(d[i] <= t)) as u8;
+                                }
                                 word = pack(&ch);
                             }
                         }
                     }
                     Criterion::Relative(_) => {
                         let eta = tols[0];
+                        let mut acc = 0u32;
                         for i in 0..BLOCK {
                             let (x, y) = (<$F>::from_bits(ua[i]), <$F>::from_bits(ub[i]));
                             let diff = (x - y).abs();
-                            let same = diff.is_finite() && diff <= eta * x.abs().max(y.abs());
-                            ch[i] = ne[i] & (!same) as u8;
+                            let same = ua[i] == ub[i]
+                                || (diff.is_finite() && diff <= eta * x.abs().max(y.abs()));
+                            ch[i] = (!same) as u8;
+                            acc += (!same) as u32;
                         }
-                        counts[0] += ones(&ch);
-                        if bits.is_some() {
+                        counts[0] += acc as u64;
+                        if mask_at.is_some() {
                             word = pack(&ch);
                         }
                     }

@@ -74,6 +74,9 @@ impl Shard {
         // checkpoints must not be modified while they are being read.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (tensors, metadata) = parse_header(path, &mmap)?;
+        // Tensor data is read front to back: ask for generous read-ahead on cold files.
+        #[cfg(unix)]
+        let _ = mmap.advise(memmap2::Advice::Sequential);
         Ok(Shard {
             path: path.to_path_buf(),
             tensors,
@@ -85,6 +88,25 @@ impl Shard {
     /// The bytes of one tensor of this shard.
     pub fn bytes(&self, t: &TensorInfo) -> &[u8] {
         &self.mmap[t.offset..t.offset + t.len]
+    }
+
+    /// Asks the kernel to map the pages of one stretch of a tensor in one call instead of one
+    /// page fault at a time (Linux `MADV_POPULATE_READ`; several times faster on warm files).
+    /// Only a hint: where it is unsupported, pages are faulted in as they are touched.
+    pub fn prefetch(&self, t: &TensorInfo, byte_start: usize, byte_len: usize) {
+        #[cfg(target_os = "linux")]
+        {
+            let len = byte_len.min(t.len.saturating_sub(byte_start));
+            if len > 0 {
+                let _ = self.mmap.advise_range(
+                    memmap2::Advice::PopulateRead,
+                    t.offset + byte_start,
+                    len,
+                );
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (t, byte_start, byte_len);
     }
 
     /// The shared map, for owners that outlive a borrow of the shard.
