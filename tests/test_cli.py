@@ -10,12 +10,13 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import rlmask
 import torch
 from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import rlmask
 from rlmask.cli import cli
 from rlmask.examples import example_path
-from safetensors.torch import save_file
 
 BASE, TUNED = str(example_path("base")), str(example_path("tuned-seed1"))
 

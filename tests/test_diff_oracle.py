@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rlmask
 import torch
-from oracle import FLOATS, changed, expected_report, load_checkpoint, write_raw
 from safetensors.torch import save_file
+
+import rlmask
+from oracle import FLOATS, changed, expected_report, load_checkpoint, write_raw
 
 SWEEP = [1e-8, 1e-7, 1e-6, 1e-5, 1e-3]
 CHUNK = 1 << 18  # the core's unit of parallel work, in elements

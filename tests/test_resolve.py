@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import rlmask
 import torch
-from rlmask._resolve import hub_cache_dir, resolve_checkpoint
 from safetensors.torch import save_file
+
+import rlmask
+from rlmask._resolve import hub_cache_dir, resolve_checkpoint
 
 COMMIT_A = "a" * 40
 COMMIT_B = "0123456789abcdef0123456789abcdef01234567"

@@ -7,12 +7,13 @@ import struct
 from pathlib import Path
 
 import pytest
-import rlmask
 import torch
+from safetensors.torch import save_file
+
+import rlmask
 from oracle import write_raw
 from rlmask._rlmask import Checkpoint
 from rlmask.errors import CheckpointFormatError, CheckpointNotFoundError
-from safetensors.torch import save_file
 
 GOOD = [("w", "F32", [2], b"\0" * 8), ("v", "BF16", [3], b"\1" * 6)]
 

@@ -9,16 +9,21 @@ bit, without loading either model into memory.
     >>> report = rlmask.diff("base/", "tuned/")          # paper's default tolerance, 1e-5
     >>> report.sparsity                                   # share of elements left unchanged
     >>> report.by_layer(), report.by_module()             # Figure 3 breakdowns
+    >>> rlmask.diff("base/", "seed1/", save_mask="seed1.rlmask")   # the subnetwork, saved
+    >>> rlmask.overlap("seed1.rlmask", "seed2.rlmask").o1            # §5: vs density(seed2)
 
 Importing rlmask never imports torch.
 """
 
 from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, DiffReport, diff
+from rlmask._mask import Mask, consensus, load_mask
+from rlmask._overlap import OverlapReport, overlap, overlap_matrix
 from rlmask._rlmask import __version__
 from rlmask.errors import (
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
+    MaskError,
     RlmaskError,
     TensorMismatchError,
 )
@@ -30,8 +35,15 @@ __all__ = [
     "CheckpointFormatError",
     "CheckpointNotFoundError",
     "DiffReport",
+    "Mask",
+    "MaskError",
+    "OverlapReport",
     "RlmaskError",
     "TensorMismatchError",
     "__version__",
+    "consensus",
     "diff",
+    "load_mask",
+    "overlap",
+    "overlap_matrix",
 ]

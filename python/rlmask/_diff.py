@@ -13,9 +13,11 @@ import polars as pl
 
 from rlmask import _rlmask
 from rlmask._io import write_atomic, write_text_atomic
+from rlmask._mask import Mask, _Entry
 from rlmask._names import MODULES, layer_of, module_of
 from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._resolve import resolve_checkpoint
+from rlmask._rlmask import __version__
 
 Criterion = Literal["absolute", "exact", "relative"]
 
@@ -85,6 +87,8 @@ class DiffReport:
         only_in_base, only_in_tuned: names present on one side only.
         tied: names absent because the checkpoint ties them to the embeddings.
         skipped: ``(name, reason)`` of tensors skipped for mismatched shape or dtype.
+        mask: the subnetwork (changed elements at :attr:`tol`) of every compared floating
+            tensor, when asked for with ``mask=True`` or ``save_mask=``; else None.
     """
 
     base: str
@@ -97,6 +101,7 @@ class DiffReport:
     only_in_tuned: list[str] = field(default_factory=list)
     tied: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    mask: Mask | None = field(default=None, repr=False)
 
     # ----- labels of the per-threshold columns -------------------------------------------
 
@@ -280,6 +285,19 @@ class DiffReport:
         df = self.by(by)
         write_atomic(path, lambda p: df.write_parquet(p))
 
+    def save_mask(self, path: PathArg) -> None:
+        """Writes :attr:`mask` to an ``.rlmask`` file (DESIGN §3), atomically.
+
+        The bits are produced in the comparison's single pass, so the diff must have been run
+        with ``mask=True`` (or ``save_mask=``).
+        """
+        if self.mask is None:
+            raise ValueError(
+                "this report has no mask: run rlmask.diff(..., mask=True) or "
+                "rlmask.diff(..., save_mask=PATH), which keep the changed-bits of the same pass"
+            )
+        self.mask.save(path)
+
     def summary(self) -> str:
         """A short human-readable account of the comparison."""
         lines = [
@@ -340,6 +358,8 @@ def diff(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     skip_mismatched: bool = False,
+    mask: bool = False,
+    save_mask: PathArg | None = None,
     progress: bool = True,
 ) -> DiffReport:
     """Update sparsity of ``tuned`` against ``base`` (paper §2.2), in one pass over the data.
@@ -361,6 +381,9 @@ def diff(
         skip_mismatched: list tensors whose shapes or dtypes cannot be compared in
             :attr:`DiffReport.skipped` instead of raising
             :class:`~rlmask.errors.TensorMismatchError`.
+        mask: also keep the changed-bits at ``tol`` (the subnetwork) as
+            :attr:`DiffReport.mask`, computed in the same pass (one bit per element in memory).
+        save_mask: write that mask to this ``.rlmask`` file (implies ``mask``), atomically.
         progress: draw a progress bar on stderr when it is a terminal.
 
     Returns:
@@ -390,11 +413,15 @@ def diff(
             tolerances=values,
             select=select,
             skip_mismatched=skip_mismatched,
+            mask_threshold=values.index(primary) if (mask or save_mask is not None) else None,
             progress=watch,
         ),
         show=progress_wanted(progress),
     )
-    return _report(os.fspath(base), os.fspath(tuned), criterion, values, primary, raw)
+    report = _report(os.fspath(base), os.fspath(tuned), criterion, values, primary, raw)
+    if save_mask is not None:
+        report.save_mask(save_mask)
+    return report
 
 
 def _report(
@@ -432,6 +459,20 @@ def _report(
         },
     )
     df = df.with_columns(_sparsity_expr("changed").alias("sparsity"))
+    mask = None
+    if any(r[7] is not None for r in rows):
+        entries = {r[0]: _Entry(tuple(r[3]), r[1], r[4], r[7]) for r in rows if r[7] is not None}
+        mask = Mask(
+            entries,
+            {
+                "source": "diff",
+                "base": base,
+                "tuned": tuned,
+                "criterion": criterion,
+                "tolerance": repr(primary),
+                "rlmask_version": __version__,
+            },
+        )
     if len(values) > 1:
         changed_cols = _columns("changed", criterion, values)
         df = df.with_columns(
@@ -453,4 +494,5 @@ def _report(
         only_in_tuned=list(raw["only_in_tuned"]),
         tied=list(raw["tied"]),
         skipped=[(n, r) for n, r in raw["skipped"]],
+        mask=mask,
     )

@@ -3,6 +3,9 @@
 from os import PathLike
 from typing import Any, final
 
+import numpy as np
+import numpy.typing as npt
+
 __all__ = [
     "Checkpoint",
     "CheckpointError",
@@ -13,6 +16,10 @@ __all__ = [
     "TensorMismatchError",
     "__version__",
     "diff",
+    "mask_combine",
+    "mask_count",
+    "mask_overlap",
+    "write_mask",
 ]
 
 __version__: str
@@ -32,6 +39,8 @@ class Checkpoint:
     def shards(self) -> list[str]: ...
     def names(self) -> list[str]: ...
     def tensor_info(self, name: str) -> tuple[str, list[int], int, str]: ...
+    def metadata(self) -> dict[str, str]: ...
+    def raw(self, name: str) -> npt.NDArray[np.uint8]: ...
     def __len__(self) -> int: ...
     def __contains__(self, name: str, /) -> bool: ...
 
@@ -55,3 +64,19 @@ def diff(
     mask_threshold: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]: ...
+def write_mask(
+    path: str | PathLike[str],
+    names: list[str],
+    arrays: list[npt.NDArray[np.uint8]],
+    metadata: dict[str, str],
+) -> None: ...
+def mask_count(arrays: list[npt.NDArray[np.uint8]], numels: list[int]) -> list[int]: ...
+def mask_overlap(
+    a: list[npt.NDArray[np.uint8]], b: list[npt.NDArray[np.uint8]], numels: list[int]
+) -> list[tuple[int, int, int]]: ...
+def mask_combine(
+    op: str,
+    inputs: list[list[npt.NDArray[np.uint8]]],
+    numels: list[int],
+    min_count: int | None = None,
+) -> list[npt.NDArray[np.uint8]]: ...

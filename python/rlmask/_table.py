@@ -6,14 +6,16 @@ from typing import Any
 
 import polars as pl
 
+_PERCENT = ("sparsity", "density", "o1", "o2", "jaccard")
 
-def _cell(column: str, value: Any) -> str:
+
+def _cell(column: str, value: Any, percent: bool | None) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        if column.startswith(("sparsity", "density", "o1", "o2", "jaccard")):
+        if percent if percent is not None else column.startswith(_PERCENT):
             return f"{100 * value:.3f}%"
-        return f"{value:g}"
+        return f"{value:.4g}"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, int):
@@ -23,10 +25,14 @@ def _cell(column: str, value: Any) -> str:
     return str(value)
 
 
-def format_frame(df: pl.DataFrame) -> str:
-    """Renders every row of ``df`` as an aligned text table."""
+def format_frame(df: pl.DataFrame, *, percent: bool | None = None) -> str:
+    """Renders every row of ``df`` as an aligned text table. Floats are shown as percentages
+    in the ratio columns (sparsity, density, o1, ...), or everywhere (``percent=True``) or
+    nowhere (``percent=False``)."""
     header = list(df.columns)
-    rows = [[_cell(c, v) for c, v in zip(header, row, strict=True)] for row in df.iter_rows()]
+    rows = [
+        [_cell(c, v, percent) for c, v in zip(header, row, strict=True)] for row in df.iter_rows()
+    ]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     numeric = [df[c].dtype.is_numeric() for c in header]
 

@@ -7,15 +7,19 @@ error.
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+import polars as pl
 
 from rlmask import __version__
 from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, DiffReport, diff
 from rlmask._io import write_text_atomic
+from rlmask._mask import consensus, load_mask
+from rlmask._overlap import overlap, overlap_matrix
 from rlmask._table import format_frame
 from rlmask.errors import RlmaskError
 
@@ -156,6 +160,12 @@ def cli() -> None:
     is_flag=True,
     help="List tensors whose shapes or dtypes differ as skipped instead of failing.",
 )
+@click.option(
+    "--save-mask",
+    type=click.Path(dir_okay=False),
+    help="Also write the changed elements at --tol (the subnetwork) to this .rlmask file, "
+    "from the same pass.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
 def diff_cmd(
@@ -172,6 +182,7 @@ def diff_cmd(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     skip_mismatched: bool,
+    save_mask: str | None,
     quiet: bool,
 ) -> None:
     """Update sparsity of TUNED against BASE (paper §2.2).
@@ -186,6 +197,7 @@ def diff_cmd(
       rlmask diff base/ tuned/ --sweep --by module
       rlmask diff base/ tuned/ --format json -o report.json
       rlmask diff base/ tuned/ --by layer --format csv --include 'mlp\\.'
+      rlmask diff base/ tuned/ --save-mask grpo.rlmask
     """
     extra = _parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
     if fmt == "parquet" and not output:
@@ -200,6 +212,7 @@ def diff_cmd(
         include=include or None,
         exclude=exclude or None,
         skip_mismatched=skip_mismatched,
+        save_mask=save_mask,
         progress=not quiet,
     )
     _render(report, by, fmt, output)
@@ -227,6 +240,169 @@ def demo(by: str) -> None:
     click.echo(f"$ rlmask diff {base} {tuned} --sweep --by {by}\n")
     report = diff(base, tuned, tolerances=DEFAULT_SWEEP, progress=False)
     _render(report, by, "table", None)
+
+
+@cli.group()
+def mask() -> None:
+    """Inspect and combine .rlmask subnetwork masks."""
+
+
+@mask.command("info")
+@click.argument("file")
+@click.option(
+    "--by",
+    type=click.Choice(["module", "layer", "tensor"]),
+    default="module",
+    show_default=True,
+    help="Breakdown to print under the totals.",
+)
+@_user_errors
+def mask_info(file: str, by: str) -> None:
+    """Provenance, totals and a per-module summary of a mask FILE."""
+    m = load_mask(file)
+    if by == "module":
+        table = m.by_module()
+    elif by == "layer":
+        table = (
+            m.table()
+            .filter(pl.col("layer").is_not_null())
+            .group_by("layer")
+            .agg(pl.len().alias("tensors"), pl.col("numel").sum(), pl.col("count").sum())
+            .with_columns((pl.col("count") / pl.col("numel")).alias("density"))
+            .sort("layer")
+        )
+    else:
+        table = m.table()
+    click.echo(f"{file}\n{m.summary()}\n\nby {by}:\n{format_frame(table)}")
+
+
+@mask.command("combine")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--op",
+    type=click.Choice(["and", "or", "xor", "minus", "not", "consensus"]),
+    required=True,
+    help="and/or/xor: elementwise over all inputs; minus: in the first and none of the others; "
+    "not: complement of one input; consensus: in at least --min-count inputs.",
+)
+@click.option("--min-count", type=int, help="For --op consensus: inputs an element must be in.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="The .rlmask file to write (atomically).",
+)
+@_user_errors
+def mask_combine(inputs: tuple[str, ...], op: str, min_count: int | None, output: str) -> None:
+    """Combine mask files INPUTS into a new mask.
+
+    \b
+    Examples:
+      rlmask mask combine --op and -o shared.rlmask seed1.rlmask seed2.rlmask
+      rlmask mask combine --op consensus --min-count 2 -o core.rlmask s1.rlmask s2.rlmask s3.rlmask
+    """
+    masks = [load_mask(f) for f in inputs]
+    if op == "consensus":
+        if min_count is None:
+            raise click.UsageError("--op consensus needs --min-count")
+        out = consensus(masks, min_count)
+    elif min_count is not None:
+        raise click.UsageError("--min-count goes with --op consensus only")
+    elif op == "not":
+        if len(masks) != 1:
+            raise click.UsageError("--op not takes exactly one input")
+        out = ~masks[0]
+    else:
+        if len(masks) < 2:
+            raise click.UsageError(f"--op {op} needs at least two inputs")
+        out = masks[0]._combine(op, masks[1:])
+    out.save(output)
+    click.echo(
+        f"wrote {output}: {out.count:,} of {out.numel:,} elements "
+        f"(density {100 * out.density:.3f}%)"
+    )
+
+
+@cli.command("overlap")
+@click.argument("masks", nargs=-1, required=True)
+@click.option(
+    "--by",
+    type=click.Choice(LEVELS),
+    default="total",
+    show_default=True,
+    help="For two masks: breakdown to print.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write to FILE (atomically) instead of stdout.",
+)
+@click.option(
+    "--common-only",
+    is_flag=True,
+    help="Compare only the tensors all masks share (same name and shape).",
+)
+@_user_errors
+def overlap_cmd(
+    masks: tuple[str, ...], by: str, fmt: str, output: str | None, common_only: bool
+) -> None:
+    """Overlap of subnetwork MASKS (paper §5) against the random baseline.
+
+    For two masks: |I1|, |I2|, |I1 ∩ I2|, |I1 ∪ I2|, o1 = |I1 ∩ I2|/|I1|, o2 = |I1 ∩ I2|/|I2|,
+    Jaccard, and the random baselines o1_random = density(I2), o2_random = density(I1).
+    For more masks: N x N matrices of o1 (row covered by column), Jaccard, and lift
+    (o1 over its random baseline).
+
+    \b
+    Examples:
+      rlmask overlap seed1.rlmask seed2.rlmask --by module
+      rlmask overlap grpo.rlmask dpo.rlmask prime.rlmask --format json
+    """
+    if len(masks) < 2:
+        raise click.UsageError("overlap needs at least two masks")
+    if len(masks) == 2:
+        report = overlap(masks[0], masks[1], common_only=common_only)
+        if fmt == "json":
+            text = report.to_json()
+        elif fmt == "csv":
+            text = report.to_csv(by=by)  # type: ignore[arg-type]
+        else:
+            text = report.summary()
+            if by != "total":
+                text += f"\n\nby {by}:\n" + format_frame(report.by(by))  # type: ignore[arg-type]
+        _emit(text, output)
+        return
+    labels = [str(i + 1) for i in range(len(masks))]
+    mats = overlap_matrix(list(masks), labels=labels, common_only=common_only)
+    if fmt == "json":
+        text = json.dumps(
+            {"masks": list(masks), **{k: v.to_dicts() for k, v in mats.items()}}, indent=2
+        )
+    elif fmt == "csv":
+        text = "\n".join(
+            df.with_columns(pl.lit(k).alias("matrix")).write_csv() for k, df in mats.items()
+        )
+    else:
+        legend = "\n".join(f"  {lab}: {m}" for lab, m in zip(labels, masks, strict=True))
+        parts = [f"masks:\n{legend}"]
+        titles = {
+            "o1": "o1 (share of the row's mask also in the column's)",
+            "jaccard": "Jaccard",
+            "lift": "lift (o1 over its random baseline, density of the column's mask)",
+        }
+        for k, df in mats.items():
+            parts.append(f"{titles[k]}:\n{format_frame(df, percent=(k != 'lift'))}")
+        text = "\n\n".join(parts)
+    _emit(text, output)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
+use crate::bits::padded_len;
 use crate::checkpoint::Checkpoint;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -34,7 +35,8 @@ pub struct DiffOptions {
     pub select: Option<Vec<String>>,
     /// List tensors whose shapes or dtypes cannot be compared instead of failing.
     pub skip_mismatched: bool,
-    /// Emit the packed changed-bits of this threshold for every compared tensor.
+    /// Emit the packed changed-bits of this threshold for every compared floating tensor (the
+    /// subnetwork mask; integer tensors get none).
     pub mask_threshold: Option<usize>,
 }
 
@@ -50,8 +52,9 @@ pub struct TensorDiff {
     pub floating: bool,
     /// Changed elements, one count per threshold.
     pub changed: Vec<u64>,
-    /// Packed changed-bits (LSB-first) when a mask was asked for.
-    pub bits: Option<Vec<u64>>,
+    /// Packed changed-bits when a mask was asked for: LSB-first, padded to whole u64 words
+    /// ([`crate::bits::padded_len`] bytes), as stored in `.rlmask` files.
+    pub bits: Option<Vec<u8>>,
 }
 
 /// A tensor left out of the comparison, and why.
@@ -178,11 +181,12 @@ pub fn diff(
     }
 
     let nthr = opts.criterion.thresholds();
-    let mut bits: Vec<Option<Vec<u64>>> = pairs
+    let mut bits: Vec<Option<Vec<u8>>> = pairs
         .iter()
         .map(|p| {
-            opts.mask_threshold
-                .map(|_| vec![0u64; (p.a.1.numel as usize).div_ceil(BLOCK)])
+            let floating = p.a.1.dtype.is_float() && p.b.1.dtype.is_float();
+            let wanted = opts.mask_threshold.is_some() && floating;
+            wanted.then(|| vec![0u8; padded_len(p.a.1.numel as usize)])
         })
         .collect();
     let total: u64 = pairs.iter().map(|p| (p.a.1.len + p.b.1.len) as u64).sum();
@@ -193,12 +197,12 @@ pub fn diff(
         pair: usize,
         start: usize,
         len: usize,
-        words: Option<&'a mut [u64]>,
+        words: Option<&'a mut [u8]>,
     }
     let mut items = Vec::new();
     for (pi, (p, words)) in pairs.iter().zip(bits.iter_mut()).enumerate() {
         let n = p.a.1.numel as usize;
-        let mut words = words.as_mut().map(|w| w.chunks_mut(CHUNK / BLOCK));
+        let mut words = words.as_mut().map(|w| w.chunks_mut(CHUNK / 8));
         for start in (0..n).step_by(CHUNK) {
             items.push(Item {
                 pair: pi,
@@ -238,7 +242,7 @@ pub fn diff(
             } else {
                 // Integer tensors have one bitwise count, reported under every threshold.
                 let mut one = [0u64];
-                compare_chunk(crit, &job, &mut one, item.words.map(|w| (w, 0)));
+                compare_chunk(crit, &job, &mut one, None);
                 counts.fill(one[0]);
             }
             progress

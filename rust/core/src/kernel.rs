@@ -52,13 +52,13 @@ pub(crate) struct Job<'a> {
 }
 
 /// Adds the changed counts of `job` to `counts` (one per threshold) and, when `bits` is given,
-/// writes the packed changed-bits of threshold `bits.1` (LSB-first, `n.div_ceil(64)` words;
-/// bits past `n` are zero). Non-floating pairs must be given `Criterion::Exact`.
+/// writes the packed changed-bits of threshold `bits.1` (LSB-first, `n.div_ceil(64)` little-endian
+/// u64 words; bits past `n` are zero). Non-floating pairs must be given `Criterion::Exact`.
 pub(crate) fn compare_chunk(
     crit: &Criterion,
     job: &Job,
     counts: &mut [u64],
-    bits: Option<(&mut [u64], usize)>,
+    bits: Option<(&mut [u8], usize)>,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -77,7 +77,7 @@ fn compare_chunk_avx2(
     crit: &Criterion,
     job: &Job,
     counts: &mut [u64],
-    bits: Option<(&mut [u64], usize)>,
+    bits: Option<(&mut [u8], usize)>,
 ) {
     compare_chunk_impl(crit, job, counts, bits)
 }
@@ -87,7 +87,7 @@ fn compare_chunk_impl(
     crit: &Criterion,
     job: &Job,
     counts: &mut [u64],
-    bits: Option<(&mut [u64], usize)>,
+    bits: Option<(&mut [u8], usize)>,
 ) {
     let wide =
         job.da == Dtype::F64 || job.db == Dtype::F64 || !job.da.is_float() || !job.db.is_float();
@@ -199,7 +199,7 @@ macro_rules! lane {
             crit: &Criterion,
             job: &Job,
             counts: &mut [u64],
-            mut bits: Option<(&mut [u64], usize)>,
+            mut bits: Option<(&mut [u8], usize)>,
         ) {
             let (sa, sb) = (job.da.size(), job.db.size());
             let tols: Vec<$F> = match crit {
@@ -269,7 +269,7 @@ macro_rules! lane {
                     }
                 }
                 if let Some((out, _)) = bits.as_mut() {
-                    out[blk] = word;
+                    out[blk * 8..blk * 8 + 8].copy_from_slice(&word.to_le_bytes());
                 }
             }
         }
@@ -296,16 +296,20 @@ mod tests {
         n: usize,
     ) -> (Vec<u64>, Vec<u64>) {
         let mut counts = vec![0; crit.thresholds()];
-        let mut bits = vec![u64::MAX; n.div_ceil(64)];
+        let mut bits = vec![0xffu8; n.div_ceil(64) * 8];
         let job = Job { a, b, da, db, n };
         compare_chunk(crit, &job, &mut counts, Some((&mut bits, 0)));
         // The baseline copy must agree with whichever copy the CPU picked.
         let mut c2 = vec![0; crit.thresholds()];
-        let mut b2 = vec![0; n.div_ceil(64)];
+        let mut b2 = vec![0; n.div_ceil(64) * 8];
         compare_chunk_impl(crit, &job, &mut c2, Some((&mut b2, 0)));
         assert_eq!(counts, c2);
         assert_eq!(bits, b2);
-        (counts, bits)
+        let words = bits
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        (counts, words)
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! There is no Python here; `rust/py` holds the thin bindings.
 
+pub mod bits;
 pub mod checkpoint;
 pub mod diff;
 pub mod dtype;

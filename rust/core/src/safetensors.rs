@@ -120,6 +120,66 @@ impl Shard {
     }
 }
 
+/// Writes `tensors` as 1-D U8 tensors (each padded with zeros to a multiple of 8 bytes) and
+/// `metadata` to a safetensors file, atomically: the data goes to a temporary file in the same
+/// directory, which is synced and then renamed over `path`. The header is padded with spaces so
+/// that every tensor starts 8-byte aligned.
+pub fn write_u8_tensors(
+    path: &Path,
+    tensors: &[(&str, &[u8])],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    use std::io::Write;
+
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).expect("strings"),
+        );
+    }
+    let mut offset = 0u64;
+    for (name, data) in tensors {
+        let len = data.len().div_ceil(8) as u64 * 8;
+        let entry = serde_json::json!({"dtype": "U8", "shape": [len], "data_offsets": [offset, offset + len]});
+        if header.insert(name.to_string(), entry).is_some() || *name == "__metadata__" {
+            return Err(Error::InvalidArgument(format!(
+                "tensor name '{name}' given twice or reserved"
+            )));
+        }
+        offset += len;
+    }
+    let mut text = serde_json::to_vec(&header).expect("serialisable");
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let file = File::create(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
+        w.write_all(&(text.len() as u64).to_le_bytes())?;
+        w.write_all(&text)?;
+        for (_, data) in tensors {
+            w.write_all(data)?;
+            w.write_all(&[0u8; 8][..data.len().div_ceil(8) * 8 - data.len()])?;
+        }
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
 /// The header's top-level entries in file order, so that duplicates can be detected (a plain map
 /// would silently keep the last one).
 struct Entries(Vec<(String, serde_json::Value)>);
@@ -406,6 +466,26 @@ mod tests {
             assert!(e.contains(want), "{h}: got {e}");
             assert!(e.starts_with("x.safetensors: "), "{e}");
         }
+    }
+
+    #[test]
+    fn writes_what_it_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.rlmask");
+        let meta = BTreeMap::from([("format".to_string(), "rlmask".to_string())]);
+        write_u8_tensors(&p, &[("b", &[1, 2, 3]), ("a", &[9; 16])], &meta).unwrap();
+        let shard = Shard::open(&p).unwrap();
+        assert_eq!(shard.metadata, meta);
+        let a = shard.tensors.iter().find(|t| t.name == "a").unwrap();
+        let b = shard.tensors.iter().find(|t| t.name == "b").unwrap();
+        assert_eq!(shard.bytes(a), &[9; 16]);
+        assert_eq!(shard.bytes(b), &[1, 2, 3, 0, 0, 0, 0, 0]);
+        assert!(a.offset % 8 == 0 && b.offset % 8 == 0);
+        // No temporary file is left behind; a failed write leaves the old file in place.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let bad = write_u8_tensors(&p, &[("x", &[1]), ("x", &[2])], &meta);
+        assert!(bad.is_err());
+        assert!(Shard::open(&p).is_ok());
     }
 
     #[test]

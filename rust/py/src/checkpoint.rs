@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use numpy::ndarray::ArrayView1;
+use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
 use rlmask_core as core;
 
@@ -54,6 +56,32 @@ impl Checkpoint {
             t.numel,
             shard.path.clone(),
         ))
+    }
+
+    /// The `__metadata__` of the file (of the first shard when there are several).
+    fn metadata(&self) -> std::collections::BTreeMap<String, String> {
+        self.inner
+            .shards
+            .first()
+            .map(|s| s.metadata.clone())
+            .unwrap_or_default()
+    }
+
+    /// The raw bytes of one tensor as a read-only numpy uint8 array that views the memory map
+    /// (no copy); the array keeps this checkpoint, and so the map, alive.
+    fn raw<'py>(slf: Bound<'py, Self>, name: &str) -> PyResult<Bound<'py, PyArray1<u8>>> {
+        let inner = slf.get().inner.clone();
+        let (shard, t) = inner
+            .get(name)
+            .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(name.to_string()))?;
+        let view = ArrayView1::from(shard.bytes(t));
+        // SAFETY: the bytes live in a read-only memory map owned by an `Arc` inside `slf`'s
+        // checkpoint, which is immutable (`frozen`) and never remapped; numpy holds `slf` as the
+        // array's base object, so the map outlives the array. The array is marked read-only
+        // below, so numpy never writes to the read-only mapping.
+        let array = unsafe { PyArray1::borrow_from_array(&view, slf.into_any()) };
+        array.readwrite().make_nonwriteable();
+        Ok(array)
     }
 
     fn __len__(&self) -> usize {

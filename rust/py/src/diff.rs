@@ -90,7 +90,7 @@ pub fn diff<'py>(
 
     let tensors = PyList::empty(py);
     for t in result.tensors {
-        let bits: Option<Bound<'py, PyArray1<u64>>> = t.bits.map(|b| b.into_pyarray(py));
+        let bits: Option<Bound<'py, PyArray1<u8>>> = t.bits.map(|b| b.into_pyarray(py));
         tensors.append((
             t.name,
             t.base_dtype.to_string(),

@@ -1,9 +1,10 @@
 //! Thin PyO3 bindings of `rlmask-core`, built by maturin into `rlmask._rlmask`. One file per
-//! Python-facing area: `errors`, `checkpoint`, `diff`.
+//! Python-facing area: `errors`, `checkpoint`, `diff`, `mask`.
 
 mod checkpoint;
 mod diff;
 mod errors;
+mod mask;
 
 /// The private extension module behind the `rlmask` package.
 #[pyo3::pymodule]
@@ -19,6 +20,8 @@ mod _rlmask {
         CheckpointError, CheckpointFormatError, CheckpointNotFoundError, RlmaskError,
         TensorMismatchError,
     };
+    #[pymodule_export]
+    use super::mask::{mask_combine, mask_count, mask_overlap, write_mask};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

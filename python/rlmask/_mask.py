@@ -1,0 +1,405 @@
+"""Subnetwork masks (paper §1, Conjecture 1; DESIGN §3): one packed bit per element, saved as
+``.rlmask`` files that any safetensors + numpy user can read without rlmask.
+
+File format: a safetensors file with one U8 tensor per masked tensor (same name, shape
+``[nbytes]``, bits LSB-first: element ``i`` at byte ``i >> 3``, bit ``i & 7``; payload padded
+to a multiple of 8 bytes) and string metadata: ``format=rlmask``, ``version``,
+``bitorder=little``, provenance (criterion, tolerance, checkpoints, or the operation that made
+it) and ``tensors``, a JSON object mapping each name to its original ``shape``, ``dtype`` and
+``numel``. Read one without rlmask::
+
+    from safetensors.numpy import load_file
+    meta = json.loads(safe_open(path, "np").metadata()["tensors"])
+    bits = numpy.unpackbits(load_file(path)[name], bitorder="little",
+                            count=meta[name]["numel"]).reshape(meta[name]["shape"])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import polars as pl
+
+from rlmask import _rlmask
+from rlmask._names import MODULES, layer_of, module_of
+from rlmask._resolve import resolve_checkpoint
+from rlmask.errors import MaskError
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT = "rlmask"
+VERSION = "1"
+PathArg = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    packed: npt.NDArray[np.uint8]
+
+
+def padded_len(numel: int) -> int:
+    """Bytes of a packed mask of ``numel`` elements: whole little-endian u64 words."""
+    return (numel + 63) // 64 * 8
+
+
+def pack(bits: npt.ArrayLike) -> npt.NDArray[np.uint8]:
+    """Packs a boolean array (any shape, C order) LSB-first into ``padded_len`` bytes."""
+    flat = np.asarray(bits, dtype=bool).reshape(-1)
+    out = np.zeros(padded_len(flat.size), dtype=np.uint8)
+    packed = np.packbits(flat, bitorder="little")
+    out[: packed.size] = packed
+    return out
+
+
+class Mask:
+    """A subnetwork mask: for each tensor, which elements are in the subnetwork.
+
+    Masks come from :func:`rlmask.diff` (``mask=True`` or ``save_mask=``), from
+    :func:`load_mask` (memory-mapped and lazy: nothing is read until asked for), or from the
+    user's own arrays with :meth:`from_dict`. They combine with ``&``, ``|``, ``^``, ``-``
+    (set difference) and ``~``, and with :func:`consensus`; every result records how it was
+    made in :attr:`meta`.
+
+    Example:
+        >>> m = rlmask.load_mask("grpo.rlmask")
+        >>> m.density, m.count, m.names[:3]
+        >>> m["model.layers.0.self_attn.q_proj.weight"]   # numpy bool array, original shape
+        >>> shared = m & rlmask.load_mask("dpo.rlmask")
+    """
+
+    def __init__(self, entries: Mapping[str, _Entry], meta: Mapping[str, str]) -> None:
+        self._entries = dict(sorted(entries.items()))
+        self._meta = dict(meta)
+        self._counts: dict[str, int] | None = None
+
+    # ----- construction --------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, arrays: Mapping[str, Any], meta: Mapping[str, str] | None = None) -> Mask:
+        """A mask from ``{name: boolean array or torch tensor}`` (nonzero means in the mask)."""
+        entries = {}
+        for name, value in arrays.items():
+            if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
+                value = value.detach().cpu().numpy()
+            a = np.asarray(value)
+            entries[name] = _Entry(tuple(a.shape), str(a.dtype), a.size, pack(a != 0))
+        return cls(entries, {"source": "from_dict", **(meta or {})})
+
+    # ----- reading -------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names, sorted."""
+        return list(self._entries)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"no tensor '{name}' in this mask") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The original shape of tensor ``name``."""
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> str:
+        """The dtype of the tensor the mask was taken from (e.g. ``BF16``)."""
+        return self._entry(name).dtype
+
+    def numel_of(self, name: str) -> int:
+        """Elements of tensor ``name``."""
+        return self._entry(name).numel
+
+    def packed(self, name: str) -> npt.NDArray[np.uint8]:
+        """The packed bits of ``name`` (LSB-first, padded to 8 bytes), without copying: for a
+        loaded mask, a read-only view of the mapped file."""
+        return self._entry(name).packed
+
+    def __getitem__(self, name: str) -> npt.NDArray[np.bool_]:
+        """The mask of ``name`` as a numpy bool array in the tensor's shape."""
+        e = self._entry(name)
+        bits = np.unpackbits(e.packed, bitorder="little", count=e.numel)
+        return bits.view(np.bool_).reshape(e.shape)
+
+    def items(self) -> Iterator[tuple[str, npt.NDArray[np.bool_]]]:
+        """``(name, bool array)`` for every tensor."""
+        for name in self._entries:
+            yield name, self[name]
+
+    def to_torch(self, name: str, device: str | torch.device | None = None) -> torch.Tensor:
+        """The mask of ``name`` as a torch bool tensor on ``device`` (needs torch)."""
+        import torch
+
+        return torch.from_numpy(self[name]).to(device)
+
+    @property
+    def meta(self) -> dict[str, str]:
+        """Provenance and format metadata (a copy)."""
+        return dict(self._meta)
+
+    def counts(self) -> dict[str, int]:
+        """Elements in the mask, per tensor (computed once, in parallel, in the core)."""
+        if self._counts is None:
+            entries = list(self._entries.values())
+            counts = _rlmask.mask_count([e.packed for e in entries], [e.numel for e in entries])
+            self._counts = dict(zip(self._entries, counts, strict=True))
+        return dict(self._counts)
+
+    @property
+    def numel(self) -> int:
+        """Elements covered, over every tensor."""
+        return sum(e.numel for e in self._entries.values())
+
+    @property
+    def count(self) -> int:
+        """Elements in the mask (the subnetwork's size), over every tensor."""
+        return sum(self.counts().values())
+
+    @property
+    def density(self) -> float:
+        """``count / numel``: the share of elements in the subnetwork (1 - update sparsity)."""
+        return self.count / self.numel if self.numel else 0.0
+
+    def table(self) -> pl.DataFrame:
+        """One row per tensor: name, layer, module, dtype, shape, numel, count, density."""
+        counts = self.counts()
+        rows = [
+            {
+                "name": n,
+                "layer": layer_of(n),
+                "module": module_of(n),
+                "dtype": e.dtype,
+                "shape": list(e.shape),
+                "numel": e.numel,
+                "count": counts[n],
+            }
+            for n, e in self._entries.items()
+        ]
+        schema = {
+            "name": pl.Utf8,
+            "layer": pl.Int64,
+            "module": pl.Utf8,
+            "dtype": pl.Utf8,
+            "shape": pl.List(pl.Int64),
+            "numel": pl.UInt64,
+            "count": pl.UInt64,
+        }
+        df = pl.DataFrame(rows, schema=schema)
+        return df.with_columns(_ratio("count", "numel").alias("density"))
+
+    def by_module(self) -> pl.DataFrame:
+        """Tensors, numel, count and density per module type."""
+        rank = {m: i for i, m in enumerate((*MODULES, "other"))}
+        g = (
+            self.table()
+            .group_by("module")
+            .agg(pl.len().alias("tensors"), pl.col("numel").sum(), pl.col("count").sum())
+            .with_columns(_ratio("count", "numel").alias("density"))
+        )
+        return g.sort(pl.col("module").replace_strict(rank, return_dtype=pl.Int64))
+
+    def summary(self) -> str:
+        """Provenance and totals, as ``rlmask mask info`` prints them."""
+        lines = [
+            f"{len(self)} tensors, {self.numel:,} elements, {self.count:,} in the mask "
+            f"(density {100 * self.density:.3f}%)"
+        ]
+        skip = {"tensors"}
+        for k, v in sorted(self._meta.items()):
+            if k not in skip:
+                lines.append(f"  {k}: {v}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<Mask: {len(self)} tensors, {self.numel:,} elements, density {self.density:.4f}>"
+
+    # ----- writing -------------------------------------------------------------------------
+
+    def file_metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` this mask is saved with (DESIGN §3)."""
+        tensors = {
+            n: {"shape": list(e.shape), "dtype": e.dtype, "numel": e.numel}
+            for n, e in self._entries.items()
+        }
+        own = ("format", "version", "bitorder", "path", "tensors")
+        meta = {k: v for k, v in self._meta.items() if k not in own}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "bitorder": "little",
+            **meta,
+            "tensors": json.dumps(tensors, separators=(",", ":")),
+        }
+
+    def save(self, path: PathArg) -> None:
+        """Writes the mask to ``path`` (conventionally ``*.rlmask``), atomically."""
+        names = list(self._entries)
+        _rlmask.write_mask(
+            os.fspath(path),
+            names,
+            [np.ascontiguousarray(self._entries[n].packed) for n in names],
+            self.file_metadata(),
+        )
+
+    # ----- algebra -------------------------------------------------------------------------
+
+    def _combine(self, op: str, others: Sequence[Mask], min_count: int | None = None) -> Mask:
+        masks = [self, *others]
+        _check_compatible(masks, common_only=False)
+        names = self.names
+        packed = _rlmask.mask_combine(
+            op,
+            [[m._entries[n].packed for m in masks] for n in names],
+            [self._entries[n].numel for n in names],
+            min_count,
+        )
+        entries = {
+            n: _Entry(self._entries[n].shape, self._entries[n].dtype, self._entries[n].numel, p)
+            for n, p in zip(names, packed, strict=True)
+        }
+        meta = {"op": op, "inputs": json.dumps([m.describe() for m in masks])}
+        if min_count is not None:
+            meta["min_count"] = str(min_count)
+        return Mask(entries, meta)
+
+    def describe(self) -> str:
+        """A one-line account of where the mask came from (used as provenance)."""
+        m = self._meta
+        if "path" in m:
+            return m["path"]
+        if "op" in m:
+            return f"{m['op']}({', '.join(json.loads(m['inputs']))})"
+        if "base" in m and "tuned" in m:
+            return f"diff({m['base']}, {m['tuned']}, {m.get('criterion')}={m.get('tolerance')})"
+        return m.get("source", "mask")
+
+    def __and__(self, other: Mask) -> Mask:
+        return self._combine("and", [other])
+
+    def __or__(self, other: Mask) -> Mask:
+        return self._combine("or", [other])
+
+    def __xor__(self, other: Mask) -> Mask:
+        return self._combine("xor", [other])
+
+    def __sub__(self, other: Mask) -> Mask:
+        return self._combine("minus", [other])
+
+    def __invert__(self) -> Mask:
+        return self._combine("not", [])
+
+
+def _ratio(num: str, den: str) -> pl.Expr:
+    return (
+        pl.when(pl.col(den) > 0)
+        .then(pl.col(num).cast(pl.Float64) / pl.col(den).cast(pl.Float64))
+        .otherwise(None)
+    )
+
+
+def _check_compatible(masks: Sequence[Mask], *, common_only: bool) -> list[str]:
+    """The tensor names every mask covers with the same shape; raises :class:`MaskError`
+    naming the differences unless ``common_only``."""
+    first = masks[0]
+    problems = []
+    common = set(first.names)
+    for i, m in enumerate(masks[1:], start=2):
+        only_first = sorted(set(first.names) - set(m.names))
+        only_other = sorted(set(m.names) - set(first.names))
+        if only_first:
+            problems.append(f"{len(only_first)} tensors only in mask 1 ({_few(only_first)})")
+        if only_other:
+            problems.append(f"{len(only_other)} tensors only in mask {i} ({_few(only_other)})")
+        common &= set(m.names)
+        for n in sorted(set(first.names) & set(m.names)):
+            if first.shape(n) != m.shape(n):
+                problems.append(
+                    f"'{n}' has shape {list(first.shape(n))} in mask 1 but "
+                    f"{list(m.shape(n))} in mask {i}"
+                )
+                common.discard(n)
+    if problems and not common_only:
+        raise MaskError(
+            "masks cover different tensors: "
+            + "; ".join(problems)
+            + " (pass common_only=True / --common-only to use the shared tensors)"
+        )
+    return sorted(common)
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def consensus(masks: Sequence[Mask], min_count: int) -> Mask:
+    """Elements set in at least ``min_count`` of the masks: the subnetwork shared across seeds,
+    data or algorithms (``min_count=len(masks)`` is the intersection, 1 the union)."""
+    if not masks:
+        raise ValueError("consensus needs at least one mask")
+    if not 1 <= min_count <= len(masks):
+        raise ValueError(f"min_count must be between 1 and {len(masks)}, not {min_count}")
+    return masks[0]._combine("consensus", list(masks[1:]), min_count)
+
+
+def load_mask(path: PathArg) -> Mask:
+    """Opens a ``.rlmask`` file, memory-mapped: tensors are read only when asked for.
+
+    Raises:
+        MaskError: the file is a safetensors file but not a valid rlmask mask.
+        CheckpointError: the file cannot be read or its safetensors header is invalid.
+    """
+    path = resolve_checkpoint(path)
+    ckpt = _rlmask.Checkpoint(path)
+    meta = ckpt.metadata()
+    where = os.fspath(path)
+    if meta.get("format") != FORMAT:
+        raise MaskError(
+            f"{where}: not an rlmask mask (metadata format is "
+            f"{meta.get('format')!r}, expected 'rlmask')"
+        )
+    if meta.get("bitorder", "little") != "little":
+        raise MaskError(f"{where}: unsupported bitorder {meta['bitorder']!r}")
+    try:
+        described = json.loads(meta["tensors"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise MaskError(f"{where}: missing or invalid 'tensors' metadata ({e})") from None
+    entries = {}
+    for name, info in described.items():
+        if name not in ckpt:
+            raise MaskError(f"{where}: tensor '{name}' is described but not stored")
+        dtype, shape, _, _ = ckpt.tensor_info(name)
+        want = math.prod(info["shape"])
+        if info["numel"] != want:
+            raise MaskError(
+                f"{where}: tensor '{name}': numel {info['numel']} does not match "
+                f"shape {info['shape']}"
+            )
+        if dtype != "U8" or len(shape) != 1 or shape[0] < (want + 7) // 8:
+            raise MaskError(
+                f"{where}: tensor '{name}': stored as {dtype}{shape}, which cannot hold {want} bits"
+            )
+        entries[name] = _Entry(tuple(info["shape"]), info["dtype"], want, ckpt.raw(name))
+    extra = sorted(set(ckpt.names()) - set(described))
+    if extra:
+        raise MaskError(f"{where}: tensors stored but not described: {_few(extra)}")
+    return Mask(entries, {**meta, "path": where})

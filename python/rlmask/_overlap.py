@@ -1,0 +1,267 @@
+"""How consistent are subnetworks across seeds, data and algorithms? (paper §5, Table 4,
+Appendix E; DESIGN §1).
+
+For masks I1, I2 over the same tensors: ``o1 = |I1 ∩ I2| / |I1|`` (the share of I1 that I2
+also updates), ``o2 = |I1 ∩ I2| / |I2|``, and their random baselines, the overlaps two
+independent random masks of the same densities would have in expectation:
+``o1_random = density(I2)``, ``o2_random = density(I1)`` (analytic, never sampled). Jaccard is
+``|I1 ∩ I2| / |I1 ∪ I2|``. A ratio whose denominator is 0 is reported as null.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import polars as pl
+
+from rlmask import _rlmask
+from rlmask._io import write_text_atomic
+from rlmask._mask import Mask, _check_compatible, load_mask
+from rlmask._names import MODULES, layer_of, module_of
+
+PathArg = str | os.PathLike[str]
+MaskArg = Mask | PathArg
+COUNTS = ["numel", "size_1", "size_2", "intersection", "union"]
+RATIOS = ["o1", "o2", "jaccard", "o1_random", "o2_random"]
+
+
+def _as_mask(m: MaskArg) -> Mask:
+    return m if isinstance(m, Mask) else load_mask(m)
+
+
+def _div(num: str, den: str) -> pl.Expr:
+    return (
+        pl.when(pl.col(den) > 0)
+        .then(pl.col(num).cast(pl.Float64) / pl.col(den).cast(pl.Float64))
+        .otherwise(None)
+    )
+
+
+def _with_ratios(df: pl.DataFrame) -> pl.DataFrame:
+    """Adds o1, o2, jaccard and the random baselines from the count columns."""
+    return df.with_columns(
+        _div("intersection", "size_1").alias("o1"),
+        _div("intersection", "size_2").alias("o2"),
+        _div("intersection", "union").alias("jaccard"),
+        _div("size_2", "numel").alias("o1_random"),
+        _div("size_1", "numel").alias("o2_random"),
+    )
+
+
+@dataclass(frozen=True)
+class OverlapReport:
+    """Overlap of two masks, for the whole model and per tensor, layer and module.
+
+    Attributes:
+        mask_1, mask_2: where the masks came from.
+        tensors: one row per tensor: name, layer, module, numel, size_1 (|I1|), size_2 (|I2|),
+            intersection, union, o1, o2, jaccard, o1_random, o2_random.
+        excluded: tensors left out because ``common_only`` was asked for (present in one mask
+            only, or with different shapes).
+    """
+
+    mask_1: str
+    mask_2: str
+    tensors: pl.DataFrame
+    excluded: list[str] = field(default_factory=list)
+
+    def _sum(self, by: str | None) -> pl.DataFrame:
+        aggs = [pl.len().alias("tensors"), *(pl.col(c).sum() for c in COUNTS)]
+        if by is None:
+            df = self.tensors.select(aggs)
+        else:
+            df = self.tensors.filter(pl.col(by).is_not_null()).group_by(by).agg(aggs)
+        return _with_ratios(df)
+
+    @property
+    def total(self) -> dict[str, Any]:
+        """The whole-model figures: counts and ratios."""
+        return self._sum(None).row(0, named=True)
+
+    @property
+    def o1(self) -> float | None:
+        """Share of mask 1's elements that mask 2 also has."""
+        return self.total["o1"]  # type: ignore[no-any-return]
+
+    @property
+    def o2(self) -> float | None:
+        """Share of mask 2's elements that mask 1 also has."""
+        return self.total["o2"]  # type: ignore[no-any-return]
+
+    @property
+    def jaccard(self) -> float | None:
+        """``|I1 ∩ I2| / |I1 ∪ I2|``."""
+        return self.total["jaccard"]  # type: ignore[no-any-return]
+
+    def by_layer(self) -> pl.DataFrame:
+        """Counts and ratios per transformer layer."""
+        return self._sum("layer").sort("layer")
+
+    def by_module(self) -> pl.DataFrame:
+        """Counts and ratios per module type."""
+        rank = {m: i for i, m in enumerate((*MODULES, "other"))}
+        return self._sum("module").sort(
+            pl.col("module").replace_strict(rank, return_dtype=pl.Int64)
+        )
+
+    def by(self, level: Literal["total", "layer", "module", "tensor"]) -> pl.DataFrame:
+        """The breakdown named by ``level``."""
+        if level == "total":
+            return self._sum(None)
+        if level == "layer":
+            return self.by_layer()
+        if level == "module":
+            return self.by_module()
+        if level == "tensor":
+            return self.tensors
+        raise ValueError(f"unknown level '{level}' (total, layer, module or tensor)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Totals, per-tensor rows and what was excluded, as plain Python values."""
+        return {
+            "mask_1": self.mask_1,
+            "mask_2": self.mask_2,
+            **self.total,
+            "tensors": self.tensors.to_dicts(),
+            "excluded": list(self.excluded),
+        }
+
+    def to_json(self, path: PathArg | None = None, *, indent: int | None = 2) -> str:
+        """:meth:`to_dict` as JSON; also written atomically to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=indent) + "\n"
+        if path is not None:
+            write_text_atomic(path, text)
+        return text
+
+    def to_csv(
+        self,
+        path: PathArg | None = None,
+        *,
+        by: Literal["total", "layer", "module", "tensor"] = "tensor",
+    ) -> str:
+        """The ``by`` breakdown as CSV; also written atomically to ``path`` if given."""
+        text = self.by(by).write_csv()
+        if path is not None:
+            write_text_atomic(path, text)
+        return text
+
+    def summary(self) -> str:
+        """A short human-readable account."""
+        t = self.total
+
+        def pct(x: float | None) -> str:
+            return "-" if x is None else f"{100 * x:.2f}%"
+
+        lines = [
+            f"mask 1: {self.mask_1}",
+            f"mask 2: {self.mask_2}",
+            f"{t['tensors']} tensors, {t['numel']:,} elements; |I1| = {t['size_1']:,}, "
+            f"|I2| = {t['size_2']:,}, |I1 ∩ I2| = {t['intersection']:,}, "
+            f"|I1 ∪ I2| = {t['union']:,}",
+            f"  o1 = {pct(t['o1'])}  (random baseline {pct(t['o1_random'])})",
+            f"  o2 = {pct(t['o2'])}  (random baseline {pct(t['o2_random'])})",
+            f"  jaccard = {pct(t['jaccard'])}",
+        ]
+        if self.excluded:
+            lines.append(
+                f"excluded (not common to both): {', '.join(self.excluded[:5])}"
+                + (f", ... ({len(self.excluded)} in all)" if len(self.excluded) > 5 else "")
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _pair_counts(a: Mask, b: Mask, names: list[str]) -> list[tuple[int, int, int]]:
+    return _rlmask.mask_overlap(
+        [a.packed(n) for n in names], [b.packed(n) for n in names], [a.numel_of(n) for n in names]
+    )
+
+
+def overlap(a: MaskArg, b: MaskArg, *, common_only: bool = False) -> OverlapReport:
+    """Overlap of two subnetwork masks (paper §5): ``o1``, ``o2``, Jaccard and the random
+    baselines, for the whole model and per tensor, layer and module.
+
+    Args:
+        a, b: :class:`Mask` objects or paths of ``.rlmask`` files.
+        common_only: compare only the tensors both masks cover with the same shape, listing the
+            rest in :attr:`OverlapReport.excluded`, instead of raising
+            :class:`~rlmask.errors.MaskError`.
+
+    Example:
+        >>> r = rlmask.overlap("seed1.rlmask", "seed2.rlmask")
+        >>> r.o1, r.total["o1_random"], r.by_module()
+    """
+    ma, mb = _as_mask(a), _as_mask(b)
+    names = _check_compatible([ma, mb], common_only=common_only)
+    counts = _pair_counts(ma, mb, names)
+    df = pl.DataFrame(
+        {
+            "name": names,
+            "layer": [layer_of(n) for n in names],
+            "module": [module_of(n) for n in names],
+            "numel": [ma.numel_of(n) for n in names],
+            "size_1": [c[0] for c in counts],
+            "size_2": [c[1] for c in counts],
+            "intersection": [c[2] for c in counts],
+            "union": [c[0] + c[1] - c[2] for c in counts],
+        },
+        schema={
+            "name": pl.Utf8,
+            "layer": pl.Int64,
+            "module": pl.Utf8,
+            **{c: pl.UInt64 for c in COUNTS},
+        },
+    )
+    excluded = sorted((set(ma.names) | set(mb.names)) - set(names))
+    return OverlapReport(ma.describe(), mb.describe(), _with_ratios(df), excluded)
+
+
+def overlap_matrix(
+    masks: Sequence[MaskArg], *, labels: Sequence[str] | None = None, common_only: bool = False
+) -> dict[str, pl.DataFrame]:
+    """Pairwise overlaps of N masks as N x N matrices (whole model).
+
+    Returns ``{"o1": ..., "jaccard": ..., "lift": ...}``: DataFrames with a ``mask`` column and
+    one column per mask. ``o1`` at row i, column j is ``|Ii ∩ Ij| / |Ii|`` (how much of row i
+    column j covers); ``lift`` divides it by its random baseline ``density(Ij)``.
+    """
+    ms = [_as_mask(m) for m in masks]
+    if len(ms) < 2:
+        raise ValueError("overlap_matrix needs at least two masks")
+    names = _check_compatible(ms, common_only=common_only)
+    labels = list(labels) if labels is not None else [m.describe() for m in ms]
+    if len(set(labels)) != len(labels):
+        labels = [f"{i + 1}: {lab}" for i, lab in enumerate(labels)]
+    numel = sum(ms[0].numel_of(n) for n in names)
+    sizes = [sum(m.counts()[n] for n in names) for m in ms]
+    inter = [[0] * len(ms) for _ in ms]
+    for i in range(len(ms)):
+        inter[i][i] = sizes[i]
+        for j in range(i + 1, len(ms)):
+            c = sum(x[2] for x in _pair_counts(ms[i], ms[j], names))
+            inter[i][j] = inter[j][i] = c
+
+    def matrix(f: Any) -> pl.DataFrame:
+        cols: dict[str, list[Any]] = {"mask": labels}
+        for j, lab in enumerate(labels):
+            cols[lab] = [f(i, j) for i in range(len(ms))]
+        return pl.DataFrame(cols, schema={"mask": pl.Utf8, **{lab: pl.Float64 for lab in labels}})
+
+    def o1(i: int, j: int) -> float | None:
+        return inter[i][j] / sizes[i] if sizes[i] else None
+
+    def jac(i: int, j: int) -> float | None:
+        union = sizes[i] + sizes[j] - inter[i][j]
+        return inter[i][j] / union if union else None
+
+    def lift(i: int, j: int) -> float | None:
+        v = o1(i, j)
+        return v / (sizes[j] / numel) if v is not None and sizes[j] and numel else None
+
+    return {"o1": matrix(o1), "jaccard": matrix(jac), "lift": matrix(lift)}

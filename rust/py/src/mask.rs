@@ -1,0 +1,129 @@
+//! Packed masks: writing `.rlmask` files, and counting and combining packed bits in parallel.
+//! Inputs are numpy uint8 arrays (zero-copy views of mapped files, or arrays in memory).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use rayon::prelude::*;
+use rlmask_core::bits::{self, Op};
+use rlmask_core::safetensors::write_u8_tensors;
+
+use crate::errors::CoreError;
+
+fn slices<'a>(arrays: &'a [PyReadonlyArray1<'_, u8>]) -> PyResult<Vec<&'a [u8]>> {
+    arrays
+        .iter()
+        .map(|a| {
+            a.as_slice()
+                .map_err(|e| PyValueError::new_err(e.to_string()))
+        })
+        .collect()
+}
+
+fn check_counts(what: &str, n: usize, numels: &[usize]) -> PyResult<()> {
+    if n != numels.len() {
+        return Err(PyValueError::new_err(format!(
+            "{what}: {n} arrays but {} numels",
+            numels.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes packed masks to a safetensors file atomically (one U8 tensor per name).
+#[pyfunction]
+pub fn write_mask(
+    py: Python<'_>,
+    path: PathBuf,
+    names: Vec<String>,
+    arrays: Vec<PyReadonlyArray1<'_, u8>>,
+    metadata: BTreeMap<String, String>,
+) -> PyResult<()> {
+    check_counts("write_mask", arrays.len(), &vec![0; names.len()])?;
+    let data = slices(&arrays)?;
+    let tensors: Vec<(&str, &[u8])> = names.iter().map(String::as_str).zip(data).collect();
+    py.detach(|| write_u8_tensors(&path, &tensors, &metadata))
+        .map_err(CoreError)?;
+    Ok(())
+}
+
+/// Set bits among the first `numel` of each array, in parallel.
+#[pyfunction]
+pub fn mask_count(
+    py: Python<'_>,
+    arrays: Vec<PyReadonlyArray1<'_, u8>>,
+    numels: Vec<usize>,
+) -> PyResult<Vec<u64>> {
+    check_counts("mask_count", arrays.len(), &numels)?;
+    let data = slices(&arrays)?;
+    let out = py.detach(|| {
+        data.par_iter()
+            .zip(&numels)
+            .map(|(a, &n)| bits::count(a, n))
+            .collect::<rlmask_core::Result<Vec<_>>>()
+    });
+    Ok(out.map_err(CoreError)?)
+}
+
+/// `(|a|, |b|, |a ∩ b|)` for each pair of arrays, in parallel.
+#[pyfunction]
+pub fn mask_overlap(
+    py: Python<'_>,
+    a: Vec<PyReadonlyArray1<'_, u8>>,
+    b: Vec<PyReadonlyArray1<'_, u8>>,
+    numels: Vec<usize>,
+) -> PyResult<Vec<(u64, u64, u64)>> {
+    check_counts("mask_overlap", a.len(), &numels)?;
+    check_counts("mask_overlap", b.len(), &numels)?;
+    let (sa, sb) = (slices(&a)?, slices(&b)?);
+    let out = py.detach(|| {
+        sa.par_iter()
+            .zip(&sb)
+            .zip(&numels)
+            .map(|((x, y), &n)| bits::overlap(x, y, n).map(|[p, q, r]| (p, q, r)))
+            .collect::<rlmask_core::Result<Vec<_>>>()
+    });
+    Ok(out.map_err(CoreError)?)
+}
+
+/// Combines, tensor by tensor, the arrays `inputs[t]` (one per mask) with `op` (`and`, `or`,
+/// `xor`, `minus`, `not` or `consensus` with `min_count`). Returns new padded arrays.
+#[pyfunction]
+#[pyo3(signature = (op, inputs, numels, min_count=None))]
+pub fn mask_combine<'py>(
+    py: Python<'py>,
+    op: &str,
+    inputs: Vec<Vec<PyReadonlyArray1<'py, u8>>>,
+    numels: Vec<usize>,
+    min_count: Option<usize>,
+) -> PyResult<Vec<Bound<'py, PyArray1<u8>>>> {
+    let op = match (op, min_count) {
+        ("and", None) => Op::And,
+        ("or", None) => Op::Or,
+        ("xor", None) => Op::Xor,
+        ("minus", None) => Op::Minus,
+        ("not", None) => Op::Not,
+        ("consensus", Some(j)) => Op::AtLeast(j),
+        ("consensus", None) => return Err(PyValueError::new_err("consensus needs min_count")),
+        (_, Some(_)) => return Err(PyValueError::new_err("min_count goes with consensus only")),
+        (other, None) => {
+            return Err(PyValueError::new_err(format!(
+                "unknown operation '{other}' (and, or, xor, minus, not, consensus)"
+            )))
+        }
+    };
+    check_counts("mask_combine", inputs.len(), &numels)?;
+    let data: Vec<Vec<&[u8]>> = inputs.iter().map(|v| slices(v)).collect::<PyResult<_>>()?;
+    let out = py
+        .detach(|| {
+            data.par_iter()
+                .zip(&numels)
+                .map(|(ins, &n)| bits::combine(op, ins, n))
+                .collect::<rlmask_core::Result<Vec<_>>>()
+        })
+        .map_err(CoreError)?;
+    Ok(out.into_iter().map(|v| v.into_pyarray(py)).collect())
+}

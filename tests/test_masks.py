@@ -1,0 +1,275 @@
+"""Masks, overlaps and mask algebra against numpy (unpackbits, logical ops, sums)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.numpy import load_file
+from safetensors.torch import save_file
+
+import rlmask
+from oracle import changed, load_checkpoint
+from rlmask.cli import cli
+from rlmask.examples import example_path
+
+SIZES = [0, 1, 7, 8, 63, 64, 65, 1000, 3 * 2**20 + 13]
+NAMES = [
+    f"model.layers.{i % 3}.mlp.{('up_proj', 'down_proj', 'gate_proj')[i // 3]}.weight"
+    for i in range(len(SIZES))
+]
+
+
+def _arrays(seed: int, density: float) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shapes = [(n,) if n < 100 else (n // 8, 8) if n % 8 == 0 else (n,) for n in SIZES]
+    return {name: rng.random(s) < density for name, s in zip(NAMES, shapes, strict=True)}
+
+
+def _plain_read(path: Path) -> dict[str, np.ndarray]:
+    """Reads a mask with safetensors + numpy only, as the format promises."""
+    with safe_open(str(path), framework="np") as f:
+        meta = f.metadata()
+    assert meta["format"] == "rlmask" and meta["bitorder"] == "little"
+    info = json.loads(meta["tensors"])
+    packed = load_file(str(path))
+    out = {}
+    for name, d in info.items():
+        assert packed[name].dtype == np.uint8 and packed[name].size % 8 == 0
+        bits = np.unpackbits(packed[name], bitorder="little", count=d["numel"])
+        out[name] = bits.astype(bool).reshape(d["shape"])
+    return out
+
+
+def test_from_dict_save_load_and_plain_read(tmp_path: Path) -> None:
+    arrays = _arrays(0, 0.3)
+    m = rlmask.Mask.from_dict(arrays, meta={"note": "test"})
+    assert m.names == sorted(arrays)
+    assert m.numel == sum(a.size for a in arrays.values())
+    assert m.count == sum(int(a.sum()) for a in arrays.values())
+    assert m.density == pytest.approx(m.count / m.numel)
+    assert m.counts() == {n: int(a.sum()) for n, a in arrays.items()}
+    path = tmp_path / "m.rlmask"
+    m.save(path)
+    assert _plain_read(path).keys() == arrays.keys()
+    for n, a in _plain_read(path).items():
+        np.testing.assert_array_equal(a, arrays[n])
+    loaded = rlmask.load_mask(path)
+    assert loaded.meta["note"] == "test" and loaded.meta["version"] == "1"
+    for n, a in arrays.items():
+        np.testing.assert_array_equal(loaded[n], a)
+        assert loaded.shape(n) == a.shape
+        packed = loaded.packed(n)
+        assert packed.dtype == np.uint8 and not packed.flags.writeable and packed.base is not None
+        np.testing.assert_array_equal(loaded.to_torch(n).numpy(), a)
+    assert loaded.count == m.count
+    # File size: at most numel/8 + 8 bytes per tensor, plus the header.
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    payload = path.stat().st_size - 8 - header
+    assert payload <= sum(a.size / 8 + 8 for a in arrays.values())
+
+
+def test_from_torch_tensors() -> None:
+    t = torch.tensor([[True, False, True], [False, False, True]])
+    m = rlmask.Mask.from_dict({"w": t, "v": torch.tensor([0.0, 2.5])})
+    np.testing.assert_array_equal(m["w"], t.numpy())
+    np.testing.assert_array_equal(m["v"], [False, True])
+
+
+def test_algebra_against_numpy() -> None:
+    a, b, c = (_arrays(s, d) for s, d in ((1, 0.3), (2, 0.5), (3, 0.1)))
+    ma, mb, mc = (rlmask.Mask.from_dict(x) for x in (a, b, c))
+    cases = {
+        "and": (ma & mb, {n: a[n] & b[n] for n in a}),
+        "or": (ma | mb, {n: a[n] | b[n] for n in a}),
+        "xor": (ma ^ mb, {n: a[n] ^ b[n] for n in a}),
+        "minus": (ma - mb, {n: a[n] & ~b[n] for n in a}),
+        "not": (~ma, {n: ~a[n] for n in a}),
+    }
+    for j in (1, 2, 3):
+        cases[f"consensus{j}"] = (
+            rlmask.consensus([ma, mb, mc], min_count=j),
+            {n: (a[n].astype(int) + b[n] + c[n]) >= j for n in a},
+        )
+    for label, (got, want) in cases.items():
+        for n in want:
+            np.testing.assert_array_equal(got[n], want[n], err_msg=f"{label} {n}")
+        assert got.count == sum(int(w.sum()) for w in want.values()), label
+    assert (ma & mb).meta["op"] == "and"
+    assert json.loads((ma & mb).meta["inputs"]) == ["from_dict", "from_dict"]
+    assert rlmask.consensus([ma, mb, mc], 2).meta["min_count"] == "2"
+    with pytest.raises(ValueError, match="min_count"):
+        rlmask.consensus([ma, mb], 3)
+
+
+def _oracle_overlap(a: dict[str, np.ndarray], b: dict[str, np.ndarray], names: list[str]) -> dict:
+    numel = sum(a[n].size for n in names)
+    i1 = sum(int(a[n].sum()) for n in names)
+    i2 = sum(int(b[n].sum()) for n in names)
+    inter = sum(int((a[n] & b[n]).sum()) for n in names)
+    union = sum(int((a[n] | b[n]).sum()) for n in names)
+    div = lambda x, y: x / y if y else None  # noqa: E731
+    return {
+        "numel": numel,
+        "size_1": i1,
+        "size_2": i2,
+        "intersection": inter,
+        "union": union,
+        "o1": div(inter, i1),
+        "o2": div(inter, i2),
+        "jaccard": div(inter, union),
+        "o1_random": div(i2, numel),
+        "o2_random": div(i1, numel),
+    }
+
+
+def _assert_close(got: dict, want: dict) -> None:
+    for k, v in want.items():
+        assert got[k] == (pytest.approx(v, rel=1e-12) if isinstance(v, float) else v), k
+
+
+def test_overlap_every_figure_against_numpy(tmp_path: Path) -> None:
+    a, b = _arrays(4, 0.2), _arrays(5, 0.4)
+    ma, mb = rlmask.Mask.from_dict(a), rlmask.Mask.from_dict(b)
+    ma.save(tmp_path / "a.rlmask")
+    r = rlmask.overlap(tmp_path / "a.rlmask", mb)
+    _assert_close(r.total, _oracle_overlap(a, b, list(a)))
+    for row in r.tensors.iter_rows(named=True):
+        _assert_close(row, _oracle_overlap(a, b, [row["name"]]))
+    for row in r.by_layer().iter_rows(named=True):
+        names = [n for n in a if f".layers.{row['layer']}." in n]
+        _assert_close(row, _oracle_overlap(a, b, names))
+    for row in r.by_module().iter_rows(named=True):
+        names = [n for n in a if f".{row['module']}." in n]
+        _assert_close(row, _oracle_overlap(a, b, names))
+    empty = r.tensors.filter(r.tensors["name"] == NAMES[0]).row(0, named=True)
+    assert empty["numel"] == 0 and empty["o1"] is None and empty["o1_random"] is None
+    d = json.loads(r.to_json())
+    assert d["o1"] == pytest.approx(r.o1) and len(d["tensors"]) == len(a)
+
+
+def test_masks_from_real_diffs_match_the_oracle(tmp_path: Path) -> None:
+    base, tuned = example_path("base"), example_path("tuned-seed1")
+    report = rlmask.diff(base, tuned, tol=1e-6, save_mask=tmp_path / "s1.rlmask", progress=False)
+    a = load_checkpoint(sorted(base.glob("*.safetensors")))
+    b = load_checkpoint(sorted(tuned.glob("*.safetensors")))
+    m = rlmask.load_mask(tmp_path / "s1.rlmask")
+    assert m.meta["tolerance"] == "1e-06" and m.meta["criterion"] == "absolute"
+    assert m.meta["base"] == str(base)
+    for name in m:
+        (da, xa), (db, xb) = a[name], b[name]
+        want = changed(da, xa, db, xb, tol=1e-6).reshape(m.shape(name))
+        np.testing.assert_array_equal(m[name], want, err_msg=name)
+        assert m.dtype(name) == "BF16"
+    assert m.count == report.changed
+    assert report.mask is not None and report.mask.count == m.count
+    # Two seeds' subnetworks from real diffs.
+    r2 = rlmask.diff(base, example_path("tuned-seed2"), tol=1e-6, mask=True, progress=False)
+    assert r2.mask is not None
+    ov = rlmask.overlap(m, r2.mask)
+    both = {n: m[n] for n in m}, {n: r2.mask[n] for n in r2.mask}
+    _assert_close(ov.total, _oracle_overlap(*both, m.names))
+
+
+def test_save_mask_needs_the_bits(tmp_path: Path) -> None:
+    r = rlmask.diff(example_path("base"), example_path("tuned-seed1"), progress=False)
+    with pytest.raises(ValueError, match="mask=True"):
+        r.save_mask(tmp_path / "x.rlmask")
+
+
+def test_mismatched_masks(tmp_path: Path) -> None:
+    a = rlmask.Mask.from_dict({"x": np.ones(4, bool), "y": np.ones(3, bool)})
+    b = rlmask.Mask.from_dict({"x": np.ones(5, bool), "z": np.ones(3, bool)})
+    with pytest.raises(rlmask.MaskError) as e:
+        rlmask.overlap(a, b)
+    msg = str(e.value)
+    assert (
+        "only in mask 1 (y)" in msg and "only in mask 2 (z)" in msg and "'x' has shape [4]" in msg
+    )
+    with pytest.raises(rlmask.MaskError):
+        a & b
+    c = rlmask.Mask.from_dict({"x": np.ones(4, bool), "z": np.zeros(3, bool)})
+    r = rlmask.overlap(a, c, common_only=True)
+    assert r.tensors["name"].to_list() == ["x"] and r.excluded == ["y", "z"]
+    assert "excluded" in r.summary()
+
+
+def test_invalid_mask_files(tmp_path: Path) -> None:
+    save_file({"w": torch.zeros(8, dtype=torch.uint8)}, tmp_path / "plain.safetensors")
+    with pytest.raises(rlmask.MaskError, match="not an rlmask mask"):
+        rlmask.load_mask(tmp_path / "plain.safetensors")
+    meta = {
+        "format": "rlmask",
+        "tensors": json.dumps({"w": {"shape": [100], "dtype": "F32", "numel": 100}}),
+    }
+    save_file({"w": torch.zeros(8, dtype=torch.uint8)}, tmp_path / "short.rlmask", metadata=meta)
+    with pytest.raises(rlmask.MaskError, match="cannot hold 100 bits"):
+        rlmask.load_mask(tmp_path / "short.rlmask")
+    save_file({"w": torch.zeros(16, dtype=torch.uint8)}, tmp_path / "ok.rlmask", metadata=meta)
+    assert rlmask.load_mask(tmp_path / "ok.rlmask").count == 0  # another writer's file reads
+    with pytest.raises(rlmask.CheckpointNotFoundError):
+        rlmask.load_mask(tmp_path / "missing.rlmask")
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(cli, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_cli_masks_and_overlaps(tmp_path: Path) -> None:
+    base = str(example_path("base"))
+    s1, s2 = str(tmp_path / "s1.rlmask"), str(tmp_path / "s2.rlmask")
+    for tuned, out in (("tuned-seed1", s1), ("tuned-seed2", s2)):
+        code, _, err = _cli("diff", base, str(example_path(tuned)), "--save-mask", out, "-q")
+        assert code == 0, err
+    m1, m2 = rlmask.load_mask(s1), rlmask.load_mask(s2)
+
+    code, out, _ = _cli("mask", "info", s1)
+    assert code == 0 and f"{m1.count:,} in the mask" in out and "q_proj" in out
+    assert "tolerance: 1e-05" in out
+
+    code, out, _ = _cli("overlap", s1, s2, "--format", "json")
+    assert code == 0
+    d = json.loads(out)
+    want = _oracle_overlap(dict(m1.items()), dict(m2.items()), m1.names)
+    _assert_close(d, want)
+    code, out, _ = _cli("overlap", s1, s2, "--by", "module")
+    assert code == 0 and f"o1 = {100 * want['o1']:.2f}%" in out and "down_proj" in out
+
+    inter = str(tmp_path / "and.rlmask")
+    code, out, _ = _cli("mask", "combine", "--op", "and", "-o", inter, s1, s2)
+    assert code == 0 and rlmask.load_mask(inter).count == want["intersection"]
+    cons = str(tmp_path / "c.rlmask")
+    code, _, _ = _cli(
+        "mask", "combine", "--op", "consensus", "--min-count", "2", "-o", cons, s1, s2, inter
+    )
+    assert code == 0 and rlmask.load_mask(cons).count == want["intersection"]
+
+    code, out, _ = _cli("overlap", s1, s2, inter, "--format", "json")
+    assert code == 0
+    mats = json.loads(out)
+    o1 = {
+        (i, lab): v for i, row in enumerate(mats["o1"]) for lab, v in row.items() if lab != "mask"
+    }
+    assert o1[(0, "2")] == pytest.approx(want["o1"])
+    assert o1[(1, "1")] == pytest.approx(want["o2"])
+    assert o1[(2, "1")] == pytest.approx(1.0) and o1[(2, "2")] == pytest.approx(1.0)
+    lift = {
+        (i, lab): v for i, row in enumerate(mats["lift"]) for lab, v in row.items() if lab != "mask"
+    }
+    assert lift[(0, "2")] == pytest.approx(want["o1"] / want["o1_random"])
+    code, out, _ = _cli("overlap", s1, s2, inter)
+    assert code == 0 and "Jaccard" in out and "3: " in out
+
+    assert _cli("overlap", s1)[0] == 2
+    assert _cli("mask", "combine", "--op", "consensus", "-o", cons, s1, s2)[0] == 2
+    assert _cli("mask", "combine", "--op", "not", "-o", cons, s1, s2)[0] == 2
+    bad = tmp_path / "bad.rlmask"
+    bad.write_bytes(b"junk")
+    code, _, err = _cli("overlap", s1, str(bad))
+    assert code == 1 and "bad.rlmask" in err
