@@ -10,7 +10,7 @@ directory, warms the page cache, then times in the same run and on the same warm
   (c) read floor one pass that only reads every byte of both checkpoints (``readinto`` a reused
                  buffer, one thread per core), the least any comparison must do
 
-Each method runs in its own subprocess, sampled every 5 ms for peak RSS and peak anonymous
+Each method runs in its own interpreter, sampled every 5 ms for peak RSS and peak anonymous
 memory (RssAnon: heap and other private memory, not the page cache that memory maps share).
 Reports wall time (best of --repeat), GB/s of checkpoint bytes, and ratios.
 
@@ -26,15 +26,12 @@ import argparse
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
+from _common import READ_FLOOR, run_program, summarize
 
 # Llama-shaped sizes: hidden, intermediate, layers, vocab, kv heads (head dim 64).
 SIZES = {
@@ -109,7 +106,8 @@ def write_pair(root: Path, shape: tuple) -> int:
     return numel
 
 
-# Each method is a small program run in a fresh interpreter; it prints its own wall time.
+# Each method is a small program run in a fresh interpreter; it prints its own wall time and
+# the number of changed elements.
 PROGRAMS = {
     "rlmask": """
 import sys, time, rlmask
@@ -132,90 +130,25 @@ for name, x in a.items():
     changed += int(((x.float() - b[name].float()).abs() > 1e-5).sum())
 print(time.perf_counter() - t, changed)
 """,
-    "read-floor": """
-import sys, time, glob, os, threading
-files = sorted(f for d in sys.argv[1:3] for f in glob.glob(d + "/*.safetensors"))
-t = time.perf_counter()
-def reader(part):
-    buf = bytearray(16 * 2**20)
-    view = memoryview(buf)
-    for f in part:
-        with open(f, "rb", buffering=0) as h:
-            while h.readinto(view):
-                pass
-n = os.cpu_count() or 1
-threads = [threading.Thread(target=reader, args=(files[i::n],)) for i in range(n)]
-[th.start() for th in threads]
-[th.join() for th in threads]
-print(time.perf_counter() - t, 0)
-""",
 }
-
-
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "RssAnon"):
-                    out[key] = int(rest.split()[0]) * 1024
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        pass
-    return out
-
-
-def run_method(method: str, base: Path, tuned: Path) -> dict:
-    p = subprocess.Popen(
-        [sys.executable, "-c", PROGRAMS[method], str(base), str(tuned)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    peak = {"VmRSS": 0, "RssAnon": 0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            for k, v in _status(p.pid).items():
-                peak[k] = max(peak[k], v)
-            time.sleep(0.005)
-
-    th = threading.Thread(target=sample)
-    th.start()
-    out, _ = p.communicate()
-    stop.set()
-    th.join()
-    if p.returncode:
-        raise SystemExit(f"{method} failed with exit code {p.returncode}")
-    seconds, changed = out.split()
-    return {
-        "seconds": float(seconds),
-        "changed": int(changed),
-        "rss": peak["VmRSS"],
-        "anon": peak["RssAnon"],
-    }
 
 
 def bench(root: Path, size: str, repeat: int) -> dict:
     numel = write_pair(root, SIZES[size])
     base, tuned = root / "base", root / "tuned"
     nbytes = sum(f.stat().st_size for d in (base, tuned) for f in d.glob("*.safetensors"))
-    run_method("read-floor", base, tuned)  # warm the page cache
-    results: dict[str, list[dict]] = {m: [] for m in PROGRAMS}
+    files = [str(f) for d in (base, tuned) for f in sorted(d.glob("*.safetensors"))]
+    programs = {**PROGRAMS, "read-floor": READ_FLOOR}
+    args = {m: [str(base), str(tuned)] for m in PROGRAMS} | {"read-floor": files}
+    run_program(READ_FLOOR, files)  # warm the page cache
+    results: dict[str, list[dict]] = {m: [] for m in programs}
     for _ in range(repeat):  # interleaved, so drift on a shared machine hits every method
-        for m in PROGRAMS:
-            results[m].append(run_method(m, base, tuned))
-    assert results["rlmask"][0]["changed"] == results["naive"][0]["changed"], "answers differ"
+        for m, code in programs.items():
+            results[m].append(run_program(code, args[m]))
+    assert results["rlmask"][0]["output"] == results["naive"][0]["output"], "answers differ"
     summary = {"size": size, "params": numel, "bytes": nbytes}
     for m, runs in results.items():
-        best = min(runs, key=lambda r: r["seconds"])
-        summary[m] = {
-            "seconds": best["seconds"],
-            "median_seconds": statistics.median(r["seconds"] for r in runs),
-            "GBps": nbytes / best["seconds"] / 1e9,
-            "peak_rss_MB": max(r["rss"] for r in runs) / 1e6,
-            "peak_anon_MB": max(r["anon"] for r in runs) / 1e6,
-        }
+        summary[m] = summarize(runs, nbytes)
     summary["speedup_vs_naive"] = summary["naive"]["seconds"] / summary["rlmask"]["seconds"]
     summary["share_of_read_floor"] = summary["read-floor"]["seconds"] / summary["rlmask"]["seconds"]
     return summary

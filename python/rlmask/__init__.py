@@ -12,12 +12,13 @@ bit, without loading either model into memory.
     >>> rlmask.diff("base/", "seed1/", save_mask="seed1.rlmask")   # the subnetwork, saved
     >>> rlmask.overlap("seed1.rlmask", "seed2.rlmask").o1            # §5: vs density(seed2)
 
-Importing rlmask never imports torch.
+Importing rlmask never imports torch; :func:`rank` and :mod:`rlmask.torch` import it when used.
 """
 
 from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, DiffReport, diff
 from rlmask._mask import Mask, consensus, load_mask
 from rlmask._overlap import OverlapReport, overlap, overlap_matrix
+from rlmask._rank import RankReport, rank
 from rlmask._rlmask import __version__
 from rlmask.errors import (
     CheckpointError,
@@ -38,6 +39,7 @@ __all__ = [
     "Mask",
     "MaskError",
     "OverlapReport",
+    "RankReport",
     "RlmaskError",
     "TensorMismatchError",
     "__version__",
@@ -46,4 +48,5 @@ __all__ = [
     "load_mask",
     "overlap",
     "overlap_matrix",
+    "rank",
 ]

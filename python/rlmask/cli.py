@@ -20,6 +20,7 @@ from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, DiffReport, diff
 from rlmask._io import write_text_atomic
 from rlmask._mask import consensus, load_mask
 from rlmask._overlap import overlap, overlap_matrix
+from rlmask._rank import rank
 from rlmask._table import format_frame
 from rlmask.errors import RlmaskError
 
@@ -39,6 +40,8 @@ def _user_errors(fn: F) -> F:
             raise click.ClickException(str(e)) from None
         except ValueError as e:
             raise click.UsageError(str(e)) from None
+        except ImportError as e:
+            raise click.ClickException(str(e)) from None
         except OSError as e:
             raise click.ClickException(
                 f"{e.filename}: {e.strerror}" if e.filename else str(e)
@@ -402,6 +405,109 @@ def overlap_cmd(
         for k, df in mats.items():
             parts.append(f"{titles[k]}:\n{format_frame(df, percent=(k != 'lift'))}")
         text = "\n\n".join(parts)
+    _emit(text, output)
+
+
+@cli.command("rank")
+@click.argument("base")
+@click.argument("tuned")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA when available), cpu, cuda, cuda:1, ...",
+)
+@click.option("--rtol", type=float, help="Relative rank tolerance, as torch.linalg.matrix_rank.")
+@click.option("--atol", type=float, help="Absolute rank tolerance, as torch.linalg.matrix_rank.")
+@click.option(
+    "--top-k",
+    type=int,
+    default=8,
+    show_default=True,
+    help="k of the energy_topk column (energy share of the top k directions).",
+)
+@click.option("--skip-embeddings", is_flag=True, help="Leave out embed_tokens and lm_head.")
+@click.option(
+    "--include",
+    multiple=True,
+    metavar="REGEX",
+    help="Only tensors whose name matches (repeatable).",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="REGEX",
+    help="Skip tensors whose name matches (repeatable).",
+)
+@click.option(
+    "--by",
+    type=click.Choice(LEVELS),
+    default="module",
+    show_default=True,
+    help="Breakdown to print under the summary.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write to FILE (atomically) instead of stdout.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def rank_cmd(
+    base: str,
+    tuned: str,
+    device: str,
+    rtol: float | None,
+    atol: float | None,
+    top_k: int,
+    skip_embeddings: bool,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    by: str,
+    fmt: str,
+    output: str | None,
+    quiet: bool,
+) -> None:
+    """Rank of every update matrix TUNED - BASE (paper §3, Table 2). Needs torch.
+
+    Per 2-D tensor: rank as torch.linalg.matrix_rank computes it, rank / min(m, n), the
+    largest singular value, stable rank, entropy effective rank and the energy share of the
+    top 1 and top k singular directions. The model figure is the mean rank fraction. Reads one
+    matrix at a time (batches of same-shaped matrices on CUDA).
+
+    \b
+    Examples:
+      rlmask rank base/ tuned/
+      rlmask rank base/ tuned/ --device cuda --by layer --format csv -o ranks.csv
+    """
+    report = rank(
+        base,
+        tuned,
+        device=device,
+        rtol=rtol,
+        atol=atol,
+        top_k=top_k,
+        skip_embeddings=skip_embeddings,
+        include=include or None,
+        exclude=exclude or None,
+        progress=not quiet,
+    )
+    if fmt == "json":
+        text = report.to_json()
+    elif fmt == "csv":
+        text = report.to_csv(by=by)  # type: ignore[arg-type]
+    else:
+        text = report.summary()
+        if by != "total":
+            text += f"\n\nby {by}:\n" + format_frame(report.by(by))  # type: ignore[arg-type]
     _emit(text, output)
 
 

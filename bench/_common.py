@@ -1,0 +1,96 @@
+"""Shared by the benchmarks: run a small program in a fresh interpreter while sampling its
+peak RSS and peak anonymous memory, and the read floor every benchmark compares against."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+#: One pass that reads every byte of the given files (``readinto`` a reused 16 MiB buffer, one
+#: thread per core) and prints its wall time. Arguments: the files.
+READ_FLOOR = """
+import sys, time, os, threading
+files = sys.argv[1:]
+t = time.perf_counter()
+def reader(part):
+    buf = bytearray(16 * 2**20)
+    view = memoryview(buf)
+    for f in part:
+        with open(f, "rb", buffering=0) as h:
+            while h.readinto(view):
+                pass
+n = os.cpu_count() or 1
+threads = [threading.Thread(target=reader, args=(files[i::n],)) for i in range(n)]
+[th.start() for th in threads]
+[th.join() for th in threads]
+print(time.perf_counter() - t)
+"""
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "RssAnon"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        pass
+    return out
+
+
+def run_program(code: str, args: list[str]) -> dict[str, Any]:
+    """Runs ``python -c code *args``; its stdout's first field is its own wall time in
+    seconds, the rest is returned as ``output``. Peak memory is sampled every 5 ms."""
+    p = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+    peak = {"VmRSS": 0, "RssAnon": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for k, v in _status(p.pid).items():
+                peak[k] = max(peak[k], v)
+            time.sleep(0.005)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    out, _ = p.communicate()
+    stop.set()
+    th.join()
+    if p.returncode:
+        raise SystemExit(f"benchmark program failed with exit code {p.returncode}")
+    seconds, *rest = out.split()
+    return {
+        "seconds": float(seconds),
+        "output": rest,
+        "rss": peak["VmRSS"],
+        "anon": peak["RssAnon"],
+    }
+
+
+def summarize(runs: list[dict[str, Any]], nbytes: int) -> dict[str, float]:
+    """Best and median time, throughput of the best, and peak memory over all runs."""
+    times = sorted(r["seconds"] for r in runs)
+    return {
+        "seconds": times[0],
+        "median_seconds": times[len(times) // 2],
+        "GBps": nbytes / times[0] / 1e9,
+        "peak_rss_MB": max(r["rss"] for r in runs) / 1e6,
+        "peak_anon_MB": max(r["anon"] for r in runs) / 1e6,
+    }
+
+
+def print_table(methods: dict[str, dict[str, float]]) -> None:
+    print(
+        f"{'method':<11} {'best s':>8} {'median s':>9} {'GB/s':>7} {'peak RSS MB':>12} "
+        f"{'peak anon MB':>13}"
+    )
+    for m, r in methods.items():
+        print(
+            f"{m:<11} {r['seconds']:8.3f} {r['median_seconds']:9.3f} {r['GBps']:7.2f} "
+            f"{r['peak_rss_MB']:12.0f} {r['peak_anon_MB']:13.0f}"
+        )

@@ -1,0 +1,431 @@
+"""Update rank and the spectrum of every update matrix (paper §3, Table 2; DESIGN §1).
+
+For each 2-D tensor, the update ``ΔW = W_tuned - W_base`` is formed in float32 on the target
+device from zero-copy views of the memory-mapped checkpoints, one matrix (or, on CUDA, one batch
+of same-shaped matrices) at a time, and its singular values are computed once with
+``torch.linalg.svdvals``. Every figure derives from them:
+
+- ``rank``: singular values above the tolerance, exactly as ``torch.linalg.matrix_rank``
+  defines it: ``tol = max(atol, rtol * sigma_max)``, where ``rtol`` defaults to
+  ``eps(float32) * max(m, n)`` when neither is given, and to 0 when only ``atol`` is;
+- ``rank_fraction = rank / min(m, n)`` (the paper's Table 2 figure is its mean over matrices);
+- ``sigma_max``; ``stable_rank = ||ΔW||_F^2 / sigma_max^2``;
+- ``effective_rank``: ``exp`` of the entropy of the normalised singular values
+  ``p_i = sigma_i / sum(sigma)`` (Roy and Vetterli);
+- ``energy_top1``, ``energy_topk``: the share of ``||ΔW||_F^2`` in the top 1 and top k singular
+  directions.
+
+A zero update has rank 0 and null spectrum ratios. 1-D tensors (norms, biases) are skipped and
+listed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import polars as pl
+
+from rlmask import _rlmask
+from rlmask._io import write_text_atomic
+from rlmask._names import MODULES, layer_of, module_of
+from rlmask._progress import progress_wanted
+from rlmask._resolve import resolve_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+PathArg = str | os.PathLike[str]
+EMBEDDINGS = ("embed_tokens", "lm_head")
+
+# numpy views of raw bytes, reinterpreted as torch dtypes (float8 through uint8).
+_NP_VIEW = {
+    "BF16": np.int16,
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "F8_E4M3": np.uint8,
+    "F8_E5M2": np.uint8,
+}
+
+
+def _to_torch(raw: np.ndarray, dtype: str, shape: list[int]) -> torch.Tensor:
+    """A zero-copy torch tensor over a tensor's raw bytes (copied only if misaligned)."""
+    import torch
+
+    view = raw.view(_NP_VIEW[dtype])
+    if not view.flags.aligned:
+        view = view.copy()
+    with warnings.catch_warnings():
+        # The view is read-only (it maps the file); it is only ever read, then converted.
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        t = torch.from_numpy(view)
+    special = {"BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    if dtype in special:
+        t = t.view(special[dtype])
+    return t.reshape(shape)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    import torch
+
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device '{device}': {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' asked for, but CUDA is not available here")
+    return dev
+
+
+def rank_tolerance(
+    sigma_max: torch.Tensor, m: int, n: int, rtol: float | None, atol: float | None
+) -> torch.Tensor:
+    """``torch.linalg.matrix_rank``'s tolerance for float32 singular values."""
+    import torch
+
+    eps = torch.finfo(torch.float32).eps
+    if rtol is None:
+        rtol = eps * max(m, n) if (atol is None or atol == 0) else 0.0
+    return torch.clamp(sigma_max * rtol, min=atol or 0.0)
+
+
+def spectrum_figures(
+    s: torch.Tensor, m: int, n: int, rtol: float | None, atol: float | None, top_k: int
+) -> dict[str, Any]:
+    """Every per-matrix figure from the singular values ``s`` (descending) of one matrix."""
+    import torch
+
+    s = s.double()  # the figures are sums of squares: accumulate in float64
+    smax = s[0] if s.numel() else torch.tensor(0.0, dtype=torch.float64)
+    tol = rank_tolerance(smax.float(), m, n, rtol, atol).double()
+    rank = int((s > tol).sum())
+    energy = s.square()
+    total = float(energy.sum())
+    out: dict[str, Any] = {
+        "rank": rank,
+        "max_rank": min(m, n),
+        "rank_fraction": rank / min(m, n) if min(m, n) else None,
+        "sigma_max": float(smax),
+        "tolerance": float(tol),
+        "stable_rank": None,
+        "effective_rank": None,
+        "energy_top1": None,
+        "energy_topk": None,
+    }
+    if total > 0:
+        p = s / s.sum()
+        p = p[p > 0]
+        out["stable_rank"] = total / float(smax) ** 2
+        out["effective_rank"] = math.exp(float(-(p * p.log()).sum()))
+        out["energy_top1"] = float(energy[0]) / total
+        out["energy_topk"] = float(energy[:top_k].sum()) / total
+    return out
+
+
+@dataclass(frozen=True)
+class RankReport:
+    """Rank and spectrum of every update matrix.
+
+    Attributes:
+        base, tuned: the checkpoint arguments as given.
+        device: where the singular values were computed.
+        top_k: the k of ``energy_topk``.
+        tensors: one row per 2-D tensor: name, layer, module, shape, rank, max_rank,
+            rank_fraction, sigma_max, tolerance, stable_rank, effective_rank, energy_top1,
+            energy_topk.
+        skipped: ``(name, reason)`` of the tensors not analysed (1-D, norms, embeddings when
+            asked, absent on one side, shape mismatch).
+    """
+
+    base: str
+    tuned: str
+    device: str
+    top_k: int
+    tensors: pl.DataFrame
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def mean_rank_fraction(self) -> float | None:
+        """Mean of ``rank / min(m, n)`` over the matrices: the paper's Table 2 figure."""
+        v = self.tensors["rank_fraction"].mean()
+        return None if v is None else float(v)  # type: ignore[arg-type]
+
+    def _group(self, key: str) -> pl.DataFrame:
+        return (
+            self.tensors.filter(pl.col(key).is_not_null())
+            .group_by(key)
+            .agg(
+                pl.len().alias("matrices"),
+                pl.col("rank_fraction").mean().alias("mean_rank_fraction"),
+                pl.col("stable_rank").mean().alias("mean_stable_rank"),
+                pl.col("energy_top1").mean().alias("mean_energy_top1"),
+            )
+        )
+
+    def by_layer(self) -> pl.DataFrame:
+        """Mean rank fraction (and stable rank, top-1 energy) per transformer layer."""
+        return self._group("layer").sort("layer")
+
+    def by_module(self) -> pl.DataFrame:
+        """Mean rank fraction (and stable rank, top-1 energy) per module type."""
+        rank = {m: i for i, m in enumerate((*MODULES, "other"))}
+        return self._group("module").sort(
+            pl.col("module").replace_strict(rank, return_dtype=pl.Int64)
+        )
+
+    def by(self, level: Literal["total", "layer", "module", "tensor"]) -> pl.DataFrame:
+        """The breakdown named by ``level``."""
+        if level == "total":
+            return pl.DataFrame(
+                {"matrices": [self.tensors.height], "mean_rank_fraction": [self.mean_rank_fraction]}
+            )
+        if level == "layer":
+            return self.by_layer()
+        if level == "module":
+            return self.by_module()
+        if level == "tensor":
+            return self.tensors
+        raise ValueError(f"unknown level '{level}' (total, layer, module or tensor)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Summary, per-matrix rows and skipped tensors as plain Python values."""
+        return {
+            "base": self.base,
+            "tuned": self.tuned,
+            "device": self.device,
+            "top_k": self.top_k,
+            "matrices": self.tensors.height,
+            "mean_rank_fraction": self.mean_rank_fraction,
+            "tensors": self.tensors.to_dicts(),
+            "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+        }
+
+    def to_json(self, path: PathArg | None = None, *, indent: int | None = 2) -> str:
+        """:meth:`to_dict` as JSON; also written atomically to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=indent) + "\n"
+        if path is not None:
+            write_text_atomic(path, text)
+        return text
+
+    def to_csv(
+        self,
+        path: PathArg | None = None,
+        *,
+        by: Literal["total", "layer", "module", "tensor"] = "tensor",
+    ) -> str:
+        """The ``by`` breakdown as CSV; also written atomically to ``path`` if given."""
+        df = self.by(by)
+        if "shape" in df.columns:
+            df = df.with_columns(
+                pl.col("shape").list.eval(pl.element().cast(pl.Utf8)).list.join("x")
+            )
+        text = df.write_csv()
+        if path is not None:
+            write_text_atomic(path, text)
+        return text
+
+    def summary(self) -> str:
+        """A short human-readable account."""
+        mean = self.mean_rank_fraction
+        lines = [
+            f"base:  {self.base}",
+            f"tuned: {self.tuned}",
+            f"{self.tensors.height} update matrices on {self.device}; mean rank / min(m, n) = "
+            + ("-" if mean is None else f"{100 * mean:.2f}%"),
+        ]
+        if self.skipped:
+            names = [n for n, _ in self.skipped]
+            lines.append(
+                f"skipped: {', '.join(names[:5])}"
+                + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _select(names: Iterable[str], include: Any, exclude: Any) -> list[str]:
+    def compile_all(p: Any, what: str) -> list[re.Pattern[str]]:
+        if p is None:
+            return []
+        try:
+            return [re.compile(x) for x in ([p] if isinstance(p, str) else p)]
+        except re.error as e:
+            raise ValueError(f"invalid {what} regex: {e}") from None
+
+    inc, exc = compile_all(include, "include"), compile_all(exclude, "exclude")
+    return [
+        n
+        for n in names
+        if (not inc or any(r.search(n) for r in inc)) and not any(r.search(n) for r in exc)
+    ]
+
+
+def _batches(jobs: list[tuple[str, list[int]]], batch: bool, limit: int) -> Iterator[list[str]]:
+    """Groups of names to decompose together: same-shaped runs on CUDA, singletons on CPU."""
+    if not batch:
+        for name, _ in jobs:
+            yield [name]
+        return
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for name, shape in jobs:
+        by_shape.setdefault(tuple(shape), []).append(name)
+    for shape, names in by_shape.items():
+        per = max(1, limit // max(1, 3 * 4 * math.prod(shape)))  # a, b, delta in float32
+        for i in range(0, len(names), per):
+            yield names[i : i + per]
+
+
+def rank(
+    base: PathArg,
+    tuned: PathArg,
+    *,
+    device: str = "auto",
+    rtol: float | None = None,
+    atol: float | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    skip_embeddings: bool = False,
+    top_k: int = 8,
+    batch_bytes: int = 2**30,
+    progress: bool = True,
+) -> RankReport:
+    """Rank of every update matrix ``W_tuned - W_base`` (paper §3, Table 2). Needs torch.
+
+    Args:
+        base, tuned: checkpoints, in any form :func:`rlmask.diff` accepts.
+        device: ``auto`` (CUDA if available, else CPU), or any torch device.
+        rtol, atol: rank tolerances, exactly as ``torch.linalg.matrix_rank`` takes them; by
+            default ``sigma_max * max(m, n) * eps(float32)``.
+        include, exclude: regular expressions (``re.search``) on tensor names.
+        skip_embeddings: leave out ``embed_tokens`` and ``lm_head`` (the paper includes them).
+        top_k: the k of the ``energy_topk`` column.
+        batch_bytes: on CUDA, same-shaped matrices are decomposed in batches of about this
+            many bytes of float32 working data.
+        progress: a progress bar with an estimate of the time left (stderr, when a terminal).
+
+    Returns:
+        A :class:`RankReport`; ``report.mean_rank_fraction`` is the Table 2 figure.
+    """
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("rlmask.rank needs torch: pip install 'rlmask[torch]'") from None
+    if top_k < 1:
+        raise ValueError("top_k must be at least 1")
+    dev = resolve_device(device)
+    a = _rlmask.Checkpoint(resolve_checkpoint(base))
+    b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
+    names = _select(sorted(set(a.names()) | set(b.names())), include, exclude)
+
+    skipped: list[tuple[str, str]] = []
+    jobs: list[tuple[str, list[int]]] = []
+    for n in names:
+        if n not in a or n not in b:
+            skipped.append((n, "only in base" if n in a else "only in tuned"))
+            continue
+        da, sa, _, _ = a.tensor_info(n)
+        db, sb, _, _ = b.tensor_info(n)
+        if sa != sb:
+            skipped.append((n, f"shape {sa} in base but {sb} in tuned"))
+        elif len(sa) != 2:
+            skipped.append((n, f"{len(sa)}-D"))
+        elif module_of(n) in ("input_layernorm", "post_attention_layernorm", "norm"):
+            skipped.append((n, "norm"))
+        elif da not in _NP_VIEW or db not in _NP_VIEW:
+            skipped.append((n, f"not floating ({da})"))
+        elif skip_embeddings and module_of(n) in EMBEDDINGS:
+            skipped.append((n, "embedding (skip_embeddings)"))
+        else:
+            jobs.append((n, sa))
+
+    work = {n: s[0] * s[1] * min(s) for n, s in jobs}  # ~ SVD cost, for the time estimate
+    rows: dict[str, dict[str, Any]] = {}
+    bar = None
+    if progress_wanted(progress):
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=sum(work.values()),
+            desc=f"svd on {dev.type}",
+            unit="flop",
+            unit_scale=True,
+            file=sys.stderr,
+            delay=0.5,
+            dynamic_ncols=True,
+        )
+    try:
+        for group in _batches(jobs, dev.type == "cuda", batch_bytes):
+            deltas = []
+            for n in group:
+                da, shape, _, _ = a.tensor_info(n)
+                db, _, _, _ = b.tensor_info(n)
+                ta = _to_torch(a.raw(n), da, shape).to(dev, torch.float32)
+                tb = _to_torch(b.raw(n), db, shape).to(dev, torch.float32)
+                deltas.append(tb - ta)
+                del ta, tb
+            stacked = torch.stack(deltas) if len(deltas) > 1 else deltas[0].unsqueeze(0)
+            del deltas
+            svals = torch.linalg.svdvals(stacked).cpu()
+            del stacked
+            for n, s in zip(group, svals, strict=True):
+                m_, n_ = dict(jobs)[n]
+                rows[n] = spectrum_figures(s, m_, n_, rtol, atol, top_k)
+                if bar is not None:
+                    bar.update(work[n])
+    finally:
+        if bar is not None:
+            bar.close()
+
+    ordered = [n for n, _ in jobs]
+    df = pl.DataFrame(
+        {
+            "name": ordered,
+            "layer": [layer_of(n) for n in ordered],
+            "module": [module_of(n) for n in ordered],
+            "shape": [dict(jobs)[n] for n in ordered],
+            **{
+                k: [rows[n][k] for n in ordered]
+                for k in (
+                    "rank",
+                    "max_rank",
+                    "rank_fraction",
+                    "sigma_max",
+                    "tolerance",
+                    "stable_rank",
+                    "effective_rank",
+                    "energy_top1",
+                    "energy_topk",
+                )
+            },
+        },
+        schema={
+            "name": pl.Utf8,
+            "layer": pl.Int64,
+            "module": pl.Utf8,
+            "shape": pl.List(pl.Int64),
+            "rank": pl.Int64,
+            "max_rank": pl.Int64,
+            "rank_fraction": pl.Float64,
+            "sigma_max": pl.Float64,
+            "tolerance": pl.Float64,
+            "stable_rank": pl.Float64,
+            "effective_rank": pl.Float64,
+            "energy_top1": pl.Float64,
+            "energy_topk": pl.Float64,
+        },
+    )
+    return RankReport(os.fspath(base), os.fspath(tuned), str(dev), top_k, df, skipped)
