@@ -373,10 +373,11 @@ def rank(
             for n in group:
                 da, shape, _, _ = a.tensor_info(n)
                 db, _, _, _ = b.tensor_info(n)
-                ta = _to_torch(a.raw(n), da, shape).to(dev, torch.float32)
-                tb = _to_torch(b.raw(n), db, shape).to(dev, torch.float32)
-                deltas.append(tb - ta)
-                del ta, tb
+                # copy=True: a float32 tensor on the CPU would otherwise stay a view of the
+                # read-only map, and the subtraction below works in place.
+                delta = _to_torch(b.raw(n), db, shape).to(dev, torch.float32, copy=True)
+                delta.sub_(_to_torch(a.raw(n), da, shape).to(dev, torch.float32))
+                deltas.append(delta)
             stacked = torch.stack(deltas) if len(deltas) > 1 else deltas[0].unsqueeze(0)
             del deltas
             svals = torch.linalg.svdvals(stacked).cpu()

@@ -1,0 +1,451 @@
+"""Subnetwork-only finetuning and update tracking for PyTorch (paper §1 Conjecture 1, §4, §6,
+Appendix D; DESIGN §1). Importing this module imports torch.
+
+Masked training
+---------------
+:func:`attach_mask` makes an ordinary training loop train only a subnetwork: every gradient is
+replaced by ``m ⊙ ∇L`` as it is produced (a tensor hook on each parameter), so gradient
+accumulation, clipping and logging all see the subnetwork's gradient, and after any number of
+steps every element outside the mask is bit-identical to where it started.
+
+Zero gradients alone do not guarantee that. Weight decay moves every parameter whose gradient
+is not None: decoupled decay (AdamW, or ``decoupled_weight_decay=True``) multiplies the whole
+tensor by ``1 - lr * wd``; coupled decay (SGD, Adam, RMSprop, ...) adds ``wd * p`` to the
+gradient, which then feeds momentum and the update. So while a mask is attached, a step
+pre-hook sets each parameter group's ``weight_decay`` to 0 for the duration of the step and
+applies the same decay itself to the masked elements only (the decoupled multiply before the
+update; the coupled term added to the gradient), and a post-hook puts ``weight_decay`` back.
+With the decay handled, every optimizer in ``torch.optim`` of the SGD, Adam and AdamW families,
+in their default, ``foreach`` and ``fused`` forms, leaves a zero-gradient element with zero
+state and so exactly unchanged (``p + (-0.0) == p``, bit for bit, whatever the dtype); the tests
+check this over many steps for each form, with clipping and accumulation, in float32 and
+bfloat16.
+
+Memory: the mask is kept on each parameter's device packed, one bit per element. The hook
+unpacks one parameter's mask at a time (one byte per element, freed at once) and allocates the
+masked gradient (one gradient's worth); the weight-decay emulation allocates one parameter's
+worth of temporary space per parameter, one at a time.
+
+Loops without callbacks (verl, OpenRLHF, custom loops) call :func:`attach_mask` once after
+building the model and optimizer (for wrapped optimizers, pass the inner ``torch.optim``
+optimizer, e.g. ``accelerator_optimizer.optimizer``) and ``handle.remove()`` when done.
+
+Update tracking
+---------------
+:class:`UpdateTracker` records, after each optimizer step, which elements changed since the
+previous step and since the start, exactly and at a tolerance (Appendix D, Figure 7b), keeps
+packed "ever changed" bits, and at the end reports the three categories of Figure 2 and the
+share of ever-changed elements outside the final subnetwork (Figure 6).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+
+from rlmask._mask import Mask, _Entry, padded_len
+from rlmask.errors import MaskError
+
+NameMap = Callable[[str], str] | Mapping[str, str] | None
+
+#: Wrapper segments that frameworks insert into parameter names, removed before matching.
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    if device not in _SHIFTS:
+        _SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    return _SHIFTS[device]
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """LSB-first packed uint8 bits -> a flat bool tensor of ``numel`` elements (on the same
+    device; one byte per element of temporary space)."""
+    bits = (packed.unsqueeze(1) >> _shifts(packed.device)) & 1
+    return bits.reshape(-1)[:numel].bool()
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """A bool tensor -> LSB-first packed uint8 bits, padded to whole u64 words (the
+    ``.rlmask`` layout)."""
+    flat = flags.reshape(-1).to(torch.uint8)
+    pad = padded_len(flat.numel()) * 8 - flat.numel()
+    flat = torch.nn.functional.pad(flat, (0, pad))
+    return (flat.reshape(-1, 8) << _shifts(flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def canonical_name(name: str, name_map: NameMap = None) -> str:
+    """A parameter name as the mask spells it: wrapper segments (FSDP, activation
+    checkpointing, torch.compile) and a DDP ``module.`` prefix removed, then ``name_map``
+    applied (a callable, or a mapping of prefixes: ``{"": "model."}`` adds ``model.``,
+    ``{"base_model.model.": ""}`` strips a PEFT prefix)."""
+    parts = [p for p in name.split(".") if p not in WRAPPER_SEGMENTS]
+    if parts and parts[0] == "module":
+        parts = parts[1:]
+    name = ".".join(parts)
+    if callable(name_map):
+        return name_map(name)
+    if name_map:
+        for old, new in sorted(name_map.items(), key=lambda kv: -len(kv[0])):
+            if name.startswith(old):
+                return new + name[len(old) :]
+    return name
+
+
+def match_parameters(
+    model: torch.nn.Module, mask: Mask, name_map: NameMap = None
+) -> list[tuple[torch.nn.Parameter, str, list[str]]]:
+    """Pairs every trainable parameter with its mask entry: ``(param, mask name, aliases)``.
+    Tied parameters appear once. Raises :class:`MaskError` naming unmatched names on either
+    side, shape mismatches, and tied aliases whose masks differ."""
+    by_param: dict[int, tuple[torch.nn.Parameter, list[str]]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            by_param.setdefault(id(p), (p, []))[1].append(canonical_name(name, name_map))
+    out, missing, bad_shape = [], [], []
+    used: set[str] = set()
+    for p, aliases in by_param.values():
+        present = [a for a in aliases if a in mask]
+        if not present:
+            missing.append(aliases[0])
+            continue
+        first = present[0]
+        for other in present[1:]:
+            if not np.array_equal(mask.packed(first), mask.packed(other)):
+                raise MaskError(f"tied parameters '{first}' and '{other}' have different masks")
+        used.update(present)
+        if tuple(p.shape) != tuple(mask.shape(first)):
+            bad_shape.append(
+                f"'{first}': parameter {list(p.shape)}, mask {list(mask.shape(first))}"
+            )
+            continue
+        out.append((p, first, aliases))
+    unused = sorted(set(mask.names) - used)
+    problems = []
+    if missing:
+        problems.append(
+            f"{len(missing)} trainable parameters have no mask entry "
+            f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})"
+        )
+    if unused:
+        problems.append(
+            f"{len(unused)} mask entries match no trainable parameter "
+            f"({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''})"
+        )
+    if bad_shape:
+        problems.append("shape mismatch: " + "; ".join(bad_shape[:4]))
+    if problems:
+        raise MaskError(
+            "mask does not fit the model: "
+            + "; ".join(problems)
+            + " (pass name_map to translate names)"
+        )
+    return out
+
+
+def _is_decoupled(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> bool:
+    return isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
+
+
+@dataclass
+class MaskHandle:
+    """What :func:`attach_mask` attached; :meth:`remove` returns the model and optimizer to
+    ordinary training."""
+
+    params: list[tuple[torch.nn.Parameter, str]]
+    _masks: dict[int, tuple[torch.Tensor, int]] = field(repr=False)
+    _hooks: list[Any] = field(default_factory=list, repr=False)
+    _saved_decay: list[tuple[dict[str, Any], float]] = field(default_factory=list, repr=False)
+
+    def mask_of(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """The bool mask of a parameter, in its shape and on its device."""
+        packed, numel = self._masks[id(p)]
+        return unpack_bits(packed, numel).reshape(p.shape)
+
+    @property
+    def mask_bytes(self) -> int:
+        """Device memory the packed masks occupy."""
+        return sum(t.numel() for t, _ in self._masks.values())
+
+    def remove(self) -> None:
+        """Removes every hook and frees the packed masks."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for group, wd in self._saved_decay:  # only if removed mid-step
+            group["weight_decay"] = wd
+        self._saved_decay.clear()
+        self._masks.clear()
+
+
+def attach_mask(
+    model: torch.nn.Module,
+    mask: Mask,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    name_map: NameMap = None,
+) -> MaskHandle:
+    """Trains only the subnetwork ``mask`` from now on (paper §4, Conjecture 1).
+
+    Args:
+        model: the model; its trainable parameters are matched to the mask by name.
+        mask: a :class:`~rlmask.Mask` (e.g. ``rlmask.load_mask("grpo.rlmask")``), 1 = train.
+        optimizer: the ``torch.optim`` optimizer; needed so that weight decay cannot move
+            frozen elements (see the module docs). Without it only gradients are masked.
+        name_map: translates model parameter names to mask names (see :func:`canonical_name`).
+
+    Returns:
+        A :class:`MaskHandle`; ``handle.remove()`` detaches everything.
+
+    Example:
+        >>> handle = rlmask.torch.attach_mask(model, rlmask.load_mask("grpo.rlmask"), opt)
+        >>> for batch in data:
+        ...     loss = model(**batch).loss; loss.backward()
+        ...     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)   # masked norm
+        ...     opt.step(); opt.zero_grad()
+        >>> handle.remove()
+    """
+    matched = match_parameters(model, mask, name_map)
+    masks: dict[int, tuple[torch.Tensor, int]] = {}
+    handle = MaskHandle([(p, name) for p, name, _ in matched], masks)
+    for p, name, _ in matched:
+        packed = torch.from_numpy(np.array(mask.packed(name))).to(p.device)
+        masks[id(p)] = (packed, p.numel())
+
+        def hook(grad: torch.Tensor, key: int = id(p)) -> torch.Tensor:
+            packed, numel = masks[key]
+            keep = unpack_bits(packed, numel).reshape(grad.shape)
+            return grad.masked_fill(~keep, 0)
+
+        handle._hooks.append(p.register_hook(hook))
+
+    if optimizer is not None:
+        handle._hooks += _decay_hooks(optimizer, handle)
+    return handle
+
+
+def _decay_hooks(optimizer: torch.optim.Optimizer, handle: MaskHandle) -> list[Any]:
+    """Step hooks that apply weight decay to the masked elements only."""
+
+    def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group in opt.param_groups:
+            wd = group.get("weight_decay", 0.0)
+            if not wd:
+                continue
+            handle._saved_decay.append((group, wd))
+            group["weight_decay"] = 0.0
+            lr = group["lr"]
+            sign = -1.0 if group.get("maximize") else 1.0
+            with torch.no_grad():
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    keep = handle.mask_of(p) if id(p) in handle._masks else None
+                    if _is_decoupled(opt, group):
+                        new = p.mul(1 - lr * wd)
+                        p.copy_(new if keep is None else torch.where(keep, new, p))
+                    else:
+                        g = p.grad.add(p, alpha=sign * wd)
+                        p.grad.copy_(g if keep is None else torch.where(keep, g, p.grad))
+
+    def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        for group, wd in handle._saved_decay:
+            group["weight_decay"] = wd
+        handle._saved_decay.clear()
+
+    return [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
+
+
+# --------------------------------------------------------------------------------------------
+# Update tracking
+
+
+def _bits_view(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a floating tensor as same-width integers, for exact comparison."""
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.view(width)
+
+
+def _changed(new: torch.Tensor, old: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(changed exactly, changed at ``tol``) per DESIGN §1, as bool tensors."""
+    exact = _bits_view(new) != _bits_view(old)
+    wide = torch.float64 if new.dtype == torch.float64 else torch.float32
+    close = (new.to(wide) - old.to(wide)).abs() <= tol
+    return exact, exact & ~close
+
+
+@dataclass(frozen=True)
+class TrackerReport:
+    """What :class:`UpdateTracker` saw.
+
+    Attributes:
+        steps: one row per optimizer step: step, changed_since_prev and changed_since_start
+            (exact and at ``tol``, counts and fractions of all tracked elements).
+        categories: for ``exact`` and ``tol``: never changed, changed then returned to the
+            initial value, changed at the end (the three categories of Figure 2), as counts and
+            fractions, plus ``outside_final``: the share of ever-changed elements that are not
+            in the final subnetwork (Figure 6).
+    """
+
+    numel: int
+    tol: float
+    steps: pl.DataFrame
+    categories: pl.DataFrame
+
+
+class UpdateTracker:
+    """Watches which parameter elements move at each optimizer step, without saving
+    checkpoints (Appendix D, Figures 2, 6, 7b).
+
+    Call :meth:`step` after every ``optimizer.step()``, or pass ``optimizer`` to have it called
+    by a step post-hook. Memory: two copies of the tracked parameters (the initial values and
+    the previous step's, each in the parameters' own dtype and device) plus two packed bits
+    per element (ever changed exactly, and at ``tol``).
+
+    Example:
+        >>> tracker = rlmask.torch.UpdateTracker(model, optimizer=opt, tol=1e-5)
+        >>> ...train...
+        >>> tracker.report().categories; tracker.final_mask().save("final.rlmask")
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        tol: float = 1e-5,
+        optimizer: torch.optim.Optimizer | None = None,
+        names: Iterable[str] | None = None,
+        name_map: NameMap = None,
+    ) -> None:
+        wanted = set(names) if names is not None else None
+        self.tol = tol
+        self._params: dict[str, torch.nn.Parameter] = {}
+        seen: set[int] = set()
+        for name, p in model.named_parameters():
+            key = canonical_name(name, name_map)
+            if not p.requires_grad or id(p) in seen or (wanted is not None and key not in wanted):
+                continue
+            seen.add(id(p))
+            self._params[key] = p
+        if not self._params:
+            raise ValueError("no trainable parameter to track")
+        with torch.no_grad():
+            self._init = {n: p.detach().clone() for n, p in self._params.items()}
+            self._prev = {n: p.detach().clone() for n, p in self._params.items()}
+        self._ever = {
+            n: torch.zeros(padded_len(p.numel()), dtype=torch.uint8, device=p.device)
+            for n, p in self._params.items()
+        }
+        self._ever_tol = {n: t.clone() for n, t in self._ever.items()}
+        self._rows: list[dict[str, Any]] = []
+        self._hook = None
+        if optimizer is not None:
+            self._hook = optimizer.register_step_post_hook(lambda *_: self.step())
+
+    @property
+    def numel(self) -> int:
+        """Elements tracked."""
+        return sum(p.numel() for p in self._params.values())
+
+    @torch.no_grad()
+    def step(self) -> dict[str, Any]:
+        """Records the step just taken; returns its row."""
+        counts = dict.fromkeys(("prev_exact", "prev_tol", "start_exact", "start_tol"), 0)
+        for n, p in self._params.items():
+            cur = p.detach()
+            e_prev, t_prev = _changed(cur, self._prev[n], self.tol)
+            e_start, t_start = _changed(cur, self._init[n], self.tol)
+            self._ever[n] |= pack_bits(e_prev)
+            self._ever_tol[n] |= pack_bits(t_start)
+            counts["prev_exact"] += int(e_prev.sum())
+            counts["prev_tol"] += int(t_prev.sum())
+            counts["start_exact"] += int(e_start.sum())
+            counts["start_tol"] += int(t_start.sum())
+            self._prev[n].copy_(cur)
+        total = self.numel
+        row: dict[str, Any] = {"step": len(self._rows) + 1}
+        for key, c in counts.items():
+            row[f"changed_{key}"] = c
+            row[f"fraction_{key}"] = c / total
+        self._rows.append(row)
+        return row
+
+    def _mask(self, bits: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> Mask:
+        entries = {
+            n: _Entry(
+                tuple(p.shape),
+                str(p.dtype).removeprefix("torch."),
+                p.numel(),
+                bits[n].cpu().numpy(),
+            )
+            for n, p in self._params.items()
+        }
+        return Mask(entries, {"source": "UpdateTracker", "steps": str(len(self._rows)), **meta})
+
+    @torch.no_grad()
+    def final_mask(self, *, exact: bool = False) -> Mask:
+        """Elements that differ from their initial values now (at ``tol``, or exactly)."""
+        bits = {}
+        for n, p in self._params.items():
+            e, t = _changed(p.detach(), self._init[n], self.tol)
+            bits[n] = pack_bits(e if exact else t)
+        return self._mask(
+            bits,
+            {
+                "criterion": "exact" if exact else "absolute",
+                "tolerance": "0" if exact else repr(self.tol),
+                "what": "final",
+            },
+        )
+
+    def ever_changed_mask(self, *, exact: bool = False) -> Mask:
+        """Elements that differed at some step: from the previous step's value (exact), or from
+        the initial value by more than ``tol``."""
+        bits = self._ever if exact else self._ever_tol
+        return self._mask(
+            bits,
+            {
+                "criterion": "exact" if exact else "absolute",
+                "tolerance": "0" if exact else repr(self.tol),
+                "what": "ever changed",
+            },
+        )
+
+    def report(self) -> TrackerReport:
+        """Per-step fractions and the final categories (Figures 2 and 6)."""
+        cats = []
+        for label, exact in (("exact", True), (f"tol={self.tol:g}", False)):
+            ever = self.ever_changed_mask(exact=exact)
+            final = self.final_mask(exact=exact)
+            n_ever, n_final = ever.count, final.count
+            n_both = (ever & final).count
+            total = self.numel
+            cats.append(
+                {
+                    "criterion": label,
+                    "never_changed": total - n_ever,
+                    "changed_then_returned": n_ever - n_both,
+                    "changed_at_end": n_final,
+                    "never_changed_fraction": (total - n_ever) / total,
+                    "changed_then_returned_fraction": (n_ever - n_both) / total,
+                    "changed_at_end_fraction": n_final / total,
+                    "outside_final": (n_ever - n_both) / n_ever if n_ever else math.nan,
+                }
+            )
+        return TrackerReport(self.numel, self.tol, pl.DataFrame(self._rows), pl.DataFrame(cats))
+
+    def remove(self) -> None:
+        """Stops the automatic step hook and frees the copies."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._init.clear()
+        self._prev.clear()
