@@ -30,6 +30,29 @@ print(time.perf_counter() - t)
 """
 
 
+def llama_shapes(
+    hidden: int, inter: int, layers: int, vocab: int, kv_dim: int
+) -> dict[str, tuple[int, ...]]:
+    """Tensor names (Hugging Face Llama) and shapes of a llama-shaped model."""
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        out |= {
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (kv_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (inter, hidden),
+            p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        }
+    out["model.norm.weight"] = (hidden,)
+    out["lm_head.weight"] = (vocab, hidden)
+    return out
+
+
 def _status(pid: int) -> dict[str, int]:
     out = {}
     try:

@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import READ_FLOOR, run_program, summarize
+from _common import READ_FLOOR, llama_shapes, print_table, run_program, summarize
 
 # Llama-shaped sizes: hidden, intermediate, layers, vocab, kv heads (head dim 64).
 SIZES = {
@@ -42,34 +42,14 @@ SHARD_BYTES = 512 * 2**20
 CHANGED = 0.2  # share of elements the synthetic update moves (by one bf16 ULP)
 
 
-def tensor_shapes(hidden: int, inter: int, layers: int, vocab: int, kv: int) -> dict:
-    kvd = kv * 64
-    out = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out |= {
-            p + "self_attn.q_proj.weight": (hidden, hidden),
-            p + "self_attn.k_proj.weight": (kvd, hidden),
-            p + "self_attn.v_proj.weight": (kvd, hidden),
-            p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (inter, hidden),
-            p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-            p + "input_layernorm.weight": (hidden,),
-            p + "post_attention_layernorm.weight": (hidden,),
-        }
-    out["model.norm.weight"] = (hidden,)
-    out["lm_head.weight"] = (vocab, hidden)
-    return out
-
-
 def write_pair(root: Path, shape: tuple) -> int:
     """Writes base/ and tuned/ (sharded, with index); returns the parameter count."""
     import torch
     from safetensors.torch import save_file
 
     rng = np.random.default_rng(0)
-    shapes = tensor_shapes(*shape)
+    hidden, inter, layers, vocab, kv = shape
+    shapes = llama_shapes(hidden, inter, layers, vocab, kv * 64)
     for side in ("base", "tuned"):
         (root / side).mkdir(parents=True, exist_ok=True)
     shard, shard_bytes, k, weight_map = {"base": {}, "tuned": {}}, 0, 1, {}
@@ -170,16 +150,7 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(root, ignore_errors=True)
         print(f"\n{size}: {s['params'] / 1e9:.2f}B parameters, {s['bytes'] / 1e9:.2f} GB read")
-        print(
-            f"{'method':<11} {'best s':>8} {'median s':>9} {'GB/s':>7} {'peak RSS MB':>12} "
-            f"{'peak anon MB':>13}"
-        )
-        for m in PROGRAMS:
-            r = s[m]
-            print(
-                f"{m:<11} {r['seconds']:8.2f} {r['median_seconds']:9.2f} {r['GBps']:7.2f} "
-                f"{r['peak_rss_MB']:12.0f} {r['peak_anon_MB']:13.0f}"
-            )
+        print_table({m: s[m] for m in ("rlmask", "naive", "read-floor")})
         print(
             f"rlmask is {s['speedup_vs_naive']:.1f}x faster than naive and reaches "
             f"{100 * s['share_of_read_floor']:.0f}% of the read floor's throughput"

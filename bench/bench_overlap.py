@@ -29,33 +29,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import READ_FLOOR, print_table, run_program, summarize
+from _common import READ_FLOOR, llama_shapes, print_table, run_program, summarize
 
 import rlmask
 from rlmask._mask import Mask, _Entry, padded_len
 
 
 def llama8b_shapes(scale: float) -> dict[str, tuple[int, ...]]:
-    hidden, inter, layers, vocab, kvd = 4096, 14336, 32, 128256, 1024
-    layers = max(1, round(layers * scale))
-    vocab = max(1, round(vocab * scale))
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out |= {
-            p + "self_attn.q_proj.weight": (hidden, hidden),
-            p + "self_attn.k_proj.weight": (kvd, hidden),
-            p + "self_attn.v_proj.weight": (kvd, hidden),
-            p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (inter, hidden),
-            p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-            p + "input_layernorm.weight": (hidden,),
-            p + "post_attention_layernorm.weight": (hidden,),
-        }
-    out["model.norm.weight"] = (hidden,)
-    out["lm_head.weight"] = (vocab, hidden)
-    return out
+    """Llama-3.1-8B's tensors; ``scale`` < 1 keeps that share of the layers and vocabulary."""
+    layers, vocab = max(1, round(32 * scale)), max(1, round(128256 * scale))
+    return llama_shapes(4096, 14336, layers, vocab, 1024)
 
 
 def write_mask(path: Path, shapes: dict[str, tuple[int, ...]], seed: int) -> int:

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from _common import print_table, run_program, summarize
+from _common import llama_shapes, print_table, run_program, summarize
 
 HIDDEN, INTER, KVD, VOCAB = 4096, 14336, 1024, 8192
 
@@ -33,19 +33,7 @@ def write_pair(root: Path, layers: int) -> int:
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "lm_head.weight": (VOCAB, HIDDEN)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-            p + "self_attn.k_proj.weight": (KVD, HIDDEN),
-            p + "self_attn.v_proj.weight": (KVD, HIDDEN),
-            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-            p + "mlp.gate_proj.weight": (INTER, HIDDEN),
-            p + "mlp.up_proj.weight": (INTER, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, INTER),
-            p + "input_layernorm.weight": (HIDDEN,),
-        }
+    shapes = llama_shapes(HIDDEN, INTER, layers, VOCAB, KVD)
     base, tuned = {}, {}
     for name, s in shapes.items():
         w = torch.randn(s, generator=g) * 0.02

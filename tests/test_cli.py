@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,18 @@ def test_csv_and_parquet_files(tmp_path: Path) -> None:
     assert code == 0
     assert pl.read_parquet(out_pq)["name"].len() == 39
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_plot_and_file_permissions(tmp_path: Path) -> None:
+    png = tmp_path / "fig3.png"
+    code, _, err = run("diff", BASE, TUNED, "--plot", str(png), "-q")
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    out = tmp_path / "r.json"
+    assert run("diff", BASE, TUNED, "--format", "json", "-o", str(out))[0] == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would have made it
 
 
 def test_usage_errors_exit_2() -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -12,10 +10,10 @@ from typing import Any, Literal
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._io import write_atomic, write_text_atomic
 from rlmask._mask import Mask, _Entry
-from rlmask._names import MODULES, layer_of, module_of
+from rlmask._names import layer_of, module_of, select_names
 from rlmask._progress import progress_wanted, run_with_progress
+from rlmask._report import Report, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
 
@@ -57,22 +55,8 @@ def _columns(kind: str, criterion: str, tolerances: Sequence[float]) -> list[str
     return [f"{kind}@{_label(criterion, t)}" for t in tolerances]
 
 
-def _compile(patterns: str | Iterable[str] | None, what: str) -> list[re.Pattern[str]]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise ValueError(f"invalid {what} regex '{p}': {e}") from None
-    return out
-
-
 @dataclass(frozen=True)
-class DiffReport:
+class DiffReport(Report):
     """The comparison of two checkpoints.
 
     Attributes:
@@ -197,21 +181,11 @@ class DiffReport:
     def by_module(self) -> pl.DataFrame:
         """Per module type (q_proj ... lm_head, norm, other), floating tensors only, with the
         same columns as :meth:`by_layer`."""
-        rank = {m: i for i, m in enumerate((*MODULES, "other"))}
-        g = self._group("module", self._floating)
-        return g.sort(pl.col("module").replace_strict(rank, return_dtype=pl.Int64))
+        return sort_modules(self._group("module", self._floating))
 
-    def by(self, level: Literal["total", "layer", "module", "tensor"]) -> pl.DataFrame:
-        """The breakdown named by ``level``; ``total`` is :attr:`sweep`."""
-        if level == "total":
-            return self.sweep
-        if level == "layer":
-            return self.by_layer()
-        if level == "module":
-            return self.by_module()
-        if level == "tensor":
-            return self.tensors
-        raise ValueError(f"unknown level '{level}' (total, layer, module or tensor)")
+    def total_frame(self) -> pl.DataFrame:
+        """The whole model: :attr:`sweep`."""
+        return self.sweep
 
     # ----- export ------------------------------------------------------------------------
 
@@ -251,39 +225,6 @@ class DiffReport:
             "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
             "dtype_mismatch": self.dtype_mismatches,
         }
-
-    def to_json(self, path: PathArg | None = None, *, indent: int | None = 2) -> str:
-        """The DESIGN §4 object as JSON text; also written atomically to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=indent) + "\n"
-        if path is not None:
-            write_text_atomic(path, text)
-        return text
-
-    @staticmethod
-    def _flat(df: pl.DataFrame) -> pl.DataFrame:
-        """CSV has no lists: shapes become ``4096x4096``."""
-        if "shape" not in df.columns:
-            return df
-        return df.with_columns(pl.col("shape").list.eval(pl.element().cast(pl.Utf8)).list.join("x"))
-
-    def to_csv(
-        self,
-        path: PathArg | None = None,
-        *,
-        by: Literal["total", "layer", "module", "tensor"] = "tensor",
-    ) -> str:
-        """The ``by`` breakdown as CSV text; also written atomically to ``path`` if given."""
-        text = self._flat(self.by(by)).write_csv()
-        if path is not None:
-            write_text_atomic(path, text)
-        return text
-
-    def to_parquet(
-        self, path: PathArg, *, by: Literal["total", "layer", "module", "tensor"] = "tensor"
-    ) -> None:
-        """Writes the ``by`` breakdown to a Parquet file, atomically."""
-        df = self.by(by)
-        write_atomic(path, lambda p: df.write_parquet(p))
 
     def save_mask(self, path: PathArg) -> None:
         """Writes :attr:`mask` to an ``.rlmask`` file (DESIGN §3), atomically.
@@ -325,9 +266,6 @@ class DiffReport:
                 shown = ", ".join(names[:5]) + more
                 lines.append(f"{what}: {shown}")
         return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
 
 
 def _thresholds(
@@ -394,17 +332,12 @@ def diff(
         >>> report.sparsity, report.by_module()
     """
     values, primary = _thresholds(criterion, tol, tolerances, eta)
-    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    select_names([], include, exclude)  # bad patterns fail before any file is opened
     a = _rlmask.Checkpoint(resolve_checkpoint(base))
     b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
     select = None
-    if inc or exc:
-        names = sorted(set(a.names()) | set(b.names()))
-        select = [
-            n
-            for n in names
-            if (not inc or any(p.search(n) for p in inc)) and not any(p.search(n) for p in exc)
-        ]
+    if include is not None or exclude is not None:
+        select = select_names(sorted(set(a.names()) | set(b.names())), include, exclude)
     raw = run_with_progress(
         lambda watch: _rlmask.diff(
             a,

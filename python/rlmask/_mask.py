@@ -28,7 +28,8 @@ import numpy.typing as npt
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._names import MODULES, layer_of, module_of
+from rlmask._names import layer_of, module_of
+from rlmask._report import ratio, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask.errors import MaskError
 
@@ -205,18 +206,16 @@ class Mask:
             "count": pl.UInt64,
         }
         df = pl.DataFrame(rows, schema=schema)
-        return df.with_columns(_ratio("count", "numel").alias("density"))
+        return df.with_columns(ratio("count", "numel").alias("density"))
 
     def by_module(self) -> pl.DataFrame:
         """Tensors, numel, count and density per module type."""
-        rank = {m: i for i, m in enumerate((*MODULES, "other"))}
-        g = (
+        return sort_modules(
             self.table()
             .group_by("module")
             .agg(pl.len().alias("tensors"), pl.col("numel").sum(), pl.col("count").sum())
-            .with_columns(_ratio("count", "numel").alias("density"))
+            .with_columns(ratio("count", "numel").alias("density"))
         )
-        return g.sort(pl.col("module").replace_strict(rank, return_dtype=pl.Int64))
 
     def summary(self) -> str:
         """Provenance and totals, as ``rlmask mask info`` prints them."""
@@ -307,14 +306,6 @@ class Mask:
 
     def __invert__(self) -> Mask:
         return self._combine("not", [])
-
-
-def _ratio(num: str, den: str) -> pl.Expr:
-    return (
-        pl.when(pl.col(den) > 0)
-        .then(pl.col(num).cast(pl.Float64) / pl.col(den).cast(pl.Float64))
-        .otherwise(None)
-    )
 
 
 def _check_compatible(masks: Sequence[Mask], *, common_only: bool) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 #: Module types of the per-module breakdown (DESIGN §1); anything else is ``other``.
 MODULES = (
@@ -37,3 +38,30 @@ def module_of(name: str) -> str:
     if len(parts) > 1 and parts[-1] in _SUFFIXES:
         parts = parts[:-1]
     return parts[-1] if parts[-1] in MODULES else "other"
+
+
+def _compile(patterns: str | Iterable[str] | None, what: str) -> list[re.Pattern[str]]:
+    if patterns is None:
+        return []
+    out = []
+    for p in [patterns] if isinstance(patterns, str) else patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"invalid {what} regex '{p}': {e}") from None
+    return out
+
+
+def select_names(
+    names: Iterable[str],
+    include: str | Iterable[str] | None,
+    exclude: str | Iterable[str] | None,
+) -> list[str]:
+    """The names that match an ``include`` pattern (any; all names when none is given) and no
+    ``exclude`` pattern, with ``re.search``. Raises ValueError for an invalid pattern."""
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+    return [
+        n
+        for n in names
+        if (not inc or any(r.search(n) for r in inc)) and not any(r.search(n) for r in exc)
+    ]

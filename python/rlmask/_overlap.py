@@ -10,18 +10,17 @@ independent random masks of the same densities would have in expectation:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._io import write_text_atomic
 from rlmask._mask import Mask, _check_compatible, load_mask
-from rlmask._names import MODULES, layer_of, module_of
+from rlmask._names import layer_of, module_of
+from rlmask._report import Report, ratio, sort_modules
 
 PathArg = str | os.PathLike[str]
 MaskArg = Mask | PathArg
@@ -33,27 +32,19 @@ def _as_mask(m: MaskArg) -> Mask:
     return m if isinstance(m, Mask) else load_mask(m)
 
 
-def _div(num: str, den: str) -> pl.Expr:
-    return (
-        pl.when(pl.col(den) > 0)
-        .then(pl.col(num).cast(pl.Float64) / pl.col(den).cast(pl.Float64))
-        .otherwise(None)
-    )
-
-
 def _with_ratios(df: pl.DataFrame) -> pl.DataFrame:
     """Adds o1, o2, jaccard and the random baselines from the count columns."""
     return df.with_columns(
-        _div("intersection", "size_1").alias("o1"),
-        _div("intersection", "size_2").alias("o2"),
-        _div("intersection", "union").alias("jaccard"),
-        _div("size_2", "numel").alias("o1_random"),
-        _div("size_1", "numel").alias("o2_random"),
+        ratio("intersection", "size_1").alias("o1"),
+        ratio("intersection", "size_2").alias("o2"),
+        ratio("intersection", "union").alias("jaccard"),
+        ratio("size_2", "numel").alias("o1_random"),
+        ratio("size_1", "numel").alias("o2_random"),
     )
 
 
 @dataclass(frozen=True)
-class OverlapReport:
+class OverlapReport(Report):
     """Overlap of two masks, for the whole model and per tensor, layer and module.
 
     Attributes:
@@ -103,22 +94,11 @@ class OverlapReport:
 
     def by_module(self) -> pl.DataFrame:
         """Counts and ratios per module type."""
-        rank = {m: i for i, m in enumerate((*MODULES, "other"))}
-        return self._sum("module").sort(
-            pl.col("module").replace_strict(rank, return_dtype=pl.Int64)
-        )
+        return sort_modules(self._sum("module"))
 
-    def by(self, level: Literal["total", "layer", "module", "tensor"]) -> pl.DataFrame:
-        """The breakdown named by ``level``."""
-        if level == "total":
-            return self._sum(None)
-        if level == "layer":
-            return self.by_layer()
-        if level == "module":
-            return self.by_module()
-        if level == "tensor":
-            return self.tensors
-        raise ValueError(f"unknown level '{level}' (total, layer, module or tensor)")
+    def total_frame(self) -> pl.DataFrame:
+        """The whole-model counts and ratios as a one-row DataFrame."""
+        return self._sum(None)
 
     def to_dict(self) -> dict[str, Any]:
         """Totals, per-tensor rows and what was excluded, as plain Python values."""
@@ -129,25 +109,6 @@ class OverlapReport:
             "tensors": self.tensors.to_dicts(),
             "excluded": list(self.excluded),
         }
-
-    def to_json(self, path: PathArg | None = None, *, indent: int | None = 2) -> str:
-        """:meth:`to_dict` as JSON; also written atomically to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=indent) + "\n"
-        if path is not None:
-            write_text_atomic(path, text)
-        return text
-
-    def to_csv(
-        self,
-        path: PathArg | None = None,
-        *,
-        by: Literal["total", "layer", "module", "tensor"] = "tensor",
-    ) -> str:
-        """The ``by`` breakdown as CSV; also written atomically to ``path`` if given."""
-        text = self.by(by).write_csv()
-        if path is not None:
-            write_text_atomic(path, text)
-        return text
 
     def summary(self) -> str:
         """A short human-readable account."""
@@ -172,9 +133,6 @@ class OverlapReport:
                 + (f", ... ({len(self.excluded)} in all)" if len(self.excluded) > 5 else "")
             )
         return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
 
 
 def _pair_counts(a: Mask, b: Mask, names: list[str]) -> list[tuple[int, int, int]]:

@@ -21,23 +21,21 @@ listed.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._io import write_text_atomic
-from rlmask._names import MODULES, layer_of, module_of
+from rlmask._names import layer_of, module_of, select_names
 from rlmask._progress import progress_wanted
+from rlmask._report import Report, sort_modules
 from rlmask._resolve import resolve_checkpoint
 
 if TYPE_CHECKING:
@@ -135,7 +133,7 @@ def spectrum_figures(
 
 
 @dataclass(frozen=True)
-class RankReport:
+class RankReport(Report):
     """Rank and spectrum of every update matrix.
 
     Attributes:
@@ -180,24 +178,14 @@ class RankReport:
 
     def by_module(self) -> pl.DataFrame:
         """Mean rank fraction (and stable rank, top-1 energy) per module type."""
-        rank = {m: i for i, m in enumerate((*MODULES, "other"))}
-        return self._group("module").sort(
-            pl.col("module").replace_strict(rank, return_dtype=pl.Int64)
-        )
+        return sort_modules(self._group("module"))
 
-    def by(self, level: Literal["total", "layer", "module", "tensor"]) -> pl.DataFrame:
-        """The breakdown named by ``level``."""
-        if level == "total":
-            return pl.DataFrame(
-                {"matrices": [self.tensors.height], "mean_rank_fraction": [self.mean_rank_fraction]}
-            )
-        if level == "layer":
-            return self.by_layer()
-        if level == "module":
-            return self.by_module()
-        if level == "tensor":
-            return self.tensors
-        raise ValueError(f"unknown level '{level}' (total, layer, module or tensor)")
+    def total_frame(self) -> pl.DataFrame:
+        """Matrices and the mean rank fraction as a one-row DataFrame."""
+        return pl.DataFrame(
+            {"matrices": [self.tensors.height], "mean_rank_fraction": [self.mean_rank_fraction]},
+            schema={"matrices": pl.Int64, "mean_rank_fraction": pl.Float64},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Summary, per-matrix rows and skipped tensors as plain Python values."""
@@ -211,30 +199,6 @@ class RankReport:
             "tensors": self.tensors.to_dicts(),
             "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
         }
-
-    def to_json(self, path: PathArg | None = None, *, indent: int | None = 2) -> str:
-        """:meth:`to_dict` as JSON; also written atomically to ``path`` if given."""
-        text = json.dumps(self.to_dict(), indent=indent) + "\n"
-        if path is not None:
-            write_text_atomic(path, text)
-        return text
-
-    def to_csv(
-        self,
-        path: PathArg | None = None,
-        *,
-        by: Literal["total", "layer", "module", "tensor"] = "tensor",
-    ) -> str:
-        """The ``by`` breakdown as CSV; also written atomically to ``path`` if given."""
-        df = self.by(by)
-        if "shape" in df.columns:
-            df = df.with_columns(
-                pl.col("shape").list.eval(pl.element().cast(pl.Utf8)).list.join("x")
-            )
-        text = df.write_csv()
-        if path is not None:
-            write_text_atomic(path, text)
-        return text
 
     def summary(self) -> str:
         """A short human-readable account."""
@@ -252,26 +216,6 @@ class RankReport:
                 + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
             )
         return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
-
-
-def _select(names: Iterable[str], include: Any, exclude: Any) -> list[str]:
-    def compile_all(p: Any, what: str) -> list[re.Pattern[str]]:
-        if p is None:
-            return []
-        try:
-            return [re.compile(x) for x in ([p] if isinstance(p, str) else p)]
-        except re.error as e:
-            raise ValueError(f"invalid {what} regex: {e}") from None
-
-    inc, exc = compile_all(include, "include"), compile_all(exclude, "exclude")
-    return [
-        n
-        for n in names
-        if (not inc or any(r.search(n) for r in inc)) and not any(r.search(n) for r in exc)
-    ]
 
 
 def _batches(jobs: list[tuple[str, list[int]]], batch: bool, limit: int) -> Iterator[list[str]]:
@@ -329,7 +273,7 @@ def rank(
     dev = resolve_device(device)
     a = _rlmask.Checkpoint(resolve_checkpoint(base))
     b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
-    names = _select(sorted(set(a.names()) | set(b.names())), include, exclude)
+    names = select_names(sorted(set(a.names()) | set(b.names())), include, exclude)
 
     skipped: list[tuple[str, str]] = []
     jobs: list[tuple[str, list[int]]] = []

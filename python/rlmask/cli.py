@@ -16,11 +16,12 @@ import click
 import polars as pl
 
 from rlmask import __version__
-from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, DiffReport, diff
+from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, diff
 from rlmask._io import write_text_atomic
 from rlmask._mask import consensus, load_mask
 from rlmask._overlap import overlap, overlap_matrix
 from rlmask._rank import rank
+from rlmask._report import Report
 from rlmask._table import format_frame
 from rlmask.errors import RlmaskError
 
@@ -50,6 +51,51 @@ def _user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Applies several click decorators, in the order they are listed."""
+
+    def apply(fn: F) -> F:
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+
+    return apply
+
+
+def _format_option(choices: list[str]) -> Callable[[F], F]:
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(choices),
+        default="table",
+        show_default=True,
+        help="json prints the full machine-readable report whatever --by says.",
+    )
+
+
+_output_option = click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write to FILE (atomically) instead of stdout.",
+)
+_select_options = _options(
+    click.option(
+        "--include",
+        multiple=True,
+        metavar="REGEX",
+        help="Only tensors whose name matches (repeatable).",
+    ),
+    click.option(
+        "--exclude",
+        multiple=True,
+        metavar="REGEX",
+        help="Skip tensors whose name matches (repeatable).",
+    ),
+)
+_quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+
+
 def _parse_tolerances(text: str | None) -> list[float]:
     if not text:
         return []
@@ -68,7 +114,9 @@ def _emit(text: str, output: str | None) -> None:
         click.echo(text)
 
 
-def _render(report: DiffReport, by: str, fmt: str, output: str | None) -> None:
+def _render(report: Report, by: str, fmt: str, output: str | None) -> None:
+    """Prints or writes a report: JSON (everything), CSV or Parquet (the ``by`` breakdown), or
+    a table (the summary, then the ``by`` breakdown)."""
     if fmt == "json":
         _emit(report.to_json(), output)
     elif fmt == "csv":
@@ -132,32 +180,9 @@ def cli() -> None:
     show_default=True,
     help="Breakdown to print: whole model, per layer, per module type, or per tensor.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json", "csv", "parquet"]),
-    default="table",
-    show_default=True,
-    help="json prints the full machine-readable report whatever --by says.",
-)
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False),
-    help="Write to FILE (atomically) instead of stdout.",
-)
-@click.option(
-    "--include",
-    multiple=True,
-    metavar="REGEX",
-    help="Only tensors whose name matches (repeatable).",
-)
-@click.option(
-    "--exclude",
-    multiple=True,
-    metavar="REGEX",
-    help="Skip tensors whose name matches (repeatable).",
-)
+@_format_option(["table", "json", "csv", "parquet"])
+@_output_option
+@_select_options
 @click.option(
     "--skip-mismatched",
     is_flag=True,
@@ -169,7 +194,13 @@ def cli() -> None:
     help="Also write the changed elements at --tol (the subnetwork) to this .rlmask file, "
     "from the same pass.",
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Also draw sparsity per layer and module type (paper Figure 3) to this image file "
+    "(PNG, PDF, SVG by extension; needs matplotlib).",
+)
+@_quiet_option
 @_user_errors
 def diff_cmd(
     base: str,
@@ -186,6 +217,7 @@ def diff_cmd(
     exclude: tuple[str, ...],
     skip_mismatched: bool,
     save_mask: str | None,
+    plot: str | None,
     quiet: bool,
 ) -> None:
     """Update sparsity of TUNED against BASE (paper §2.2).
@@ -219,6 +251,10 @@ def diff_cmd(
         progress=not quiet,
     )
     _render(report, by, fmt, output)
+    if plot:
+        from rlmask.plot import sparsity_by_layer
+
+        sparsity_by_layer(report, plot)
 
 
 @cli.command()
@@ -231,7 +267,7 @@ def diff_cmd(
 )
 @_user_errors
 def demo(by: str) -> None:
-    """Run `rlmask diff --sweep` on the bundled example checkpoints.
+    """Run `rlmask diff --sweep` and `rlmask overlap` on the bundled example checkpoints.
 
     The examples are a tiny llama-shaped model with synthetic updates (see the README); use
     `rlmask diff` on your own checkpoints for real figures.
@@ -241,8 +277,13 @@ def demo(by: str) -> None:
     base, tuned = example_path("base"), example_path("tuned-seed1")
     click.echo("rlmask demo: synthetic tiny-llama example bundled with the package")
     click.echo(f"$ rlmask diff {base} {tuned} --sweep --by {by}\n")
-    report = diff(base, tuned, tolerances=DEFAULT_SWEEP, progress=False)
+    report = diff(base, tuned, tolerances=DEFAULT_SWEEP, mask=True, progress=False)
     _render(report, by, "table", None)
+    other = diff(base, example_path("tuned-seed2"), mask=True, progress=False)
+    assert report.mask is not None and other.mask is not None
+    click.echo("\nHow consistent are the subnetworks of two seeds? (paper §5)")
+    click.echo("$ rlmask overlap seed1.rlmask seed2.rlmask   # masks saved with --save-mask\n")
+    click.echo(overlap(report.mask, other.mask).summary())
 
 
 @cli.group()
@@ -336,19 +377,8 @@ def mask_combine(inputs: tuple[str, ...], op: str, min_count: int | None, output
     show_default=True,
     help="For two masks: breakdown to print.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json", "csv"]),
-    default="table",
-    show_default=True,
-)
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False),
-    help="Write to FILE (atomically) instead of stdout.",
-)
+@_format_option(["table", "json", "csv"])
+@_output_option
 @click.option(
     "--common-only",
     is_flag=True,
@@ -373,16 +403,7 @@ def overlap_cmd(
     if len(masks) < 2:
         raise click.UsageError("overlap needs at least two masks")
     if len(masks) == 2:
-        report = overlap(masks[0], masks[1], common_only=common_only)
-        if fmt == "json":
-            text = report.to_json()
-        elif fmt == "csv":
-            text = report.to_csv(by=by)  # type: ignore[arg-type]
-        else:
-            text = report.summary()
-            if by != "total":
-                text += f"\n\nby {by}:\n" + format_frame(report.by(by))  # type: ignore[arg-type]
-        _emit(text, output)
+        _render(overlap(masks[0], masks[1], common_only=common_only), by, fmt, output)
         return
     labels = [str(i + 1) for i in range(len(masks))]
     mats = overlap_matrix(list(masks), labels=labels, common_only=common_only)
@@ -427,18 +448,7 @@ def overlap_cmd(
     help="k of the energy_topk column (energy share of the top k directions).",
 )
 @click.option("--skip-embeddings", is_flag=True, help="Leave out embed_tokens and lm_head.")
-@click.option(
-    "--include",
-    multiple=True,
-    metavar="REGEX",
-    help="Only tensors whose name matches (repeatable).",
-)
-@click.option(
-    "--exclude",
-    multiple=True,
-    metavar="REGEX",
-    help="Skip tensors whose name matches (repeatable).",
-)
+@_select_options
 @click.option(
     "--by",
     type=click.Choice(LEVELS),
@@ -446,20 +456,9 @@ def overlap_cmd(
     show_default=True,
     help="Breakdown to print under the summary.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json", "csv"]),
-    default="table",
-    show_default=True,
-)
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False),
-    help="Write to FILE (atomically) instead of stdout.",
-)
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_format_option(["table", "json", "csv"])
+@_output_option
+@_quiet_option
 @_user_errors
 def rank_cmd(
     base: str,
@@ -500,15 +499,7 @@ def rank_cmd(
         exclude=exclude or None,
         progress=not quiet,
     )
-    if fmt == "json":
-        text = report.to_json()
-    elif fmt == "csv":
-        text = report.to_csv(by=by)  # type: ignore[arg-type]
-    else:
-        text = report.summary()
-        if by != "total":
-            text += f"\n\nby {by}:\n" + format_frame(report.by(by))  # type: ignore[arg-type]
-    _emit(text, output)
+    _render(report, by, fmt, output)
 
 
 def main() -> None:

@@ -1,0 +1,99 @@
+"""What every report class shares: breakdowns by level, and JSON, CSV and Parquet export."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Literal
+
+import polars as pl
+
+from rlmask._io import write_atomic, write_text_atomic
+from rlmask._names import MODULES
+
+Level = Literal["total", "layer", "module", "tensor"]
+PathArg = str | os.PathLike[str]
+
+_MODULE_RANK = {m: i for i, m in enumerate((*MODULES, "other"))}
+
+
+def sort_modules(df: pl.DataFrame) -> pl.DataFrame:
+    """Rows in the order of :data:`rlmask._names.MODULES` (q_proj ... norm, then other)."""
+    return df.sort(pl.col("module").replace_strict(_MODULE_RANK, return_dtype=pl.Int64))
+
+
+def ratio(num: str, den: str) -> pl.Expr:
+    """``num / den`` as float, null where ``den`` is 0."""
+    return (
+        pl.when(pl.col(den) > 0)
+        .then(pl.col(num).cast(pl.Float64) / pl.col(den).cast(pl.Float64))
+        .otherwise(None)
+    )
+
+
+def flat(df: pl.DataFrame) -> pl.DataFrame:
+    """CSV has no lists: shapes become ``4096x4096``."""
+    if "shape" not in df.columns:
+        return df
+    return df.with_columns(pl.col("shape").list.eval(pl.element().cast(pl.Utf8)).list.join("x"))
+
+
+class Report:
+    """Mixin of the report dataclasses: they provide ``tensors``, :meth:`total_frame`,
+    :meth:`by_layer`, :meth:`by_module`, :meth:`to_dict` and :meth:`summary`."""
+
+    tensors: pl.DataFrame
+
+    def total_frame(self) -> pl.DataFrame:
+        """The whole-model figures as a DataFrame."""
+        raise NotImplementedError
+
+    def by_layer(self) -> pl.DataFrame:
+        """Figures per transformer layer."""
+        raise NotImplementedError
+
+    def by_module(self) -> pl.DataFrame:
+        """Figures per module type."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain Python values."""
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        """A short human-readable account."""
+        raise NotImplementedError
+
+    def by(self, level: Level) -> pl.DataFrame:
+        """The breakdown named by ``level``: total, layer, module or tensor."""
+        if level == "total":
+            return self.total_frame()
+        if level == "layer":
+            return self.by_layer()
+        if level == "module":
+            return self.by_module()
+        if level == "tensor":
+            return self.tensors
+        raise ValueError(f"unknown level '{level}' (total, layer, module or tensor)")
+
+    def to_json(self, path: PathArg | None = None, *, indent: int | None = 2) -> str:
+        """:meth:`to_dict` as JSON text; also written atomically to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=indent) + "\n"
+        if path is not None:
+            write_text_atomic(path, text)
+        return text
+
+    def to_csv(self, path: PathArg | None = None, *, by: Level = "tensor") -> str:
+        """The ``by`` breakdown as CSV text; also written atomically to ``path`` if given."""
+        text = flat(self.by(by)).write_csv()
+        if path is not None:
+            write_text_atomic(path, text)
+        return text
+
+    def to_parquet(self, path: PathArg, *, by: Level = "tensor") -> None:
+        """Writes the ``by`` breakdown to a Parquet file, atomically."""
+        df = self.by(by)
+        write_atomic(path, lambda p: df.write_parquet(p))
+
+    def __str__(self) -> str:
+        return self.summary()
