@@ -132,7 +132,9 @@ def test_demo_and_help() -> None:
 
 
 def test_installed_command_in_a_subprocess(tmp_path: Path) -> None:
-    exe = shutil.which("rlmask")
+    # The console script installed for this interpreter (PATH may hold another, or a shim).
+    beside = Path(sys.executable).with_name("rlmask")
+    exe = str(beside) if beside.exists() else shutil.which("rlmask")
     assert exe, "the rlmask console script is not installed"
     out = tmp_path / "r.json"
     p = subprocess.run(
