@@ -37,4 +37,8 @@ def write_atomic(target: str | os.PathLike[str], write: Callable[[Path], None]) 
 
 def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
     """Writes ``text`` (UTF-8) to ``target`` atomically."""
-    write_atomic(target, lambda p: p.write_text(text, encoding="utf-8"))
+
+    def write(p: Path) -> None:
+        p.write_text(text, encoding="utf-8")
+
+    write_atomic(target, write)

@@ -196,7 +196,7 @@ class Mask:
             }
             for n, e in self._entries.items()
         ]
-        schema = {
+        schema: dict[str, Any] = {
             "name": pl.Utf8,
             "layer": pl.Int64,
             "module": pl.Utf8,

@@ -227,8 +227,8 @@ def _batches(jobs: list[tuple[str, list[int]]], batch: bool, limit: int) -> Iter
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for name, shape in jobs:
         by_shape.setdefault(tuple(shape), []).append(name)
-    for shape, names in by_shape.items():
-        per = max(1, limit // max(1, 3 * 4 * math.prod(shape)))  # a, b, delta in float32
+    for dims, names in by_shape.items():
+        per = max(1, limit // max(1, 3 * 4 * math.prod(dims)))  # a, b, delta in float32
         for i in range(0, len(names), per):
             yield names[i : i + per]
 

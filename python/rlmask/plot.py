@@ -48,6 +48,7 @@ def sparsity_by_layer(
     layers = report.tensors.filter(pl.col("floating") & pl.col("layer").is_not_null())
     if layers.is_empty():
         raise ValueError("the report has no tensors inside a layer stack (model.layers.N.)")
+    fig: Any
     if ax is None:
         fig, ax = plt.subplots(figsize=(8, 4.5))
     else:

@@ -225,7 +225,7 @@ def attach_mask(
             keep = unpack_bits(packed, numel).reshape(grad.shape)
             return grad.masked_fill(~keep, 0)
 
-        handle._hooks.append(p.register_hook(hook))
+        handle._hooks.append(p.register_hook(hook))  # type: ignore[no-untyped-call]
 
     if optimizer is not None:
         handle._hooks += _decay_hooks(optimizer, handle)
@@ -348,7 +348,11 @@ class UpdateTracker:
         self._rows: list[dict[str, Any]] = []
         self._hook = None
         if optimizer is not None:
-            self._hook = optimizer.register_step_post_hook(lambda *_: self.step())
+
+            def after_step(*_: Any) -> None:
+                self.step()
+
+            self._hook = optimizer.register_step_post_hook(after_step)
 
     @property
     def numel(self) -> int:

@@ -22,7 +22,7 @@ from rlmask._mask import Mask, load_mask
 from rlmask.torch import MaskHandle, NameMap, attach_mask
 
 
-class MaskCallback(TrainerCallback):  # type: ignore[misc]
+class MaskCallback(TrainerCallback):
     """Attaches a subnetwork mask at ``on_train_begin`` and removes it at ``on_train_end``.
 
     Args:
