@@ -151,6 +151,23 @@ def test_checkpoint_forms(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(CheckpointNotFoundError, match="no model.safetensors"):
         Checkpoint(empty)
+    (empty / "pytorch_model.bin").write_bytes(b"not opened")
+    with pytest.raises(CheckpointNotFoundError, match=r"pytorch_model\.bin \(PyTorch pickles"):
+        Checkpoint(empty)
+
+
+def test_cancelled_comparison_raises_keyboard_interrupt(tmp_path: Path) -> None:
+    from rlmask._rlmask import Progress, diff
+
+    save_file({"w": torch.zeros(1000)}, tmp_path / "a.safetensors")
+    a = Checkpoint(tmp_path / "a.safetensors")
+    watch = Progress()
+    watch.cancel()
+    with pytest.raises(KeyboardInterrupt):
+        diff(a, a, criterion="absolute", tolerances=[1e-5], progress=watch)
+    done = Progress()
+    diff(a, a, criterion="absolute", tolerances=[1e-5], progress=done)
+    assert done.total == done.done == 8000
 
 
 def test_diff_reports_corruption_without_crashing(tmp_path: Path) -> None:

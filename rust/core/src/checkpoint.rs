@@ -29,6 +29,20 @@ struct IndexFile {
 const INDEX_NAME: &str = "model.safetensors.index.json";
 const SINGLE_NAME: &str = "model.safetensors";
 
+/// Names of pickled PyTorch checkpoints in `dir` (for a helpful error), sorted, at most three.
+fn pickle_files(dir: &Path) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".bin") || n.ends_with(".pt") || n.ends_with(".pth"))
+        .collect();
+    found.sort();
+    found.truncate(3);
+    found
+}
+
 impl Checkpoint {
     /// Opens every shard of the checkpoint at `path` and validates headers and index.
     pub fn open(path: &Path) -> Result<Checkpoint> {
@@ -86,10 +100,20 @@ impl Checkpoint {
             });
         }
         if shards.is_empty() {
+            let pickles = pickle_files(path);
+            let hint = if pickles.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; it holds {} (PyTorch pickles, which rlmask never loads: they can run code); \
+                     convert them to safetensors first",
+                    pickles.join(", ")
+                )
+            };
             return Err(Error::NotFound {
                 path: path.to_path_buf(),
                 reason: format!(
-                    "directory holds no {INDEX_NAME}, no {SINGLE_NAME} and no *.safetensors files"
+                    "directory holds no {INDEX_NAME}, no {SINGLE_NAME} and no *.safetensors files{hint}"
                 ),
             });
         }
