@@ -168,7 +168,7 @@ def test_pack_unpack_round_trip() -> None:
         assert torch.equal(unpack_bits(packed, n), flags)
 
 
-def test_tracker_against_saved_copies() -> None:
+def test_tracker_against_saved_copies(tmp_path: Any) -> None:
     model = _model(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     tol = 1e-3
@@ -228,6 +228,10 @@ def test_tracker_against_saved_copies() -> None:
                 tracker.ever_changed_mask(exact=exact)[n], ever[n].numpy()
             )
     assert r.categories["changed_then_returned"][0] > 0  # the sign flips made some return
+    final, ever, returned = (rlmask.load_mask(p) for p in tracker.save_masks(tmp_path))
+    row = r.categories.filter(r.categories["criterion"] == f"tol={tol:g}").row(0, named=True)
+    assert (final.count, returned.count) == (row["changed_at_end"], row["changed_then_returned"])
+    assert ever.count == final.count + returned.count and final.meta["what"] == "final"
     tracker.remove()
 
 

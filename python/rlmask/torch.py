@@ -41,8 +41,10 @@ share of ever-changed elements outside the final subnetwork (Figure 6).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -422,6 +424,24 @@ class UpdateTracker:
                 "what": "ever changed",
             },
         )
+
+    def save_masks(self, directory: str | os.PathLike[str], *, exact: bool = False) -> list[Path]:
+        """Writes the categories of Figure 2 as ``.rlmask`` files in ``directory``:
+        ``final.rlmask`` (changed at the end), ``ever_changed.rlmask`` and
+        ``changed_then_returned.rlmask`` (ever changed, not changed at the end). Returns the
+        paths."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        final, ever = self.final_mask(exact=exact), self.ever_changed_mask(exact=exact)
+        paths = []
+        for name, mask in (
+            ("final", final),
+            ("ever_changed", ever),
+            ("changed_then_returned", ever - final),
+        ):
+            paths.append(out / f"{name}.rlmask")
+            mask.save(paths[-1])
+        return paths
 
     def report(self) -> TrackerReport:
         """Per-step fractions and the final categories (Figures 2 and 6)."""
