@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 from collections.abc import Callable
@@ -11,6 +12,13 @@ from typing import TypeVar
 from rlmask._rlmask import Progress
 
 T = TypeVar("T")
+
+
+def bar_width() -> int:
+    """Progress bars stay one column short of the terminal (a full-width line leaves the
+    cursor in the terminal's pending-wrap state, and the next output lands on the bar's line)
+    and at most 100 wide."""
+    return max(20, min(100, shutil.get_terminal_size().columns - 1))
 
 
 def progress_wanted(progress: bool) -> bool:
@@ -47,14 +55,16 @@ def run_with_progress(call: Callable[[Progress], T], *, show: bool, desc: str = 
         desc=desc,
         delay=0.5,
         file=sys.stderr,
-        dynamic_ncols=True,
+        ncols=bar_width(),
+        leave=False,
     ) as bar:
         try:
             while worker.is_alive():
                 worker.join(0.1)
                 bar.total = watch.total
-                bar.n = watch.done
-                bar.refresh()
+                # update(), not refresh(): it honours the delay and records what was drawn,
+                # so that closing the bar erases it.
+                bar.update(watch.done - bar.n)
         except KeyboardInterrupt:
             watch.cancel()
             worker.join()

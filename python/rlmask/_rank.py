@@ -34,7 +34,7 @@ import polars as pl
 
 from rlmask import _rlmask
 from rlmask._names import layer_of, module_of, select_names
-from rlmask._progress import progress_wanted
+from rlmask._progress import bar_width, progress_wanted
 from rlmask._report import Report, sort_modules
 from rlmask._resolve import resolve_checkpoint
 
@@ -309,7 +309,8 @@ def rank(
             unit_scale=True,
             file=sys.stderr,
             delay=0.5,
-            dynamic_ncols=True,
+            ncols=bar_width(),
+            leave=False,
         )
     try:
         for group in _batches(jobs, dev.type == "cuda", batch_bytes):
