@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -506,6 +507,8 @@ def rank_cmd(
 
 def main() -> None:
     """Entry point of the ``rlmask`` command."""
+    if hasattr(signal, "SIGPIPE"):  # `rlmask ... | head` ends quietly, as other tools do
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     cli.main(prog_name="rlmask")
 
 
