@@ -167,7 +167,15 @@ def test_masks_from_real_diffs_match_the_oracle(tmp_path: Path) -> None:
         np.testing.assert_array_equal(m[name], want, err_msg=name)
         assert m.dtype(name) == "BF16"
     assert m.count == report.changed
-    assert report.mask is not None and report.mask.count == m.count
+    assert report.mask is None  # streamed to the file, not held in memory
+    # The same mask kept in memory and saved from there makes the same file, byte for byte.
+    kept = rlmask.diff(
+        base, tuned, tol=1e-6, mask=True, save_mask=tmp_path / "b.rlmask", progress=False
+    )
+    assert kept.mask is not None and kept.mask.count == m.count
+    kept.mask.save(tmp_path / "c.rlmask")
+    streamed = (tmp_path / "s1.rlmask").read_bytes()
+    assert streamed == (tmp_path / "b.rlmask").read_bytes() == (tmp_path / "c.rlmask").read_bytes()
     # Two seeds' subnetworks from real diffs.
     r2 = rlmask.diff(base, example_path("tuned-seed2"), tol=1e-6, mask=True, progress=False)
     assert r2.mask is not None

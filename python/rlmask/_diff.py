@@ -72,7 +72,7 @@ class DiffReport(Report):
         tied: names absent because the checkpoint ties them to the embeddings.
         skipped: ``(name, reason)`` of tensors skipped for mismatched shape or dtype.
         mask: the subnetwork (changed elements at :attr:`tol`) of every compared floating
-            tensor, when asked for with ``mask=True`` or ``save_mask=``; else None.
+            tensor, when asked for with ``mask=True``; else None.
     """
 
     base: str
@@ -230,12 +230,13 @@ class DiffReport(Report):
         """Writes :attr:`mask` to an ``.rlmask`` file (DESIGN §3), atomically.
 
         The bits are produced in the comparison's single pass, so the diff must have been run
-        with ``mask=True`` (or ``save_mask=``).
+        with ``mask=True`` (or pass ``save_mask=`` to :func:`diff` to write the file from the
+        pass itself).
         """
         if self.mask is None:
             raise ValueError(
-                "this report has no mask: run rlmask.diff(..., mask=True) or "
-                "rlmask.diff(..., save_mask=PATH), which keep the changed-bits of the same pass"
+                "this report has no mask: run rlmask.diff(..., save_mask=PATH), which writes the "
+                "changed-bits of the same pass, or rlmask.diff(..., mask=True) to keep them"
             )
         self.mask.save(path)
 
@@ -321,7 +322,9 @@ def diff(
             :class:`~rlmask.errors.TensorMismatchError`.
         mask: also keep the changed-bits at ``tol`` (the subnetwork) as
             :attr:`DiffReport.mask`, computed in the same pass (one bit per element in memory).
-        save_mask: write that mask to this ``.rlmask`` file (implies ``mask``), atomically.
+        save_mask: write that mask to this ``.rlmask`` file, atomically, straight from the pass
+            (memory-mapped, never held in memory: fit for 70B models); with ``mask=True`` too,
+            the mask is also kept in :attr:`DiffReport.mask`.
         progress: draw a progress bar on stderr when it is a terminal.
 
     Returns:
@@ -332,6 +335,15 @@ def diff(
         >>> report.sparsity, report.by_module()
     """
     values, primary = _thresholds(criterion, tol, tolerances, eta)
+    # Where every mask of this diff says it came from.
+    provenance = {
+        "source": "diff",
+        "base": os.fspath(base),
+        "tuned": os.fspath(tuned),
+        "criterion": criterion,
+        "tolerance": repr(primary),
+        "rlmask_version": __version__,
+    }
     select_names([], include, exclude)  # bad patterns fail before any file is opened
     a = _rlmask.Checkpoint(resolve_checkpoint(base))
     b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
@@ -347,23 +359,24 @@ def diff(
             select=select,
             skip_mismatched=skip_mismatched,
             mask_threshold=values.index(primary) if (mask or save_mask is not None) else None,
+            mask_file=None if (mask or save_mask is None) else os.fspath(save_mask),
+            mask_provenance=provenance,
             progress=watch,
         ),
         show=progress_wanted(progress),
     )
-    report = _report(os.fspath(base), os.fspath(tuned), criterion, values, primary, raw)
-    if save_mask is not None:
+    report = _report(raw, criterion, values, primary, provenance)
+    if save_mask is not None and mask:
         report.save_mask(save_mask)
     return report
 
 
 def _report(
-    base: str,
-    tuned: str,
+    raw: dict[str, Any],
     criterion: Criterion,
     values: list[float],
     primary: float,
-    raw: dict[str, Any],
+    provenance: dict[str, str],
 ) -> DiffReport:
     rows = raw["tensors"]
     k = values.index(primary)
@@ -395,17 +408,7 @@ def _report(
     mask = None
     if any(r[7] is not None for r in rows):
         entries = {r[0]: _Entry(tuple(r[3]), r[1], r[4], r[7]) for r in rows if r[7] is not None}
-        mask = Mask(
-            entries,
-            {
-                "source": "diff",
-                "base": base,
-                "tuned": tuned,
-                "criterion": criterion,
-                "tolerance": repr(primary),
-                "rlmask_version": __version__,
-            },
-        )
+        mask = Mask(entries, provenance)
     if len(values) > 1:
         changed_cols = _columns("changed", criterion, values)
         df = df.with_columns(
@@ -417,8 +420,8 @@ def _report(
             for c, s in zip(changed_cols, _columns("sparsity", criterion, values), strict=True)
         )
     return DiffReport(
-        base=base,
-        tuned=tuned,
+        base=provenance["base"],
+        tuned=provenance["tuned"],
         criterion=criterion,
         tolerances=tuple(values),
         tol=primary,

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     import torch
 
 FORMAT = "rlmask"
-VERSION = "1"
 PathArg = str | os.PathLike[str]
 
 
@@ -234,30 +233,20 @@ class Mask:
 
     # ----- writing -------------------------------------------------------------------------
 
-    def file_metadata(self) -> dict[str, str]:
-        """The ``__metadata__`` this mask is saved with (DESIGN §3)."""
-        tensors = {
-            n: {"shape": list(e.shape), "dtype": e.dtype, "numel": e.numel}
-            for n, e in self._entries.items()
-        }
-        own = ("format", "version", "bitorder", "path", "tensors")
-        meta = {k: v for k, v in self._meta.items() if k not in own}
-        return {
-            "format": FORMAT,
-            "version": VERSION,
-            "bitorder": "little",
-            **meta,
-            "tensors": json.dumps(tensors, separators=(",", ":")),
-        }
-
     def save(self, path: PathArg) -> None:
-        """Writes the mask to ``path`` (conventionally ``*.rlmask``), atomically."""
+        """Writes the mask to ``path`` (conventionally ``*.rlmask``), atomically. The core adds
+        the format keys and the ``tensors`` description (DESIGN §3) to :attr:`meta`."""
         names = list(self._entries)
+        entries = [self._entries[n] for n in names]
+        provenance = {k: v for k, v in self._meta.items() if k not in ("path", "tensors")}
         _rlmask.write_mask(
             os.fspath(path),
             names,
-            [np.ascontiguousarray(self._entries[n].packed) for n in names],
-            self.file_metadata(),
+            [np.ascontiguousarray(e.packed) for e in entries],
+            [e.numel for e in entries],
+            [list(e.shape) for e in entries],
+            [e.dtype for e in entries],
+            provenance,
         )
 
     # ----- algebra -------------------------------------------------------------------------

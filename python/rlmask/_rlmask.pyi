@@ -62,13 +62,18 @@ def diff(
     select: list[str] | None = None,
     skip_mismatched: bool = False,
     mask_threshold: int | None = None,
+    mask_file: str | PathLike[str] | None = None,
+    mask_provenance: dict[str, str] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]: ...
 def write_mask(
     path: str | PathLike[str],
     names: list[str],
     arrays: list[npt.NDArray[np.uint8]],
-    metadata: dict[str, str],
+    numels: list[int],
+    shapes: list[list[int]],
+    dtypes: list[str],
+    provenance: dict[str, str],
 ) -> None: ...
 def mask_count(arrays: list[npt.NDArray[np.uint8]], numels: list[int]) -> list[int]: ...
 def mask_overlap(

@@ -29,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             select: None,
             skip_mismatched: false,
             mask_threshold: mask,
+            mask_file: None,
         };
         for _ in 0..3 {
             let progress = Progress::default();

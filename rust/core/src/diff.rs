@@ -10,6 +10,7 @@ use crate::checkpoint::Checkpoint;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::kernel::{compare_chunk, Criterion, Job, BLOCK};
+use crate::maskfile::{self, MaskEntry};
 use crate::safetensors::{Shard, TensorInfo};
 
 /// Elements per unit of parallel work (a multiple of the mask word width).
@@ -36,8 +37,18 @@ pub struct DiffOptions {
     /// List tensors whose shapes or dtypes cannot be compared instead of failing.
     pub skip_mismatched: bool,
     /// Emit the packed changed-bits of this threshold for every compared floating tensor (the
-    /// subnetwork mask; integer tensors get none).
+    /// subnetwork mask; integer tensors get none): into [`TensorDiff::bits`], or into
+    /// `mask_file` when one is given.
     pub mask_threshold: Option<usize>,
+    /// Write the mask straight into this `.rlmask` file (atomically, never held in memory).
+    pub mask_file: Option<MaskFileSpec>,
+}
+
+/// Where and with what provenance a diff writes its mask file.
+#[derive(Debug, Clone)]
+pub struct MaskFileSpec {
+    pub path: std::path::PathBuf,
+    pub provenance: std::collections::BTreeMap<String, String>,
 }
 
 /// The comparison of one tensor.
@@ -117,6 +128,11 @@ fn validate(opts: &DiffOptions) -> Result<()> {
             "tolerances must be finite and non-negative".into(),
         ));
     }
+    if opts.mask_file.is_some() && opts.mask_threshold.is_none() {
+        return Err(Error::InvalidArgument(
+            "a mask file needs mask_threshold".into(),
+        ));
+    }
     if let Some(k) = opts.mask_threshold {
         if k >= n {
             return Err(Error::InvalidArgument(format!(
@@ -181,17 +197,92 @@ pub fn diff(
     }
 
     let nthr = opts.criterion.thresholds();
+    let floating: Vec<bool> = pairs
+        .iter()
+        .map(|p| p.a.1.dtype.is_float() && p.b.1.dtype.is_float())
+        .collect();
+    // Mask bits go straight into a mapped mask file, or into memory, or nowhere.
+    let mut writer = match &opts.mask_file {
+        Some(spec) => {
+            let entries: Vec<MaskEntry> = pairs
+                .iter()
+                .zip(&floating)
+                .filter(|(_, &f)| f)
+                .map(|(p, _)| MaskEntry {
+                    name: p.name.to_string(),
+                    shape: p.a.1.shape.clone(),
+                    dtype: p.a.1.dtype.to_string(),
+                    numel: p.a.1.numel,
+                })
+                .collect();
+            Some(maskfile::create(&spec.path, &entries, &spec.provenance)?)
+        }
+        None => None,
+    };
+    let in_memory = opts.mask_threshold.is_some() && writer.is_none();
     let mut bits: Vec<Option<Vec<u8>>> = pairs
         .iter()
-        .map(|p| {
-            let floating = p.a.1.dtype.is_float() && p.b.1.dtype.is_float();
-            let wanted = opts.mask_threshold.is_some() && floating;
-            wanted.then(|| vec![0u8; padded_len(p.a.1.numel as usize)])
-        })
+        .zip(&floating)
+        .map(|(p, &f)| (in_memory && f).then(|| vec![0u8; padded_len(p.a.1.numel as usize)]))
         .collect();
     let total: u64 = pairs.iter().map(|p| (p.a.1.len + p.b.1.len) as u64).sum();
     progress.total.store(total, Ordering::Relaxed);
 
+    let partial = {
+        let mut file_slices = writer.as_mut().map(|w| w.slices().into_iter());
+        let outs: Vec<Option<&mut [u8]>> = bits
+            .iter_mut()
+            .zip(&floating)
+            .map(|(mem, &f)| match file_slices.as_mut() {
+                Some(slices) if f => slices.next(),
+                _ => mem.as_deref_mut(),
+            })
+            .collect();
+        compare_pairs(&pairs, outs, opts, progress)?
+    };
+    if let Some(w) = writer {
+        w.finish()?;
+    }
+
+    let mut changed = vec![vec![0u64; nthr]; pairs.len()];
+    for (pi, counts) in partial {
+        for (acc, c) in changed[pi].iter_mut().zip(counts) {
+            *acc += c;
+        }
+    }
+    let tensors = pairs
+        .iter()
+        .zip(changed)
+        .zip(bits)
+        .map(|((p, changed), bits)| TensorDiff {
+            name: p.name.to_string(),
+            base_dtype: p.a.1.dtype,
+            tuned_dtype: p.b.1.dtype,
+            shape: p.a.1.shape.clone(),
+            numel: p.a.1.numel,
+            floating: p.a.1.dtype.is_float() && p.b.1.dtype.is_float(),
+            changed,
+            bits,
+        })
+        .collect();
+    Ok(DiffResult {
+        tensors,
+        only_in_base,
+        only_in_tuned,
+        tied,
+        skipped,
+    })
+}
+
+/// Compares every pair, in parallel over chunks of every tensor, writing mask bits into
+/// `outs[i]` (when given) for pair `i`; returns (pair, counts) per chunk.
+fn compare_pairs(
+    pairs: &[Pair],
+    outs: Vec<Option<&mut [u8]>>,
+    opts: &DiffOptions,
+    progress: &Progress,
+) -> Result<Vec<(usize, Vec<u64>)>> {
+    let nthr = opts.criterion.thresholds();
     // One work item per chunk of a tensor, each owning the slice of mask words it writes.
     struct Item<'a> {
         pair: usize,
@@ -200,9 +291,9 @@ pub fn diff(
         words: Option<&'a mut [u8]>,
     }
     let mut items = Vec::new();
-    for (pi, (p, words)) in pairs.iter().zip(bits.iter_mut()).enumerate() {
+    for (pi, (p, words)) in pairs.iter().zip(outs).enumerate() {
         let n = p.a.1.numel as usize;
-        let mut words = words.as_mut().map(|w| w.chunks_mut(CHUNK / 8));
+        let mut words = words.map(|w| w.chunks_mut(CHUNK / 8));
         for start in (0..n).step_by(CHUNK) {
             items.push(Item {
                 pair: pi,
@@ -214,7 +305,7 @@ pub fn diff(
     }
 
     let exact = Criterion::Exact;
-    let partial: Vec<(usize, Vec<u64>)> = items
+    items
         .into_par_iter()
         .map(|item| {
             if progress.cancel.load(Ordering::Relaxed) {
@@ -250,34 +341,5 @@ pub fn diff(
                 .fetch_add((a.len() + b.len()) as u64, Ordering::Relaxed);
             Ok((item.pair, counts))
         })
-        .collect::<Result<_>>()?;
-
-    let mut changed = vec![vec![0u64; nthr]; pairs.len()];
-    for (pi, counts) in partial {
-        for (acc, c) in changed[pi].iter_mut().zip(counts) {
-            *acc += c;
-        }
-    }
-    let tensors = pairs
-        .iter()
-        .zip(changed)
-        .zip(bits)
-        .map(|((p, changed), bits)| TensorDiff {
-            name: p.name.to_string(),
-            base_dtype: p.a.1.dtype,
-            tuned_dtype: p.b.1.dtype,
-            shape: p.a.1.shape.clone(),
-            numel: p.a.1.numel,
-            floating: p.a.1.dtype.is_float() && p.b.1.dtype.is_float(),
-            changed,
-            bits,
-        })
-        .collect();
-    Ok(DiffResult {
-        tensors,
-        only_in_base,
-        only_in_tuned,
-        tied,
-        skipped,
-    })
+        .collect::<Result<_>>()
 }

@@ -9,10 +9,11 @@ pub mod diff;
 pub mod dtype;
 pub mod error;
 pub mod kernel;
+pub mod maskfile;
 pub mod safetensors;
 
 pub use checkpoint::Checkpoint;
-pub use diff::{diff, DiffOptions, DiffResult, Progress, Skipped, TensorDiff};
+pub use diff::{diff, DiffOptions, DiffResult, MaskFileSpec, Progress, Skipped, TensorDiff};
 pub use dtype::Dtype;
 pub use error::{Error, Result};
 pub use kernel::Criterion;

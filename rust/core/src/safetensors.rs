@@ -120,64 +120,141 @@ impl Shard {
     }
 }
 
-/// Writes `tensors` as 1-D U8 tensors (each padded with zeros to a multiple of 8 bytes) and
-/// `metadata` to a safetensors file, atomically: the data goes to a temporary file in the same
-/// directory, which is synced and then renamed over `path`. The header is padded with spaces so
-/// that every tensor starts 8-byte aligned.
+/// A safetensors file of 1-D U8 tensors being written: created under a temporary name in the
+/// target's directory, sized and memory-mapped, filled through [`U8FileWriter::slices`] (each
+/// tensor padded with zeros to a multiple of 8 bytes, every tensor 8-byte aligned), then synced
+/// and renamed over the target by [`U8FileWriter::finish`]. Dropped unfinished (an error, a
+/// cancellation), it removes the temporary file and leaves the target untouched.
+pub struct U8FileWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    map: memmap2::MmapMut,
+    spans: Vec<(usize, usize)>,
+    finished: bool,
+}
+
+impl U8FileWriter {
+    /// Creates the temporary file with its header for `tensors` (name, length in bytes).
+    pub fn create(
+        path: &Path,
+        tensors: &[(&str, usize)],
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<U8FileWriter> {
+        let mut header = serde_json::Map::new();
+        if !metadata.is_empty() {
+            header.insert(
+                "__metadata__".into(),
+                serde_json::to_value(metadata).expect("strings"),
+            );
+        }
+        let mut lens = Vec::with_capacity(tensors.len());
+        let mut offset = 0u64;
+        for (name, len) in tensors {
+            let len = len.div_ceil(8) as u64 * 8;
+            let entry = serde_json::json!({"dtype": "U8", "shape": [len], "data_offsets": [offset, offset + len]});
+            if header.insert(name.to_string(), entry).is_some() || *name == "__metadata__" {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor name '{name}' given twice or reserved"
+                )));
+            }
+            lens.push(len as usize);
+            offset += len;
+        }
+        let mut text = serde_json::to_vec(&header).expect("serialisable");
+        text.resize(text.len().div_ceil(8) * 8, b' ');
+        let data_start = 8 + text.len();
+
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let open = || -> std::io::Result<memmap2::MmapMut> {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            file.set_len(data_start as u64 + offset)?;
+            // SAFETY: the file was just created (truncated) under a name private to this
+            // process, and only this writer maps it; nothing else reads or resizes it while the
+            // map lives.
+            let mut map = unsafe { memmap2::MmapMut::map_mut(&file)? };
+            map[..8].copy_from_slice(&(text.len() as u64).to_le_bytes());
+            map[8..data_start].copy_from_slice(&text);
+            Ok(map)
+        };
+        let map = open().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(path, e)
+        })?;
+        let mut spans = Vec::with_capacity(lens.len());
+        let mut at = data_start;
+        for len in lens {
+            spans.push((at, len));
+            at += len;
+        }
+        Ok(U8FileWriter {
+            path: path.to_path_buf(),
+            tmp,
+            map,
+            spans,
+            finished: false,
+        })
+    }
+
+    /// One disjoint, zero-filled slice per tensor, in the order given to `create`.
+    pub fn slices(&mut self) -> Vec<&mut [u8]> {
+        let mut rest: &mut [u8] = &mut self.map[..];
+        let mut cursor = 0;
+        let mut out = Vec::with_capacity(self.spans.len());
+        for &(at, len) in &self.spans {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(at - cursor);
+            let (slice, tail) = tail.split_at_mut(len);
+            out.push(slice);
+            rest = tail;
+            cursor = at + len;
+        }
+        out
+    }
+
+    /// Syncs the data and renames the file over the target.
+    pub fn finish(mut self) -> Result<()> {
+        let done = self
+            .map
+            .flush()
+            .and_then(|_| std::fs::rename(&self.tmp, &self.path));
+        done.map_err(|e| Error::io(&self.path, e))?;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Drop for U8FileWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes `tensors` as 1-D U8 tensors with `metadata`, atomically (see [`U8FileWriter`]).
 pub fn write_u8_tensors(
     path: &Path,
     tensors: &[(&str, &[u8])],
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    use std::io::Write;
-
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).expect("strings"),
-        );
+    let sizes: Vec<(&str, usize)> = tensors.iter().map(|(n, d)| (*n, d.len())).collect();
+    let mut writer = U8FileWriter::create(path, &sizes, metadata)?;
+    for (out, (_, data)) in writer.slices().into_iter().zip(tensors) {
+        out[..data.len()].copy_from_slice(data);
     }
-    let mut offset = 0u64;
-    for (name, data) in tensors {
-        let len = data.len().div_ceil(8) as u64 * 8;
-        let entry = serde_json::json!({"dtype": "U8", "shape": [len], "data_offsets": [offset, offset + len]});
-        if header.insert(name.to_string(), entry).is_some() || *name == "__metadata__" {
-            return Err(Error::InvalidArgument(format!(
-                "tensor name '{name}' given twice or reserved"
-            )));
-        }
-        offset += len;
-    }
-    let mut text = serde_json::to_vec(&header).expect("serialisable");
-    text.resize(text.len().div_ceil(8) * 8, b' ');
-
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let file = File::create(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
-        w.write_all(&(text.len() as u64).to_le_bytes())?;
-        w.write_all(&text)?;
-        for (_, data) in tensors {
-            w.write_all(data)?;
-            w.write_all(&[0u8; 8][..data.len().div_ceil(8) * 8 - data.len()])?;
-        }
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
+    writer.finish()
 }
 
 /// The header's top-level entries in file order, so that duplicates can be detected (a plain map

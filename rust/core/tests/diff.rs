@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use rlmask_core::safetensors::write_u8_tensors;
-use rlmask_core::{bits, diff, Checkpoint, Criterion, DiffOptions, Error, Progress};
+use rlmask_core::{bits, diff, Checkpoint, Criterion, DiffOptions, Error, MaskFileSpec, Progress};
 
 fn write(path: &Path, tensors: &[(&str, &[u8])]) {
     write_u8_tensors(path, tensors, &BTreeMap::new()).unwrap();
@@ -16,6 +16,7 @@ fn options(criterion: Criterion, mask: Option<usize>) -> DiffOptions {
         select: None,
         skip_mismatched: false,
         mask_threshold: mask,
+        mask_file: None,
     }
 }
 
@@ -142,6 +143,20 @@ fn mask_bits_and_arguments() {
     let bitsv = w.bits.as_ref().unwrap();
     assert_eq!(bitsv.len(), bits::padded_len(1000));
     assert_eq!(bits::count(bitsv, 1000).unwrap(), want[1]);
+    // The same bits written straight into a mask file.
+    let path = dir.path().join("m.rlmask");
+    let mut opts = options(crit.clone(), Some(1));
+    opts.mask_file = Some(MaskFileSpec {
+        path: path.clone(),
+        provenance: BTreeMap::from([("note".to_string(), "test".to_string())]),
+    });
+    let r2 = diff(&ca, &cb, &opts, &Progress::default()).unwrap();
+    assert!(r2.tensors[0].bits.is_none() && r2.tensors[0].changed == want);
+    let file = Checkpoint::open(&path).unwrap();
+    let (shard, t) = file.get("w").unwrap();
+    assert_eq!(shard.bytes(t), bitsv.as_slice());
+    assert_eq!(shard.metadata["note"], "test");
+    assert_eq!(shard.metadata["format"], "rlmask");
     let bad = options(Criterion::Absolute(vec![-1.0]), None);
     assert!(matches!(
         diff(&ca, &cb, &bad, &Progress::default()),

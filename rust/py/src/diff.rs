@@ -46,9 +46,11 @@ impl Progress {
 
 /// Compares two checkpoints (see `rlmask.diff` for the public interface). Returns a dict with
 /// `tensors` (tuples of name, base dtype, tuned dtype, shape, numel, floating, changed counts,
-/// packed bits or None), `only_in_base`, `only_in_tuned`, `tied` and `skipped`.
+/// packed bits or None), `only_in_base`, `only_in_tuned`, `tied` and `skipped`. With
+/// `mask_threshold`, the mask bits are returned per tensor, or written to `mask_file` (with
+/// `mask_provenance` in its metadata) without being held in memory.
 #[pyfunction]
-#[pyo3(signature = (base, tuned, *, criterion, tolerances, select=None, skip_mismatched=false, mask_threshold=None, progress=None))]
+#[pyo3(signature = (base, tuned, *, criterion, tolerances, select=None, skip_mismatched=false, mask_threshold=None, mask_file=None, mask_provenance=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn diff<'py>(
     py: Python<'py>,
@@ -59,6 +61,8 @@ pub fn diff<'py>(
     select: Option<Vec<String>>,
     skip_mismatched: bool,
     mask_threshold: Option<usize>,
+    mask_file: Option<std::path::PathBuf>,
+    mask_provenance: Option<std::collections::BTreeMap<String, String>>,
     progress: Option<&Progress>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let criterion = match (criterion, tolerances.as_slice()) {
@@ -81,6 +85,10 @@ pub fn diff<'py>(
         select,
         skip_mismatched,
         mask_threshold,
+        mask_file: mask_file.map(|path| core::MaskFileSpec {
+            path,
+            provenance: mask_provenance.unwrap_or_default(),
+        }),
     };
     let watch = progress.map(|p| p.inner.clone()).unwrap_or_default();
     let (a, b) = (base.inner.clone(), tuned.inner.clone());

@@ -9,7 +9,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rayon::prelude::*;
 use rlmask_core::bits::{self, Op};
-use rlmask_core::safetensors::write_u8_tensors;
+use rlmask_core::maskfile::{self, MaskEntry};
 
 use crate::errors::CoreError;
 
@@ -33,19 +33,41 @@ fn check_counts(what: &str, n: usize, numels: &[usize]) -> PyResult<()> {
     Ok(())
 }
 
-/// Writes packed masks to a safetensors file atomically (one U8 tensor per name).
+/// Writes packed masks as an `.rlmask` file atomically: one U8 tensor per name, the format
+/// metadata, `provenance`, and the `tensors` description built from names, shapes, dtypes and
+/// numels.
 #[pyfunction]
+#[allow(clippy::too_many_arguments)]
 pub fn write_mask(
     py: Python<'_>,
     path: PathBuf,
     names: Vec<String>,
     arrays: Vec<PyReadonlyArray1<'_, u8>>,
-    metadata: BTreeMap<String, String>,
+    numels: Vec<u64>,
+    shapes: Vec<Vec<u64>>,
+    dtypes: Vec<String>,
+    provenance: BTreeMap<String, String>,
 ) -> PyResult<()> {
-    check_counts("write_mask", arrays.len(), &vec![0; names.len()])?;
+    let n = names.len();
+    if [arrays.len(), numels.len(), shapes.len(), dtypes.len()] != [n; 4] {
+        return Err(PyValueError::new_err(
+            "write_mask: names, arrays, numels, shapes and dtypes differ in length",
+        ));
+    }
     let data = slices(&arrays)?;
-    let tensors: Vec<(&str, &[u8])> = names.iter().map(String::as_str).zip(data).collect();
-    py.detach(|| write_u8_tensors(&path, &tensors, &metadata))
+    let entries: Vec<MaskEntry> = names
+        .into_iter()
+        .zip(shapes)
+        .zip(dtypes)
+        .zip(numels)
+        .map(|(((name, shape), dtype), numel)| MaskEntry {
+            name,
+            shape,
+            dtype,
+            numel,
+        })
+        .collect();
+    py.detach(|| maskfile::write(&path, &entries, &data, &provenance))
         .map_err(CoreError)?;
     Ok(())
 }
