@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use memmap2::Mmap;
 use serde::de::{Deserializer, MapAccess, Visitor};
@@ -33,13 +32,13 @@ pub struct TensorInfo {
     pub len: usize,
 }
 
-/// A mapped safetensors file. The map is shared (`Arc`) so that views handed out to other
-/// owners (numpy arrays, say) keep it alive without borrowing from this struct.
+/// A mapped safetensors file. Views handed to other owners (numpy arrays) keep the whole
+/// checkpoint, and so the map, alive through an `Arc` of the checkpoint.
 pub struct Shard {
     pub path: PathBuf,
     pub tensors: Vec<TensorInfo>,
     pub metadata: BTreeMap<String, String>,
-    mmap: Arc<Mmap>,
+    mmap: Mmap,
 }
 
 impl fmt::Debug for Shard {
@@ -81,7 +80,7 @@ impl Shard {
             path: path.to_path_buf(),
             tensors,
             metadata,
-            mmap: Arc::new(mmap),
+            mmap,
         })
     }
 
@@ -107,16 +106,6 @@ impl Shard {
         }
         #[cfg(not(target_os = "linux"))]
         let _ = (t, byte_start, byte_len);
-    }
-
-    /// The shared map, for owners that outlive a borrow of the shard.
-    pub fn mmap(&self) -> &Arc<Mmap> {
-        &self.mmap
-    }
-
-    /// Size of the file in bytes.
-    pub fn file_len(&self) -> usize {
-        self.mmap.len()
     }
 }
 
