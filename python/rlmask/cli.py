@@ -73,6 +73,12 @@ def _format_option(choices: list[str]) -> Callable[[F], F]:
     )
 
 
+def _by_option(default: str, help: str) -> Callable[[F], F]:
+    return click.option(
+        "--by", type=click.Choice(LEVELS), default=default, show_default=True, help=help
+    )
+
+
 _output_option = click.option(
     "-o",
     "--output",
@@ -176,13 +182,7 @@ def cli() -> None:
     help="absolute: |a-b| <= tol; exact: identical bits only; relative: |a-b| <= eta*max(|a|,|b|).",
 )
 @click.option("--eta", type=float, help="Relative tolerance (required by --criterion relative).")
-@click.option(
-    "--by",
-    type=click.Choice(LEVELS),
-    default="total",
-    show_default=True,
-    help="Breakdown to print: whole model, per layer, per module type, or per tensor.",
-)
+@_by_option("total", "Breakdown to print: whole model, per layer, per module type, or per tensor.")
 @_format_option(["table", "json", "csv", "parquet"])
 @_output_option
 @_select_options
@@ -261,13 +261,7 @@ def diff_cmd(
 
 
 @cli.command()
-@click.option(
-    "--by",
-    type=click.Choice(LEVELS),
-    default="module",
-    show_default=True,
-    help="Breakdown to print.",
-)
+@_by_option("module", "Breakdown to print.")
 @_user_errors
 def demo(by: str) -> None:
     """Run `rlmask diff --sweep` and `rlmask overlap` on the bundled example checkpoints.
@@ -373,13 +367,7 @@ def mask_combine(inputs: tuple[str, ...], op: str, min_count: int | None, output
 
 @cli.command("overlap")
 @click.argument("masks", nargs=-1, required=True)
-@click.option(
-    "--by",
-    type=click.Choice(LEVELS),
-    default="total",
-    show_default=True,
-    help="For two masks: breakdown to print.",
-)
+@_by_option("total", "For two masks: breakdown to print.")
 @_format_option(["table", "json", "csv"])
 @_output_option
 @click.option(
@@ -452,13 +440,7 @@ def overlap_cmd(
 )
 @click.option("--skip-embeddings", is_flag=True, help="Leave out embed_tokens and lm_head.")
 @_select_options
-@click.option(
-    "--by",
-    type=click.Choice(LEVELS),
-    default="module",
-    show_default=True,
-    help="Breakdown to print under the summary.",
-)
+@_by_option("module", "Breakdown to print under the summary.")
 @_format_option(["table", "json", "csv"])
 @_output_option
 @_quiet_option
