@@ -96,8 +96,8 @@ def test_data_errors_exit_1_with_one_line(tmp_path: Path) -> None:
 
 
 def test_failed_run_leaves_output_untouched(tmp_path: Path) -> None:
-    save_file({"w": torch.zeros(3)}, tmp_path / "a.safetensors")
-    save_file({"w": torch.zeros(4)}, tmp_path / "b.safetensors")
+    save_file({"w": torch.zeros(3), "v": torch.zeros(5)}, tmp_path / "a.safetensors")
+    save_file({"w": torch.zeros(4), "v": torch.ones(5)}, tmp_path / "b.safetensors")
     out = tmp_path / "out.json"
     out.write_text("previous")
     code, _, err = run(

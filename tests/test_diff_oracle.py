@@ -287,17 +287,30 @@ def test_mixed_dtypes_compared_widened_and_flagged(tmp_path: Path) -> None:
 
 
 def test_only_in_one_side_and_tied(tmp_path: Path) -> None:
-    emb = torch.zeros(4, 2)
+    emb, w = torch.zeros(4, 2), torch.zeros(64)
     save_file(
-        {"model.embed_tokens.weight": emb, "lm_head.weight": emb.clone(), "extra": emb.clone()},
+        {
+            "model.embed_tokens.weight": emb,
+            "lm_head.weight": emb.clone(),
+            "extra": emb.clone(),
+            "w": w,
+        },
         tmp_path / "a.safetensors",
     )
-    save_file({"model.embed_tokens.weight": emb, "new": emb.clone()}, tmp_path / "b.safetensors")
+    save_file(
+        {"model.embed_tokens.weight": emb, "new": emb.clone(), "w": w.clone()},
+        tmp_path / "b.safetensors",
+    )
     report = rlmask.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", progress=False)
-    assert report.only_in_base == ["extra"]
+    # A head missing on one side only is not "tied": the other side has its own.
+    assert report.only_in_base == ["extra", "lm_head.weight"]
     assert report.only_in_tuned == ["new"]
-    assert report.tied == ["lm_head.weight"]
-    assert report.tensors["name"].to_list() == ["model.embed_tokens.weight"]
+    assert report.tied == []
+    assert report.tensors["name"].to_list() == ["model.embed_tokens.weight", "w"]
+    # Tied: both sides store the embeddings and neither an lm_head.
+    save_file({"model.embed_tokens.weight": emb, "w": w}, tmp_path / "c.safetensors")
+    report = rlmask.diff(tmp_path / "c.safetensors", tmp_path / "b.safetensors", progress=False)
+    assert report.tied == ["lm_head.weight"] and report.only_in_base == []
 
 
 def test_shape_mismatch_errors_or_skips(tmp_path: Path) -> None:

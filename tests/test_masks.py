@@ -213,14 +213,17 @@ def test_invalid_mask_files(tmp_path: Path) -> None:
         rlmask.load_mask(tmp_path / "plain.safetensors")
     meta = {
         "format": "rlmask",
+        "version": "1",
+        "bitorder": "little",
         "tensors": json.dumps({"w": {"shape": [100], "dtype": "F32", "numel": 100}}),
     }
     save_file({"w": torch.zeros(8, dtype=torch.uint8)}, tmp_path / "short.rlmask", metadata=meta)
-    with pytest.raises(rlmask.MaskError, match="cannot hold 100 bits"):
+    with pytest.raises(rlmask.MaskError, match=r"100 bits pack into U8\[16\]") as e:
         rlmask.load_mask(tmp_path / "short.rlmask")
+    assert e.value.path == str(tmp_path / "short.rlmask") and e.value.tensor == "w"
     save_file({"w": torch.zeros(16, dtype=torch.uint8)}, tmp_path / "ok.rlmask", metadata=meta)
     assert rlmask.load_mask(tmp_path / "ok.rlmask").count == 0  # another writer's file reads
-    with pytest.raises(rlmask.CheckpointNotFoundError):
+    with pytest.raises(rlmask.MaskError, match="No such file"):
         rlmask.load_mask(tmp_path / "missing.rlmask")
 
 

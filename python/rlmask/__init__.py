@@ -21,10 +21,13 @@ from rlmask._overlap import OverlapReport, overlap, overlap_matrix
 from rlmask._rank import RankReport, rank
 from rlmask._rlmask import __version__
 from rlmask.errors import (
+    CheckpointChangedError,
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
     MaskError,
+    OutputError,
+    PairingError,
     RlmaskError,
     TensorMismatchError,
 )
@@ -32,13 +35,16 @@ from rlmask.errors import (
 __all__ = [
     "DEFAULT_SWEEP",
     "DEFAULT_TOL",
+    "CheckpointChangedError",
     "CheckpointError",
     "CheckpointFormatError",
     "CheckpointNotFoundError",
     "DiffReport",
     "Mask",
     "MaskError",
+    "OutputError",
     "OverlapReport",
+    "PairingError",
     "RankReport",
     "RlmaskError",
     "TensorMismatchError",

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import polars as pl
 
 from rlmask import _rlmask
+from rlmask._io import check_output
 from rlmask._mask import Mask, _Entry
 from rlmask._names import layer_of, module_of, select_names
 from rlmask._progress import progress_wanted, run_with_progress
-from rlmask._report import Report, sort_modules
+from rlmask._report import Report, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
+from rlmask.errors import PairingError
 
 Criterion = Literal["absolute", "exact", "relative"]
 
@@ -71,6 +73,9 @@ class DiffReport(Report):
         only_in_base, only_in_tuned: names present on one side only.
         tied: names absent because the checkpoint ties them to the embeddings.
         skipped: ``(name, reason)`` of tensors skipped for mismatched shape or dtype.
+        renamed: per side (``base``, ``tuned``), ``(stored name, paired name)`` of every name
+            that wrapper stripping (DDP ``module.``, FSDP, activation checkpointing,
+            ``torch.compile``) or ``name_map`` rewrote before pairing.
         mask: the subnetwork (changed elements at :attr:`tol`) of every compared floating
             tensor, when asked for with ``mask=True``; else None.
     """
@@ -86,6 +91,7 @@ class DiffReport(Report):
     tied: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     mask: Mask | None = field(default=None, repr=False)
+    renamed: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     # ----- labels of the per-threshold columns -------------------------------------------
 
@@ -95,6 +101,11 @@ class DiffReport(Report):
 
     def _columns(self, kind: str) -> list[str]:
         return _columns(kind, self.criterion, self.tolerances)
+
+    def column(self, kind: Literal["changed", "sparsity"]) -> str:
+        """The name of the breakdowns' ``kind`` column at the primary threshold :attr:`tol`
+        (``sparsity``, or ``sparsity@1e-05`` in a sweep)."""
+        return self._columns(kind)[self.tolerances.index(self.tol)]
 
     # ----- totals ------------------------------------------------------------------------
 
@@ -224,6 +235,10 @@ class DiffReport(Report):
             "tied": list(self.tied),
             "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
             "dtype_mismatch": self.dtype_mismatches,
+            "renamed": {
+                side: [{"stored": a, "paired": b} for a, b in pairs]
+                for side, pairs in self.renamed.items()
+            },
         }
 
     def save_mask(self, path: PathArg) -> None:
@@ -266,36 +281,58 @@ class DiffReport(Report):
                 more = f", ... ({len(names)} in all)" if len(names) > 5 else ""
                 shown = ", ".join(names[:5]) + more
                 lines.append(f"{what}: {shown}")
-        return "\n".join(lines)
+        for side, pairs in self.renamed.items():
+            if pairs:
+                a, b = pairs[0]
+                lines.append(
+                    f"names rewritten for pairing in {side}: {len(pairs)} (e.g. '{a}' -> '{b}')"
+                )
+        return printable_lines(lines)
 
 
 def _thresholds(
-    criterion: str, tol: float, tolerances: Sequence[float] | None, eta: float | None
+    criterion: str, tol: float | None, tolerances: Sequence[float] | None, eta: float | None
 ) -> tuple[list[float], float]:
+    """The thresholds of one pass and the primary one; an argument that the criterion would
+    ignore is an error, never silently dropped."""
+    if criterion not in ("absolute", "exact", "relative"):
+        raise ValueError(f"unknown criterion '{criterion}' (absolute, exact or relative)")
+    if criterion != "absolute" and (tol is not None or tolerances):
+        raise ValueError(
+            f"tol and tolerances apply to the absolute criterion, not '{criterion}'"
+            + (" (use eta)" if criterion == "relative" else "")
+        )
+    if criterion != "relative" and eta is not None:
+        raise ValueError(f"eta applies to the relative criterion, not '{criterion}'")
     if criterion == "absolute":
-        values = sorted({float(tol), *(float(t) for t in tolerances or ())})
-        return values, float(tol)
-    if tolerances:
-        raise ValueError(f"tolerances apply to the absolute criterion, not '{criterion}'")
+        tol = DEFAULT_TOL if tol is None else float(tol)
+        values = sorted({tol, *(float(t) for t in tolerances or ())})
+        return values, tol
     if criterion == "exact":
         return [0.0], 0.0
-    if criterion == "relative":
-        if eta is None:
-            raise ValueError("the relative criterion needs eta (e.g. eta=1e-3)")
-        return [float(eta)], float(eta)
-    raise ValueError(f"unknown criterion '{criterion}' (absolute, exact or relative)")
+    if eta is None:
+        raise ValueError("the relative criterion needs eta (e.g. eta=1e-3)")
+    return [float(eta)], float(eta)
+
+
+def paired_names(names: Iterable[str], name_map: Mapping[str, str] | None) -> dict[str, str]:
+    """``{paired name: stored name}``: names as the core pairs them (wrapper segments removed,
+    ``name_map`` prefixes applied)."""
+    pairs = list((name_map or {}).items())
+    return {_rlmask.canonical_name(n, pairs): n for n in names}
 
 
 def diff(
     base: PathArg,
     tuned: PathArg,
     *,
-    tol: float = DEFAULT_TOL,
+    tol: float | None = None,
     tolerances: Sequence[float] | None = None,
     criterion: Criterion = "absolute",
     eta: float | None = None,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
+    name_map: Mapping[str, str] | None = None,
     skip_mismatched: bool = False,
     mask: bool = False,
     save_mask: PathArg | None = None,
@@ -311,12 +348,17 @@ def diff(
             ``org/name[@revision]`` already in the local hub cache.
         tol: the absolute tolerance (default 1e-5, the paper's): an element is unchanged iff
             its bits are identical or ``|a - b| <= tol`` in float32 (float64 for F64 tensors).
+            Only for the absolute criterion.
         tolerances: more absolute tolerances to compute in the same pass (a sweep, as Table 6;
             :data:`DEFAULT_SWEEP` gives the paper's).
         criterion: ``absolute`` (default), ``exact`` (identical bits only) or ``relative``
             (``|a - b| <= eta * max(|a|, |b|)``).
         eta: the relative tolerance, required by ``criterion="relative"``.
-        include, exclude: regular expressions (``re.search``) on tensor names.
+        include, exclude: regular expressions (``re.search``) on tensor names (as paired).
+        name_map: ``{from_prefix: to_prefix}`` applied to both sides' names before pairing,
+            after wrapper segments (DDP ``module.``, ``_fsdp_wrapped_module``,
+            ``_checkpoint_wrapped_module``, ``_orig_mod``) are removed; the longest matching
+            prefix wins. Rewritten names are listed in :attr:`DiffReport.renamed`.
         skip_mismatched: list tensors whose shapes or dtypes cannot be compared in
             :attr:`DiffReport.skipped` instead of raising
             :class:`~rlmask.errors.TensorMismatchError`.
@@ -329,6 +371,13 @@ def diff(
 
     Returns:
         A :class:`DiffReport`.
+
+    Raises:
+        PairingError: no floating element is compared (an include that matches nothing,
+            unrelated models), or more than half of either side's floating elements have no
+            partner.
+        CheckpointChangedError: a file was truncated or rewritten while it was read.
+        OutputError: ``save_mask`` cannot be written (checked before any data is read).
 
     Example:
         >>> report = rlmask.diff("base/", "grpo/", tolerances=rlmask.DEFAULT_SWEEP)
@@ -345,11 +394,19 @@ def diff(
         "rlmask_version": __version__,
     }
     select_names([], include, exclude)  # bad patterns fail before any file is opened
+    if save_mask is not None:
+        check_output(save_mask)
     a = _rlmask.Checkpoint(resolve_checkpoint(base))
     b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
     select = None
     if include is not None or exclude is not None:
-        select = select_names(sorted(set(a.names()) | set(b.names())), include, exclude)
+        paired = sorted(paired_names(a.names(), name_map) | paired_names(b.names(), name_map))
+        select = select_names(paired, include, exclude)
+        if not select:
+            raise PairingError(
+                f"no tensor name of {os.fspath(base)} or {os.fspath(tuned)} matches the "
+                "include/exclude patterns: nothing to compare"
+            )
     raw = run_with_progress(
         lambda watch: _rlmask.diff(
             a,
@@ -357,6 +414,7 @@ def diff(
             criterion=criterion,
             tolerances=values,
             select=select,
+            name_map=list((name_map or {}).items()),
             skip_mismatched=skip_mismatched,
             mask_threshold=values.index(primary) if (mask or save_mask is not None) else None,
             mask_file=None if (mask or save_mask is None) else os.fspath(save_mask),
@@ -431,4 +489,5 @@ def _report(
         tied=list(raw["tied"]),
         skipped=[(n, r) for n, r in raw["skipped"]],
         mask=mask,
+        renamed={"base": list(raw["renamed_base"]), "tuned": list(raw["renamed_tuned"])},
     )

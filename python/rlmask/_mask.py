@@ -17,7 +17,6 @@ it) and ``tensors``, a JSON object mapping each name to its original ``shape``, 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,14 +28,12 @@ import polars as pl
 
 from rlmask import _rlmask
 from rlmask._names import layer_of, module_of
-from rlmask._report import ratio, sort_modules
-from rlmask._resolve import resolve_checkpoint
+from rlmask._report import printable_lines, ratio, sort_modules
 from rlmask.errors import MaskError
 
 if TYPE_CHECKING:
     import torch
 
-FORMAT = "rlmask"
 PathArg = str | os.PathLike[str]
 
 
@@ -226,7 +223,7 @@ class Mask:
         for k, v in sorted(self._meta.items()):
             if k not in skip:
                 lines.append(f"  {k}: {v}")
-        return "\n".join(lines)
+        return printable_lines(lines)
 
     def __repr__(self) -> str:
         return f"<Mask: {len(self)} tensors, {self.numel:,} elements, density {self.density:.4f}>"
@@ -342,44 +339,17 @@ def consensus(masks: Sequence[Mask], min_count: int) -> Mask:
 
 
 def load_mask(path: PathArg) -> Mask:
-    """Opens a ``.rlmask`` file, memory-mapped: tensors are read only when asked for.
+    """Opens a ``.rlmask`` file, memory-mapped: tensors are read only when asked for. The core
+    validates the whole file first (format, version, bit order, every tensor's shape, numel and
+    packed length).
 
     Raises:
-        MaskError: the file is a safetensors file but not a valid rlmask mask.
-        CheckpointError: the file cannot be read or its safetensors header is invalid.
+        MaskError: the file cannot be read or is not a valid rlmask mask (``e.path`` names it,
+            ``e.tensor`` the tensor at fault).
     """
-    path = resolve_checkpoint(path)
-    ckpt = _rlmask.Checkpoint(path)
-    meta = ckpt.metadata()
     where = os.fspath(path)
-    if meta.get("format") != FORMAT:
-        raise MaskError(
-            f"{where}: not an rlmask mask (metadata format is "
-            f"{meta.get('format')!r}, expected 'rlmask')"
-        )
-    if meta.get("bitorder", "little") != "little":
-        raise MaskError(f"{where}: unsupported bitorder {meta['bitorder']!r}")
-    try:
-        described = json.loads(meta["tensors"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise MaskError(f"{where}: missing or invalid 'tensors' metadata ({e})") from None
-    entries = {}
-    for name, info in described.items():
-        if name not in ckpt:
-            raise MaskError(f"{where}: tensor '{name}' is described but not stored")
-        dtype, shape, _, _ = ckpt.tensor_info(name)
-        want = math.prod(info["shape"])
-        if info["numel"] != want:
-            raise MaskError(
-                f"{where}: tensor '{name}': numel {info['numel']} does not match "
-                f"shape {info['shape']}"
-            )
-        if dtype != "U8" or len(shape) != 1 or shape[0] < (want + 7) // 8:
-            raise MaskError(
-                f"{where}: tensor '{name}': stored as {dtype}{shape}, which cannot hold {want} bits"
-            )
-        entries[name] = _Entry(tuple(info["shape"]), info["dtype"], want, ckpt.raw(name))
-    extra = sorted(set(ckpt.names()) - set(described))
-    if extra:
-        raise MaskError(f"{where}: tensors stored but not described: {_few(extra)}")
-    return Mask(entries, {**meta, "path": where})
+    f = _rlmask.MaskFile(where)
+    entries = {
+        t.name: _Entry(tuple(t.shape), t.dtype, t.numel, f.packed(t.name)) for t in f.tensors()
+    }
+    return Mask(entries, {**f.metadata(), "path": where})

@@ -20,7 +20,7 @@ import polars as pl
 from rlmask import _rlmask
 from rlmask._mask import Mask, _check_compatible, load_mask
 from rlmask._names import layer_of, module_of
-from rlmask._report import Report, ratio, sort_modules
+from rlmask._report import Report, printable_lines, ratio, sort_modules
 
 PathArg = str | os.PathLike[str]
 MaskArg = Mask | PathArg
@@ -132,7 +132,7 @@ class OverlapReport(Report):
                 f"excluded (not common to both): {', '.join(self.excluded[:5])}"
                 + (f", ... ({len(self.excluded)} in all)" if len(self.excluded) > 5 else "")
             )
-        return "\n".join(lines)
+        return printable_lines(lines)
 
 
 def _pair_counts(a: Mask, b: Mask, names: list[str]) -> list[tuple[int, int, int]]:

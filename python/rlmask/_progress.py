@@ -1,5 +1,5 @@
 """Running a long core call on a worker thread while the caller's thread draws a progress bar
-(bytes done and rate) and stays responsive to Ctrl-C."""
+(bytes done and rate) and stays responsive to Ctrl-C and SIGTERM."""
 
 from __future__ import annotations
 
@@ -27,16 +27,15 @@ def progress_wanted(progress: bool) -> bool:
 
 
 def run_with_progress(call: Callable[[Progress], T], *, show: bool, desc: str = "comparing") -> T:
-    """Runs ``call(progress)``; the core releases the GIL, so this thread can draw the bar.
+    """Runs ``call(progress)`` on a worker thread (the core releases the GIL) while this thread
+    draws the bar, if ``show``, and stays responsive to Ctrl-C and SIGTERM whatever stderr is.
 
-    On KeyboardInterrupt the core is asked to stop and the worker is joined before re-raising,
-    so no thread is left reading the memory maps.
+    On KeyboardInterrupt (or any exception raised here by a signal handler) the core is asked
+    to stop, which it does within one chunk of work, and the worker is joined before the
+    exception propagates: no thread is left reading the memory maps, and an output file being
+    written by the pass is removed, never committed.
     """
     watch = Progress()
-    if not show:
-        return call(watch)
-    from tqdm import tqdm
-
     box: dict[str, object] = {}
 
     def work() -> None:
@@ -47,28 +46,36 @@ def run_with_progress(call: Callable[[Progress], T], *, show: bool, desc: str = 
 
     worker = threading.Thread(target=work, name="rlmask-worker", daemon=True)
     worker.start()
-    with tqdm(
-        total=0,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc=desc,
-        delay=0.5,
-        file=sys.stderr,
-        ncols=bar_width(),
-        leave=False,
-    ) as bar:
-        try:
-            while worker.is_alive():
-                worker.join(0.1)
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=0,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=desc,
+            delay=0.5,
+            file=sys.stderr,
+            ncols=bar_width(),
+            leave=False,
+        )
+    try:
+        while worker.is_alive():
+            worker.join(0.05)
+            if bar is not None:
                 bar.total = watch.total
                 # update(), not refresh(): it honours the delay and records what was drawn,
                 # so that closing the bar erases it.
                 bar.update(watch.done - bar.n)
-        except KeyboardInterrupt:
-            watch.cancel()
-            worker.join()
-            raise
+    except BaseException:
+        watch.cancel()
+        worker.join()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]  # type: ignore[return-value]

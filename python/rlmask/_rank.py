@@ -35,7 +35,7 @@ import polars as pl
 from rlmask import _rlmask
 from rlmask._names import layer_of, module_of, select_names
 from rlmask._progress import bar_width, progress_wanted
-from rlmask._report import Report, sort_modules
+from rlmask._report import Report, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ class RankReport(Report):
                 f"skipped: {', '.join(names[:5])}"
                 + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
             )
-        return "\n".join(lines)
+        return printable_lines(lines)
 
 
 def _batches(jobs: list[tuple[str, list[int]]], batch: bool, limit: int) -> Iterator[list[str]]:
@@ -270,6 +270,9 @@ def rank(
         raise ImportError("rlmask.rank needs torch: pip install 'rlmask[torch]'") from None
     if top_k < 1:
         raise ValueError("top_k must be at least 1")
+    for what, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and not value >= 0:  # also refuses NaN
+            raise ValueError(f"{what} must be a non-negative number, not {value}")
     dev = resolve_device(device)
     a = _rlmask.Checkpoint(resolve_checkpoint(base))
     b = _rlmask.Checkpoint(resolve_checkpoint(tuned))

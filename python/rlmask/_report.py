@@ -10,6 +10,7 @@ import polars as pl
 
 from rlmask._io import write_atomic, write_text_atomic
 from rlmask._names import MODULES
+from rlmask._rlmask import printable
 
 Level = Literal["total", "layer", "module", "tensor"]
 PathArg = str | os.PathLike[str]
@@ -29,6 +30,12 @@ def ratio(num: str, den: str) -> pl.Expr:
         .then(pl.col(num).cast(pl.Float64) / pl.col(den).cast(pl.Float64))
         .otherwise(None)
     )
+
+
+def printable_lines(lines: list[str]) -> str:
+    """Lines joined for a terminal, each with control characters in names and paths escaped
+    (a hostile tensor name cannot move the cursor or recolour the screen)."""
+    return "\n".join(printable(line) for line in lines)
 
 
 def flat(df: pl.DataFrame) -> pl.DataFrame:

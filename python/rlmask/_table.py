@@ -6,6 +6,8 @@ from typing import Any
 
 import polars as pl
 
+from rlmask._rlmask import printable
+
 _PERCENT = ("sparsity", "density", "o1", "o2", "jaccard")
 
 
@@ -22,19 +24,20 @@ def _cell(column: str, value: Any, percent: bool | None) -> str:
         return f"{value:,}"
     if isinstance(value, list):
         return "x".join(str(v) for v in value)
-    return str(value)
+    return printable(str(value))
 
 
 def format_frame(df: pl.DataFrame, *, percent: bool | None = None) -> str:
     """Renders every row of ``df`` as an aligned text table. Floats are shown as percentages
     in the ratio columns (sparsity, density, o1, ...), or everywhere (``percent=True``) or
     nowhere (``percent=False``)."""
-    header = list(df.columns)
+    header = [printable(c) for c in df.columns]
     rows = [
-        [_cell(c, v, percent) for c, v in zip(header, row, strict=True)] for row in df.iter_rows()
+        [_cell(c, v, percent) for c, v in zip(df.columns, row, strict=True)]
+        for row in df.iter_rows()
     ]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
-    numeric = [df[c].dtype.is_numeric() for c in header]
+    numeric = [df[c].dtype.is_numeric() for c in df.columns]
 
     def line(cells: list[str]) -> str:
         return "  ".join(

@@ -17,11 +17,12 @@ import polars as pl
 
 from rlmask import __version__
 from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, diff
-from rlmask._io import write_text_atomic
+from rlmask._io import check_output, write_text_atomic
 from rlmask._mask import consensus, load_mask
 from rlmask._overlap import overlap, overlap_matrix
 from rlmask._rank import rank
 from rlmask._report import Report
+from rlmask._rlmask import printable
 from rlmask._table import format_frame
 from rlmask.errors import RlmaskError
 
@@ -30,23 +31,42 @@ F = TypeVar("F", bound=Callable[..., Any])
 LEVELS = ("total", "layer", "module", "tensor")
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM, so that it unwinds like Ctrl-C: the running pass is
+    cancelled and no output or temporary file is left."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def _user_errors(fn: F) -> F:
-    """Turns errors about the user's inputs into one-line messages and the right exit code."""
+    """Turns errors about the user's inputs into one-line messages (control characters
+    escaped) and the right exit code: 1 for data and output errors, 2 for usage errors, 130
+    after Ctrl-C and 143 after SIGTERM."""
+
+    def fail(message: str) -> click.ClickException:
+        return click.ClickException(printable(message))
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            terminated = isinstance(e, Terminated)
+            click.echo(
+                f"rlmask: {'terminated' if terminated else 'interrupted'}; nothing was written",
+                err=True,
+            )
+            raise click.exceptions.Exit(143 if terminated else 130) from None
         except RlmaskError as e:
-            raise click.ClickException(str(e)) from None
+            raise fail(str(e)) from None
         except ValueError as e:
-            raise click.UsageError(str(e)) from None
+            raise click.UsageError(printable(str(e))) from None
         except ImportError as e:
-            raise click.ClickException(str(e)) from None
+            raise fail(str(e)) from None
         except OSError as e:
-            raise click.ClickException(
-                f"{e.filename}: {e.strerror}" if e.filename else str(e)
-            ) from None
+            raise fail(f"{e.filename}: {e.strerror}" if e.filename else str(e)) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -113,6 +133,18 @@ def _parse_tolerances(text: str | None) -> list[float]:
         ) from None
 
 
+def _parse_name_map(items: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        old, sep, new = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"'{item}' is not FROM=TO", param_hint="--name-map")
+        if old in out:
+            raise click.BadParameter(f"prefix '{old}' given twice", param_hint="--name-map")
+        out[old] = new
+    return out
+
+
 def _emit(text: str, output: str | None) -> None:
     if output:
         write_text_atomic(output, text if text.endswith("\n") else text + "\n")
@@ -159,10 +191,9 @@ def cli() -> None:
 @click.option(
     "--tol",
     type=float,
-    default=DEFAULT_TOL,
-    show_default=True,
-    help="Absolute tolerance: an element is unchanged if its bits are identical or "
-    "|a - b| <= tol (computed in float32; float64 for F64 tensors).",
+    help=f"Absolute tolerance [default: {DEFAULT_TOL:g}]: an element is unchanged if its bits "
+    "are identical or |a - b| <= tol (computed in float32; float64 for F64 tensors). "
+    "Absolute criterion only.",
 )
 @click.option(
     "--sweep",
@@ -192,6 +223,14 @@ def cli() -> None:
     help="List tensors whose shapes or dtypes differ as skipped instead of failing.",
 )
 @click.option(
+    "--name-map",
+    multiple=True,
+    metavar="FROM=TO",
+    help="Rewrite the name prefix FROM as TO on both sides before pairing (repeatable; "
+    "'base_model.model.=' drops a prefix, '=model.' adds one). Wrapper segments (DDP "
+    "'module.', FSDP, activation checkpointing, torch.compile) are always removed.",
+)
+@click.option(
     "--save-mask",
     type=click.Path(dir_okay=False),
     help="Also write the changed elements at --tol (the subnetwork) to this .rlmask file, "
@@ -208,7 +247,7 @@ def cli() -> None:
 def diff_cmd(
     base: str,
     tuned: str,
-    tol: float,
+    tol: float | None,
     sweep: bool,
     tolerances: str | None,
     criterion: str,
@@ -219,6 +258,7 @@ def diff_cmd(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     skip_mismatched: bool,
+    name_map: tuple[str, ...],
     save_mask: str | None,
     plot: str | None,
     quiet: bool,
@@ -238,8 +278,21 @@ def diff_cmd(
       rlmask diff base/ tuned/ --save-mask grpo.rlmask
     """
     extra = _parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
+    if criterion != "absolute" and (tol is not None or extra):
+        raise click.UsageError(
+            f"--tol, --tolerances and --sweep apply to --criterion absolute, not {criterion}"
+        )
+    if criterion != "relative" and eta is not None:
+        raise click.UsageError("--eta applies to --criterion relative only")
     if fmt == "parquet" and not output:
         raise click.UsageError("--format parquet needs -o FILE")
+    # Every output is checked before minutes of reading, not after.
+    if output:
+        check_output(output)
+    if plot:
+        from rlmask.plot import check_figure_path
+
+        check_figure_path(plot)
     report = diff(
         base,
         tuned,
@@ -249,6 +302,7 @@ def diff_cmd(
         eta=eta,
         include=include or None,
         exclude=exclude or None,
+        name_map=_parse_name_map(name_map),
         skip_mismatched=skip_mismatched,
         save_mask=save_mask,
         progress=not quiet,
@@ -343,6 +397,7 @@ def mask_combine(inputs: tuple[str, ...], op: str, min_count: int | None, output
       rlmask mask combine --op and -o shared.rlmask seed1.rlmask seed2.rlmask
       rlmask mask combine --op consensus --min-count 2 -o core.rlmask s1.rlmask s2.rlmask s3.rlmask
     """
+    check_output(output)
     masks = [load_mask(f) for f in inputs]
     if op == "consensus":
         if min_count is None:
@@ -367,7 +422,7 @@ def mask_combine(inputs: tuple[str, ...], op: str, min_count: int | None, output
 
 @cli.command("overlap")
 @click.argument("masks", nargs=-1, required=True)
-@_by_option("total", "For two masks: breakdown to print.")
+@_by_option("total", "Breakdown to print (two masks only).")
 @_format_option(["table", "json", "csv"])
 @_output_option
 @click.option(
@@ -393,9 +448,16 @@ def overlap_cmd(
     """
     if len(masks) < 2:
         raise click.UsageError("overlap needs at least two masks")
+    if output:
+        check_output(output)
     if len(masks) == 2:
         _render(overlap(masks[0], masks[1], common_only=common_only), by, fmt, output)
         return
+    if by != "total":
+        raise click.UsageError(
+            f"--by {by} applies to two masks; for {len(masks)} masks the matrices cover the "
+            "whole model (compare two at a time for a breakdown)"
+        )
     labels = [str(i + 1) for i in range(len(masks))]
     mats = overlap_matrix(list(masks), labels=labels, common_only=common_only)
     if fmt == "json":
@@ -472,6 +534,8 @@ def rank_cmd(
       rlmask rank base/ tuned/
       rlmask rank base/ tuned/ --device cuda --by layer --format csv -o ranks.csv
     """
+    if output:
+        check_output(output)
     report = rank(
         base,
         tuned,
@@ -491,6 +555,8 @@ def main() -> None:
     """Entry point of the ``rlmask`` command."""
     if hasattr(signal, "SIGPIPE"):  # `rlmask ... | head` ends quietly, as other tools do
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGTERM unwinds like Ctrl-C (exit 143), so no temporary file outlives a killed run.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     cli.main(prog_name="rlmask")
 
 

@@ -13,12 +13,42 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from rlmask._diff import DiffReport
-from rlmask._io import write_atomic
+from rlmask._io import check_output, write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 PathArg = str | os.PathLike[str]
+
+#: File types a figure can be written as (matplotlib's Agg and vector backends), by extension.
+FORMATS = (
+    "eps", "jpeg", "jpg", "pdf", "pgf", "png", "ps", "raw", "rgba", "svg", "svgz", "tif", "tiff",
+    "webp", "avif", "gif",
+)  # fmt: skip
+
+
+def check_figure_path(path: PathArg) -> None:
+    """Fails before any work when ``path`` cannot take a figure: an unknown extension, an
+    unwritable folder, or matplotlib missing.
+
+    Raises:
+        OutputError: the folder is missing or not writable.
+        ValueError: the extension names no figure format.
+        ImportError: matplotlib is not installed.
+    """
+    ext = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+    if ext not in FORMATS:
+        raise ValueError(
+            f"{os.fspath(path)}: unknown figure type '.{ext}' (use one of "
+            + ", ".join(f".{f}" for f in ("png", "pdf", "svg", "jpg"))
+            + ", ...)"
+        )
+    check_output(path)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'rlmask[plot]'") from None
+
 
 #: The matrices plotted, in the paper's order.
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -65,7 +95,11 @@ def sparsity_by_layer(
             ax.plot(rows["layer"], 100 * rows["sparsity"], marker="o", ms=3, lw=1, label=module)
     total = report.by_layer()
     ax.plot(
-        total["layer"], 100 * total["sparsity"], color="black", lw=2.5, label="layer (weighted)"
+        total["layer"],
+        100 * total[report.column("sparsity")],
+        color="black",
+        lw=2.5,
+        label="layer (weighted)",
     )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
@@ -75,6 +109,7 @@ def sparsity_by_layer(
     ax.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
     if path is not None:
-        fmt = os.path.splitext(os.fspath(path))[1].lstrip(".") or "png"
+        check_figure_path(path)
+        fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
         write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=fmt))
     return fig

@@ -51,13 +51,11 @@ import numpy as np
 import polars as pl
 import torch
 
+from rlmask import _rlmask
 from rlmask._mask import Mask, _Entry, padded_len
 from rlmask.errors import MaskError
 
 NameMap = Callable[[str], str] | Mapping[str, str] | None
-
-#: Wrapper segments that frameworks insert into parameter names, removed before matching.
-WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
@@ -88,18 +86,11 @@ def canonical_name(name: str, name_map: NameMap = None) -> str:
     """A parameter name as the mask spells it: wrapper segments (FSDP, activation
     checkpointing, torch.compile) and a DDP ``module.`` prefix removed, then ``name_map``
     applied (a callable, or a mapping of prefixes: ``{"": "model."}`` adds ``model.``,
-    ``{"base_model.model.": ""}`` strips a PEFT prefix)."""
-    parts = [p for p in name.split(".") if p not in WRAPPER_SEGMENTS]
-    if parts and parts[0] == "module":
-        parts = parts[1:]
-    name = ".".join(parts)
+    ``{"base_model.model.": ""}`` strips a PEFT prefix). Checkpoint pairing in
+    :func:`rlmask.diff` uses the same rule."""
     if callable(name_map):
-        return name_map(name)
-    if name_map:
-        for old, new in sorted(name_map.items(), key=lambda kv: -len(kv[0])):
-            if name.startswith(old):
-                return new + name[len(old) :]
-    return name
+        return name_map(_rlmask.canonical_name(name))
+    return _rlmask.canonical_name(name, list((name_map or {}).items()))
 
 
 def match_parameters(

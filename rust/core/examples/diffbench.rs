@@ -25,11 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     for mask in [None, Some(0)] {
         let opts = DiffOptions {
-            criterion: criterion.clone(),
-            select: None,
-            skip_mismatched: false,
             mask_threshold: mask,
-            mask_file: None,
+            ..DiffOptions::new(criterion.clone())
         };
         for _ in 0..3 {
             let progress = Progress::default();

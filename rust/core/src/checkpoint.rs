@@ -43,6 +43,35 @@ fn pickle_files(dir: &Path) -> Vec<String> {
     found
 }
 
+/// Fails unless `path` is (or links to) a regular file that can be statted.
+fn regular_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::header(
+            path,
+            format!(
+                "not a regular file ({})",
+                crate::safetensors::file_kind(&meta)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Masks and patches are safetensors files too, but comparing them as checkpoints would report
+/// figures over packed bits: refuse them, saying what they are.
+fn not_an_rlmask_file(shard: &Shard) -> Result<()> {
+    let what = match shard.metadata.get("format").map(String::as_str) {
+        Some("rlmask") => "an rlmask mask file (inspect it with `rlmask mask info`)",
+        Some("rlmask-patch") => "an rlmask patch file",
+        _ => return Ok(()),
+    };
+    Err(Error::header(
+        &shard.path,
+        format!("is {what}, not a model checkpoint"),
+    ))
+}
+
 impl Checkpoint {
     /// Opens every shard of the checkpoint at `path` and validates headers and index.
     pub fn open(path: &Path) -> Result<Checkpoint> {
@@ -53,6 +82,15 @@ impl Checkpoint {
             },
             _ => Error::io(path, e),
         })?;
+        if !meta.is_file() && !meta.is_dir() {
+            return Err(Error::header(
+                path,
+                format!(
+                    "not a checkpoint file or directory ({})",
+                    crate::safetensors::file_kind(&meta)
+                ),
+            ));
+        }
         if meta.is_file() {
             if path.to_string_lossy().ends_with(".json") {
                 return Self::from_index(path);
@@ -72,15 +110,17 @@ impl Checkpoint {
         for entry in std::fs::read_dir(path).map_err(|e| Error::io(path, e))? {
             let entry = entry.map_err(|e| Error::io(path, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let p = entry.path();
-            if !p.is_file() {
-                continue;
-            }
-            if name.ends_with(".safetensors.index.json") {
-                indexes.push(p);
+            let list = if name.ends_with(".safetensors.index.json") {
+                &mut indexes
             } else if name.ends_with(".safetensors") {
-                shards.push(p);
-            }
+                &mut shards
+            } else {
+                continue;
+            };
+            // A shard that cannot be read is an error naming it, never silently left out.
+            let p = entry.path();
+            regular_file(&p)?;
+            list.push(p);
         }
         if indexes.len() == 1 {
             return Self::from_index(&indexes[0]);
@@ -127,6 +167,9 @@ impl Checkpoint {
             .iter()
             .map(|p| Shard::open(p))
             .collect::<Result<Vec<_>>>()?;
+        for shard in &shards {
+            not_an_rlmask_file(shard)?;
+        }
         let mut names = BTreeMap::new();
         for (si, shard) in shards.iter().enumerate() {
             for (ti, t) in shard.tensors.iter().enumerate() {
@@ -165,7 +208,8 @@ impl Checkpoint {
                     format!("shard '{f}' must be a file name inside the checkpoint directory"),
                 ));
             }
-            if !dir.join(p).is_file() {
+            let shard = dir.join(p);
+            if let Err(e) = regular_file(&shard) {
                 let tensor = index
                     .weight_map
                     .iter()
@@ -175,7 +219,11 @@ impl Checkpoint {
                     .unwrap_or("?");
                 return Err(Error::index(
                     index_path,
-                    format!("shard '{f}' (holding tensor '{tensor}') does not exist"),
+                    format!(
+                        "shard '{}' (holding tensor '{}') cannot be used: {e}",
+                        crate::text::printable(f),
+                        crate::text::printable(tensor)
+                    ),
                 ));
             }
         }

@@ -1,6 +1,6 @@
 //! Pairing two checkpoints' tensors and comparing them in parallel, across and within tensors.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use rayon::prelude::*;
@@ -11,6 +11,7 @@ use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::kernel::{compare_chunk, Criterion, Job, BLOCK};
 use crate::maskfile::{self, MaskEntry};
+use crate::names;
 use crate::safetensors::{Shard, TensorInfo};
 
 /// Elements per unit of parallel work (a multiple of the mask word width).
@@ -32,8 +33,12 @@ pub struct Progress {
 #[derive(Debug, Clone)]
 pub struct DiffOptions {
     pub criterion: Criterion,
-    /// Only these names are considered on either side (all when `None`).
+    /// Only these names (as paired, after [`crate::names::canonical`]) are considered on
+    /// either side (all when `None`).
     pub select: Option<Vec<String>>,
+    /// Prefix translations applied to both sides' names after wrapper segments are removed
+    /// (see [`crate::names::canonical`]).
+    pub name_map: Vec<(String, String)>,
     /// List tensors whose shapes or dtypes cannot be compared instead of failing.
     pub skip_mismatched: bool,
     /// Emit the packed changed-bits of this threshold for every compared floating tensor (the
@@ -42,6 +47,20 @@ pub struct DiffOptions {
     pub mask_threshold: Option<usize>,
     /// Write the mask straight into this `.rlmask` file (atomically, never held in memory).
     pub mask_file: Option<MaskFileSpec>,
+}
+
+impl DiffOptions {
+    /// Every tensor, no name map, mismatches fatal, no mask.
+    pub fn new(criterion: Criterion) -> DiffOptions {
+        DiffOptions {
+            criterion,
+            select: None,
+            name_map: Vec::new(),
+            skip_mismatched: false,
+            mask_threshold: None,
+            mask_file: None,
+        }
+    }
 }
 
 /// Where and with what provenance a diff writes its mask file.
@@ -85,7 +104,15 @@ pub struct DiffResult {
     /// `model.embed_tokens.weight` present).
     pub tied: Vec<String>,
     pub skipped: Vec<Skipped>,
+    /// `(stored name, name paired as)` for every name that wrapper stripping or the name map
+    /// rewrote, per side.
+    pub renamed_base: Vec<(String, String)>,
+    pub renamed_tuned: Vec<(String, String)>,
 }
+
+/// Share of one side's floating elements that may lack a partner before the comparison is
+/// refused as mostly unpaired.
+pub const MAX_UNPAIRED: f64 = 0.5;
 
 const TIED: [(&str, &str); 1] = [("lm_head.weight", "model.embed_tokens.weight")];
 
@@ -93,6 +120,102 @@ struct Pair<'a> {
     name: &'a str,
     a: (&'a Shard, &'a TensorInfo),
     b: (&'a Shard, &'a TensorInfo),
+}
+
+/// One side's tensors under the names they are paired by.
+struct Side<'a> {
+    ckpt: &'a Checkpoint,
+    /// Paired name -> stored name.
+    names: BTreeMap<String, &'a str>,
+    renamed: Vec<(String, String)>,
+}
+
+impl<'a> Side<'a> {
+    fn new(ckpt: &'a Checkpoint, what: &str, map: &[(String, String)]) -> Result<Side<'a>> {
+        let mut names = BTreeMap::new();
+        let mut renamed = Vec::new();
+        for stored in ckpt.names() {
+            let paired = names::canonical(stored, map);
+            if paired != stored {
+                renamed.push((stored.to_string(), paired.clone()));
+            }
+            if let Some(other) = names.insert(paired.clone(), stored) {
+                return Err(Error::Pairing {
+                    reason: format!(
+                        "{what} ({}): '{other}' and '{stored}' both pair as '{paired}' once \
+                         wrapper segments are removed and the name map applied",
+                        ckpt.path.display()
+                    ),
+                });
+            }
+        }
+        Ok(Side {
+            ckpt,
+            names,
+            renamed,
+        })
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    fn get(&self, name: &str) -> Option<(&'a Shard, &'a TensorInfo)> {
+        self.names
+            .get(name)
+            .and_then(|stored| self.ckpt.get(stored))
+    }
+
+    /// Elements of the floating tensors among `names`.
+    fn floating_numel<'n>(&self, names: impl Iterator<Item = &'n String>) -> u64 {
+        names
+            .filter_map(|n| self.get(n))
+            .filter(|(_, t)| t.dtype.is_float())
+            .map(|(_, t)| t.numel)
+            .sum()
+    }
+}
+
+/// Refuses a comparison in which more than [`MAX_UNPAIRED`] of either side's floating
+/// elements have no partner: its figures would describe a small, arbitrary part of the model.
+fn check_paired(
+    base: &Side,
+    tuned: &Side,
+    keep: &dyn Fn(&str) -> bool,
+    only_in_base: &[String],
+    only_in_tuned: &[String],
+) -> Result<()> {
+    for (what, side, only) in [
+        ("base", base, only_in_base),
+        ("tuned", tuned, only_in_tuned),
+    ] {
+        let all = side.floating_numel(side.names.keys().filter(|n| keep(n)));
+        let unpaired = side.floating_numel(only.iter());
+        if all > 0 && unpaired as f64 > MAX_UNPAIRED * all as f64 {
+            let floating: Vec<&str> = only
+                .iter()
+                .filter(|n| side.get(n).is_some_and(|(_, t)| t.dtype.is_float()))
+                .map(String::as_str)
+                .collect();
+            let few = floating
+                .iter()
+                .take(3)
+                .copied()
+                .collect::<Vec<_>>()
+                .join("', '");
+            return Err(Error::Pairing {
+                reason: format!(
+                    "{unpaired} of the {all} floating elements of {what} ({}) have no tensor of \
+                     the same name on the other side ({} tensors, e.g. '{few}'); these are not \
+                     two versions of one model, or their names differ: select what they share \
+                     with include (--include) or translate names with name_map (--name-map)",
+                    side.ckpt.path.display(),
+                    floating.len(),
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Why the two sides of a pair cannot be compared; `None` when they can.
@@ -151,33 +274,44 @@ pub fn diff(
     progress: &Progress,
 ) -> Result<DiffResult> {
     validate(opts)?;
+    let base_side = Side::new(base, "base", &opts.name_map)?;
+    let tuned_side = Side::new(tuned, "tuned", &opts.name_map)?;
     let selected: Option<BTreeSet<&str>> = opts
         .select
         .as_ref()
         .map(|v| v.iter().map(String::as_str).collect());
     let keep = |n: &str| selected.as_ref().is_none_or(|s| s.contains(n));
 
+    // Tied: both sides store the embeddings and neither an output head of its own. A head
+    // missing on one side only is a one-sided name like any other.
     let mut tied = Vec::new();
     for (head, embed) in TIED {
-        let absent_tied = |c: &Checkpoint| !c.contains(head) && c.contains(embed);
-        if (keep(head) || keep(embed)) && (absent_tied(base) || absent_tied(tuned)) {
+        let absent_tied = |c: &Side| !c.contains(head) && c.contains(embed);
+        if keep(head) && absent_tied(&base_side) && absent_tied(&tuned_side) {
             tied.push(head.to_string());
         }
     }
-    let is_tied = |n: &str| tied.iter().any(|t| t == n);
-    let only = |x: &Checkpoint, y: &Checkpoint| -> Vec<String> {
-        x.names()
-            .filter(|n| keep(n) && !y.contains(n) && !is_tied(n))
-            .map(str::to_string)
+    let only = |x: &Side, y: &Side| -> Vec<String> {
+        x.names
+            .keys()
+            .filter(|n| keep(n) && !y.contains(n))
+            .cloned()
             .collect()
     };
-    let only_in_base = only(base, tuned);
-    let only_in_tuned = only(tuned, base);
+    let only_in_base = only(&base_side, &tuned_side);
+    let only_in_tuned = only(&tuned_side, &base_side);
+    check_paired(
+        &base_side,
+        &tuned_side,
+        &keep,
+        &only_in_base,
+        &only_in_tuned,
+    )?;
 
     let mut pairs = Vec::new();
     let mut skipped = Vec::new();
-    for name in base.names().filter(|n| keep(n)) {
-        let (Some(a), Some(b)) = (base.get(name), tuned.get(name)) else {
+    for name in base_side.names.keys().filter(|n| keep(n)) {
+        let (Some(a), Some(b)) = (base_side.get(name), tuned_side.get(name)) else {
             continue;
         };
         let p = Pair { name, a, b };
@@ -194,6 +328,29 @@ pub fn diff(
                 })
             }
         }
+    }
+    let compared: u64 = pairs
+        .iter()
+        .filter(|p| p.a.1.dtype.is_float() && p.b.1.dtype.is_float())
+        .map(|p| p.a.1.numel)
+        .sum();
+    if compared == 0 {
+        return Err(Error::Pairing {
+            reason: format!(
+                "nothing to compare: no floating element is stored under the same name in both \
+                 {} and {} ({} tensors paired, {} skipped as mismatched{}); a sparsity over no \
+                 elements would mean nothing",
+                base.path.display(),
+                tuned.path.display(),
+                pairs.len(),
+                skipped.len(),
+                if selected.is_some() {
+                    ", after include/exclude"
+                } else {
+                    ""
+                }
+            ),
+        });
     }
 
     let nthr = opts.criterion.thresholds();
@@ -240,6 +397,11 @@ pub fn diff(
             .collect();
         compare_pairs(&pairs, outs, opts, progress)?
     };
+    // Nothing is reported, and no mask committed, from a file that changed under the pass.
+    for p in &pairs {
+        p.a.0.check_unchanged()?;
+        p.b.0.check_unchanged()?;
+    }
     if let Some(w) = writer {
         w.finish()?;
     }
@@ -271,6 +433,8 @@ pub fn diff(
         only_in_tuned,
         tied,
         skipped,
+        renamed_base: base_side.renamed,
+        renamed_tuned: tuned_side.renamed,
     })
 }
 
@@ -312,6 +476,7 @@ fn compare_pairs(
                 return Err(Error::Cancelled);
             }
             let p = &pairs[item.pair];
+
             let (ta, tb) = (p.a.1, p.b.1);
             let (sa, sb) = (ta.dtype.size(), tb.dtype.size());
             p.a.0.prefetch(ta, item.start * sa, item.len * sa);
@@ -339,6 +504,10 @@ fn compare_pairs(
             progress
                 .done
                 .fetch_add((a.len() + b.len()) as u64, Ordering::Relaxed);
+            // A read of a truncated file returned zeros: these counts must not be reported,
+            // and the pass stops here.
+            p.a.0.check_faults()?;
+            p.b.0.check_faults()?;
             Ok((item.pair, counts))
         })
         .collect::<Result<_>>()

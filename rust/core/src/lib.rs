@@ -8,9 +8,12 @@ pub mod checkpoint;
 pub mod diff;
 pub mod dtype;
 pub mod error;
+pub mod guard;
 pub mod kernel;
 pub mod maskfile;
+pub mod names;
 pub mod safetensors;
+pub mod text;
 
 pub use checkpoint::Checkpoint;
 pub use diff::{diff, DiffOptions, DiffResult, MaskFileSpec, Progress, Skipped, TensorDiff};

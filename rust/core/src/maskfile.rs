@@ -4,11 +4,14 @@
 //! each name to its original `shape`, `dtype` and `numel`.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
 
 use crate::bits::padded_len;
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::safetensors::U8FileWriter;
+use crate::safetensors::{Entries, Shard, U8FileWriter, MAX_DIM};
 
 /// Version of the file format written.
 pub const VERSION: &str = "1";
@@ -92,6 +95,160 @@ pub fn write(
         }
     }
     writer.finish()
+}
+
+/// An `.rlmask` file opened for reading: the mapped file and its validated description.
+#[derive(Debug)]
+pub struct MaskFile {
+    pub path: PathBuf,
+    /// Described tensors, sorted by name.
+    pub entries: Vec<MaskEntry>,
+    /// Every `__metadata__` key (format keys, provenance and `tensors`).
+    pub metadata: BTreeMap<String, String>,
+    shard: Shard,
+    /// Name -> index into `shard.tensors`.
+    stored: BTreeMap<String, usize>,
+}
+
+/// One entry of the `tensors` metadata; the derived deserializer rejects a repeated field.
+#[derive(Deserialize)]
+struct Described {
+    shape: Vec<u64>,
+    dtype: String,
+    numel: u64,
+}
+
+impl MaskFile {
+    /// Opens and validates a mask file: the safetensors header, `format`, `version`,
+    /// `bitorder`, and for every tensor its description (shape, numel, dtype) against the
+    /// stored packed bytes. Every failure is [`Error::Mask`] naming the file and, where there
+    /// is one, the tensor.
+    pub fn open(path: &Path) -> Result<MaskFile> {
+        let bad = |tensor: Option<&str>, reason: String| Error::mask(path, tensor, reason);
+        let shard = Shard::open(path).map_err(|e| match e {
+            Error::Tensor { tensor, reason, .. } => bad(Some(&tensor), reason),
+            other => {
+                let text = other.to_string();
+                let prefix = format!("{}: ", crate::text::printable_path(path));
+                bad(
+                    None,
+                    text.strip_prefix(&prefix).unwrap_or(&text).to_string(),
+                )
+            }
+        })?;
+        let meta = &shard.metadata;
+        let key = |k: &str| meta.get(k).map(String::as_str);
+        if key("format") != Some("rlmask") {
+            return Err(bad(
+                None,
+                format!(
+                    "not an rlmask mask (metadata format is {}, expected 'rlmask')",
+                    key("format").map_or("missing".into(), |f| format!("'{f}'"))
+                ),
+            ));
+        }
+        if key("version") != Some(VERSION) {
+            return Err(bad(
+                None,
+                format!(
+                    "mask format version {} is not supported (this rlmask reads version {VERSION}); \
+                     upgrade rlmask",
+                    key("version").map_or("missing".into(), |v| format!("'{v}'"))
+                ),
+            ));
+        }
+        if key("bitorder") != Some("little") {
+            return Err(bad(
+                None,
+                format!(
+                    "bitorder {} is not supported (expected 'little')",
+                    key("bitorder").map_or("missing".into(), |v| format!("'{v}'"))
+                ),
+            ));
+        }
+        let text = key("tensors").ok_or_else(|| bad(None, "no 'tensors' metadata".into()))?;
+        let described: Entries<Box<serde_json::value::RawValue>> = serde_json::from_str(text)
+            .map_err(|e| {
+                bad(
+                    None,
+                    format!("'tensors' metadata is not a JSON object: {e}"),
+                )
+            })?;
+        if let Some(name) = described.repeated() {
+            return Err(bad(Some(name), "described more than once".into()));
+        }
+        let stored: BTreeMap<String, usize> = shard
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        let mut entries = Vec::with_capacity(described.0.len());
+        for (name, raw) in &described.0 {
+            let t = Some(name.as_str());
+            let d: Described = serde_json::from_str(raw.get())
+                .map_err(|e| bad(t, format!("malformed description: {e}")))?;
+            if let Some(dim) = d.shape.iter().find(|&&x| x > MAX_DIM) {
+                return Err(bad(t, format!("dimension {dim} exceeds 2^63 - 1")));
+            }
+            let numel = d.shape.iter().try_fold(1u64, |acc, &x| acc.checked_mul(x));
+            if numel != Some(d.numel) {
+                return Err(bad(
+                    t,
+                    format!("numel {} does not match shape {:?}", d.numel, d.shape),
+                ));
+            }
+            let info = stored
+                .get(name.as_str())
+                .map(|&i| &shard.tensors[i])
+                .ok_or_else(|| bad(t, "described but not stored".into()))?;
+            let want = usize::try_from(d.numel).ok().map(padded_len);
+            if info.dtype != Dtype::U8 || info.shape.len() != 1 || Some(info.len) != want {
+                return Err(bad(
+                    t,
+                    format!(
+                        "stored as {}{:?}, but {} bits pack into U8[{}]",
+                        info.dtype,
+                        info.shape,
+                        d.numel,
+                        want.map_or("?".into(), |w| w.to_string())
+                    ),
+                ));
+            }
+            entries.push(MaskEntry {
+                name: name.clone(),
+                shape: d.shape,
+                dtype: d.dtype,
+                numel: d.numel,
+            });
+        }
+        if entries.len() != stored.len() {
+            let described: std::collections::BTreeSet<&str> =
+                entries.iter().map(|e| e.name.as_str()).collect();
+            if let Some(extra) = stored.keys().find(|n| !described.contains(n.as_str())) {
+                return Err(bad(Some(extra), "stored but not described".into()));
+            }
+        }
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(MaskFile {
+            path: path.to_path_buf(),
+            entries,
+            metadata: shard.metadata.clone(),
+            shard,
+            stored,
+        })
+    }
+
+    /// The packed bits of entry `name` (exactly [`padded_len`] bytes), without copying.
+    pub fn packed(&self, name: &str) -> Option<&[u8]> {
+        let &i = self.stored.get(name)?;
+        Some(self.shard.bytes(&self.shard.tensors[i]))
+    }
+
+    /// See [`Shard::check_unchanged`].
+    pub fn check_unchanged(&self) -> Result<()> {
+        self.shard.check_unchanged()
+    }
 }
 
 #[cfg(test)]

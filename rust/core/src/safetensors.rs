@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::guard;
 
 /// Largest header we accept (the official library's limit).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
@@ -38,7 +39,72 @@ pub struct Shard {
     pub path: PathBuf,
     pub tensors: Vec<TensorInfo>,
     pub metadata: BTreeMap<String, String>,
+    stamp: Stamp,
+    // Declared before `mmap` so that the range is unregistered before it is unmapped.
+    guard: guard::Guard,
     mmap: Mmap,
+}
+
+/// Size and modification time of a file when it was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime: Option<std::time::SystemTime>,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            len: meta.len(),
+            mtime: meta.modified().ok(),
+        }
+    }
+}
+
+/// What a non-regular file is, for messages.
+pub(crate) fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+        if t.is_block_device() || t.is_char_device() {
+            return "a device";
+        }
+    }
+    if meta.is_dir() {
+        "a directory"
+    } else {
+        "not a plain file"
+    }
+}
+
+/// File extensions of PyTorch pickles, which rlmask never loads.
+pub(crate) const PICKLE_EXTENSIONS: [&str; 5] = [".bin", ".pt", ".pth", ".ckpt", ".pkl"];
+
+/// A header that fails to parse may belong to a file of another kind: say which, instead of
+/// reporting the bytes of a pickle as a bad header length.
+fn explain_other_format(path: &Path, bytes: &[u8], err: Error) -> Error {
+    let name = path.to_string_lossy();
+    let pickle = (bytes.len() >= 2 && bytes[0] == 0x80 && (2..=5).contains(&bytes[1]))
+        || bytes.starts_with(b"PK\x03\x04")
+        || PICKLE_EXTENSIONS.iter().any(|e| name.ends_with(e));
+    if pickle {
+        return Error::header(
+            path,
+            "is a PyTorch pickle (torch.save format), not a safetensors file; rlmask never loads \
+             pickles (they can run code): convert it to safetensors first",
+        );
+    }
+    if bytes.starts_with(b"GGUF") {
+        return Error::header(path, "is a GGUF file, not a safetensors file");
+    }
+    err
 }
 
 impl fmt::Debug for Shard {
@@ -53,11 +119,16 @@ impl fmt::Debug for Shard {
 impl Shard {
     /// Maps `path` and validates its whole header before any tensor data is read.
     pub fn open(path: &Path) -> Result<Shard> {
+        // Stat before opening: opening a FIFO would block until a writer appears.
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(Error::header(
+                path,
+                format!("not a regular file ({})", file_kind(&meta)),
+            ));
+        }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-        if !meta.is_file() {
-            return Err(Error::header(path, "not a regular file"));
-        }
         if meta.len() < 8 {
             return Err(Error::header(
                 path,
@@ -67,12 +138,16 @@ impl Shard {
                 ),
             ));
         }
-        // SAFETY: the map is read-only and private to this process. Like every memory-mapped
-        // reader (the official safetensors library included), we rely on the file not being
-        // truncated or rewritten by another process while it is mapped; rlmask documents that
-        // checkpoints must not be modified while they are being read.
+        // SAFETY: the map is read-only and private to this process, so nothing we do writes
+        // through it. Another process may still truncate or rewrite the file while it is
+        // mapped: a read past the new end would raise SIGBUS, which the guard registered
+        // below turns into zero pages and a `faulted` mark that every reader checks before it
+        // reports anything (see `guard`); a rewrite in place is caught by the size and
+        // modification-time check of `check_unchanged`.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (tensors, metadata) = parse_header(path, &mmap)?;
+        let guard = guard::register(mmap.as_ptr(), mmap.len());
+        let (tensors, metadata) =
+            parse_header(path, &mmap).map_err(|e| explain_other_format(path, &mmap, e))?;
         // Tensor data is read front to back: ask for generous read-ahead on cold files.
         #[cfg(unix)]
         let _ = mmap.advise(memmap2::Advice::Sequential);
@@ -80,8 +155,54 @@ impl Shard {
             path: path.to_path_buf(),
             tensors,
             metadata,
+            stamp: Stamp::of(&meta),
+            guard,
             mmap,
         })
+    }
+
+    /// Fails when a read of this file's map faulted: the file was truncated while mapped, and
+    /// what was read from it past the new end is zeros (see [`guard`]). One atomic load.
+    pub fn check_faults(&self) -> Result<()> {
+        if self.guard.faulted() {
+            return Err(Error::Changed {
+                path: self.path.clone(),
+                reason: "the file was truncated while it was being read; no figures from it \
+                         are reported"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Shard::check_faults`], then fails when the file's size or modification time differ
+    /// from when it was opened: figures read from it may mix two versions of the file.
+    pub fn check_unchanged(&self) -> Result<()> {
+        self.check_faults()?;
+        let changed = |reason: String| Error::Changed {
+            path: self.path.clone(),
+            reason,
+        };
+        let now = std::fs::metadata(&self.path).map_err(|e| {
+            changed(format!(
+                "the file disappeared or became unreadable while it was being read ({e})"
+            ))
+        })?;
+        let stamp = Stamp::of(&now);
+        if stamp != self.stamp {
+            return Err(changed(format!(
+                "the file changed while it was being read (size {} -> {} bytes{}); no figures \
+                 from it are reported",
+                self.stamp.len,
+                stamp.len,
+                if stamp.mtime != self.stamp.mtime {
+                    ", modified"
+                } else {
+                    ""
+                }
+            )));
+        }
+        Ok(())
     }
 
     /// The bytes of one tensor of this shard.
@@ -162,6 +283,7 @@ impl U8FileWriter {
             .map(|n| n.to_string_lossy())
             .unwrap_or_default();
         let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let total = data_start as u64 + offset;
         let open = || -> std::io::Result<memmap2::MmapMut> {
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -169,10 +291,11 @@ impl U8FileWriter {
                 .create(true)
                 .truncate(true)
                 .open(&tmp)?;
-            file.set_len(data_start as u64 + offset)?;
+            reserve(&file, total)?;
             // SAFETY: the file was just created (truncated) under a name private to this
             // process, and only this writer maps it; nothing else reads or resizes it while the
-            // map lives.
+            // map lives. Its blocks were reserved above, so writing through the map cannot run
+            // out of space (which would raise SIGBUS).
             let mut map = unsafe { memmap2::MmapMut::map_mut(&file)? };
             map[..8].copy_from_slice(&(text.len() as u64).to_le_bytes());
             map[8..data_start].copy_from_slice(&text);
@@ -180,7 +303,7 @@ impl U8FileWriter {
         };
         let map = open().map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
-            Error::io(path, e)
+            Error::output(path, e)
         })?;
         let mut spans = Vec::with_capacity(lens.len());
         let mut at = data_start;
@@ -218,7 +341,7 @@ impl U8FileWriter {
             .map
             .flush()
             .and_then(|_| std::fs::rename(&self.tmp, &self.path));
-        done.map_err(|e| Error::io(&self.path, e))?;
+        done.map_err(|e| Error::output(&self.path, e))?;
         self.finished = true;
         Ok(())
     }
@@ -230,6 +353,26 @@ impl Drop for U8FileWriter {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
+}
+
+/// Sizes `file` to `len` bytes with every block allocated, so that a later write through a
+/// memory map cannot fail for lack of space (a full disk is reported here, as ENOSPC, instead
+/// of killing the writer with SIGBUS).
+fn reserve(file: &File, len: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        if len > 0 {
+            let len = libc::off_t::try_from(len)
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::FileTooLarge))?;
+            // SAFETY: the descriptor is open for writing for the duration of the call.
+            let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc));
+            }
+        }
+    }
+    file.set_len(len)
 }
 
 /// Writes `tensors` as 1-D U8 tensors with `metadata`, atomically (see [`U8FileWriter`]).
@@ -246,39 +389,55 @@ pub fn write_u8_tensors(
     writer.finish()
 }
 
-/// The header's top-level entries in file order, so that duplicates can be detected (a plain map
+/// A JSON object's entries in file order, so that repeated keys can be detected (a plain map
 /// would silently keep the last one).
-struct Entries(Vec<(String, serde_json::Value)>);
+pub(crate) struct Entries<V>(pub(crate) Vec<(String, V)>);
 
-impl<'de> Deserialize<'de> for Entries {
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Entries<V> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Entries;
+        struct Visit<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for Visit<V> {
+            type Value = Entries<V>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object")
             }
             fn visit_map<A: MapAccess<'de>>(
                 self,
                 mut map: A,
-            ) -> std::result::Result<Entries, A::Error> {
+            ) -> std::result::Result<Entries<V>, A::Error> {
                 let mut v = Vec::new();
-                while let Some(entry) = map.next_entry::<String, serde_json::Value>()? {
+                while let Some(entry) = map.next_entry::<String, V>()? {
                     v.push(entry);
                 }
                 Ok(Entries(v))
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_map(Visit(std::marker::PhantomData))
     }
 }
 
+impl<V> Entries<V> {
+    /// The first key that appears twice, if any.
+    pub(crate) fn repeated(&self) -> Option<&str> {
+        let mut seen = std::collections::HashSet::with_capacity(self.0.len());
+        self.0
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .find(|k| !seen.insert(*k))
+    }
+}
+
+/// One tensor entry. The derived deserializer rejects a field given twice (as the official
+/// safetensors reader does) instead of keeping the last one.
 #[derive(Deserialize)]
 struct RawTensor {
     dtype: String,
     shape: Vec<u64>,
     data_offsets: (u64, u64),
 }
+
+/// Largest dimension we accept: reports and numpy hold shapes as signed 64-bit integers.
+pub const MAX_DIM: u64 = i64::MAX as u64;
 
 /// Validates the header of a complete safetensors file held in `file` and returns its tensors
 /// (in the order of their data) and its metadata.
@@ -316,32 +475,41 @@ pub fn parse_header(
     if header.first() != Some(&b'{') {
         return Err(Error::header(path, "header does not start with '{'"));
     }
-    let entries: Entries = serde_json::from_slice(header)
+    let entries: Entries<Box<serde_json::value::RawValue>> = serde_json::from_slice(header)
         .map_err(|e| Error::header(path, format!("header is not valid JSON: {e}")))?;
+    if let Some(name) = entries.repeated() {
+        return Err(Error::tensor(
+            path,
+            name,
+            "appears more than once in the header",
+        ));
+    }
     let buffer_len = avail - n;
     let data_start = 8 + n;
 
     let mut metadata = BTreeMap::new();
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(entries.0.len());
-    let mut seen = std::collections::HashSet::with_capacity(entries.0.len());
     for (name, value) in entries.0 {
-        if !seen.insert(name.clone()) {
-            return Err(Error::tensor(
-                path,
-                name,
-                "appears more than once in the header",
-            ));
-        }
         if name == "__metadata__" {
-            metadata = serde_json::from_value::<BTreeMap<String, String>>(value).map_err(|e| {
+            let meta: Entries<String> = serde_json::from_str(value.get()).map_err(|e| {
                 Error::header(
                     path,
                     format!("__metadata__ must map strings to strings: {e}"),
                 )
             })?;
+            if let Some(key) = meta.repeated() {
+                return Err(Error::header(
+                    path,
+                    format!(
+                        "__metadata__ key '{}' appears more than once",
+                        crate::text::printable(key)
+                    ),
+                ));
+            }
+            metadata = meta.0.into_iter().collect();
             continue;
         }
-        let raw: RawTensor = serde_json::from_value(value)
+        let raw: RawTensor = serde_json::from_str(value.get())
             .map_err(|e| Error::tensor(path, &name, format!("malformed entry: {e}")))?;
         let dtype = Dtype::parse(&raw.dtype)
             .ok_or_else(|| Error::tensor(path, &name, format!("unknown dtype '{}'", raw.dtype)))?;
@@ -360,6 +528,13 @@ pub fn parse_header(
                 format!(
                     "data_offsets [{begin}, {end}] run past the end of the data buffer ({buffer_len} bytes)"
                 ),
+            ));
+        }
+        if let Some(d) = raw.shape.iter().find(|&&d| d > MAX_DIM) {
+            return Err(Error::tensor(
+                path,
+                &name,
+                format!("shape {:?}: dimension {d} exceeds 2^63 - 1", raw.shape),
             ));
         }
         let numel = raw
@@ -525,6 +700,23 @@ mod tests {
                 r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,4]}}"#,
                 4,
                 "overflows",
+            ),
+            // A repeated field inside an entry: the official reader refuses it too.
+            (
+                r#"{"a":{"dtype":"F32","dtype":"BF16","shape":[1],"data_offsets":[0,4]}}"#,
+                4,
+                "duplicate field `dtype`",
+            ),
+            // Dimensions past what reports (and numpy) can hold, even with zero elements.
+            (
+                r#"{"a":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[0,0]}}"#,
+                0,
+                "exceeds 2^63 - 1",
+            ),
+            (
+                r#"{"__metadata__":{"k":"a","k":"b"}}"#,
+                0,
+                "appears more than once",
             ),
         ];
         for (h, n, want) in cases {

@@ -10,13 +10,29 @@ fn write(path: &Path, tensors: &[(&str, &[u8])]) {
     write_u8_tensors(path, tensors, &BTreeMap::new()).unwrap();
 }
 
+/// Writes F32 tensors (laid out in the order given) as a safetensors file.
+fn write_f32(path: &Path, tensors: &[(&str, &[f32])]) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, values) in tensors {
+        let start = data.len();
+        data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": [values.len()], "data_offsets": [start, data.len()]}),
+        );
+    }
+    let text = serde_json::to_vec(&header).unwrap();
+    let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&text);
+    bytes.extend_from_slice(&data);
+    std::fs::write(path, bytes).unwrap();
+}
+
 fn options(criterion: Criterion, mask: Option<usize>) -> DiffOptions {
     DiffOptions {
-        criterion,
-        select: None,
-        skip_mismatched: false,
         mask_threshold: mask,
-        mask_file: None,
+        ..DiffOptions::new(criterion)
     }
 }
 
@@ -32,34 +48,181 @@ fn pairs_counts_and_lists_one_sided_and_tied_names() {
     for v in y.iter_mut().step_by(3) {
         *v ^= 1;
     }
-    write(
-        &a,
+    let exact = options(Criterion::Exact, None);
+    // Only U8 tensors: nothing floating is compared, and that is an error, not sparsity 1.
+    write(&a, &[("w", &x), ("old", &x)]);
+    write(&b, &[("w", &y), ("new", &x)]);
+    let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap());
+    let err = diff(&ca, &cb, &exact, &Progress::default()).unwrap_err();
+    assert!(matches!(err, Error::Pairing { .. }), "{err}");
+    assert!(err.to_string().contains("nothing to compare"), "{err}");
+
+    // With a floating tensor on both sides, U8 tensors are counted beside it.
+    let (fa, fb) = (
+        dir.path().join("fa.safetensors"),
+        dir.path().join("fb.safetensors"),
+    );
+    let f = vec![0.5f32; 64];
+    write_f32(
+        &fa,
         &[
-            ("w", &x),
-            ("lm_head.weight", &x),
-            ("model.embed_tokens.weight", &x),
-            ("old", &x),
+            ("f", &f),
+            ("lm_head.weight", &[1.0]),
+            ("model.embed_tokens.weight", &[1.0]),
         ],
     );
-    write(
+    write_f32(&fb, &[("f", &f), ("model.embed_tokens.weight", &[1.0])]);
+    let (cfa, cfb) = (
+        Checkpoint::open(&fa).unwrap(),
+        Checkpoint::open(&fb).unwrap(),
+    );
+    let r = diff(&cfa, &cfb, &exact, &Progress::default()).unwrap();
+    // A head missing on one side only is a one-sided name, not a tied one.
+    assert_eq!(r.only_in_base, vec!["lm_head.weight"]);
+    assert!(r.tied.is_empty() && r.only_in_tuned.is_empty());
+    // Tied: both sides have the embeddings and neither has a head.
+    let r = diff(&cfb, &cfb, &exact, &Progress::default()).unwrap();
+    assert_eq!(r.tied, vec!["lm_head.weight"]);
+    assert!(r.only_in_base.is_empty() && r.only_in_tuned.is_empty());
+
+    let mixed = |p: &Path, w: &[u8], extra: &str| {
+        let mut header = serde_json::Map::new();
+        header.insert(
+            "f".into(),
+            serde_json::json!({"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}),
+        );
+        header.insert(
+            "w".into(),
+            serde_json::json!({"dtype": "U8", "shape": [w.len()], "data_offsets": [256, 256 + w.len()]}),
+        );
+        header.insert(
+            extra.into(),
+            serde_json::json!({"dtype": "U8", "shape": [1], "data_offsets": [256 + w.len(), 257 + w.len()]}),
+        );
+        let text = serde_json::to_vec(&header).unwrap();
+        let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&text);
+        bytes.extend(f.iter().flat_map(|v| v.to_le_bytes()));
+        bytes.extend_from_slice(w);
+        bytes.push(0);
+        std::fs::write(p, bytes).unwrap();
+    };
+    mixed(&a, &x, "old");
+    mixed(&b, &y, "new");
+    let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap());
+    let r = diff(&ca, &cb, &exact, &Progress::default()).unwrap();
+    assert_eq!(r.only_in_base, vec!["old"]);
+    assert_eq!(r.only_in_tuned, vec!["new"]);
+    let w = r.tensors.iter().find(|t| t.name == "w").unwrap();
+    // U8 tensors are compared bit for bit.
+    assert_eq!((w.numel, w.floating, w.changed[0]), (200, false, 67));
+    assert!(w.bits.is_none(), "masks cover floating tensors only");
+}
+
+#[test]
+fn mostly_unpaired_names_and_name_maps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    let big = vec![1.0f32; 100];
+    let small = vec![1.0f32; 10];
+    write_f32(&a, &[("model.w", &big), ("model.v", &small)]);
+    // DDP and torch.compile wrappers, as a wrapped model's state dict spells them.
+    write_f32(
         &b,
-        &[("w", &y), ("model.embed_tokens.weight", &x), ("new", &x)],
+        &[
+            ("module._orig_mod.model.w", &big),
+            ("module.model.v", &small),
+        ],
     );
     let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap());
-    let r = diff(
+    let exact = options(Criterion::Exact, None);
+    let r = diff(&ca, &cb, &exact, &Progress::default()).unwrap();
+    assert_eq!(r.tensors.len(), 2);
+    assert!(r.renamed_base.is_empty());
+    assert_eq!(
+        r.renamed_tuned,
+        vec![
+            (
+                "module._orig_mod.model.w".to_string(),
+                "model.w".to_string()
+            ),
+            ("module.model.v".to_string(), "model.v".to_string())
+        ]
+    );
+    // Other prefixes need a name map; without one, most elements are unpaired: an error that
+    // counts them and names examples.
+    write_f32(&b, &[("base_model.model.w", &big), ("model.v", &small)]);
+    let cb = Checkpoint::open(&b).unwrap();
+    let err = diff(&ca, &cb, &exact, &Progress::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Pairing { .. }), "{msg}");
+    assert!(
+        msg.contains("100 of the 110 floating elements of base"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("'model.w'") && msg.contains("--name-map"),
+        "{msg}"
+    );
+    let mapped = DiffOptions {
+        name_map: vec![("base_model.model.".into(), "model.".into())],
+        ..exact.clone()
+    };
+    let r = diff(&ca, &cb, &mapped, &Progress::default()).unwrap();
+    assert_eq!(r.tensors.len(), 2);
+    // Half or less unpaired is reported, not refused.
+    write_f32(&b, &[("model.w", &big), ("model.u", &small)]);
+    let cb = Checkpoint::open(&b).unwrap();
+    let r = diff(&ca, &cb, &exact, &Progress::default()).unwrap();
+    assert_eq!((r.only_in_base.len(), r.only_in_tuned.len()), (1, 1));
+    // Two stored names that pair as one are ambiguous.
+    write_f32(&b, &[("model.w", &big), ("module.model.w", &big)]);
+    let cb = Checkpoint::open(&b).unwrap();
+    let err = diff(&ca, &cb, &exact, &Progress::default()).unwrap_err();
+    assert!(err.to_string().contains("both pair as 'model.w'"), "{err}");
+}
+
+#[test]
+fn a_file_truncated_while_mapped_is_an_error_not_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    let n = 1 << 20; // 4 MiB: many pages past the cut
+    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    write_f32(&a, &[("w", &x)]);
+    write_f32(&b, &[("w", &x)]);
+    let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap());
+    let file = std::fs::OpenOptions::new().write(true).open(&b).unwrap();
+    file.set_len(4096).unwrap();
+    let err = diff(
         &ca,
         &cb,
         &options(Criterion::Exact, None),
         &Progress::default(),
     )
-    .unwrap();
-    assert_eq!(r.only_in_base, vec!["old"]);
-    assert_eq!(r.only_in_tuned, vec!["new"]);
-    assert_eq!(r.tied, vec!["lm_head.weight"]);
-    let w = r.tensors.iter().find(|t| t.name == "w").unwrap();
-    // U8 tensors are compared bit for bit, padded to 200 bytes by the writer.
-    assert_eq!((w.numel, w.floating, w.changed[0]), (200, false, 67));
-    assert!(w.bits.is_none(), "masks cover floating tensors only");
+    .unwrap_err();
+    assert!(matches!(err, Error::Changed { .. }), "{err}");
+    assert!(err.to_string().contains("b.safetensors"), "{err}");
+    // A rewrite in place (same size, new time) is caught by the size and time check.
+    let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&a).unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    write_f32(&a, &[("w", &x)]);
+    let err = diff(
+        &ca,
+        &cb,
+        &options(Criterion::Exact, None),
+        &Progress::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Changed { .. }) && err.to_string().contains("modified"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -71,6 +234,39 @@ fn selection_mismatch_and_cancellation() {
     );
     write(&a, &[("x", &[1; 8]), ("y", &[1; 8])]);
     write(&b, &[("x", &[2; 8]), ("y", &[1; 16])]);
+    // Add one floating tensor to each side: the comparison needs something floating.
+    let add_float = |p: &Path| {
+        let ckpt = Checkpoint::open(p).unwrap();
+        let mut t: Vec<(String, Vec<u8>)> = ckpt
+            .names()
+            .map(|n| {
+                let (s, info) = ckpt.get(n).unwrap();
+                (n.to_string(), s.bytes(info).to_vec())
+            })
+            .collect();
+        drop(ckpt);
+        let mut header = serde_json::Map::new();
+        let mut data = vec![0u8; 16];
+        header.insert(
+            "f".into(),
+            serde_json::json!({"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}),
+        );
+        for (name, bytes) in t.drain(..) {
+            let start = data.len();
+            data.extend_from_slice(&bytes);
+            header.insert(
+                name,
+                serde_json::json!({"dtype": "U8", "shape": [bytes.len()], "data_offsets": [start, data.len()]}),
+            );
+        }
+        let text = serde_json::to_vec(&header).unwrap();
+        let mut out = (text.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&text);
+        out.extend_from_slice(&data);
+        std::fs::write(p, out).unwrap();
+    };
+    add_float(&a);
+    add_float(&b);
     let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap());
     let progress = Progress::default();
     let err = diff(&ca, &cb, &options(Criterion::Exact, None), &progress).unwrap_err();
@@ -82,10 +278,15 @@ fn selection_mismatch_and_cancellation() {
     opts.skip_mismatched = true;
     let r = diff(&ca, &cb, &opts, &progress).unwrap();
     assert_eq!(r.skipped.len(), 1);
-    assert_eq!(r.tensors[0].changed, vec![8]);
+    let x = r.tensors.iter().find(|t| t.name == "x").unwrap();
+    assert_eq!(x.changed, vec![8]);
+    // Selecting only the mismatched tensor leaves nothing to compare: an error.
     opts.select = Some(vec!["y".into()]);
-    let r = diff(&ca, &cb, &opts, &progress).unwrap();
-    assert!(r.tensors.is_empty() && r.skipped[0].name == "y");
+    let err = diff(&ca, &cb, &opts, &progress).unwrap_err();
+    assert!(
+        matches!(err, Error::Pairing { .. }) && err.to_string().contains("1 skipped"),
+        "{err}"
+    );
     progress
         .cancel
         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -152,11 +353,14 @@ fn mask_bits_and_arguments() {
     });
     let r2 = diff(&ca, &cb, &opts, &Progress::default()).unwrap();
     assert!(r2.tensors[0].bits.is_none() && r2.tensors[0].changed == want);
-    let file = Checkpoint::open(&path).unwrap();
-    let (shard, t) = file.get("w").unwrap();
-    assert_eq!(shard.bytes(t), bitsv.as_slice());
-    assert_eq!(shard.metadata["note"], "test");
-    assert_eq!(shard.metadata["format"], "rlmask");
+    let file = rlmask_core::maskfile::MaskFile::open(&path).unwrap();
+    assert_eq!(file.packed("w").unwrap(), bitsv.as_slice());
+    assert_eq!(file.metadata["note"], "test");
+    assert_eq!(file.metadata["format"], "rlmask");
+    assert_eq!(file.entries[0].numel, 1000);
+    // A mask is not a checkpoint.
+    let err = Checkpoint::open(&path).unwrap_err().to_string();
+    assert!(err.contains("is an rlmask mask file"), "{err}");
     let bad = options(Criterion::Absolute(vec![-1.0]), None);
     assert!(matches!(
         diff(&ca, &cb, &bad, &Progress::default()),

@@ -10,6 +10,23 @@ use rlmask_core as core;
 
 use crate::errors::CoreError;
 
+/// A read-only numpy uint8 array over `bytes`, without copying, whose base object is `owner`.
+///
+/// # Safety
+/// `bytes` must live in a read-only memory map that `owner` keeps alive, unchanged and mapped,
+/// for as long as `owner` lives; numpy holds `owner` as the array's base object, so the map
+/// outlives the array. The array is marked read-only, so numpy never writes to the mapping.
+pub(crate) unsafe fn mapped_view<'py>(
+    bytes: &[u8],
+    owner: Bound<'py, PyAny>,
+) -> Bound<'py, PyArray1<u8>> {
+    let view = ArrayView1::from(bytes);
+    // SAFETY: guaranteed by the caller, as documented above.
+    let array = unsafe { PyArray1::borrow_from_array(&view, owner) };
+    array.readwrite().make_nonwriteable();
+    array
+}
+
 /// A checkpoint opened from a `.safetensors` file, an index file or a directory. Every header
 /// is validated on opening; no tensor data is read until it is compared.
 #[pyclass(module = "rlmask._rlmask", frozen)]
@@ -74,14 +91,19 @@ impl Checkpoint {
         let (shard, t) = inner
             .get(name)
             .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(name.to_string()))?;
-        let view = ArrayView1::from(shard.bytes(t));
-        // SAFETY: the bytes live in a read-only memory map owned by an `Arc` inside `slf`'s
-        // checkpoint, which is immutable (`frozen`) and never remapped; numpy holds `slf` as the
-        // array's base object, so the map outlives the array. The array is marked read-only
-        // below, so numpy never writes to the read-only mapping.
-        let array = unsafe { PyArray1::borrow_from_array(&view, slf.into_any()) };
-        array.readwrite().make_nonwriteable();
-        Ok(array)
+        // SAFETY (of `mapped_view`'s contract): the bytes live in a read-only memory map owned
+        // by an `Arc` inside `slf`'s checkpoint, which is immutable (`frozen`) and never
+        // remapped.
+        Ok(unsafe { mapped_view(shard.bytes(t), slf.into_any()) })
+    }
+
+    /// Raises `CheckpointChangedError` when a shard was truncated or rewritten since it was
+    /// opened (call it after reading through `raw` views).
+    fn verify(&self) -> Result<(), CoreError> {
+        for shard in &self.inner.shards {
+            shard.check_unchanged()?;
+        }
+        Ok(())
     }
 
     fn __len__(&self) -> usize {

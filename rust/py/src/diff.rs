@@ -46,11 +46,13 @@ impl Progress {
 
 /// Compares two checkpoints (see `rlmask.diff` for the public interface). Returns a dict with
 /// `tensors` (tuples of name, base dtype, tuned dtype, shape, numel, floating, changed counts,
-/// packed bits or None), `only_in_base`, `only_in_tuned`, `tied` and `skipped`. With
+/// packed bits or None), `only_in_base`, `only_in_tuned`, `tied`, `skipped`, and
+/// `renamed_base`/`renamed_tuned` (stored name, paired name). Names pair after wrapper segments
+/// are removed and `name_map` (prefix pairs) applied. With
 /// `mask_threshold`, the mask bits are returned per tensor, or written to `mask_file` (with
 /// `mask_provenance` in its metadata) without being held in memory.
 #[pyfunction]
-#[pyo3(signature = (base, tuned, *, criterion, tolerances, select=None, skip_mismatched=false, mask_threshold=None, mask_file=None, mask_provenance=None, progress=None))]
+#[pyo3(signature = (base, tuned, *, criterion, tolerances, select=None, name_map=Vec::new(), skip_mismatched=false, mask_threshold=None, mask_file=None, mask_provenance=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn diff<'py>(
     py: Python<'py>,
@@ -59,6 +61,7 @@ pub fn diff<'py>(
     criterion: &str,
     tolerances: Vec<f64>,
     select: Option<Vec<String>>,
+    name_map: Vec<(String, String)>,
     skip_mismatched: bool,
     mask_threshold: Option<usize>,
     mask_file: Option<std::path::PathBuf>,
@@ -83,6 +86,7 @@ pub fn diff<'py>(
     let opts = core::DiffOptions {
         criterion,
         select,
+        name_map,
         skip_mismatched,
         mask_threshold,
         mask_file: mask_file.map(|path| core::MaskFileSpec {
@@ -121,5 +125,7 @@ pub fn diff<'py>(
         .map(|s| (s.name, s.reason))
         .collect();
     out.set_item("skipped", skipped)?;
+    out.set_item("renamed_base", result.renamed_base)?;
+    out.set_item("renamed_tuned", result.renamed_tuned)?;
     Ok(out)
 }

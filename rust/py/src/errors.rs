@@ -1,40 +1,19 @@
-//! Python exceptions, and the one place where core errors become them.
+//! The one place where core errors become Python exceptions. The exception classes are defined
+//! in `rlmask/errors.py` (one owner, with `.path` and `.tensor` attributes) and imported here.
 
-use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyKeyboardInterrupt, PyValueError};
-use pyo3::PyErr;
+use pyo3::exceptions::{PyKeyboardInterrupt, PyValueError};
+use pyo3::{import_exception, PyErr};
+use rlmask_core::text::printable;
 use rlmask_core::Error;
 
-create_exception!(
-    rlmask.errors,
-    RlmaskError,
-    PyException,
-    "Base class of every error rlmask raises about its inputs."
-);
-create_exception!(
-    rlmask.errors,
-    CheckpointError,
-    RlmaskError,
-    "A checkpoint could not be read."
-);
-create_exception!(
-    rlmask.errors,
-    CheckpointNotFoundError,
-    CheckpointError,
-    "The path or repo id does not name a checkpoint in any accepted form."
-);
-create_exception!(
-    rlmask.errors,
-    CheckpointFormatError,
-    CheckpointError,
-    "A safetensors header or index file is malformed or inconsistent with its shards."
-);
-create_exception!(
-    rlmask.errors,
-    TensorMismatchError,
-    RlmaskError,
-    "A tensor has shapes or dtypes in the two checkpoints that cannot be compared."
-);
+import_exception!(rlmask.errors, CheckpointError);
+import_exception!(rlmask.errors, CheckpointNotFoundError);
+import_exception!(rlmask.errors, CheckpointFormatError);
+import_exception!(rlmask.errors, CheckpointChangedError);
+import_exception!(rlmask.errors, TensorMismatchError);
+import_exception!(rlmask.errors, PairingError);
+import_exception!(rlmask.errors, MaskError);
+import_exception!(rlmask.errors, OutputError);
 
 /// Wrapper that lets core errors convert into `PyErr` (both types are foreign to this crate).
 pub struct CoreError(pub Error);
@@ -47,14 +26,25 @@ impl From<Error> for CoreError {
 
 impl From<CoreError> for PyErr {
     fn from(CoreError(e): CoreError) -> PyErr {
-        let msg = e.to_string();
+        // Messages reach terminals: control characters in names and paths are escaped. The
+        // attributes keep them as they are.
+        let msg = printable(&e.to_string()).into_owned();
+        let args = (
+            msg.clone(),
+            e.path().map(|p| p.to_string_lossy().into_owned()),
+            e.tensor_name().map(str::to_string),
+        );
         match e {
-            Error::Io { .. } => CheckpointError::new_err(msg),
-            Error::NotFound { .. } => CheckpointNotFoundError::new_err(msg),
+            Error::Io { .. } => CheckpointError::new_err(args),
+            Error::NotFound { .. } => CheckpointNotFoundError::new_err(args),
             Error::Header { .. } | Error::Tensor { .. } | Error::Index { .. } => {
-                CheckpointFormatError::new_err(msg)
+                CheckpointFormatError::new_err(args)
             }
-            Error::Mismatch { .. } => TensorMismatchError::new_err(msg),
+            Error::Changed { .. } => CheckpointChangedError::new_err(args),
+            Error::Mismatch { .. } => TensorMismatchError::new_err(args),
+            Error::Pairing { .. } => PairingError::new_err(args),
+            Error::Mask { .. } => MaskError::new_err(args),
+            Error::Output { .. } => OutputError::new_err(args),
             Error::InvalidArgument(_) => PyValueError::new_err(msg),
             Error::Cancelled => PyKeyboardInterrupt::new_err(msg),
         }

@@ -1,10 +1,11 @@
 //! Thin PyO3 bindings of `rlmask-core`, built by maturin into `rlmask._rlmask`. One file per
-//! Python-facing area: `errors`, `checkpoint`, `diff`, `mask`.
+//! Python-facing area: `errors`, `checkpoint`, `diff`, `mask`, `names`.
 
 mod checkpoint;
 mod diff;
 mod errors;
 mod mask;
+mod names;
 
 /// The private extension module behind the `rlmask` package.
 #[pyo3::pymodule]
@@ -16,12 +17,9 @@ mod _rlmask {
     #[pymodule_export]
     use super::diff::{diff, Progress};
     #[pymodule_export]
-    use super::errors::{
-        CheckpointError, CheckpointFormatError, CheckpointNotFoundError, RlmaskError,
-        TensorMismatchError,
-    };
+    use super::mask::{mask_combine, mask_count, mask_overlap, write_mask, MaskFile, MaskTensor};
     #[pymodule_export]
-    use super::mask::{mask_combine, mask_count, mask_overlap, write_mask};
+    use super::names::{canonical_name, printable};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

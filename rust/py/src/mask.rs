@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
@@ -11,7 +12,81 @@ use rayon::prelude::*;
 use rlmask_core::bits::{self, Op};
 use rlmask_core::maskfile::{self, MaskEntry};
 
+use crate::checkpoint::mapped_view;
 use crate::errors::CoreError;
+
+/// What a mask file records about one masked tensor.
+#[pyclass(module = "rlmask._rlmask", frozen, get_all)]
+pub struct MaskTensor {
+    /// Tensor name.
+    name: String,
+    /// Shape of the tensor the mask was taken from.
+    shape: Vec<u64>,
+    /// Dtype of the tensor the mask was taken from (e.g. `BF16`).
+    dtype: String,
+    /// Elements (bits) of the mask.
+    numel: u64,
+}
+
+/// An `.rlmask` file opened and validated by the core: format, version, bit order, and every
+/// tensor's description against its packed bytes. Raises `MaskError` for any defect.
+#[pyclass(module = "rlmask._rlmask", frozen)]
+pub struct MaskFile {
+    inner: Arc<maskfile::MaskFile>,
+}
+
+#[pymethods]
+impl MaskFile {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> Result<Self, CoreError> {
+        let inner = py.detach(|| maskfile::MaskFile::open(&path))?;
+        Ok(MaskFile {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The path the file was opened from.
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.path.clone()
+    }
+
+    /// The file's `__metadata__`.
+    fn metadata(&self) -> BTreeMap<String, String> {
+        self.inner.metadata.clone()
+    }
+
+    /// The described tensors, sorted by name.
+    fn tensors(&self) -> Vec<MaskTensor> {
+        self.inner
+            .entries
+            .iter()
+            .map(|e| MaskTensor {
+                name: e.name.clone(),
+                shape: e.shape.clone(),
+                dtype: e.dtype.clone(),
+                numel: e.numel,
+            })
+            .collect()
+    }
+
+    /// The packed bits of one tensor as a read-only numpy uint8 view of the mapped file.
+    fn packed<'py>(slf: Bound<'py, Self>, name: &str) -> PyResult<Bound<'py, PyArray1<u8>>> {
+        let inner = slf.get().inner.clone();
+        let bytes = inner
+            .packed(name)
+            .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(name.to_string()))?;
+        // SAFETY (of `mapped_view`'s contract): the bytes live in the read-only map of the
+        // mask file, owned by an `Arc` inside `slf`, which is immutable and never remapped.
+        Ok(unsafe { mapped_view(bytes, slf.into_any()) })
+    }
+
+    /// Raises `CheckpointChangedError` when the file was truncated or rewritten since it was
+    /// opened.
+    fn verify(&self) -> Result<(), CoreError> {
+        Ok(self.inner.check_unchanged()?)
+    }
+}
 
 fn slices<'a>(arrays: &'a [PyReadonlyArray1<'_, u8>]) -> PyResult<Vec<&'a [u8]>> {
     arrays
