@@ -152,6 +152,7 @@ def test_tied_parameters_are_handled_once() -> None:
         opt.step()
         opt.zero_grad()
     assert torch.equal(model.embed.weight.detach()[~keep], init[~keep])
+    handle.remove()
     other = rlmask.Mask.from_dict({"embed.weight": keep, "head.weight": ~keep})
     with pytest.raises(rlmask.MaskError, match="different masks"):
         attach_mask(model, other)

@@ -9,8 +9,24 @@ from pathlib import Path
 
 from rlmask.errors import CheckpointNotFoundError
 
-_REPO_ID = re.compile(r"(?P<org>[\w.-]+)/(?P<name>[\w.-]+)(?:@(?P<rev>[\w./-]+))?")
-_COMMIT = re.compile(r"[0-9a-f]{40}")
+# A repo owner or name as the hub allows them: letters, digits, '-', '_', '.', not starting or
+# ending with '-' or '.', at most 96 characters, and (checked below) no '--' or '..'.
+_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_REPO_ID = re.compile(rf"(?P<org>{_NAME})/(?P<name>{_NAME})(?:@(?P<rev>.*))?", re.ASCII)
+_COMMIT = re.compile(r"[0-9a-f]{40}", re.ASCII)
+# One component of a branch or tag name (refs/pr/1 style names have several).
+_REF_PART = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*", re.ASCII)
+
+
+def _valid_revision(rev: str) -> bool:
+    """A 40-hex commit, or a branch or tag name: '/'-separated components of letters, digits,
+    '.', '_', '+', '-', none empty, starting with '.', or ending with '.lock'; so never a path
+    that climbs out of ``refs/`` or ``snapshots/``."""
+    if _COMMIT.fullmatch(rev):
+        return True
+    if not rev or len(rev) > 255:
+        return False
+    return all(_REF_PART.fullmatch(p) and not p.endswith(".lock") for p in rev.split("/"))
 
 
 def hub_cache_dir() -> Path:
@@ -28,7 +44,9 @@ def resolve_checkpoint(spec: str | os.PathLike[str]) -> Path:
 
     An existing path wins. Otherwise ``org/name[@revision]`` is looked up in the hub cache:
     ``models--org--name/refs/<revision>`` (default ``main``) holds a commit, whose files lie in
-    ``snapshots/<commit>/``; a 40-hex revision names the snapshot directly.
+    ``snapshots/<commit>/``; a 40-hex revision names the snapshot directly. The repo id and
+    revision are validated first, and the snapshot must resolve to a folder inside the cache,
+    so no argument can make rlmask read files elsewhere; a ref file's contents are never shown.
 
     Raises:
         CheckpointNotFoundError: with one line saying everything that was tried.
@@ -39,11 +57,17 @@ def resolve_checkpoint(spec: str | os.PathLike[str]) -> Path:
         return path
     tried = [f"no file or directory '{path}'"]
     m = _REPO_ID.fullmatch(text)
-    if m is None:
-        raise CheckpointNotFoundError(f"cannot find checkpoint '{text}': {tried[0]}")
-    cache = hub_cache_dir()
+    if m is None or any(bad in m["org"] + "/" + m["name"] for bad in ("--", "..")):
+        raise CheckpointNotFoundError(f"cannot find checkpoint '{text}': {tried[0]}", text)
+    rev = m["rev"] if m["rev"] is not None else "main"
+    if not _valid_revision(rev):
+        raise CheckpointNotFoundError(
+            f"cannot find checkpoint '{text}': {tried[0]}, and '{rev}' is not a valid revision "
+            "(a branch or tag name, or a 40-hex commit)",
+            text,
+        )
+    cache = hub_cache_dir().resolve()
     repo_dir = cache / f"models--{m['org']}--{m['name']}"
-    rev = m["rev"] or "main"
     if not repo_dir.is_dir():
         tried.append(f"repo '{m['org']}/{m['name']}' is not in the hub cache {cache}")
     else:
@@ -51,16 +75,30 @@ def resolve_checkpoint(spec: str | os.PathLike[str]) -> Path:
         ref = repo_dir / "refs" / rev
         if commit is None:
             if ref.is_file():
-                commit = ref.read_text().strip()
+                # Never echo what the file holds: only whether it is a commit hash.
+                with open(ref, "rb") as f:
+                    held = f.read(64).strip()
+                if _COMMIT.fullmatch(held.decode("ascii", "replace")):
+                    commit = held.decode("ascii")
+                else:
+                    tried.append(f"ref file {ref} does not hold a commit hash")
             else:
                 tried.append(f"no ref '{rev}' at {ref}")
         if commit is not None:
             snapshot = repo_dir / "snapshots" / commit
             if snapshot.is_dir():
-                return snapshot
+                real = snapshot.resolve()
+                if not real.is_relative_to(cache):
+                    raise CheckpointNotFoundError(
+                        f"cannot find checkpoint '{text}': snapshot {snapshot} resolves to "
+                        f"{real}, outside the hub cache {cache}; refusing to read it",
+                        text,
+                    )
+                return real
             tried.append(f"revision '{rev}' (commit {commit}) has no snapshot at {snapshot}")
     raise CheckpointNotFoundError(
         f"cannot find checkpoint '{text}': "
         + "; ".join(tried)
-        + " (rlmask never downloads; fetch it first, e.g. with `huggingface-cli download`)"
+        + " (rlmask never downloads; fetch it first, e.g. with `hf download`)",
+        text,
     )

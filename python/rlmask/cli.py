@@ -309,9 +309,11 @@ def diff_cmd(
     )
     _render(report, by, fmt, output)
     if plot:
+        import matplotlib.pyplot as plt
+
         from rlmask.plot import sparsity_by_layer
 
-        sparsity_by_layer(report, plot)
+        plt.close(sparsity_by_layer(report, plot))
 
 
 @cli.command()

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,12 @@ def _is_decoupled(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) ->
     return isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
 
 
+#: The handle attached to each model and optimizer: a second mask on the same model or optimizer
+#: would leave the first one's hooks in place (its weight decay would keep moving elements the
+#: second mask freezes), so it is refused until the first is removed.
+_ATTACHED: weakref.WeakKeyDictionary[Any, MaskHandle] = weakref.WeakKeyDictionary()
+
+
 @dataclass
 class MaskHandle:
     """What :func:`attach_mask` attached; :meth:`remove` returns the model and optimizer to
@@ -157,6 +164,8 @@ class MaskHandle:
     _masks: dict[int, tuple[torch.Tensor, int]] = field(repr=False)
     _hooks: list[Any] = field(default_factory=list, repr=False)
     _saved_decay: list[tuple[dict[str, Any], float]] = field(default_factory=list, repr=False)
+    # Weak, so that the registry of attached handles never keeps a model alive.
+    _owners: list[weakref.ref[Any]] = field(default_factory=list, repr=False)
 
     def mask_of(self, p: torch.nn.Parameter) -> torch.Tensor:
         """The bool mask of a parameter, in its shape and on its device."""
@@ -169,7 +178,12 @@ class MaskHandle:
         return sum(t.numel() for t, _ in self._masks.values())
 
     def remove(self) -> None:
-        """Removes every hook and frees the packed masks."""
+        """Removes every hook and frees the packed masks; another mask may then be attached."""
+        for ref in self._owners:
+            owner = ref()
+            if owner is not None and _ATTACHED.get(owner) is self:
+                del _ATTACHED[owner]
+        self._owners.clear()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -198,6 +212,10 @@ def attach_mask(
     Returns:
         A :class:`MaskHandle`; ``handle.remove()`` detaches everything.
 
+    Raises:
+        MaskError: the mask does not fit the model, or the model or optimizer already has a
+            mask attached (remove that handle first).
+
     Example:
         >>> handle = rlmask.torch.attach_mask(model, rlmask.load_mask("grpo.rlmask"), opt)
         >>> for batch in data:
@@ -206,9 +224,19 @@ def attach_mask(
         ...     opt.step(); opt.zero_grad()
         >>> handle.remove()
     """
+    for owner, what in ((model, "model"), (optimizer, "optimizer")):
+        if owner is not None and owner in _ATTACHED:
+            raise MaskError(
+                f"this {what} already has a mask attached; call remove() on the handle that "
+                "attach_mask returned before attaching another"
+            )
     matched = match_parameters(model, mask, name_map)
     masks: dict[int, tuple[torch.Tensor, int]] = {}
     handle = MaskHandle([(p, name) for p, name, _ in matched], masks)
+    for owner in (model, optimizer):
+        if owner is not None:
+            _ATTACHED[owner] = handle
+            handle._owners.append(weakref.ref(owner))
     for p, name, _ in matched:
         packed = torch.from_numpy(np.array(mask.packed(name))).to(p.device)
         masks[id(p)] = (packed, p.numel())

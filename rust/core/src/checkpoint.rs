@@ -61,14 +61,17 @@ fn regular_file(path: &Path) -> Result<()> {
 /// Masks and patches are safetensors files too, but comparing them as checkpoints would report
 /// figures over packed bits: refuse them, saying what they are.
 fn not_an_rlmask_file(shard: &Shard) -> Result<()> {
-    let what = match shard.metadata.get("format").map(String::as_str) {
-        Some("rlmask") => "an rlmask mask file (inspect it with `rlmask mask info`)",
-        Some("rlmask-patch") => "an rlmask patch file",
+    let (what, hint) = match shard.metadata.get("format").map(String::as_str) {
+        Some("rlmask") => (
+            "an rlmask mask file",
+            " (inspect it with `rlmask mask info`)",
+        ),
+        Some("rlmask-patch") => ("an rlmask patch file", ""),
         _ => return Ok(()),
     };
     Err(Error::header(
         &shard.path,
-        format!("is {what}, not a model checkpoint"),
+        format!("is {what}, not a model checkpoint{hint}"),
     ))
 }
 
