@@ -209,6 +209,33 @@ def test_truncated_while_mapped_is_an_error_not_sigbus(tmp_path: Path) -> None:
     assert f"error: {b}: the file was truncated while it was being read" in r.stdout
 
 
+_TRUNCATED_MASK = """
+import sys
+import rlmask
+m = rlmask.load_mask(sys.argv[1])
+with open(sys.argv[1], "r+b") as f:
+    f.truncate(1024)
+for what, call in (("overlap", lambda: rlmask.overlap(m, m)), ("combine", lambda: m & m),
+                   ("count", lambda: m.count)):
+    try:
+        call()
+        print(what, "no error")
+    except rlmask.CheckpointChangedError as e:
+        print(what, "error:", e)
+"""
+
+
+def test_a_mask_truncated_after_loading_gives_no_figures(tmp_path: Path) -> None:
+    path = tmp_path / "m.rlmask"
+    rlmask.Mask.from_dict({"w": np.ones(1 << 22, dtype=bool)}).save(path)
+    r = subprocess.run(
+        [sys.executable, "-c", _TRUNCATED_MASK, str(path)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    for what in ("overlap", "combine", "count"):
+        assert f"{what} error: {path}: the file" in r.stdout, r.stdout
+
+
 def _sparse_pair(folder: Path, elements: int) -> list[Path]:
     """Two F32 checkpoints of zeros held in holes: large to read, nothing on disk."""
     paths = []

@@ -1,4 +1,4 @@
-"""Update sparsity between two checkpoints (paper §2.2, Table 6, Figure 3; DESIGN §1 and §4)."""
+"""Update sparsity between two checkpoints (paper §2.2, Table 6, Figure 3; design §1 and §4)."""
 
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ class DiffReport(Report):
     # ----- export ------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """The machine-readable report of DESIGN §4 (a stable contract: keys may be added,
+        """The machine-readable report of design §4 (a stable contract: keys may be added,
         never removed)."""
         changed_cols = self._columns("changed")
         tensors = []
@@ -242,7 +242,7 @@ class DiffReport(Report):
         }
 
     def save_mask(self, path: PathArg) -> None:
-        """Writes :attr:`mask` to an ``.rlmask`` file (DESIGN §3), atomically.
+        """Writes :attr:`mask` to an ``.rlmask`` file (design §3), atomically.
 
         The bits are produced in the comparison's single pass, so the diff must have been run
         with ``mask=True`` (or pass ``save_mask=`` to :func:`diff` to write the file from the

@@ -1,4 +1,4 @@
-"""Subnetwork masks (paper §1, Conjecture 1; DESIGN §3): one packed bit per element, saved as
+"""Subnetwork masks (paper §1, Conjecture 1; design §3): one packed bit per element, saved as
 ``.rlmask`` files that any safetensors + numpy user can read without rlmask.
 
 File format: a safetensors file with one U8 tensor per masked tensor (same name, shape
@@ -75,10 +75,24 @@ class Mask:
         >>> shared = m & rlmask.load_mask("dpo.rlmask")
     """
 
-    def __init__(self, entries: Mapping[str, _Entry], meta: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        entries: Mapping[str, _Entry],
+        meta: Mapping[str, str],
+        files: Sequence[_rlmask.MaskFile] = (),
+    ) -> None:
         self._entries = dict(sorted(entries.items()))
         self._meta = dict(meta)
         self._counts: dict[str, int] | None = None
+        # The mapped files the packed bits view, checked after every read of them.
+        self._files = tuple(files)
+
+    def verify(self) -> None:
+        """Raises :class:`~rlmask.errors.CheckpointChangedError` when a file this mask maps was
+        truncated or rewritten since it was opened (what was read from it cannot be trusted).
+        Every figure rlmask computes from a loaded mask is checked this way."""
+        for f in self._files:
+            f.verify()
 
     # ----- construction --------------------------------------------------------------------
 
@@ -159,6 +173,7 @@ class Mask:
         if self._counts is None:
             entries = list(self._entries.values())
             counts = _rlmask.mask_count([e.packed for e in entries], [e.numel for e in entries])
+            self.verify()
             self._counts = dict(zip(self._entries, counts, strict=True))
         return dict(self._counts)
 
@@ -232,7 +247,7 @@ class Mask:
 
     def save(self, path: PathArg) -> None:
         """Writes the mask to ``path`` (conventionally ``*.rlmask``), atomically. The core adds
-        the format keys and the ``tensors`` description (DESIGN §3) to :attr:`meta`."""
+        the format keys and the ``tensors`` description (design §3) to :attr:`meta`."""
         names = list(self._entries)
         entries = [self._entries[n] for n in names]
         provenance = {k: v for k, v in self._meta.items() if k not in ("path", "tensors")}
@@ -245,6 +260,11 @@ class Mask:
             [e.dtype for e in entries],
             provenance,
         )
+        try:
+            self.verify()
+        except BaseException:
+            os.unlink(path)  # written from a source that changed under it: take it back
+            raise
 
     # ----- algebra -------------------------------------------------------------------------
 
@@ -258,6 +278,8 @@ class Mask:
             [self._entries[n].numel for n in names],
             min_count,
         )
+        for m in masks:
+            m.verify()
         entries = {
             n: _Entry(self._entries[n].shape, self._entries[n].dtype, self._entries[n].numel, p)
             for n, p in zip(names, packed, strict=True)
@@ -352,4 +374,4 @@ def load_mask(path: PathArg) -> Mask:
     entries = {
         t.name: _Entry(tuple(t.shape), t.dtype, t.numel, f.packed(t.name)) for t in f.tensors()
     }
-    return Mask(entries, {**f.metadata(), "path": where})
+    return Mask(entries, {**f.metadata(), "path": where}, files=[f])

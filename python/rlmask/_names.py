@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-#: Module types of the per-module breakdown (DESIGN §1); anything else is ``other``.
+#: Module types of the per-module breakdown (design §1); anything else is ``other``.
 MODULES = (
     "q_proj",
     "k_proj",
@@ -25,10 +25,16 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _SUFFIXES = ("weight", "bias")
 
 
+_MAX_LAYER = 2**63 - 1  # reports hold layer indices as signed 64-bit integers
+
+
 def layer_of(name: str) -> int | None:
-    """The ``N`` of ``...layers.N...``, or None for tensors outside the layer stack."""
+    """The ``N`` of ``...layers.N...``, or None for tensors outside the layer stack (and for an
+    ``N`` too large to be a layer index)."""
     m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
+    if m is None or len(m.group(1)) > 19 or int(m.group(1)) > _MAX_LAYER:
+        return None
+    return int(m.group(1))
 
 
 def module_of(name: str) -> str:

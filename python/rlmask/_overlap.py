@@ -1,5 +1,5 @@
 """How consistent are subnetworks across seeds, data and algorithms? (paper §5, Table 4,
-Appendix E; DESIGN §1).
+Appendix E; design §1).
 
 For masks I1, I2 over the same tensors: ``o1 = |I1 ∩ I2| / |I1|`` (the share of I1 that I2
 also updates), ``o2 = |I1 ∩ I2| / |I2|``, and their random baselines, the overlaps two
@@ -136,9 +136,12 @@ class OverlapReport(Report):
 
 
 def _pair_counts(a: Mask, b: Mask, names: list[str]) -> list[tuple[int, int, int]]:
-    return _rlmask.mask_overlap(
+    counts = _rlmask.mask_overlap(
         [a.packed(n) for n in names], [b.packed(n) for n in names], [a.numel_of(n) for n in names]
     )
+    a.verify()
+    b.verify()
+    return counts
 
 
 def overlap(a: MaskArg, b: MaskArg, *, common_only: bool = False) -> OverlapReport:

@@ -26,56 +26,72 @@ def progress_wanted(progress: bool) -> bool:
     return progress and sys.stderr.isatty()
 
 
-def run_with_progress(call: Callable[[Progress], T], *, show: bool, desc: str = "comparing") -> T:
-    """Runs ``call(progress)`` on a worker thread (the core releases the GIL) while this thread
-    draws the bar, if ``show``, and stays responsive to Ctrl-C and SIGTERM whatever stderr is.
+def run_in_worker(
+    call: Callable[[], T],
+    *,
+    on_interrupt: Callable[[], None],
+    wait_on_interrupt: bool = True,
+    tick: Callable[[], None] | None = None,
+) -> T:
+    """Runs ``call()`` on a worker thread while this thread waits in short intervals (calling
+    ``tick`` between them), so that Ctrl-C, or an exception raised by a signal handler, is
+    seen within about 50 ms whatever stdin, stdout and stderr are.
 
-    On KeyboardInterrupt (or any exception raised here by a signal handler) the core is asked
-    to stop, which it does within one chunk of work, and the worker is joined before the
-    exception propagates: no thread is left reading the memory maps, and an output file being
-    written by the pass is removed, never committed.
+    On such an exception ``on_interrupt()`` asks the work to stop; with ``wait_on_interrupt``
+    the worker is joined before the exception propagates (so no thread is left reading the
+    memory maps, and an output being written is removed, never committed), else it is left to
+    finish its current step on its own (a daemon thread that ends with the process).
     """
-    watch = Progress()
     box: dict[str, object] = {}
 
     def work() -> None:
         try:
-            box["value"] = call(watch)
+            box["value"] = call()
         except BaseException as e:  # handed to the caller's thread below
             box["error"] = e
 
     worker = threading.Thread(target=work, name="rlmask-worker", daemon=True)
     worker.start()
-    bar = None
-    if show:
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=0,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=desc,
-            delay=0.5,
-            file=sys.stderr,
-            ncols=bar_width(),
-            leave=False,
-        )
     try:
         while worker.is_alive():
             worker.join(0.05)
-            if bar is not None:
-                bar.total = watch.total
-                # update(), not refresh(): it honours the delay and records what was drawn,
-                # so that closing the bar erases it.
-                bar.update(watch.done - bar.n)
+            if tick is not None:
+                tick()
     except BaseException:
-        watch.cancel()
-        worker.join()
+        on_interrupt()
+        if wait_on_interrupt:
+            worker.join()
         raise
-    finally:
-        if bar is not None:
-            bar.close()
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]  # type: ignore[return-value]
+
+
+def run_with_progress(call: Callable[[Progress], T], *, show: bool, desc: str = "comparing") -> T:
+    """Runs a core call ``call(progress)`` (which releases the GIL) with :func:`run_in_worker`,
+    drawing a bar of bytes done and rate if ``show``. Ctrl-C cancels the core, which stops
+    within one chunk of work, and the worker is joined before the interrupt propagates."""
+    watch = Progress()
+    if not show:
+        return run_in_worker(lambda: call(watch), on_interrupt=watch.cancel)
+    from tqdm import tqdm
+
+    with tqdm(
+        total=0,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=desc,
+        delay=0.5,
+        file=sys.stderr,
+        ncols=bar_width(),
+        leave=False,
+    ) as bar:
+
+        def tick() -> None:
+            bar.total = watch.total
+            # update(), not refresh(): it honours the delay and records what was drawn, so
+            # that closing the bar erases it.
+            bar.update(watch.done - bar.n)
+
+        return run_in_worker(lambda: call(watch), on_interrupt=watch.cancel, tick=tick)

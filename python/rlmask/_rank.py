@@ -1,4 +1,4 @@
-"""Update rank and the spectrum of every update matrix (paper §3, Table 2; DESIGN §1).
+"""Update rank and the spectrum of every update matrix (paper §3, Table 2; design §1).
 
 For each 2-D tensor, the update ``ΔW = W_tuned - W_base`` is formed in float32 on the target
 device from zero-copy views of the memory-mapped checkpoints, one matrix (or, on CUDA, one batch
@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import polars as pl
 
 from rlmask import _rlmask
 from rlmask._names import layer_of, module_of, select_names
-from rlmask._progress import bar_width, progress_wanted
+from rlmask._progress import bar_width, progress_wanted, run_in_worker
 from rlmask._report import Report, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
 
@@ -299,14 +300,14 @@ def rank(
         else:
             jobs.append((n, sa))
 
-    work = {n: s[0] * s[1] * min(s) for n, s in jobs}  # ~ SVD cost, for the time estimate
+    work_of = {n: s[0] * s[1] * min(s) for n, s in jobs}  # ~ SVD cost, for the time estimate
     rows: dict[str, dict[str, Any]] = {}
     bar = None
     if progress_wanted(progress):
         from tqdm import tqdm
 
         bar = tqdm(
-            total=sum(work.values()),
+            total=sum(work_of.values()),
             desc=f"svd on {dev.type}",
             unit="flop",
             unit_scale=True,
@@ -315,8 +316,12 @@ def rank(
             ncols=bar_width(),
             leave=False,
         )
-    try:
+    stop = threading.Event()
+
+    def work() -> None:
         for group in _batches(jobs, dev.type == "cuda", batch_bytes):
+            if stop.is_set():
+                return
             deltas = []
             for n in group:
                 da, shape, _, _ = a.tensor_info(n)
@@ -334,7 +339,15 @@ def rank(
                 m_, n_ = dict(jobs)[n]
                 rows[n] = spectrum_figures(s, m_, n_, rtol, atol, top_k)
                 if bar is not None:
-                    bar.update(work[n])
+                    bar.update(work_of[n])
+        # Nothing is reported from a file that changed while it was read.
+        a.verify()
+        b.verify()
+
+    try:
+        # An SVD cannot be interrupted: on Ctrl-C the worker finishes its current matrix on its
+        # own and stops; the caller is not kept waiting for it.
+        run_in_worker(work, on_interrupt=stop.set, wait_on_interrupt=False)
     finally:
         if bar is not None:
             bar.close()

@@ -1,5 +1,5 @@
 """Turning a user's checkpoint argument into a path: a file, a directory, or a Hugging Face repo
-id (``org/name[@revision]``) resolved offline from the local hub cache (DESIGN §1)."""
+id (``org/name[@revision]``) resolved offline from the local hub cache (design §1)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Subnetwork-only finetuning and update tracking for PyTorch (paper §1 Conjecture 1, §4, §6,
-Appendix D; DESIGN §1). Importing this module imports torch.
+Appendix D; design §1). Importing this module imports torch.
 
 Masked training
 ---------------
@@ -296,7 +296,7 @@ def _bits_view(t: torch.Tensor) -> torch.Tensor:
 
 
 def _changed(new: torch.Tensor, old: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(changed exactly, changed at ``tol``) per DESIGN §1, as bool tensors."""
+    """(changed exactly, changed at ``tol``) per design §1, as bool tensors."""
     exact = _bits_view(new) != _bits_view(old)
     wide = torch.float64 if new.dtype == torch.float64 else torch.float32
     close = (new.to(wide) - old.to(wide)).abs() <= tol

@@ -1,6 +1,6 @@
 //! A checkpoint: one or more validated shards, and where each tensor lives.
 //!
-//! Accepted forms (DESIGN §1): a single `.safetensors` file; a directory holding
+//! Accepted forms (design §1): a single `.safetensors` file; a directory holding
 //! `model.safetensors.index.json` (or exactly one other `*.safetensors.index.json`), or
 //! `model.safetensors`, or only shards; or an index file named directly.
 

@@ -11,7 +11,7 @@ use crate::dtype::{widen, Dtype};
 /// Elements per block; also the width of one mask word.
 pub const BLOCK: usize = 64;
 
-/// When two floating values count as unchanged (DESIGN §1). Identical bit patterns are always
+/// When two floating values count as unchanged (design §1). Identical bit patterns are always
 /// unchanged; NaN against any other pattern is always changed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Criterion {

@@ -1,5 +1,5 @@
 //! rlmask core: memory-mapped safetensors checkpoints with validated headers, the
-//! update-sparsity comparison kernel (DESIGN §1), and packed changed-bit masks.
+//! update-sparsity comparison kernel (design §1), and packed changed-bit masks.
 //!
 //! There is no Python here; `rust/py` holds the thin bindings.
 

@@ -1,4 +1,4 @@
-//! `.rlmask` files (DESIGN §3): a safetensors file with one U8 tensor of packed bits per
+//! `.rlmask` files (design §3): a safetensors file with one U8 tensor of packed bits per
 //! masked tensor (same name, [`padded_len`] bytes) and string metadata: `format=rlmask`,
 //! `version`, `bitorder=little`, the caller's provenance, and `tensors`, a JSON object mapping
 //! each name to its original `shape`, `dtype` and `numel`.

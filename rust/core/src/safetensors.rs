@@ -90,6 +90,11 @@ pub(crate) const PICKLE_EXTENSIONS: [&str; 5] = [".bin", ".pt", ".pth", ".ckpt",
 /// A header that fails to parse may belong to a file of another kind: say which, instead of
 /// reporting the bytes of a pickle as a bad header length.
 fn explain_other_format(path: &Path, bytes: &[u8], err: Error) -> Error {
+    // Only a header that could not be read at all: a safetensors header with a defect in one
+    // entry keeps its precise error.
+    if !matches!(err, Error::Header { .. }) {
+        return err;
+    }
     let name = path.to_string_lossy();
     let pickle = (bytes.len() >= 2 && bytes[0] == 0x80 && (2..=5).contains(&bytes[1]))
         || bytes.starts_with(b"PK\x03\x04")
@@ -491,6 +496,9 @@ pub fn parse_header(
     let mut tensors: Vec<TensorInfo> = Vec::with_capacity(entries.0.len());
     for (name, value) in entries.0 {
         if name == "__metadata__" {
+            if value.get() == "null" {
+                continue; // as the official reader: no metadata
+            }
             let meta: Entries<String> = serde_json::from_str(value.get()).map_err(|e| {
                 Error::header(
                     path,
