@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from oracle import SIZES
+
 HANG_SECONDS = 2.0
 
 DTYPES = [
@@ -55,23 +57,6 @@ DTYPES = [
     "F8_E4M3",
     "F8_E5M2",
 ]
-SIZES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "F64": 8,
-    "I64": 8,
-    "U64": 8,
-}
 EDGE_INTS = [
     0,
     1,

@@ -302,7 +302,14 @@ def test_other_commands_refuse_ignored_options(tmp_path: Path) -> None:
         rlmask.diff(BASE, example_path(t), save_mask=masks[-1], progress=False)
     assert run("overlap", *masks, "--by", "module")[0] == 2
     assert run("overlap", *masks)[0] == 0
-    for opt in (["--rtol", "-1"], ["--atol", "-0.5"], ["--rtol", "nan"], ["--device", "nope"]):
+    for opt in (
+        ["--rtol", "-1"],
+        ["--atol", "-0.5"],
+        ["--rtol", "nan"],
+        ["--device", "nope"],
+        ["--device", "meta"],
+        ["--device", "cuda:99"],
+    ):
         code, _, err = run("rank", BASE, TUNED, *opt)
         assert code == 2, (opt, err)
     assert run("rank", BASE, TUNED, "--device", "cuda:0")[0] == (

@@ -74,7 +74,8 @@ def _to_torch(raw: np.ndarray, dtype: str, shape: list[int]) -> torch.Tensor:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
+    """``auto`` is CUDA when available, else CPU; otherwise a CPU, CUDA, MPS or XPU device that
+    exists here. Anything else (an unknown name, ``meta``, a missing GPU) is a ValueError."""
     import torch
 
     if str(device) == "auto":
@@ -83,8 +84,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"unknown device '{device}': {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}' asked for, but CUDA is not available here")
+    available = {
+        "cpu": lambda: True,
+        "cuda": lambda: torch.cuda.is_available()
+        and (dev.index is None or dev.index < torch.cuda.device_count()),
+        "mps": lambda: torch.backends.mps.is_available(),
+        "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }
+    if dev.type not in available:
+        raise ValueError(
+            f"device '{device}' cannot compute singular values (use auto, cpu, cuda, cuda:N, "
+            "mps or xpu)"
+        )
+    if not available[dev.type]():
+        raise ValueError(f"device '{device}' asked for, but it is not available here")
     return dev
 
 

@@ -10,23 +10,38 @@ fn write(path: &Path, tensors: &[(&str, &[u8])]) {
     write_u8_tensors(path, tensors, &BTreeMap::new()).unwrap();
 }
 
-/// Writes F32 tensors (laid out in the order given) as a safetensors file.
-fn write_f32(path: &Path, tensors: &[(&str, &[f32])]) {
+/// Writes 1-D tensors `(name, dtype, raw bytes)`, laid out in the order given, as a
+/// safetensors file.
+fn write_tensors(path: &Path, tensors: &[(&str, &str, Vec<u8>)]) {
     let mut header = serde_json::Map::new();
     let mut data = Vec::new();
-    for (name, values) in tensors {
+    for (name, dtype, bytes) in tensors {
+        let size = if *dtype == "F32" { 4 } else { 1 };
         let start = data.len();
-        data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        data.extend_from_slice(bytes);
         header.insert(
             name.to_string(),
-            serde_json::json!({"dtype": "F32", "shape": [values.len()], "data_offsets": [start, data.len()]}),
+            serde_json::json!({"dtype": dtype, "shape": [bytes.len() / size], "data_offsets": [start, data.len()]}),
         );
     }
     let text = serde_json::to_vec(&header).unwrap();
-    let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(&text);
-    bytes.extend_from_slice(&data);
-    std::fs::write(path, bytes).unwrap();
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&data);
+    std::fs::write(path, out).unwrap();
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Writes F32 tensors as a safetensors file.
+fn write_f32(path: &Path, tensors: &[(&str, &[f32])]) {
+    let t: Vec<(&str, &str, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, v)| (*n, "F32", f32_bytes(v)))
+        .collect();
+    write_tensors(path, &t);
 }
 
 fn options(criterion: Criterion, mask: Option<usize>) -> DiffOptions {
@@ -86,26 +101,14 @@ fn pairs_counts_and_lists_one_sided_and_tied_names() {
     assert!(r.only_in_base.is_empty() && r.only_in_tuned.is_empty());
 
     let mixed = |p: &Path, w: &[u8], extra: &str| {
-        let mut header = serde_json::Map::new();
-        header.insert(
-            "f".into(),
-            serde_json::json!({"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}),
-        );
-        header.insert(
-            "w".into(),
-            serde_json::json!({"dtype": "U8", "shape": [w.len()], "data_offsets": [256, 256 + w.len()]}),
-        );
-        header.insert(
-            extra.into(),
-            serde_json::json!({"dtype": "U8", "shape": [1], "data_offsets": [256 + w.len(), 257 + w.len()]}),
-        );
-        let text = serde_json::to_vec(&header).unwrap();
-        let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(&text);
-        bytes.extend(f.iter().flat_map(|v| v.to_le_bytes()));
-        bytes.extend_from_slice(w);
-        bytes.push(0);
-        std::fs::write(p, bytes).unwrap();
+        write_tensors(
+            p,
+            &[
+                ("f", "F32", f32_bytes(&f)),
+                ("w", "U8", w.to_vec()),
+                (extra, "U8", vec![0]),
+            ],
+        )
     };
     mixed(&a, &x, "old");
     mixed(&b, &y, "new");
@@ -232,41 +235,24 @@ fn selection_mismatch_and_cancellation() {
         dir.path().join("a.safetensors"),
         dir.path().join("b.safetensors"),
     );
-    write(&a, &[("x", &[1; 8]), ("y", &[1; 8])]);
-    write(&b, &[("x", &[2; 8]), ("y", &[1; 16])]);
-    // Add one floating tensor to each side: the comparison needs something floating.
-    let add_float = |p: &Path| {
-        let ckpt = Checkpoint::open(p).unwrap();
-        let mut t: Vec<(String, Vec<u8>)> = ckpt
-            .names()
-            .map(|n| {
-                let (s, info) = ckpt.get(n).unwrap();
-                (n.to_string(), s.bytes(info).to_vec())
-            })
-            .collect();
-        drop(ckpt);
-        let mut header = serde_json::Map::new();
-        let mut data = vec![0u8; 16];
-        header.insert(
-            "f".into(),
-            serde_json::json!({"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}),
-        );
-        for (name, bytes) in t.drain(..) {
-            let start = data.len();
-            data.extend_from_slice(&bytes);
-            header.insert(
-                name,
-                serde_json::json!({"dtype": "U8", "shape": [bytes.len()], "data_offsets": [start, data.len()]}),
-            );
-        }
-        let text = serde_json::to_vec(&header).unwrap();
-        let mut out = (text.len() as u64).to_le_bytes().to_vec();
-        out.extend_from_slice(&text);
-        out.extend_from_slice(&data);
-        std::fs::write(p, out).unwrap();
-    };
-    add_float(&a);
-    add_float(&b);
+    // A floating tensor on each side (the comparison needs one) beside U8 tensors.
+    let zeros = f32_bytes(&[0.0; 4]);
+    write_tensors(
+        &a,
+        &[
+            ("f", "F32", zeros.clone()),
+            ("x", "U8", vec![1; 8]),
+            ("y", "U8", vec![1; 8]),
+        ],
+    );
+    write_tensors(
+        &b,
+        &[
+            ("f", "F32", zeros),
+            ("x", "U8", vec![2; 8]),
+            ("y", "U8", vec![1; 16]),
+        ],
+    );
     let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap());
     let progress = Progress::default();
     let err = diff(&ca, &cb, &options(Criterion::Exact, None), &progress).unwrap_err();
