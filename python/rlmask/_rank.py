@@ -26,7 +26,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -84,10 +84,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as e:
         raise ValueError(f"unknown device '{device}': {e}") from None
-    available = {
+    available: dict[str, Callable[[], bool]] = {
         "cpu": lambda: True,
-        "cuda": lambda: torch.cuda.is_available()
-        and (dev.index is None or dev.index < torch.cuda.device_count()),
+        "cuda": lambda: (
+            torch.cuda.is_available()
+            and (dev.index is None or dev.index < torch.cuda.device_count())
+        ),
         "mps": lambda: torch.backends.mps.is_available(),
         "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available(),
     }
