@@ -20,6 +20,7 @@ from rlmask._mask import Mask, consensus, load_mask
 from rlmask._overlap import OverlapReport, overlap, overlap_matrix
 from rlmask._rank import RankReport, rank
 from rlmask._rlmask import __version__
+from rlmask._trajectory import TrajectoryReport, trajectory
 from rlmask.errors import (
     CheckpointChangedError,
     CheckpointError,
@@ -48,6 +49,7 @@ __all__ = [
     "RankReport",
     "RlmaskError",
     "TensorMismatchError",
+    "TrajectoryReport",
     "__version__",
     "consensus",
     "diff",
@@ -55,4 +57,5 @@ __all__ = [
     "overlap",
     "overlap_matrix",
     "rank",
+    "trajectory",
 ]

@@ -315,11 +315,29 @@ def _thresholds(
     return [float(eta)], float(eta)
 
 
-def paired_names(names: Iterable[str], name_map: Mapping[str, str] | None) -> dict[str, str]:
-    """``{paired name: stored name}``: names as the core pairs them (wrapper segments removed,
-    ``name_map`` prefixes applied)."""
+def selection(
+    ckpts: Sequence[_rlmask.Checkpoint],
+    include: str | Iterable[str] | None,
+    exclude: str | Iterable[str] | None,
+    name_map: Mapping[str, str] | None,
+) -> list[str] | None:
+    """The names (as paired: wrapper segments removed, ``name_map`` applied) that ``include``
+    and ``exclude`` select among every checkpoint's tensors; None when neither is given.
+
+    Raises:
+        PairingError: the patterns select nothing.
+    """
+    if include is None and exclude is None:
+        return None
     pairs = list((name_map or {}).items())
-    return {_rlmask.canonical_name(n, pairs): n for n in names}
+    paired = sorted({_rlmask.canonical_name(n, pairs) for c in ckpts for n in c.names()})
+    chosen = select_names(paired, include, exclude)
+    if not chosen:
+        where = ", ".join(str(c.path) for c in ckpts[:3]) + (", ..." if len(ckpts) > 3 else "")
+        raise PairingError(
+            f"no tensor name of {where} matches the include/exclude patterns: nothing to compare"
+        )
+    return chosen
 
 
 def diff(
@@ -398,15 +416,7 @@ def diff(
         check_output(save_mask)
     a = _rlmask.Checkpoint(resolve_checkpoint(base))
     b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
-    select = None
-    if include is not None or exclude is not None:
-        paired = sorted(paired_names(a.names(), name_map) | paired_names(b.names(), name_map))
-        select = select_names(paired, include, exclude)
-        if not select:
-            raise PairingError(
-                f"no tensor name of {os.fspath(base)} or {os.fspath(tuned)} matches the "
-                "include/exclude patterns: nothing to compare"
-            )
+    select = selection([a, b], include, exclude, name_map)
     raw = run_with_progress(
         lambda watch: _rlmask.diff(
             a,

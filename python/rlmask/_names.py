@@ -21,6 +21,15 @@ MODULES = (
     "norm",
 )
 
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(text: str) -> tuple[str | int, ...]:
+    """A sort key that orders the numbers inside names as numbers: ``layers.2`` before
+    ``layers.10``, ``checkpoint-900`` before ``checkpoint-1000``."""
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(_DIGITS.split(text)))
+
+
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _SUFFIXES = ("weight", "bias")
 

@@ -19,6 +19,7 @@ __all__ = [
     "mask_count",
     "mask_overlap",
     "printable",
+    "trajectory",
     "write_mask",
 ]
 
@@ -105,3 +106,16 @@ class MaskFile:
 
 def canonical_name(name: str, name_map: list[tuple[str, str]] = ...) -> str: ...
 def printable(text: str) -> str: ...
+def trajectory(
+    base: Checkpoint,
+    ckpts: list[Checkpoint],
+    *,
+    criterion: str,
+    tolerance: float,
+    select: list[str] | None = None,
+    name_map: list[tuple[str, str]] = ...,
+    skip_mismatched: bool = False,
+    mask_files: list[str | PathLike[str]] | None = None,
+    mask_provenance: list[dict[str, str]] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]: ...

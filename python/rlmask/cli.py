@@ -120,6 +120,65 @@ _select_options = _options(
     ),
 )
 _quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+_tol_option = click.option(
+    "--tol",
+    type=float,
+    help=f"Absolute tolerance [default: {DEFAULT_TOL:g}]: an element is unchanged if its bits "
+    "are identical or |a - b| <= tol (computed in float32; float64 for F64 tensors). "
+    "Absolute criterion only.",
+)
+_criterion_options = _options(
+    click.option(
+        "--criterion",
+        type=click.Choice(["absolute", "exact", "relative"]),
+        default="absolute",
+        show_default=True,
+        help="absolute: |a-b| <= tol; exact: identical bits only; "
+        "relative: |a-b| <= eta*max(|a|,|b|).",
+    ),
+    click.option(
+        "--eta", type=float, help="Relative tolerance (required by --criterion relative)."
+    ),
+)
+_pairing_options = _options(
+    _select_options,
+    click.option(
+        "--skip-mismatched",
+        is_flag=True,
+        help="List tensors whose shapes or dtypes differ as skipped instead of failing.",
+    ),
+    click.option(
+        "--name-map",
+        multiple=True,
+        metavar="FROM=TO",
+        help="Rewrite the name prefix FROM as TO in every checkpoint before pairing "
+        "(repeatable; 'base_model.model.=' drops a prefix, '=model.' adds one). Wrapper "
+        "segments (DDP 'module.', FSDP, activation checkpointing, torch.compile) are always "
+        "removed.",
+    ),
+)
+
+
+def _check_criterion(criterion: str, tol: float | None, eta: float | None, sweep: bool) -> None:
+    """Options the criterion would ignore are usage errors."""
+    if criterion != "absolute" and (tol is not None or sweep):
+        raise click.UsageError(
+            f"--tol, --tolerances and --sweep apply to --criterion absolute, not {criterion}"
+        )
+    if criterion != "relative" and eta is not None:
+        raise click.UsageError("--eta applies to --criterion relative only")
+
+
+def _check_outputs(fmt: str, output: str | None, plot: str | None) -> None:
+    """Every output is checked before minutes of reading, not after."""
+    if fmt == "parquet" and not output:
+        raise click.UsageError("--format parquet needs -o FILE")
+    if output:
+        check_output(output)
+    if plot:
+        from rlmask.plot import check_figure_path
+
+        check_figure_path(plot)
 
 
 def _parse_tolerances(text: str | None) -> list[float]:
@@ -188,13 +247,7 @@ def cli() -> None:
 @cli.command("diff")
 @click.argument("base")
 @click.argument("tuned")
-@click.option(
-    "--tol",
-    type=float,
-    help=f"Absolute tolerance [default: {DEFAULT_TOL:g}]: an element is unchanged if its bits "
-    "are identical or |a - b| <= tol (computed in float32; float64 for F64 tensors). "
-    "Absolute criterion only.",
-)
+@_tol_option
 @click.option(
     "--sweep",
     is_flag=True,
@@ -205,31 +258,11 @@ def cli() -> None:
     metavar="T1,T2,...",
     help="Comma-separated absolute tolerances to compute in the same pass.",
 )
-@click.option(
-    "--criterion",
-    type=click.Choice(["absolute", "exact", "relative"]),
-    default="absolute",
-    show_default=True,
-    help="absolute: |a-b| <= tol; exact: identical bits only; relative: |a-b| <= eta*max(|a|,|b|).",
-)
-@click.option("--eta", type=float, help="Relative tolerance (required by --criterion relative).")
+@_criterion_options
 @_by_option("total", "Breakdown to print: whole model, per layer, per module type, or per tensor.")
 @_format_option(["table", "json", "csv", "parquet"])
 @_output_option
-@_select_options
-@click.option(
-    "--skip-mismatched",
-    is_flag=True,
-    help="List tensors whose shapes or dtypes differ as skipped instead of failing.",
-)
-@click.option(
-    "--name-map",
-    multiple=True,
-    metavar="FROM=TO",
-    help="Rewrite the name prefix FROM as TO on both sides before pairing (repeatable; "
-    "'base_model.model.=' drops a prefix, '=model.' adds one). Wrapper segments (DDP "
-    "'module.', FSDP, activation checkpointing, torch.compile) are always removed.",
-)
+@_pairing_options
 @click.option(
     "--save-mask",
     type=click.Path(dir_okay=False),
@@ -278,21 +311,8 @@ def diff_cmd(
       rlmask diff base/ tuned/ --save-mask grpo.rlmask
     """
     extra = _parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
-    if criterion != "absolute" and (tol is not None or extra):
-        raise click.UsageError(
-            f"--tol, --tolerances and --sweep apply to --criterion absolute, not {criterion}"
-        )
-    if criterion != "relative" and eta is not None:
-        raise click.UsageError("--eta applies to --criterion relative only")
-    if fmt == "parquet" and not output:
-        raise click.UsageError("--format parquet needs -o FILE")
-    # Every output is checked before minutes of reading, not after.
-    if output:
-        check_output(output)
-    if plot:
-        from rlmask.plot import check_figure_path
-
-        check_figure_path(plot)
+    _check_criterion(criterion, tol, eta, bool(extra))
+    _check_outputs(fmt, output, plot)
     report = diff(
         base,
         tuned,
@@ -482,6 +502,89 @@ def overlap_cmd(
             parts.append(f"{titles[k]}:\n{format_frame(df, percent=(k != 'lift'))}")
         text = "\n\n".join(parts)
     _emit(text, output)
+
+
+@cli.command("trajectory")
+@click.argument("base")
+@click.argument("checkpoints", nargs=-1, required=True)
+@_tol_option
+@_criterion_options
+@_by_option(
+    "total",
+    "Breakdown to print: per checkpoint for the whole model, or per layer, "
+    "module type or tensor and checkpoint.",
+)
+@_format_option(["table", "json", "csv", "parquet"])
+@_output_option
+@_pairing_options
+@click.option(
+    "--save-masks",
+    type=click.Path(file_okay=False),
+    help="Also write each checkpoint's mask against BASE into this directory "
+    "(step-<n>.rlmask), from the same pass.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Also draw the run's figure (sparsity against the base and the previous checkpoint, "
+    "the three categories, the share outside the final subnetwork) to this image file.",
+)
+@_quiet_option
+@_user_errors
+def trajectory_cmd(
+    base: str,
+    checkpoints: tuple[str, ...],
+    tol: float | None,
+    criterion: str,
+    eta: float | None,
+    by: str,
+    fmt: str,
+    output: str | None,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    skip_mismatched: bool,
+    name_map: tuple[str, ...],
+    save_masks: str | None,
+    plot: str | None,
+    quiet: bool,
+) -> None:
+    """How sparsity evolves over a run (paper §6, Figures 2, 5, 6, 7).
+
+    Compares every checkpoint with BASE and with the checkpoint before it, in one pass that
+    reads each file once. CHECKPOINTS are checkpoints, glob patterns, or a run directory
+    holding checkpoint-<step>/ (or global_step_<n>, step_<n>, iter_<n>) folders; they are
+    ordered by step when every name carries one.
+
+    \b
+    Examples:
+      rlmask trajectory Qwen/Qwen2.5-Math-7B runs/grpo/
+      rlmask trajectory base/ 'runs/grpo/checkpoint-*' --format json -o run.json
+      rlmask trajectory base/ runs/grpo/ --by module --plot run.png --save-masks masks/
+    """
+    from rlmask._trajectory import trajectory
+
+    _check_criterion(criterion, tol, eta, False)
+    _check_outputs(fmt, output, plot)
+    report = trajectory(
+        base,
+        list(checkpoints),
+        tol=tol,
+        criterion=criterion,  # type: ignore[arg-type]
+        eta=eta,
+        include=include or None,
+        exclude=exclude or None,
+        name_map=_parse_name_map(name_map),
+        skip_mismatched=skip_mismatched,
+        save_masks=save_masks,
+        progress=not quiet,
+    )
+    _render(report, by, fmt, output)
+    if plot:
+        import matplotlib.pyplot as plt
+
+        from rlmask.plot import trajectory_figure
+
+        plt.close(trajectory_figure(report, plot))
 
 
 @cli.command("rank")

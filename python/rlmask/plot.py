@@ -2,7 +2,9 @@
 import matplotlib; each function does.
 
 - :func:`sparsity_by_layer`: update sparsity per layer, one line per module type, as the
-  paper's Figure 3.
+  paper's Figure 3;
+- :func:`trajectory_figure`: a run's sparsity over steps, its categories and the share of
+  changes outside the final subnetwork (Figures 2, 5, 6, 7).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import polars as pl
 
 from rlmask._diff import DiffReport
 from rlmask._io import check_output, write_atomic
+from rlmask._report import sort_modules
+from rlmask._trajectory import TrajectoryReport
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -22,9 +26,23 @@ PathArg = str | os.PathLike[str]
 
 #: File types a figure can be written as (matplotlib's Agg and vector backends), by extension.
 FORMATS = (
-    "eps", "jpeg", "jpg", "pdf", "pgf", "png", "ps", "raw", "rgba", "svg", "svgz", "tif", "tiff",
-    "webp", "avif", "gif",
-)  # fmt: skip
+    "eps",
+    "jpeg",
+    "jpg",
+    "pdf",
+    "pgf",
+    "png",
+    "ps",
+    "raw",
+    "rgba",
+    "svg",
+    "svgz",
+    "tif",
+    "tiff",
+    "webp",
+    "avif",
+    "gif",
+)
 
 
 def check_figure_path(path: PathArg) -> None:
@@ -110,6 +128,85 @@ def sparsity_by_layer(
     fig.tight_layout()
     if path is not None:
         check_figure_path(path)
+        fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+        write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=fmt))
+    return fig
+
+
+def trajectory_figure(
+    report: TrajectoryReport, path: PathArg | None = None, *, dpi: int = 150
+) -> Any:
+    """The run's figure, three panels as in the paper:
+
+    1. update sparsity against the step, against the base (Figures 5, 7a) and against the
+       previous checkpoint (Figure 7b);
+    2. the three categories of Figure 2 per module type (stacked shares: never changed,
+       changed then returned, final subnetwork);
+    3. Figure 6: the share of each checkpoint's changes outside the final subnetwork.
+
+    The x axis is the step when every checkpoint has one, else the checkpoint's position.
+
+    Returns:
+        The matplotlib Figure (written atomically to ``path`` if given).
+    """
+    import matplotlib
+
+    if path is not None:
+        check_figure_path(path)
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    total = report.total_frame()
+    steps = total["step"].to_list()
+    x = steps if all(s is not None for s in steps) else total["checkpoint"].to_list()
+    xlabel = "step" if x is steps else "checkpoint"
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4.2))
+    a1.plot(x, 100 * total["sparsity_vs_base"], marker="o", ms=3, label="against the base")
+    a1.plot(x, 100 * total["sparsity_consecutive"], marker="s", ms=3, label="against previous")
+    a1.set_xlabel(xlabel)
+    a1.set_ylabel("update sparsity (%)")
+    a1.set_title("Sparsity over the run")
+    a1.legend(fontsize=8)
+    a1.grid(alpha=0.3)
+
+    per = (
+        report.tensors.group_by("module")
+        .agg(
+            pl.col("numel").sum(),
+            pl.col("never").sum(),
+            pl.col("returned").sum(),
+            pl.col("final").sum(),
+        )
+        .pipe(sort_modules)
+    )
+    modules = per["module"].to_list()
+    bottom = [0.0] * len(modules)
+    for what, label in (
+        ("never", "never changed"),
+        ("returned", "changed, returned"),
+        ("final", "final subnetwork"),
+    ):
+        share = (100 * per[what] / per["numel"]).fill_nan(0).to_list()
+        a2.bar(modules, share, bottom=bottom, label=label)
+        bottom = [b + s for b, s in zip(bottom, share, strict=True)]
+    a2.set_ylabel("share of elements (%)")
+    a2.set_title("Categories (Figure 2)")
+    a2.tick_params(axis="x", labelrotation=60, labelsize=7)
+    a2.legend(fontsize=7)
+
+    a3.plot(
+        x,
+        [None if v is None else 100 * v for v in total["outside_final_share"]],
+        marker="o",
+        ms=3,
+        color="tab:red",
+    )
+    a3.set_xlabel(xlabel)
+    a3.set_ylabel("changes outside the final subnetwork (%)")
+    a3.set_title("Outside the final subnetwork (Figure 6)")
+    a3.grid(alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
         fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
         write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=fmt))
     return fig

@@ -116,22 +116,26 @@ pub const MAX_UNPAIRED: f64 = 0.5;
 
 const TIED: [(&str, &str); 1] = [("lm_head.weight", "model.embed_tokens.weight")];
 
-struct Pair<'a> {
-    name: &'a str,
-    a: (&'a Shard, &'a TensorInfo),
-    b: (&'a Shard, &'a TensorInfo),
+pub(crate) struct Pair<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) a: (&'a Shard, &'a TensorInfo),
+    pub(crate) b: (&'a Shard, &'a TensorInfo),
 }
 
 /// One side's tensors under the names they are paired by.
-struct Side<'a> {
-    ckpt: &'a Checkpoint,
+pub(crate) struct Side<'a> {
+    pub(crate) ckpt: &'a Checkpoint,
     /// Paired name -> stored name.
-    names: BTreeMap<String, &'a str>,
-    renamed: Vec<(String, String)>,
+    pub(crate) names: BTreeMap<String, &'a str>,
+    pub(crate) renamed: Vec<(String, String)>,
 }
 
 impl<'a> Side<'a> {
-    fn new(ckpt: &'a Checkpoint, what: &str, map: &[(String, String)]) -> Result<Side<'a>> {
+    pub(crate) fn new(
+        ckpt: &'a Checkpoint,
+        what: &str,
+        map: &[(String, String)],
+    ) -> Result<Side<'a>> {
         let mut names = BTreeMap::new();
         let mut renamed = Vec::new();
         for stored in ckpt.names() {
@@ -156,11 +160,11 @@ impl<'a> Side<'a> {
         })
     }
 
-    fn contains(&self, name: &str) -> bool {
+    pub(crate) fn contains(&self, name: &str) -> bool {
         self.names.contains_key(name)
     }
 
-    fn get(&self, name: &str) -> Option<(&'a Shard, &'a TensorInfo)> {
+    pub(crate) fn get(&self, name: &str) -> Option<(&'a Shard, &'a TensorInfo)> {
         self.names
             .get(name)
             .and_then(|stored| self.ckpt.get(stored))
@@ -178,7 +182,7 @@ impl<'a> Side<'a> {
 
 /// Refuses a comparison in which more than [`MAX_UNPAIRED`] of either side's floating
 /// elements have no partner: its figures would describe a small, arbitrary part of the model.
-fn check_paired(
+pub(crate) fn check_paired(
     base: &Side,
     tuned: &Side,
     keep: &dyn Fn(&str) -> bool,
@@ -219,7 +223,7 @@ fn check_paired(
 }
 
 /// Why the two sides of a pair cannot be compared; `None` when they can.
-fn mismatch(p: &Pair) -> Option<String> {
+pub(crate) fn mismatch(p: &Pair) -> Option<String> {
     let (ta, tb) = (p.a.1, p.b.1);
     let (pa, pb) = (p.a.0.path.display(), p.b.0.path.display());
     let detail = if ta.shape != tb.shape {

@@ -14,6 +14,7 @@ pub mod maskfile;
 pub mod names;
 pub mod safetensors;
 pub mod text;
+pub mod trajectory;
 
 pub use checkpoint::Checkpoint;
 pub use diff::{diff, DiffOptions, DiffResult, MaskFileSpec, Progress, Skipped, TensorDiff};

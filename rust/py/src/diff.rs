@@ -44,6 +44,29 @@ impl Progress {
     }
 }
 
+impl Progress {
+    /// The counters, shared with a running pass.
+    pub(crate) fn shared(&self) -> Arc<core::Progress> {
+        self.inner.clone()
+    }
+}
+
+/// The criterion named `name` with its thresholds (tolerances for `absolute`, one eta for
+/// `relative`, none used for `exact`): the one place where criterion names are parsed.
+pub(crate) fn parse_criterion(name: &str, thresholds: Vec<f64>) -> PyResult<core::Criterion> {
+    match (name, thresholds.as_slice()) {
+        ("absolute", _) => Ok(core::Criterion::Absolute(thresholds)),
+        ("exact", _) => Ok(core::Criterion::Exact),
+        ("relative", [eta]) => Ok(core::Criterion::Relative(*eta)),
+        ("relative", _) => Err(PyValueError::new_err(
+            "the relative criterion takes exactly one eta",
+        )),
+        (other, _) => Err(PyValueError::new_err(format!(
+            "unknown criterion '{other}' (absolute, exact or relative)"
+        ))),
+    }
+}
+
 /// Compares two checkpoints (see `rlmask.diff` for the public interface). Returns a dict with
 /// `tensors` (tuples of name, base dtype, tuned dtype, shape, numel, floating, changed counts,
 /// packed bits or None), `only_in_base`, `only_in_tuned`, `tied`, `skipped`, and
@@ -68,21 +91,7 @@ pub fn diff<'py>(
     mask_provenance: Option<std::collections::BTreeMap<String, String>>,
     progress: Option<&Progress>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let criterion = match (criterion, tolerances.as_slice()) {
-        ("absolute", _) => core::Criterion::Absolute(tolerances),
-        ("exact", _) => core::Criterion::Exact,
-        ("relative", [eta]) => core::Criterion::Relative(*eta),
-        ("relative", _) => {
-            return Err(PyValueError::new_err(
-                "the relative criterion takes exactly one eta",
-            ))
-        }
-        (other, _) => {
-            return Err(PyValueError::new_err(format!(
-                "unknown criterion '{other}' (absolute, exact or relative)"
-            )))
-        }
-    };
+    let criterion = parse_criterion(criterion, tolerances)?;
     let opts = core::DiffOptions {
         criterion,
         select,
@@ -94,7 +103,7 @@ pub fn diff<'py>(
             provenance: mask_provenance.unwrap_or_default(),
         }),
     };
-    let watch = progress.map(|p| p.inner.clone()).unwrap_or_default();
+    let watch = progress.map(Progress::shared).unwrap_or_default();
     let (a, b) = (base.inner.clone(), tuned.inner.clone());
     let result = py
         .detach(|| core::diff(&a, &b, &opts, &watch))

@@ -1,11 +1,12 @@
 //! Thin PyO3 bindings of `rlmask-core`, built by maturin into `rlmask._rlmask`. One file per
-//! Python-facing area: `errors`, `checkpoint`, `diff`, `mask`, `names`.
+//! Python-facing area: `errors`, `checkpoint`, `diff`, `mask`, `names`, `trajectory`.
 
 mod checkpoint;
 mod diff;
 mod errors;
 mod mask;
 mod names;
+mod trajectory;
 
 /// The private extension module behind the `rlmask` package.
 #[pyo3::pymodule]
@@ -20,6 +21,8 @@ mod _rlmask {
     use super::mask::{mask_combine, mask_count, mask_overlap, write_mask, MaskFile, MaskTensor};
     #[pymodule_export]
     use super::names::{canonical_name, printable};
+    #[pymodule_export]
+    use super::trajectory::trajectory;
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

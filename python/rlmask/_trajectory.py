@@ -1,0 +1,435 @@
+"""How sparsity evolves over a run's checkpoints (paper §6, Appendix D, Figures 2, 5, 6, 7;
+design §6).
+
+For checkpoints ``θ_1..θ_K`` after ``θ_0 = base``, at one tolerance:
+
+- ``changed_vs_base[k] = changed(θ_0, θ_k)`` (Figures 5, 7a) and
+  ``changed_consecutive[k] = changed(θ_{k-1}, θ_k)`` (Figure 7b; the first is against the base);
+- the three categories of Figure 2: ``never`` (unchanged against the base in every checkpoint),
+  ``returned`` (changed at some checkpoint, unchanged in the last), ``final`` (changed in the
+  last: the final subnetwork);
+- Figure 6's ``outside_final[k]``: the share of ``θ_k``'s changes that lie outside the final
+  subnetwork (null when ``θ_k`` changed nothing).
+
+Every file is read once, in one pass (the core compares each chunk of every checkpoint with the
+base and with its predecessor together), and memory stays flat whatever the model size and the
+number of checkpoints.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from rlmask import _rlmask
+from rlmask._diff import Criterion, _label, _thresholds, selection
+from rlmask._io import check_output
+from rlmask._names import layer_of, module_of, natural_key
+from rlmask._progress import progress_wanted, run_with_progress
+from rlmask._report import Report, printable_lines, ratio, sort_modules
+from rlmask._resolve import resolve_checkpoint
+from rlmask._rlmask import __version__
+from rlmask._table import format_frame
+from rlmask.errors import CheckpointNotFoundError
+
+PathArg = str | os.PathLike[str]
+
+#: Directory names of a run's checkpoints, with their step: Hugging Face ``checkpoint-500``,
+#: verl ``global_step_500``, ``step_500``, ``iter_500`` (Megatron ``iter_0000500``).
+STEP_DIR = re.compile(r"(?:checkpoint|global_step|step|iter)[-_]?(\d+)$", re.IGNORECASE)
+
+
+def step_of(path: PathArg) -> int | None:
+    """The training step in a checkpoint's directory or file name, or None."""
+    name = Path(path).name
+    for suffix in (".safetensors", ".json"):
+        name = name.removesuffix(suffix)
+    m = STEP_DIR.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _holds_checkpoint(d: Path) -> bool:
+    return any(d.glob("*.safetensors")) or any(d.glob("*.safetensors.index.json"))
+
+
+def discover(args: Sequence[PathArg]) -> list[Path]:
+    """The checkpoints that ``args`` name, in run order.
+
+    Each argument is a checkpoint (any form :func:`rlmask.diff` accepts), a glob pattern, or a
+    run directory whose subdirectories are checkpoints named ``checkpoint-<step>``,
+    ``global_step_<n>``, ``step_<n>`` or ``iter_<n>``. When every checkpoint has a step in its
+    name they are ordered by step (as integers: 900 before 1000); otherwise they keep the order
+    given, with each glob's and run directory's matches in natural order.
+
+    Raises:
+        CheckpointNotFoundError: an argument names nothing, or a pattern matches nothing.
+        ValueError: the same checkpoint is named twice.
+    """
+    found: list[Path] = []
+    for arg in args:
+        text = os.fspath(arg)
+        if glob.has_magic(text) and not Path(text).exists():
+            matches = sorted(glob.glob(text), key=natural_key)
+            if not matches:
+                raise CheckpointNotFoundError(f"{text}: the pattern matches nothing", text)
+        else:
+            matches = [text]
+        for m in matches:
+            p = Path(m)
+            if p.is_dir() and not _holds_checkpoint(p):
+                runs = sorted(
+                    (c for c in p.iterdir() if c.is_dir() and STEP_DIR.search(c.name)),
+                    key=lambda c: natural_key(c.name),
+                )
+                if runs:
+                    found += runs
+                    continue
+            found.append(resolve_checkpoint(m))
+    seen: dict[Path, Path] = {}
+    for p in found:
+        real = p.resolve()
+        if real in seen:
+            raise ValueError(f"checkpoint {p} is given twice")
+        seen[real] = p
+    steps = [step_of(p) for p in found]
+    known = [s for s in steps if s is not None]
+    if found and len(known) == len(found):
+        found = [p for _, p in sorted(zip(known, found, strict=True), key=lambda sp: sp[0])]
+    return found
+
+
+@dataclass(frozen=True)
+class TrajectoryReport(Report):
+    """A run's checkpoints against its base and their predecessors.
+
+    Attributes:
+        base: the base checkpoint as given.
+        checkpoint_paths: the checkpoints, in run order.
+        steps: the training step of each (from its name), or None.
+        criterion, tolerance: the comparison (one threshold).
+        tensors: one row per tensor: name, layer, module, dtype, shape, numel, and per
+            checkpoint (lists) ``changed_vs_base``, ``changed_consecutive``,
+            ``outside_final`` (counts), then ``never``, ``returned``, ``final``.
+        incomplete: base tensors missing from some checkpoint (left out), with the 1-based
+            positions of the checkpoints that lack them.
+        skipped: ``(name, reason)`` of tensors left out (not floating; mismatched).
+        renamed: per checkpoint (base first), names rewritten for pairing.
+    """
+
+    base: str
+    checkpoint_paths: list[str]
+    steps: list[int | None]
+    criterion: Criterion
+    tolerance: float
+    tensors: pl.DataFrame
+    incomplete: list[tuple[str, list[int]]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    renamed: list[list[tuple[str, str]]] = field(default_factory=list)
+
+    @property
+    def numel(self) -> int:
+        """Elements followed over the run."""
+        return int(self.tensors["numel"].sum())
+
+    @property
+    def categories(self) -> dict[str, int]:
+        """Figure 2: elements never changed, changed then returned, and in the final
+        subnetwork."""
+        return {k: int(self.tensors[k].sum()) for k in ("never", "returned", "final")}
+
+    def _per_step(self, frame: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+        """One row per group and checkpoint, from list columns summed element-wise."""
+        k = len(self.checkpoint_paths)
+        lists = ["changed_vs_base", "changed_consecutive", "outside_final"]
+        long = frame.select(
+            *keys,
+            "numel",
+            "never",
+            "returned",
+            "final",
+            *lists,
+            pl.lit(list(range(1, k + 1))).alias("checkpoint"),
+        ).explode([*lists, "checkpoint"])
+        g = long.group_by([*keys, "checkpoint"], maintain_order=True).agg(
+            pl.col("numel").sum(),
+            *(pl.col(c).sum() for c in lists),
+            *(pl.col(c).sum() for c in ("never", "returned", "final")),
+        )
+        steps = pl.DataFrame(
+            {
+                "checkpoint": list(range(1, k + 1)),
+                "step": self.steps,
+                "path": self.checkpoint_paths,
+            },
+            schema={"checkpoint": pl.Int64, "step": pl.Int64, "path": pl.Utf8},
+        )
+        g = g.join(steps, on="checkpoint", how="left").with_columns(
+            (1 - ratio("changed_vs_base", "numel")).alias("sparsity_vs_base"),
+            (1 - ratio("changed_consecutive", "numel")).alias("sparsity_consecutive"),
+            (ratio("outside_final", "changed_vs_base")).alias("outside_final_share"),
+        )
+        return g.select(
+            *keys,
+            "checkpoint",
+            "step",
+            "path",
+            "numel",
+            "changed_vs_base",
+            "sparsity_vs_base",
+            "changed_consecutive",
+            "sparsity_consecutive",
+            "outside_final_share",
+            "never",
+            "returned",
+            "final",
+        ).sort([*keys, "checkpoint"])
+
+    def total_frame(self) -> pl.DataFrame:
+        """One row per checkpoint: step, path, changed and sparsity against the base and the
+        previous checkpoint, Figure 6's outside-final share, and the run's categories."""
+        return self._per_step(self.tensors, [])
+
+    def by_layer(self) -> pl.DataFrame:
+        """:meth:`total_frame` per transformer layer (tensors outside the layer stack left
+        out)."""
+        return self._per_step(self.tensors.filter(pl.col("layer").is_not_null()), ["layer"])
+
+    def by_module(self) -> pl.DataFrame:
+        """:meth:`total_frame` per module type."""
+        df = self._per_step(self.tensors, ["module"])
+        return sort_modules(df).sort(["module", "checkpoint"], maintain_order=True)
+
+    def by(self, level: Any) -> pl.DataFrame:
+        """The ``level`` breakdown; ``tensor`` gives one row per tensor and checkpoint."""
+        if level == "tensor":
+            return self._per_step(self.tensors, ["name"])
+        return super().by(level)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report of design §6 (a stable contract: keys may be added, never removed)."""
+        total = self.total_frame()
+        checkpoints = [
+            {
+                "path": r["path"],
+                "step": r["step"],
+                "changed_vs_base": int(r["changed_vs_base"]),
+                "sparsity_vs_base": r["sparsity_vs_base"],
+                "changed_consecutive": int(r["changed_consecutive"]),
+                "sparsity_consecutive": r["sparsity_consecutive"],
+                "outside_final": r["outside_final_share"],
+            }
+            for r in total.iter_rows(named=True)
+        ]
+        tensors = [
+            {
+                "name": r["name"],
+                "layer": r["layer"],
+                "module": r["module"],
+                "dtype": r["dtype"],
+                "shape": list(r["shape"]),
+                "numel": int(r["numel"]),
+                "changed_vs_base": [int(x) for x in r["changed_vs_base"]],
+                "changed_consecutive": [int(x) for x in r["changed_consecutive"]],
+                "outside_final": [int(x) for x in r["outside_final"]],
+                "never": int(r["never"]),
+                "returned": int(r["returned"]),
+                "final": int(r["final"]),
+            }
+            for r in self.tensors.iter_rows(named=True)
+        ]
+        return {
+            "base": self.base,
+            "criterion": self.criterion,
+            "tolerance": self.tolerance,
+            "numel": self.numel,
+            "checkpoints": checkpoints,
+            "categories": self.categories,
+            "tensors": tensors,
+            "incomplete": [{"name": n, "missing_in": m} for n, m in self.incomplete],
+            "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+            "renamed": [[{"stored": a, "paired": b} for a, b in pairs] for pairs in self.renamed],
+        }
+
+    def summary(self) -> str:
+        """The run at a glance: one line per checkpoint, then the categories."""
+        n = self.numel
+        c = self.categories
+        label = _label(self.criterion, self.tolerance)
+        lines = [
+            f"base: {self.base}",
+            f"{len(self.checkpoint_paths)} checkpoints; criterion: {self.criterion} {label}; "
+            f"{self.tensors.height} tensors, {n:,} floating elements",
+            "",
+        ]
+        table = self.total_frame().select(
+            "checkpoint",
+            "step",
+            "sparsity_vs_base",
+            "sparsity_consecutive",
+            pl.col("outside_final_share").alias("outside_final"),
+            "path",
+        )
+        lines.append(format_frame(table, percent=True))
+
+        def share(x: int) -> str:
+            return f"{x:,} ({100 * x / n:.3f}%)" if n else f"{x:,}"
+
+        lines += [
+            "",
+            f"never changed: {share(c['never'])}; changed then returned: "
+            f"{share(c['returned'])}; final subnetwork: {share(c['final'])}",
+        ]
+        for what, names in (
+            ("missing from some checkpoint", [m for m, _ in self.incomplete]),
+            ("skipped", [m for m, _ in self.skipped]),
+        ):
+            if names:
+                more = f", ... ({len(names)} in all)" if len(names) > 5 else ""
+                lines.append(f"{what}: {', '.join(names[:5])}{more}")
+        return printable_lines(lines)
+
+
+def _mask_name(path: Path, step: int | None, k: int) -> str:
+    if step is not None:
+        return f"step-{step}.rlmask"
+    return f"{k:03d}-{path.name.removesuffix('.safetensors')}.rlmask"
+
+
+def trajectory(
+    base: PathArg,
+    checkpoints: PathArg | Sequence[PathArg],
+    *,
+    tol: float | None = None,
+    criterion: Criterion = "absolute",
+    eta: float | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    name_map: Mapping[str, str] | None = None,
+    skip_mismatched: bool = False,
+    save_masks: PathArg | None = None,
+    progress: bool = True,
+) -> TrajectoryReport:
+    """Sparsity over a run (paper §6, Appendix D; Figures 2, 5, 6, 7), in one pass.
+
+    Args:
+        base: the checkpoint the run started from (any form :func:`rlmask.diff` accepts).
+        checkpoints: the run's checkpoints: paths, glob patterns, or a run directory holding
+            ``checkpoint-<step>/`` (or ``global_step_<n>``, ``step_<n>``, ``iter_<n>``)
+            subdirectories; ordered by step when every name carries one (see
+            :func:`discover`).
+        tol, criterion, eta: one threshold, as in :func:`rlmask.diff` (default: absolute,
+            1e-5).
+        include, exclude, name_map, skip_mismatched: as in :func:`rlmask.diff`.
+        save_masks: a directory (created if missing) to receive each checkpoint's mask against
+            the base, streamed from the pass: ``step-<n>.rlmask``, or
+            ``<k>-<name>.rlmask`` for checkpoints without a step.
+        progress: a progress bar on stderr when it is a terminal.
+
+    Returns:
+        A :class:`TrajectoryReport`.
+
+    Raises:
+        PairingError: nothing to compare, or a checkpoint mostly unpaired with the base.
+        CheckpointChangedError: a file changed while it was read.
+
+    Example:
+        >>> r = rlmask.trajectory("base/", "runs/grpo/")      # checkpoint-100, -200, ...
+        >>> r.total_frame()                                    # per checkpoint
+        >>> r.categories                                       # Figure 2
+    """
+    values, primary = _thresholds(criterion, tol, None, eta)
+    args = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
+    paths = discover(args)
+    if not paths:
+        raise ValueError("a trajectory needs at least one checkpoint after the base")
+    steps = [step_of(p) for p in paths]
+    mask_files = None
+    if save_masks is not None:
+        folder = Path(save_masks)
+        folder.mkdir(parents=True, exist_ok=True)
+        mask_files = [
+            folder / _mask_name(p, s, k + 1)
+            for k, (p, s) in enumerate(zip(paths, steps, strict=True))
+        ]
+        for f in mask_files:
+            check_output(f)
+    b = _rlmask.Checkpoint(resolve_checkpoint(base))
+    cs = [_rlmask.Checkpoint(p) for p in paths]
+    select = selection([b, *cs], include, exclude, name_map)
+    provenance = [
+        {
+            "source": "trajectory",
+            "base": os.fspath(base),
+            "tuned": os.fspath(p),
+            "criterion": criterion,
+            "tolerance": repr(primary),
+            "rlmask_version": __version__,
+        }
+        for p in paths
+    ]
+    raw = run_with_progress(
+        lambda watch: _rlmask.trajectory(
+            b,
+            cs,
+            criterion=criterion,
+            tolerance=values[0],
+            select=select,
+            name_map=list((name_map or {}).items()),
+            skip_mismatched=skip_mismatched,
+            mask_files=[os.fspath(f) for f in mask_files] if mask_files else None,
+            mask_provenance=provenance if mask_files else None,
+            progress=watch,
+        ),
+        show=progress_wanted(progress),
+    )
+    df = pl.DataFrame(
+        {
+            "name": raw["name"],
+            "layer": [layer_of(n) for n in raw["name"]],
+            "module": [module_of(n) for n in raw["name"]],
+            "dtype": raw["dtype"],
+            "shape": raw["shape"],
+            "numel": raw["numel"],
+            "changed_vs_base": raw["changed_vs_base"],
+            "changed_consecutive": raw["changed_consecutive"],
+            "outside_final": raw["outside_final"],
+            "ever": raw["ever"],
+            "last": raw["last"],
+        },
+        schema={
+            "name": pl.Utf8,
+            "layer": pl.Int64,
+            "module": pl.Utf8,
+            "dtype": pl.Utf8,
+            "shape": pl.List(pl.Int64),
+            "numel": pl.UInt64,
+            "changed_vs_base": pl.List(pl.UInt64),
+            "changed_consecutive": pl.List(pl.UInt64),
+            "outside_final": pl.List(pl.UInt64),
+            "ever": pl.UInt64,
+            "last": pl.UInt64,
+        },
+    )
+    df = df.with_columns(
+        (pl.col("numel") - pl.col("ever")).alias("never"),
+        (pl.col("ever") - pl.col("last")).alias("returned"),
+        pl.col("last").alias("final"),
+    ).drop("ever", "last")
+    return TrajectoryReport(
+        base=os.fspath(base),
+        checkpoint_paths=[os.fspath(p) for p in paths],
+        steps=steps,
+        criterion=criterion,
+        tolerance=primary,
+        tensors=df,
+        incomplete=[(n, [i + 1 for i in m]) for n, m in raw["incomplete"]],
+        skipped=[(n, r) for n, r in raw["skipped"]],
+        renamed=[list(r) for r in raw["renamed"]],
+    )
