@@ -20,6 +20,7 @@ from rlmask._mask import Mask, consensus, load_mask
 from rlmask._overlap import OverlapReport, overlap, overlap_matrix
 from rlmask._rank import RankReport, rank
 from rlmask._rlmask import __version__
+from rlmask._survey import SurveyReport, load_manifest, survey
 from rlmask._trajectory import TrajectoryReport, trajectory
 from rlmask.errors import (
     CheckpointChangedError,
@@ -48,14 +49,17 @@ __all__ = [
     "PairingError",
     "RankReport",
     "RlmaskError",
+    "SurveyReport",
     "TensorMismatchError",
     "TrajectoryReport",
     "__version__",
     "consensus",
     "diff",
+    "load_manifest",
     "load_mask",
     "overlap",
     "overlap_matrix",
     "rank",
+    "survey",
     "trajectory",
 ]

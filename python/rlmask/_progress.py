@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from rlmask._rlmask import Progress
@@ -24,6 +25,21 @@ def bar_width() -> int:
 def progress_wanted(progress: bool) -> bool:
     """A bar is drawn only when asked for and stderr is a terminal."""
     return progress and sys.stderr.isatty()
+
+
+#: Set while a caller asks every pass running in other threads to stop (see :func:`cancel_all`).
+_CANCEL_ALL = threading.Event()
+
+
+@contextlib.contextmanager
+def cancel_all() -> Iterator[None]:
+    """While the block runs, every :func:`run_in_worker` waiting in another thread (a survey's
+    pairs, say) cancels its work and raises KeyboardInterrupt in that thread."""
+    _CANCEL_ALL.set()
+    try:
+        yield
+    finally:
+        _CANCEL_ALL.clear()
 
 
 def run_in_worker(
@@ -57,6 +73,8 @@ def run_in_worker(
             worker.join(0.05)
             if tick is not None:
                 tick()
+            if _CANCEL_ALL.is_set():
+                raise KeyboardInterrupt
     except BaseException:
         on_interrupt()
         if wait_on_interrupt:

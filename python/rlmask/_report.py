@@ -50,6 +50,8 @@ class Report:
     :meth:`by_layer`, :meth:`by_module`, :meth:`to_dict` and :meth:`summary`."""
 
     tensors: pl.DataFrame
+    #: Columns of the breakdowns left out of terminal tables (files keep them).
+    table_hidden: tuple[str, ...] = ()
 
     def total_frame(self) -> pl.DataFrame:
         """The whole-model figures as a DataFrame."""

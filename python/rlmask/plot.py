@@ -17,6 +17,7 @@ import polars as pl
 from rlmask._diff import DiffReport
 from rlmask._io import check_output, write_atomic
 from rlmask._report import sort_modules
+from rlmask._survey import SurveyReport
 from rlmask._trajectory import TrajectoryReport
 
 if TYPE_CHECKING:
@@ -205,6 +206,49 @@ def trajectory_figure(
     a3.set_ylabel("changes outside the final subnetwork (%)")
     a3.set_title("Outside the final subnetwork (Figure 6)")
     a3.grid(alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
+        fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+        write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=fmt))
+    return fig
+
+
+def survey_figure(report: SurveyReport, path: PathArg | None = None, *, dpi: int = 150) -> Any:
+    """Update sparsity per pair at the survey's primary tolerance, one bar per pair coloured by
+    group (the paper's Figure 1). Failed pairs are left out.
+
+    Returns:
+        The matplotlib Figure (written atomically to ``path`` if given).
+    """
+    import matplotlib
+
+    if path is not None:
+        check_figure_path(path)
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = report.tensors.filter(pl.col("status") != "error")
+    if rows.is_empty():
+        raise ValueError("no pair of the survey was compared: nothing to plot")
+    # Figure 1 is at the primary tolerance; the rows of a sweep's other tolerances are Table 6's.
+    rows = rows.filter(pl.col("tolerance") == report.tolerance)
+    groups = [g or "(none)" for g in rows["group"].to_list()]
+    palette = plt.get_cmap("tab10")
+    colour = {g: palette(i % 10) for i, g in enumerate(dict.fromkeys(groups))}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * rows.height + 2), 4.5))
+    ax.bar(
+        rows["name"].to_list(),
+        (100 * rows["sparsity"]).to_list(),
+        color=[colour[g] for g in groups],
+    )
+    for g, c in colour.items():
+        ax.bar([], [], color=c, label=g)
+    ax.set_ylabel("update sparsity (%)")
+    ax.set_title(f"Update sparsity per model ({report.criterion} {report.tolerance:g})")
+    ax.tick_params(axis="x", labelrotation=60, labelsize=8)
+    ax.legend(fontsize=8, title="group")
+    ax.set_ylim(0, 100)
+    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     if path is not None:
         fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()

@@ -14,7 +14,6 @@ use std::sync::atomic::Ordering;
 
 use rayon::prelude::*;
 
-use crate::bits;
 use crate::checkpoint::Checkpoint;
 use crate::diff::{check_paired, mismatch, Pair, Progress, Side, CHUNK};
 use crate::dtype::Dtype;
@@ -396,20 +395,24 @@ fn compare_steps<'a>(
     for s in &t.steps {
         s.0.check_faults()?;
     }
+    // Set algebra on the chunk's bitsets, word by word (bits past `len` are zero).
+    let word = |b: &[u8], w: usize| u64::from_le_bytes(b[8 * w..8 * w + 8].try_into().expect("8"));
     let last = &bits_k[(k - 1) * nbytes..];
-    let mut ever = vec![0u8; nbytes];
-    for j in 0..k {
-        let b = &bits_k[j * nbytes..(j + 1) * nbytes];
-        for (e, x) in ever.iter_mut().zip(b) {
-            *e |= x;
+    let mut ever = 0u64;
+    for w in 0..nbytes / 8 {
+        let fin = word(last, w);
+        let mut any = 0u64;
+        for (j, out) in c.outside_final.iter_mut().enumerate() {
+            let x = word(&bits_k[j * nbytes..], w);
+            any |= x;
+            *out += (x & !fin).count_ones() as u64;
         }
-        let [size, _, inside] = bits::overlap(b, last, len)?;
-        c.outside_final[j] = size - inside;
-        if let Some(out) = words.get_mut(j) {
-            out.copy_from_slice(b);
-        }
+        ever += any.count_ones() as u64;
     }
-    c.ever = bits::count(&ever, len)?;
+    for (j, out) in words.iter_mut().enumerate() {
+        out.copy_from_slice(&bits_k[j * nbytes..(j + 1) * nbytes]);
+    }
+    c.ever = ever;
     c.last = c.vs_base[k - 1];
     progress.done.fetch_add(read as u64, Ordering::Relaxed);
     Ok(c)

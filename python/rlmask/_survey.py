@@ -1,0 +1,449 @@
+"""Many checkpoint pairs at once: the paper's Table 1, Table 6 and Figure 1 for your own models
+(design §7).
+
+A manifest lists the pairs; every pair is one :func:`rlmask.diff` pass at every tolerance asked
+for. Results are cached per pair under a key made of the options and every shard's path, size,
+modification time and header bytes, so an interrupted survey resumes where it stopped and a
+changed file invalidates only its own pair. A pair that fails is reported in its row; the others
+go on. Pairs run in parallel threads (``jobs``; each pass already uses every core, so this helps
+with many small pairs or cold disks, where one pair waits on I/O) or as Ray tasks on a cluster
+whose nodes see the files (``executor="ray"``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from rlmask import _rlmask
+from rlmask._diff import DEFAULT_SWEEP, Criterion, _thresholds, diff
+from rlmask._io import write_text_atomic
+from rlmask._progress import cancel_all
+from rlmask._report import Report, printable_lines
+from rlmask._resolve import resolve_checkpoint
+from rlmask._rlmask import __version__
+from rlmask.errors import RlmaskError
+
+PathArg = str | os.PathLike[str]
+_KEYS = {"name", "base", "tuned", "group", "include", "exclude"}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One line of a manifest."""
+
+    name: str
+    base: str
+    tuned: str
+    group: str | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+def _patterns(value: Any, where: str) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"{where}: include/exclude must be a regex or a list of regexes")
+
+
+def load_manifest(path: PathArg) -> list[Pair]:
+    """Reads a survey manifest: TOML (``[[pair]]`` tables) or CSV (a header row), with keys
+    ``name``, ``base``, ``tuned`` and optional ``group``, ``include``, ``exclude`` (a regex; in
+    TOML also a list). A relative ``base`` or ``tuned`` that exists beside the manifest is taken
+    from there; anything else is passed on as given (a path from here, or a repo id).
+
+    Raises:
+        ValueError: with the manifest and the entry at fault: no pairs, a missing or unknown
+            key, a repeated name.
+    """
+    p = Path(path)
+    where = os.fspath(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"{where}: {e.strerror}") from None
+    rows: list[dict[str, Any]]
+    if p.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        rows = [{k: v for k, v in r.items() if v not in (None, "")} for r in reader]
+        if reader.fieldnames is None:
+            rows = []
+    else:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(
+                f"{where}: not valid TOML ({e}); a CSV manifest must end in .csv"
+            ) from None
+        rows = data.get("pair", [])
+        if not isinstance(rows, list):
+            raise ValueError(f"{where}: 'pair' must be an array of tables ([[pair]])")
+        unknown = set(data) - {"pair"}
+        if unknown:
+            raise ValueError(f"{where}: unknown top-level keys {sorted(unknown)} (use [[pair]])")
+    if not rows:
+        raise ValueError(f"{where}: the manifest lists no pairs")
+    pairs, seen = [], set()
+    for i, row in enumerate(rows, start=1):
+        at = f"{where}: pair {i}"
+        extra = set(row) - _KEYS
+        if extra:
+            raise ValueError(f"{at}: unknown keys {sorted(extra)} (allowed: {sorted(_KEYS)})")
+        for key in ("name", "base", "tuned"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise ValueError(f"{at}: '{key}' is missing or empty")
+        name = row["name"].strip()
+        if name in seen:
+            raise ValueError(f"{at}: the name '{name}' is used twice")
+        seen.add(name)
+
+        def place(s: str) -> str:
+            local = p.parent / s
+            return os.fspath(local) if not os.path.isabs(s) and local.exists() else s
+
+        pairs.append(
+            Pair(
+                name=name,
+                base=place(row["base"]),
+                tuned=place(row["tuned"]),
+                group=row.get("group"),
+                include=_patterns(row.get("include"), at),
+                exclude=_patterns(row.get("exclude"), at),
+            )
+        )
+    return pairs
+
+
+def _fingerprint(spec: str) -> list[list[Any]]:
+    """(path, size, mtime, sha256 of the header) of every shard of a checkpoint."""
+    ckpt = _rlmask.Checkpoint(resolve_checkpoint(spec))
+    out = []
+    for shard in ckpt.shards:
+        st = os.stat(shard)
+        with open(shard, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = f.read(min(n, 100_000_000))
+        out.append(
+            [os.fspath(shard), st.st_size, st.st_mtime_ns, hashlib.sha256(header).hexdigest()]
+        )
+    return out
+
+
+def _cache_key(pair: Pair, options: Mapping[str, Any]) -> str:
+    data = {
+        "rlmask": __version__,
+        "options": dict(options),
+        "include": pair.include,
+        "exclude": pair.exclude,
+        "base": _fingerprint(pair.base),
+        "tuned": _fingerprint(pair.tuned),
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def run_pair(pair: Pair, options: Mapping[str, Any]) -> dict[str, Any]:
+    """One pair's diff as its JSON report (what a Ray task returns)."""
+    report = diff(
+        pair.base,
+        pair.tuned,
+        include=list(pair.include) or None,
+        exclude=list(pair.exclude) or None,
+        progress=False,
+        **options,
+    )
+    return report.to_dict()
+
+
+@dataclass(frozen=True)
+class SurveyReport(Report):
+    """One row per pair and tolerance.
+
+    Attributes:
+        manifest: where the pairs came from.
+        tensors: one row per pair and tolerance: name, group, base, tuned, tolerance, numel,
+            changed, sparsity, status (``ok``, ``cached`` or ``error``), error.
+        criterion: the comparison's criterion.
+        tolerance: the primary threshold (``tol``; eta for relative, 0 for exact).
+        results: every compared pair's full diff report (design §4), by name.
+    """
+
+    manifest: str
+    criterion: Criterion
+    tensors: pl.DataFrame
+    tolerance: float
+    results: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    @property
+    def rows(self) -> pl.DataFrame:
+        """The per-pair rows (the same frame as :attr:`tensors`)."""
+        return self.tensors
+
+    @property
+    def failed(self) -> list[str]:
+        """Names of the pairs that could not be compared."""
+        return sorted(set(self.tensors.filter(pl.col("status") == "error")["name"]))
+
+    def by_group(self) -> pl.DataFrame:
+        """Per group and tolerance: pairs, numel-weighted sparsity, and the mean, min and max
+        of the pairs' sparsities (failed pairs left out)."""
+        ok = self.tensors.filter(pl.col("status") != "error")
+        return (
+            ok.group_by("group", "tolerance")
+            .agg(
+                pl.len().alias("pairs"),
+                pl.col("numel").sum(),
+                pl.col("changed").sum(),
+                pl.col("sparsity").mean().alias("sparsity_mean"),
+                pl.col("sparsity").min().alias("sparsity_min"),
+                pl.col("sparsity").max().alias("sparsity_max"),
+            )
+            .with_columns(
+                (1 - pl.col("changed").cast(pl.Float64) / pl.col("numel").cast(pl.Float64)).alias(
+                    "sparsity"
+                )
+            )
+            .sort("group", "tolerance", nulls_last=True)
+        )
+
+    def total_frame(self) -> pl.DataFrame:
+        return self.tensors
+
+    def by(self, level: Any) -> pl.DataFrame:
+        """``total`` or ``pair``: every row; ``group``: :meth:`by_group`."""
+        if level in ("total", "pair", "tensor"):
+            return self.tensors
+        if level == "group":
+            return self.by_group()
+        raise ValueError(f"a survey is broken down by pair or group, not {level}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Rows, groups and every pair's full diff report (design §7)."""
+        return {
+            "manifest": self.manifest,
+            "criterion": self.criterion,
+            "tolerance": self.tolerance,
+            "rows": self.tensors.to_dicts(),
+            "groups": self.by_group().to_dicts(),
+            "pairs": self.results,
+        }
+
+    #: Columns left out of the terminal table (files keep them).
+    table_hidden = ("base", "tuned", "error")
+
+    def summary(self) -> str:
+        """The survey at a glance: pairs, failures and their messages."""
+        n_pairs = self.tensors["name"].n_unique()
+        lines = [
+            f"survey {self.manifest}: {n_pairs} pairs, {len(self.failed)} failed; "
+            f"criterion {self.criterion}"
+        ]
+        errors = self.tensors.filter(pl.col("status") == "error").unique("name", keep="first")
+        for r in errors.sort("name").iter_rows(named=True):
+            lines.append(f"failed: {r['name']}: {r['error']}")
+        return printable_lines(lines)
+
+
+def _executor_ray(
+    todo: list[Pair], options: Mapping[str, Any], address: str | None, cpus: float
+) -> Iterator[tuple[Pair, dict[str, Any] | str]]:
+    try:
+        import ray
+    except ImportError:
+        raise ImportError("--executor ray needs Ray: pip install 'rlmask[ray]'") from None
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        started = True
+    task = ray.remote(num_cpus=cpus)(_ray_task)
+    try:
+        refs = {task.remote(p, dict(options)): p for p in todo}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            for ref in done:
+                yield refs[ref], ray.get(ref)
+    except BaseException:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _ray_task(pair: Pair, options: dict[str, Any]) -> dict[str, Any] | str:
+    """Runs on a Ray worker: the pair's report, or its error message."""
+    try:
+        return run_pair(pair, options)
+    except RlmaskError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _executor_local(
+    todo: list[Pair], options: Mapping[str, Any], jobs: int
+) -> Iterator[tuple[Pair, dict[str, Any] | str]]:
+    def one(p: Pair) -> dict[str, Any] | str:
+        try:
+            return run_pair(p, options)
+        except RlmaskError as e:
+            return f"{type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        futures: dict[Future[dict[str, Any] | str], Pair] = {pool.submit(one, p): p for p in todo}
+        try:
+            pending = set(futures)
+            while pending:
+                done = {f for f in pending if f.done()}
+                for f in done:
+                    yield futures[f], f.result()
+                pending -= done
+                if pending:
+                    wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            with cancel_all():
+                pool.shutdown(wait=True)
+            raise
+
+
+def survey(
+    manifest: PathArg,
+    *,
+    tol: float | None = None,
+    tolerances: Sequence[float] | None = None,
+    criterion: Criterion = "absolute",
+    eta: float | None = None,
+    jobs: int = 1,
+    executor: str = "local",
+    ray_address: str | None = None,
+    ray_cpus_per_pair: float = 1.0,
+    cache: PathArg | None = None,
+    on_result: Callable[[Pair, str], None] | None = None,
+) -> SurveyReport:
+    """Update sparsity of every pair of a manifest (paper Table 1, Table 6, Figure 1).
+
+    Args:
+        manifest: a TOML or CSV manifest (see :func:`load_manifest`).
+        tol, tolerances, criterion, eta: as in :func:`rlmask.diff`; every tolerance is
+            computed in each pair's one pass and gets its own row (the paper's Table 6 sweep is
+            :data:`rlmask.DEFAULT_SWEEP`).
+        jobs: pairs compared at once by the local executor.
+        executor: ``local`` (threads in this process) or ``ray`` (one Ray task per pair, on
+            the cluster at ``ray_address``, or a local one started for the survey; every node
+            must see the files at the same paths). Results are identical.
+        ray_cpus_per_pair: CPUs Ray reserves for each pair's task.
+        cache: a directory for per-pair results (default: ``<manifest>.cache`` beside the
+            manifest); ``False``-like empty string disables it.
+        on_result: called with each pair and its status (``ok``, ``cached``, ``error``) as it
+            finishes.
+
+    Returns:
+        A :class:`SurveyReport`; failed pairs have ``status == "error"`` and their message.
+    """
+    pairs = load_manifest(manifest)
+    values, primary = _thresholds(criterion, tol, tolerances, eta)
+    options: dict[str, Any] = {"criterion": criterion}
+    if criterion == "absolute":
+        options |= {"tol": primary, "tolerances": values}
+    elif criterion == "relative":
+        options["eta"] = primary
+    if executor not in ("local", "ray"):
+        raise ValueError(f"unknown executor '{executor}' (local or ray)")
+    folder = Path(cache) if cache is not None else Path(f"{os.fspath(manifest)}.cache")
+    use_cache = cache != ""
+    results: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+    status: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    todo = []
+    for pair in pairs:
+        try:
+            keys[pair.name] = _cache_key(pair, options)
+        except RlmaskError as e:
+            errors[pair.name] = f"{type(e).__name__}: {e}"
+            status[pair.name] = "error"
+            continue
+        entry = folder / f"{keys[pair.name]}.json"
+        if use_cache and entry.is_file():
+            results[pair.name] = json.loads(entry.read_text(encoding="utf-8"))
+            status[pair.name] = "cached"
+        else:
+            todo.append(pair)
+    for pair in pairs:
+        if pair.name in status and on_result is not None:
+            on_result(pair, status[pair.name])
+    runs = (
+        _executor_ray(todo, options, ray_address, ray_cpus_per_pair)
+        if executor == "ray"
+        else _executor_local(todo, options, jobs)
+    )
+    for pair, out in runs:
+        if isinstance(out, str):
+            errors[pair.name] = out
+            status[pair.name] = "error"
+        else:
+            results[pair.name] = out
+            status[pair.name] = "ok"
+            if use_cache:
+                folder.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(folder / f"{keys[pair.name]}.json", json.dumps(out))
+        if on_result is not None:
+            on_result(pair, status[pair.name])
+    rows: list[tuple[Pair, float, int | None, int | None, float | None, str, str | None]] = []
+    for pair in pairs:
+        if pair.name in results:
+            r = results[pair.name]
+            for t, c, s in zip(r["tolerances"], r["changed"], r["sparsity"], strict=True):
+                rows.append((pair, t, r["numel"], c, s, status[pair.name], None))
+        else:
+            for t in values:
+                rows.append((pair, t, None, None, None, "error", errors[pair.name]))
+    df = pl.DataFrame(
+        {
+            "name": [p.name for p, *_ in rows],
+            "group": [p.group for p, *_ in rows],
+            "base": [p.base for p, *_ in rows],
+            "tuned": [p.tuned for p, *_ in rows],
+            "tolerance": [r[1] for r in rows],
+            "numel": [r[2] for r in rows],
+            "changed": [r[3] for r in rows],
+            "sparsity": [r[4] for r in rows],
+            "status": [r[5] for r in rows],
+            "error": [r[6] for r in rows],
+        },
+        schema={
+            "name": pl.Utf8,
+            "group": pl.Utf8,
+            "base": pl.Utf8,
+            "tuned": pl.Utf8,
+            "tolerance": pl.Float64,
+            "numel": pl.UInt64,
+            "changed": pl.UInt64,
+            "sparsity": pl.Float64,
+            "status": pl.Utf8,
+            "error": pl.Utf8,
+        },
+    )
+    return SurveyReport(os.fspath(manifest), criterion, df, primary, results)
+
+
+__all__ = ["DEFAULT_SWEEP", "Pair", "SurveyReport", "load_manifest", "survey"]
