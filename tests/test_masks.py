@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
@@ -284,3 +285,63 @@ def test_cli_masks_and_overlaps(tmp_path: Path) -> None:
     bad.write_bytes(b"junk")
     code, _, err = _cli("overlap", s1, str(bad))
     assert code == 1 and "bad.rlmask" in err
+
+
+def test_n_way_overlap_long_format_and_heatmap(tmp_path: Path) -> None:
+    """Three masks: one row per ordered pair, per module too, equal to the pairwise oracle;
+    the heatmap shows the o1 matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from rlmask.plot import overlap_heatmap
+
+    rng = np.random.default_rng(11)
+    shapes = {
+        "model.layers.0.mlp.up_proj.weight": (40, 30),
+        "model.layers.1.self_attn.q_proj.weight": (17,),
+    }
+    arrays = [{n: rng.random(s) < d for n, s in shapes.items()} for d in (0.1, 0.3, 0.5)]
+    paths = []
+    for i, a in enumerate(arrays):
+        paths.append(str(tmp_path / f"m{i}.rlmask"))
+        rlmask.Mask.from_dict(a).save(paths[-1])
+    m = rlmask.overlap_matrix(paths, labels=["a", "b", "c"])
+    pairs = m.total_frame()
+    assert pairs.height == 6 and set(zip(pairs["a"], pairs["b"], strict=True)) == {
+        (x, y) for x in "abc" for y in "abc" if x != y
+    }
+    names = sorted(shapes)
+    for r in pairs.iter_rows(named=True):
+        want = _oracle_overlap(arrays["abc".index(r["a"])], arrays["abc".index(r["b"])], names)
+        _assert_close({k: r[k] for k in want}, want)
+    by_module = m.by_module()
+    assert by_module.height == 6 * 2
+    r = by_module.filter(
+        (pl.col("a") == "c") & (pl.col("b") == "a") & (pl.col("module") == "q_proj")
+    )
+    q = ["model.layers.1.self_attn.q_proj.weight"]
+    _assert_close(
+        {k: r.row(0, named=True)[k] for k in ("o1", "jaccard")},
+        {
+            k: v
+            for k, v in _oracle_overlap(arrays[2], arrays[0], q).items()
+            if k in ("o1", "jaccard")
+        },
+    )
+    # The CLI honours --by for N masks and writes the long form.
+    out = tmp_path / "pairs.csv"
+    code, _, err = _cli("overlap", *paths, "--by", "module", "--format", "csv", "-o", str(out))
+    assert code == 0, err
+    assert pl.read_csv(out).height == 12
+    png = tmp_path / "t4.png"
+    code, _, err = _cli("overlap", *paths, "--plot", str(png))
+    assert code == 0 and png.stat().st_size > 0, err
+    fig = overlap_heatmap(m)
+    ax = fig.axes[0]
+    grid = ax.images[0].get_array()
+    o1 = m.matrices()["o1"]
+    for i in range(3):
+        for col in "abc":
+            assert grid[i, "abc".index(col)] == pytest.approx(100 * o1[col][i])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+    assert len(ax.texts) == 9

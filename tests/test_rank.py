@@ -157,3 +157,44 @@ def test_rank_cli(tmp_path: Path) -> None:
     assert res.exit_code == 0 and "mean rank / min(m, n)" in res.stdout and "q_proj" in res.stdout
     res = CliRunner().invoke(cli, ["rank", str(a), str(b), "--device", "nonsense"])
     assert res.exit_code != 0 and "Traceback" not in res.stderr
+
+
+def test_rank_figure_shows_every_matrix(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from rlmask.examples import example_path
+    from rlmask.plot import rank_figure
+
+    base, tuned = example_path("base"), example_path("tuned-seed1")
+    report = rlmask.rank(base, tuned, device="cpu", progress=False)
+    fig = rank_figure(report)
+    a1, a2 = fig.axes
+    per = report.by_module()
+    assert [p.get_height() for p in a1.patches] == pytest.approx(
+        [100 * v for v in per["mean_rank_fraction"].to_list()]
+    )
+    lines = a2.get_lines()
+    assert len(lines) == report.tensors.height
+    for line, name in zip(lines, report.tensors["name"], strict=True):
+        s = torch.linalg.svdvals(_delta(base, tuned, name).double())
+        want = 100 * torch.cumsum(s**2, 0) / (s**2).sum()
+        assert line.get_ydata() == pytest.approx(want.numpy(), rel=1e-4)
+    assert {t.get_text() for t in a2.get_legend().get_texts()} == set(per["module"])
+    png = tmp_path / "rank.png"
+    r = CliRunner().invoke(
+        cli, ["rank", str(base), str(tuned), "--device", "cpu", "--plot", str(png)]
+    )
+    assert r.exit_code == 0 and png.stat().st_size > 0, r.stderr
+
+
+def _delta(base: Path, tuned: Path, name: str) -> torch.Tensor:
+    """The float32 update of one tensor, read with the official safetensors library."""
+
+    def load(d: Path) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(f))
+        return out
+
+    return load(tuned)[name].float() - load(base)[name].float()

@@ -295,12 +295,18 @@ def test_ignored_or_invalid_options_are_usage_errors(args: list[str], tmp_path: 
     assert out == ""
 
 
+def _modules(path: Path) -> list[str]:
+    return rlmask.load_mask(path).table()["module"].to_list()
+
+
 def test_other_commands_refuse_ignored_options(tmp_path: Path) -> None:
     masks = []
     for i, t in enumerate(("tuned-seed1", "tuned-seed2", "tuned-seed1")):
         masks.append(tmp_path / f"m{i}.rlmask")
         rlmask.diff(BASE, example_path(t), save_mask=masks[-1], progress=False)
-    assert run("overlap", *masks, "--by", "module")[0] == 2
+    # --by with three masks is honoured: one row per ordered pair and module.
+    code, out, _ = run("overlap", *masks, "--by", "module", "--format", "csv")
+    assert code == 0 and len(out.strip().splitlines()) == 1 + 6 * len(set(_modules(masks[0])))
     assert run("overlap", *masks)[0] == 0
     for opt in (
         ["--rtol", "-1"],

@@ -17,7 +17,7 @@ Importing rlmask never imports torch; :func:`rank` and :mod:`rlmask.torch` impor
 
 from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, DiffReport, diff
 from rlmask._mask import Mask, consensus, load_mask
-from rlmask._overlap import OverlapReport, overlap, overlap_matrix
+from rlmask._overlap import OverlapMatrix, OverlapReport, overlap, overlap_matrix
 from rlmask._rank import RankReport, rank
 from rlmask._rlmask import __version__
 from rlmask._survey import SurveyReport, load_manifest, survey
@@ -45,6 +45,7 @@ __all__ = [
     "Mask",
     "MaskError",
     "OutputError",
+    "OverlapMatrix",
     "OverlapReport",
     "PairingError",
     "RankReport",

@@ -183,46 +183,162 @@ def overlap(a: MaskArg, b: MaskArg, *, common_only: bool = False) -> OverlapRepo
     return OverlapReport(ma.describe(), mb.describe(), _with_ratios(df), excluded)
 
 
+@dataclass(frozen=True)
+class OverlapMatrix(Report):
+    """Pairwise overlaps of N masks (paper Table 4): one row per ordered pair of different
+    masks, for the whole model and per tensor, layer and module, plus N x N matrices.
+
+    Attributes:
+        labels: the short label of each mask (rows and columns of the matrices).
+        masks: where each mask came from.
+        tensors: one row per ordered pair (``a``, ``b``: labels) and tensor: name, layer,
+            module, numel, size_1 (|Ia|), size_2 (|Ib|), intersection, union, o1
+            (|Ia ∩ Ib| / |Ia|), o2, jaccard, o1_random (density of Ib), o2_random.
+        excluded: tensors left out because ``common_only`` was asked for.
+    """
+
+    labels: list[str]
+    masks: list[str]
+    tensors: pl.DataFrame
+    excluded: list[str] = field(default_factory=list)
+
+    def _sum(self, by: str | None) -> pl.DataFrame:
+        keys = ["a", "b"] + ([by] if by else [])
+        frame = self.tensors if by is None else self.tensors.filter(pl.col(by).is_not_null())
+        aggs = [pl.len().alias("tensors"), *(pl.col(c).sum() for c in COUNTS)]
+        order = {lab: i for i, lab in enumerate(self.labels)}
+        df = _with_ratios(frame.group_by(keys, maintain_order=True).agg(aggs))
+        df = df.with_columns(
+            pl.col("a").replace_strict(order, return_dtype=pl.Int64).alias("_ia"),
+            pl.col("b").replace_strict(order, return_dtype=pl.Int64).alias("_ib"),
+        )
+        return df.sort(["_ia", "_ib", *([by] if by else [])]).drop("_ia", "_ib")
+
+    def total_frame(self) -> pl.DataFrame:
+        """One row per ordered pair: counts, o1, o2, Jaccard and the random baselines."""
+        return self._sum(None)
+
+    def by_layer(self) -> pl.DataFrame:
+        """:meth:`total_frame` per ordered pair and transformer layer."""
+        return self._sum("layer")
+
+    def by_module(self) -> pl.DataFrame:
+        """:meth:`total_frame` per ordered pair and module type."""
+        return self._sum("module")
+
+    def by(self, level: Any) -> pl.DataFrame:
+        """The ``level`` breakdown, one row per ordered pair (and group)."""
+        if level == "tensor":
+            return self.tensors
+        return super().by(level)
+
+    def matrices(self) -> dict[str, pl.DataFrame]:
+        """``{"o1", "jaccard", "lift"}``: N x N DataFrames with a ``mask`` column and one column
+        per mask. ``o1`` at row i, column j is ``|Ii ∩ Ij| / |Ii|`` (how much of row i column j
+        covers); ``lift`` divides it by its random baseline, the density of column j. The
+        diagonal is 1 (null for an empty mask)."""
+        pairs = {(r["a"], r["b"]): r for r in self.total_frame().iter_rows(named=True)}
+        numel = next(iter(pairs.values()))["numel"]
+        size = {}
+        for (a, b), r in pairs.items():
+            size[a], size[b] = r["size_1"], r["size_2"]
+
+        def cell(kind: str, i: str, j: str) -> float | None:
+            if i == j:  # a mask against itself: o1 = Jaccard = 1, lift = 1 / density
+                if not size[i]:
+                    return None
+                return numel / size[i] if kind == "lift" else 1.0
+            r = pairs[(i, j)]
+            if kind == "lift":
+                return r["o1"] / r["o1_random"] if r["o1"] is not None and r["o1_random"] else None
+            return r[kind]  # type: ignore[no-any-return]
+
+        out = {}
+        for kind in ("o1", "jaccard", "lift"):
+            cols: dict[str, list[Any]] = {"mask": list(self.labels)}
+            for j in self.labels:
+                cols[j] = [cell(kind, i, j) for i in self.labels]
+            schema = {"mask": pl.Utf8, **{lab: pl.Float64 for lab in self.labels}}
+            out[kind] = pl.DataFrame(cols, schema=schema)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The masks, the three matrices (as row lists), and one row per ordered pair."""
+        return {
+            "masks": list(self.masks),
+            "labels": list(self.labels),
+            **{k: v.to_dicts() for k, v in self.matrices().items()},
+            "pairs": self.total_frame().to_dicts(),
+            "excluded": list(self.excluded),
+        }
+
+    def summary(self) -> str:
+        """The legend and the three matrices."""
+        from rlmask._table import format_frame
+
+        lines = ["masks:"]
+        lines += [f"  {lab}: {m}" for lab, m in zip(self.labels, self.masks, strict=True)]
+        titles = {
+            "o1": "o1 (share of the row's mask also in the column's)",
+            "jaccard": "Jaccard",
+            "lift": "lift (o1 over its random baseline, density of the column's mask)",
+        }
+        for k, df in self.matrices().items():
+            lines += ["", f"{titles[k]}:", format_frame(df, percent=(k != "lift"))]
+        return printable_lines(lines)
+
+
 def overlap_matrix(
     masks: Sequence[MaskArg], *, labels: Sequence[str] | None = None, common_only: bool = False
-) -> dict[str, pl.DataFrame]:
-    """Pairwise overlaps of N masks as N x N matrices (whole model).
+) -> OverlapMatrix:
+    """Pairwise overlaps of N masks (paper Table 4) as an :class:`OverlapMatrix`: one row per
+    ordered pair (and tensor, layer or module), and N x N matrices of o1, Jaccard and lift.
 
-    Returns ``{"o1": ..., "jaccard": ..., "lift": ...}``: DataFrames with a ``mask`` column and
-    one column per mask. ``o1`` at row i, column j is ``|Ii ∩ Ij| / |Ii|`` (how much of row i
-    column j covers); ``lift`` divides it by its random baseline ``density(Ij)``.
+    Args:
+        masks: :class:`Mask` objects or ``.rlmask`` paths (at least two).
+        labels: short names for the masks (default: where each came from).
+        common_only: as in :func:`overlap`.
+
+    Example:
+        >>> m = rlmask.overlap_matrix(["grpo.rlmask", "dpo.rlmask", "ppo.rlmask"])
+        >>> m.matrices()["o1"], m.total_frame()     # Table 4, and the long form
     """
     ms = [_as_mask(m) for m in masks]
     if len(ms) < 2:
         raise ValueError("overlap_matrix needs at least two masks")
     names = _check_compatible(ms, common_only=common_only)
-    labels = list(labels) if labels is not None else [m.describe() for m in ms]
+    described = [m.describe() for m in ms]
+    labels = list(labels) if labels is not None else described
     if len(set(labels)) != len(labels):
         labels = [f"{i + 1}: {lab}" for i, lab in enumerate(labels)]
-    numel = sum(ms[0].numel_of(n) for n in names)
-    sizes = [sum(m.counts()[n] for n in names) for m in ms]
-    inter = [[0] * len(ms) for _ in ms]
+    frames = []
     for i in range(len(ms)):
-        inter[i][i] = sizes[i]
         for j in range(i + 1, len(ms)):
-            c = sum(x[2] for x in _pair_counts(ms[i], ms[j], names))
-            inter[i][j] = inter[j][i] = c
-
-    def matrix(f: Any) -> pl.DataFrame:
-        cols: dict[str, list[Any]] = {"mask": labels}
-        for j, lab in enumerate(labels):
-            cols[lab] = [f(i, j) for i in range(len(ms))]
-        return pl.DataFrame(cols, schema={"mask": pl.Utf8, **{lab: pl.Float64 for lab in labels}})
-
-    def o1(i: int, j: int) -> float | None:
-        return inter[i][j] / sizes[i] if sizes[i] else None
-
-    def jac(i: int, j: int) -> float | None:
-        union = sizes[i] + sizes[j] - inter[i][j]
-        return inter[i][j] / union if union else None
-
-    def lift(i: int, j: int) -> float | None:
-        v = o1(i, j)
-        return v / (sizes[j] / numel) if v is not None and sizes[j] and numel else None
-
-    return {"o1": matrix(o1), "jaccard": matrix(jac), "lift": matrix(lift)}
+            counts = _pair_counts(ms[i], ms[j], names)
+            for a, b, flip in ((i, j, False), (j, i, True)):
+                frames.append(
+                    pl.DataFrame(
+                        {
+                            "a": [labels[a]] * len(names),
+                            "b": [labels[b]] * len(names),
+                            "name": names,
+                            "layer": [layer_of(n) for n in names],
+                            "module": [module_of(n) for n in names],
+                            "numel": [ms[0].numel_of(n) for n in names],
+                            "size_1": [c[1] if flip else c[0] for c in counts],
+                            "size_2": [c[0] if flip else c[1] for c in counts],
+                            "intersection": [c[2] for c in counts],
+                            "union": [c[0] + c[1] - c[2] for c in counts],
+                        },
+                        schema={
+                            "a": pl.Utf8,
+                            "b": pl.Utf8,
+                            "name": pl.Utf8,
+                            "layer": pl.Int64,
+                            "module": pl.Utf8,
+                            **{c: pl.UInt64 for c in COUNTS},
+                        },
+                    )
+                )
+    excluded = sorted(set().union(*(set(m.names) for m in ms)) - set(names))
+    return OverlapMatrix(labels, described, _with_ratios(pl.concat(frames)), excluded)

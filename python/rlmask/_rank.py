@@ -169,6 +169,9 @@ class RankReport(Report):
     top_k: int
     tensors: pl.DataFrame
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: The singular values of every update matrix, descending (for energy curves; not in the
+    #: JSON report).
+    spectra: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def mean_rank_fraction(self) -> float | None:
@@ -332,6 +335,7 @@ def rank(
             leave=False,
         )
     stop = threading.Event()
+    spectra: dict[str, np.ndarray] = {}
 
     def work() -> None:
         for group in _batches(jobs, dev.type == "cuda", batch_bytes):
@@ -353,6 +357,7 @@ def rank(
             for n, s in zip(group, svals, strict=True):
                 m_, n_ = dict(jobs)[n]
                 rows[n] = spectrum_figures(s, m_, n_, rtol, atol, top_k)
+                spectra[n] = s.double().numpy()
                 if bar is not None:
                     bar.update(work_of[n])
         # Nothing is reported from a file that changed while it was read.
@@ -405,4 +410,4 @@ def rank(
             "energy_topk": pl.Float64,
         },
     )
-    return RankReport(os.fspath(base), os.fspath(tuned), str(dev), top_k, df, skipped)
+    return RankReport(os.fspath(base), os.fspath(tuned), str(dev), top_k, df, skipped, spectra)

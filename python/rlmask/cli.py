@@ -7,7 +7,6 @@ error.
 from __future__ import annotations
 
 import functools
-import json
 import signal
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -448,64 +447,64 @@ def mask_combine(inputs: tuple[str, ...], op: str, min_count: int | None, output
 
 @cli.command("overlap")
 @click.argument("masks", nargs=-1, required=True)
-@_by_option("total", "Breakdown to print (two masks only).")
-@_format_option(["table", "json", "csv"])
+@_by_option(
+    "total",
+    "Breakdown to print; for three or more masks, one row per ordered pair (and layer, "
+    "module or tensor).",
+)
+@_format_option(["table", "json", "csv", "parquet"])
 @_output_option
 @click.option(
     "--common-only",
     is_flag=True,
     help="Compare only the tensors all masks share (same name and shape).",
 )
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Also draw the o1 matrix as a heatmap (paper Table 4) to this image file.",
+)
 @_user_errors
 def overlap_cmd(
-    masks: tuple[str, ...], by: str, fmt: str, output: str | None, common_only: bool
+    masks: tuple[str, ...],
+    by: str,
+    fmt: str,
+    output: str | None,
+    common_only: bool,
+    plot: str | None,
 ) -> None:
     """Overlap of subnetwork MASKS (paper §5) against the random baseline.
 
     For two masks: |I1|, |I2|, |I1 ∩ I2|, |I1 ∪ I2|, o1 = |I1 ∩ I2|/|I1|, o2 = |I1 ∩ I2|/|I2|,
     Jaccard, and the random baselines o1_random = density(I2), o2_random = density(I1).
     For more masks: N x N matrices of o1 (row covered by column), Jaccard, and lift
-    (o1 over its random baseline).
+    (o1 over its random baseline); CSV, Parquet and JSON carry one row per ordered pair.
 
     \b
     Examples:
       rlmask overlap seed1.rlmask seed2.rlmask --by module
       rlmask overlap grpo.rlmask dpo.rlmask prime.rlmask --format json
+      rlmask overlap s1.rlmask s2.rlmask s3.rlmask --by module --format csv -o pairs.csv
+      rlmask overlap grpo.rlmask dpo.rlmask prime.rlmask --plot table4.png
     """
     if len(masks) < 2:
         raise click.UsageError("overlap needs at least two masks")
-    if output:
-        check_output(output)
+    _check_outputs(fmt, output, plot)
+    labels = [str(i + 1) for i in range(len(masks))]
+    matrix = None
+    if len(masks) > 2 or plot:
+        matrix = overlap_matrix(list(masks), labels=labels, common_only=common_only)
     if len(masks) == 2:
         _render(overlap(masks[0], masks[1], common_only=common_only), by, fmt, output)
-        return
-    if by != "total":
-        raise click.UsageError(
-            f"--by {by} applies to two masks; for {len(masks)} masks the matrices cover the "
-            "whole model (compare two at a time for a breakdown)"
-        )
-    labels = [str(i + 1) for i in range(len(masks))]
-    mats = overlap_matrix(list(masks), labels=labels, common_only=common_only)
-    if fmt == "json":
-        text = json.dumps(
-            {"masks": list(masks), **{k: v.to_dicts() for k, v in mats.items()}}, indent=2
-        )
-    elif fmt == "csv":
-        text = "\n".join(
-            df.with_columns(pl.lit(k).alias("matrix")).write_csv() for k, df in mats.items()
-        )
     else:
-        legend = "\n".join(f"  {lab}: {m}" for lab, m in zip(labels, masks, strict=True))
-        parts = [f"masks:\n{legend}"]
-        titles = {
-            "o1": "o1 (share of the row's mask also in the column's)",
-            "jaccard": "Jaccard",
-            "lift": "lift (o1 over its random baseline, density of the column's mask)",
-        }
-        for k, df in mats.items():
-            parts.append(f"{titles[k]}:\n{format_frame(df, percent=(k != 'lift'))}")
-        text = "\n\n".join(parts)
-    _emit(text, output)
+        assert matrix is not None
+        _render(matrix, by, fmt, output)
+    if plot and matrix is not None:
+        import matplotlib.pyplot as plt
+
+        from rlmask.plot import overlap_heatmap
+
+        plt.close(overlap_heatmap(matrix, plot))
 
 
 @cli.command("trajectory")
@@ -739,6 +738,12 @@ def survey_cmd(
 @_by_option("module", "Breakdown to print under the summary.")
 @_format_option(["table", "json", "csv"])
 @_output_option
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Also draw the mean rank fraction per module and every matrix's singular-value "
+    "energy curve to this image file.",
+)
 @_quiet_option
 @_user_errors
 def rank_cmd(
@@ -754,6 +759,7 @@ def rank_cmd(
     by: str,
     fmt: str,
     output: str | None,
+    plot: str | None,
     quiet: bool,
 ) -> None:
     """Rank of every update matrix TUNED - BASE (paper §3, Table 2). Needs torch.
@@ -767,9 +773,9 @@ def rank_cmd(
     Examples:
       rlmask rank base/ tuned/
       rlmask rank base/ tuned/ --device cuda --by layer --format csv -o ranks.csv
+      rlmask rank base/ tuned/ --plot rank.png
     """
-    if output:
-        check_output(output)
+    _check_outputs(fmt, output, plot)
     report = rank(
         base,
         tuned,
@@ -783,6 +789,12 @@ def rank_cmd(
         progress=not quiet,
     )
     _render(report, by, fmt, output)
+    if plot:
+        import matplotlib.pyplot as plt
+
+        from rlmask.plot import rank_figure
+
+        plt.close(rank_figure(report, plot))
 
 
 def main() -> None:

@@ -4,7 +4,10 @@ import matplotlib; each function does.
 - :func:`sparsity_by_layer`: update sparsity per layer, one line per module type, as the
   paper's Figure 3;
 - :func:`trajectory_figure`: a run's sparsity over steps, its categories and the share of
-  changes outside the final subnetwork (Figures 2, 5, 6, 7).
+  changes outside the final subnetwork (Figures 2, 5, 6, 7);
+- :func:`survey_figure`: sparsity per model, coloured by group (Figure 1);
+- :func:`overlap_heatmap`: the o1 matrix of N masks (Table 4);
+- :func:`rank_figure`: rank fraction per module and singular-value energy curves (Table 2).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import polars as pl
 
 from rlmask._diff import DiffReport
 from rlmask._io import check_output, write_atomic
+from rlmask._overlap import OverlapMatrix
+from rlmask._rank import RankReport
 from rlmask._report import sort_modules
 from rlmask._survey import SurveyReport
 from rlmask._trajectory import TrajectoryReport
@@ -249,6 +254,114 @@ def survey_figure(report: SurveyReport, path: PathArg | None = None, *, dpi: int
     ax.legend(fontsize=8, title="group")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
+        fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+        write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=fmt))
+    return fig
+
+
+def overlap_heatmap(matrix: OverlapMatrix, path: PathArg | None = None, *, dpi: int = 150) -> Any:
+    """The o1 matrix of N masks as an annotated heatmap (paper Table 4): row i, column j is the
+    share of mask i's elements that mask j also has; the diagonal is 100%.
+
+    Returns:
+        The matplotlib Figure (written atomically to ``path`` if given).
+    """
+    import matplotlib
+
+    if path is not None:
+        check_figure_path(path)
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    o1 = matrix.matrices()["o1"]
+    labels = matrix.labels
+    values = [[100 * (v if v is not None else float("nan")) for v in o1[lab]] for lab in labels]
+    grid = [list(row) for row in zip(*values, strict=True)]  # rows: the mask covered
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.2 * n + 3, 1.0 * n + 2))
+    im = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis")
+    for i in range(n):
+        for j in range(n):
+            v = grid[i][j]
+            ax.text(
+                j,
+                i,
+                "-" if v != v else f"{v:.1f}",
+                ha="center",
+                va="center",
+                color="white" if v == v and v < 60 else "black",
+                fontsize=8,
+            )
+    ax.set_xticks(range(n), labels)
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("covered by (column)")
+    ax.set_ylabel("mask (row)")
+    ax.set_title("o1: share of the row's subnetwork in the column's (%)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    legend = "\n".join(f"{lab}: {m}" for lab, m in zip(labels, matrix.masks, strict=True))
+    fig.text(0.01, 0.01, legend, fontsize=6, va="bottom")
+    fig.tight_layout(rect=(0, 0.04 * n / 2, 1, 1))
+    if path is not None:
+        fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+        write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=fmt))
+    return fig
+
+
+def rank_figure(report: RankReport, path: PathArg | None = None, *, dpi: int = 150) -> Any:
+    """Two panels: the mean rank fraction per module type (paper Table 2 by module), and the
+    singular-value energy curve of every update matrix (the share of ``||ΔW||_F^2`` in the top
+    k directions against k / min(m, n)), one colour per module type.
+
+    Returns:
+        The matplotlib Figure (written atomically to ``path`` if given).
+    """
+    import matplotlib
+
+    if path is not None:
+        check_figure_path(path)
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    per = report.by_module()
+    if per.is_empty():
+        raise ValueError("the report has no update matrix: nothing to plot")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    a1.bar(per["module"].to_list(), (100 * per["mean_rank_fraction"].fill_null(0)).to_list())
+    a1.set_ylabel("mean rank / min(m, n) (%)")
+    a1.set_title("Update rank per module type")
+    a1.tick_params(axis="x", labelrotation=60, labelsize=8)
+    a1.set_ylim(0, 100)
+    palette = plt.get_cmap("tab10")
+    colour = {m: palette(i % 10) for i, m in enumerate(per["module"].to_list())}
+    labelled: set[str] = set()
+    for row in report.tensors.iter_rows(named=True):
+        s = report.spectra.get(row["name"])
+        if s is None or not s.size:
+            continue
+        energy = np.square(s)
+        total = energy.sum()
+        if total <= 0:
+            continue
+        x = np.arange(1, s.size + 1) / s.size
+        module = row["module"]
+        a2.plot(
+            x,
+            100 * np.cumsum(energy) / total,
+            lw=0.8,
+            alpha=0.6,
+            color=colour[module],
+            label=None if module in labelled else module,
+        )
+        labelled.add(module)
+    a2.set_xscale("log")
+    a2.set_xlabel("k / min(m, n)")
+    a2.set_ylabel("energy in the top k directions (%)")
+    a2.set_title("Singular-value energy of each update matrix")
+    a2.grid(alpha=0.3)
+    a2.legend(fontsize=7)
     fig.tight_layout()
     if path is not None:
         fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()

@@ -191,9 +191,82 @@ fn pack(ch: &[u8; BLOCK]) -> u64 {
 /// `!(d <= t)`, which also holds for a NaN distance. Every loop runs over 32- or 64-bit lanes
 /// with fixed trip counts, so it vectorises.
 macro_rules! lane {
-    ($name:ident, $F:ty, $U:ty, $load:ident) => {
+    ($name:ident, $run:ident, $block:ident, $F:ty, $U:ty, $load:ident) => {
+        /// Compares one block of loaded values: adds its changed counts to `counts` and
+        /// returns the packed changed-bits of threshold `mask_at` (0 when none is asked for).
         // `!(d <= t)` is meant: unlike `d > t`, it is true for a NaN difference.
-        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        #[allow(clippy::neg_cmp_op_on_partial_ord, clippy::too_many_arguments)]
+        #[inline(always)]
+        fn $block(
+            crit: &Criterion,
+            tols: &[$F],
+            ua: &[$U; BLOCK],
+            ub: &[$U; BLOCK],
+            d: &mut [$F; BLOCK],
+            ch: &mut [u8; BLOCK],
+            counts: &mut [u64],
+            mask_at: Option<usize>,
+        ) -> u64 {
+            let mut word = 0u64;
+            match crit {
+                // Where the bits are asked for, the count is taken from them (one loop, not
+                // two).
+                Criterion::Exact => {
+                    if mask_at.is_some() {
+                        for i in 0..BLOCK {
+                            ch[i] = (ua[i] != ub[i]) as u8;
+                        }
+                        word = pack(ch);
+                        counts[0] += word.count_ones() as u64;
+                    } else {
+                        let mut acc = 0u32;
+                        for i in 0..BLOCK {
+                            acc += (ua[i] != ub[i]) as u32;
+                        }
+                        counts[0] += acc as u64;
+                    }
+                }
+                Criterion::Absolute(_) => {
+                    for i in 0..BLOCK {
+                        let diff = (<$F>::from_bits(ua[i]) - <$F>::from_bits(ub[i])).abs();
+                        d[i] = if ua[i] == ub[i] { 0.0 } else { diff };
+                    }
+                    for (k, &t) in tols.iter().enumerate() {
+                        if mask_at == Some(k) {
+                            for i in 0..BLOCK {
+                                ch[i] = (!(d[i] <= t)) as u8;
+                            }
+                            word = pack(ch);
+                            counts[k] += word.count_ones() as u64;
+                        } else {
+                            let mut acc = 0u32;
+                            for i in 0..BLOCK {
+                                acc += (!(d[i] <= t)) as u32;
+                            }
+                            counts[k] += acc as u64;
+                        }
+                    }
+                }
+                Criterion::Relative(_) => {
+                    let eta = tols[0];
+                    let mut acc = 0u32;
+                    for i in 0..BLOCK {
+                        let (x, y) = (<$F>::from_bits(ua[i]), <$F>::from_bits(ub[i]));
+                        let diff = (x - y).abs();
+                        let same = ua[i] == ub[i]
+                            || (diff.is_finite() && diff <= eta * x.abs().max(y.abs()));
+                        ch[i] = (!same) as u8;
+                        acc += (!same) as u32;
+                    }
+                    counts[0] += acc as u64;
+                    if mask_at.is_some() {
+                        word = pack(ch);
+                    }
+                }
+            }
+            word
+        }
+
         #[inline(always)]
         fn $name(
             crit: &Criterion,
@@ -202,11 +275,7 @@ macro_rules! lane {
             mut bits: Option<(&mut [u8], usize)>,
         ) {
             let (sa, sb) = (job.da.size(), job.db.size());
-            let tols: Vec<$F> = match crit {
-                Criterion::Absolute(t) => t.iter().map(|&t| t as $F).collect(),
-                Criterion::Exact => Vec::new(),
-                Criterion::Relative(eta) => vec![*eta as $F],
-            };
+            let tols: Vec<$F> = thresholds(crit).iter().map(|&t| t as $F).collect();
             let mask_at = bits.as_ref().map(|(_, k)| *k);
             let mut ua = [0 as $U; BLOCK];
             let mut ub = [0 as $U; BLOCK];
@@ -217,67 +286,103 @@ macro_rules! lane {
                 let m = BLOCK.min(job.n - s);
                 $load(job.da, &job.a[s * sa..(s + m) * sa], &mut ua, m);
                 $load(job.db, &job.b[s * sb..(s + m) * sb], &mut ub, m);
-                let mut word = 0u64;
-                match crit {
-                    Criterion::Exact => {
-                        let mut acc = 0u32;
-                        for i in 0..BLOCK {
-                            acc += (ua[i] != ub[i]) as u32;
-                        }
-                        counts[0] += acc as u64;
-                        if mask_at.is_some() {
-                            for i in 0..BLOCK {
-                                ch[i] = (ua[i] != ub[i]) as u8;
-                            }
-                            word = pack(&ch);
-                        }
-                    }
-                    Criterion::Absolute(_) => {
-                        for i in 0..BLOCK {
-                            let diff = (<$F>::from_bits(ua[i]) - <$F>::from_bits(ub[i])).abs();
-                            d[i] = if ua[i] == ub[i] { 0.0 } else { diff };
-                        }
-                        for (k, &t) in tols.iter().enumerate() {
-                            let mut acc = 0u32;
-                            for i in 0..BLOCK {
-                                acc += (!(d[i] <= t)) as u32;
-                            }
-                            counts[k] += acc as u64;
-                            if mask_at == Some(k) {
-                                for i in 0..BLOCK {
-                                    ch[i] = (!(d[i] <= t)) as u8;
-                                }
-                                word = pack(&ch);
-                            }
-                        }
-                    }
-                    Criterion::Relative(_) => {
-                        let eta = tols[0];
-                        let mut acc = 0u32;
-                        for i in 0..BLOCK {
-                            let (x, y) = (<$F>::from_bits(ua[i]), <$F>::from_bits(ub[i]));
-                            let diff = (x - y).abs();
-                            let same = ua[i] == ub[i]
-                                || (diff.is_finite() && diff <= eta * x.abs().max(y.abs()));
-                            ch[i] = (!same) as u8;
-                            acc += (!same) as u32;
-                        }
-                        counts[0] += acc as u64;
-                        if mask_at.is_some() {
-                            word = pack(&ch);
-                        }
-                    }
-                }
+                let word = $block(crit, &tols, &ua, &ub, &mut d, &mut ch, counts, mask_at);
                 if let Some((out, _)) = bits.as_mut() {
                     out[blk * 8..blk * 8 + 8].copy_from_slice(&word.to_le_bytes());
+                }
+            }
+        }
+
+        /// [`compare_run`] in this lane: every block of the base and of each step is loaded
+        /// (widened) once.
+        #[inline(always)]
+        fn $run(crit: &Criterion, run: &mut Run) {
+            let tols: Vec<$F> = thresholds(crit).iter().map(|&t| t as $F).collect();
+            let nbytes = run.n.div_ceil(BLOCK) * 8;
+            let mut base = [0 as $U; BLOCK];
+            let mut prev = [0 as $U; BLOCK];
+            let mut cur = [0 as $U; BLOCK];
+            let mut d = [0 as $F; BLOCK];
+            let mut ch = [0u8; BLOCK];
+            let (bd, bs) = (run.base.1, run.base.1.size());
+            for blk in 0..run.n.div_ceil(BLOCK) {
+                let s = blk * BLOCK;
+                let m = BLOCK.min(run.n - s);
+                $load(bd, &run.base.0[s * bs..(s + m) * bs], &mut base, m);
+                for (j, &(bytes, dt)) in run.steps.iter().enumerate() {
+                    let sz = dt.size();
+                    $load(dt, &bytes[s * sz..(s + m) * sz], &mut cur, m);
+                    let vs = &mut run.vs_base[j..j + 1];
+                    let word = $block(crit, &tols, &base, &cur, &mut d, &mut ch, vs, Some(0));
+                    let at = j * nbytes + blk * 8;
+                    run.bits[at..at + 8].copy_from_slice(&word.to_le_bytes());
+                    if j == 0 {
+                        run.consecutive[0] += word.count_ones() as u64;
+                    } else {
+                        let cons = &mut run.consecutive[j..j + 1];
+                        $block(crit, &tols, &prev, &cur, &mut d, &mut ch, cons, None);
+                    }
+                    std::mem::swap(&mut prev, &mut cur);
                 }
             }
         }
     };
 }
 
-lane!(lane32, f32, u32, load32);
-lane!(lane64, f64, u64, load64);
+lane!(lane32, run32, block32, f32, u32, load32);
+lane!(lane64, run64, block64, f64, u64, load64);
+
+/// The thresholds of a criterion in the kernel's terms (none for exact).
+fn thresholds(crit: &Criterion) -> Vec<f64> {
+    match crit {
+        Criterion::Absolute(t) => t.clone(),
+        Criterion::Exact => Vec::new(),
+        Criterion::Relative(eta) => vec![*eta],
+    }
+}
+
+/// One chunk of a run: the base's bytes and each step's, `n` elements each, all floating.
+pub(crate) struct Run<'a, 'b> {
+    pub base: (&'a [u8], Dtype),
+    pub steps: &'b [(&'a [u8], Dtype)],
+    pub n: usize,
+    /// Per step: changed against the base (added to).
+    pub vs_base: &'b mut [u64],
+    /// Per step: changed against the step before (the base before the first; added to).
+    pub consecutive: &'b mut [u64],
+    /// Per step `j`: the changed-bits against the base at `j * ceil(n / 64) * 8` (written).
+    pub bits: &'b mut [u8],
+}
+
+/// Compares each step of `run` with the base (counts and bits) and with the step before it
+/// (counts), at the one threshold of `crit`, loading every block of every input once.
+pub(crate) fn compare_run(crit: &Criterion, run: &mut Run) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: `compare_run_avx2` requires only the AVX2 extension, and the CPU has
+            // just reported that it supports AVX2.
+            return unsafe { compare_run_avx2(crit, run) };
+        }
+    }
+    compare_run_impl(crit, run)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn compare_run_avx2(crit: &Criterion, run: &mut Run) {
+    compare_run_impl(crit, run)
+}
+
+#[inline(always)]
+fn compare_run_impl(crit: &Criterion, run: &mut Run) {
+    let wide = run.base.1 == Dtype::F64 || run.steps.iter().any(|s| s.1 == Dtype::F64);
+    if wide {
+        run64(crit, run)
+    } else {
+        run32(crit, run)
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -383,5 +488,120 @@ mod tests {
             3,
         );
         assert_eq!((c, bits), (vec![2], vec![0b110]));
+    }
+
+    /// The fused run kernel gives exactly what separate pairwise comparisons give, for every
+    /// criterion, mixed dtypes and lengths that end mid-block.
+    #[test]
+    fn run_equals_pairwise_comparisons() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for (n, dtypes) in [
+            (
+                1000usize,
+                [Dtype::BF16, Dtype::BF16, Dtype::BF16, Dtype::BF16],
+            ),
+            (129, [Dtype::F32, Dtype::BF16, Dtype::F16, Dtype::F32]),
+            (64, [Dtype::F64, Dtype::F32, Dtype::F64, Dtype::BF16]),
+        ] {
+            // Values near each other, so that tolerances matter; some identical.
+            let base: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37).sin()).collect();
+            let series: Vec<Vec<f64>> = (0..3)
+                .map(|_| {
+                    base.iter()
+                        .map(|&x| match next() % 4 {
+                            0 => x,
+                            1 => x + 1e-6,
+                            2 => x * 1.01,
+                            _ => x + 0.25,
+                        })
+                        .collect()
+                })
+                .collect();
+            let encode = |v: &[f64], d: Dtype| -> Vec<u8> {
+                v.iter()
+                    .flat_map(|&x| match d {
+                        Dtype::F64 => x.to_le_bytes().to_vec(),
+                        Dtype::F32 => (x as f32).to_le_bytes().to_vec(),
+                        Dtype::BF16 => (((x as f32).to_bits() >> 16) as u16).to_le_bytes().to_vec(),
+                        Dtype::F16 => {
+                            // Nearest f16 by search over the exact table (tests only).
+                            let t = widen::f16_table();
+                            let best = (0..=u16::MAX)
+                                .filter(|&h| f32::from_bits(t[h as usize]).is_finite())
+                                .min_by(|&p, &q| {
+                                    let e =
+                                        |h: u16| (f32::from_bits(t[h as usize]) as f64 - x).abs();
+                                    e(p).total_cmp(&e(q))
+                                })
+                                .unwrap();
+                            best.to_le_bytes().to_vec()
+                        }
+                        _ => unreachable!(),
+                    })
+                    .collect()
+            };
+            let base_b = encode(&base, dtypes[0]);
+            let steps_b: Vec<Vec<u8>> = (0..3).map(|j| encode(&series[j], dtypes[j + 1])).collect();
+            for crit in [
+                Criterion::Absolute(vec![1e-5]),
+                Criterion::Exact,
+                Criterion::Relative(0.005),
+            ] {
+                let steps: Vec<(&[u8], Dtype)> = steps_b
+                    .iter()
+                    .zip(&dtypes[1..])
+                    .map(|(b, &d)| (b.as_slice(), d))
+                    .collect();
+                let nbytes = n.div_ceil(64) * 8;
+                let (mut vs, mut cons, mut bits) = (vec![0; 3], vec![0; 3], vec![0u8; 3 * nbytes]);
+                compare_run(
+                    &crit,
+                    &mut Run {
+                        base: (&base_b, dtypes[0]),
+                        steps: &steps,
+                        n,
+                        vs_base: &mut vs,
+                        consecutive: &mut cons,
+                        bits: &mut bits,
+                    },
+                );
+                for j in 0..3 {
+                    let mut c = vec![0];
+                    let mut b = vec![0u8; nbytes];
+                    let job = Job {
+                        a: &base_b,
+                        b: steps[j].0,
+                        da: dtypes[0],
+                        db: steps[j].1,
+                        n,
+                    };
+                    compare_chunk(&crit, &job, &mut c, Some((&mut b, 0)));
+                    assert_eq!(vs[j], c[0], "{crit:?} step {j}");
+                    assert_eq!(&bits[j * nbytes..(j + 1) * nbytes], b.as_slice());
+                    let (pa, pd) = if j == 0 {
+                        (base_b.as_slice(), dtypes[0])
+                    } else {
+                        steps[j - 1]
+                    };
+                    let mut c = vec![0];
+                    let job = Job {
+                        a: pa,
+                        b: steps[j].0,
+                        da: pd,
+                        db: steps[j].1,
+                        n,
+                    };
+                    compare_chunk(&crit, &job, &mut c, None);
+                    assert_eq!(cons[j], c[0], "{crit:?} consecutive {j}");
+                }
+                assert!(vs.iter().any(|&v| v > 0) && vs.iter().any(|&v| (v as usize) < n));
+            }
+        }
     }
 }

@@ -18,7 +18,7 @@ use crate::checkpoint::Checkpoint;
 use crate::diff::{check_paired, mismatch, Pair, Progress, Side, CHUNK};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::kernel::{compare_chunk, Criterion, Job};
+use crate::kernel::{compare_run, Criterion, Run};
 use crate::maskfile::{self, MaskEntry};
 use crate::safetensors::{Shard, TensorInfo, U8FileWriter};
 
@@ -346,6 +346,8 @@ fn compare_steps<'a>(
         &shard.bytes(info)[start * size..(start + len) * size]
     };
     let base = slice(t.base);
+    let steps: Vec<(&[u8], Dtype)> = t.steps.iter().map(|&s| (slice(s), s.1.dtype)).collect();
+    let read = base.len() + steps.iter().map(|s| s.0.len()).sum::<usize>();
     // Changed-bits against the base, one chunk per checkpoint.
     let mut bits_k = vec![0u8; k * nbytes];
     let mut c = ChunkCounts {
@@ -355,42 +357,17 @@ fn compare_steps<'a>(
         ever: 0,
         last: 0,
     };
-    let mut previous = (base, t.base.1.dtype);
-    let mut read = base.len();
-    for (j, &step) in t.steps.iter().enumerate() {
-        let here = slice(step);
-        read += here.len();
-        let job = Job {
-            a: base,
-            b: here,
-            da: t.base.1.dtype,
-            db: step.1.dtype,
+    compare_run(
+        crit,
+        &mut Run {
+            base: (base, t.base.1.dtype),
+            steps: &steps,
             n: len,
-        };
-        let mut one = [0u64];
-        compare_chunk(
-            crit,
-            &job,
-            &mut one,
-            Some((&mut bits_k[j * nbytes..(j + 1) * nbytes], 0)),
-        );
-        c.vs_base[j] = one[0];
-        if j == 0 {
-            c.consecutive[0] = one[0];
-        } else {
-            let job = Job {
-                a: previous.0,
-                b: here,
-                da: previous.1,
-                db: step.1.dtype,
-                n: len,
-            };
-            let mut one = [0u64];
-            compare_chunk(crit, &job, &mut one, None);
-            c.consecutive[j] = one[0];
-        }
-        previous = (here, step.1.dtype);
-    }
+            vs_base: &mut c.vs_base,
+            consecutive: &mut c.consecutive,
+            bits: &mut bits_k,
+        },
+    );
     t.base.0.check_faults()?;
     for s in &t.steps {
         s.0.check_faults()?;
