@@ -245,3 +245,27 @@ def test_cli_outputs_and_plot(tmp_path: Path) -> None:
     )
     r = CliRunner().invoke(cli, ["trajectory", base, run, "--include", "nothing"])
     assert r.exit_code == 1 and "nothing to compare" in r.stderr
+
+
+def test_ray_segments_give_the_local_report(tmp_path: Path) -> None:
+    import ray
+
+    _run(tmp_path)
+    base, run = tmp_path / "base", tmp_path / "run"
+    local = rlmask.trajectory(base, run, save_masks=tmp_path / "local", progress=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for segments in (2, 3):
+            masks = tmp_path / f"ray{segments}"
+            remote = rlmask.trajectory(
+                base, run, executor="ray", segments=segments, save_masks=masks, progress=False
+            )
+            assert remote.to_dict() == local.to_dict(), segments
+            for f in sorted((tmp_path / "local").iterdir()):
+                assert (masks / f.name).read_bytes() == f.read_bytes()
+            # Only the masks asked for are left in the shared folder.
+            assert sorted(p.name for p in masks.iterdir()) == sorted(
+                p.name for p in (tmp_path / "local").iterdir()
+            )
+    finally:
+        ray.shutdown()

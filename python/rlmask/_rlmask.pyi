@@ -117,5 +117,8 @@ def trajectory(
     skip_mismatched: bool = False,
     mask_files: list[str | PathLike[str]] | None = None,
     mask_provenance: list[dict[str, str]] | None = None,
+    previous: Checkpoint | None = None,
+    final_mask: MaskFile | None = None,
+    ever_file: str | PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]: ...

@@ -29,6 +29,7 @@ from rlmask import _rlmask
 from rlmask._diff import DEFAULT_SWEEP, Criterion, _thresholds, diff
 from rlmask._io import write_text_atomic
 from rlmask._progress import cancel_all
+from rlmask._ray import run_tasks, session
 from rlmask._report import Report, printable_lines
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
@@ -264,29 +265,9 @@ class SurveyReport(Report):
 def _executor_ray(
     todo: list[Pair], options: Mapping[str, Any], address: str | None, cpus: float
 ) -> Iterator[tuple[Pair, dict[str, Any] | str]]:
-    try:
-        import ray
-    except ImportError:
-        raise ImportError("--executor ray needs Ray: pip install 'rlmask[ray]'") from None
-    started = False
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        started = True
-    task = ray.remote(num_cpus=cpus)(_ray_task)
-    try:
-        refs = {task.remote(p, dict(options)): p for p in todo}
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-            for ref in done:
-                yield refs[ref], ray.get(ref)
-    except BaseException:
-        for ref in refs:
-            ray.cancel(ref, force=True)
-        raise
-    finally:
-        if started:
-            ray.shutdown()
+    with session(address) as ray:
+        for i, out in run_tasks(ray, _ray_task, [(p, dict(options)) for p in todo], cpus):
+            yield todo[i], out
 
 
 def _ray_task(pair: Pair, options: dict[str, Any]) -> dict[str, Any] | str:

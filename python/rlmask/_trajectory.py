@@ -18,9 +18,14 @@ number of checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import itertools
+import math
 import os
 import re
+import tempfile
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +42,7 @@ from rlmask._report import Report, printable_lines, ratio, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
 from rlmask._table import format_frame
-from rlmask.errors import CheckpointNotFoundError
+from rlmask.errors import CheckpointNotFoundError, PairingError
 
 PathArg = str | os.PathLike[str]
 
@@ -315,6 +320,11 @@ def trajectory(
     skip_mismatched: bool = False,
     save_masks: PathArg | None = None,
     progress: bool = True,
+    executor: str = "local",
+    segments: int | None = None,
+    shared_dir: PathArg | None = None,
+    ray_address: str | None = None,
+    ray_cpus_per_segment: float = 1.0,
 ) -> TrajectoryReport:
     """Sparsity over a run (paper §6, Appendix D; Figures 2, 5, 6, 7), in one pass.
 
@@ -330,7 +340,15 @@ def trajectory(
         save_masks: a directory (created if missing) to receive each checkpoint's mask against
             the base, streamed from the pass: ``step-<n>.rlmask``, or
             ``<k>-<name>.rlmask`` for checkpoints without a step.
-        progress: a progress bar on stderr when it is a terminal.
+        progress: a progress bar on stderr when it is a terminal (local executor).
+        executor: ``local`` (one pass here) or ``ray``: the run is cut into ``segments``
+            contiguous segments (default: one per 8 checkpoints), each a Ray task on a node
+            that sees the files. The run's final mask and each segment's ever-changed bits
+            travel through ``shared_dir``, a folder every node sees (default: beside
+            ``save_masks`` if given, else a temporary folder here, fit for one machine); the
+            figures are identical to the local executor's.
+        ray_address, ray_cpus_per_segment: the cluster to join (default: start a local one),
+            and the CPUs each segment's task reserves.
 
     Returns:
         A :class:`TrajectoryReport`.
@@ -345,6 +363,8 @@ def trajectory(
         >>> r.categories                                       # Figure 2
     """
     values, primary = _thresholds(criterion, tol, None, eta)
+    if executor not in ("local", "ray"):
+        raise ValueError(f"unknown executor '{executor}' (local or ray)")
     args = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
     paths = discover(args)
     if not paths:
@@ -374,21 +394,40 @@ def trajectory(
         }
         for p in paths
     ]
-    raw = run_with_progress(
-        lambda watch: _rlmask.trajectory(
-            b,
-            cs,
-            criterion=criterion,
-            tolerance=values[0],
-            select=select,
-            name_map=list((name_map or {}).items()),
-            skip_mismatched=skip_mismatched,
-            mask_files=[os.fspath(f) for f in mask_files] if mask_files else None,
-            mask_provenance=provenance if mask_files else None,
-            progress=watch,
-        ),
-        show=progress_wanted(progress),
-    )
+    options: dict[str, Any] = {
+        "criterion": criterion,
+        "tolerance": values[0],
+        "select": select,
+        "name_map": list((name_map or {}).items()),
+        "skip_mismatched": skip_mismatched,
+    }
+    masks: list[str | os.PathLike[str]] | None = list(mask_files) if mask_files else None
+    if executor == "ray":
+        raw = _ray_raw(
+            os.fspath(resolve_checkpoint(base)),
+            [os.fspath(p) for p in paths],
+            options,
+            masks,
+            provenance,
+            segments=segments or max(1, math.ceil(len(paths) / 8)),
+            shared=shared_dir if shared_dir is not None else save_masks,
+            address=ray_address,
+            cpus=ray_cpus_per_segment,
+        )
+    elif executor == "local":
+        raw = run_with_progress(
+            lambda watch: _rlmask.trajectory(
+                b,
+                cs,
+                **options,
+                mask_files=masks,
+                mask_provenance=provenance if masks else None,
+                progress=watch,
+            ),
+            show=progress_wanted(progress),
+        )
+    else:
+        raise ValueError(f"unknown executor '{executor}' (local or ray)")
     df = pl.DataFrame(
         {
             "name": raw["name"],
@@ -433,3 +472,104 @@ def trajectory(
         skipped=[(n, r) for n, r in raw["skipped"]],
         renamed=[list(r) for r in raw["renamed"]],
     )
+
+
+def _segment_task(
+    base: str,
+    paths: list[str],
+    previous: str | None,
+    final: str,
+    ever: str,
+    options: dict[str, Any],
+    masks: list[str | os.PathLike[str]] | None,
+    provenance: list[dict[str, str]] | None,
+) -> dict[str, Any]:
+    """One segment of a run, on a Ray worker: the core's trajectory of ``paths`` after
+    ``previous``, against the run's final mask, writing the segment's ever-changed bits."""
+    return _rlmask.trajectory(
+        _rlmask.Checkpoint(base),
+        [_rlmask.Checkpoint(p) for p in paths],
+        **options,
+        mask_files=masks,
+        mask_provenance=provenance,
+        previous=_rlmask.Checkpoint(previous) if previous else None,
+        final_mask=_rlmask.MaskFile(final),
+        ever_file=ever,
+    )
+
+
+def _last_mask_task(base: str, last: str, options: dict[str, Any], out: str) -> None:
+    """The run's final mask (its last checkpoint against the base), on a Ray worker."""
+    _rlmask.trajectory(
+        _rlmask.Checkpoint(base), [_rlmask.Checkpoint(last)], **options, mask_files=[out]
+    )
+
+
+def _ray_raw(
+    base: str,
+    paths: list[str],
+    options: dict[str, Any],
+    masks: list[str | os.PathLike[str]] | None,
+    provenance: list[dict[str, str]],
+    *,
+    segments: int,
+    shared: PathArg | None,
+    address: str | None,
+    cpus: float,
+) -> dict[str, Any]:
+    """The core's trajectory result, computed segment by segment as Ray tasks and merged: per
+    checkpoint figures are concatenated, ``ever`` is the union of the segments' ever bits, and
+    ``last`` and ``outside_final`` are against the run's final mask, computed first."""
+    from rlmask._mask import load_mask
+    from rlmask._ray import run_tasks, session
+
+    k = len(paths)
+    cuts = [round(i * k / min(segments, k)) for i in range(min(segments, k) + 1)]
+    with contextlib.ExitStack() as stack:
+        folder = (
+            Path(shared)
+            if shared is not None
+            else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rlmask-trajectory-")))
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        tag = uuid.uuid4().hex[:12]
+        final = os.fspath(folder / f".final-{tag}.rlmask")
+        evers = [os.fspath(folder / f".ever-{tag}-{i}.rlmask") for i in range(len(cuts) - 1)]
+        for f in [final, *evers]:
+            stack.callback(Path(f).unlink, missing_ok=True)
+        ray = stack.enter_context(session(address))
+        list(run_tasks(ray, _last_mask_task, [(base, paths[-1], options, final)], cpus))
+        calls = [
+            (
+                base,
+                paths[a:z],
+                paths[a - 1] if a else None,
+                final,
+                evers[i],
+                options,
+                masks[a:z] if masks else None,
+                provenance[a:z] if masks else None,
+            )
+            for i, (a, z) in enumerate(itertools.pairwise(cuts))
+        ]
+        parts: list[dict[str, Any]] = [{}] * len(calls)
+        for i, out in run_tasks(ray, _segment_task, calls, cpus):
+            parts[i] = out
+        names = parts[0]["name"]
+        if any(p["name"] != names for p in parts):
+            raise PairingError(
+                "the run's segments compare different tensors (a tensor is missing from some "
+                "checkpoints): run it with the local executor to see which"
+            )
+        ever = load_mask(evers[0])
+        for e in evers[1:]:
+            ever = ever | load_mask(e)
+        counts = ever.counts()
+        raw = dict(parts[0])
+        for key in ("changed_vs_base", "changed_consecutive", "outside_final"):
+            raw[key] = [[x for p in parts for x in p[key][i]] for i in range(len(names))]
+        raw["ever"] = [counts[n] for n in names]
+        raw["incomplete"] = sorted({(n, tuple(m)) for p in parts for n, m in p["incomplete"]})
+        raw["skipped"] = sorted({tuple(x) for p in parts for x in p["skipped"]})
+        raw["renamed"] = parts[0]["renamed"] + [r for p in parts[1:] for r in p["renamed"][1:]]
+        return raw

@@ -532,6 +532,21 @@ def overlap_cmd(
     help="Also draw the run's figure (sparsity against the base and the previous checkpoint, "
     "the three categories, the share outside the final subnetwork) to this image file.",
 )
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: cut the run into --segments, each a Ray task on a node that sees the files.",
+)
+@click.option("--segments", type=click.IntRange(min=1), help="Ray segments [default: K/8].")
+@click.option(
+    "--shared-dir",
+    type=click.Path(file_okay=False),
+    help="With --executor ray: a folder every node sees, for the final and segment masks "
+    "[default: --save-masks, else a local temporary folder].",
+)
+@click.option("--ray-address", help="Ray cluster to join (default: start a local one).")
 @_quiet_option
 @_user_errors
 def trajectory_cmd(
@@ -549,6 +564,10 @@ def trajectory_cmd(
     name_map: tuple[str, ...],
     save_masks: str | None,
     plot: str | None,
+    executor: str,
+    segments: int | None,
+    shared_dir: str | None,
+    ray_address: str | None,
     quiet: bool,
 ) -> None:
     """How sparsity evolves over a run (paper §6, Figures 2, 5, 6, 7).
@@ -563,6 +582,8 @@ def trajectory_cmd(
       rlmask trajectory Qwen/Qwen2.5-Math-7B runs/grpo/
       rlmask trajectory base/ 'runs/grpo/checkpoint-*' --format json -o run.json
       rlmask trajectory base/ runs/grpo/ --by module --plot run.png --save-masks masks/
+      rlmask trajectory base/ /shared/runs/grpo/ --executor ray --ray-address auto \\
+          --shared-dir /shared/tmp
     """
     from rlmask._trajectory import trajectory
 
@@ -580,6 +601,10 @@ def trajectory_cmd(
         skip_mismatched=skip_mismatched,
         save_masks=save_masks,
         progress=not quiet,
+        executor=executor,
+        segments=segments,
+        shared_dir=shared_dir,
+        ray_address=ray_address,
     )
     _render(report, by, fmt, output)
     if plot:

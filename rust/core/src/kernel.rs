@@ -309,6 +309,10 @@ macro_rules! lane {
                 let s = blk * BLOCK;
                 let m = BLOCK.min(run.n - s);
                 $load(bd, &run.base.0[s * bs..(s + m) * bs], &mut base, m);
+                if let Some((bytes, dt)) = run.previous {
+                    let sz = dt.size();
+                    $load(dt, &bytes[s * sz..(s + m) * sz], &mut prev, m);
+                }
                 for (j, &(bytes, dt)) in run.steps.iter().enumerate() {
                     let sz = dt.size();
                     $load(dt, &bytes[s * sz..(s + m) * sz], &mut cur, m);
@@ -316,7 +320,7 @@ macro_rules! lane {
                     let word = $block(crit, &tols, &base, &cur, &mut d, &mut ch, vs, Some(0));
                     let at = j * nbytes + blk * 8;
                     run.bits[at..at + 8].copy_from_slice(&word.to_le_bytes());
-                    if j == 0 {
+                    if j == 0 && run.previous.is_none() {
                         run.consecutive[0] += word.count_ones() as u64;
                     } else {
                         let cons = &mut run.consecutive[j..j + 1];
@@ -344,6 +348,8 @@ fn thresholds(crit: &Criterion) -> Vec<f64> {
 /// One chunk of a run: the base's bytes and each step's, `n` elements each, all floating.
 pub(crate) struct Run<'a, 'b> {
     pub base: (&'a [u8], Dtype),
+    /// The checkpoint before the first step, when it is not the base.
+    pub previous: Option<(&'a [u8], Dtype)>,
     pub steps: &'b [(&'a [u8], Dtype)],
     pub n: usize,
     /// Per step: changed against the base (added to).
@@ -376,7 +382,9 @@ fn compare_run_avx2(crit: &Criterion, run: &mut Run) {
 
 #[inline(always)]
 fn compare_run_impl(crit: &Criterion, run: &mut Run) {
-    let wide = run.base.1 == Dtype::F64 || run.steps.iter().any(|s| s.1 == Dtype::F64);
+    let wide = run.base.1 == Dtype::F64
+        || run.previous.is_some_and(|p| p.1 == Dtype::F64)
+        || run.steps.iter().any(|s| s.1 == Dtype::F64);
     if wide {
         run64(crit, run)
     } else {
@@ -564,6 +572,7 @@ mod tests {
                     &crit,
                     &mut Run {
                         base: (&base_b, dtypes[0]),
+                        previous: None,
                         steps: &steps,
                         n,
                         vs_base: &mut vs,

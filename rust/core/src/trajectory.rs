@@ -19,7 +19,7 @@ use crate::diff::{check_paired, mismatch, Pair, Progress, Side, CHUNK};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::kernel::{compare_run, Criterion, Run};
-use crate::maskfile::{self, MaskEntry};
+use crate::maskfile::{self, MaskEntry, MaskFile};
 use crate::safetensors::{Shard, TensorInfo, U8FileWriter};
 
 /// What to compare and how.
@@ -35,6 +35,21 @@ pub struct TrajectoryOptions {
     pub skip_mismatched: bool,
     /// One mask file per checkpoint (its changed-bits against the base), with provenance.
     pub mask_files: Option<Vec<crate::diff::MaskFileSpec>>,
+}
+
+/// What makes a trajectory one segment of a longer run (run segment by segment, on several
+/// machines): the checkpoint before its first one, the run's final mask (so that
+/// `outside_final` and `final` are the whole run's), and a file for the segment's `ever` bits
+/// (the union over segments gives the run's). The default is a whole run.
+#[derive(Debug, Default)]
+pub struct Segment<'a> {
+    /// The checkpoint before the first of this segment (the base when `None`).
+    pub previous: Option<&'a Checkpoint>,
+    /// The run's final mask: changed against the base in its last checkpoint.
+    pub final_mask: Option<&'a MaskFile>,
+    /// Where to write the elements changed against the base in any of this segment's
+    /// checkpoints.
+    pub ever_file: Option<crate::diff::MaskFileSpec>,
 }
 
 /// The trajectory of one tensor.
@@ -75,6 +90,10 @@ struct Track<'a> {
     name: &'a str,
     base: (&'a Shard, &'a TensorInfo),
     steps: Vec<(&'a Shard, &'a TensorInfo)>,
+    /// The tensor in the checkpoint before the first step (segments only).
+    previous: Option<(&'a Shard, &'a TensorInfo)>,
+    /// The run's final changed-bits of this tensor (segments only).
+    final_bits: Option<&'a [u8]>,
 }
 
 /// Compares every checkpoint of `ckpts` with `base` and with its predecessor, in one pass.
@@ -82,6 +101,7 @@ pub fn trajectory(
     base: &Checkpoint,
     ckpts: &[&Checkpoint],
     opts: &TrajectoryOptions,
+    segment: &Segment,
     progress: &Progress,
 ) -> Result<TrajectoryResult> {
     if ckpts.is_empty() {
@@ -110,6 +130,10 @@ pub fn trajectory(
         }
     }
     let base_side = Side::new(base, "base", &opts.name_map)?;
+    let previous_side = segment
+        .previous
+        .map(|c| Side::new(c, "previous checkpoint", &opts.name_map))
+        .transpose()?;
     let sides = ckpts
         .iter()
         .enumerate()
@@ -188,10 +212,47 @@ pub fn trajectory(
             }
             steps.push(s);
         }
+        let previous = match &previous_side {
+            None => None,
+            Some(side) => {
+                let p = side.get(name).ok_or_else(|| Error::Pairing {
+                    reason: format!(
+                        "tensor '{name}' of the base is missing from the previous checkpoint {}",
+                        side.ckpt.path.display()
+                    ),
+                })?;
+                if let Some(detail) = mismatch(&Pair { name, a: b, b: p }) {
+                    return Err(Error::Mismatch {
+                        tensor: name.clone(),
+                        detail,
+                    });
+                }
+                Some(p)
+            }
+        };
+        let final_bits = match segment.final_mask {
+            None => None,
+            Some(m) => {
+                let fits = m
+                    .entries
+                    .iter()
+                    .any(|e| e.name == *name && e.numel == b.1.numel);
+                let bits = m.packed(name).filter(|_| fits).ok_or_else(|| {
+                    Error::mask(
+                        &m.path,
+                        Some(name),
+                        format!("the final mask has no entry of {} elements", b.1.numel),
+                    )
+                })?;
+                Some(bits)
+            }
+        };
         tracks.push(Track {
             name,
             base: b,
             steps,
+            previous,
+            final_bits,
         });
     }
     if tracks.iter().all(|t| t.base.1.numel == 0) {
@@ -220,24 +281,24 @@ pub fn trajectory(
         .sum();
     progress.total.store(total, Ordering::Relaxed);
 
-    let mut writers = match &opts.mask_files {
-        Some(specs) => {
-            let entries: Vec<MaskEntry> = tracks
-                .iter()
-                .map(|t| MaskEntry {
-                    name: t.name.to_string(),
-                    shape: t.base.1.shape.clone(),
-                    dtype: t.base.1.dtype.to_string(),
-                    numel: t.base.1.numel,
-                })
-                .collect();
-            specs
-                .iter()
-                .map(|spec| maskfile::create(&spec.path, &entries, &spec.provenance))
-                .collect::<Result<Vec<U8FileWriter>>>()?
-        }
-        None => Vec::new(),
-    };
+    // One writer per checkpoint's mask, then one for the segment's ever bits.
+    let entries: Vec<MaskEntry> = tracks
+        .iter()
+        .map(|t| MaskEntry {
+            name: t.name.to_string(),
+            shape: t.base.1.shape.clone(),
+            dtype: t.base.1.dtype.to_string(),
+            numel: t.base.1.numel,
+        })
+        .collect();
+    let specs = opts.mask_files.iter().flatten().chain(&segment.ever_file);
+    let mut writers = specs
+        .map(|spec| maskfile::create(&spec.path, &entries, &spec.provenance))
+        .collect::<Result<Vec<U8FileWriter>>>()?;
+    let (n_masks, ever_out) = (
+        opts.mask_files.as_ref().map_or(0, Vec::len),
+        segment.ever_file.is_some(),
+    );
 
     let partial = {
         // outs[j][i]: the slice of tensor i in checkpoint j's mask file.
@@ -269,7 +330,9 @@ pub fn trajectory(
                     return Err(Error::Cancelled);
                 }
                 let t = &tracks[ti];
-                let counts = compare_steps(&opts.criterion, t, start, len, &mut words, progress)?;
+                let (masks, ever) = words.split_at_mut(n_masks);
+                let ever = if ever_out { ever.first_mut() } else { None };
+                let counts = compare_steps(&opts.criterion, t, start, len, masks, ever, progress)?;
                 Ok((ti, counts))
             })
             .collect::<Result<Vec<_>>>()?
@@ -277,9 +340,12 @@ pub fn trajectory(
     // Nothing is reported, and no mask committed, from a file that changed under the pass.
     for t in &tracks {
         t.base.0.check_unchanged()?;
-        for s in &t.steps {
+        for s in t.steps.iter().chain(&t.previous) {
             s.0.check_unchanged()?;
         }
+    }
+    if let Some(m) = segment.final_mask {
+        m.check_unchanged()?;
     }
     for w in writers {
         w.finish()?;
@@ -336,6 +402,7 @@ fn compare_steps<'a>(
     start: usize,
     len: usize,
     words: &mut [&mut [u8]],
+    ever_out: Option<&mut &mut [u8]>,
     progress: &Progress,
 ) -> Result<ChunkCounts> {
     let k = t.steps.len();
@@ -347,7 +414,10 @@ fn compare_steps<'a>(
     };
     let base = slice(t.base);
     let steps: Vec<(&[u8], Dtype)> = t.steps.iter().map(|&s| (slice(s), s.1.dtype)).collect();
-    let read = base.len() + steps.iter().map(|s| s.0.len()).sum::<usize>();
+    let previous = t.previous.map(|p| (slice(p), p.1.dtype));
+    let read = base.len()
+        + steps.iter().map(|s| s.0.len()).sum::<usize>()
+        + previous.map_or(0, |p| p.0.len());
     // Changed-bits against the base, one chunk per checkpoint.
     let mut bits_k = vec![0u8; k * nbytes];
     let mut c = ChunkCounts {
@@ -361,6 +431,7 @@ fn compare_steps<'a>(
         crit,
         &mut Run {
             base: (base, t.base.1.dtype),
+            previous,
             steps: &steps,
             n: len,
             vs_base: &mut c.vs_base,
@@ -369,15 +440,27 @@ fn compare_steps<'a>(
         },
     );
     t.base.0.check_faults()?;
-    for s in &t.steps {
+    for s in t.steps.iter().chain(&t.previous) {
         s.0.check_faults()?;
     }
-    // Set algebra on the chunk's bitsets, word by word (bits past `len` are zero).
+    // Set algebra on the chunk's bitsets, word by word (bits past `len` are zero). The final
+    // bits are the run's when this is a segment, else this chunk's last checkpoint's.
     let word = |b: &[u8], w: usize| u64::from_le_bytes(b[8 * w..8 * w + 8].try_into().expect("8"));
-    let last = &bits_k[(k - 1) * nbytes..];
-    let mut ever = 0u64;
+    let last: &[u8] = match t.final_bits {
+        Some(bits) => &bits[start / 8..start / 8 + nbytes],
+        None => &bits_k[(k - 1) * nbytes..],
+    };
+    let tail = if len % 64 == 0 {
+        !0
+    } else {
+        (1u64 << (len % 64)) - 1
+    };
+    let (mut ever, mut fin_count) = (0u64, 0u64);
+    let mut ever_bits = vec![0u8; if ever_out.is_some() { nbytes } else { 0 }];
     for w in 0..nbytes / 8 {
-        let fin = word(last, w);
+        let keep = if w + 1 == nbytes / 8 { tail } else { !0 };
+        let fin = word(last, w) & keep;
+        fin_count += fin.count_ones() as u64;
         let mut any = 0u64;
         for (j, out) in c.outside_final.iter_mut().enumerate() {
             let x = word(&bits_k[j * nbytes..], w);
@@ -385,12 +468,18 @@ fn compare_steps<'a>(
             *out += (x & !fin).count_ones() as u64;
         }
         ever += any.count_ones() as u64;
+        if !ever_bits.is_empty() {
+            ever_bits[8 * w..8 * w + 8].copy_from_slice(&any.to_le_bytes());
+        }
     }
     for (j, out) in words.iter_mut().enumerate() {
         out.copy_from_slice(&bits_k[j * nbytes..(j + 1) * nbytes]);
     }
+    if let Some(out) = ever_out {
+        out.copy_from_slice(&ever_bits);
+    }
     c.ever = ever;
-    c.last = c.vs_base[k - 1];
+    c.last = fin_count;
     progress.done.fetch_add(read as u64, Ordering::Relaxed);
     Ok(c)
 }

@@ -32,7 +32,7 @@ pub struct MaskTensor {
 /// tensor's description against its packed bytes. Raises `MaskError` for any defect.
 #[pyclass(module = "rlmask._rlmask", frozen)]
 pub struct MaskFile {
-    inner: Arc<maskfile::MaskFile>,
+    pub(crate) inner: Arc<maskfile::MaskFile>,
 }
 
 #[pymethods]

@@ -11,6 +11,7 @@ use rlmask_core as core;
 use crate::checkpoint::Checkpoint;
 use crate::diff::{parse_criterion, Progress};
 use crate::errors::CoreError;
+use crate::mask::MaskFile;
 
 /// Compares checkpoints `ckpts` (in run order) with `base` and each with its predecessor (see
 /// `rlmask.trajectory`). Returns a dict of columns, one entry per tensor: `name`, `dtype`,
@@ -18,9 +19,11 @@ use crate::errors::CoreError;
 /// count per checkpoint), `ever`, `last`; and `incomplete` (name, indices of the checkpoints
 /// lacking it), `skipped` (name, reason), `renamed` (per checkpoint, base first: stored name,
 /// paired name). With `mask_files` (one path per checkpoint), each checkpoint's changed-bits
-/// against the base are written to its file.
+/// against the base are written to its file. A segment of a longer run passes `previous` (the
+/// checkpoint before its first), `final_mask` (the run's final mask, so `outside_final` and
+/// `last` are the run's) and `ever_file` (written with the segment's ever-changed bits).
 #[pyfunction]
-#[pyo3(signature = (base, ckpts, *, criterion, tolerance, select=None, name_map=Vec::new(), skip_mismatched=false, mask_files=None, mask_provenance=None, progress=None))]
+#[pyo3(signature = (base, ckpts, *, criterion, tolerance, select=None, name_map=Vec::new(), skip_mismatched=false, mask_files=None, mask_provenance=None, previous=None, final_mask=None, ever_file=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn trajectory<'py>(
     py: Python<'py>,
@@ -33,6 +36,9 @@ pub fn trajectory<'py>(
     skip_mismatched: bool,
     mask_files: Option<Vec<PathBuf>>,
     mask_provenance: Option<Vec<BTreeMap<String, String>>>,
+    previous: Option<PyRef<'py, Checkpoint>>,
+    final_mask: Option<PyRef<'py, MaskFile>>,
+    ever_file: Option<PathBuf>,
     progress: Option<&Progress>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let criterion = parse_criterion(criterion, vec![tolerance])?;
@@ -64,10 +70,20 @@ pub fn trajectory<'py>(
     let watch = progress.map(Progress::shared).unwrap_or_default();
     let a = base.inner.clone();
     let cs: Vec<_> = ckpts.iter().map(|c| c.inner.clone()).collect();
+    let prev = previous.map(|p| p.inner.clone());
+    let fin = final_mask.map(|m| m.inner.clone());
     let result = py
         .detach(|| {
             let refs: Vec<&core::Checkpoint> = cs.iter().map(|c| c.as_ref()).collect();
-            core::trajectory::trajectory(&a, &refs, &opts, &watch)
+            let segment = core::trajectory::Segment {
+                previous: prev.as_deref(),
+                final_mask: fin.as_deref(),
+                ever_file: ever_file.map(|path| core::MaskFileSpec {
+                    path,
+                    provenance: BTreeMap::from([("source".into(), "trajectory segment".into())]),
+                }),
+            };
+            core::trajectory::trajectory(&a, &refs, &opts, &segment, &watch)
         })
         .map_err(CoreError)?;
 
