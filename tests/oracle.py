@@ -197,3 +197,19 @@ def write_raw(
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % pad_to)
     path.write_bytes(struct.pack("<Q", len(text)) + text + bytes(blob))
+
+
+def sparse_pair(folder: Path, elements: int) -> list[Path]:
+    """Two F32 checkpoints of zeros held in holes: large to read, nothing on disk."""
+    paths = []
+    for name in ("a", "b"):
+        header = json.dumps(
+            {"w": {"dtype": "F32", "shape": [elements], "data_offsets": [0, 4 * elements]}}
+        )
+        text = header.encode() + b" " * (-len(header) % 8)
+        p = folder / f"{name}.safetensors"
+        with open(p, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            f.truncate(8 + len(text) + 4 * elements)
+        paths.append(p)
+    return paths

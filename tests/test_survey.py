@@ -199,3 +199,42 @@ def test_cli_outputs_and_figure_1(tmp_path: Path) -> None:
     assert heights == sorted(round(100 * (1 - w["changed"][2] / 8000), 6) for w in want.values())
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["GRPO", "SFT"]
     assert os.path.isdir(f"{manifest}.cache")
+
+
+def test_ctrl_c_stops_a_parallel_survey(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from oracle import sparse_pair
+
+    lines = []
+    for i in range(2):
+        folder = tmp_path / f"p{i}"
+        folder.mkdir()
+        a, b = sparse_pair(folder, 1 << 30)  # 4 GiB each in holes: seconds to read
+        lines.append(f'[[pair]]\nname = "p{i}"\nbase = "{a}"\ntuned = "{b}"\n')
+    manifest = tmp_path / "m.toml"
+    manifest.write_text("\n".join(lines))
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from rlmask.cli import main; main()",
+            "survey",
+            str(manifest),
+            "--jobs",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    assert p.poll() is None
+    sent = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and time.monotonic() - sent < 2.0, err
+    assert not any(Path(f"{manifest}.cache").glob("*.json"))

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import rlmask
-from oracle import write_raw
+from oracle import sparse_pair, write_raw
 from rlmask import _rlmask
 from rlmask.cli import cli
 from rlmask.examples import example_path
@@ -236,25 +236,9 @@ def test_a_mask_truncated_after_loading_gives_no_figures(tmp_path: Path) -> None
         assert f"{what} error: {path}: the file" in r.stdout, r.stdout
 
 
-def _sparse_pair(folder: Path, elements: int) -> list[Path]:
-    """Two F32 checkpoints of zeros held in holes: large to read, nothing on disk."""
-    paths = []
-    for name in ("a", "b"):
-        header = json.dumps(
-            {"w": {"dtype": "F32", "shape": [elements], "data_offsets": [0, 4 * elements]}}
-        )
-        text = header.encode() + b" " * (-len(header) % 8)
-        p = folder / f"{name}.safetensors"
-        with open(p, "wb") as f:
-            f.write(struct.pack("<Q", len(text)) + text)
-            f.truncate(8 + len(text) + 4 * elements)
-        paths.append(p)
-    return paths
-
-
 def test_truncated_during_a_real_read_is_a_clean_error(tmp_path: Path) -> None:
     for _ in range(3):
-        a, b = _sparse_pair(tmp_path, 1 << 30)  # 4 GiB each, in holes
+        a, b = sparse_pair(tmp_path, 1 << 30)  # 4 GiB each, in holes
         p = subprocess.Popen(
             [*RLMASK, "diff", str(a), str(b)],
             stdout=subprocess.PIPE,
@@ -464,7 +448,7 @@ def test_full_disk_is_a_clean_error_and_keeps_the_old_file(
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signals_stop_a_pass_without_a_terminal(sig: int, code: int, tmp_path: Path) -> None:
-    a, b = _sparse_pair(tmp_path, 1 << 30)
+    a, b = sparse_pair(tmp_path, 1 << 30)
     mask = tmp_path / "m.rlmask"
     p = subprocess.Popen(
         [*RLMASK, "diff", str(a), str(b), "--save-mask", str(mask)],
