@@ -73,6 +73,8 @@ class DiffReport(Report):
         only_in_base, only_in_tuned: names present on one side only.
         tied: names absent because the checkpoint ties them to the embeddings.
         skipped: ``(name, reason)`` of tensors skipped for mismatched shape or dtype.
+        magnitude: with ``magnitude=True``, one row per tensor and binade of the base value:
+            name, exponent, numel and the changed counts (see :meth:`by_magnitude`).
         renamed: per side (``base``, ``tuned``), ``(stored name, paired name)`` of every name
             that wrapper stripping (DDP ``module.``, FSDP, activation checkpointing,
             ``torch.compile``) or ``name_map`` rewrote before pairing.
@@ -92,6 +94,7 @@ class DiffReport(Report):
     skipped: list[tuple[str, str]] = field(default_factory=list)
     mask: Mask | None = field(default=None, repr=False)
     renamed: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    magnitude: pl.DataFrame | None = field(default=None, repr=False)
 
     # ----- labels of the per-threshold columns -------------------------------------------
 
@@ -194,6 +197,51 @@ class DiffReport(Report):
         same columns as :meth:`by_layer`."""
         return sort_modules(self._group("module", self._floating))
 
+    def by_magnitude(self) -> pl.DataFrame:
+        """The magnitude lens (design §8): per binade of the base value (the IEEE exponent of
+        ``|a|`` widened to f32; 0 is zero and subnormals, 255 infinities and NaN), elements,
+        changed elements and sparsity, over the floating tensors; rows sum to the totals.
+        ``abs_min = 2^(exponent - 127)`` is the binade's smallest magnitude (0 for bin 0).
+
+        Small weights sit on a fine bf16 grid, large ones on a coarse one: a table whose
+        sparsity rises with the exponent says that the update's moves fell below half a unit
+        in the last place of the larger weights and were rounded away.
+
+        Raises:
+            ValueError: the diff was run without ``magnitude=True``.
+        """
+        if self.magnitude is None:
+            raise ValueError(
+                "this report has no magnitude lens: run rlmask.diff(..., magnitude=True) "
+                "(rlmask diff --by magnitude)"
+            )
+        changed_cols = self._columns("changed")
+        g = (
+            self.magnitude.group_by("exponent")
+            .agg(pl.col("numel").sum(), *(pl.col(c).sum() for c in changed_cols))
+            .sort("exponent")
+        )
+        g = g.with_columns(
+            pl.when(pl.col("exponent") == 0)
+            .then(0.0)
+            .otherwise(pl.lit(2.0).pow(pl.col("exponent").cast(pl.Float64) - 127))
+            .alias("abs_min"),
+            *(
+                _sparsity_expr(c).alias(sc)
+                for c, sc in zip(changed_cols, self._columns("sparsity"), strict=True)
+            ),
+        )
+        order = ["exponent", "abs_min", "numel"]
+        for c, sc in zip(changed_cols, self._columns("sparsity"), strict=True):
+            order += [c, sc]
+        return g.select(order)
+
+    def by(self, level: Any) -> pl.DataFrame:
+        """The ``level`` breakdown: total, layer, module, tensor or magnitude."""
+        if level == "magnitude":
+            return self.by_magnitude()
+        return super().by(level)
+
     def total_frame(self) -> pl.DataFrame:
         """The whole model: :attr:`sweep`."""
         return self.sweep
@@ -239,6 +287,21 @@ class DiffReport(Report):
                 side: [{"stored": a, "paired": b} for a, b in pairs]
                 for side, pairs in self.renamed.items()
             },
+            **(
+                {}
+                if self.magnitude is None
+                else {
+                    "by_magnitude": [
+                        {
+                            "exponent": r["exponent"],
+                            "abs_min": r["abs_min"],
+                            "numel": r["numel"],
+                            "changed": [r[c] for c in changed_cols],
+                        }
+                        for r in self.by_magnitude().iter_rows(named=True)
+                    ]
+                }
+            ),
         }
 
     def save_mask(self, path: PathArg) -> None:
@@ -354,6 +417,7 @@ def diff(
     skip_mismatched: bool = False,
     mask: bool = False,
     save_mask: PathArg | None = None,
+    magnitude: bool = False,
     progress: bool = True,
 ) -> DiffReport:
     """Update sparsity of ``tuned`` against ``base`` (paper §2.2), in one pass over the data.
@@ -385,6 +449,9 @@ def diff(
         save_mask: write that mask to this ``.rlmask`` file, atomically, straight from the pass
             (memory-mapped, never held in memory: fit for 70B models); with ``mask=True`` too,
             the mask is also kept in :attr:`DiffReport.mask`.
+        magnitude: also count elements and changed elements per binade of the base value (the
+            magnitude lens, :meth:`DiffReport.by_magnitude`), in the same pass; the JSON
+            report then carries ``by_magnitude``.
         progress: draw a progress bar on stderr when it is a terminal.
 
     Returns:
@@ -429,6 +496,7 @@ def diff(
             mask_threshold=values.index(primary) if (mask or save_mask is not None) else None,
             mask_file=None if (mask or save_mask is None) else os.fspath(save_mask),
             mask_provenance=provenance,
+            magnitude=magnitude,
             progress=watch,
         ),
         show=progress_wanted(progress),
@@ -487,6 +555,24 @@ def _report(
             _sparsity_expr(c).alias(s)
             for c, s in zip(changed_cols, _columns("sparsity", criterion, values), strict=True)
         )
+    bins = [(r[0], e, n, changed) for r in rows if r[8] is not None for e, n, changed in r[8]]
+    magnitude = None
+    if any(r[8] is not None for r in rows):
+        changed_cols = _columns("changed", criterion, values)
+        magnitude = pl.DataFrame(
+            {
+                "name": [b[0] for b in bins],
+                "exponent": [b[1] for b in bins],
+                "numel": [b[2] for b in bins],
+                **{c: [b[3][j] for b in bins] for j, c in enumerate(changed_cols)},
+            },
+            schema={
+                "name": pl.Utf8,
+                "exponent": pl.Int64,
+                "numel": pl.UInt64,
+                **{c: pl.UInt64 for c in changed_cols},
+            },
+        )
     return DiffReport(
         base=provenance["base"],
         tuned=provenance["tuned"],
@@ -500,4 +586,5 @@ def _report(
         skipped=[(n, r) for n, r in raw["skipped"]],
         mask=mask,
         renamed={"base": list(raw["renamed_base"]), "tuned": list(raw["renamed_tuned"])},
+        magnitude=magnitude,
     )

@@ -61,6 +61,7 @@ def diff(
     mask_threshold: int | None = None,
     mask_file: str | PathLike[str] | None = None,
     mask_provenance: dict[str, str] | None = None,
+    magnitude: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]: ...
 def write_mask(

@@ -92,9 +92,9 @@ def _format_option(choices: list[str]) -> Callable[[F], F]:
     )
 
 
-def _by_option(default: str, help: str) -> Callable[[F], F]:
+def _by_option(default: str, help: str, levels: tuple[str, ...] = LEVELS) -> Callable[[F], F]:
     return click.option(
-        "--by", type=click.Choice(LEVELS), default=default, show_default=True, help=help
+        "--by", type=click.Choice(levels), default=default, show_default=True, help=help
     )
 
 
@@ -262,7 +262,13 @@ def cli() -> None:
     help="Comma-separated absolute tolerances to compute in the same pass.",
 )
 @_criterion_options
-@_by_option("total", "Breakdown to print: whole model, per layer, per module type, or per tensor.")
+@_by_option(
+    "total",
+    "Breakdown to print: whole model, per layer, per module type, per tensor, or per binade "
+    "of the base value (magnitude: the precision lens, computed in the same pass; the JSON "
+    "report then carries by_magnitude, and --plot draws the lens).",
+    (*LEVELS, "magnitude"),
+)
 @_format_option(["table", "json", "csv", "parquet"])
 @_output_option
 @_pairing_options
@@ -312,6 +318,7 @@ def diff_cmd(
       rlmask diff base/ tuned/ --format json -o report.json
       rlmask diff base/ tuned/ --by layer --format csv --include 'mlp\\.'
       rlmask diff base/ tuned/ --save-mask grpo.rlmask
+      rlmask diff base/ tuned/ --by magnitude --plot lens.png
     """
     extra = _parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
     _check_criterion(criterion, tol, eta, bool(extra))
@@ -328,15 +335,17 @@ def diff_cmd(
         name_map=_parse_name_map(name_map),
         skip_mismatched=skip_mismatched,
         save_mask=save_mask,
+        magnitude=by == "magnitude",
         progress=not quiet,
     )
     _render(report, by, fmt, output)
     if plot:
         import matplotlib.pyplot as plt
 
-        from rlmask.plot import sparsity_by_layer
+        from rlmask.plot import magnitude_figure, sparsity_by_layer
 
-        plt.close(sparsity_by_layer(report, plot))
+        draw = magnitude_figure if by == "magnitude" else sparsity_by_layer
+        plt.close(draw(report, plot))
 
 
 @cli.command()

@@ -9,7 +9,7 @@ use crate::bits::padded_len;
 use crate::checkpoint::Checkpoint;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use crate::kernel::{compare_chunk, Criterion, Job, BLOCK};
+use crate::kernel::{compare_chunk, Criterion, Hist, Job, BLOCK};
 use crate::maskfile::{self, MaskEntry};
 use crate::names;
 use crate::safetensors::{Shard, TensorInfo};
@@ -47,6 +47,9 @@ pub struct DiffOptions {
     pub mask_threshold: Option<usize>,
     /// Write the mask straight into this `.rlmask` file (atomically, never held in memory).
     pub mask_file: Option<MaskFileSpec>,
+    /// Also count elements and changed elements per binade of the base value (the magnitude
+    /// lens, design §8), for every floating tensor, in the same pass.
+    pub magnitude: bool,
 }
 
 impl DiffOptions {
@@ -59,6 +62,7 @@ impl DiffOptions {
             skip_mismatched: false,
             mask_threshold: None,
             mask_file: None,
+            magnitude: false,
         }
     }
 }
@@ -85,6 +89,8 @@ pub struct TensorDiff {
     /// Packed changed-bits when a mask was asked for: LSB-first, padded to whole u64 words
     /// ([`crate::bits::padded_len`] bytes), as stored in `.rlmask` files.
     pub bits: Option<Vec<u8>>,
+    /// Per binade of the base value, when the magnitude lens was asked for (floating only).
+    pub by_magnitude: Option<Hist>,
 }
 
 /// A tensor left out of the comparison, and why.
@@ -411,16 +417,21 @@ pub fn diff(
     }
 
     let mut changed = vec![vec![0u64; nthr]; pairs.len()];
-    for (pi, counts) in partial {
+    let mut hists: Vec<Option<Hist>> = vec![None; pairs.len()];
+    for (pi, counts, hist) in partial {
         for (acc, c) in changed[pi].iter_mut().zip(counts) {
             *acc += c;
+        }
+        if let Some(h) = hist {
+            hists[pi].get_or_insert_with(|| Hist::new(nthr)).add(&h);
         }
     }
     let tensors = pairs
         .iter()
         .zip(changed)
         .zip(bits)
-        .map(|((p, changed), bits)| TensorDiff {
+        .zip(hists)
+        .map(|(((p, changed), bits), by_magnitude)| TensorDiff {
             name: p.name.to_string(),
             base_dtype: p.a.1.dtype,
             tuned_dtype: p.b.1.dtype,
@@ -429,6 +440,7 @@ pub fn diff(
             floating: p.a.1.dtype.is_float() && p.b.1.dtype.is_float(),
             changed,
             bits,
+            by_magnitude,
         })
         .collect();
     Ok(DiffResult {
@@ -442,14 +454,19 @@ pub fn diff(
     })
 }
 
+/// What one chunk of one pair gives: the pair, its changed counts per threshold, and its
+/// binade counts when the magnitude lens was asked for.
+type ChunkResult = (usize, Vec<u64>, Option<Hist>);
+
 /// Compares every pair, in parallel over chunks of every tensor, writing mask bits into
-/// `outs[i]` (when given) for pair `i`; returns (pair, counts) per chunk.
+/// `outs[i]` (when given) for pair `i`; returns (pair, counts, binade counts when asked for)
+/// per chunk.
 fn compare_pairs(
     pairs: &[Pair],
     outs: Vec<Option<&mut [u8]>>,
     opts: &DiffOptions,
     progress: &Progress,
-) -> Result<Vec<(usize, Vec<u64>)>> {
+) -> Result<Vec<ChunkResult>> {
     let nthr = opts.criterion.thresholds();
     // One work item per chunk of a tensor, each owning the slice of mask words it writes.
     struct Item<'a> {
@@ -497,12 +514,14 @@ fn compare_pairs(
                 db: tb.dtype,
                 n: item.len,
             };
+            let mut hist = (floating && opts.magnitude).then(|| Hist::new(nthr));
             if floating {
-                compare_chunk(crit, &job, &mut counts, item.words.zip(opts.mask_threshold));
+                let bits = item.words.zip(opts.mask_threshold);
+                compare_chunk(crit, &job, &mut counts, bits, hist.as_mut());
             } else {
                 // Integer tensors have one bitwise count, reported under every threshold.
                 let mut one = [0u64];
-                compare_chunk(crit, &job, &mut one, None);
+                compare_chunk(crit, &job, &mut one, None, None);
                 counts.fill(one[0]);
             }
             progress
@@ -512,7 +531,7 @@ fn compare_pairs(
             // and the pass stops here.
             p.a.0.check_faults()?;
             p.b.0.check_faults()?;
-            Ok((item.pair, counts))
+            Ok((item.pair, counts, hist))
         })
         .collect::<Result<_>>()
 }

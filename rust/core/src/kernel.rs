@@ -42,6 +42,57 @@ impl Criterion {
     }
 }
 
+/// Elements and changed elements per binade of the base value (design §8): bin `e` is the IEEE
+/// biased exponent of `|a|` widened to f32 (0: zero or subnormal; 255: infinite or NaN).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hist {
+    pub numel: Vec<u64>,
+    /// One row of 256 bins per threshold.
+    pub changed: Vec<Vec<u64>>,
+}
+
+impl Hist {
+    /// Empty bins for `thresholds` thresholds.
+    pub fn new(thresholds: usize) -> Hist {
+        Hist {
+            numel: vec![0; 256],
+            changed: vec![vec![0; 256]; thresholds],
+        }
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &Hist) {
+        for (a, b) in self.numel.iter_mut().zip(&other.numel) {
+            *a += b;
+        }
+        for (ra, rb) in self.changed.iter_mut().zip(&other.changed) {
+            for (a, b) in ra.iter_mut().zip(rb) {
+                *a += b;
+            }
+        }
+    }
+}
+
+/// The f32 binade of an f32 bit pattern.
+#[inline(always)]
+fn binade32(bits: u32) -> usize {
+    ((bits >> 23) & 0xff) as usize
+}
+
+/// The f32 binade of an f64 bit pattern: its exponent rebiased for f32, below f32's normal
+/// range 0, above it (and infinite or NaN) 255.
+#[inline(always)]
+fn binade64(bits: u64) -> usize {
+    let e = ((bits >> 52) & 0x7ff) as i64;
+    if e == 0x7ff {
+        return 255;
+    }
+    if e == 0 {
+        return 0;
+    }
+    (e - 1023 + 127).clamp(0, 255) as usize
+}
+
 /// One stretch of two tensors to compare: `n` elements of `da` in `a`, of `db` in `b`.
 pub(crate) struct Job<'a> {
     pub a: &'a [u8],
@@ -59,16 +110,17 @@ pub(crate) fn compare_chunk(
     job: &Job,
     counts: &mut [u64],
     bits: Option<(&mut [u8], usize)>,
+    hist: Option<&mut Hist>,
 ) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: `compare_chunk_avx2` requires only the AVX2 extension, and the CPU has
             // just reported that it supports AVX2.
-            return unsafe { compare_chunk_avx2(crit, job, counts, bits) };
+            return unsafe { compare_chunk_avx2(crit, job, counts, bits, hist) };
         }
     }
-    compare_chunk_impl(crit, job, counts, bits)
+    compare_chunk_impl(crit, job, counts, bits, hist)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -78,8 +130,9 @@ fn compare_chunk_avx2(
     job: &Job,
     counts: &mut [u64],
     bits: Option<(&mut [u8], usize)>,
+    hist: Option<&mut Hist>,
 ) {
-    compare_chunk_impl(crit, job, counts, bits)
+    compare_chunk_impl(crit, job, counts, bits, hist)
 }
 
 #[inline(always)]
@@ -88,13 +141,14 @@ fn compare_chunk_impl(
     job: &Job,
     counts: &mut [u64],
     bits: Option<(&mut [u8], usize)>,
+    hist: Option<&mut Hist>,
 ) {
     let wide =
         job.da == Dtype::F64 || job.db == Dtype::F64 || !job.da.is_float() || !job.db.is_float();
     if wide {
-        lane64(crit, job, counts, bits)
+        lane64(crit, job, counts, bits, hist)
     } else {
-        lane32(crit, job, counts, bits)
+        lane32(crit, job, counts, bits, hist)
     }
 }
 
@@ -191,7 +245,7 @@ fn pack(ch: &[u8; BLOCK]) -> u64 {
 /// `!(d <= t)`, which also holds for a NaN distance. Every loop runs over 32- or 64-bit lanes
 /// with fixed trip counts, so it vectorises.
 macro_rules! lane {
-    ($name:ident, $run:ident, $block:ident, $F:ty, $U:ty, $load:ident) => {
+    ($name:ident, $run:ident, $block:ident, $F:ty, $U:ty, $load:ident, $binade:ident) => {
         /// Compares one block of loaded values: adds its changed counts to `counts` and
         /// returns the packed changed-bits of threshold `mask_at` (0 when none is asked for).
         // `!(d <= t)` is meant: unlike `d > t`, it is true for a NaN difference.
@@ -273,6 +327,7 @@ macro_rules! lane {
             job: &Job,
             counts: &mut [u64],
             mut bits: Option<(&mut [u8], usize)>,
+            mut hist: Option<&mut Hist>,
         ) {
             let (sa, sb) = (job.da.size(), job.db.size());
             let tols: Vec<$F> = thresholds(crit).iter().map(|&t| t as $F).collect();
@@ -281,6 +336,8 @@ macro_rules! lane {
             let mut ub = [0 as $U; BLOCK];
             let mut d = [0 as $F; BLOCK];
             let mut ch = [0u8; BLOCK];
+            let nthr = counts.len();
+            let (mut words, mut scratch) = (vec![0u64; nthr], vec![0u64; nthr]);
             for blk in 0..job.n.div_ceil(BLOCK) {
                 let s = blk * BLOCK;
                 let m = BLOCK.min(job.n - s);
@@ -289,6 +346,33 @@ macro_rules! lane {
                 let word = $block(crit, &tols, &ua, &ub, &mut d, &mut ch, counts, mask_at);
                 if let Some((out, _)) = bits.as_mut() {
                     out[blk * 8..blk * 8 + 8].copy_from_slice(&word.to_le_bytes());
+                }
+                if let Some(h) = hist.as_mut() {
+                    // The lens: each threshold's changed-bits (the block compared again, into
+                    // scratch counts, where not already at hand), binned by the base value.
+                    for (k, w) in words.iter_mut().enumerate() {
+                        *w = if mask_at == Some(k) {
+                            word
+                        } else {
+                            $block(
+                                crit,
+                                &tols,
+                                &ua,
+                                &ub,
+                                &mut d,
+                                &mut ch,
+                                &mut scratch,
+                                Some(k),
+                            )
+                        };
+                    }
+                    for (i, &a) in ua.iter().enumerate().take(m) {
+                        let e = $binade(a);
+                        h.numel[e] += 1;
+                        for (row, w) in h.changed.iter_mut().zip(&words) {
+                            row[e] += (w >> i) & 1;
+                        }
+                    }
                 }
             }
         }
@@ -333,8 +417,8 @@ macro_rules! lane {
     };
 }
 
-lane!(lane32, run32, block32, f32, u32, load32);
-lane!(lane64, run64, block64, f64, u64, load64);
+lane!(lane32, run32, block32, f32, u32, load32, binade32);
+lane!(lane64, run64, block64, f64, u64, load64, binade64);
 
 /// The thresholds of a criterion in the kernel's terms (none for exact).
 fn thresholds(crit: &Criterion) -> Vec<f64> {
@@ -411,11 +495,11 @@ mod tests {
         let mut counts = vec![0; crit.thresholds()];
         let mut bits = vec![0xffu8; n.div_ceil(64) * 8];
         let job = Job { a, b, da, db, n };
-        compare_chunk(crit, &job, &mut counts, Some((&mut bits, 0)));
+        compare_chunk(crit, &job, &mut counts, Some((&mut bits, 0)), None);
         // The baseline copy must agree with whichever copy the CPU picked.
         let mut c2 = vec![0; crit.thresholds()];
         let mut b2 = vec![0; n.div_ceil(64) * 8];
-        compare_chunk_impl(crit, &job, &mut c2, Some((&mut b2, 0)));
+        compare_chunk_impl(crit, &job, &mut c2, Some((&mut b2, 0)), None);
         assert_eq!(counts, c2);
         assert_eq!(bits, b2);
         let words = bits
@@ -590,7 +674,7 @@ mod tests {
                         db: steps[j].1,
                         n,
                     };
-                    compare_chunk(&crit, &job, &mut c, Some((&mut b, 0)));
+                    compare_chunk(&crit, &job, &mut c, Some((&mut b, 0)), None);
                     assert_eq!(vs[j], c[0], "{crit:?} step {j}");
                     assert_eq!(&bits[j * nbytes..(j + 1) * nbytes], b.as_slice());
                     let (pa, pd) = if j == 0 {
@@ -606,7 +690,7 @@ mod tests {
                         db: steps[j].1,
                         n,
                     };
-                    compare_chunk(&crit, &job, &mut c, None);
+                    compare_chunk(&crit, &job, &mut c, None, None);
                     assert_eq!(cons[j], c[0], "{crit:?} consecutive {j}");
                 }
                 assert!(vs.iter().any(|&v| v > 0) && vs.iter().any(|&v| (v as usize) < n));

@@ -69,13 +69,14 @@ pub(crate) fn parse_criterion(name: &str, thresholds: Vec<f64>) -> PyResult<core
 
 /// Compares two checkpoints (see `rlmask.diff` for the public interface). Returns a dict with
 /// `tensors` (tuples of name, base dtype, tuned dtype, shape, numel, floating, changed counts,
-/// packed bits or None), `only_in_base`, `only_in_tuned`, `tied`, `skipped`, and
+/// packed bits or None, and with `magnitude` the non-empty binades of the base value as
+/// (exponent, numel, changed counts), else None), `only_in_base`, `only_in_tuned`, `tied`, `skipped`, and
 /// `renamed_base`/`renamed_tuned` (stored name, paired name). Names pair after wrapper segments
 /// are removed and `name_map` (prefix pairs) applied. With
 /// `mask_threshold`, the mask bits are returned per tensor, or written to `mask_file` (with
 /// `mask_provenance` in its metadata) without being held in memory.
 #[pyfunction]
-#[pyo3(signature = (base, tuned, *, criterion, tolerances, select=None, name_map=Vec::new(), skip_mismatched=false, mask_threshold=None, mask_file=None, mask_provenance=None, progress=None))]
+#[pyo3(signature = (base, tuned, *, criterion, tolerances, select=None, name_map=Vec::new(), skip_mismatched=false, mask_threshold=None, mask_file=None, mask_provenance=None, magnitude=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn diff<'py>(
     py: Python<'py>,
@@ -89,6 +90,7 @@ pub fn diff<'py>(
     mask_threshold: Option<usize>,
     mask_file: Option<std::path::PathBuf>,
     mask_provenance: Option<std::collections::BTreeMap<String, String>>,
+    magnitude: bool,
     progress: Option<&Progress>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let criterion = parse_criterion(criterion, tolerances)?;
@@ -102,6 +104,7 @@ pub fn diff<'py>(
             path,
             provenance: mask_provenance.unwrap_or_default(),
         }),
+        magnitude,
     };
     let watch = progress.map(Progress::shared).unwrap_or_default();
     let (a, b) = (base.inner.clone(), tuned.inner.clone());
@@ -112,6 +115,13 @@ pub fn diff<'py>(
     let tensors = PyList::empty(py);
     for t in result.tensors {
         let bits: Option<Bound<'py, PyArray1<u8>>> = t.bits.map(|b| b.into_pyarray(py));
+        // The non-empty binades: (exponent, numel, changed per threshold).
+        let bins: Option<Vec<(usize, u64, Vec<u64>)>> = t.by_magnitude.map(|h| {
+            (0..256)
+                .filter(|&e| h.numel[e] > 0)
+                .map(|e| (e, h.numel[e], h.changed.iter().map(|r| r[e]).collect()))
+                .collect()
+        });
         tensors.append((
             t.name,
             t.base_dtype.to_string(),
@@ -121,6 +131,7 @@ pub fn diff<'py>(
             t.floating,
             t.changed,
             bits,
+            bins,
         ))?;
     }
     let out = PyDict::new(py);
