@@ -127,3 +127,49 @@ def test_cli_and_figure(tmp_path: Path) -> None:
     assert [p.get_x() + p.get_width() / 2 for p in ax.patches] == pytest.approx(
         (lens["exponent"] - 127).to_list()
     )
+
+
+def test_magnitude_matched_overlap_baseline(tmp_path: Path) -> None:
+    pa, _, tensors = _pair(tmp_path)
+    rng = np.random.default_rng(8)
+    # Two masks whose density depends on the magnitude of the base value, as bf16 rounding
+    # makes it: the matched baseline must see that, the uniform one cannot.
+    masks = []
+    for _ in range(2):
+        arrays = {}
+        for name, (dt, a, _) in tensors.items():
+            e = _binade(dt, a)
+            p = np.clip((140 - e) / 60, 0.02, 0.9)
+            arrays[name] = rng.random(a.size) < p
+        masks.append(arrays)
+    paths = []
+    for i, arrays in enumerate(masks):
+        paths.append(tmp_path / f"m{i}.rlmask")
+        rlmask.Mask.from_dict(arrays).save(paths[-1])
+    r = rlmask.overlap(paths[0], paths[1], base=pa)
+    expected = {}
+    for name, (dt, a, _) in tensors.items():
+        e = _binade(dt, a)
+        x, y = masks[0][name], masks[1][name]
+        expected[name] = sum(
+            x[e == b].sum() * y[e == b].sum() / (e == b).sum() for b in np.unique(e)
+        )
+    size_1 = sum(int(m.sum()) for m in masks[0].values())
+    size_2 = sum(int(m.sum()) for m in masks[1].values())
+    assert r.total["o1_matched"] == pytest.approx(sum(expected.values()) / size_1, rel=1e-12)
+    assert r.total["o2_matched"] == pytest.approx(sum(expected.values()) / size_2, rel=1e-12)
+    per = {row["name"]: row for row in r.tensors.iter_rows(named=True)}
+    for name, want in expected.items():
+        assert per[name]["expected_matched"] == pytest.approx(want, rel=1e-12)
+    assert r.total["o1_matched"] > r.total["o1_random"] * 1.05  # magnitude explains overlap
+    assert "magnitude-matched" in r.summary() and r.to_dict()["base"] == str(pa)
+    assert "o1_matched" in r.by_module().columns
+    # CLI: two masks only; the base must cover the masks' tensors.
+    run = CliRunner().invoke
+    assert run(cli, ["overlap", str(paths[0]), str(paths[1]), "--base", str(pa)]).exit_code == 0
+    assert run(cli, ["overlap", *map(str, paths), str(paths[0]), "--base", str(pa)]).exit_code == 2
+    assert run(cli, ["overlap", *map(str, paths), "--name-map", "a=b"]).exit_code == 2
+    other = tmp_path / "other.safetensors"
+    write_raw(other, [("w", "F32", [4], bytes(16))])
+    res = run(cli, ["overlap", *map(str, paths), "--base", str(other)])
+    assert res.exit_code == 1 and "the base has no tensor" in res.stderr

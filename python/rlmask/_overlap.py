@@ -11,7 +11,7 @@ independent random masks of the same densities would have in expectation:
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,8 @@ from rlmask import _rlmask
 from rlmask._mask import Mask, _check_compatible, load_mask
 from rlmask._names import layer_of, module_of
 from rlmask._report import Report, printable_lines, ratio, sort_modules
+from rlmask._resolve import resolve_checkpoint
+from rlmask.errors import MaskError
 
 PathArg = str | os.PathLike[str]
 MaskArg = Mask | PathArg
@@ -33,14 +35,21 @@ def _as_mask(m: MaskArg) -> Mask:
 
 
 def _with_ratios(df: pl.DataFrame) -> pl.DataFrame:
-    """Adds o1, o2, jaccard and the random baselines from the count columns."""
-    return df.with_columns(
+    """Adds o1, o2, jaccard and the random baselines from the count columns; with an
+    ``expected_matched`` column, the magnitude-matched baselines too."""
+    df = df.with_columns(
         ratio("intersection", "size_1").alias("o1"),
         ratio("intersection", "size_2").alias("o2"),
         ratio("intersection", "union").alias("jaccard"),
         ratio("size_2", "numel").alias("o1_random"),
         ratio("size_1", "numel").alias("o2_random"),
     )
+    if "expected_matched" in df.columns:
+        df = df.with_columns(
+            ratio("expected_matched", "size_1").alias("o1_matched"),
+            ratio("expected_matched", "size_2").alias("o2_matched"),
+        )
+    return df
 
 
 @dataclass(frozen=True)
@@ -53,15 +62,22 @@ class OverlapReport(Report):
             intersection, union, o1, o2, jaccard, o1_random, o2_random.
         excluded: tensors left out because ``common_only`` was asked for (present in one mask
             only, or with different shapes).
+        base: the base checkpoint of the magnitude-matched baseline, when one was given;
+            ``tensors`` then also has ``expected_matched`` (the expected intersection of
+            independent masks with the same densities in every (tensor, binade) bin of the
+            base's values), ``o1_matched`` and ``o2_matched`` (design §8).
     """
 
     mask_1: str
     mask_2: str
     tensors: pl.DataFrame
     excluded: list[str] = field(default_factory=list)
+    base: str | None = None
 
     def _sum(self, by: str | None) -> pl.DataFrame:
         aggs = [pl.len().alias("tensors"), *(pl.col(c).sum() for c in COUNTS)]
+        if "expected_matched" in self.tensors.columns:
+            aggs.append(pl.col("expected_matched").sum())
         if by is None:
             df = self.tensors.select(aggs)
         else:
@@ -105,6 +121,7 @@ class OverlapReport(Report):
         return {
             "mask_1": self.mask_1,
             "mask_2": self.mask_2,
+            "base": self.base,
             **self.total,
             "tensors": self.tensors.to_dicts(),
             "excluded": list(self.excluded),
@@ -123,8 +140,10 @@ class OverlapReport(Report):
             f"{t['tensors']} tensors, {t['numel']:,} elements; |I1| = {t['size_1']:,}, "
             f"|I2| = {t['size_2']:,}, |I1 ∩ I2| = {t['intersection']:,}, "
             f"|I1 ∪ I2| = {t['union']:,}",
-            f"  o1 = {pct(t['o1'])}  (random baseline {pct(t['o1_random'])})",
-            f"  o2 = {pct(t['o2'])}  (random baseline {pct(t['o2_random'])})",
+            f"  o1 = {pct(t['o1'])}  (random baseline {pct(t['o1_random'])}"
+            + (f", magnitude-matched {pct(t['o1_matched'])})" if self.base else ")"),
+            f"  o2 = {pct(t['o2'])}  (random baseline {pct(t['o2_random'])}"
+            + (f", magnitude-matched {pct(t['o2_matched'])})" if self.base else ")"),
             f"  jaccard = {pct(t['jaccard'])}",
         ]
         if self.excluded:
@@ -144,7 +163,14 @@ def _pair_counts(a: Mask, b: Mask, names: list[str]) -> list[tuple[int, int, int
     return counts
 
 
-def overlap(a: MaskArg, b: MaskArg, *, common_only: bool = False) -> OverlapReport:
+def overlap(
+    a: MaskArg,
+    b: MaskArg,
+    *,
+    common_only: bool = False,
+    base: str | os.PathLike[str] | None = None,
+    name_map: Mapping[str, str] | None = None,
+) -> OverlapReport:
     """Overlap of two subnetwork masks (paper §5): ``o1``, ``o2``, Jaccard and the random
     baselines, for the whole model and per tensor, layer and module.
 
@@ -153,6 +179,11 @@ def overlap(a: MaskArg, b: MaskArg, *, common_only: bool = False) -> OverlapRepo
         common_only: compare only the tensors both masks cover with the same shape, listing the
             rest in :attr:`OverlapReport.excluded`, instead of raising
             :class:`~rlmask.errors.MaskError`.
+        base: the checkpoint both masks were taken against: adds the magnitude-matched
+            baseline (``o1_matched``, ``o2_matched``), the overlap that independent masks with
+            the same density in every (tensor, binade of the base value) bin would have,
+            computed exactly (design §8). Its names pair as in :func:`rlmask.diff`
+            (wrappers removed, ``name_map`` applied).
 
     Example:
         >>> r = rlmask.overlap("seed1.rlmask", "seed2.rlmask")
@@ -179,8 +210,51 @@ def overlap(a: MaskArg, b: MaskArg, *, common_only: bool = False) -> OverlapRepo
             **{c: pl.UInt64 for c in COUNTS},
         },
     )
+    if base is not None:
+        df = df.with_columns(
+            pl.Series("expected_matched", _expected_matched(ma, mb, names, base, name_map))
+        )
     excluded = sorted((set(ma.names) | set(mb.names)) - set(names))
-    return OverlapReport(ma.describe(), mb.describe(), _with_ratios(df), excluded)
+    where = None if base is None else os.fspath(base)
+    return OverlapReport(ma.describe(), mb.describe(), _with_ratios(df), excluded, where)
+
+
+def _expected_matched(
+    a: Mask,
+    b: Mask,
+    names: list[str],
+    base: str | os.PathLike[str],
+    name_map: Mapping[str, str] | None,
+) -> list[float]:
+    """Per tensor, ``Σ_b |A_b| |B_b| / n_b`` over the binades ``b`` of the base's values."""
+    ckpt = _rlmask.Checkpoint(resolve_checkpoint(base))
+    pairs = list((name_map or {}).items())
+    stored = {_rlmask.canonical_name(n, pairs): n for n in ckpt.names()}
+    where = os.fspath(base)
+    out = []
+    for n in names:
+        s = stored.get(n)
+        if s is None:
+            raise MaskError(
+                f"{where}: the base has no tensor '{n}' that the masks cover (pass the "
+                "checkpoint the masks were taken against, or name_map / --name-map)",
+                where,
+                n,
+            )
+        _, shape, numel, _ = ckpt.tensor_info(s)
+        if numel != a.numel_of(n):
+            raise MaskError(
+                f"{where}: tensor '{n}' has shape {shape} in the base but "
+                f"{list(a.shape(n))} in the masks",
+                where,
+                n,
+            )
+        sizes, (held_a, held_b) = ckpt.binade_counts(s, [a.packed(n), b.packed(n)])
+        out.append(sum(x * y / m for m, x, y in zip(sizes, held_a, held_b, strict=True) if m))
+    ckpt.verify()
+    a.verify()
+    b.verify()
+    return out
 
 
 @dataclass(frozen=True)

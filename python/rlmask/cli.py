@@ -473,6 +473,18 @@ def mask_combine(inputs: tuple[str, ...], op: str, min_count: int | None, output
     type=click.Path(dir_okay=False),
     help="Also draw the o1 matrix as a heatmap (paper Table 4) to this image file.",
 )
+@click.option(
+    "--base",
+    metavar="CHECKPOINT",
+    help="Two masks: the checkpoint they were taken against; adds the magnitude-matched "
+    "baseline o1_matched/o2_matched (same density in every binade of the base's values).",
+)
+@click.option(
+    "--name-map",
+    multiple=True,
+    metavar="FROM=TO",
+    help="With --base: rewrite the base's name prefix FROM as TO (repeatable).",
+)
 @_user_errors
 def overlap_cmd(
     masks: tuple[str, ...],
@@ -481,6 +493,8 @@ def overlap_cmd(
     output: str | None,
     common_only: bool,
     plot: str | None,
+    base: str | None,
+    name_map: tuple[str, ...],
 ) -> None:
     """Overlap of subnetwork MASKS (paper §5) against the random baseline.
 
@@ -495,16 +509,28 @@ def overlap_cmd(
       rlmask overlap grpo.rlmask dpo.rlmask prime.rlmask --format json
       rlmask overlap s1.rlmask s2.rlmask s3.rlmask --by module --format csv -o pairs.csv
       rlmask overlap grpo.rlmask dpo.rlmask prime.rlmask --plot table4.png
+      rlmask overlap seed1.rlmask seed2.rlmask --base base/      # + magnitude-matched baseline
     """
     if len(masks) < 2:
         raise click.UsageError("overlap needs at least two masks")
     _check_outputs(fmt, output, plot)
+    if (base or name_map) and len(masks) != 2:
+        raise click.UsageError("--base and --name-map go with two masks")
+    if name_map and not base:
+        raise click.UsageError("--name-map goes with --base")
     labels = [str(i + 1) for i in range(len(masks))]
     matrix = None
     if len(masks) > 2 or plot:
         matrix = overlap_matrix(list(masks), labels=labels, common_only=common_only)
     if len(masks) == 2:
-        _render(overlap(masks[0], masks[1], common_only=common_only), by, fmt, output)
+        pair = overlap(
+            masks[0],
+            masks[1],
+            common_only=common_only,
+            base=base,
+            name_map=_parse_name_map(name_map),
+        )
+        _render(pair, by, fmt, output)
     else:
         assert matrix is not None
         _render(matrix, by, fmt, output)

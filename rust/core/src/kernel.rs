@@ -476,6 +476,82 @@ fn compare_run_impl(crit: &Criterion, run: &mut Run) {
     }
 }
 
+/// Elements per binade of a floating tensor's values (`numel[e]`), and for each packed mask the
+/// elements it holds per binade (`held[k][e]`): what the magnitude-matched overlap baseline
+/// needs (design §8). `values` holds `numel` elements of `dtype`; each mask at least
+/// `numel.div_ceil(8)` bytes, LSB-first.
+pub fn binade_counts(
+    values: &[u8],
+    dtype: Dtype,
+    masks: &[&[u8]],
+    numel: usize,
+) -> crate::error::Result<(Vec<u64>, Vec<Vec<u64>>)> {
+    use rayon::prelude::*;
+    if !dtype.is_float() {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "binades need a floating tensor, not {dtype}"
+        )));
+    }
+    if values.len() != numel * dtype.size() {
+        return Err(crate::error::Error::InvalidArgument(format!(
+            "{} bytes of {dtype} cannot hold {numel} elements",
+            values.len()
+        )));
+    }
+    for m in masks {
+        crate::bits::check_len(m, numel, "mask")?;
+    }
+    const SPAN: usize = 1 << 16; // elements per unit of parallel work (a multiple of BLOCK)
+    let size = dtype.size();
+    let wide = dtype == Dtype::F64;
+    let zero = || (vec![0u64; 256], vec![vec![0u64; 256]; masks.len()]);
+    let (numel_b, held) = (0..numel.div_ceil(SPAN))
+        .into_par_iter()
+        .map(|part| {
+            let (mut n, mut h) = zero();
+            let start = part * SPAN;
+            let end = numel.min(start + SPAN);
+            let mut narrow = [0u32; BLOCK];
+            let mut broad = [0u64; BLOCK];
+            for s in (start..end).step_by(BLOCK) {
+                let m = BLOCK.min(end - s);
+                let src = &values[s * size..(s + m) * size];
+                let mut bins = [0usize; BLOCK];
+                if wide {
+                    load64(dtype, src, &mut broad, m);
+                    for (b, &x) in bins.iter_mut().zip(&broad) {
+                        *b = binade64(x);
+                    }
+                } else {
+                    load32(dtype, src, &mut narrow, m);
+                    for (b, &x) in bins.iter_mut().zip(&narrow) {
+                        *b = binade32(x);
+                    }
+                }
+                for (i, &b) in bins.iter().enumerate().take(m) {
+                    n[b] += 1;
+                    let at = s + i;
+                    for (row, mask) in h.iter_mut().zip(masks) {
+                        row[b] += ((mask[at >> 3] >> (at & 7)) & 1) as u64;
+                    }
+                }
+            }
+            (n, h)
+        })
+        .reduce(zero, |(mut n1, mut h1), (n2, h2)| {
+            for (a, b) in n1.iter_mut().zip(&n2) {
+                *a += b;
+            }
+            for (r1, r2) in h1.iter_mut().zip(&h2) {
+                for (a, b) in r1.iter_mut().zip(r2) {
+                    *a += b;
+                }
+            }
+            (n1, h1)
+        });
+    Ok((numel_b, held))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

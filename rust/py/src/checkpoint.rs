@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use numpy::ndarray::ArrayView1;
-use numpy::{PyArray1, PyArrayMethods};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::prelude::*;
 use rlmask_core as core;
 
@@ -95,6 +95,30 @@ impl Checkpoint {
         // by an `Arc` inside `slf`'s checkpoint, which is immutable (`frozen`) and never
         // remapped.
         Ok(unsafe { mapped_view(shard.bytes(t), slf.into_any()) })
+    }
+
+    /// Elements of tensor `name` per binade of its values (256 bins: the f32 exponent of
+    /// `|a|`), and for each packed mask in `masks` (`numel` bits each) the elements it holds
+    /// per binade: `(numel per bin, [held per bin, per mask])`.
+    fn binade_counts(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        masks: Vec<PyReadonlyArray1<'_, u8>>,
+    ) -> PyResult<(Vec<u64>, Vec<Vec<u64>>)> {
+        let (shard, t) = self
+            .inner
+            .get(name)
+            .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(name.to_string()))?;
+        let data: Vec<&[u8]> = masks
+            .iter()
+            .map(|m| m.as_slice())
+            .collect::<Result<_, _>>()
+            .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+        let bytes = shard.bytes(t);
+        let out =
+            py.detach(|| core::kernel::binade_counts(bytes, t.dtype, &data, t.numel as usize));
+        Ok(out.map_err(CoreError)?)
     }
 
     /// Raises `CheckpointChangedError` when a shard was truncated or rewritten since it was
