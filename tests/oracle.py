@@ -213,3 +213,15 @@ def sparse_pair(folder: Path, elements: int) -> list[Path]:
             f.truncate(8 + len(text) + 4 * elements)
         paths.append(p)
     return paths
+
+
+def binade(dtype: str, bits: np.ndarray) -> np.ndarray:
+    """The IEEE biased exponent of |a| as f32 (f64: rebiased, clamped to 0..255)."""
+    if dtype == "F64":
+        e = ((bits.view(np.uint64) >> np.uint64(52)) & np.uint64(0x7FF)).astype(np.int64)
+        out = np.clip(e - 1023 + 127, 0, 255)
+        out[e == 0] = 0
+        out[e == 0x7FF] = 255
+        return out
+    f = values(dtype, bits).astype(np.float32)
+    return ((f.view(np.uint32) >> 23) & 0xFF).astype(np.int64)

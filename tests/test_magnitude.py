@@ -12,22 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 import rlmask
-from oracle import changed, values, write_raw
+from oracle import binade, changed, write_raw
 from rlmask.cli import cli
 
 TOLS = [1e-8, 1e-5, 1e-3]
-
-
-def _binade(dtype: str, bits: np.ndarray) -> np.ndarray:
-    """The IEEE biased exponent of |a| as f32 (f64: rebiased, clamped to 0..255)."""
-    if dtype == "F64":
-        e = ((bits.view(np.uint64) >> np.uint64(52)) & np.uint64(0x7FF)).astype(np.int64)
-        out = np.clip(e - 1023 + 127, 0, 255)
-        out[e == 0] = 0
-        out[e == 0x7FF] = 255
-        return out
-    f = values(dtype, bits).astype(np.float32)
-    return ((f.view(np.uint32) >> 23) & 0xFF).astype(np.int64)
 
 
 def _pair(tmp_path: Path) -> tuple[Path, Path, dict[str, tuple[str, np.ndarray, np.ndarray]]]:
@@ -70,7 +58,7 @@ def _oracle(tensors: dict) -> dict[tuple[str, int], list[int]]:
     """(name, exponent) -> [numel, changed per tolerance]."""
     out = {}
     for name, (dt, a, b) in tensors.items():
-        e = _binade(dt, a)
+        e = binade(dt, a)
         flags = [changed(dt, a, dt, b, tol=t) for t in TOLS]
         for ex in np.unique(e):
             sel = e == ex
@@ -138,7 +126,7 @@ def test_magnitude_matched_overlap_baseline(tmp_path: Path) -> None:
     for _ in range(2):
         arrays = {}
         for name, (dt, a, _) in tensors.items():
-            e = _binade(dt, a)
+            e = binade(dt, a)
             p = np.clip((140 - e) / 60, 0.02, 0.9)
             arrays[name] = rng.random(a.size) < p
         masks.append(arrays)
@@ -149,7 +137,7 @@ def test_magnitude_matched_overlap_baseline(tmp_path: Path) -> None:
     r = rlmask.overlap(paths[0], paths[1], base=pa)
     expected = {}
     for name, (dt, a, _) in tensors.items():
-        e = _binade(dt, a)
+        e = binade(dt, a)
         x, y = masks[0][name], masks[1][name]
         expected[name] = sum(
             x[e == b].sum() * y[e == b].sum() / (e == b).sum() for b in np.unique(e)

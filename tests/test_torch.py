@@ -302,27 +302,3 @@ def test_trainer_callback_exact_and_clips_the_masked_gradient(tmp_path: Any) -> 
         moved += int((~same[keep]).sum())
     assert moved > 0
     assert callback.handle is None  # removed when training ended
-
-
-def test_conjecture1_example_runs_and_reports(tmp_path: Any) -> None:
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "conjecture1.py"
-    spec = importlib.util.spec_from_file_location("conjecture1", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    out = mod.run(steps=8, layers=1, hidden=32, workdir=tmp_path)
-    assert set(out) >= {
-        "mask_density",
-        "identical_1e-05",
-        "identical_1e-04",
-        "loss_full",
-        "loss_sub",
-        "frozen_identical",
-    }
-    assert 0.0 < out["mask_density"] < 1.0
-    assert out["frozen_identical"] is True
-    assert 0.0 <= out["identical_1e-05"] <= out["identical_1e-04"] <= 1.0
-    assert all(np.isfinite([out["loss_full"], out["loss_sub"]]))
