@@ -124,9 +124,30 @@ def test_failed_run_leaves_output_untouched(tmp_path: Path) -> None:
     assert code == 0 and json.loads(out.read_text())["skipped"][0]["name"] == "w"
 
 
-def test_demo_and_help() -> None:
+def test_demo_tells_the_story_on_trained_checkpoints() -> None:
+    from oracle import changed, load_checkpoint
+    from rlmask.examples import trained_path
+
     code, out, _ = run("demo")
-    assert code == 0 and "synthetic" in out and "1e-08" in out and "q_proj" in out
+    assert code == 0
+    for command in ("$ rlmask diff", "$ rlmask overlap", "--by magnitude", "$ rlmask trajectory"):
+        assert command in out
+    # The figures printed are those of the bundled files, recomputed here with numpy.
+    base = load_checkpoint([trained_path("base") / "model.safetensors"])
+    for name in ("rl-seed1", "rl-seed2", "sft"):
+        tuned = load_checkpoint([trained_path(name) / "model.safetensors"])
+        flags = [changed(base[n][0], base[n][1], *tuned[n], criterion="exact") for n in base]
+        sparsity = 1 - sum(int(f.sum()) for f in flags) / sum(f.size for f in flags)
+        assert f"{name:<9} sparsity {100 * sparsity:6.2f}% exact" in out
+    # Provenance travels with the bundled weights.
+    from safetensors import safe_open
+
+    with safe_open(str(trained_path("rl-seed1") / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["script"] == "examples/finding1/study.py" and meta["kind"] == "rl"
+
+
+def test_help() -> None:
     code, out, _ = run("diff", "--help")
     assert code == 0 and "--sweep" in out and "Examples" in out
 
