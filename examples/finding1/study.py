@@ -305,6 +305,9 @@ def main() -> None:
                 "path": os.path.relpath(folder, out),
                 "sparsity_exact": exact.sparsity,
                 "sparsity_tol": tol.sparsity,
+                "sparsity_tol_by_module": dict(
+                    zip(tol.by_module()["module"], tol.by_module()["sparsity"], strict=True)
+                ),
                 "reward_before": reward_base,
                 # Measured on the checkpoint as saved, so anyone can recompute it from the file.
                 "reward_after": accuracy(load(folder, torch.float32), tok, eval_rows),
@@ -395,6 +398,15 @@ def main() -> None:
 
     rank = rlmask.rank(base, out / "rl-seed1" / "final", device="cpu", progress=False)
     traj = rlmask.trajectory(base, out / "rl-seed1", progress=False)
+    # The figures RESULTS.md shows: the magnitude lens of seed 1 and its run.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from rlmask.plot import magnitude_figure, trajectory_figure
+
+    lens = rlmask.diff(base, out / "rl-seed1" / "final", magnitude=True, progress=False)
+    magnitude_figure(lens, out / "lens.png")
+    trajectory_figure(traj, out / "run.png")
 
     # Conjecture 1: train only seed 1's subnetwork, same seed, data and steps.
     t = time.perf_counter()

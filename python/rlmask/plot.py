@@ -408,7 +408,8 @@ def magnitude_figure(report: DiffReport, path: PathArg | None = None, *, dpi: in
     )
     twin.set_ylabel("share of all elements (%)")
     ax.grid(alpha=0.3)
-    fig.legend(loc="upper right", fontsize=8)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles, [str(h.get_label()) for h in handles], loc="upper right", fontsize=8)
     fig.tight_layout()
     if path is not None:
         fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
