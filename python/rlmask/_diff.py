@@ -12,7 +12,7 @@ import polars as pl
 from rlmask import _rlmask
 from rlmask._io import check_output
 from rlmask._mask import Mask, _Entry
-from rlmask._names import layer_of, module_of, select_names
+from rlmask._names import layer_of, module_of, natural_key, select_names
 from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import Report, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
@@ -514,7 +514,8 @@ def _report(
     primary: float,
     provenance: dict[str, str],
 ) -> DiffReport:
-    rows = raw["tensors"]
+    # Natural order: model.layers.2 before model.layers.10, in every table and file.
+    rows = sorted(raw["tensors"], key=lambda r: natural_key(r[0]))
     k = values.index(primary)
     df = pl.DataFrame(
         {

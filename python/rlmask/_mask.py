@@ -27,7 +27,7 @@ import numpy.typing as npt
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._names import layer_of, module_of
+from rlmask._names import layer_of, module_of, natural_sorted
 from rlmask._report import printable_lines, ratio, sort_modules
 from rlmask.errors import MaskError
 
@@ -81,7 +81,7 @@ class Mask:
         meta: Mapping[str, str],
         files: Sequence[_rlmask.MaskFile] = (),
     ) -> None:
-        self._entries = dict(sorted(entries.items()))
+        self._entries = {n: entries[n] for n in natural_sorted(entries)}
         self._meta = dict(meta)
         self._counts: dict[str, int] | None = None
         # The mapped files the packed bits view, checked after every read of them.
@@ -111,7 +111,7 @@ class Mask:
 
     @property
     def names(self) -> list[str]:
-        """Tensor names, sorted."""
+        """Tensor names, in natural order (``layers.2`` before ``layers.10``)."""
         return list(self._entries)
 
     def __iter__(self) -> Iterator[str]:
@@ -343,7 +343,7 @@ def _check_compatible(masks: Sequence[Mask], *, common_only: bool) -> list[str]:
             + "; ".join(problems)
             + " (pass common_only=True / --common-only to use the shared tensors)"
         )
-    return sorted(common)
+    return natural_sorted(common)
 
 
 def _few(names: list[str]) -> str:

@@ -30,6 +30,11 @@ def natural_key(text: str) -> tuple[str | int, ...]:
     return tuple(int(p) if i % 2 else p for i, p in enumerate(_DIGITS.split(text)))
 
 
+def natural_sorted(names: Iterable[str]) -> list[str]:
+    """``names`` in natural order (see :func:`natural_key`)."""
+    return sorted(names, key=natural_key)
+
+
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _SUFFIXES = ("weight", "bias")
 

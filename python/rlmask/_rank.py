@@ -34,7 +34,7 @@ import numpy as np
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._names import layer_of, module_of, select_names
+from rlmask._names import layer_of, module_of, natural_sorted, select_names
 from rlmask._progress import bar_width, progress_wanted, run_in_worker
 from rlmask._report import Report, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
@@ -295,7 +295,7 @@ def rank(
     dev = resolve_device(device)
     a = _rlmask.Checkpoint(resolve_checkpoint(base))
     b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
-    names = select_names(sorted(set(a.names()) | set(b.names())), include, exclude)
+    names = select_names(natural_sorted(set(a.names()) | set(b.names())), include, exclude)
 
     skipped: list[tuple[str, str]] = []
     jobs: list[tuple[str, list[int]]] = []

@@ -456,6 +456,8 @@ def trajectory(
             "last": pl.UInt64,
         },
     )
+    # Natural order: model.layers.2 before model.layers.10.
+    df = df[sorted(range(df.height), key=lambda i: natural_key(df["name"][i]))]
     df = df.with_columns(
         (pl.col("numel") - pl.col("ever")).alias("never"),
         (pl.col("ever") - pl.col("last")).alias("returned"),
