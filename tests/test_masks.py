@@ -345,3 +345,50 @@ def test_n_way_overlap_long_format_and_heatmap(tmp_path: Path) -> None:
             assert grid[i, "abc".index(col)] == pytest.approx(100 * o1[col][i])
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
     assert len(ax.texts) == 9
+
+
+def test_public_algebra_layers_and_packed_masks() -> None:
+    rng = np.random.default_rng(4)
+    shapes = {
+        "model.layers.0.mlp.up_proj.weight": (8, 9),
+        "model.layers.1.mlp.up_proj.weight": (5,),
+        "lm_head.weight": (3, 3),
+    }
+    arrays = [{n: rng.random(s) < 0.4 for n, s in shapes.items()} for _ in range(3)]
+    masks = [rlmask.Mask.from_dict(a) for a in arrays]
+    for op, fn in (("and", np.logical_and), ("or", np.logical_or), ("xor", np.logical_xor)):
+        got = rlmask.combine(op, masks[:2])
+        for n in shapes:
+            assert np.array_equal(got[n], fn(arrays[0][n], arrays[1][n])), (op, n)
+    minus = rlmask.combine("minus", masks)
+    assert np.array_equal(
+        minus["lm_head.weight"],
+        arrays[0]["lm_head.weight"] & ~arrays[1]["lm_head.weight"] & ~arrays[2]["lm_head.weight"],
+    )
+    two = rlmask.combine("consensus", masks, 2)
+    votes = sum(a["lm_head.weight"].astype(int) for a in arrays)
+    assert np.array_equal(two["lm_head.weight"], votes >= 2)
+    for op, ms, k, want in (
+        ("nand", masks, None, "unknown operation"),
+        ("consensus", masks, None, "min_count"),
+        ("and", masks, 2, "goes with consensus"),
+        ("not", masks, None, "exactly one"),
+        ("or", masks[:1], None, "at least two"),
+    ):
+        with pytest.raises(ValueError, match=want):
+            rlmask.combine(op, ms, k)
+    # Per layer, with the same null-safe ratio as per module; layers in natural order.
+    by_layer = masks[0].by_layer()
+    assert by_layer["layer"].to_list() == [0, 1]
+    assert by_layer["count"].to_list() == [
+        int(arrays[0][f"model.layers.{i}.mlp.up_proj.weight"].sum()) for i in (0, 1)
+    ]
+    empty = rlmask.Mask.from_dict({"model.layers.0.w": np.zeros((0,), dtype=bool)})
+    assert empty.by_layer()["density"].to_list() == [None]
+    # From packed bits, as the core and trackers make them.
+    packed = rlmask.Mask.from_packed(
+        {n: (s, "BF16", masks[0].packed(n)) for n, s in shapes.items()}
+    )
+    assert all(np.array_equal(packed[n], arrays[0][n]) for n in shapes)
+    with pytest.raises(rlmask.MaskError, match="cannot hold"):
+        rlmask.Mask.from_packed({"w": ((100,), "BF16", np.zeros(2, dtype=np.uint8))})

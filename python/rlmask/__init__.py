@@ -16,7 +16,7 @@ Importing rlmask never imports torch; :func:`rank` and :mod:`rlmask.torch` impor
 """
 
 from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, DiffReport, diff
-from rlmask._mask import Mask, consensus, load_mask
+from rlmask._mask import Mask, combine, consensus, load_mask
 from rlmask._overlap import OverlapMatrix, OverlapReport, overlap, overlap_matrix
 from rlmask._rank import RankReport, rank
 from rlmask._rlmask import __version__
@@ -54,6 +54,7 @@ __all__ = [
     "TensorMismatchError",
     "TrajectoryReport",
     "__version__",
+    "combine",
     "consensus",
     "diff",
     "load_manifest",

@@ -11,7 +11,7 @@ import polars as pl
 
 from rlmask import _rlmask
 from rlmask._io import check_output
-from rlmask._mask import Mask, _Entry
+from rlmask._mask import Mask
 from rlmask._names import layer_of, module_of, natural_key, select_names
 from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import Report, printable_lines, sort_modules
@@ -544,8 +544,9 @@ def _report(
     df = df.with_columns(_sparsity_expr("changed").alias("sparsity"))
     mask = None
     if any(r[7] is not None for r in rows):
-        entries = {r[0]: _Entry(tuple(r[3]), r[1], r[4], r[7]) for r in rows if r[7] is not None}
-        mask = Mask(entries, provenance)
+        mask = Mask.from_packed(
+            {r[0]: (r[3], r[1], r[7]) for r in rows if r[7] is not None}, provenance
+        )
     if len(values) > 1:
         changed_cols = _columns("changed", criterion, values)
         df = df.with_columns(

@@ -17,6 +17,7 @@ it) and ``tensors``, a JSON object mapping each name to its original ``shape``, 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -106,6 +107,22 @@ class Mask:
             a = np.asarray(value)
             entries[name] = _Entry(tuple(a.shape), str(a.dtype), a.size, pack(a != 0))
         return cls(entries, {"source": "from_dict", **(meta or {})})
+
+    @classmethod
+    def from_packed(
+        cls,
+        tensors: Mapping[str, tuple[Sequence[int], str, npt.NDArray[np.uint8]]],
+        meta: Mapping[str, str] | None = None,
+    ) -> Mask:
+        """A mask from already packed bits: ``{name: (shape, dtype, packed)}``, each ``packed``
+        holding at least ``ceil(numel / 8)`` bytes, LSB-first (the ``.rlmask`` layout)."""
+        entries = {}
+        for name, (shape, dtype, packed) in tensors.items():
+            numel = math.prod(shape)
+            if packed.size * 8 < numel:
+                raise MaskError(f"tensor '{name}': {packed.size} bytes cannot hold {numel} bits")
+            entries[name] = _Entry(tuple(shape), dtype, numel, packed)
+        return cls(entries, dict(meta or {}))
 
     # ----- reading -------------------------------------------------------------------------
 
@@ -219,14 +236,22 @@ class Mask:
         df = pl.DataFrame(rows, schema=schema)
         return df.with_columns(ratio("count", "numel").alias("density"))
 
-    def by_module(self) -> pl.DataFrame:
-        """Tensors, numel, count and density per module type."""
-        return sort_modules(
+    def _group(self, key: str) -> pl.DataFrame:
+        return (
             self.table()
-            .group_by("module")
+            .filter(pl.col(key).is_not_null())
+            .group_by(key)
             .agg(pl.len().alias("tensors"), pl.col("numel").sum(), pl.col("count").sum())
             .with_columns(ratio("count", "numel").alias("density"))
         )
+
+    def by_module(self) -> pl.DataFrame:
+        """Tensors, numel, count and density (null for no elements) per module type."""
+        return sort_modules(self._group("module"))
+
+    def by_layer(self) -> pl.DataFrame:
+        """Tensors, numel, count and density (null for no elements) per transformer layer."""
+        return self._group("layer").sort("layer")
 
     def summary(self) -> str:
         """Provenance and totals, as ``rlmask mask info`` prints them."""
@@ -348,6 +373,36 @@ def _check_compatible(masks: Sequence[Mask], *, common_only: bool) -> list[str]:
 
 def _few(names: list[str]) -> str:
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+#: Operations of :func:`combine`.
+OPS = ("and", "or", "xor", "minus", "not", "consensus")
+
+
+def combine(op: str, masks: Sequence[Mask], min_count: int | None = None) -> Mask:
+    """Combines masks element by element: ``and``, ``or``, ``xor`` (over all of them),
+    ``minus`` (in the first and none of the others), ``not`` (the complement of one mask),
+    ``consensus`` (in at least ``min_count`` of them; see :func:`consensus`).
+
+    Raises:
+        ValueError: an unknown operation, or the wrong number of masks or ``min_count``.
+        MaskError: the masks cover different tensors or shapes.
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown operation '{op}' ({', '.join(OPS)})")
+    if op == "consensus":
+        if min_count is None:
+            raise ValueError("consensus needs min_count (--min-count)")
+        return consensus(masks, min_count)
+    if min_count is not None:
+        raise ValueError("min_count (--min-count) goes with consensus only")
+    if op == "not":
+        if len(masks) != 1:
+            raise ValueError("not takes exactly one mask")
+        return ~masks[0]
+    if len(masks) < 2:
+        raise ValueError(f"{op} needs at least two masks")
+    return masks[0]._combine(op, masks[1:])
 
 
 def consensus(masks: Sequence[Mask], min_count: int) -> Mask:

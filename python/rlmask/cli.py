@@ -17,7 +17,7 @@ import polars as pl
 from rlmask import __version__
 from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, diff
 from rlmask._io import check_output, write_text_atomic
-from rlmask._mask import consensus, load_mask
+from rlmask._mask import OPS, combine, load_mask
 from rlmask._overlap import overlap, overlap_matrix
 from rlmask._rank import rank
 from rlmask._report import Report
@@ -441,19 +441,7 @@ def mask() -> None:
 def mask_info(file: str, by: str) -> None:
     """Provenance, totals and a per-module summary of a mask FILE."""
     m = load_mask(file)
-    if by == "module":
-        table = m.by_module()
-    elif by == "layer":
-        table = (
-            m.table()
-            .filter(pl.col("layer").is_not_null())
-            .group_by("layer")
-            .agg(pl.len().alias("tensors"), pl.col("numel").sum(), pl.col("count").sum())
-            .with_columns((pl.col("count") / pl.col("numel")).alias("density"))
-            .sort("layer")
-        )
-    else:
-        table = m.table()
+    table = {"module": m.by_module, "layer": m.by_layer, "tensor": m.table}[by]()
     click.echo(f"{file}\n{m.summary()}\n\nby {by}:\n{format_frame(table)}")
 
 
@@ -461,7 +449,7 @@ def mask_info(file: str, by: str) -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option(
     "--op",
-    type=click.Choice(["and", "or", "xor", "minus", "not", "consensus"]),
+    type=click.Choice(OPS),
     required=True,
     help="and/or/xor: elementwise over all inputs; minus: in the first and none of the others; "
     "not: complement of one input; consensus: in at least --min-count inputs.",
@@ -484,21 +472,7 @@ def mask_combine(inputs: tuple[str, ...], op: str, min_count: int | None, output
       rlmask mask combine --op consensus --min-count 2 -o core.rlmask s1.rlmask s2.rlmask s3.rlmask
     """
     check_output(output)
-    masks = [load_mask(f) for f in inputs]
-    if op == "consensus":
-        if min_count is None:
-            raise click.UsageError("--op consensus needs --min-count")
-        out = consensus(masks, min_count)
-    elif min_count is not None:
-        raise click.UsageError("--min-count goes with --op consensus only")
-    elif op == "not":
-        if len(masks) != 1:
-            raise click.UsageError("--op not takes exactly one input")
-        out = ~masks[0]
-    else:
-        if len(masks) < 2:
-            raise click.UsageError(f"--op {op} needs at least two inputs")
-        out = masks[0]._combine(op, masks[1:])
+    out = combine(op, [load_mask(f) for f in inputs], min_count)
     out.save(output)
     click.echo(
         f"wrote {output}: {out.count:,} of {out.numel:,} elements "

@@ -53,7 +53,7 @@ import polars as pl
 import torch
 
 from rlmask import _rlmask
-from rlmask._mask import Mask, _Entry, padded_len
+from rlmask._mask import Mask, padded_len
 from rlmask.errors import MaskError
 
 NameMap = Callable[[str], str] | Mapping[str, str] | None
@@ -404,16 +404,12 @@ class UpdateTracker:
         return row
 
     def _mask(self, bits: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> Mask:
-        entries = {
-            n: _Entry(
-                tuple(p.shape),
-                str(p.dtype).removeprefix("torch."),
-                p.numel(),
-                bits[n].cpu().numpy(),
-            )
+        packed = {
+            n: (tuple(p.shape), str(p.dtype).removeprefix("torch."), bits[n].cpu().numpy())
             for n, p in self._params.items()
         }
-        return Mask(entries, {"source": "UpdateTracker", "steps": str(len(self._rows)), **meta})
+        meta = {"source": "UpdateTracker", "steps": str(len(self._rows)), **meta}
+        return Mask.from_packed(packed, meta)
 
     @torch.no_grad()
     def final_mask(self, *, exact: bool = False) -> Mask:
