@@ -28,11 +28,25 @@ def run(*args: str) -> tuple[int, str, str]:
 
 
 def test_json_is_the_report_contract() -> None:
+    """The CLI's JSON against the numpy oracle on the files read by the official library."""
+    from oracle import expected_report, load_checkpoint
+
     code, out, _ = run("diff", BASE, TUNED, "--sweep", "--format", "json", "-q")
     assert code == 0
     got = json.loads(out)
-    want = rlmask.diff(BASE, TUNED, tolerances=rlmask.DEFAULT_SWEEP, progress=False).to_dict()
-    assert got == want
+    sweep = list(rlmask.DEFAULT_SWEEP)
+    base = load_checkpoint(sorted(Path(BASE).glob("*.safetensors")))
+    tuned = load_checkpoint(sorted(Path(TUNED).glob("*.safetensors")))
+    want = expected_report(base, tuned, sweep)
+    assert got["tolerances"] == sweep and got["criterion"] == "absolute"
+    assert {t["name"]: t["changed"] for t in got["tensors"]} == want
+    numel = sum(bits.size for _, bits in base.values())
+    assert got["numel"] == numel
+    assert got["changed"] == [sum(c[k] for c in want.values()) for k in range(4)]
+    assert got["sparsity"] == [pytest.approx(1 - c / numel) for c in got["changed"]]
+    assert {"only_in_base", "only_in_tuned", "tied", "skipped", "dtype_mismatch", "renamed"} <= set(
+        got
+    )
 
 
 def test_table_output_and_breakdowns() -> None:
@@ -78,11 +92,18 @@ def test_plot_and_file_permissions(tmp_path: Path) -> None:
 
 
 def test_usage_errors_exit_2() -> None:
-    assert run("diff", BASE)[0] == 2
-    assert run("diff", BASE, TUNED, "--criterion", "relative")[0] == 2
-    assert run("diff", BASE, TUNED, "--format", "parquet")[0] == 2
-    assert run("diff", BASE, TUNED, "--tolerances", "1e-5,x")[0] == 2
-    assert run("diff", BASE, TUNED, "--include", "(")[0] == 2
+    """Each usage error: exit 2, nothing on stdout, and a message saying what is wrong."""
+    cases = [
+        (["diff", BASE], "Missing argument 'TUNED'"),
+        (["diff", BASE, TUNED, "--criterion", "relative"], "needs eta"),
+        (["diff", BASE, TUNED, "--format", "parquet"], "--format parquet needs -o FILE"),
+        (["diff", BASE, TUNED, "--tolerances", "1e-5,x"], "is not a comma-separated list"),
+        (["diff", BASE, TUNED, "--include", "("], "invalid include regex '('"),
+    ]
+    for args, want in cases:
+        code, out, err = run(*args)
+        assert (code, out) == (2, ""), args
+        assert want in err and "Traceback" not in err, (args, err)
 
 
 def test_data_errors_exit_1_with_one_line(tmp_path: Path) -> None:

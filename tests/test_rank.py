@@ -156,7 +156,9 @@ def test_rank_cli(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["rank", str(a), str(b), "--by", "module"])
     assert res.exit_code == 0 and "mean rank / min(m, n)" in res.stdout and "q_proj" in res.stdout
     res = CliRunner().invoke(cli, ["rank", str(a), str(b), "--device", "nonsense"])
-    assert res.exit_code != 0 and "Traceback" not in res.stderr
+    # A usage error: exit 2, one line naming the device.
+    assert res.exit_code == 2 and "unknown device 'nonsense'" in res.stderr
+    assert "Traceback" not in res.stderr
 
 
 def test_rank_figure_shows_every_matrix(tmp_path: Path) -> None:
