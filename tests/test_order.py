@@ -55,3 +55,27 @@ def test_layers_are_in_natural_order(tmp_path: Path) -> None:
     save_file(tuned, run / "model.safetensors")
     traj = rlmask.trajectory(tmp_path / "a.safetensors", tmp_path / "run", progress=False)
     assert traj.tensors["name"].to_list() == want
+
+
+def test_reports_read_well_in_a_repl_and_a_notebook(tmp_path: Path) -> None:
+    from rlmask.examples import trained_path
+
+    base, s1, s2 = trained_path("base"), trained_path("rl-seed1"), trained_path("rl-seed2")
+    d = rlmask.diff(base, s1, mask=True, progress=False)
+    d2 = rlmask.diff(base, s2, mask=True, progress=False)
+    assert d.mask is not None and d2.mask is not None
+    reports = [
+        d,
+        rlmask.overlap(d.mask, d2.mask),
+        rlmask.overlap_matrix([d.mask, d2.mask, d.mask & d2.mask]),
+        rlmask.trajectory(base, trained_path("run-seed1"), progress=False),
+        rlmask.rank(base, s1, device="cpu", progress=False),
+    ]
+    for r in reports:
+        text = repr(r)
+        assert text.startswith(f"<{type(r).__name__}>\n") and r.summary() in text
+        assert "shape: (" not in text  # no squashed polars print
+        html = r._repr_html_()
+        assert "<table" in html and type(r).__name__ in html
+    assert f"{100 * d.sparsity:7.3f}%" in repr(d)
+    assert "<table" in d.mask._repr_html_() and "q_proj" in d.mask._repr_html_()

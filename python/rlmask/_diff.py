@@ -57,7 +57,7 @@ def _columns(kind: str, criterion: str, tolerances: Sequence[float]) -> list[str
     return [f"{kind}@{_label(criterion, t)}" for t in tolerances]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class DiffReport(Report):
     """The comparison of two checkpoints.
 

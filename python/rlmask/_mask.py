@@ -268,6 +268,12 @@ class Mask:
     def __repr__(self) -> str:
         return f"<Mask: {len(self)} tensors, {self.numel:,} elements, density {self.density:.4f}>"
 
+    def _repr_html_(self) -> str:
+        """In a notebook: the summary, then the per-module table."""
+        from html import escape
+
+        return f"<b>Mask</b><pre>{escape(self.summary())}</pre>" + self.by_module()._repr_html_()
+
     # ----- writing -------------------------------------------------------------------------
 
     def save(self, path: PathArg) -> None:

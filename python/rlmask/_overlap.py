@@ -52,7 +52,7 @@ def _with_ratios(df: pl.DataFrame) -> pl.DataFrame:
     return df
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class OverlapReport(Report):
     """Overlap of two masks, for the whole model and per tensor, layer and module.
 
@@ -257,7 +257,7 @@ def _expected_matched(
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class OverlapMatrix(Report):
     """Pairwise overlaps of N masks (paper Table 4): one row per ordered pair of different
     masks, for the whole model and per tensor, layer and module, plus N x N matrices.

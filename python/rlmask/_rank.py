@@ -148,7 +148,7 @@ def spectrum_figures(
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RankReport(Report):
     """Rank and spectrum of every update matrix.
 

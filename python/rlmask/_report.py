@@ -106,3 +106,17 @@ class Report:
 
     def __str__(self) -> str:
         return self.summary()
+
+    def __repr__(self) -> str:
+        """The summary under the class name: readable in a REPL, unlike a dataclass's repr of
+        its DataFrames."""
+        return f"<{type(self).__name__}>\n{self.summary()}"
+
+    def _repr_html_(self) -> str:
+        """In a notebook: the summary, then the whole-model table."""
+        from html import escape
+
+        return (
+            f"<b>{type(self).__name__}</b><pre>{escape(self.summary())}</pre>"
+            + self.total_frame()._repr_html_()
+        )

@@ -173,7 +173,7 @@ def run_pair(pair: Pair, options: Mapping[str, Any]) -> dict[str, Any]:
     return report.to_dict()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SurveyReport(Report):
     """One row per pair and tolerance.
 

@@ -110,7 +110,7 @@ def discover(args: Sequence[PathArg]) -> list[Path]:
     return found
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class TrajectoryReport(Report):
     """A run's checkpoints against its base and their predecessors.
 
