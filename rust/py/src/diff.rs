@@ -51,6 +51,11 @@ impl Progress {
     }
 }
 
+/// Skipped tensors as `(name, reason)` tuples, as every binding returns them.
+pub(crate) fn skipped_pairs(skipped: Vec<core::Skipped>) -> Vec<(String, String)> {
+    skipped.into_iter().map(|s| (s.name, s.reason)).collect()
+}
+
 /// The criterion named `name` with its thresholds (tolerances for `absolute`, one eta for
 /// `relative`, none used for `exact`): the one place where criterion names are parsed.
 pub(crate) fn parse_criterion(name: &str, thresholds: Vec<f64>) -> PyResult<core::Criterion> {
@@ -139,12 +144,7 @@ pub fn diff<'py>(
     out.set_item("only_in_base", result.only_in_base)?;
     out.set_item("only_in_tuned", result.only_in_tuned)?;
     out.set_item("tied", result.tied)?;
-    let skipped: Vec<(String, String)> = result
-        .skipped
-        .into_iter()
-        .map(|s| (s.name, s.reason))
-        .collect();
-    out.set_item("skipped", skipped)?;
+    out.set_item("skipped", skipped_pairs(result.skipped))?;
     out.set_item("renamed_base", result.renamed_base)?;
     out.set_item("renamed_tuned", result.renamed_tuned)?;
     Ok(out)

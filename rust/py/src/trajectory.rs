@@ -9,7 +9,7 @@ use pyo3::types::PyDict;
 use rlmask_core as core;
 
 use crate::checkpoint::Checkpoint;
-use crate::diff::{parse_criterion, Progress};
+use crate::diff::{parse_criterion, skipped_pairs, Progress};
 use crate::errors::CoreError;
 use crate::mask::MaskFile;
 
@@ -120,12 +120,7 @@ pub fn trajectory<'py>(
     out.set_item("ever", t.iter().map(|x| x.ever).collect::<Vec<_>>())?;
     out.set_item("last", t.iter().map(|x| x.last).collect::<Vec<_>>())?;
     out.set_item("incomplete", result.incomplete)?;
-    let skipped: Vec<(String, String)> = result
-        .skipped
-        .into_iter()
-        .map(|s| (s.name, s.reason))
-        .collect();
-    out.set_item("skipped", skipped)?;
+    out.set_item("skipped", skipped_pairs(result.skipped))?;
     out.set_item("renamed", result.renamed)?;
     Ok(out)
 }
