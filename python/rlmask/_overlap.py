@@ -154,6 +154,29 @@ class OverlapReport(Report):
         return printable_lines(lines)
 
 
+def _counts_frame(mask: Mask, names: list[str], counts: list[tuple[int, int, int]]) -> pl.DataFrame:
+    """One row per tensor: name, layer, module, numel, and from ``(|I1|, |I2|, |I1 ∩ I2|)``
+    the sizes, intersection and union."""
+    return pl.DataFrame(
+        {
+            "name": names,
+            "layer": [layer_of(n) for n in names],
+            "module": [module_of(n) for n in names],
+            "numel": [mask.numel_of(n) for n in names],
+            "size_1": [c[0] for c in counts],
+            "size_2": [c[1] for c in counts],
+            "intersection": [c[2] for c in counts],
+            "union": [c[0] + c[1] - c[2] for c in counts],
+        },
+        schema={
+            "name": pl.Utf8,
+            "layer": pl.Int64,
+            "module": pl.Utf8,
+            **{c: pl.UInt64 for c in COUNTS},
+        },
+    )
+
+
 def _pair_counts(a: Mask, b: Mask, names: list[str]) -> list[tuple[int, int, int]]:
     counts = _rlmask.mask_overlap(
         [a.packed(n) for n in names], [b.packed(n) for n in names], [a.numel_of(n) for n in names]
@@ -191,25 +214,7 @@ def overlap(
     """
     ma, mb = _as_mask(a), _as_mask(b)
     names = _check_compatible([ma, mb], common_only=common_only)
-    counts = _pair_counts(ma, mb, names)
-    df = pl.DataFrame(
-        {
-            "name": names,
-            "layer": [layer_of(n) for n in names],
-            "module": [module_of(n) for n in names],
-            "numel": [ma.numel_of(n) for n in names],
-            "size_1": [c[0] for c in counts],
-            "size_2": [c[1] for c in counts],
-            "intersection": [c[2] for c in counts],
-            "union": [c[0] + c[1] - c[2] for c in counts],
-        },
-        schema={
-            "name": pl.Utf8,
-            "layer": pl.Int64,
-            "module": pl.Utf8,
-            **{c: pl.UInt64 for c in COUNTS},
-        },
-    )
+    df = _counts_frame(ma, names, _pair_counts(ma, mb, names))
     if base is not None:
         df = df.with_columns(
             pl.Series("expected_matched", _expected_matched(ma, mb, names, base, name_map))
@@ -388,31 +393,10 @@ def overlap_matrix(
     frames = []
     for i in range(len(ms)):
         for j in range(i + 1, len(ms)):
-            counts = _pair_counts(ms[i], ms[j], names)
-            for a, b, flip in ((i, j, False), (j, i, True)):
-                frames.append(
-                    pl.DataFrame(
-                        {
-                            "a": [labels[a]] * len(names),
-                            "b": [labels[b]] * len(names),
-                            "name": names,
-                            "layer": [layer_of(n) for n in names],
-                            "module": [module_of(n) for n in names],
-                            "numel": [ms[0].numel_of(n) for n in names],
-                            "size_1": [c[1] if flip else c[0] for c in counts],
-                            "size_2": [c[0] if flip else c[1] for c in counts],
-                            "intersection": [c[2] for c in counts],
-                            "union": [c[0] + c[1] - c[2] for c in counts],
-                        },
-                        schema={
-                            "a": pl.Utf8,
-                            "b": pl.Utf8,
-                            "name": pl.Utf8,
-                            "layer": pl.Int64,
-                            "module": pl.Utf8,
-                            **{c: pl.UInt64 for c in COUNTS},
-                        },
-                    )
-                )
+            df = _counts_frame(ms[i], names, _pair_counts(ms[i], ms[j], names))
+            swapped = df.with_columns(size_1=pl.col("size_2"), size_2=pl.col("size_1"))
+            for a, b, frame in ((i, j, df), (j, i, swapped)):
+                pair = [pl.lit(labels[a]).alias("a"), pl.lit(labels[b]).alias("b")]
+                frames.append(frame.select(*pair, pl.all()))
     excluded = sorted(set().union(*(set(m.names) for m in ms)) - set(names))
     return OverlapMatrix(labels, described, _with_ratios(pl.concat(frames)), excluded)

@@ -26,7 +26,7 @@ from typing import Any
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._diff import DEFAULT_SWEEP, Criterion, _thresholds, diff
+from rlmask._diff import Criterion, _thresholds, diff
 from rlmask._io import write_text_atomic
 from rlmask._progress import cancel_all
 from rlmask._ray import run_tasks, session
@@ -191,11 +191,6 @@ class SurveyReport(Report):
     tensors: pl.DataFrame
     tolerance: float
     results: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
-
-    @property
-    def rows(self) -> pl.DataFrame:
-        """The per-pair rows (the same frame as :attr:`tensors`)."""
-        return self.tensors
 
     @property
     def failed(self) -> list[str]:
@@ -427,4 +422,4 @@ def survey(
     return SurveyReport(os.fspath(manifest), criterion, df, primary, results)
 
 
-__all__ = ["DEFAULT_SWEEP", "Pair", "SurveyReport", "load_manifest", "survey"]
+__all__ = ["Pair", "SurveyReport", "load_manifest", "survey"]

@@ -336,8 +336,9 @@ macro_rules! lane {
             let mut ub = [0 as $U; BLOCK];
             let mut d = [0 as $F; BLOCK];
             let mut ch = [0u8; BLOCK];
-            let nthr = counts.len();
-            let (mut words, mut scratch) = (vec![0u64; nthr], vec![0u64; nthr]);
+            // The lens's per-threshold bits and scratch counts, allocated only when asked for.
+            let lens = if hist.is_some() { counts.len() } else { 0 };
+            let (mut words, mut scratch) = (vec![0u64; lens], vec![0u64; lens]);
             for blk in 0..job.n.div_ceil(BLOCK) {
                 let s = blk * BLOCK;
                 let m = BLOCK.min(job.n - s);
