@@ -157,16 +157,16 @@ def test_checkpoint_forms(tmp_path: Path) -> None:
 
 
 def test_cancelled_comparison_raises_keyboard_interrupt(tmp_path: Path) -> None:
-    from rlmask._rlmask import Progress, diff
+    from rlmask._rlmask import Criterion, Progress, diff
 
     save_file({"w": torch.zeros(1000)}, tmp_path / "a.safetensors")
     a = Checkpoint(tmp_path / "a.safetensors")
     watch = Progress()
     watch.cancel()
     with pytest.raises(KeyboardInterrupt):
-        diff(a, a, criterion="absolute", tolerances=[1e-5], progress=watch)
+        diff(a, a, criterion=Criterion("absolute"), progress=watch)
     done = Progress()
-    diff(a, a, criterion="absolute", tolerances=[1e-5], progress=done)
+    diff(a, a, criterion=Criterion("absolute"), progress=done)
     assert done.total == done.done == 8000
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._io import check_output
+from rlmask._io import PathArg, check_output
 from rlmask._mask import Mask
 from rlmask._names import layer_of, module_of, natural_key, select_names
 from rlmask._progress import progress_wanted, run_with_progress
@@ -24,9 +24,7 @@ Criterion = Literal["absolute", "exact", "relative"]
 #: The tolerance sweep of the paper's Table 6.
 DEFAULT_SWEEP: tuple[float, ...] = (1e-8, 1e-7, 1e-6, 1e-5)
 #: The paper's default tolerance (§2.2).
-DEFAULT_TOL = 1e-5
-
-PathArg = str | os.PathLike[str]
+DEFAULT_TOL: float = _rlmask.DEFAULT_TOL
 
 
 def _sparsity(changed: int, numel: int) -> float:
@@ -353,29 +351,21 @@ class DiffReport(Report):
         return printable_lines(lines)
 
 
-def _thresholds(
-    criterion: str, tol: float | None, tolerances: Sequence[float] | None, eta: float | None
-) -> tuple[list[float], float]:
-    """The thresholds of one pass and the primary one; an argument that the criterion would
-    ignore is an error, never silently dropped."""
-    if criterion not in ("absolute", "exact", "relative"):
-        raise ValueError(f"unknown criterion '{criterion}' (absolute, exact or relative)")
-    if criterion != "absolute" and (tol is not None or tolerances):
-        raise ValueError(
-            f"tol and tolerances apply to the absolute criterion, not '{criterion}'"
-            + (" (use eta)" if criterion == "relative" else "")
-        )
-    if criterion != "relative" and eta is not None:
-        raise ValueError(f"eta applies to the relative criterion, not '{criterion}'")
-    if criterion == "absolute":
-        tol = DEFAULT_TOL if tol is None else float(tol)
-        values = sorted({tol, *(float(t) for t in tolerances or ())})
-        return values, tol
-    if criterion == "exact":
-        return [0.0], 0.0
-    if eta is None:
-        raise ValueError("the relative criterion needs eta (e.g. eta=1e-3)")
-    return [float(eta)], float(eta)
+def parse_criterion(
+    criterion: str,
+    tol: float | None = None,
+    tolerances: Sequence[float] | None = None,
+    eta: float | None = None,
+) -> _rlmask.Criterion:
+    """The thresholds of one pass, checked by the core: an argument that the criterion would
+    ignore is an error, never silently dropped.
+
+    Raises:
+        ValueError: an unknown criterion, an argument it does not take, a bad threshold.
+    """
+    return _rlmask.Criterion(
+        criterion, tol=tol, tolerances=[float(t) for t in tolerances or ()], eta=eta
+    )
 
 
 def selection(
@@ -468,14 +458,14 @@ def diff(
         >>> report = rlmask.diff("base/", "grpo/", tolerances=rlmask.DEFAULT_SWEEP)
         >>> report.sparsity, report.by_module()
     """
-    values, primary = _thresholds(criterion, tol, tolerances, eta)
+    crit = parse_criterion(criterion, tol, tolerances, eta)
     # Where every mask of this diff says it came from.
     provenance = {
         "source": "diff",
         "base": os.fspath(base),
         "tuned": os.fspath(tuned),
         "criterion": criterion,
-        "tolerance": repr(primary),
+        "tolerance": repr(crit.primary),
         "rlmask_version": __version__,
     }
     select_names([], include, exclude)  # bad patterns fail before any file is opened
@@ -488,12 +478,11 @@ def diff(
         lambda watch: _rlmask.diff(
             a,
             b,
-            criterion=criterion,
-            tolerances=values,
+            criterion=crit,
             select=select,
             name_map=list((name_map or {}).items()),
             skip_mismatched=skip_mismatched,
-            mask_threshold=values.index(primary) if (mask or save_mask is not None) else None,
+            mask_at=crit.primary_index if (mask or save_mask is not None) else None,
             mask_file=None if (mask or save_mask is None) else os.fspath(save_mask),
             mask_provenance=provenance,
             magnitude=magnitude,
@@ -501,33 +490,31 @@ def diff(
         ),
         show=progress_wanted(progress),
     )
-    report = _report(raw, criterion, values, primary, provenance)
+    report = _report(raw, crit, provenance)
     if save_mask is not None and mask:
         report.save_mask(save_mask)
     return report
 
 
 def _report(
-    raw: dict[str, Any],
-    criterion: Criterion,
-    values: list[float],
-    primary: float,
-    provenance: dict[str, str],
+    raw: _rlmask.DiffResult, crit: _rlmask.Criterion, provenance: dict[str, str]
 ) -> DiffReport:
+    criterion = cast(Criterion, crit.name)
+    values = crit.values
     # Natural order: model.layers.2 before model.layers.10, in every table and file.
-    rows = sorted(raw["tensors"], key=lambda r: natural_key(r[0]))
-    k = values.index(primary)
+    rows = sorted(raw.tensors, key=lambda r: natural_key(r.name))
+    k = crit.primary_index
     df = pl.DataFrame(
         {
-            "name": [r[0] for r in rows],
-            "layer": [layer_of(r[0]) for r in rows],
-            "module": [module_of(r[0]) for r in rows],
-            "dtype": [r[1] for r in rows],
-            "tuned_dtype": [r[2] for r in rows],
-            "shape": [r[3] for r in rows],
-            "numel": [r[4] for r in rows],
-            "floating": [r[5] for r in rows],
-            "changed": [r[6][k] for r in rows],
+            "name": [r.name for r in rows],
+            "layer": [layer_of(r.name) for r in rows],
+            "module": [module_of(r.name) for r in rows],
+            "dtype": [r.dtype for r in rows],
+            "tuned_dtype": [r.tuned_dtype for r in rows],
+            "shape": [r.shape for r in rows],
+            "numel": [r.numel for r in rows],
+            "floating": [r.floating for r in rows],
+            "changed": [r.changed[k] for r in rows],
         },
         schema={
             "name": pl.Utf8,
@@ -542,24 +529,21 @@ def _report(
         },
     )
     df = df.with_columns(_sparsity_expr("changed").alias("sparsity"))
-    mask = None
-    if any(r[7] is not None for r in rows):
-        mask = Mask.from_packed(
-            {r[0]: (r[3], r[1], r[7]) for r in rows if r[7] is not None}, provenance
-        )
+    packed = {r.name: (r.shape, r.dtype, r.bits) for r in rows if r.bits is not None}
+    mask = Mask.from_packed(packed, provenance) if packed else None
     if len(values) > 1:
         changed_cols = _columns("changed", criterion, values)
         df = df.with_columns(
-            pl.Series(c, [r[6][j] for r in rows], dtype=pl.UInt64)
+            pl.Series(c, [r.changed[j] for r in rows], dtype=pl.UInt64)
             for j, c in enumerate(changed_cols)
         )
         df = df.with_columns(
             _sparsity_expr(c).alias(s)
             for c, s in zip(changed_cols, _columns("sparsity", criterion, values), strict=True)
         )
-    bins = [(r[0], e, n, changed) for r in rows if r[8] is not None for e, n, changed in r[8]]
     magnitude = None
-    if any(r[8] is not None for r in rows):
+    if any(r.magnitude is not None for r in rows):
+        bins = [(r.name, *b) for r in rows for b in r.magnitude or ()]
         changed_cols = _columns("changed", criterion, values)
         magnitude = pl.DataFrame(
             {
@@ -580,13 +564,13 @@ def _report(
         tuned=provenance["tuned"],
         criterion=criterion,
         tolerances=tuple(values),
-        tol=primary,
+        tol=crit.primary,
         tensors=df,
-        only_in_base=list(raw["only_in_base"]),
-        only_in_tuned=list(raw["only_in_tuned"]),
-        tied=list(raw["tied"]),
-        skipped=[(n, r) for n, r in raw["skipped"]],
+        only_in_base=raw.only_in_base,
+        only_in_tuned=raw.only_in_tuned,
+        tied=raw.tied,
+        skipped=raw.skipped,
         mask=mask,
-        renamed={"base": list(raw["renamed_base"]), "tuned": list(raw["renamed_tuned"])},
+        renamed={"base": raw.renamed_base, "tuned": raw.renamed_tuned},
         magnitude=magnitude,
     )

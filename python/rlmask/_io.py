@@ -11,8 +11,11 @@ from pathlib import Path
 
 from rlmask.errors import OutputError
 
+#: Every path argument of the public API: a string or an ``os.PathLike``.
+PathArg = str | os.PathLike[str]
 
-def check_output(target: str | os.PathLike[str]) -> None:
+
+def check_output(target: PathArg) -> None:
     """Fails at once, naming ``target``, when it could not be written: its directory is
     missing or not writable, or ``target`` is a directory. Call it before minutes of reading.
 
@@ -31,7 +34,7 @@ def check_output(target: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(target: PathArg) -> Iterator[Path]:
     """Yields a temporary path in the target's directory; on success it replaces ``target``,
     on failure (an exception, Ctrl-C) it is removed and ``target`` is left untouched. An
     operating-system error becomes :class:`~rlmask.errors.OutputError` naming ``target``, never
@@ -60,7 +63,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def write_atomic(target: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+def write_atomic(target: PathArg, write: Callable[[Path], None]) -> None:
     """Calls ``write(tmp_path)`` and moves the result to ``target`` atomically. Writers that
     report a full disk or a size limit with their own exception types (polars, matplotlib)
     are turned into :class:`~rlmask.errors.OutputError` as well."""
@@ -77,7 +80,7 @@ def write_atomic(target: str | os.PathLike[str], write: Callable[[Path], None]) 
             raise
 
 
-def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
+def write_text_atomic(target: PathArg, text: str) -> None:
     """Writes ``text`` (UTF-8) to ``target`` atomically."""
 
     def write(p: Path) -> None:

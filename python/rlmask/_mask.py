@@ -28,14 +28,13 @@ import numpy.typing as npt
 import polars as pl
 
 from rlmask import _rlmask
+from rlmask._io import PathArg
 from rlmask._names import layer_of, module_of, natural_sorted
 from rlmask._report import printable_lines, ratio, sort_modules
 from rlmask.errors import MaskError
 
 if TYPE_CHECKING:
     import torch
-
-PathArg = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -299,7 +298,7 @@ class Mask:
 
     # ----- algebra -------------------------------------------------------------------------
 
-    def _combine(self, op: str, others: Sequence[Mask], min_count: int | None = None) -> Mask:
+    def _combine(self, op: _rlmask.CombineOp, others: Sequence[Mask]) -> Mask:
         masks = [self, *others]
         _check_compatible(masks, common_only=False)
         names = self.names
@@ -307,7 +306,6 @@ class Mask:
             op,
             [[m._entries[n].packed for m in masks] for n in names],
             [self._entries[n].numel for n in names],
-            min_count,
         )
         for m in masks:
             m.verify()
@@ -315,9 +313,9 @@ class Mask:
             n: _Entry(self._entries[n].shape, self._entries[n].dtype, self._entries[n].numel, p)
             for n, p in zip(names, packed, strict=True)
         }
-        meta = {"op": op, "inputs": json.dumps([m.describe() for m in masks])}
-        if min_count is not None:
-            meta["min_count"] = str(min_count)
+        meta = {"op": op.name, "inputs": json.dumps([m.describe() for m in masks])}
+        if op.min_count is not None:
+            meta["min_count"] = str(op.min_count)
         return Mask(entries, meta)
 
     def describe(self) -> str:
@@ -332,19 +330,19 @@ class Mask:
         return m.get("source", "mask")
 
     def __and__(self, other: Mask) -> Mask:
-        return self._combine("and", [other])
+        return combine("and", [self, other])
 
     def __or__(self, other: Mask) -> Mask:
-        return self._combine("or", [other])
+        return combine("or", [self, other])
 
     def __xor__(self, other: Mask) -> Mask:
-        return self._combine("xor", [other])
+        return combine("xor", [self, other])
 
     def __sub__(self, other: Mask) -> Mask:
-        return self._combine("minus", [other])
+        return combine("minus", [self, other])
 
     def __invert__(self) -> Mask:
-        return self._combine("not", [])
+        return combine("not", [self])
 
 
 def _check_compatible(masks: Sequence[Mask], *, common_only: bool) -> list[str]:
@@ -381,10 +379,6 @@ def _few(names: list[str]) -> str:
     return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
-#: Operations of :func:`combine`.
-OPS = ("and", "or", "xor", "minus", "not", "consensus")
-
-
 def combine(op: str, masks: Sequence[Mask], min_count: int | None = None) -> Mask:
     """Combines masks element by element: ``and``, ``or``, ``xor`` (over all of them),
     ``minus`` (in the first and none of the others), ``not`` (the complement of one mask),
@@ -393,32 +387,18 @@ def combine(op: str, masks: Sequence[Mask], min_count: int | None = None) -> Mas
     Raises:
         ValueError: an unknown operation, or the wrong number of masks or ``min_count``.
         MaskError: the masks cover different tensors or shapes.
+
+    Example:
+        >>> shared = rlmask.combine("consensus", [seed1, seed2, seed3], min_count=2)
     """
-    if op not in OPS:
-        raise ValueError(f"unknown operation '{op}' ({', '.join(OPS)})")
-    if op == "consensus":
-        if min_count is None:
-            raise ValueError("consensus needs min_count (--min-count)")
-        return consensus(masks, min_count)
-    if min_count is not None:
-        raise ValueError("min_count (--min-count) goes with consensus only")
-    if op == "not":
-        if len(masks) != 1:
-            raise ValueError("not takes exactly one mask")
-        return ~masks[0]
-    if len(masks) < 2:
-        raise ValueError(f"{op} needs at least two masks")
-    return masks[0]._combine(op, masks[1:])
+    parsed = _rlmask.CombineOp(op, len(masks), min_count)
+    return masks[0]._combine(parsed, masks[1:])
 
 
 def consensus(masks: Sequence[Mask], min_count: int) -> Mask:
     """Elements set in at least ``min_count`` of the masks: the subnetwork shared across seeds,
     data or algorithms (``min_count=len(masks)`` is the intersection, 1 the union)."""
-    if not masks:
-        raise ValueError("consensus needs at least one mask")
-    if not 1 <= min_count <= len(masks):
-        raise ValueError(f"min_count must be between 1 and {len(masks)}, not {min_count}")
-    return masks[0]._combine("consensus", list(masks[1:]), min_count)
+    return combine("consensus", masks, min_count)
 
 
 def load_mask(path: PathArg) -> Mask:

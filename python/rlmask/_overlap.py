@@ -18,13 +18,13 @@ from typing import Any
 import polars as pl
 
 from rlmask import _rlmask
+from rlmask._io import PathArg
 from rlmask._mask import Mask, _check_compatible, load_mask
 from rlmask._names import layer_of, module_of
 from rlmask._report import Report, printable_lines, ratio, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask.errors import MaskError
 
-PathArg = str | os.PathLike[str]
 MaskArg = Mask | PathArg
 COUNTS = ["numel", "size_1", "size_2", "intersection", "union"]
 RATIOS = ["o1", "o2", "jaccard", "o1_random", "o2_random"]
@@ -191,7 +191,7 @@ def overlap(
     b: MaskArg,
     *,
     common_only: bool = False,
-    base: str | os.PathLike[str] | None = None,
+    base: PathArg | None = None,
     name_map: Mapping[str, str] | None = None,
 ) -> OverlapReport:
     """Overlap of two subnetwork masks (paper §5): ``o1``, ``o2``, Jaccard and the random
@@ -228,7 +228,7 @@ def _expected_matched(
     a: Mask,
     b: Mask,
     names: list[str],
-    base: str | os.PathLike[str],
+    base: PathArg,
     name_map: Mapping[str, str] | None,
 ) -> list[float]:
     """Per tensor, ``Σ_b |A_b| |B_b| / n_b`` over the binades ``b`` of the base's values."""
@@ -246,7 +246,8 @@ def _expected_matched(
                 where,
                 n,
             )
-        _, shape, numel, _ = ckpt.tensor_info(s)
+        info = ckpt.tensor_info(s)
+        shape, numel = info.shape, info.numel
         if numel != a.numel_of(n):
             raise MaskError(
                 f"{where}: tensor '{n}' has shape {shape} in the base but "

@@ -34,6 +34,7 @@ import numpy as np
 import polars as pl
 
 from rlmask import _rlmask
+from rlmask._io import PathArg
 from rlmask._names import layer_of, module_of, natural_sorted, select_names
 from rlmask._progress import bar_width, progress_wanted, run_in_worker
 from rlmask._report import Report, printable_lines, sort_modules
@@ -42,7 +43,6 @@ from rlmask._resolve import resolve_checkpoint
 if TYPE_CHECKING:
     import torch
 
-PathArg = str | os.PathLike[str]
 EMBEDDINGS = ("embed_tokens", "lm_head")
 
 # numpy views of raw bytes, reinterpreted as torch dtypes (float8 through uint8).
@@ -303,8 +303,8 @@ def rank(
         if n not in a or n not in b:
             skipped.append((n, "only in base" if n in a else "only in tuned"))
             continue
-        da, sa, _, _ = a.tensor_info(n)
-        db, sb, _, _ = b.tensor_info(n)
+        ia, ib = a.tensor_info(n), b.tensor_info(n)
+        da, sa, db, sb = ia.dtype, ia.shape, ib.dtype, ib.shape
         if sa != sb:
             skipped.append((n, f"shape {sa} in base but {sb} in tuned"))
         elif len(sa) != 2:
@@ -343,8 +343,8 @@ def rank(
                 return
             deltas = []
             for n in group:
-                da, shape, _, _ = a.tensor_info(n)
-                db, _, _, _ = b.tensor_info(n)
+                ia, ib = a.tensor_info(n), b.tensor_info(n)
+                da, db, shape = ia.dtype, ib.dtype, ia.shape
                 # copy=True: a float32 tensor on the CPU would otherwise stay a view of the
                 # read-only map, and the subtraction below works in place.
                 delta = _to_torch(b.raw(n), db, shape).to(dev, torch.float32, copy=True)

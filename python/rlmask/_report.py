@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Literal
 
 import polars as pl
 
-from rlmask._io import write_atomic, write_text_atomic
+from rlmask._io import PathArg, write_atomic, write_text_atomic
 from rlmask._names import MODULES
 from rlmask._rlmask import printable
 
 Level = Literal["total", "layer", "module", "tensor"]
-PathArg = str | os.PathLike[str]
 
 _MODULE_RANK = {m: i for i, m in enumerate((*MODULES, "other"))}
 

@@ -7,6 +7,7 @@ import os
 import re
 from pathlib import Path
 
+from rlmask._io import PathArg
 from rlmask.errors import CheckpointNotFoundError
 
 # A repo owner or name as the hub allows them: letters, digits, '-', '_', '.', not starting or
@@ -39,7 +40,7 @@ def hub_cache_dir() -> Path:
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
-def resolve_checkpoint(spec: str | os.PathLike[str]) -> Path:
+def resolve_checkpoint(spec: PathArg) -> Path:
     """Returns the local path for a checkpoint argument, never touching the network.
 
     An existing path wins. Otherwise ``org/name[@revision]`` is looked up in the hub cache:

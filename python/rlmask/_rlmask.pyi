@@ -8,10 +8,19 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "COMBINE_OPS",
+    "CRITERIA",
+    "DEFAULT_TOL",
     "Checkpoint",
+    "CombineOp",
+    "Criterion",
+    "DiffResult",
     "MaskFile",
     "MaskTensor",
     "Progress",
+    "TensorDiff",
+    "TensorInfo",
+    "TrajectoryResult",
     "__version__",
     "canonical_name",
     "diff",
@@ -24,6 +33,20 @@ __all__ = [
 ]
 
 __version__: str
+DEFAULT_TOL: float
+CRITERIA: tuple[str, ...]
+COMBINE_OPS: tuple[str, ...]
+
+@final
+class TensorInfo:
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> list[int]: ...
+    @property
+    def numel(self) -> int: ...
+    @property
+    def shard(self) -> Path: ...
 
 @final
 class Checkpoint:
@@ -33,7 +56,7 @@ class Checkpoint:
     @property
     def shards(self) -> list[Path]: ...
     def names(self) -> list[str]: ...
-    def tensor_info(self, name: str) -> tuple[str, list[int], int, Path]: ...
+    def tensor_info(self, name: str) -> TensorInfo: ...
     def metadata(self) -> dict[str, str]: ...
     def raw(self, name: str) -> npt.NDArray[np.uint8]: ...
     def binade_counts(
@@ -52,21 +75,78 @@ class Progress:
     def total(self) -> int: ...
     def cancel(self) -> None: ...
 
+@final
+class Criterion:
+    def __new__(
+        cls,
+        name: str,
+        *,
+        tol: float | None = None,
+        tolerances: list[float] = ...,
+        eta: float | None = None,
+    ) -> Criterion: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def values(self) -> list[float]: ...
+    @property
+    def primary_index(self) -> int: ...
+    @property
+    def primary(self) -> float: ...
+    def __getnewargs_ex__(self) -> tuple[tuple[str], dict[str, Any]]: ...
+
+@final
+class TensorDiff:
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def tuned_dtype(self) -> str: ...
+    @property
+    def shape(self) -> list[int]: ...
+    @property
+    def numel(self) -> int: ...
+    @property
+    def floating(self) -> bool: ...
+    @property
+    def changed(self) -> list[int]: ...
+    @property
+    def bits(self) -> npt.NDArray[np.uint8] | None: ...
+    @property
+    def magnitude(self) -> list[tuple[int, int, list[int]]] | None: ...
+
+@final
+class DiffResult:
+    @property
+    def tensors(self) -> list[TensorDiff]: ...
+    @property
+    def only_in_base(self) -> list[str]: ...
+    @property
+    def only_in_tuned(self) -> list[str]: ...
+    @property
+    def tied(self) -> list[str]: ...
+    @property
+    def skipped(self) -> list[tuple[str, str]]: ...
+    @property
+    def renamed_base(self) -> list[tuple[str, str]]: ...
+    @property
+    def renamed_tuned(self) -> list[tuple[str, str]]: ...
+
 def diff(
     base: Checkpoint,
     tuned: Checkpoint,
     *,
-    criterion: str,
-    tolerances: list[float],
+    criterion: Criterion,
     select: list[str] | None = None,
     name_map: list[tuple[str, str]] = ...,
     skip_mismatched: bool = False,
-    mask_threshold: int | None = None,
+    mask_at: int | None = None,
     mask_file: str | PathLike[str] | None = None,
     mask_provenance: dict[str, str] | None = None,
     magnitude: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]: ...
+) -> DiffResult: ...
 def write_mask(
     path: str | PathLike[str],
     names: list[str],
@@ -80,11 +160,17 @@ def mask_count(arrays: list[npt.NDArray[np.uint8]], numels: list[int]) -> list[i
 def mask_overlap(
     a: list[npt.NDArray[np.uint8]], b: list[npt.NDArray[np.uint8]], numels: list[int]
 ) -> list[tuple[int, int, int]]: ...
+
+@final
+class CombineOp:
+    def __new__(cls, name: str, masks: int, min_count: int | None = None) -> CombineOp: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def min_count(self) -> int | None: ...
+
 def mask_combine(
-    op: str,
-    inputs: list[list[npt.NDArray[np.uint8]]],
-    numels: list[int],
-    min_count: int | None = None,
+    op: CombineOp, inputs: list[list[npt.NDArray[np.uint8]]], numels: list[int]
 ) -> list[npt.NDArray[np.uint8]]: ...
 
 @final
@@ -110,12 +196,56 @@ class MaskFile:
 
 def canonical_name(name: str, name_map: list[tuple[str, str]] = ...) -> str: ...
 def printable(text: str) -> str: ...
+
+@final
+class TrajectoryResult:
+    def __new__(
+        cls,
+        *,
+        name: list[str],
+        dtype: list[str],
+        shape: list[list[int]],
+        numel: list[int],
+        changed_vs_base: list[list[int]],
+        changed_consecutive: list[list[int]],
+        outside_final: list[list[int]],
+        ever: list[int],
+        last: list[int],
+        incomplete: list[tuple[str, list[int]]],
+        skipped: list[tuple[str, str]],
+        renamed: list[list[tuple[str, str]]],
+    ) -> TrajectoryResult: ...
+    @property
+    def name(self) -> list[str]: ...
+    @property
+    def dtype(self) -> list[str]: ...
+    @property
+    def shape(self) -> list[list[int]]: ...
+    @property
+    def numel(self) -> list[int]: ...
+    @property
+    def changed_vs_base(self) -> list[list[int]]: ...
+    @property
+    def changed_consecutive(self) -> list[list[int]]: ...
+    @property
+    def outside_final(self) -> list[list[int]]: ...
+    @property
+    def ever(self) -> list[int]: ...
+    @property
+    def last(self) -> list[int]: ...
+    @property
+    def incomplete(self) -> list[tuple[str, list[int]]]: ...
+    @property
+    def skipped(self) -> list[tuple[str, str]]: ...
+    @property
+    def renamed(self) -> list[list[tuple[str, str]]]: ...
+    def __getnewargs_ex__(self) -> tuple[tuple[()], dict[str, Any]]: ...
+
 def trajectory(
     base: Checkpoint,
     ckpts: list[Checkpoint],
     *,
-    criterion: str,
-    tolerance: float,
+    criterion: Criterion,
     select: list[str] | None = None,
     name_map: list[tuple[str, str]] = ...,
     skip_mismatched: bool = False,
@@ -125,4 +255,4 @@ def trajectory(
     final_mask: MaskFile | None = None,
     ever_file: str | PathLike[str] | None = None,
     progress: Progress | None = None,
-) -> dict[str, Any]: ...
+) -> TrajectoryResult: ...

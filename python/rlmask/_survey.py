@@ -26,8 +26,8 @@ from typing import Any
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._diff import Criterion, _thresholds, diff
-from rlmask._io import write_text_atomic
+from rlmask._diff import Criterion, diff, parse_criterion
+from rlmask._io import PathArg, write_text_atomic
 from rlmask._progress import cancel_all
 from rlmask._ray import run_tasks, session
 from rlmask._report import Report, printable_lines
@@ -35,7 +35,6 @@ from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
 from rlmask.errors import RlmaskError
 
-PathArg = str | os.PathLike[str]
 _KEYS = {"name", "base", "tuned", "group", "include", "exclude"}
 
 
@@ -336,7 +335,8 @@ def survey(
         A :class:`SurveyReport`; failed pairs have ``status == "error"`` and their message.
     """
     pairs = load_manifest(manifest)
-    values, primary = _thresholds(criterion, tol, tolerances, eta)
+    crit = parse_criterion(criterion, tol, tolerances, eta)
+    values, primary = crit.values, crit.primary
     options: dict[str, Any] = {"criterion": criterion}
     if criterion == "absolute":
         options |= {"tol": primary, "tolerances": values}

@@ -34,8 +34,8 @@ from typing import Any
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._diff import Criterion, _label, _thresholds, selection
-from rlmask._io import check_output
+from rlmask._diff import Criterion, _label, parse_criterion, selection
+from rlmask._io import PathArg, check_output
 from rlmask._names import layer_of, module_of, natural_key
 from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import Report, printable_lines, ratio, sort_modules
@@ -43,8 +43,6 @@ from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
 from rlmask._table import format_frame
 from rlmask.errors import CheckpointNotFoundError, PairingError
-
-PathArg = str | os.PathLike[str]
 
 #: Directory names of a run's checkpoints, with their step: Hugging Face ``checkpoint-500``,
 #: verl ``global_step_500``, ``step_500``, ``iter_500`` (Megatron ``iter_0000500``).
@@ -362,7 +360,7 @@ def trajectory(
         >>> r.total_frame()                                    # per checkpoint
         >>> r.categories                                       # Figure 2
     """
-    values, primary = _thresholds(criterion, tol, None, eta)
+    crit = parse_criterion(criterion, tol, None, eta)
     if executor not in ("local", "ray"):
         raise ValueError(f"unknown executor '{executor}' (local or ray)")
     args = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
@@ -389,19 +387,18 @@ def trajectory(
             "base": os.fspath(base),
             "tuned": os.fspath(p),
             "criterion": criterion,
-            "tolerance": repr(primary),
+            "tolerance": repr(crit.primary),
             "rlmask_version": __version__,
         }
         for p in paths
     ]
     options: dict[str, Any] = {
-        "criterion": criterion,
-        "tolerance": values[0],
+        "criterion": crit,
         "select": select,
         "name_map": list((name_map or {}).items()),
         "skip_mismatched": skip_mismatched,
     }
-    masks: list[str | os.PathLike[str]] | None = list(mask_files) if mask_files else None
+    masks: list[PathArg] | None = list(mask_files) if mask_files else None
     if executor == "ray":
         raw = _ray_raw(
             os.fspath(resolve_checkpoint(base)),
@@ -430,17 +427,17 @@ def trajectory(
         raise ValueError(f"unknown executor '{executor}' (local or ray)")
     df = pl.DataFrame(
         {
-            "name": raw["name"],
-            "layer": [layer_of(n) for n in raw["name"]],
-            "module": [module_of(n) for n in raw["name"]],
-            "dtype": raw["dtype"],
-            "shape": raw["shape"],
-            "numel": raw["numel"],
-            "changed_vs_base": raw["changed_vs_base"],
-            "changed_consecutive": raw["changed_consecutive"],
-            "outside_final": raw["outside_final"],
-            "ever": raw["ever"],
-            "last": raw["last"],
+            "name": raw.name,
+            "layer": [layer_of(n) for n in raw.name],
+            "module": [module_of(n) for n in raw.name],
+            "dtype": raw.dtype,
+            "shape": raw.shape,
+            "numel": raw.numel,
+            "changed_vs_base": raw.changed_vs_base,
+            "changed_consecutive": raw.changed_consecutive,
+            "outside_final": raw.outside_final,
+            "ever": raw.ever,
+            "last": raw.last,
         },
         schema={
             "name": pl.Utf8,
@@ -468,11 +465,11 @@ def trajectory(
         checkpoint_paths=[os.fspath(p) for p in paths],
         steps=steps,
         criterion=criterion,
-        tolerance=primary,
+        tolerance=crit.primary,
         tensors=df,
-        incomplete=[(n, [i + 1 for i in m]) for n, m in raw["incomplete"]],
-        skipped=[(n, r) for n, r in raw["skipped"]],
-        renamed=[list(r) for r in raw["renamed"]],
+        incomplete=[(n, [i + 1 for i in m]) for n, m in raw.incomplete],
+        skipped=raw.skipped,
+        renamed=raw.renamed,
     )
 
 
@@ -483,9 +480,9 @@ def _segment_task(
     final: str,
     ever: str,
     options: dict[str, Any],
-    masks: list[str | os.PathLike[str]] | None,
+    masks: list[PathArg] | None,
     provenance: list[dict[str, str]] | None,
-) -> dict[str, Any]:
+) -> _rlmask.TrajectoryResult:
     """One segment of a run, on a Ray worker: the core's trajectory of ``paths`` after
     ``previous``, against the run's final mask, writing the segment's ever-changed bits."""
     return _rlmask.trajectory(
@@ -511,14 +508,14 @@ def _ray_raw(
     base: str,
     paths: list[str],
     options: dict[str, Any],
-    masks: list[str | os.PathLike[str]] | None,
+    masks: list[PathArg] | None,
     provenance: list[dict[str, str]],
     *,
     segments: int,
     shared: PathArg | None,
     address: str | None,
     cpus: float,
-) -> dict[str, Any]:
+) -> _rlmask.TrajectoryResult:
     """The core's trajectory result, computed segment by segment as Ray tasks and merged: per
     checkpoint figures are concatenated, ``ever`` is the union of the segments' ever bits, and
     ``last`` and ``outside_final`` are against the run's final mask, computed first."""
@@ -554,11 +551,12 @@ def _ray_raw(
             )
             for i, (a, z) in enumerate(itertools.pairwise(cuts))
         ]
-        parts: list[dict[str, Any]] = [{}] * len(calls)
+        parts: list[_rlmask.TrajectoryResult | None] = [None] * len(calls)
         for i, out in run_tasks(ray, _segment_task, calls, cpus):
             parts[i] = out
-        names = parts[0]["name"]
-        if any(p["name"] != names for p in parts):
+        done = [p for p in parts if p is not None]
+        names = done[0].name
+        if len(done) != len(parts) or any(p.name != names for p in done):
             raise PairingError(
                 "the run's segments compare different tensors (a tensor is missing from some "
                 "checkpoints): run it with the local executor to see which"
@@ -567,11 +565,25 @@ def _ray_raw(
         for e in evers[1:]:
             ever = ever | load_mask(e)
         counts = ever.counts()
-        raw = dict(parts[0])
-        for key in ("changed_vs_base", "changed_consecutive", "outside_final"):
-            raw[key] = [[x for p in parts for x in p[key][i]] for i in range(len(names))]
-        raw["ever"] = [counts[n] for n in names]
-        raw["incomplete"] = sorted({(n, tuple(m)) for p in parts for n, m in p["incomplete"]})
-        raw["skipped"] = sorted({tuple(x) for p in parts for x in p["skipped"]})
-        raw["renamed"] = parts[0]["renamed"] + [r for p in parts[1:] for r in p["renamed"][1:]]
-        return raw
+        first = done[0]
+
+        def joined(field: str) -> list[list[int]]:
+            return [[x for p in done for x in getattr(p, field)[i]] for i in range(len(names))]
+
+        return _rlmask.TrajectoryResult(
+            name=names,
+            dtype=first.dtype,
+            shape=first.shape,
+            numel=first.numel,
+            changed_vs_base=joined("changed_vs_base"),
+            changed_consecutive=joined("changed_consecutive"),
+            outside_final=joined("outside_final"),
+            ever=[counts[n] for n in names],
+            last=first.last,
+            incomplete=[
+                (n, list(m))
+                for n, m in sorted({(n, tuple(m)) for p in done for n, m in p.incomplete})
+            ],
+            skipped=sorted({x for p in done for x in p.skipped}),
+            renamed=first.renamed + [r for p in done[1:] for r in p.renamed[1:]],
+        )

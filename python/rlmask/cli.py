@@ -15,13 +15,13 @@ import click
 import polars as pl
 
 from rlmask import __version__
-from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, diff
+from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, diff, parse_criterion
 from rlmask._io import check_output, write_text_atomic
-from rlmask._mask import OPS, combine, load_mask
+from rlmask._mask import combine, load_mask
 from rlmask._overlap import overlap, overlap_matrix
 from rlmask._rank import rank
 from rlmask._report import Report
-from rlmask._rlmask import printable
+from rlmask._rlmask import COMBINE_OPS, CRITERIA, printable
 from rlmask._table import format_frame
 from rlmask.errors import RlmaskError
 
@@ -129,7 +129,7 @@ _tol_option = click.option(
 _criterion_options = _options(
     click.option(
         "--criterion",
-        type=click.Choice(["absolute", "exact", "relative"]),
+        type=click.Choice(CRITERIA),
         default="absolute",
         show_default=True,
         help="absolute: |a-b| <= tol; exact: identical bits only; "
@@ -158,14 +158,15 @@ _pairing_options = _options(
 )
 
 
-def _check_criterion(criterion: str, tol: float | None, eta: float | None, sweep: bool) -> None:
-    """Options the criterion would ignore are usage errors."""
-    if criterion != "absolute" and (tol is not None or sweep):
-        raise click.UsageError(
-            f"--tol, --tolerances and --sweep apply to --criterion absolute, not {criterion}"
-        )
-    if criterion != "relative" and eta is not None:
-        raise click.UsageError("--eta applies to --criterion relative only")
+def _check_criterion(
+    criterion: str, tol: float | None, eta: float | None, tolerances: list[float]
+) -> None:
+    """Options the criterion would ignore are usage errors (the core's rules, checked before
+    any file is opened)."""
+    try:
+        parse_criterion(criterion, tol, tolerances, eta)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def _check_outputs(fmt: str, output: str | None, plot: str | None) -> None:
@@ -321,7 +322,7 @@ def diff_cmd(
       rlmask diff base/ tuned/ --by magnitude --plot lens.png
     """
     extra = _parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
-    _check_criterion(criterion, tol, eta, bool(extra))
+    _check_criterion(criterion, tol, eta, extra)
     _check_outputs(fmt, output, plot)
     report = diff(
         base,
@@ -449,7 +450,7 @@ def mask_info(file: str, by: str) -> None:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option(
     "--op",
-    type=click.Choice(OPS),
+    type=click.Choice(COMBINE_OPS),
     required=True,
     help="and/or/xor: elementwise over all inputs; minus: in the first and none of the others; "
     "not: complement of one input; consensus: in at least --min-count inputs.",
@@ -648,7 +649,7 @@ def trajectory_cmd(
     """
     from rlmask._trajectory import trajectory
 
-    _check_criterion(criterion, tol, eta, False)
+    _check_criterion(criterion, tol, eta, [])
     _check_outputs(fmt, output, plot)
     report = trajectory(
         base,
@@ -766,7 +767,7 @@ def survey_cmd(
     from rlmask._survey import survey
 
     extra = _parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
-    _check_criterion(criterion, tol, eta, bool(extra))
+    _check_criterion(criterion, tol, eta, extra)
     _check_outputs(fmt, output, plot)
     if no_cache and cache:
         raise click.UsageError("--cache and --no-cache exclude each other")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from rlmask._diff import DiffReport
-from rlmask._io import check_output, write_atomic
+from rlmask._io import PathArg, check_output, write_atomic
 from rlmask._overlap import OverlapMatrix
 from rlmask._rank import RankReport
 from rlmask._report import sort_modules
@@ -28,7 +28,6 @@ from rlmask._trajectory import TrajectoryReport
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-PathArg = str | os.PathLike[str]
 
 #: File types a figure can be written as (matplotlib's Agg and vector backends), by extension.
 FORMATS = (

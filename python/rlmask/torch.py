@@ -41,7 +41,6 @@ share of ever-changed elements outside the final subnetwork (Figure 6).
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ import polars as pl
 import torch
 
 from rlmask import _rlmask
+from rlmask._io import PathArg
 from rlmask._mask import Mask, padded_len
 from rlmask.errors import MaskError
 
@@ -440,7 +440,7 @@ class UpdateTracker:
             },
         )
 
-    def save_masks(self, directory: str | os.PathLike[str], *, exact: bool = False) -> list[Path]:
+    def save_masks(self, directory: PathArg, *, exact: bool = False) -> list[Path]:
         """Writes the categories of Figure 2 as ``.rlmask`` files in ``directory``:
         ``final.rlmask`` (changed at the end), ``ever_changed.rlmask`` and
         ``changed_then_returned.rlmask`` (ever changed, not changed at the end). Returns the

@@ -13,11 +13,11 @@ the trainer has built its optimizer, and detaches it when training ends. Gradien
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from transformers import TrainerCallback
 
+from rlmask._io import PathArg
 from rlmask._mask import Mask, load_mask
 from rlmask.torch import MaskHandle, NameMap, attach_mask
 
@@ -31,7 +31,7 @@ class MaskCallback(TrainerCallback):
             :func:`rlmask.torch.canonical_name`; FSDP and DDP wrappers are handled already).
     """
 
-    def __init__(self, mask: Mask | str | os.PathLike[str], *, name_map: NameMap = None) -> None:
+    def __init__(self, mask: Mask | PathArg, *, name_map: NameMap = None) -> None:
         self.mask = mask if isinstance(mask, Mask) else load_mask(mask)
         self.name_map = name_map
         self.handle: MaskHandle | None = None

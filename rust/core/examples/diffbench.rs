@@ -25,7 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     for mask in [None, Some(0)] {
         let opts = DiffOptions {
-            mask_threshold: mask,
+            mask_at: mask,
             ..DiffOptions::new(criterion.clone())
         };
         for _ in 0..3 {

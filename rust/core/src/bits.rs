@@ -149,6 +149,52 @@ pub enum Op {
     AtLeast(usize),
 }
 
+impl Op {
+    /// Operation names as users write them.
+    pub const NAMES: [&'static str; 6] = ["and", "or", "xor", "minus", "not", "consensus"];
+
+    /// The operation `name` over `inputs` masks; the one place where operation names and
+    /// `min_count` are checked: `consensus` needs `1 <= min_count <= inputs`, no other
+    /// operation takes it, `not` takes one mask and the others at least two.
+    pub fn parse(name: &str, min_count: Option<usize>, inputs: usize) -> Result<Op> {
+        let invalid = |msg: String| Err(Error::InvalidArgument(msg));
+        let op = match (name, min_count) {
+            ("consensus", None) => {
+                return invalid("consensus needs min_count (--min-count)".into())
+            }
+            ("consensus", Some(j)) if !(1..=inputs.max(1)).contains(&j) => {
+                return invalid(format!(
+                    "min_count must be between 1 and {}, not {j}",
+                    inputs.max(1)
+                ))
+            }
+            ("consensus", Some(j)) => Op::AtLeast(j),
+            (n, Some(_)) if Self::NAMES.contains(&n) => {
+                return invalid("min_count (--min-count) goes with consensus only".into())
+            }
+            ("and", None) => Op::And,
+            ("or", None) => Op::Or,
+            ("xor", None) => Op::Xor,
+            ("minus", None) => Op::Minus,
+            ("not", None) => Op::Not,
+            (other, _) => {
+                return invalid(format!(
+                    "unknown operation '{other}' ({})",
+                    Self::NAMES.join(", ")
+                ))
+            }
+        };
+        match (op, inputs) {
+            (_, 0) => invalid(format!("{name} needs at least one mask")),
+            (Op::Not, n) if n != 1 => invalid("not takes exactly one mask".into()),
+            (Op::And | Op::Or | Op::Xor | Op::Minus, 1) => {
+                invalid(format!("{name} needs at least two masks"))
+            }
+            _ => Ok(op),
+        }
+    }
+}
+
 /// Bit-sliced "at least j of these words": per bit position, whether `j` or more of the
 /// inputs have it set. A vertical counter adds the words with ripple carries (about
 /// `log2(n)` operations per input), then the counter is compared with `j` bit by bit.
@@ -213,11 +259,6 @@ pub fn combine(op: Op, inputs: &[&[u8]], numel: usize) -> Result<Vec<u8>> {
         (Op::Not, n) if n != 1 => {
             return Err(Error::InvalidArgument("not takes exactly one mask".into()))
         }
-        (Op::AtLeast(0), _) => {
-            return Err(Error::InvalidArgument(
-                "min_count must be at least 1".into(),
-            ))
-        }
         _ => {}
     }
     for (i, a) in inputs.iter().enumerate() {
@@ -236,6 +277,48 @@ pub fn combine(op: Op, inputs: &[&[u8]], numel: usize) -> Result<Vec<u8>> {
         out[full * 8..].copy_from_slice(&w.to_le_bytes());
     }
     Ok(out)
+}
+
+fn check_lengths(what: &str, tensors: usize, numels: &[usize]) -> Result<()> {
+    if tensors != numels.len() {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: {tensors} tensors but {} numels",
+            numels.len()
+        )));
+    }
+    Ok(())
+}
+
+/// [`count`] of every tensor of a mask (`masks[t]` holds `numels[t]` bits), tensors in
+/// parallel.
+pub fn count_each(masks: &[&[u8]], numels: &[usize]) -> Result<Vec<u64>> {
+    check_lengths("count", masks.len(), numels)?;
+    masks
+        .par_iter()
+        .zip(numels)
+        .map(|(m, &n)| count(m, n))
+        .collect()
+}
+
+/// [`overlap`] of every tensor of two masks, tensors in parallel.
+pub fn overlap_each(a: &[&[u8]], b: &[&[u8]], numels: &[usize]) -> Result<Vec<[u64; 3]>> {
+    check_lengths("overlap (first mask)", a.len(), numels)?;
+    check_lengths("overlap (second mask)", b.len(), numels)?;
+    a.par_iter()
+        .zip(b)
+        .zip(numels)
+        .map(|((x, y), &n)| overlap(x, y, n))
+        .collect()
+}
+
+/// [`combine`] for every tensor: `inputs[t]` holds tensor `t` of each mask. Tensors in parallel.
+pub fn combine_each(op: Op, inputs: &[Vec<&[u8]>], numels: &[usize]) -> Result<Vec<Vec<u8>>> {
+    check_lengths("combine", inputs.len(), numels)?;
+    inputs
+        .par_iter()
+        .zip(numels)
+        .map(|(ins, &n)| combine(op, ins, n))
+        .collect()
 }
 
 #[cfg(test)]
@@ -317,8 +400,47 @@ mod tests {
     fn short_inputs_are_errors() {
         assert!(count(&[0u8; 1], 9).is_err());
         assert!(combine(Op::Not, &[&[0u8; 8], &[0u8; 8]], 8).is_err());
-        assert!(combine(Op::AtLeast(0), &[&[0u8; 8]], 8).is_err());
         // Unpadded input (numel / 8 bytes, as numpy.packbits writes) is accepted.
         assert_eq!(count(&[0xff, 0x01], 9).unwrap(), 9);
+    }
+
+    #[test]
+    fn operations_and_min_count_are_checked_in_one_place() {
+        assert_eq!(Op::parse("and", None, 2).unwrap(), Op::And);
+        assert_eq!(Op::parse("not", None, 1).unwrap(), Op::Not);
+        assert_eq!(Op::parse("consensus", Some(2), 3).unwrap(), Op::AtLeast(2));
+        assert_eq!(Op::parse("consensus", Some(1), 1).unwrap(), Op::AtLeast(1));
+        let err = |name, j, n| Op::parse(name, j, n).unwrap_err().to_string();
+        assert!(err("nand", None, 2).contains("unknown operation 'nand'"));
+        assert!(err("consensus", None, 2).contains("needs min_count"));
+        assert!(err("consensus", Some(0), 2).contains("between 1 and 2, not 0"));
+        assert!(err("consensus", Some(3), 2).contains("between 1 and 2, not 3"));
+        assert!(err("or", Some(1), 2).contains("consensus only"));
+        assert!(err("not", None, 2).contains("exactly one"));
+        assert!(err("minus", None, 1).contains("at least two"));
+        assert!(err("and", None, 0).contains("at least one"));
+    }
+
+    #[test]
+    fn batched_calls_match_one_tensor_at_a_time() {
+        let numels = [0usize, 9, 64, 1000];
+        let a: Vec<Vec<u8>> = numels.iter().map(|&n| random(n, n as u64 + 3)).collect();
+        let b: Vec<Vec<u8>> = numels.iter().map(|&n| random(n, n as u64 + 7)).collect();
+        let ra: Vec<&[u8]> = a.iter().map(Vec::as_slice).collect();
+        let rb: Vec<&[u8]> = b.iter().map(Vec::as_slice).collect();
+        let counts = count_each(&ra, &numels).unwrap();
+        let overlaps = overlap_each(&ra, &rb, &numels).unwrap();
+        let pairs: Vec<Vec<&[u8]>> = ra.iter().zip(&rb).map(|(x, y)| vec![*x, *y]).collect();
+        let ors = combine_each(Op::Or, &pairs, &numels).unwrap();
+        for (t, &n) in numels.iter().enumerate() {
+            assert_eq!(counts[t], count(ra[t], n).unwrap());
+            assert_eq!(overlaps[t], overlap(ra[t], rb[t], n).unwrap());
+            assert_eq!(ors[t], combine(Op::Or, &[ra[t], rb[t]], n).unwrap());
+        }
+        assert!(count_each(&ra, &numels[..3]).is_err());
+        assert!(overlap_each(&ra, &rb[..3], &numels).is_err());
+        // A short tensor anywhere is an error, not a partial answer.
+        let short: Vec<&[u8]> = vec![&[], &[], &[], &[]];
+        assert!(count_each(&short, &numels).is_err());
     }
 }

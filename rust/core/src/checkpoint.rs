@@ -15,7 +15,8 @@ use crate::safetensors::{Shard, TensorInfo};
 /// A set of shards and a name -> (shard, tensor) map.
 #[derive(Debug)]
 pub struct Checkpoint {
-    /// The path the checkpoint was opened from.
+    /// What the checkpoint is known by: the `.safetensors` or index file it was opened from;
+    /// for a directory, its index file when it has one, else the directory itself.
     pub path: PathBuf,
     pub shards: Vec<Shard>,
     names: BTreeMap<String, (usize, usize)>,

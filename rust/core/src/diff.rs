@@ -44,7 +44,7 @@ pub struct DiffOptions {
     /// Emit the packed changed-bits of this threshold for every compared floating tensor (the
     /// subnetwork mask; integer tensors get none): into [`TensorDiff::bits`], or into
     /// `mask_file` when one is given.
-    pub mask_threshold: Option<usize>,
+    pub mask_at: Option<usize>,
     /// Write the mask straight into this `.rlmask` file (atomically, never held in memory).
     pub mask_file: Option<MaskFileSpec>,
     /// Also count elements and changed elements per binade of the base value (the magnitude
@@ -60,7 +60,7 @@ impl DiffOptions {
             select: None,
             name_map: Vec::new(),
             skip_mismatched: false,
-            mask_threshold: None,
+            mask_at: None,
             mask_file: None,
             magnitude: false,
         }
@@ -249,27 +249,17 @@ pub(crate) fn mismatch(p: &Pair) -> Option<String> {
 }
 
 fn validate(opts: &DiffOptions) -> Result<()> {
+    opts.criterion.check()?;
     let n = opts.criterion.thresholds();
-    if n == 0 {
+    if opts.mask_file.is_some() && opts.mask_at.is_none() {
         return Err(Error::InvalidArgument(
-            "at least one tolerance is needed".into(),
+            "a mask file needs mask_at (the threshold whose bits are kept)".into(),
         ));
     }
-    let bad = |v: f64| !(v.is_finite() && v >= 0.0);
-    if opts.criterion.values().into_iter().any(bad) {
-        return Err(Error::InvalidArgument(
-            "tolerances must be finite and non-negative".into(),
-        ));
-    }
-    if opts.mask_file.is_some() && opts.mask_threshold.is_none() {
-        return Err(Error::InvalidArgument(
-            "a mask file needs mask_threshold".into(),
-        ));
-    }
-    if let Some(k) = opts.mask_threshold {
+    if let Some(k) = opts.mask_at {
         if k >= n {
             return Err(Error::InvalidArgument(format!(
-                "mask threshold {k} is out of range for {n} thresholds"
+                "mask_at {k} is out of range for {n} thresholds"
             )));
         }
     }
@@ -386,7 +376,7 @@ pub fn diff(
         }
         None => None,
     };
-    let in_memory = opts.mask_threshold.is_some() && writer.is_none();
+    let in_memory = opts.mask_at.is_some() && writer.is_none();
     let mut bits: Vec<Option<Vec<u8>>> = pairs
         .iter()
         .zip(&floating)
@@ -516,7 +506,7 @@ fn compare_pairs(
             };
             let mut hist = (floating && opts.magnitude).then(|| Hist::new(nthr));
             if floating {
-                let bits = item.words.zip(opts.mask_threshold);
+                let bits = item.words.zip(opts.mask_at);
                 compare_chunk(crit, &job, &mut counts, bits, hist.as_mut());
             } else {
                 // Integer tensors have one bitwise count, reported under every threshold.

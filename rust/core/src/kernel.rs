@@ -23,7 +23,84 @@ pub enum Criterion {
     Relative(f64),
 }
 
+/// The paper's absolute tolerance, the default.
+pub const DEFAULT_TOL: f64 = 1e-5;
+
+/// Criterion names as users write them.
+pub const CRITERIA: [&str; 3] = ["absolute", "exact", "relative"];
+
 impl Criterion {
+    /// The criterion `name` from its arguments as a user gives them; the one place where they
+    /// are parsed. `absolute` takes `tol` (default [`DEFAULT_TOL`]) and `more` tolerances
+    /// computed in the same pass; `relative` takes `eta`; an argument the criterion would
+    /// ignore is an error, never dropped. Returns the criterion (tolerances sorted, without
+    /// repeats) and the index of the primary threshold (`tol`, `eta`, or 0 for exact).
+    pub fn parse(
+        name: &str,
+        tol: Option<f64>,
+        more: &[f64],
+        eta: Option<f64>,
+    ) -> crate::error::Result<(Criterion, usize)> {
+        let invalid = |msg: String| Err(crate::error::Error::InvalidArgument(msg));
+        if !CRITERIA.contains(&name) {
+            return invalid(format!(
+                "unknown criterion '{name}' ({})",
+                CRITERIA.join(", ")
+            ));
+        }
+        if name != "absolute" && (tol.is_some() || !more.is_empty()) {
+            let hint = if name == "relative" { "; use eta" } else { "" };
+            return invalid(format!(
+                "tol and tolerances (--tol, --tolerances, --sweep) apply to the absolute criterion, not '{name}'{hint}"
+            ));
+        }
+        if name != "relative" && eta.is_some() {
+            return invalid(format!(
+                "eta (--eta) applies to the relative criterion, not '{name}'"
+            ));
+        }
+        let (crit, primary) = match name {
+            "absolute" => {
+                let tol = tol.unwrap_or(DEFAULT_TOL);
+                let mut values: Vec<f64> = more.iter().copied().chain([tol]).collect();
+                values.sort_by(f64::total_cmp);
+                values.dedup_by(|a, b| a.to_bits() == b.to_bits());
+                let k = values.iter().position(|v| v.to_bits() == tol.to_bits());
+                (Criterion::Absolute(values), k.unwrap_or(0))
+            }
+            "exact" => (Criterion::Exact, 0),
+            _ => match eta {
+                Some(eta) => (Criterion::Relative(eta), 0),
+                None => {
+                    return invalid(
+                        "the relative criterion needs eta (e.g. eta=1e-3, --eta 1e-3)".into(),
+                    )
+                }
+            },
+        };
+        crit.check()?;
+        Ok((crit, primary))
+    }
+
+    /// Checks the thresholds: at least one, each finite and non-negative.
+    pub fn check(&self) -> crate::error::Result<()> {
+        if self.thresholds() == 0 {
+            return Err(crate::error::Error::InvalidArgument(
+                "at least one tolerance is needed".into(),
+            ));
+        }
+        if self
+            .values()
+            .into_iter()
+            .any(|v| !(v.is_finite() && v >= 0.0))
+        {
+            return Err(crate::error::Error::InvalidArgument(
+                "tolerances must be finite and non-negative".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Number of counts the criterion produces per tensor.
     pub fn thresholds(&self) -> usize {
         match self {
@@ -773,5 +850,27 @@ mod tests {
                 assert!(vs.iter().any(|&v| v > 0) && vs.iter().any(|&v| (v as usize) < n));
             }
         }
+    }
+
+    #[test]
+    fn criterion_arguments_are_parsed_in_one_place() {
+        let (c, k) = Criterion::parse("absolute", None, &[], None).unwrap();
+        assert_eq!((c, k), (Criterion::Absolute(vec![DEFAULT_TOL]), 0));
+        let (c, k) = Criterion::parse("absolute", Some(1e-3), &[0.0, 1e-3, 1e-5], None).unwrap();
+        assert_eq!((c, k), (Criterion::Absolute(vec![0.0, 1e-5, 1e-3]), 2));
+        let (c, _) = Criterion::parse("relative", None, &[], Some(0.01)).unwrap();
+        assert_eq!(c, Criterion::Relative(0.01));
+        assert_eq!(
+            Criterion::parse("exact", None, &[], None).unwrap().0,
+            Criterion::Exact
+        );
+        let err = |n, t, m: &[f64], e| Criterion::parse(n, t, m, e).unwrap_err().to_string();
+        assert!(err("fuzzy", None, &[], None).contains("unknown criterion 'fuzzy'"));
+        assert!(err("exact", Some(0.1), &[], None).contains("not 'exact'"));
+        assert!(err("relative", None, &[0.1], Some(0.1)).contains("; use eta"));
+        assert!(err("absolute", None, &[], Some(0.1)).contains("eta (--eta) applies"));
+        assert!(err("relative", None, &[], None).contains("needs eta"));
+        assert!(err("absolute", Some(-1.0), &[], None).contains("non-negative"));
+        assert!(err("absolute", None, &[f64::NAN], None).contains("finite"));
     }
 }

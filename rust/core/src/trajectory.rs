@@ -114,12 +114,7 @@ pub fn trajectory(
             "a trajectory is computed at exactly one threshold".into(),
         ));
     }
-    let bad = |v: f64| !(v.is_finite() && v >= 0.0);
-    if opts.criterion.values().into_iter().any(bad) {
-        return Err(Error::InvalidArgument(
-            "tolerances must be finite and non-negative".into(),
-        ));
-    }
+    opts.criterion.check()?;
     if let Some(files) = &opts.mask_files {
         if files.len() != ckpts.len() {
             return Err(Error::InvalidArgument(format!(

@@ -46,7 +46,7 @@ fn write_f32(path: &Path, tensors: &[(&str, &[f32])]) {
 
 fn options(criterion: Criterion, mask: Option<usize>) -> DiffOptions {
     DiffOptions {
-        mask_threshold: mask,
+        mask_at: mask,
         ..DiffOptions::new(criterion)
     }
 }

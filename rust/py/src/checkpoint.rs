@@ -27,6 +27,17 @@ pub(crate) unsafe fn mapped_view<'py>(
     array
 }
 
+/// Where and how one tensor is stored.
+#[pyclass(module = "rlmask._rlmask", frozen, get_all)]
+pub struct TensorInfo {
+    /// Safetensors dtype code, e.g. `BF16`.
+    dtype: String,
+    shape: Vec<u64>,
+    numel: u64,
+    /// The shard file that holds it.
+    shard: PathBuf,
+}
+
 /// A checkpoint opened from a `.safetensors` file, an index file or a directory. Every header
 /// is validated on opening; no tensor data is read until it is compared.
 #[pyclass(module = "rlmask._rlmask", frozen)]
@@ -44,7 +55,8 @@ impl Checkpoint {
         })
     }
 
-    /// The path the checkpoint was opened from.
+    /// What the checkpoint is known by: the `.safetensors` or index file it was opened from;
+    /// for a directory, its index file when it has one, else the directory itself.
     #[getter]
     fn path(&self) -> PathBuf {
         self.inner.path.clone()
@@ -61,18 +73,18 @@ impl Checkpoint {
         self.inner.names().map(str::to_string).collect()
     }
 
-    /// `(dtype, shape, numel, shard path)` of one tensor; `KeyError` if absent.
-    fn tensor_info(&self, name: &str) -> PyResult<(String, Vec<u64>, u64, PathBuf)> {
+    /// Dtype, shape, numel and shard of one tensor; `KeyError` if absent.
+    fn tensor_info(&self, name: &str) -> PyResult<TensorInfo> {
         let (shard, t) = self
             .inner
             .get(name)
             .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(name.to_string()))?;
-        Ok((
-            t.dtype.to_string(),
-            t.shape.clone(),
-            t.numel,
-            shard.path.clone(),
-        ))
+        Ok(TensorInfo {
+            dtype: t.dtype.to_string(),
+            shape: t.shape.clone(),
+            numel: t.numel,
+            shard: shard.path.clone(),
+        })
     }
 
     /// The `__metadata__` of the file (of the first shard when there are several).

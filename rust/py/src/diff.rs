@@ -4,9 +4,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use numpy::{IntoPyArray, PyArray1};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::PyDict;
 use rlmask_core as core;
 
 use crate::checkpoint::Checkpoint;
@@ -56,55 +55,158 @@ pub(crate) fn skipped_pairs(skipped: Vec<core::Skipped>) -> Vec<(String, String)
     skipped.into_iter().map(|s| (s.name, s.reason)).collect()
 }
 
-/// The criterion named `name` with its thresholds (tolerances for `absolute`, one eta for
-/// `relative`, none used for `exact`): the one place where criterion names are parsed.
-pub(crate) fn parse_criterion(name: &str, thresholds: Vec<f64>) -> PyResult<core::Criterion> {
-    match (name, thresholds.as_slice()) {
-        ("absolute", _) => Ok(core::Criterion::Absolute(thresholds)),
-        ("exact", _) => Ok(core::Criterion::Exact),
-        ("relative", [eta]) => Ok(core::Criterion::Relative(*eta)),
-        ("relative", _) => Err(PyValueError::new_err(
-            "the relative criterion takes exactly one eta",
-        )),
-        (other, _) => Err(PyValueError::new_err(format!(
-            "unknown criterion '{other}' (absolute, exact or relative)"
-        ))),
+/// A comparison criterion with its thresholds, parsed and checked by the core (the one place
+/// where criterion arguments are read; see `rlmask.diff` for their meaning).
+#[pyclass(module = "rlmask._rlmask", frozen)]
+pub struct Criterion {
+    pub(crate) inner: core::Criterion,
+    name: String,
+    primary: usize,
+}
+
+#[pymethods]
+impl Criterion {
+    #[new]
+    #[pyo3(signature = (name, *, tol=None, tolerances=Vec::new(), eta=None))]
+    fn new(
+        name: String,
+        tol: Option<f64>,
+        tolerances: Vec<f64>,
+        eta: Option<f64>,
+    ) -> Result<Self, CoreError> {
+        let (inner, primary) = core::Criterion::parse(&name, tol, &tolerances, eta)?;
+        Ok(Criterion {
+            inner,
+            name,
+            primary,
+        })
+    }
+
+    /// `absolute`, `exact` or `relative`.
+    #[getter]
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The thresholds of one pass, ascending (0 for exact).
+    #[getter]
+    fn values(&self) -> Vec<f64> {
+        self.inner.values()
+    }
+
+    /// Index in `values` of the primary threshold (the one masks are taken at).
+    #[getter]
+    fn primary_index(&self) -> usize {
+        self.primary
+    }
+
+    /// The primary threshold.
+    #[getter]
+    fn primary(&self) -> f64 {
+        self.inner.values()[self.primary]
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Criterion('{}', values={:?})",
+            self.name,
+            self.inner.values()
+        )
+    }
+
+    /// The arguments that rebuild it (so that it pickles, e.g. into Ray tasks).
+    fn __getnewargs_ex__<'py>(&self, py: Python<'py>) -> PyResult<((String,), Bound<'py, PyDict>)> {
+        let kwargs = PyDict::new(py);
+        match &self.inner {
+            core::Criterion::Absolute(values) => {
+                kwargs.set_item("tol", values[self.primary])?;
+                kwargs.set_item("tolerances", values.clone())?;
+            }
+            core::Criterion::Exact => {}
+            core::Criterion::Relative(eta) => kwargs.set_item("eta", *eta)?,
+        }
+        Ok(((self.name.clone(),), kwargs))
     }
 }
 
-/// Compares two checkpoints (see `rlmask.diff` for the public interface). Returns a dict with
-/// `tensors` (tuples of name, base dtype, tuned dtype, shape, numel, floating, changed counts,
-/// packed bits or None, and with `magnitude` the non-empty binades of the base value as
-/// (exponent, numel, changed counts), else None), `only_in_base`, `only_in_tuned`, `tied`, `skipped`, and
-/// `renamed_base`/`renamed_tuned` (stored name, paired name). Names pair after wrapper segments
-/// are removed and `name_map` (prefix pairs) applied. With
-/// `mask_threshold`, the mask bits are returned per tensor, or written to `mask_file` (with
-/// `mask_provenance` in its metadata) without being held in memory.
+/// One compared tensor of a `diff`.
+#[pyclass(module = "rlmask._rlmask", frozen, get_all)]
+pub struct TensorDiff {
+    /// Name as paired (wrapper segments removed, the name map applied).
+    name: String,
+    /// Dtype in the base checkpoint.
+    dtype: String,
+    /// Dtype in the tuned checkpoint.
+    tuned_dtype: String,
+    shape: Vec<u64>,
+    numel: u64,
+    /// Whether the elements are floating point (integer tensors are compared bit for bit).
+    floating: bool,
+    /// Changed elements, one count per threshold.
+    changed: Vec<u64>,
+    /// Packed changed-bits at the mask threshold, when asked for.
+    bits: Option<Py<PyArray1<u8>>>,
+    /// With `magnitude`: the non-empty binades of the base value as (exponent, elements,
+    /// changed per threshold).
+    magnitude: Option<Vec<(usize, u64, Vec<u64>)>>,
+}
+
+/// The result of `diff`: the compared tensors and what could not be compared.
+#[pyclass(module = "rlmask._rlmask", frozen)]
+pub struct DiffResult {
+    tensors: Vec<Py<TensorDiff>>,
+    #[pyo3(get)]
+    only_in_base: Vec<String>,
+    #[pyo3(get)]
+    only_in_tuned: Vec<String>,
+    #[pyo3(get)]
+    tied: Vec<String>,
+    /// (name, reason) of each tensor left out with `skip_mismatched`.
+    #[pyo3(get)]
+    skipped: Vec<(String, String)>,
+    /// (stored name, paired name) of each base name rewritten for pairing.
+    #[pyo3(get)]
+    renamed_base: Vec<(String, String)>,
+    #[pyo3(get)]
+    renamed_tuned: Vec<(String, String)>,
+}
+
+#[pymethods]
+impl DiffResult {
+    /// The compared tensors, sorted by name.
+    #[getter]
+    fn tensors(&self, py: Python<'_>) -> Vec<Py<TensorDiff>> {
+        self.tensors.iter().map(|t| t.clone_ref(py)).collect()
+    }
+}
+
+/// Compares two checkpoints (see `rlmask.diff` for the public interface). Names pair after
+/// wrapper segments are removed and `name_map` (prefix pairs) applied. With `mask_at` (an index
+/// into the criterion's thresholds), the mask bits are returned per tensor, or written to
+/// `mask_file` (with `mask_provenance` in its metadata) without being held in memory.
 #[pyfunction]
-#[pyo3(signature = (base, tuned, *, criterion, tolerances, select=None, name_map=Vec::new(), skip_mismatched=false, mask_threshold=None, mask_file=None, mask_provenance=None, magnitude=false, progress=None))]
+#[pyo3(signature = (base, tuned, *, criterion, select=None, name_map=Vec::new(), skip_mismatched=false, mask_at=None, mask_file=None, mask_provenance=None, magnitude=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn diff<'py>(
     py: Python<'py>,
     base: &Checkpoint,
     tuned: &Checkpoint,
-    criterion: &str,
-    tolerances: Vec<f64>,
+    criterion: &Criterion,
     select: Option<Vec<String>>,
     name_map: Vec<(String, String)>,
     skip_mismatched: bool,
-    mask_threshold: Option<usize>,
+    mask_at: Option<usize>,
     mask_file: Option<std::path::PathBuf>,
     mask_provenance: Option<std::collections::BTreeMap<String, String>>,
     magnitude: bool,
     progress: Option<&Progress>,
-) -> PyResult<Bound<'py, PyDict>> {
-    let criterion = parse_criterion(criterion, tolerances)?;
+) -> PyResult<DiffResult> {
     let opts = core::DiffOptions {
-        criterion,
+        criterion: criterion.inner.clone(),
         select,
         name_map,
         skip_mismatched,
-        mask_threshold,
+        mask_at,
         mask_file: mask_file.map(|path| core::MaskFileSpec {
             path,
             provenance: mask_provenance.unwrap_or_default(),
@@ -117,35 +219,35 @@ pub fn diff<'py>(
         .detach(|| core::diff(&a, &b, &opts, &watch))
         .map_err(CoreError)?;
 
-    let tensors = PyList::empty(py);
+    let mut tensors = Vec::with_capacity(result.tensors.len());
     for t in result.tensors {
-        let bits: Option<Bound<'py, PyArray1<u8>>> = t.bits.map(|b| b.into_pyarray(py));
         // The non-empty binades: (exponent, numel, changed per threshold).
-        let bins: Option<Vec<(usize, u64, Vec<u64>)>> = t.by_magnitude.map(|h| {
+        let magnitude = t.by_magnitude.map(|h| {
             (0..256)
                 .filter(|&e| h.numel[e] > 0)
                 .map(|e| (e, h.numel[e], h.changed.iter().map(|r| r[e]).collect()))
                 .collect()
         });
-        tensors.append((
-            t.name,
-            t.base_dtype.to_string(),
-            t.tuned_dtype.to_string(),
-            t.shape,
-            t.numel,
-            t.floating,
-            t.changed,
-            bits,
-            bins,
-        ))?;
+        let record = TensorDiff {
+            name: t.name,
+            dtype: t.base_dtype.to_string(),
+            tuned_dtype: t.tuned_dtype.to_string(),
+            shape: t.shape,
+            numel: t.numel,
+            floating: t.floating,
+            changed: t.changed,
+            bits: t.bits.map(|b| b.into_pyarray(py).unbind()),
+            magnitude,
+        };
+        tensors.push(Py::new(py, record)?);
     }
-    let out = PyDict::new(py);
-    out.set_item("tensors", tensors)?;
-    out.set_item("only_in_base", result.only_in_base)?;
-    out.set_item("only_in_tuned", result.only_in_tuned)?;
-    out.set_item("tied", result.tied)?;
-    out.set_item("skipped", skipped_pairs(result.skipped))?;
-    out.set_item("renamed_base", result.renamed_base)?;
-    out.set_item("renamed_tuned", result.renamed_tuned)?;
-    Ok(out)
+    Ok(DiffResult {
+        tensors,
+        only_in_base: result.only_in_base,
+        only_in_tuned: result.only_in_tuned,
+        tied: result.tied,
+        skipped: skipped_pairs(result.skipped),
+        renamed_base: result.renamed_base,
+        renamed_tuned: result.renamed_tuned,
+    })
 }

@@ -12,20 +12,32 @@ mod trajectory;
 #[pyo3::pymodule]
 mod _rlmask {
     use pyo3::prelude::*;
+    use pyo3::types::PyTuple;
 
     #[pymodule_export]
-    use super::checkpoint::Checkpoint;
+    use super::checkpoint::{Checkpoint, TensorInfo};
     #[pymodule_export]
-    use super::diff::{diff, Progress};
+    use super::diff::{diff, Criterion, DiffResult, Progress, TensorDiff};
     #[pymodule_export]
-    use super::mask::{mask_combine, mask_count, mask_overlap, write_mask, MaskFile, MaskTensor};
+    use super::mask::{
+        mask_combine, mask_count, mask_overlap, write_mask, CombineOp, MaskFile, MaskTensor,
+    };
     #[pymodule_export]
     use super::names::{canonical_name, printable};
     #[pymodule_export]
-    use super::trajectory::trajectory;
+    use super::trajectory::{trajectory, TrajectoryResult};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
-        m.add("__version__", env!("CARGO_PKG_VERSION"))
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add("DEFAULT_TOL", rlmask_core::kernel::DEFAULT_TOL)?;
+        m.add(
+            "CRITERIA",
+            PyTuple::new(m.py(), rlmask_core::kernel::CRITERIA)?,
+        )?;
+        m.add(
+            "COMBINE_OPS",
+            PyTuple::new(m.py(), rlmask_core::bits::Op::NAMES)?,
+        )
     }
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use rayon::prelude::*;
 use rlmask_core::bits::{self, Op};
 use rlmask_core::maskfile::{self, MaskEntry};
 
@@ -98,16 +97,6 @@ fn slices<'a>(arrays: &'a [PyReadonlyArray1<'_, u8>]) -> PyResult<Vec<&'a [u8]>>
         .collect()
 }
 
-fn check_counts(what: &str, n: usize, numels: &[usize]) -> PyResult<()> {
-    if n != numels.len() {
-        return Err(PyValueError::new_err(format!(
-            "{what}: {n} arrays but {} numels",
-            numels.len()
-        )));
-    }
-    Ok(())
-}
-
 /// Writes packed masks as an `.rlmask` file atomically: one U8 tensor per name, the format
 /// metadata, `provenance`, and the `tensors` description built from names, shapes, dtypes and
 /// numels.
@@ -147,25 +136,55 @@ pub fn write_mask(
     Ok(())
 }
 
-/// Set bits among the first `numel` of each array, in parallel.
+/// A mask operation over a number of masks, parsed and checked by the core (the one place where
+/// operation names and `min_count` are read).
+#[pyclass(module = "rlmask._rlmask", frozen)]
+pub struct CombineOp {
+    op: Op,
+    name: String,
+    min_count: Option<usize>,
+}
+
+#[pymethods]
+impl CombineOp {
+    #[new]
+    #[pyo3(signature = (name, masks, min_count=None))]
+    fn new(name: String, masks: usize, min_count: Option<usize>) -> Result<Self, CoreError> {
+        let op = Op::parse(&name, min_count, masks)?;
+        Ok(CombineOp {
+            op,
+            name,
+            min_count,
+        })
+    }
+
+    /// The operation's name (`and`, `or`, `xor`, `minus`, `not` or `consensus`).
+    #[getter]
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// For `consensus`: the number of masks an element must be set in.
+    #[getter]
+    fn min_count(&self) -> Option<usize> {
+        self.min_count
+    }
+}
+
+/// Set bits among the first `numel` of each array, tensors in parallel.
 #[pyfunction]
 pub fn mask_count(
     py: Python<'_>,
     arrays: Vec<PyReadonlyArray1<'_, u8>>,
     numels: Vec<usize>,
 ) -> PyResult<Vec<u64>> {
-    check_counts("mask_count", arrays.len(), &numels)?;
     let data = slices(&arrays)?;
-    let out = py.detach(|| {
-        data.par_iter()
-            .zip(&numels)
-            .map(|(a, &n)| bits::count(a, n))
-            .collect::<rlmask_core::Result<Vec<_>>>()
-    });
-    Ok(out.map_err(CoreError)?)
+    Ok(py
+        .detach(|| bits::count_each(&data, &numels))
+        .map_err(CoreError)?)
 }
 
-/// `(|a|, |b|, |a ∩ b|)` for each pair of arrays, in parallel.
+/// `(|a|, |b|, |a ∩ b|)` for each pair of arrays, tensors in parallel.
 #[pyfunction]
 pub fn mask_overlap(
     py: Python<'_>,
@@ -173,54 +192,25 @@ pub fn mask_overlap(
     b: Vec<PyReadonlyArray1<'_, u8>>,
     numels: Vec<usize>,
 ) -> PyResult<Vec<(u64, u64, u64)>> {
-    check_counts("mask_overlap", a.len(), &numels)?;
-    check_counts("mask_overlap", b.len(), &numels)?;
     let (sa, sb) = (slices(&a)?, slices(&b)?);
-    let out = py.detach(|| {
-        sa.par_iter()
-            .zip(&sb)
-            .zip(&numels)
-            .map(|((x, y), &n)| bits::overlap(x, y, n).map(|[p, q, r]| (p, q, r)))
-            .collect::<rlmask_core::Result<Vec<_>>>()
-    });
-    Ok(out.map_err(CoreError)?)
+    let out = py
+        .detach(|| bits::overlap_each(&sa, &sb, &numels))
+        .map_err(CoreError)?;
+    Ok(out.into_iter().map(|[p, q, r]| (p, q, r)).collect())
 }
 
-/// Combines, tensor by tensor, the arrays `inputs[t]` (one per mask) with `op` (`and`, `or`,
-/// `xor`, `minus`, `not` or `consensus` with `min_count`). Returns new padded arrays.
+/// Combines, tensor by tensor, the arrays `inputs[t]` (one per mask) with `op`; tensors in
+/// parallel. Returns new padded arrays.
 #[pyfunction]
-#[pyo3(signature = (op, inputs, numels, min_count=None))]
 pub fn mask_combine<'py>(
     py: Python<'py>,
-    op: &str,
+    op: &CombineOp,
     inputs: Vec<Vec<PyReadonlyArray1<'py, u8>>>,
     numels: Vec<usize>,
-    min_count: Option<usize>,
 ) -> PyResult<Vec<Bound<'py, PyArray1<u8>>>> {
-    let op = match (op, min_count) {
-        ("and", None) => Op::And,
-        ("or", None) => Op::Or,
-        ("xor", None) => Op::Xor,
-        ("minus", None) => Op::Minus,
-        ("not", None) => Op::Not,
-        ("consensus", Some(j)) => Op::AtLeast(j),
-        ("consensus", None) => return Err(PyValueError::new_err("consensus needs min_count")),
-        (_, Some(_)) => return Err(PyValueError::new_err("min_count goes with consensus only")),
-        (other, None) => {
-            return Err(PyValueError::new_err(format!(
-                "unknown operation '{other}' (and, or, xor, minus, not, consensus)"
-            )))
-        }
-    };
-    check_counts("mask_combine", inputs.len(), &numels)?;
     let data: Vec<Vec<&[u8]>> = inputs.iter().map(|v| slices(v)).collect::<PyResult<_>>()?;
     let out = py
-        .detach(|| {
-            data.par_iter()
-                .zip(&numels)
-                .map(|(ins, &n)| bits::combine(op, ins, n))
-                .collect::<rlmask_core::Result<Vec<_>>>()
-        })
+        .detach(|| bits::combine_each(op.op, &data, &numels))
         .map_err(CoreError)?;
     Ok(out.into_iter().map(|v| v.into_pyarray(py)).collect())
 }

@@ -9,28 +9,120 @@ use pyo3::types::PyDict;
 use rlmask_core as core;
 
 use crate::checkpoint::Checkpoint;
-use crate::diff::{parse_criterion, skipped_pairs, Progress};
+use crate::diff::{skipped_pairs, Criterion, Progress};
 use crate::errors::CoreError;
 use crate::mask::MaskFile;
 
+/// The result of `trajectory`: one entry per tensor in each per-tensor field (counts are
+/// lists with one entry per checkpoint, in run order).
+#[pyclass(module = "rlmask._rlmask", frozen, get_all)]
+pub struct TrajectoryResult {
+    name: Vec<String>,
+    dtype: Vec<String>,
+    shape: Vec<Vec<u64>>,
+    numel: Vec<u64>,
+    changed_vs_base: Vec<Vec<u64>>,
+    changed_consecutive: Vec<Vec<u64>>,
+    /// Elements changed at a checkpoint that are not in the final mask.
+    outside_final: Vec<Vec<u64>>,
+    /// Elements changed against the base at some checkpoint.
+    ever: Vec<u64>,
+    /// Elements changed against the base at the last checkpoint of the run.
+    last: Vec<u64>,
+    /// (name, indices of the checkpoints lacking it).
+    incomplete: Vec<(String, Vec<usize>)>,
+    /// (name, reason) of each tensor left out.
+    skipped: Vec<(String, String)>,
+    /// Per checkpoint, base first: (stored name, paired name) of each rewritten name.
+    renamed: Vec<Vec<(String, String)>>,
+}
+
+type Counts = Vec<Vec<u64>>;
+
+#[pymethods]
+impl TrajectoryResult {
+    /// Builds a result from its fields (segments of a run computed apart are merged this way).
+    #[new]
+    #[pyo3(signature = (*, name, dtype, shape, numel, changed_vs_base, changed_consecutive, outside_final, ever, last, incomplete, skipped, renamed))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        name: Vec<String>,
+        dtype: Vec<String>,
+        shape: Vec<Vec<u64>>,
+        numel: Vec<u64>,
+        changed_vs_base: Counts,
+        changed_consecutive: Counts,
+        outside_final: Counts,
+        ever: Vec<u64>,
+        last: Vec<u64>,
+        incomplete: Vec<(String, Vec<usize>)>,
+        skipped: Vec<(String, String)>,
+        renamed: Vec<Vec<(String, String)>>,
+    ) -> PyResult<Self> {
+        let n = name.len();
+        let lengths = [
+            dtype.len(),
+            shape.len(),
+            numel.len(),
+            changed_vs_base.len(),
+            changed_consecutive.len(),
+            outside_final.len(),
+            ever.len(),
+            last.len(),
+        ];
+        if lengths.iter().any(|&l| l != n) {
+            return Err(PyValueError::new_err(
+                "TrajectoryResult: per-tensor fields differ in length",
+            ));
+        }
+        Ok(TrajectoryResult {
+            name,
+            dtype,
+            shape,
+            numel,
+            changed_vs_base,
+            changed_consecutive,
+            outside_final,
+            ever,
+            last,
+            incomplete,
+            skipped,
+            renamed,
+        })
+    }
+
+    /// The fields by keyword, so that a result pickles (e.g. back from a Ray task).
+    fn __getnewargs_ex__<'py>(&self, py: Python<'py>) -> PyResult<((), Bound<'py, PyDict>)> {
+        let k = PyDict::new(py);
+        k.set_item("name", self.name.clone())?;
+        k.set_item("dtype", self.dtype.clone())?;
+        k.set_item("shape", self.shape.clone())?;
+        k.set_item("numel", self.numel.clone())?;
+        k.set_item("changed_vs_base", self.changed_vs_base.clone())?;
+        k.set_item("changed_consecutive", self.changed_consecutive.clone())?;
+        k.set_item("outside_final", self.outside_final.clone())?;
+        k.set_item("ever", self.ever.clone())?;
+        k.set_item("last", self.last.clone())?;
+        k.set_item("incomplete", self.incomplete.clone())?;
+        k.set_item("skipped", self.skipped.clone())?;
+        k.set_item("renamed", self.renamed.clone())?;
+        Ok(((), k))
+    }
+}
+
 /// Compares checkpoints `ckpts` (in run order) with `base` and each with its predecessor (see
-/// `rlmask.trajectory`). Returns a dict of columns, one entry per tensor: `name`, `dtype`,
-/// `shape`, `numel`, `changed_vs_base`, `changed_consecutive`, `outside_final` (lists, one
-/// count per checkpoint), `ever`, `last`; and `incomplete` (name, indices of the checkpoints
-/// lacking it), `skipped` (name, reason), `renamed` (per checkpoint, base first: stored name,
-/// paired name). With `mask_files` (one path per checkpoint), each checkpoint's changed-bits
+/// `rlmask.trajectory`) at the criterion's one threshold. With `mask_files` (one path per checkpoint), each checkpoint's changed-bits
 /// against the base are written to its file. A segment of a longer run passes `previous` (the
 /// checkpoint before its first), `final_mask` (the run's final mask, so `outside_final` and
 /// `last` are the run's) and `ever_file` (written with the segment's ever-changed bits).
 #[pyfunction]
-#[pyo3(signature = (base, ckpts, *, criterion, tolerance, select=None, name_map=Vec::new(), skip_mismatched=false, mask_files=None, mask_provenance=None, previous=None, final_mask=None, ever_file=None, progress=None))]
+#[pyo3(signature = (base, ckpts, *, criterion, select=None, name_map=Vec::new(), skip_mismatched=false, mask_files=None, mask_provenance=None, previous=None, final_mask=None, ever_file=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn trajectory<'py>(
     py: Python<'py>,
     base: &Checkpoint,
     ckpts: Vec<PyRef<'py, Checkpoint>>,
-    criterion: &str,
-    tolerance: f64,
+    criterion: &Criterion,
     select: Option<Vec<String>>,
     name_map: Vec<(String, String)>,
     skip_mismatched: bool,
@@ -40,8 +132,7 @@ pub fn trajectory<'py>(
     final_mask: Option<PyRef<'py, MaskFile>>,
     ever_file: Option<PathBuf>,
     progress: Option<&Progress>,
-) -> PyResult<Bound<'py, PyDict>> {
-    let criterion = parse_criterion(criterion, vec![tolerance])?;
+) -> PyResult<TrajectoryResult> {
     let mask_files = match (mask_files, mask_provenance) {
         (None, _) => None,
         (Some(paths), prov) => {
@@ -61,7 +152,7 @@ pub fn trajectory<'py>(
         }
     };
     let opts = core::trajectory::TrajectoryOptions {
-        criterion,
+        criterion: criterion.inner.clone(),
         select,
         name_map,
         skip_mismatched,
@@ -87,40 +178,19 @@ pub fn trajectory<'py>(
         })
         .map_err(CoreError)?;
 
-    let out = PyDict::new(py);
-    let t = &result.tensors;
-    out.set_item("name", t.iter().map(|x| x.name.clone()).collect::<Vec<_>>())?;
-    out.set_item(
-        "dtype",
-        t.iter().map(|x| x.dtype.to_string()).collect::<Vec<_>>(),
-    )?;
-    out.set_item(
-        "shape",
-        t.iter().map(|x| x.shape.clone()).collect::<Vec<_>>(),
-    )?;
-    out.set_item("numel", t.iter().map(|x| x.numel).collect::<Vec<_>>())?;
-    out.set_item(
-        "changed_vs_base",
-        t.iter()
-            .map(|x| x.changed_vs_base.clone())
-            .collect::<Vec<_>>(),
-    )?;
-    out.set_item(
-        "changed_consecutive",
-        t.iter()
-            .map(|x| x.changed_consecutive.clone())
-            .collect::<Vec<_>>(),
-    )?;
-    out.set_item(
-        "outside_final",
-        t.iter()
-            .map(|x| x.outside_final.clone())
-            .collect::<Vec<_>>(),
-    )?;
-    out.set_item("ever", t.iter().map(|x| x.ever).collect::<Vec<_>>())?;
-    out.set_item("last", t.iter().map(|x| x.last).collect::<Vec<_>>())?;
-    out.set_item("incomplete", result.incomplete)?;
-    out.set_item("skipped", skipped_pairs(result.skipped))?;
-    out.set_item("renamed", result.renamed)?;
-    Ok(out)
+    let t = result.tensors;
+    Ok(TrajectoryResult {
+        name: t.iter().map(|x| x.name.clone()).collect(),
+        dtype: t.iter().map(|x| x.dtype.to_string()).collect(),
+        shape: t.iter().map(|x| x.shape.clone()).collect(),
+        numel: t.iter().map(|x| x.numel).collect(),
+        changed_vs_base: t.iter().map(|x| x.changed_vs_base.clone()).collect(),
+        changed_consecutive: t.iter().map(|x| x.changed_consecutive.clone()).collect(),
+        outside_final: t.iter().map(|x| x.outside_final.clone()).collect(),
+        ever: t.iter().map(|x| x.ever).collect(),
+        last: t.iter().map(|x| x.last).collect(),
+        incomplete: result.incomplete,
+        skipped: skipped_pairs(result.skipped),
+        renamed: result.renamed,
+    })
 }
