@@ -401,3 +401,109 @@ def test_json_contract(tmp_path: Path) -> None:
         assert set(t) >= {"name", "dtype", "shape", "numel", "changed", "sparsity"}
         assert len(t["changed"]) == 4 and t["numel"] == math.prod(t["shape"])
     assert sum(t["numel"] for t in d["tensors"]) == d["numel"]
+
+
+def test_resized_vocabulary_compares_the_shared_rows(tmp_path: Path) -> None:
+    """A vocabulary grown between base and tuned (the paper's own notebook lost embed_tokens
+    and lm_head this way): refused by default with a hint; with shared_rows, compared on the
+    rows both share, the extra rows listed; rank treats it the same way."""
+    import json
+
+    from click.testing import CliRunner
+
+    from rlmask.cli import cli
+
+    rng = np.random.default_rng(3)
+    rows, extra, width = 40, 3, 16
+    base = {
+        "model.embed_tokens.weight": torch.randn(rows, width),
+        "lm_head.weight": torch.randn(rows, width),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(width, width),
+    }
+    tuned = {}
+    for n, t in base.items():
+        moved = t + torch.from_numpy(rng.random(t.shape) < 0.2) * 0.5
+        if n != "model.layers.0.mlp.up_proj.weight":
+            moved = torch.cat([moved, torch.randn(extra, width)])
+        tuned[n] = moved
+    for side, tensors in (("base", base), ("tuned", tuned)):
+        (tmp_path / side).mkdir()
+        save_file(
+            {k: v.bfloat16() for k, v in tensors.items()},
+            tmp_path / side / "model.safetensors",
+        )
+    a = load_checkpoint([tmp_path / "base" / "model.safetensors"])
+    b = load_checkpoint([tmp_path / "tuned" / "model.safetensors"])
+
+    with pytest.raises(rlmask.TensorMismatchError, match="--compare-shared-rows") as e:
+        rlmask.diff(tmp_path / "base", tmp_path / "tuned", progress=False)
+    assert e.value.tensor == "lm_head.weight"
+
+    r = rlmask.diff(
+        tmp_path / "base", tmp_path / "tuned", shared_rows=True, mask=True, progress=False
+    )
+    assert r.resized == [
+        ("lm_head.weight", rows, rows + extra),
+        ("model.embed_tokens.weight", rows, rows + extra),
+    ]
+    want = {}
+    for n in base:
+        (da, xa), (db, xb) = a[n], b[n]
+        k = xa.size
+        want[n] = changed(da, xa, db, xb[:k]).reshape(base[n].shape)
+    got = {row["name"]: row for row in r.tensors.iter_rows(named=True)}
+    for n, w in want.items():
+        assert got[n]["changed"] == w.sum() and got[n]["numel"] == w.size
+        assert list(got[n]["shape"]) == list(w.shape)
+        assert r.mask is not None
+        np.testing.assert_array_equal(r.mask[n], w)
+    assert "rows both share" in r.summary() and f"({rows} -> {rows + extra})" in r.summary()
+    out = CliRunner().invoke(
+        cli,
+        ["diff", str(tmp_path / "base"), str(tmp_path / "tuned"), "--format", "json"],
+    )
+    assert out.exit_code == 1 and "--compare-shared-rows" in out.stderr
+    out = CliRunner().invoke(
+        cli,
+        [
+            "diff",
+            str(tmp_path / "base"),
+            str(tmp_path / "tuned"),
+            "--compare-shared-rows",
+            "--format",
+            "json",
+        ],
+    )
+    assert out.exit_code == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["changed"] == [sum(int(w.sum()) for w in want.values())]
+    assert {d["name"]: (d["base_rows"], d["tuned_rows"]) for d in report["resized"]} == {
+        "lm_head.weight": (rows, rows + extra),
+        "model.embed_tokens.weight": (rows, rows + extra),
+    }
+
+    # rank: the same refusal, skip, and shared rows.
+    with pytest.raises(rlmask.TensorMismatchError, match="shape"):
+        rlmask.rank(tmp_path / "base", tmp_path / "tuned", device="cpu", progress=False)
+    skipped = rlmask.rank(
+        tmp_path / "base", tmp_path / "tuned", device="cpu", skip_mismatched=True, progress=False
+    )
+    assert {n for n, _ in skipped.skipped} >= {"lm_head.weight", "model.embed_tokens.weight"}
+    assert skipped.tensors["name"].to_list() == ["model.layers.0.mlp.up_proj.weight"]
+    shared = rlmask.rank(
+        tmp_path / "base", tmp_path / "tuned", device="cpu", shared_rows=True, progress=False
+    )
+    ranks = dict(zip(shared.tensors["name"], shared.tensors["rank"], strict=True))
+    for n in ("lm_head.weight", "model.embed_tokens.weight"):
+        (da, xa), (db, xb) = a[n], b[n]
+        delta = torch.from_numpy(values_f32(db, xb[: xa.size]) - values_f32(da, xa)).reshape(
+            rows, width
+        )
+        assert ranks[n] == int(torch.linalg.matrix_rank(delta.double()))
+    assert shared.resized == r.resized
+
+
+def values_f32(dtype: str, bits: np.ndarray) -> np.ndarray:
+    from oracle import values
+
+    return values(dtype, bits).astype(np.float32)

@@ -293,7 +293,6 @@ def test_n_way_overlap_long_format_and_heatmap(tmp_path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from rlmask.plot import overlap_heatmap
 
     rng = np.random.default_rng(11)
     shapes = {
@@ -305,6 +304,8 @@ def test_n_way_overlap_long_format_and_heatmap(tmp_path: Path) -> None:
     for i, a in enumerate(arrays):
         paths.append(str(tmp_path / f"m{i}.rlmask"))
         rlmask.Mask.from_dict(a).save(paths[-1])
+    with pytest.raises(TypeError, match="not 3: for three or more, rlmask.overlap_matrix"):
+        rlmask.overlap(*paths)
     m = rlmask.overlap_matrix(paths, labels=["a", "b", "c"])
     pairs = m.total_frame()
     assert pairs.height == 6 and set(zip(pairs["a"], pairs["b"], strict=True)) == {
@@ -336,7 +337,7 @@ def test_n_way_overlap_long_format_and_heatmap(tmp_path: Path) -> None:
     png = tmp_path / "t4.png"
     code, _, err = _cli("overlap", *paths, "--plot", str(png))
     assert code == 0 and png.stat().st_size > 0, err
-    fig = overlap_heatmap(m)
+    fig = m.plot()  # rlmask.plot.overlap_heatmap
     ax = fig.axes[0]
     grid = ax.images[0].get_array()
     o1 = m.matrices()["o1"]
@@ -392,3 +393,49 @@ def test_public_algebra_layers_and_packed_masks() -> None:
     assert all(np.array_equal(packed[n], arrays[0][n]) for n in shapes)
     with pytest.raises(rlmask.MaskError, match="cannot hold"):
         rlmask.Mask.from_packed({"w": ((100,), "BF16", np.zeros(2, dtype=np.uint8))})
+
+
+def test_two_mask_overlap_figure_against_numpy(tmp_path: Path) -> None:
+    """`OverlapReport.plot()`: per module (whole model first), bars of o1, its chance level,
+    o2 and its chance level, each at the height the numpy oracle gives."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    a, b = _arrays(4, 0.2), _arrays(5, 0.4)
+    r = rlmask.overlap(rlmask.Mask.from_dict(a), rlmask.Mask.from_dict(b))
+    svg = tmp_path / "o.svg"
+    fig = r.plot(svg)
+    assert svg.read_bytes().lstrip().startswith(b"<?xml")
+    ax = fig.axes[0]
+    modules = [t.get_text() for t in ax.get_xticklabels()]
+    assert modules == ["model", "gate_proj", "up_proj", "down_proj"]
+    groups = {"model": NAMES, **{m: [n for n in NAMES if f".{m}." in n] for m in modules[1:]}}
+    bars = dict(zip([c.get_label() for c in ax.containers], ax.containers, strict=True))
+    assert list(bars) == ["o1", "o1_random", "o2", "o2_random"]
+    for i, m in enumerate(modules):
+        want = _oracle_overlap(a, b, groups[m])
+        for series, container in bars.items():
+            assert container[i].get_height() == pytest.approx(100 * want[series]), (m, series)
+
+
+def test_diff_report_plots_its_layers_or_its_lens(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    r = rlmask.diff(example_path("base"), example_path("tuned-seed1"), tol=1e-6, progress=False)
+    fig = r.plot(tmp_path / "layers.pdf")
+    assert (tmp_path / "layers.pdf").read_bytes().startswith(b"%PDF")
+    weighted = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "layer (weighted)"]
+    by_layer = r.by_layer()
+    assert list(weighted[0].get_xdata()) == by_layer["layer"].to_list()
+    assert list(weighted[0].get_ydata()) == pytest.approx(
+        [100 * s for s in by_layer["sparsity"].to_list()]
+    )
+    with pytest.raises(ValueError, match="magnitude=True"):
+        r.plot(kind="magnitude")
+    with pytest.raises(ValueError, match="unknown kind"):
+        r.plot(kind="modules")  # type: ignore[arg-type]
+    lens = rlmask.diff(
+        example_path("base"), example_path("tuned-seed1"), magnitude=True, progress=False
+    )
+    assert len(lens.plot(kind="magnitude").axes) >= 1

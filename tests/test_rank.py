@@ -166,11 +166,10 @@ def test_rank_figure_shows_every_matrix(tmp_path: Path) -> None:
 
     matplotlib.use("Agg")
     from rlmask.examples import example_path
-    from rlmask.plot import rank_figure
 
     base, tuned = example_path("base"), example_path("tuned-seed1")
     report = rlmask.rank(base, tuned, device="cpu", progress=False)
-    fig = rank_figure(report)
+    fig = report.plot()  # rlmask.plot.rank_figure
     a1, a2 = fig.axes
     per = report.by_module()
     assert [p.get_height() for p in a1.patches] == pytest.approx(

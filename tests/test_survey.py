@@ -163,7 +163,6 @@ def test_cli_outputs_and_figure_1(tmp_path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from rlmask.plot import survey_figure
 
     manifest, want, _base = _study(tmp_path)
     out = tmp_path / "groups.csv"
@@ -190,7 +189,7 @@ def test_cli_outputs_and_figure_1(tmp_path: Path) -> None:
     assert png.stat().st_size > 0
     r = CliRunner().invoke(cli, ["survey", str(manifest)])
     assert r.exit_code == 0 and "grpo-b" in r.stdout and "3 pairs, 0 failed" in r.stdout
-    fig = survey_figure(rlmask.survey(manifest, tol=1e-6, tolerances=SWEEP))
+    fig = rlmask.survey(manifest, tol=1e-6, tolerances=SWEEP).plot()  # survey_figure
     ax = fig.axes[0]
     bars = [p for p in ax.patches if p.get_height() > 0]
     assert len(bars) == 3

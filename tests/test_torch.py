@@ -129,6 +129,48 @@ def test_name_map_and_errors() -> None:
         attach_mask(model, wrong)
 
 
+def test_a_mask_of_part_of_the_model_needs_an_explicit_choice() -> None:
+    """An MLP-only style mask (the second Linear uncovered): refused with a hint that says the
+    names match and the mask covers part of the model; "freeze" keeps the uncovered weights
+    bit-identical, "train" trains them fully, the masked ones as the mask says either way."""
+    model = _model(torch.float32)
+    full = _random_mask(model, 0.3)
+    part = rlmask.Mask.from_dict({n: full[n] for n in ("0.weight", "0.bias")})
+    with pytest.raises(rlmask.MaskError) as e:
+        attach_mask(model, part)
+    msg = str(e.value)
+    assert "2 trainable parameters have no mask entry (2.weight, 2.bias)" in msg
+    assert "the names match" in msg and "uncovered='freeze'" in msg and "name_map" not in msg
+    with pytest.raises(ValueError, match="uncovered must be"):
+        attach_mask(model, part, uncovered="ignore")  # type: ignore[arg-type]
+
+    for choice in ("freeze", "train"):
+        model = _model(torch.float32)
+        init = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        handle = attach_mask(model, part, opt, uncovered=choice)  # type: ignore[arg-type]
+        assert (handle.frozen, handle.trained) == (
+            (["2.weight", "2.bias"], []) if choice == "freeze" else ([], ["2.weight", "2.bias"])
+        )
+        _train(model, opt, steps=10)
+        params = dict(model.named_parameters())
+        for n in ("0.weight", "0.bias"):
+            keep = torch.from_numpy(part[n])
+            same = _bits(params[n].detach()) == _bits(init[n])
+            assert bool(same[~keep].all()) and not bool(same[keep].all()), (choice, n)
+        for n in ("2.weight", "2.bias"):
+            same = _bits(params[n].detach()) == _bits(init[n])
+            if choice == "freeze":
+                assert bool(same.all()), n
+            else:
+                assert float((~same).float().mean()) > 0.9, n
+        handle.remove()
+    # Names that differ on both sides still point at name_map.
+    shifted = rlmask.Mask.from_dict({f"model.{n}": full[n] for n in full})
+    with pytest.raises(rlmask.MaskError, match="names differ .* pass name_map"):
+        attach_mask(_model(torch.float32), shifted, uncovered="train")
+
+
 def test_tied_parameters_are_handled_once() -> None:
     class Tied(torch.nn.Module):
         def __init__(self) -> None:

@@ -198,7 +198,6 @@ def test_cli_outputs_and_plot(tmp_path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from rlmask.plot import trajectory_figure
 
     _run(tmp_path)
     base, run = str(tmp_path / "base"), str(tmp_path / "run")
@@ -229,7 +228,7 @@ def test_cli_outputs_and_plot(tmp_path: Path) -> None:
     png = tmp_path / "run.png"
     r = CliRunner().invoke(cli, ["trajectory", base, run, "--plot", str(png)])
     assert r.exit_code == 0 and png.stat().st_size > 0
-    fig = trajectory_figure(rlmask.trajectory(base, run, progress=False))
+    fig = rlmask.trajectory(base, run, progress=False).plot()  # trajectory_figure
     a1, a2, a3 = fig.axes
     assert [line.get_label() for line in a1.get_lines()] == ["against the base", "against previous"]
     assert list(a1.get_lines()[0].get_xdata()) == sorted(STEPS) and a1.get_xlabel() == "step"

@@ -14,7 +14,7 @@ from rlmask._io import PathArg, check_output
 from rlmask._mask import Mask
 from rlmask._names import layer_of, module_of, natural_key, select_names
 from rlmask._progress import progress_wanted, run_with_progress
-from rlmask._report import Report, printable_lines, sort_modules
+from rlmask._report import Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
 from rlmask.errors import PairingError
@@ -71,6 +71,10 @@ class DiffReport(Report):
         only_in_base, only_in_tuned: names present on one side only.
         tied: names absent because the checkpoint ties them to the embeddings.
         skipped: ``(name, reason)`` of tensors skipped for mismatched shape or dtype.
+        resized: with ``shared_rows=True``, ``(name, base rows, tuned rows)`` of every tensor
+            whose row count differs (a resized vocabulary): it is compared on the leading rows
+            both share (its ``shape`` and ``numel`` are theirs); the extra rows are listed
+            here, not compared.
         magnitude: with ``magnitude=True``, one row per tensor and binade of the base value:
             name, exponent, numel and the changed counts (see :meth:`by_magnitude`).
         renamed: per side (``base``, ``tuned``), ``(stored name, paired name)`` of every name
@@ -90,6 +94,7 @@ class DiffReport(Report):
     only_in_tuned: list[str] = field(default_factory=list)
     tied: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    resized: list[tuple[str, int, int]] = field(default_factory=list)
     mask: Mask | None = field(default=None, repr=False)
     renamed: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     magnitude: pl.DataFrame | None = field(default=None, repr=False)
@@ -280,6 +285,10 @@ class DiffReport(Report):
             "only_in_tuned": list(self.only_in_tuned),
             "tied": list(self.tied),
             "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+            "resized": [
+                {"name": n, "base_rows": a, "tuned_rows": b, "compared_rows": min(a, b)}
+                for n, a, b in self.resized
+            ],
             "dtype_mismatch": self.dtype_mismatches,
             "renamed": {
                 side: [{"stored": a, "paired": b} for a, b in pairs]
@@ -316,6 +325,29 @@ class DiffReport(Report):
             )
         self.mask.save(path)
 
+    def plot(
+        self,
+        path: PathArg | None = None,
+        *,
+        kind: Literal["layer", "magnitude"] = "layer",
+        dpi: int = 150,
+    ) -> Any:
+        """The report as a figure (needs matplotlib): ``kind="layer"`` plots sparsity against
+        layer, one line per module type (paper Figure 3; :func:`rlmask.plot.sparsity_by_layer`);
+        ``kind="magnitude"`` the magnitude lens of a ``magnitude=True`` diff
+        (:func:`rlmask.plot.magnitude_figure`). Written atomically to ``path`` when given.
+
+        Returns:
+            The matplotlib Figure (a notebook shows it).
+        """
+        from rlmask import plot
+
+        if kind == "layer":
+            return plot.sparsity_by_layer(self, path, dpi=dpi)
+        if kind == "magnitude":
+            return plot.magnitude_figure(self, path, dpi=dpi)
+        raise ValueError(f"unknown kind '{kind}' (layer or magnitude)")
+
     def summary(self) -> str:
         """A short human-readable account of the comparison."""
         lines = [
@@ -337,11 +369,13 @@ class DiffReport(Report):
             ("tied to the embeddings", self.tied),
             ("compared after widening (dtypes differ)", self.dtype_mismatches),
             ("skipped (mismatched)", [n for n, _ in self.skipped]),
+            (
+                "compared on the rows both share (rows base -> tuned)",
+                [f"{n} ({a} -> {b})" for n, a, b in self.resized],
+            ),
         ):
             if names:
-                more = f", ... ({len(names)} in all)" if len(names) > 5 else ""
-                shown = ", ".join(names[:5]) + more
-                lines.append(f"{what}: {shown}")
+                lines.append(f"{what}: {few(names)}")
         for side, pairs in self.renamed.items():
             if pairs:
                 a, b = pairs[0]
@@ -386,7 +420,7 @@ def selection(
     paired = sorted({_rlmask.canonical_name(n, pairs) for c in ckpts for n in c.names()})
     chosen = select_names(paired, include, exclude)
     if not chosen:
-        where = ", ".join(str(c.path) for c in ckpts[:3]) + (", ..." if len(ckpts) > 3 else "")
+        where = few([str(c.path) for c in ckpts], 3)
         raise PairingError(
             f"no tensor name of {where} matches the include/exclude patterns: nothing to compare"
         )
@@ -405,6 +439,7 @@ def diff(
     exclude: str | Iterable[str] | None = None,
     name_map: Mapping[str, str] | None = None,
     skip_mismatched: bool = False,
+    shared_rows: bool = False,
     mask: bool = False,
     save_mask: PathArg | None = None,
     magnitude: bool = False,
@@ -434,6 +469,11 @@ def diff(
         skip_mismatched: list tensors whose shapes or dtypes cannot be compared in
             :attr:`DiffReport.skipped` instead of raising
             :class:`~rlmask.errors.TensorMismatchError`.
+        shared_rows: compare a tensor whose number of rows differs between the two (a
+            vocabulary resized between base and tuned: ``embed_tokens`` and ``lm_head`` with
+            128256 against 128264 rows) on the leading rows both share, and list it in
+            :attr:`DiffReport.resized`, instead of refusing it. Other shape differences are
+            still refused (or skipped).
         mask: also keep the changed-bits at ``tol`` (the subnetwork) as
             :attr:`DiffReport.mask`, computed in the same pass (one bit per element in memory).
         save_mask: write that mask to this ``.rlmask`` file, atomically, straight from the pass
@@ -482,6 +522,7 @@ def diff(
             select=select,
             name_map=list((name_map or {}).items()),
             skip_mismatched=skip_mismatched,
+            shared_rows=shared_rows,
             mask_at=crit.primary_index if (mask or save_mask is not None) else None,
             mask_file=None if (mask or save_mask is None) else os.fspath(save_mask),
             mask_provenance=provenance,
@@ -570,6 +611,7 @@ def _report(
         only_in_tuned=raw.only_in_tuned,
         tied=raw.tied,
         skipped=raw.skipped,
+        resized=raw.resized,
         mask=mask,
         renamed={"base": raw.renamed_base, "tuned": raw.renamed_tuned},
         magnitude=magnitude,

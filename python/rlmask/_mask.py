@@ -30,7 +30,7 @@ import polars as pl
 from rlmask import _rlmask
 from rlmask._io import PathArg
 from rlmask._names import layer_of, module_of, natural_sorted
-from rlmask._report import printable_lines, ratio, sort_modules
+from rlmask._report import few, printable_lines, ratio, sort_modules
 from rlmask.errors import MaskError
 
 if TYPE_CHECKING:
@@ -376,7 +376,7 @@ def _check_compatible(masks: Sequence[Mask], *, common_only: bool) -> list[str]:
 
 
 def _few(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return few(names, 3)
 
 
 def combine(op: str, masks: Sequence[Mask], min_count: int | None = None) -> Mask:

@@ -21,7 +21,7 @@ from rlmask import _rlmask
 from rlmask._io import PathArg
 from rlmask._mask import Mask, _check_compatible, load_mask
 from rlmask._names import layer_of, module_of
-from rlmask._report import Report, printable_lines, ratio, sort_modules
+from rlmask._report import Report, few, printable_lines, ratio, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask.errors import MaskError
 
@@ -127,6 +127,17 @@ class OverlapReport(Report):
             "excluded": list(self.excluded),
         }
 
+    def plot(self, path: PathArg | None = None, *, dpi: int = 150) -> Any:
+        """Overlap per module type against the random baseline (needs matplotlib;
+        :func:`rlmask.plot.overlap_figure`). Written atomically to ``path`` when given.
+
+        Returns:
+            The matplotlib Figure.
+        """
+        from rlmask.plot import overlap_figure
+
+        return overlap_figure(self, path, dpi=dpi)
+
     def summary(self) -> str:
         """A short human-readable account."""
         t = self.total
@@ -147,10 +158,7 @@ class OverlapReport(Report):
             f"  jaccard = {pct(t['jaccard'])}",
         ]
         if self.excluded:
-            lines.append(
-                f"excluded (not common to both): {', '.join(self.excluded[:5])}"
-                + (f", ... ({len(self.excluded)} in all)" if len(self.excluded) > 5 else "")
-            )
+            lines.append(f"excluded (not common to both): {few(self.excluded)}")
         return printable_lines(lines)
 
 
@@ -189,7 +197,7 @@ def _pair_counts(a: Mask, b: Mask, names: list[str]) -> list[tuple[int, int, int
 def overlap(
     a: MaskArg,
     b: MaskArg,
-    *,
+    *more: MaskArg,
     common_only: bool = False,
     base: PathArg | None = None,
     name_map: Mapping[str, str] | None = None,
@@ -198,7 +206,8 @@ def overlap(
     baselines, for the whole model and per tensor, layer and module.
 
     Args:
-        a, b: :class:`Mask` objects or paths of ``.rlmask`` files.
+        a, b: :class:`Mask` objects or paths of ``.rlmask`` files. More than two is a
+            ``TypeError`` that points to :func:`overlap_matrix`, the N-way study.
         common_only: compare only the tensors both masks cover with the same shape, listing the
             rest in :attr:`OverlapReport.excluded`, instead of raising
             :class:`~rlmask.errors.MaskError`.
@@ -212,6 +221,11 @@ def overlap(
         >>> r = rlmask.overlap("seed1.rlmask", "seed2.rlmask")
         >>> r.o1, r.total["o1_random"], r.by_module()
     """
+    if more:
+        raise TypeError(
+            f"overlap compares two masks, not {2 + len(more)}: for three or more, "
+            "rlmask.overlap_matrix([m1, m2, m3, ...]) gives every ordered pair and the o1 matrix"
+        )
     ma, mb = _as_mask(a), _as_mask(b)
     names = _check_compatible([ma, mb], common_only=common_only)
     df = _counts_frame(ma, names, _pair_counts(ma, mb, names))
@@ -351,6 +365,17 @@ class OverlapMatrix(Report):
             "pairs": self.total_frame().to_dicts(),
             "excluded": list(self.excluded),
         }
+
+    def plot(self, path: PathArg | None = None, *, dpi: int = 150) -> Any:
+        """The o1 matrix as an annotated heatmap (needs matplotlib; paper Table 4;
+        :func:`rlmask.plot.overlap_heatmap`). Written atomically to ``path`` when given.
+
+        Returns:
+            The matplotlib Figure.
+        """
+        from rlmask.plot import overlap_heatmap
+
+        return overlap_heatmap(self, path, dpi=dpi)
 
     def summary(self) -> str:
         """The legend and the three matrices."""

@@ -37,8 +37,9 @@ from rlmask import _rlmask
 from rlmask._io import PathArg
 from rlmask._names import layer_of, module_of, natural_sorted, select_names
 from rlmask._progress import bar_width, progress_wanted, run_in_worker
-from rlmask._report import Report, printable_lines, sort_modules
+from rlmask._report import Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
+from rlmask.errors import TensorMismatchError
 
 if TYPE_CHECKING:
     import torch
@@ -160,7 +161,9 @@ class RankReport(Report):
             rank_fraction, sigma_max, tolerance, stable_rank, effective_rank, energy_top1,
             energy_topk.
         skipped: ``(name, reason)`` of the tensors not analysed (1-D, norms, embeddings when
-            asked, absent on one side, shape mismatch).
+            asked, absent on one side, and with ``skip_mismatched`` a shape or dtype mismatch).
+        resized: with ``shared_rows``, ``(name, base rows, tuned rows)`` of the matrices
+            analysed on the rows both share.
     """
 
     base: str
@@ -169,6 +172,7 @@ class RankReport(Report):
     top_k: int
     tensors: pl.DataFrame
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    resized: list[tuple[str, int, int]] = field(default_factory=list)
     #: The singular values of every update matrix, descending (for energy curves; not in the
     #: JSON report).
     spectra: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -217,7 +221,22 @@ class RankReport(Report):
             "mean_rank_fraction": self.mean_rank_fraction,
             "tensors": self.tensors.to_dicts(),
             "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+            "resized": [
+                {"name": n, "base_rows": a, "tuned_rows": b, "compared_rows": min(a, b)}
+                for n, a, b in self.resized
+            ],
         }
+
+    def plot(self, path: PathArg | None = None, *, dpi: int = 150) -> Any:
+        """Rank fraction per module type and the singular-value energy curves (needs
+        matplotlib; :func:`rlmask.plot.rank_figure`). Written atomically to ``path`` when given.
+
+        Returns:
+            The matplotlib Figure.
+        """
+        from rlmask.plot import rank_figure
+
+        return rank_figure(self, path, dpi=dpi)
 
     def summary(self) -> str:
         """A short human-readable account."""
@@ -229,10 +248,11 @@ class RankReport(Report):
             + ("-" if mean is None else f"{100 * mean:.2f}%"),
         ]
         if self.skipped:
-            names = [n for n, _ in self.skipped]
+            lines.append(f"skipped: {few([n for n, _ in self.skipped])}")
+        if self.resized:
             lines.append(
-                f"skipped: {', '.join(names[:5])}"
-                + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+                "analysed on the rows both share (rows base -> tuned): "
+                + few([f"{n} ({a} -> {b})" for n, a, b in self.resized])
             )
         return printable_lines(lines)
 
@@ -262,6 +282,8 @@ def rank(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     skip_embeddings: bool = False,
+    skip_mismatched: bool = False,
+    shared_rows: bool = False,
     top_k: int = 8,
     batch_bytes: int = 2**30,
     progress: bool = True,
@@ -275,6 +297,10 @@ def rank(
             default ``sigma_max * max(m, n) * eps(float32)``.
         include, exclude: regular expressions (``re.search``) on tensor names.
         skip_embeddings: leave out ``embed_tokens`` and ``lm_head`` (the paper includes them).
+        skip_mismatched, shared_rows: as in :func:`rlmask.diff`: a tensor whose shape or dtype
+            differs is an error unless it is skipped, or, with ``shared_rows``, a row count
+            that differs (a resized vocabulary) is analysed on the rows both share and listed
+            in :attr:`RankReport.resized`.
         top_k: the k of the ``energy_topk`` column.
         batch_bytes: on CUDA, same-shaped matrices are decomposed in batches of about this
             many bytes of float32 working data.
@@ -298,6 +324,7 @@ def rank(
     names = select_names(natural_sorted(set(a.names()) | set(b.names())), include, exclude)
 
     skipped: list[tuple[str, str]] = []
+    resized: list[tuple[str, int, int]] = []
     jobs: list[tuple[str, list[int]]] = []
     for n in names:
         if n not in a or n not in b:
@@ -305,9 +332,24 @@ def rank(
             continue
         ia, ib = a.tensor_info(n), b.tensor_info(n)
         da, sa, db, sb = ia.dtype, ia.shape, ib.dtype, ib.shape
-        if sa != sb:
-            skipped.append((n, f"shape {sa} in base but {sb} in tuned"))
-        elif len(sa) != 2:
+        if sa != sb and shared_rows and len(sa) == len(sb) >= 1 and sa[1:] == sb[1:]:
+            resized.append((n, sa[0], sb[0]))
+            sa = [min(sa[0], sb[0]), *sa[1:]]
+        elif sa != sb or ((da in _NP_VIEW) != (db in _NP_VIEW)):
+            what = f"shape {sa}" if sa != sb else f"dtype {da}"
+            other = f"{sb}" if sa != sb else f"{db}"
+            reason = f"{what} in base ({ia.shard}) but {other} in tuned ({ib.shard})"
+            if not skip_mismatched:
+                raise TensorMismatchError(
+                    f"tensor '{n}': {reason} (skip_mismatched / --skip-mismatched lists it as "
+                    "skipped; shared_rows / --compare-shared-rows compares a resized vocabulary "
+                    "on the rows both share)",
+                    None,
+                    n,
+                )
+            skipped.append((n, reason))
+            continue
+        if len(sa) != 2:
             skipped.append((n, f"{len(sa)}-D"))
         elif module_of(n) in ("input_layernorm", "post_attention_layernorm", "norm"):
             skipped.append((n, "norm"))
@@ -344,11 +386,13 @@ def rank(
             deltas = []
             for n in group:
                 ia, ib = a.tensor_info(n), b.tensor_info(n)
-                da, db, shape = ia.dtype, ib.dtype, ia.shape
+                rows_ = dict(jobs)[n][0]  # fewer than stored with shared_rows
                 # copy=True: a float32 tensor on the CPU would otherwise stay a view of the
                 # read-only map, and the subtraction below works in place.
-                delta = _to_torch(b.raw(n), db, shape).to(dev, torch.float32, copy=True)
-                delta.sub_(_to_torch(a.raw(n), da, shape).to(dev, torch.float32))
+                delta = _to_torch(b.raw(n), ib.dtype, ib.shape)[:rows_].to(
+                    dev, torch.float32, copy=True
+                )
+                delta.sub_(_to_torch(a.raw(n), ia.dtype, ia.shape)[:rows_].to(dev, torch.float32))
                 deltas.append(delta)
             stacked = torch.stack(deltas) if len(deltas) > 1 else deltas[0].unsqueeze(0)
             del deltas
@@ -410,4 +454,6 @@ def rank(
             "energy_topk": pl.Float64,
         },
     )
-    return RankReport(os.fspath(base), os.fspath(tuned), str(dev), top_k, df, skipped, spectra)
+    return RankReport(
+        os.fspath(base), os.fspath(tuned), str(dev), top_k, df, skipped, resized, spectra
+    )

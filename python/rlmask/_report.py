@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import polars as pl
@@ -28,6 +29,12 @@ def ratio(num: str, den: str) -> pl.Expr:
         .then(pl.col(num).cast(pl.Float64) / pl.col(den).cast(pl.Float64))
         .otherwise(None)
     )
+
+
+def few(items: Sequence[str], limit: int = 5) -> str:
+    """A long list cut for a message: the first ``limit`` items, and how many in all."""
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 def printable_lines(lines: list[str]) -> str:

@@ -129,6 +129,8 @@ class DiffResult:
     @property
     def skipped(self) -> list[tuple[str, str]]: ...
     @property
+    def resized(self) -> list[tuple[str, int, int]]: ...
+    @property
     def renamed_base(self) -> list[tuple[str, str]]: ...
     @property
     def renamed_tuned(self) -> list[tuple[str, str]]: ...
@@ -141,6 +143,7 @@ def diff(
     select: list[str] | None = None,
     name_map: list[tuple[str, str]] = ...,
     skip_mismatched: bool = False,
+    shared_rows: bool = False,
     mask_at: int | None = None,
     mask_file: str | PathLike[str] | None = None,
     mask_provenance: dict[str, str] | None = None,

@@ -243,6 +243,17 @@ class SurveyReport(Report):
     #: Columns left out of the terminal table (files keep them).
     table_hidden = ("base", "tuned", "error")
 
+    def plot(self, path: PathArg | None = None, *, dpi: int = 150) -> Any:
+        """Sparsity per model, coloured by group (needs matplotlib; paper Figure 1;
+        :func:`rlmask.plot.survey_figure`). Written atomically to ``path`` when given.
+
+        Returns:
+            The matplotlib Figure.
+        """
+        from rlmask.plot import survey_figure
+
+        return survey_figure(self, path, dpi=dpi)
+
     def summary(self) -> str:
         """The survey at a glance: pairs, failures and their messages."""
         n_pairs = self.tensors["name"].n_unique()

@@ -38,7 +38,7 @@ from rlmask._diff import Criterion, _label, parse_criterion, selection
 from rlmask._io import PathArg, check_output
 from rlmask._names import layer_of, module_of, natural_key
 from rlmask._progress import progress_wanted, run_with_progress
-from rlmask._report import Report, printable_lines, ratio, sort_modules
+from rlmask._report import Report, few, printable_lines, ratio, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
 from rlmask._table import format_frame
@@ -260,6 +260,18 @@ class TrajectoryReport(Report):
             "renamed": [[{"stored": a, "paired": b} for a, b in pairs] for pairs in self.renamed],
         }
 
+    def plot(self, path: PathArg | None = None, *, dpi: int = 150) -> Any:
+        """The run as a figure (needs matplotlib; :func:`rlmask.plot.trajectory_figure`):
+        sparsity over steps, the categories of elements, and the share of changes outside the
+        final subnetwork. Written atomically to ``path`` when given.
+
+        Returns:
+            The matplotlib Figure.
+        """
+        from rlmask.plot import trajectory_figure
+
+        return trajectory_figure(self, path, dpi=dpi)
+
     def summary(self) -> str:
         """The run at a glance: one line per checkpoint, then the categories."""
         n = self.numel
@@ -294,8 +306,7 @@ class TrajectoryReport(Report):
             ("skipped", [m for m, _ in self.skipped]),
         ):
             if names:
-                more = f", ... ({len(names)} in all)" if len(names) > 5 else ""
-                lines.append(f"{what}: {', '.join(names[:5])}{more}")
+                lines.append(f"{what}: {few(names)}")
         return printable_lines(lines)
 
 

@@ -139,13 +139,22 @@ _criterion_options = _options(
         "--eta", type=float, help="Relative tolerance (required by --criterion relative)."
     ),
 )
+_skip_option = click.option(
+    "--skip-mismatched",
+    is_flag=True,
+    help="List tensors whose shapes or dtypes differ as skipped instead of failing.",
+)
+_shared_rows_option = click.option(
+    "--compare-shared-rows",
+    "shared_rows",
+    is_flag=True,
+    help="Compare a tensor whose number of rows differs (a vocabulary resized between base "
+    "and tuned: embed_tokens, lm_head) on the leading rows both share, and list its extra rows, "
+    "instead of failing.",
+)
 _pairing_options = _options(
     _select_options,
-    click.option(
-        "--skip-mismatched",
-        is_flag=True,
-        help="List tensors whose shapes or dtypes differ as skipped instead of failing.",
-    ),
+    _skip_option,
     click.option(
         "--name-map",
         multiple=True,
@@ -273,6 +282,7 @@ def cli() -> None:
 @_format_option(["table", "json", "csv", "parquet"])
 @_output_option
 @_pairing_options
+@_shared_rows_option
 @click.option(
     "--save-mask",
     type=click.Path(dir_okay=False),
@@ -302,6 +312,7 @@ def diff_cmd(
     exclude: tuple[str, ...],
     skip_mismatched: bool,
     name_map: tuple[str, ...],
+    shared_rows: bool,
     save_mask: str | None,
     plot: str | None,
     quiet: bool,
@@ -335,6 +346,7 @@ def diff_cmd(
         exclude=exclude or None,
         name_map=_parse_name_map(name_map),
         skip_mismatched=skip_mismatched,
+        shared_rows=shared_rows,
         save_mask=save_mask,
         magnitude=by == "magnitude",
         progress=not quiet,
@@ -822,6 +834,8 @@ def survey_cmd(
 )
 @click.option("--skip-embeddings", is_flag=True, help="Leave out embed_tokens and lm_head.")
 @_select_options
+@_skip_option
+@_shared_rows_option
 @_by_option("module", "Breakdown to print under the summary.")
 @_format_option(["table", "json", "csv"])
 @_output_option
@@ -843,6 +857,8 @@ def rank_cmd(
     skip_embeddings: bool,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
+    skip_mismatched: bool,
+    shared_rows: bool,
     by: str,
     fmt: str,
     output: str | None,
@@ -871,6 +887,8 @@ def rank_cmd(
         atol=atol,
         top_k=top_k,
         skip_embeddings=skip_embeddings,
+        skip_mismatched=skip_mismatched,
+        shared_rows=shared_rows,
         include=include or None,
         exclude=exclude or None,
         progress=not quiet,

@@ -7,6 +7,7 @@ import matplotlib; each function does.
   changes outside the final subnetwork (Figures 2, 5, 6, 7);
 - :func:`survey_figure`: sparsity per model, coloured by group (Figure 1);
 - :func:`overlap_heatmap`: the o1 matrix of N masks (Table 4);
+- :func:`overlap_figure`: two masks' overlap per module against the random baseline (Table 3);
 - :func:`rank_figure`: rank fraction per module and singular-value energy curves (Table 2).
 """
 
@@ -19,7 +20,7 @@ import polars as pl
 
 from rlmask._diff import DiffReport
 from rlmask._io import PathArg, check_output, write_atomic
-from rlmask._overlap import OverlapMatrix
+from rlmask._overlap import OverlapMatrix, OverlapReport
 from rlmask._rank import RankReport
 from rlmask._report import sort_modules
 from rlmask._survey import SurveyReport
@@ -71,6 +72,13 @@ def check_figure_path(path: PathArg) -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ImportError("plots need matplotlib: pip install 'rlmask[plot]'") from None
+
+
+def _save(fig: Any, path: PathArg | None, dpi: int) -> None:
+    """Writes ``fig`` to ``path`` (when given) atomically, in the format its extension names."""
+    if path is not None:
+        fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
+        write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=fmt))
 
 
 #: The matrices plotted, in the paper's order.
@@ -133,8 +141,7 @@ def sparsity_by_layer(
     fig.tight_layout()
     if path is not None:
         check_figure_path(path)
-        fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
-        write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=fmt))
+    _save(fig, path, dpi)
     return fig
 
 
@@ -211,9 +218,7 @@ def trajectory_figure(
     a3.set_title("Outside the final subnetwork (Figure 6)")
     a3.grid(alpha=0.3)
     fig.tight_layout()
-    if path is not None:
-        fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
-        write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=fmt))
+    _save(fig, path, dpi)
     return fig
 
 
@@ -254,9 +259,7 @@ def survey_figure(report: SurveyReport, path: PathArg | None = None, *, dpi: int
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    if path is not None:
-        fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
-        write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=fmt))
+    _save(fig, path, dpi)
     return fig
 
 
@@ -302,9 +305,53 @@ def overlap_heatmap(matrix: OverlapMatrix, path: PathArg | None = None, *, dpi: 
     legend = "\n".join(f"{lab}: {m}" for lab, m in zip(labels, matrix.masks, strict=True))
     fig.text(0.01, 0.01, legend, fontsize=6, va="bottom")
     fig.tight_layout(rect=(0, 0.04 * n / 2, 1, 1))
+    _save(fig, path, dpi)
+    return fig
+
+
+def overlap_figure(report: OverlapReport, path: PathArg | None = None, *, dpi: int = 150) -> Any:
+    """Two masks' overlap per module type (paper Table 3): o1 and o2 as bars beside the random
+    baseline of independent masks with the same densities (and the magnitude-matched baseline
+    when the report has one), the whole model first.
+
+    Returns:
+        The matplotlib Figure (written atomically to ``path`` if given).
+    """
+    import matplotlib
+
     if path is not None:
-        fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
-        write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=fmt))
+        check_figure_path(path)
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    frame = pl.concat(
+        [
+            report.total_frame().with_columns(pl.lit("model").alias("module")),
+            report.by_module(),
+        ],
+        how="diagonal_relaxed",
+    )
+    series = ["o1", "o1_random", "o2", "o2_random"]
+    if "o1_matched" in frame.columns:
+        series[2:2] = ["o1_matched"]
+        series.append("o2_matched")
+    modules = frame["module"].to_list()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(modules) + 2), 4.5))
+    width = 0.8 / len(series)
+    for k, col in enumerate(series):
+        values = [100 * (v if v is not None else float("nan")) for v in frame[col].to_list()]
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(modules))]
+        hatch = "//" if "random" in col else ("xx" if "matched" in col else None)
+        ax.bar(xs, values, width, label=col, hatch=hatch, alpha=0.85)
+    ax.set_xticks(range(len(modules)), modules, rotation=30, ha="right")
+    ax.set_ylabel("overlap (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("o1 = |I1 ∩ I2| / |I1|, o2 = |I1 ∩ I2| / |I2|, against chance")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.text(0.01, 0.01, f"mask 1: {report.mask_1}\nmask 2: {report.mask_2}", fontsize=6)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    _save(fig, path, dpi)
     return fig
 
 
@@ -362,9 +409,7 @@ def rank_figure(report: RankReport, path: PathArg | None = None, *, dpi: int = 1
     a2.grid(alpha=0.3)
     a2.legend(fontsize=7)
     fig.tight_layout()
-    if path is not None:
-        fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
-        write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=fmt))
+    _save(fig, path, dpi)
     return fig
 
 
@@ -410,7 +455,5 @@ def magnitude_figure(report: DiffReport, path: PathArg | None = None, *, dpi: in
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(handles, [str(h.get_label()) for h in handles], loc="upper right", fontsize=8)
     fig.tight_layout()
-    if path is not None:
-        fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
-        write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=fmt))
+    _save(fig, path, dpi)
     return fig

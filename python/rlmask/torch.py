@@ -45,7 +45,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -54,6 +54,8 @@ import torch
 from rlmask import _rlmask
 from rlmask._io import PathArg
 from rlmask._mask import Mask, padded_len
+from rlmask._names import natural_sorted
+from rlmask._report import few
 from rlmask.errors import MaskError
 
 NameMap = Callable[[str], str] | Mapping[str, str] | None
@@ -94,12 +96,20 @@ def canonical_name(name: str, name_map: NameMap = None) -> str:
     return _rlmask.canonical_name(name, list((name_map or {}).items()))
 
 
+#: What :func:`attach_mask` does with trainable parameters the mask has no entry for.
+Uncovered = Literal["error", "freeze", "train"]
+
+
 def match_parameters(
-    model: torch.nn.Module, mask: Mask, name_map: NameMap = None
-) -> list[tuple[torch.nn.Parameter, str, list[str]]]:
-    """Pairs every trainable parameter with its mask entry: ``(param, mask name, aliases)``.
-    Tied parameters appear once. Raises :class:`MaskError` naming unmatched names on either
-    side, shape mismatches, and tied aliases whose masks differ."""
+    model: torch.nn.Module, mask: Mask, name_map: NameMap = None, *, uncovered: Uncovered = "error"
+) -> tuple[list[tuple[torch.nn.Parameter, str, list[str]]], list[tuple[torch.nn.Parameter, str]]]:
+    """Pairs every trainable parameter with its mask entry: ``(param, mask name, aliases)``,
+    tied parameters once; and lists the trainable parameters the mask does not cover
+    ``(param, name)``. Raises :class:`MaskError` for mask entries that match no parameter,
+    shape mismatches, tied aliases whose masks differ, and (with ``uncovered="error"``)
+    parameters without an entry, saying which of these happened."""
+    if uncovered not in ("error", "freeze", "train"):
+        raise ValueError(f"uncovered must be 'error', 'freeze' or 'train', not {uncovered!r}")
     by_param: dict[int, tuple[torch.nn.Parameter, list[str]]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if p.requires_grad:
@@ -109,7 +119,7 @@ def match_parameters(
     for p, aliases in by_param.values():
         present = [a for a in aliases if a in mask]
         if not present:
-            missing.append(aliases[0])
+            missing.append((p, aliases[0]))
             continue
         first = present[0]
         for other in present[1:]:
@@ -122,27 +132,40 @@ def match_parameters(
             )
             continue
         out.append((p, first, aliases))
-    unused = sorted(set(mask.names) - used)
+    unused = natural_sorted(set(mask.names) - used)
+    missing_names = [n for _, n in missing]
     problems = []
-    if missing:
+    if missing and (uncovered == "error" or unused):
         problems.append(
-            f"{len(missing)} trainable parameters have no mask entry "
-            f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})"
+            f"{len(missing)} trainable parameters have no mask entry ({few(missing_names, 4)})"
         )
     if unused:
         problems.append(
-            f"{len(unused)} mask entries match no trainable parameter "
-            f"({', '.join(unused[:4])}{', ...' if len(unused) > 4 else ''})"
+            f"{len(unused)} mask entries match no trainable parameter ({few(unused, 4)})"
         )
     if bad_shape:
-        problems.append("shape mismatch: " + "; ".join(bad_shape[:4]))
+        problems.append("shape mismatch: " + few(bad_shape, 4))
     if problems:
-        raise MaskError(
-            "mask does not fit the model: "
-            + "; ".join(problems)
-            + " (pass name_map to translate names)"
-        )
-    return out
+        if missing and unused:
+            hint = (
+                "the names differ between the model and the mask: pass name_map to translate "
+                "them (wrapper segments such as DDP's 'module.' are removed already)"
+            )
+        elif missing:
+            hint = (
+                f"the names match, but the mask covers part of the model ({len(out)} of "
+                f"{len(out) + len(missing)} parameters): pass uncovered='freeze' to keep the "
+                "others fixed or uncovered='train' to train them fully"
+            )
+        elif unused:
+            hint = (
+                "the mask has entries for parameters the model lacks or does not train "
+                "(requires_grad=False)"
+            )
+        else:
+            hint = "the mask was taken from a model of another shape"
+        raise MaskError("mask does not fit the model: " + "; ".join(problems) + f" ({hint})")
+    return out, missing
 
 
 def _is_decoupled(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> bool:
@@ -161,7 +184,11 @@ class MaskHandle:
     ordinary training."""
 
     params: list[tuple[torch.nn.Parameter, str]]
-    _masks: dict[int, tuple[torch.Tensor, int]] = field(repr=False)
+    _masks: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict, repr=False)
+    #: Names of trainable parameters the mask does not cover, frozen (``uncovered="freeze"``)
+    #: or trained fully (``uncovered="train"``).
+    frozen: list[str] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)
     _hooks: list[Any] = field(default_factory=list, repr=False)
     _saved_decay: list[tuple[dict[str, Any], float]] = field(default_factory=list, repr=False)
     # Weak, so that the registry of attached handles never keeps a model alive.
@@ -199,6 +226,7 @@ def attach_mask(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     name_map: NameMap = None,
+    uncovered: Uncovered = "error",
 ) -> MaskHandle:
     """Trains only the subnetwork ``mask`` from now on (paper §4, Conjecture 1).
 
@@ -208,13 +236,18 @@ def attach_mask(
         optimizer: the ``torch.optim`` optimizer; needed so that weight decay cannot move
             frozen elements (see the module docs). Without it only gradients are masked.
         name_map: translates model parameter names to mask names (see :func:`canonical_name`).
+        uncovered: what happens to trainable parameters the mask has no entry for (a mask
+            of the MLPs only, say): ``"error"`` (default) refuses, ``"freeze"`` keeps them
+            fixed (as an all-zero mask would: no gradient, no weight decay), ``"train"``
+            trains them fully. The handle lists them in ``frozen`` or ``trained``.
 
     Returns:
         A :class:`MaskHandle`; ``handle.remove()`` detaches everything.
 
     Raises:
-        MaskError: the mask does not fit the model, or the model or optimizer already has a
-            mask attached (remove that handle first).
+        MaskError: the mask does not fit the model (the message says how: names that differ,
+            a mask that covers part of the model, shapes), or the model or optimizer already
+            has a mask attached (remove that handle first).
 
     Example:
         >>> handle = rlmask.torch.attach_mask(model, rlmask.load_mask("grpo.rlmask"), opt)
@@ -230,16 +263,23 @@ def attach_mask(
                 f"this {what} already has a mask attached; call remove() on the handle that "
                 "attach_mask returned before attaching another"
             )
-    matched = match_parameters(model, mask, name_map)
-    masks: dict[int, tuple[torch.Tensor, int]] = {}
-    handle = MaskHandle([(p, name) for p, name, _ in matched], masks)
+    matched, missing = match_parameters(model, mask, name_map, uncovered=uncovered)
+    handle = MaskHandle([(p, name) for p, name, _ in matched])
+    masks = handle._masks
+    if uncovered == "train":
+        handle.trained = [n for _, n in missing]
+    elif uncovered == "freeze":
+        handle.frozen = [n for _, n in missing]
     for owner in (model, optimizer):
         if owner is not None:
             _ATTACHED[owner] = handle
             handle._owners.append(weakref.ref(owner))
-    for p, name, _ in matched:
-        packed = torch.from_numpy(np.array(mask.packed(name))).to(p.device)
-        masks[id(p)] = (packed, p.numel())
+    frozen = missing if uncovered == "freeze" else []
+    for p, packed in [
+        *((p, torch.from_numpy(np.array(mask.packed(name)))) for p, name, _ in matched),
+        *((p, torch.zeros(padded_len(p.numel()), dtype=torch.uint8)) for p, _ in frozen),
+    ]:
+        masks[id(p)] = (packed.to(p.device), p.numel())
 
         def hook(grad: torch.Tensor, key: int = id(p)) -> torch.Tensor:
             packed, numel = masks[key]

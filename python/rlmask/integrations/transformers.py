@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from rlmask._io import PathArg
 from rlmask._mask import Mask, load_mask
-from rlmask.torch import MaskHandle, NameMap, attach_mask
+from rlmask.torch import MaskHandle, NameMap, Uncovered, attach_mask
 
 
 class MaskCallback(TrainerCallback):
@@ -29,11 +29,16 @@ class MaskCallback(TrainerCallback):
         mask: a :class:`~rlmask.Mask` or the path of an ``.rlmask`` file.
         name_map: translates model parameter names to mask names (see
             :func:`rlmask.torch.canonical_name`; FSDP and DDP wrappers are handled already).
+        uncovered: what happens to trainable parameters the mask does not cover (``"error"``,
+            ``"freeze"`` or ``"train"``; see :func:`rlmask.torch.attach_mask`).
     """
 
-    def __init__(self, mask: Mask | PathArg, *, name_map: NameMap = None) -> None:
+    def __init__(
+        self, mask: Mask | PathArg, *, name_map: NameMap = None, uncovered: Uncovered = "error"
+    ) -> None:
         self.mask = mask if isinstance(mask, Mask) else load_mask(mask)
         self.name_map = name_map
+        self.uncovered: Uncovered = uncovered
         self.handle: MaskHandle | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -42,7 +47,9 @@ class MaskCallback(TrainerCallback):
             raise RuntimeError("MaskCallback needs the trainer to pass the model")
         # accelerate and DeepSpeed wrap the torch optimizer; hooks go on the inner one.
         inner = getattr(optimizer, "optimizer", optimizer)
-        self.handle = attach_mask(model, self.mask, inner, name_map=self.name_map)
+        self.handle = attach_mask(
+            model, self.mask, inner, name_map=self.name_map, uncovered=self.uncovered
+        )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.handle is not None:

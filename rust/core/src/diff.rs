@@ -41,6 +41,10 @@ pub struct DiffOptions {
     pub name_map: Vec<(String, String)>,
     /// List tensors whose shapes or dtypes cannot be compared instead of failing.
     pub skip_mismatched: bool,
+    /// Tensors whose shapes differ in the number of rows only (a vocabulary resized between
+    /// base and tuned) are compared on the leading rows both share, and listed in
+    /// [`DiffResult::resized`], instead of being refused.
+    pub shared_rows: bool,
     /// Emit the packed changed-bits of this threshold for every compared floating tensor (the
     /// subnetwork mask; integer tensors get none): into [`TensorDiff::bits`], or into
     /// `mask_file` when one is given.
@@ -60,6 +64,7 @@ impl DiffOptions {
             select: None,
             name_map: Vec::new(),
             skip_mismatched: false,
+            shared_rows: false,
             mask_at: None,
             mask_file: None,
             magnitude: false,
@@ -110,6 +115,9 @@ pub struct DiffResult {
     /// `model.embed_tokens.weight` present).
     pub tied: Vec<String>,
     pub skipped: Vec<Skipped>,
+    /// `(name, base rows, tuned rows)` of the tensors compared on the rows both share
+    /// ([`DiffOptions::shared_rows`]); their extra rows are not compared.
+    pub resized: Vec<(String, u64, u64)>,
     /// `(stored name, name paired as)` for every name that wrapper stripping or the name map
     /// rewrote, per side.
     pub renamed_base: Vec<(String, String)>,
@@ -126,6 +134,33 @@ pub(crate) struct Pair<'a> {
     pub(crate) name: &'a str,
     pub(crate) a: (&'a Shard, &'a TensorInfo),
     pub(crate) b: (&'a Shard, &'a TensorInfo),
+    /// Compare only the first this many rows (shapes that differ in rows only, with
+    /// [`DiffOptions::shared_rows`]); `None`: the whole tensor.
+    pub(crate) rows: Option<u64>,
+}
+
+impl Pair<'_> {
+    /// The shape compared: the base's, cut to the shared rows.
+    pub(crate) fn shape(&self) -> Vec<u64> {
+        let mut shape = self.a.1.shape.clone();
+        if let Some(r) = self.rows {
+            shape[0] = r;
+        }
+        shape
+    }
+
+    /// Elements compared: a prefix of both tensors (rows are contiguous, row-major).
+    pub(crate) fn numel(&self) -> u64 {
+        self.shape().iter().product()
+    }
+}
+
+/// The rows two tensors share when their shapes differ in the number of rows only (a
+/// resized vocabulary): `Some(min rows)`, else `None`.
+fn shared_rows(ta: &TensorInfo, tb: &TensorInfo) -> Option<u64> {
+    let (sa, sb) = (&ta.shape, &tb.shape);
+    (sa.len() == sb.len() && !sa.is_empty() && sa[1..] == sb[1..] && sa[0] != sb[0])
+        .then(|| sa[0].min(sb[0]))
 }
 
 /// One side's tensors under the names they are paired by.
@@ -233,8 +268,14 @@ pub(crate) fn mismatch(p: &Pair) -> Option<String> {
     let (ta, tb) = (p.a.1, p.b.1);
     let (pa, pb) = (p.a.0.path.display(), p.b.0.path.display());
     let detail = if ta.shape != tb.shape {
+        let hint = if shared_rows(ta, tb).is_some() {
+            " (a resized vocabulary? shared_rows / --compare-shared-rows compares the rows both \
+             share)"
+        } else {
+            ""
+        };
         format!(
-            "shape {:?} in base ({pa}) but {:?} in tuned ({pb})",
+            "shape {:?} in base ({pa}) but {:?} in tuned ({pb}){hint}",
             ta.shape, tb.shape
         )
     } else if !((ta.dtype.is_float() && tb.dtype.is_float()) || ta.dtype == tb.dtype) {
@@ -310,11 +351,55 @@ pub fn diff(
 
     let mut pairs = Vec::new();
     let mut skipped = Vec::new();
+    let mut resized = Vec::new();
     for name in base_side.names.keys().filter(|n| keep(n)) {
         let (Some(a), Some(b)) = (base_side.get(name), tuned_side.get(name)) else {
             continue;
         };
-        let p = Pair { name, a, b };
+        let mut p = Pair {
+            name,
+            a,
+            b,
+            rows: None,
+        };
+        if opts.shared_rows {
+            p.rows = shared_rows(a.1, b.1);
+            if let Some(r) = p.rows {
+                resized.push((name.to_string(), a.1.shape[0], b.1.shape[0]));
+                // The dtypes must still agree; the shapes do on the shared rows.
+                let cut = |t: &TensorInfo| TensorInfo {
+                    shape: {
+                        let mut s = t.shape.clone();
+                        s[0] = r;
+                        s
+                    },
+                    ..t.clone()
+                };
+                let (ca, cb) = (cut(a.1), cut(b.1));
+                let check = Pair {
+                    name,
+                    a: (a.0, &ca),
+                    b: (b.0, &cb),
+                    rows: None,
+                };
+                if let Some(detail) = mismatch(&check) {
+                    resized.pop();
+                    if opts.skip_mismatched {
+                        skipped.push(Skipped {
+                            name: name.to_string(),
+                            reason: detail,
+                        });
+                        continue;
+                    }
+                    return Err(Error::Mismatch {
+                        tensor: name.to_string(),
+                        detail,
+                    });
+                }
+                pairs.push(p);
+                continue;
+            }
+        }
         match mismatch(&p) {
             None => pairs.push(p),
             Some(reason) if opts.skip_mismatched => skipped.push(Skipped {
@@ -332,7 +417,7 @@ pub fn diff(
     let compared: u64 = pairs
         .iter()
         .filter(|p| p.a.1.dtype.is_float() && p.b.1.dtype.is_float())
-        .map(|p| p.a.1.numel)
+        .map(Pair::numel)
         .sum();
     if compared == 0 {
         return Err(Error::Pairing {
@@ -367,9 +452,9 @@ pub fn diff(
                 .filter(|(_, &f)| f)
                 .map(|(p, _)| MaskEntry {
                     name: p.name.to_string(),
-                    shape: p.a.1.shape.clone(),
+                    shape: p.shape(),
                     dtype: p.a.1.dtype.to_string(),
-                    numel: p.a.1.numel,
+                    numel: p.numel(),
                 })
                 .collect();
             Some(maskfile::create(&spec.path, &entries, &spec.provenance)?)
@@ -380,9 +465,12 @@ pub fn diff(
     let mut bits: Vec<Option<Vec<u8>>> = pairs
         .iter()
         .zip(&floating)
-        .map(|(p, &f)| (in_memory && f).then(|| vec![0u8; padded_len(p.a.1.numel as usize)]))
+        .map(|(p, &f)| (in_memory && f).then(|| vec![0u8; padded_len(p.numel() as usize)]))
         .collect();
-    let total: u64 = pairs.iter().map(|p| (p.a.1.len + p.b.1.len) as u64).sum();
+    let total: u64 = pairs
+        .iter()
+        .map(|p| p.numel() * (p.a.1.dtype.size() + p.b.1.dtype.size()) as u64)
+        .sum();
     progress.total.store(total, Ordering::Relaxed);
 
     let partial = {
@@ -425,8 +513,8 @@ pub fn diff(
             name: p.name.to_string(),
             base_dtype: p.a.1.dtype,
             tuned_dtype: p.b.1.dtype,
-            shape: p.a.1.shape.clone(),
-            numel: p.a.1.numel,
+            shape: p.shape(),
+            numel: p.numel(),
             floating: p.a.1.dtype.is_float() && p.b.1.dtype.is_float(),
             changed,
             bits,
@@ -439,6 +527,7 @@ pub fn diff(
         only_in_tuned,
         tied,
         skipped,
+        resized,
         renamed_base: base_side.renamed,
         renamed_tuned: tuned_side.renamed,
     })
@@ -467,7 +556,7 @@ fn compare_pairs(
     }
     let mut items = Vec::new();
     for (pi, (p, words)) in pairs.iter().zip(outs).enumerate() {
-        let n = p.a.1.numel as usize;
+        let n = p.numel() as usize;
         let mut words = words.map(|w| w.chunks_mut(CHUNK / 8));
         for start in (0..n).step_by(CHUNK) {
             items.push(Item {

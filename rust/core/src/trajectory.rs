@@ -182,7 +182,12 @@ pub fn trajectory(
         let mut steps = Vec::with_capacity(sides.len());
         for side in &sides {
             let s = side.get(name).expect("present");
-            let pair = Pair { name, a: b, b: s };
+            let pair = Pair {
+                name,
+                a: b,
+                b: s,
+                rows: None,
+            };
             let problem = mismatch(&pair).or_else(|| {
                 (!s.1.dtype.is_float()).then(|| {
                     format!(
@@ -216,7 +221,12 @@ pub fn trajectory(
                         side.ckpt.path.display()
                     ),
                 })?;
-                if let Some(detail) = mismatch(&Pair { name, a: b, b: p }) {
+                if let Some(detail) = mismatch(&Pair {
+                    name,
+                    a: b,
+                    b: p,
+                    rows: None,
+                }) {
                     return Err(Error::Mismatch {
                         tensor: name.clone(),
                         detail,

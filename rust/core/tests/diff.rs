@@ -358,3 +358,43 @@ fn mask_bits_and_arguments() {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+#[test]
+fn resized_rows_are_compared_on_the_rows_both_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    let base: Vec<f32> = (0..10).map(|i| i as f32).collect();
+    let mut tuned = base.clone();
+    tuned[3] += 1.0;
+    tuned.extend([7.0, 8.0, 9.0]); // three rows added
+    write_f32(&a, &[("embed", &base), ("w", &base)]);
+    write_f32(&b, &[("embed", &tuned), ("w", &base)]);
+    let (ca, cb) = (Checkpoint::open(&a).unwrap(), Checkpoint::open(&b).unwrap());
+    let exact = options(Criterion::Exact, Some(0));
+    let err = diff(&ca, &cb, &exact, &Progress::default()).unwrap_err();
+    assert!(matches!(err, Error::Mismatch { .. }), "{err}");
+    assert!(err.to_string().contains("--compare-shared-rows"), "{err}");
+
+    let shared = DiffOptions {
+        shared_rows: true,
+        ..options(Criterion::Exact, Some(0))
+    };
+    let r = diff(&ca, &cb, &shared, &Progress::default()).unwrap();
+    assert_eq!(r.resized, vec![("embed".to_string(), 10, 13)]);
+    let e = &r.tensors[0];
+    assert_eq!(
+        (e.name.as_str(), e.numel, e.shape.clone()),
+        ("embed", 10, vec![10])
+    );
+    assert_eq!(e.changed, vec![1]);
+    let bits = e.bits.as_ref().unwrap();
+    assert_eq!(bits::count(bits, 10).unwrap(), 1);
+    assert_eq!(bits[0], 1 << 3);
+    // Shrunk works the same way; the tensors that agree are untouched.
+    let r = diff(&cb, &ca, &shared, &Progress::default()).unwrap();
+    assert_eq!(r.resized, vec![("embed".to_string(), 13, 10)]);
+    assert_eq!(r.tensors[1].numel, 10);
+}

@@ -164,6 +164,9 @@ pub struct DiffResult {
     /// (name, reason) of each tensor left out with `skip_mismatched`.
     #[pyo3(get)]
     skipped: Vec<(String, String)>,
+    /// (name, base rows, tuned rows) of each tensor compared on the rows both share.
+    #[pyo3(get)]
+    resized: Vec<(String, u64, u64)>,
     /// (stored name, paired name) of each base name rewritten for pairing.
     #[pyo3(get)]
     renamed_base: Vec<(String, String)>,
@@ -185,7 +188,7 @@ impl DiffResult {
 /// into the criterion's thresholds), the mask bits are returned per tensor, or written to
 /// `mask_file` (with `mask_provenance` in its metadata) without being held in memory.
 #[pyfunction]
-#[pyo3(signature = (base, tuned, *, criterion, select=None, name_map=Vec::new(), skip_mismatched=false, mask_at=None, mask_file=None, mask_provenance=None, magnitude=false, progress=None))]
+#[pyo3(signature = (base, tuned, *, criterion, select=None, name_map=Vec::new(), skip_mismatched=false, shared_rows=false, mask_at=None, mask_file=None, mask_provenance=None, magnitude=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn diff<'py>(
     py: Python<'py>,
@@ -195,6 +198,7 @@ pub fn diff<'py>(
     select: Option<Vec<String>>,
     name_map: Vec<(String, String)>,
     skip_mismatched: bool,
+    shared_rows: bool,
     mask_at: Option<usize>,
     mask_file: Option<std::path::PathBuf>,
     mask_provenance: Option<std::collections::BTreeMap<String, String>>,
@@ -206,6 +210,7 @@ pub fn diff<'py>(
         select,
         name_map,
         skip_mismatched,
+        shared_rows,
         mask_at,
         mask_file: mask_file.map(|path| core::MaskFileSpec {
             path,
@@ -247,6 +252,7 @@ pub fn diff<'py>(
         only_in_tuned: result.only_in_tuned,
         tied: result.tied,
         skipped: skipped_pairs(result.skipped),
+        resized: result.resized,
         renamed_base: result.renamed_base,
         renamed_tuned: result.renamed_tuned,
     })
