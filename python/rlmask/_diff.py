@@ -12,7 +12,15 @@ import polars as pl
 from rlmask import _rlmask
 from rlmask._io import PathArg, check_output
 from rlmask._mask import Mask
-from rlmask._names import layer_of, module_of, natural_key, select_names
+from rlmask._names import (
+    COMPONENTS,
+    component_of,
+    expert_of,
+    layer_of,
+    module_of,
+    natural_key,
+    select_names,
+)
 from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
@@ -65,9 +73,9 @@ class DiffReport(Report):
         tolerances: every threshold computed (ascending); one entry for exact (0) and
             relative (eta).
         tol: the primary threshold, reported in the unsuffixed ``changed``/``sparsity`` columns.
-        tensors: one row per compared tensor: name, layer, module, dtype, tuned_dtype, shape,
-            numel, floating, changed, sparsity, and ``changed@T``/``sparsity@T`` for every
-            threshold T when there is more than one.
+        tensors: one row per compared tensor: name, component, layer, module, expert, dtype,
+            tuned_dtype, shape, numel, floating, changed, sparsity, and
+            ``changed@T``/``sparsity@T`` for every threshold T when there is more than one.
         only_in_base, only_in_tuned: names present on one side only.
         tied: names absent because the checkpoint ties them to the embeddings.
         skipped: ``(name, reason)`` of tensors skipped for mismatched shape or dtype.
@@ -169,7 +177,7 @@ class DiffReport(Report):
 
     # ----- breakdowns --------------------------------------------------------------------
 
-    def _group(self, key: str, frame: pl.DataFrame) -> pl.DataFrame:
+    def _group(self, key: str | list[str], frame: pl.DataFrame) -> pl.DataFrame:
         aggs: list[pl.Expr] = [pl.len().alias("tensors"), pl.col("numel").sum()]
         changed_cols = self._columns("changed")
         aggs += [pl.col(c).sum() for c in changed_cols]
@@ -179,7 +187,7 @@ class DiffReport(Report):
         g = g.with_columns(
             _sparsity_expr(c).alias(s) for c, s in zip(changed_cols, sparsity_cols, strict=True)
         )
-        order = [key, "tensors", "numel"]
+        order = [*([key] if isinstance(key, str) else key), "tensors", "numel"]
         for c, s in zip(changed_cols, sparsity_cols, strict=True):
             order += [c, s]
         return g.select([*order, "sparsity_unweighted_mean"])
@@ -199,6 +207,21 @@ class DiffReport(Report):
         """Per module type (q_proj ... lm_head, norm, other), floating tensors only, with the
         same columns as :meth:`by_layer`."""
         return sort_modules(self._group("module", self._floating))
+
+    def by_component(self) -> pl.DataFrame:
+        """Per component (``language_model``, ``vision_tower``, ``projector``: design §1),
+        floating tensors only, with the same columns as :meth:`by_layer`."""
+        order = {c: i for i, c in enumerate(COMPONENTS)}
+        g = self._group("component", self._floating)
+        return g.sort(pl.col("component").replace_strict(order, return_dtype=pl.Int64))
+
+    def by_expert(self) -> pl.DataFrame:
+        """Per routed expert of a mixture-of-experts model (which experts RL touched): one row
+        per layer and expert over the expert's own tensors (``...experts.N...``), with the
+        columns of :meth:`by_layer`. Fused expert tensors (one tensor for all experts) and
+        shared experts are not per expert: see :meth:`by_module`."""
+        frame = self._floating.filter(pl.col("expert").is_not_null())
+        return self._group(["layer", "expert"], frame).sort("layer", "expert", nulls_last=True)
 
     def by_magnitude(self) -> pl.DataFrame:
         """The magnitude lens (design §8): per binade of the base value (the IEEE exponent of
@@ -240,9 +263,15 @@ class DiffReport(Report):
         return g.select(order)
 
     def by(self, level: Any) -> pl.DataFrame:
-        """The ``level`` breakdown: total, layer, module, tensor or magnitude."""
-        if level == "magnitude":
-            return self.by_magnitude()
+        """The ``level`` breakdown: total, layer, module, tensor, component, expert or
+        magnitude."""
+        extra = {
+            "magnitude": self.by_magnitude,
+            "component": self.by_component,
+            "expert": self.by_expert,
+        }
+        if level in extra:
+            return extra[level]()
         return super().by(level)
 
     def total_frame(self) -> pl.DataFrame:
@@ -270,6 +299,8 @@ class DiffReport(Report):
                     "floating": row["floating"],
                     "layer": row["layer"],
                     "module": row["module"],
+                    "component": row["component"],
+                    "expert": row["expert"],
                 }
             )
         return {
@@ -369,6 +400,10 @@ class DiffReport(Report):
             ("tied to the embeddings", self.tied),
             ("compared after widening (dtypes differ)", self.dtype_mismatches),
             ("skipped (mismatched)", [n for n, _ in self.skipped]),
+            (
+                "module type unknown to the naming table (filed as 'other')",
+                self.tensors.filter(pl.col("module") == "other")["name"].to_list(),
+            ),
             (
                 "compared on the rows both share (rows base -> tuned)",
                 [f"{n} ({a} -> {b})" for n, a, b in self.resized],
@@ -548,8 +583,10 @@ def _report(
     df = pl.DataFrame(
         {
             "name": [r.name for r in rows],
+            "component": [component_of(r.name) for r in rows],
             "layer": [layer_of(r.name) for r in rows],
             "module": [module_of(r.name) for r in rows],
+            "expert": [expert_of(r.name) for r in rows],
             "dtype": [r.dtype for r in rows],
             "tuned_dtype": [r.tuned_dtype for r in rows],
             "shape": [r.shape for r in rows],
@@ -559,8 +596,10 @@ def _report(
         },
         schema={
             "name": pl.Utf8,
+            "component": pl.Utf8,
             "layer": pl.Int64,
             "module": pl.Utf8,
+            "expert": pl.Int64,
             "dtype": pl.Utf8,
             "tuned_dtype": pl.Utf8,
             "shape": pl.List(pl.Int64),

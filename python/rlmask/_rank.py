@@ -35,7 +35,7 @@ import polars as pl
 
 from rlmask import _rlmask
 from rlmask._io import PathArg
-from rlmask._names import layer_of, module_of, natural_sorted, select_names
+from rlmask._names import NORMS, layer_of, module_of, natural_sorted, select_names
 from rlmask._progress import bar_width, progress_wanted, run_in_worker
 from rlmask._report import Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
@@ -351,7 +351,7 @@ def rank(
             continue
         if len(sa) != 2:
             skipped.append((n, f"{len(sa)}-D"))
-        elif module_of(n) in ("input_layernorm", "post_attention_layernorm", "norm"):
+        elif module_of(n) in NORMS:
             skipped.append((n, "norm"))
         elif da not in _NP_VIEW or db not in _NP_VIEW:
             skipped.append((n, f"not floating ({da})"))

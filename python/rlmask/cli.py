@@ -274,10 +274,12 @@ def cli() -> None:
 @_criterion_options
 @_by_option(
     "total",
-    "Breakdown to print: whole model, per layer, per module type, per tensor, or per binade "
-    "of the base value (magnitude: the precision lens, computed in the same pass; the JSON "
-    "report then carries by_magnitude, and --plot draws the lens).",
-    (*LEVELS, "magnitude"),
+    "Breakdown to print: whole model, per layer, per module type, per tensor, per component "
+    "(language model, vision tower, projector), per routed expert of a mixture-of-experts "
+    "model (layer and expert), or per binade of the base value (magnitude: the precision lens, "
+    "computed in the same pass; the JSON report then carries by_magnitude, and --plot draws "
+    "the lens).",
+    (*LEVELS, "component", "expert", "magnitude"),
 )
 @_format_option(["table", "json", "csv", "parquet"])
 @_output_option
