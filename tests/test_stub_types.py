@@ -154,7 +154,7 @@ def test_main_calls_return_what_the_stub_says(pair: tuple[Path, Path], tmp_path:
         None,
         "diff",
     )
-    assert check_properties(result) == 8
+    assert check_properties(result) == 10
     assert {check_properties(t) for t in result.tensors} == {9}
     assert any(t.bits is not None for t in result.tensors)  # both arms of the union exercised
     assert any(t.bits is None for t in result.tensors)

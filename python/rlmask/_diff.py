@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, cast
 
 import polars as pl
@@ -79,6 +81,11 @@ class DiffReport(Report):
         only_in_base, only_in_tuned: names present on one side only.
         tied: names absent because the checkpoint ties them to the embeddings.
         skipped: ``(name, reason)`` of tensors skipped for mismatched shape or dtype.
+        dequantised: ``(name, base layout, tuned layout)`` of every FP8 weight compared by its
+            dequantised values (layouts: ``block 128x128``, ``per-row``, ``per-tensor``; None for
+            a side stored unscaled, e.g. a BF16 export against its FP8 release).
+        scales: the scale tensors of those weights: compared (their ``changed`` counts changed
+            scales) but not counted as weights (``floating`` is False).
         resized: with ``shared_rows=True``, ``(name, base rows, tuned rows)`` of every tensor
             whose row count differs (a resized vocabulary): it is compared on the leading rows
             both share (its ``shape`` and ``numel`` are theirs); the extra rows are listed
@@ -103,6 +110,8 @@ class DiffReport(Report):
     tied: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     resized: list[tuple[str, int, int]] = field(default_factory=list)
+    dequantised: list[tuple[str, str | None, str | None]] = field(default_factory=list)
+    scales: list[str] = field(default_factory=list)
     mask: Mask | None = field(default=None, repr=False)
     renamed: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     magnitude: pl.DataFrame | None = field(default=None, repr=False)
@@ -320,6 +329,8 @@ class DiffReport(Report):
                 {"name": n, "base_rows": a, "tuned_rows": b, "compared_rows": min(a, b)}
                 for n, a, b in self.resized
             ],
+            "dequantised": [{"name": n, "base": a, "tuned": b} for n, a, b in self.dequantised],
+            "scales": list(self.scales),
             "dtype_mismatch": self.dtype_mismatches,
             "renamed": {
                 side: [{"stored": a, "paired": b} for a, b in pairs]
@@ -411,6 +422,17 @@ class DiffReport(Report):
         ):
             if names:
                 lines.append(f"{what}: {few(names)}")
+        if self.dequantised:
+            layouts = sorted(
+                {f"{a or 'unscaled'} / {b or 'unscaled'}" for _, a, b in self.dequantised}
+            )
+            scales = self.tensors.filter(pl.col("name").is_in(self.scales))
+            moved = int((scales["changed"] > 0).sum()) if scales.height else 0
+            lines.append(
+                f"FP8 weights compared dequantised (scales base / tuned: {', '.join(layouts)}): "
+                f"{len(self.dequantised)}; scale tensors (not counted as weights): "
+                f"{len(self.scales)}, {moved} with changed scales"
+            )
         for side, pairs in self.renamed.items():
             if pairs:
                 a, b = pairs[0]
@@ -418,6 +440,19 @@ class DiffReport(Report):
                     f"names rewritten for pairing in {side}: {len(pairs)} (e.g. '{a}' -> '{b}')"
                 )
         return printable_lines(lines)
+
+
+def declared_block(ckpt: _rlmask.Checkpoint) -> tuple[int, int] | None:
+    """The FP8 block size the checkpoint's ``config.json`` declares
+    (``quantization_config.weight_block_size``), or None (no config, no block size)."""
+    where = Path(ckpt.path)
+    config = (where if where.is_dir() else where.parent) / "config.json"
+    try:
+        q = json.loads(config.read_text()).get("quantization_config") or {}
+        rows, cols = q["weight_block_size"]
+        return int(rows), int(cols)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def parse_criterion(
@@ -475,6 +510,7 @@ def diff(
     name_map: Mapping[str, str] | None = None,
     skip_mismatched: bool = False,
     shared_rows: bool = False,
+    block_size: tuple[int, int] | None = None,
     mask: bool = False,
     save_mask: PathArg | None = None,
     magnitude: bool = False,
@@ -509,6 +545,11 @@ def diff(
             128256 against 128264 rows) on the leading rows both share, and list it in
             :attr:`DiffReport.resized`, instead of refusing it. Other shape differences are
             still refused (or skipped).
+        block_size: the block (rows, columns) of block-scaled FP8 weights (a weight ``NAME``
+            in F8_E4M3/F8_E5M2 beside ``NAME_scale_inv`` or ``NAME_scale``), for both sides;
+            by default each side's ``config.json`` (``quantization_config.weight_block_size``)
+            says. Scaled weights are compared as ``f32(code) * f32(scale)`` (design §1); the
+            exact criterion compares codes and scales as stored.
         mask: also keep the changed-bits at ``tol`` (the subnetwork) as
             :attr:`DiffReport.mask`, computed in the same pass (one bit per element in memory).
         save_mask: write that mask to this ``.rlmask`` file, atomically, straight from the pass
@@ -558,6 +599,8 @@ def diff(
             name_map=list((name_map or {}).items()),
             skip_mismatched=skip_mismatched,
             shared_rows=shared_rows,
+            block_base=block_size or declared_block(a),
+            block_tuned=block_size or declared_block(b),
             mask_at=crit.primary_index if (mask or save_mask is not None) else None,
             mask_file=None if (mask or save_mask is None) else os.fspath(save_mask),
             mask_provenance=provenance,
@@ -651,6 +694,8 @@ def _report(
         tied=raw.tied,
         skipped=raw.skipped,
         resized=raw.resized,
+        dequantised=raw.dequantised,
+        scales=raw.scales,
         mask=mask,
         renamed={"base": raw.renamed_base, "tuned": raw.renamed_tuned},
         magnitude=magnitude,

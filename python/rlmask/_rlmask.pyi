@@ -129,6 +129,10 @@ class DiffResult:
     @property
     def skipped(self) -> list[tuple[str, str]]: ...
     @property
+    def dequantised(self) -> list[tuple[str, str | None, str | None]]: ...
+    @property
+    def scales(self) -> list[str]: ...
+    @property
     def resized(self) -> list[tuple[str, int, int]]: ...
     @property
     def renamed_base(self) -> list[tuple[str, str]]: ...
@@ -144,6 +148,8 @@ def diff(
     name_map: list[tuple[str, str]] = ...,
     skip_mismatched: bool = False,
     shared_rows: bool = False,
+    block_base: tuple[int, int] | None = None,
+    block_tuned: tuple[int, int] | None = None,
     mask_at: int | None = None,
     mask_file: str | PathLike[str] | None = None,
     mask_provenance: dict[str, str] | None = None,

@@ -178,6 +178,16 @@ def _check_criterion(
         raise click.UsageError(str(e)) from None
 
 
+def _parse_block(text: str | None) -> tuple[int, int] | None:
+    """``128x128`` as (128, 128)."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise click.UsageError(f"--block-size takes ROWSxCOLS, e.g. 128x128, not '{text}'")
+    return int(parts[0]), int(parts[1])
+
+
 def _check_outputs(fmt: str, output: str | None, plot: str | None) -> None:
     """Every output is checked before minutes of reading, not after."""
     if fmt == "parquet" and not output:
@@ -286,6 +296,13 @@ def cli() -> None:
 @_pairing_options
 @_shared_rows_option
 @click.option(
+    "--block-size",
+    metavar="RxC",
+    help="Block size of block-scaled FP8 weights (NAME beside NAME_scale_inv or NAME_scale), "
+    "e.g. 128x128; by default each checkpoint's config.json "
+    "(quantization_config.weight_block_size) gives it.",
+)
+@click.option(
     "--save-mask",
     type=click.Path(dir_okay=False),
     help="Also write the changed elements at --tol (the subnetwork) to this .rlmask file, "
@@ -315,6 +332,7 @@ def diff_cmd(
     skip_mismatched: bool,
     name_map: tuple[str, ...],
     shared_rows: bool,
+    block_size: str | None,
     save_mask: str | None,
     plot: str | None,
     quiet: bool,
@@ -349,6 +367,7 @@ def diff_cmd(
         name_map=_parse_name_map(name_map),
         skip_mismatched=skip_mismatched,
         shared_rows=shared_rows,
+        block_size=_parse_block(block_size),
         save_mask=save_mask,
         magnitude=by == "magnitude",
         progress=not quiet,

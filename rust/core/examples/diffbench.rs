@@ -1,6 +1,7 @@
 //! Times `rlmask_core::diff` on two checkpoints already on disk (warm cache):
 //! `cargo run --release -p rlmask-core --example diffbench -- BASE TUNED [TOL...]`.
-//! Set RAYON_NUM_THREADS=1 to measure one core.
+//! Set RAYON_NUM_THREADS=1 to measure one core; BLOCK=128x128 gives the block size of
+//! block-scaled FP8 checkpoints.
 
 use std::path::Path;
 use std::time::Instant;
@@ -23,9 +24,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         Criterion::Absolute(tols)
     };
+    let block = std::env::var("BLOCK").ok().map(|b| {
+        let (r, c) = b.split_once('x').expect("BLOCK=ROWSxCOLS");
+        [r.parse().expect("rows"), c.parse().expect("cols")]
+    });
     for mask in [None, Some(0)] {
         let opts = DiffOptions {
             mask_at: mask,
+            block_base: block,
+            block_tuned: block,
             ..DiffOptions::new(criterion.clone())
         };
         for _ in 0..3 {

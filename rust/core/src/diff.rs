@@ -13,6 +13,7 @@ use crate::kernel::{compare_chunk, Criterion, Hist, Job, BLOCK};
 use crate::maskfile::{self, MaskEntry};
 use crate::names;
 use crate::safetensors::{Shard, TensorInfo};
+use crate::scaled::{self, Layout};
 
 /// Elements per unit of parallel work (a multiple of the mask word width).
 pub const CHUNK: usize = 1 << 18;
@@ -41,6 +42,11 @@ pub struct DiffOptions {
     pub name_map: Vec<(String, String)>,
     /// List tensors whose shapes or dtypes cannot be compared instead of failing.
     pub skip_mismatched: bool,
+    /// Block size (rows, columns) of the base's block-scaled FP8 weights, as its config.json
+    /// declares it (`quantization_config.weight_block_size`); needed only when it has some.
+    pub block_base: Option<[u64; 2]>,
+    /// The same for the tuned checkpoint.
+    pub block_tuned: Option<[u64; 2]>,
     /// Tensors whose shapes differ in the number of rows only (a vocabulary resized between
     /// base and tuned) are compared on the leading rows both share, and listed in
     /// [`DiffResult::resized`], instead of being refused.
@@ -65,6 +71,8 @@ impl DiffOptions {
             name_map: Vec::new(),
             skip_mismatched: false,
             shared_rows: false,
+            block_base: None,
+            block_tuned: None,
             mask_at: None,
             mask_file: None,
             magnitude: false,
@@ -115,6 +123,12 @@ pub struct DiffResult {
     /// `model.embed_tokens.weight` present).
     pub tied: Vec<String>,
     pub skipped: Vec<Skipped>,
+    /// The FP8 weights compared as their dequantised values, with each side's scale layout
+    /// (`None`: that side is stored unscaled, e.g. a BF16 export against an FP8 release).
+    pub dequantised: Vec<(String, Option<Layout>, Option<Layout>)>,
+    /// The scale tensors (weight and activation scales of scaled FP8 weights): compared and
+    /// listed with their changed scales, but not counted as weights (`floating` is false).
+    pub scales: Vec<String>,
     /// `(name, base rows, tuned rows)` of the tensors compared on the rows both share
     /// ([`DiffOptions::shared_rows`]); their extra rows are not compared.
     pub resized: Vec<(String, u64, u64)>,
@@ -332,10 +346,25 @@ pub fn diff(
             tied.push(head.to_string());
         }
     }
+    let scales_a = scaled::find(
+        &base_side.names,
+        &keep,
+        |n| base_side.get(n),
+        opts.block_base,
+    )?;
+    let scales_b = scaled::find(
+        &tuned_side.names,
+        &keep,
+        |n| tuned_side.get(n),
+        opts.block_tuned,
+    )?;
+    let is_scale = |n: &str| scales_a.names.contains(n) || scales_b.names.contains(n);
+    // A scale on one side only (FP8 against its BF16 export) is part of its weight's
+    // dequantisation, not a one-sided tensor.
     let only = |x: &Side, y: &Side| -> Vec<String> {
         x.names
             .keys()
-            .filter(|n| keep(n) && !y.contains(n))
+            .filter(|n| keep(n) && !y.contains(n) && !is_scale(n))
             .cloned()
             .collect()
     };
@@ -439,9 +468,30 @@ pub fn diff(
     }
 
     let nthr = opts.criterion.thresholds();
+    // Weights counted by value; scale tensors are compared but not counted.
     let floating: Vec<bool> = pairs
         .iter()
-        .map(|p| p.a.1.dtype.is_float() && p.b.1.dtype.is_float())
+        .map(|p| p.a.1.dtype.is_float() && p.b.1.dtype.is_float() && !is_scale(p.name))
+        .collect();
+    let scaled: Vec<Sides> = pairs
+        .iter()
+        .map(|p| {
+            (
+                scales_a.of.get(p.name).map(|(_, q)| *q),
+                scales_b.of.get(p.name).map(|(_, q)| *q),
+            )
+        })
+        .collect();
+    let dequantised = pairs
+        .iter()
+        .zip(&scaled)
+        .filter(|(_, (a, b))| a.is_some() || b.is_some())
+        .map(|(p, (a, b))| (p.name.to_string(), a.map(|q| q.layout), b.map(|q| q.layout)))
+        .collect();
+    let scale_names = pairs
+        .iter()
+        .filter(|p| is_scale(p.name))
+        .map(|p| p.name.to_string())
         .collect();
     // Mask bits go straight into a mapped mask file, or into memory, or nowhere.
     let mut writer = match &opts.mask_file {
@@ -483,7 +533,7 @@ pub fn diff(
                 _ => mem.as_deref_mut(),
             })
             .collect();
-        compare_pairs(&pairs, outs, opts, progress)?
+        compare_pairs(&pairs, &floating, &scaled, outs, opts, progress)?
     };
     // Nothing is reported, and no mask committed, from a file that changed under the pass.
     for p in &pairs {
@@ -506,20 +556,23 @@ pub fn diff(
     }
     let tensors = pairs
         .iter()
+        .zip(&floating)
         .zip(changed)
         .zip(bits)
         .zip(hists)
-        .map(|(((p, changed), bits), by_magnitude)| TensorDiff {
-            name: p.name.to_string(),
-            base_dtype: p.a.1.dtype,
-            tuned_dtype: p.b.1.dtype,
-            shape: p.shape(),
-            numel: p.numel(),
-            floating: p.a.1.dtype.is_float() && p.b.1.dtype.is_float(),
-            changed,
-            bits,
-            by_magnitude,
-        })
+        .map(
+            |((((p, &floating), changed), bits), by_magnitude)| TensorDiff {
+                name: p.name.to_string(),
+                base_dtype: p.a.1.dtype,
+                tuned_dtype: p.b.1.dtype,
+                shape: p.shape(),
+                numel: p.numel(),
+                floating,
+                changed,
+                bits,
+                by_magnitude,
+            },
+        )
         .collect();
     Ok(DiffResult {
         tensors,
@@ -527,11 +580,89 @@ pub fn diff(
         only_in_tuned,
         tied,
         skipped,
+        dequantised,
+        scales: scale_names,
         resized,
         renamed_base: base_side.renamed,
         renamed_tuned: tuned_side.renamed,
     })
 }
+
+/// Elements of a scaled FP8 stretch dequantised and compared at a time: small enough that the
+/// dequantised values (4 or 8 bytes each, both sides) stay in cache until they are compared.
+const STRETCH: usize = 1024;
+const _: () = assert!(STRETCH % BLOCK == 0 && CHUNK % STRETCH == 0);
+
+/// How one side of a scaled stretch reaches the kernel.
+#[derive(Clone, Copy)]
+enum Prepared {
+    /// As stored (an unscaled side).
+    Stored,
+    /// The codes as stored, with one scale per block of 64 ([`Stretch::scales`]).
+    Fused,
+    /// Values (or, for the exact criterion, keys) of this dtype in the first bytes of
+    /// [`Stretch::buffer`].
+    Buffered(Dtype, usize),
+}
+
+/// A worker's reusable buffers for one side of scaled stretches: they grow to the largest
+/// stretch once (a fresh megabyte per chunk would cost its page faults every time).
+#[derive(Default)]
+struct Stretch {
+    buffer: Vec<u8>,
+    scales: Vec<f32>,
+}
+
+impl Stretch {
+    /// Prepares `raw` (elements `first..` of a weight scaled as `q`, if it is) for the kernel:
+    /// codes and block scales where every block of 64 has one scale, else dequantised
+    /// values, or codes and scales as stored (`keys`, the exact criterion).
+    fn prepare(
+        &mut self,
+        q: Option<scaled::Scaled>,
+        raw: &[u8],
+        d: Dtype,
+        first: usize,
+        keys: bool,
+    ) -> Prepared {
+        let Some(s) = q else {
+            return Prepared::Stored;
+        };
+        let n = raw.len() / d.size();
+        if !keys && scaled::block_scales(n, first, &s, &mut self.scales) {
+            return Prepared::Fused;
+        }
+        let width = if keys { 8 } else { 4 };
+        if self.buffer.len() < n * width {
+            self.buffer.resize(n * width, 0);
+        }
+        let out = &mut self.buffer[..n * width];
+        if keys {
+            scaled::stored_keys(raw, first, &s, out);
+            Prepared::Buffered(Dtype::U64, n * 8)
+        } else {
+            scaled::dequantise(raw, d, first, &s, out);
+            Prepared::Buffered(Dtype::F32, n * 4)
+        }
+    }
+
+    /// The bytes, dtype and block scales the kernel reads for a prepared side.
+    fn view<'a>(
+        &'a self,
+        p: Prepared,
+        raw: &'a [u8],
+        d: Dtype,
+    ) -> (&'a [u8], Dtype, Option<&'a [f32]>) {
+        match p {
+            Prepared::Stored => (raw, d, None),
+            Prepared::Fused => (raw, d, Some(&self.scales)),
+            Prepared::Buffered(dtype, len) => (&self.buffer[..len], dtype, None),
+        }
+    }
+}
+
+/// Each side's scale of a pair's weight, when it is a scaled FP8 weight.
+type Sides<'a> = (Option<scaled::Scaled<'a>>, Option<scaled::Scaled<'a>>);
 
 /// What one chunk of one pair gives: the pair, its changed counts per threshold, and its
 /// binade counts when the magnitude lens was asked for.
@@ -542,6 +673,8 @@ type ChunkResult = (usize, Vec<u64>, Option<Hist>);
 /// per chunk.
 fn compare_pairs(
     pairs: &[Pair],
+    floating: &[bool],
+    scaled: &[Sides],
     outs: Vec<Option<&mut [u8]>>,
     opts: &DiffOptions,
     progress: &Progress,
@@ -571,46 +704,86 @@ fn compare_pairs(
     let exact = Criterion::Exact;
     items
         .into_par_iter()
-        .map(|item| {
-            if progress.cancel.load(Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
-            let p = &pairs[item.pair];
+        // Each worker reuses its buffers for dequantised FP8 stretches (a fresh megabyte per
+        // chunk would cost its page faults every time).
+        .map_init(
+            || (Stretch::default(), Stretch::default()),
+            |state: &mut (Stretch, Stretch), item| {
+                if progress.cancel.load(Ordering::Relaxed) {
+                    return Err(Error::Cancelled);
+                }
+                let p = &pairs[item.pair];
 
-            let (ta, tb) = (p.a.1, p.b.1);
-            let (sa, sb) = (ta.dtype.size(), tb.dtype.size());
-            p.a.0.prefetch(ta, item.start * sa, item.len * sa);
-            p.b.0.prefetch(tb, item.start * sb, item.len * sb);
-            let a = &p.a.0.bytes(ta)[item.start * sa..(item.start + item.len) * sa];
-            let b = &p.b.0.bytes(tb)[item.start * sb..(item.start + item.len) * sb];
-            let floating = ta.dtype.is_float() && tb.dtype.is_float();
-            let crit = if floating { &opts.criterion } else { &exact };
-            let mut counts = vec![0u64; nthr];
-            let job = Job {
-                a,
-                b,
-                da: ta.dtype,
-                db: tb.dtype,
-                n: item.len,
-            };
-            let mut hist = (floating && opts.magnitude).then(|| Hist::new(nthr));
-            if floating {
-                let bits = item.words.zip(opts.mask_at);
-                compare_chunk(crit, &job, &mut counts, bits, hist.as_mut());
-            } else {
-                // Integer tensors have one bitwise count, reported under every threshold.
-                let mut one = [0u64];
-                compare_chunk(crit, &job, &mut one, None, None);
-                counts.fill(one[0]);
-            }
-            progress
-                .done
-                .fetch_add((a.len() + b.len()) as u64, Ordering::Relaxed);
-            // A read of a truncated file returned zeros: these counts must not be reported,
-            // and the pass stops here.
-            p.a.0.check_faults()?;
-            p.b.0.check_faults()?;
-            Ok((item.pair, counts, hist))
-        })
+                let (ta, tb) = (p.a.1, p.b.1);
+                let (sa, sb) = (ta.dtype.size(), tb.dtype.size());
+                p.a.0.prefetch(ta, item.start * sa, item.len * sa);
+                p.b.0.prefetch(tb, item.start * sb, item.len * sb);
+                let raw_a = &p.a.0.bytes(ta)[item.start * sa..(item.start + item.len) * sa];
+                let raw_b = &p.b.0.bytes(tb)[item.start * sb..(item.start + item.len) * sb];
+                let floating = floating[item.pair];
+                let crit = if floating { &opts.criterion } else { &exact };
+                // Scaled FP8 weights: this stretch's dequantised values, or under the exact
+                // criterion (both sides scaled alike) codes and scales as stored.
+                let (qa, qb) = scaled[item.pair];
+                let keys = matches!(opts.criterion, Criterion::Exact)
+                    && qa.is_some()
+                    && qb.is_some()
+                    && ta.dtype == tb.dtype;
+                let mut counts = vec![0u64; nthr];
+                let mut hist = (floating && opts.magnitude && !keys).then(|| Hist::new(nthr));
+                if !floating {
+                    // Integer tensors (and scales) have one bitwise count, reported under every
+                    // threshold.
+                    let job = Job::new(raw_a, ta.dtype, raw_b, tb.dtype, item.len);
+                    let mut one = [0u64];
+                    compare_chunk(crit, &job, &mut one, None, None);
+                    counts.fill(one[0]);
+                } else if qa.is_none() && qb.is_none() {
+                    let job = Job::new(raw_a, ta.dtype, raw_b, tb.dtype, item.len);
+                    let bits = item.words.zip(opts.mask_at);
+                    compare_chunk(crit, &job, &mut counts, bits, hist.as_mut());
+                } else {
+                    // A scaled side is dequantised (or keyed) a cache-sized stretch at a time,
+                    // each stretch compared while it is still in cache.
+                    let (side_a, side_b) = state;
+                    let mut words = item.words;
+                    for off in (0..item.len).step_by(STRETCH) {
+                        let n = STRETCH.min(item.len - off);
+                        let ra = &raw_a[off * sa..(off + n) * sa];
+                        let rb = &raw_b[off * sb..(off + n) * sb];
+                        let first = item.start + off;
+                        let pa = side_a.prepare(qa, ra, ta.dtype, first, keys);
+                        let pb = side_b.prepare(qb, rb, tb.dtype, first, keys);
+                        let (a, da, fa) = side_a.view(pa, ra, ta.dtype);
+                        let (b, db, fb) = side_b.view(pb, rb, tb.dtype);
+                        let job = Job {
+                            a,
+                            b,
+                            da,
+                            db,
+                            n,
+                            fa,
+                            fb,
+                        };
+                        let bits = words
+                            .as_deref_mut()
+                            .map(|w| {
+                                let end = (off / 8 + n.div_ceil(64) * 8).min(w.len());
+                                &mut w[off / 8..end]
+                            })
+                            .zip(opts.mask_at);
+                        compare_chunk(crit, &job, &mut counts, bits, hist.as_mut());
+                    }
+                }
+                progress
+                    .done
+                    .fetch_add((raw_a.len() + raw_b.len()) as u64, Ordering::Relaxed);
+                // A read of a truncated file returned zeros: these counts must not be reported,
+                // and the pass stops here.
+                p.a.0.check_faults()?;
+                p.b.0.check_faults()?;
+                Ok((item.pair, counts, hist))
+            },
+        )
         .collect::<Result<_>>()
 }

@@ -177,6 +177,26 @@ pub(crate) struct Job<'a> {
     pub da: Dtype,
     pub db: Dtype,
     pub n: usize,
+    /// Scaled FP8 codes in `a`: one scale per block of [`BLOCK`] elements, applied as
+    /// [`load_scaled`] describes (see [`crate::scaled`]).
+    pub fa: Option<&'a [f32]>,
+    /// The same for `b`.
+    pub fb: Option<&'a [f32]>,
+}
+
+impl<'a> Job<'a> {
+    /// `n` elements of `da` in `a` against `n` of `db` in `b`, as stored.
+    pub(crate) fn new(a: &'a [u8], da: Dtype, b: &'a [u8], db: Dtype, n: usize) -> Job<'a> {
+        Job {
+            a,
+            b,
+            da,
+            db,
+            n,
+            fa: None,
+            fb: None,
+        }
+    }
 }
 
 /// Adds the changed counts of `job` to `counts` (one per threshold) and, when `bits` is given,
@@ -264,6 +284,34 @@ fn load32(d: Dtype, src: &[u8], out: &mut [u32; BLOCK], m: usize) {
     }
 }
 
+/// Loads `m` FP8 codes of `d` dequantised with one scale: `f32(code) * scale`, rounded once
+/// ([`crate::scaled::fp8_value`]).
+#[inline(always)]
+pub(crate) fn load_scaled(d: Dtype, src: &[u8], scale: f32, out: &mut [u32; BLOCK], m: usize) {
+    if m < BLOCK {
+        out.fill(0);
+    }
+    if d == Dtype::F8E5M2 {
+        for (o, &c) in out.iter_mut().zip(src) {
+            *o = (crate::scaled::fp8_value::<true>(c) * scale).to_bits();
+        }
+    } else {
+        for (o, &c) in out.iter_mut().zip(src) {
+            *o = (crate::scaled::fp8_value::<false>(c) * scale).to_bits();
+        }
+    }
+}
+
+/// [`load_scaled`] widened to f64 bit patterns, for the f64 lane.
+#[inline(always)]
+fn load_scaled64(d: Dtype, src: &[u8], scale: f32, out: &mut [u64; BLOCK], m: usize) {
+    let mut narrow = [0u32; BLOCK];
+    load_scaled(d, src, scale, &mut narrow, m);
+    for (o, &x) in out.iter_mut().zip(&narrow) {
+        *o = widen::f32_to_f64_bits(x);
+    }
+}
+
 /// Loads `m` elements of `d` as f64 bit patterns (floating dtypes) or raw zero-extended bits
 /// (integer dtypes, compared bit for bit only).
 #[inline(always)]
@@ -322,7 +370,7 @@ fn pack(ch: &[u8; BLOCK]) -> u64 {
 /// `!(d <= t)`, which also holds for a NaN distance. Every loop runs over 32- or 64-bit lanes
 /// with fixed trip counts, so it vectorises.
 macro_rules! lane {
-    ($name:ident, $run:ident, $block:ident, $F:ty, $U:ty, $load:ident, $binade:ident) => {
+    ($name:ident, $run:ident, $block:ident, $F:ty, $U:ty, $load:ident, $scaled:ident, $binade:ident) => {
         /// Compares one block of loaded values: adds its changed counts to `counts` and
         /// returns the packed changed-bits of threshold `mask_at` (0 when none is asked for).
         // `!(d <= t)` is meant: unlike `d > t`, it is true for a NaN difference.
@@ -419,8 +467,15 @@ macro_rules! lane {
             for blk in 0..job.n.div_ceil(BLOCK) {
                 let s = blk * BLOCK;
                 let m = BLOCK.min(job.n - s);
-                $load(job.da, &job.a[s * sa..(s + m) * sa], &mut ua, m);
-                $load(job.db, &job.b[s * sb..(s + m) * sb], &mut ub, m);
+                let (a, b) = (&job.a[s * sa..(s + m) * sa], &job.b[s * sb..(s + m) * sb]);
+                match job.fa {
+                    Some(f) => $scaled(job.da, a, f[blk], &mut ua, m),
+                    None => $load(job.da, a, &mut ua, m),
+                }
+                match job.fb {
+                    Some(f) => $scaled(job.db, b, f[blk], &mut ub, m),
+                    None => $load(job.db, b, &mut ub, m),
+                }
                 let word = $block(crit, &tols, &ua, &ub, &mut d, &mut ch, counts, mask_at);
                 if let Some((out, _)) = bits.as_mut() {
                     out[blk * 8..blk * 8 + 8].copy_from_slice(&word.to_le_bytes());
@@ -495,8 +550,26 @@ macro_rules! lane {
     };
 }
 
-lane!(lane32, run32, block32, f32, u32, load32, binade32);
-lane!(lane64, run64, block64, f64, u64, load64, binade64);
+lane!(
+    lane32,
+    run32,
+    block32,
+    f32,
+    u32,
+    load32,
+    load_scaled,
+    binade32
+);
+lane!(
+    lane64,
+    run64,
+    block64,
+    f64,
+    u64,
+    load64,
+    load_scaled64,
+    binade64
+);
 
 /// The thresholds of a criterion in the kernel's terms (none for exact).
 fn thresholds(crit: &Criterion) -> Vec<f64> {
@@ -648,7 +721,7 @@ mod tests {
     ) -> (Vec<u64>, Vec<u64>) {
         let mut counts = vec![0; crit.thresholds()];
         let mut bits = vec![0xffu8; n.div_ceil(64) * 8];
-        let job = Job { a, b, da, db, n };
+        let job = Job::new(a, da, b, db, n);
         compare_chunk(crit, &job, &mut counts, Some((&mut bits, 0)), None);
         // The baseline copy must agree with whichever copy the CPU picked.
         let mut c2 = vec![0; crit.thresholds()];
@@ -821,13 +894,7 @@ mod tests {
                 for j in 0..3 {
                     let mut c = vec![0];
                     let mut b = vec![0u8; nbytes];
-                    let job = Job {
-                        a: &base_b,
-                        b: steps[j].0,
-                        da: dtypes[0],
-                        db: steps[j].1,
-                        n,
-                    };
+                    let job = Job::new(&base_b, dtypes[0], steps[j].0, steps[j].1, n);
                     compare_chunk(&crit, &job, &mut c, Some((&mut b, 0)), None);
                     assert_eq!(vs[j], c[0], "{crit:?} step {j}");
                     assert_eq!(&bits[j * nbytes..(j + 1) * nbytes], b.as_slice());
@@ -837,13 +904,7 @@ mod tests {
                         steps[j - 1]
                     };
                     let mut c = vec![0];
-                    let job = Job {
-                        a: pa,
-                        b: steps[j].0,
-                        da: pd,
-                        db: steps[j].1,
-                        n,
-                    };
+                    let job = Job::new(pa, pd, steps[j].0, steps[j].1, n);
                     compare_chunk(&crit, &job, &mut c, None, None);
                     assert_eq!(cons[j], c[0], "{crit:?} consecutive {j}");
                 }

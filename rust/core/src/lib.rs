@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod maskfile;
 pub mod names;
 pub mod safetensors;
+pub mod scaled;
 pub mod text;
 pub mod trajectory;
 

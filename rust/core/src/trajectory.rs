@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::kernel::{compare_run, Criterion, Run};
 use crate::maskfile::{self, MaskEntry, MaskFile};
 use crate::safetensors::{Shard, TensorInfo, U8FileWriter};
+use crate::scaled;
 
 /// What to compare and how.
 #[derive(Debug, Clone)]
@@ -134,6 +135,20 @@ pub fn trajectory(
         .enumerate()
         .map(|(k, c)| Side::new(c, &format!("checkpoint {}", k + 1), &opts.name_map))
         .collect::<Result<Vec<_>>>()?;
+    // Scaled FP8 weights are compared by value by `diff` only; here they would be compared as
+    // raw codes, so they are refused.
+    for side in [&base_side].into_iter().chain(&sides) {
+        if let Some((weight, scale)) =
+            scaled::first_scaled(&side.names, |n| side.get(n).map(|(_, t)| t.dtype))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{}: '{weight}' is an FP8 weight scaled by '{scale}': trajectories do not \
+                 dequantise scaled FP8 weights yet (their codes alone would give wrong figures); \
+                 compare checkpoints pairwise with rlmask diff, which does",
+                side.ckpt.path.display()
+            )));
+        }
+    }
     let selected: Option<BTreeSet<&str>> = opts
         .select
         .as_ref()

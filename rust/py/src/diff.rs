@@ -164,6 +164,13 @@ pub struct DiffResult {
     /// (name, reason) of each tensor left out with `skip_mismatched`.
     #[pyo3(get)]
     skipped: Vec<(String, String)>,
+    /// (weight, base scale layout, tuned scale layout) of each FP8 weight compared by its
+    /// dequantised values (`None`: stored unscaled on that side).
+    #[pyo3(get)]
+    dequantised: Vec<(String, Option<String>, Option<String>)>,
+    /// The scale tensors: compared, but not counted as weights.
+    #[pyo3(get)]
+    scales: Vec<String>,
     /// (name, base rows, tuned rows) of each tensor compared on the rows both share.
     #[pyo3(get)]
     resized: Vec<(String, u64, u64)>,
@@ -187,8 +194,9 @@ impl DiffResult {
 /// wrapper segments are removed and `name_map` (prefix pairs) applied. With `mask_at` (an index
 /// into the criterion's thresholds), the mask bits are returned per tensor, or written to
 /// `mask_file` (with `mask_provenance` in its metadata) without being held in memory.
+/// `block_base`/`block_tuned`: the block size of each side's block-scaled FP8 weights.
 #[pyfunction]
-#[pyo3(signature = (base, tuned, *, criterion, select=None, name_map=Vec::new(), skip_mismatched=false, shared_rows=false, mask_at=None, mask_file=None, mask_provenance=None, magnitude=false, progress=None))]
+#[pyo3(signature = (base, tuned, *, criterion, select=None, name_map=Vec::new(), skip_mismatched=false, shared_rows=false, block_base=None, block_tuned=None, mask_at=None, mask_file=None, mask_provenance=None, magnitude=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn diff<'py>(
     py: Python<'py>,
@@ -199,6 +207,8 @@ pub fn diff<'py>(
     name_map: Vec<(String, String)>,
     skip_mismatched: bool,
     shared_rows: bool,
+    block_base: Option<[u64; 2]>,
+    block_tuned: Option<[u64; 2]>,
     mask_at: Option<usize>,
     mask_file: Option<std::path::PathBuf>,
     mask_provenance: Option<std::collections::BTreeMap<String, String>>,
@@ -211,6 +221,8 @@ pub fn diff<'py>(
         name_map,
         skip_mismatched,
         shared_rows,
+        block_base,
+        block_tuned,
         mask_at,
         mask_file: mask_file.map(|path| core::MaskFileSpec {
             path,
@@ -252,6 +264,12 @@ pub fn diff<'py>(
         only_in_tuned: result.only_in_tuned,
         tied: result.tied,
         skipped: skipped_pairs(result.skipped),
+        dequantised: result
+            .dequantised
+            .into_iter()
+            .map(|(n, a, b)| (n, a.map(|l| l.to_string()), b.map(|l| l.to_string())))
+            .collect(),
+        scales: result.scales,
         resized: result.resized,
         renamed_base: result.renamed_base,
         renamed_tuned: result.renamed_tuned,

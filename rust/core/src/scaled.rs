@@ -1,0 +1,419 @@
+//! FP8 weights stored with scales (design §1, "Scaled FP8 weights"): which tensor scales which
+//! weight and how (one scale, one per row, one per block), and the dequantised values of a
+//! stretch of a weight, found by index arithmetic, never by materialising the whole tensor.
+//!
+//! A weight `NAME` stored as F8_E4M3 or F8_E5M2 is scaled when `NAME_scale_inv` (DeepSeek-V3)
+//! or `NAME_scale` (compressed-tensors exports) sits beside it; its value is
+//! `f32(code) * f32(scale)`, rounded once in f32. `NAME_input_scale` beside such a weight is an
+//! activation scale: like the weight scales, it is reported but not counted as a weight.
+
+use std::collections::BTreeMap;
+
+use crate::dtype::{widen, Dtype};
+use crate::error::{Error, Result};
+use crate::safetensors::{Shard, TensorInfo};
+
+/// Suffixes that name the dequantisation scale of the weight `NAME` as `NAME<suffix>`.
+const SCALE_SUFFIXES: [&str; 2] = ["_scale_inv", "_scale"];
+/// Activation scales stored beside scaled weights: `X.input_scale` for the weight `X.weight`.
+const INPUT_SCALE: &str = "input_scale";
+
+/// How a scale tensor covers its weight, seen as `rows x cols` (`cols` the last dimension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One scale for the whole tensor.
+    Tensor,
+    /// One scale per row (per output channel).
+    Rows,
+    /// One scale per block of `rows x cols` elements; edge blocks may be smaller.
+    Blocks { rows: u64, cols: u64 },
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Layout::Tensor => write!(f, "per-tensor"),
+            Layout::Rows => write!(f, "per-row"),
+            Layout::Blocks { rows, cols } => write!(f, "block {rows}x{cols}"),
+        }
+    }
+}
+
+/// A scaled weight: its scale tensor and how the scale covers it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Scaled<'a> {
+    pub(crate) scale: (&'a Shard, &'a TensorInfo),
+    pub(crate) layout: Layout,
+    /// Elements per row of the weight (its last dimension; the whole tensor when 1-D).
+    pub(crate) cols: u64,
+}
+
+/// The scale tensors of one checkpoint side, by the paired names of the weights they scale,
+/// and every tensor name (paired) that is a scale rather than a weight.
+pub(crate) struct Scales<'a> {
+    pub(crate) of: BTreeMap<String, (String, Scaled<'a>)>,
+    pub(crate) names: std::collections::BTreeSet<String>,
+}
+
+fn is_fp8(d: Dtype) -> bool {
+    matches!(d, Dtype::F8E4M3 | Dtype::F8E5M2)
+}
+
+/// The layout of `scale` over `weight`, given the block size the checkpoint declares (if any).
+fn layout(
+    name: &str,
+    weight: &TensorInfo,
+    scale: &TensorInfo,
+    block: Option<[u64; 2]>,
+) -> Result<Layout> {
+    let shape = &weight.shape;
+    let cols = shape.last().copied().unwrap_or(1).max(1);
+    let rows = weight.numel / cols;
+    let refuse = |why: String| {
+        Err(Error::Tensor {
+            path: Default::default(),
+            tensor: name.to_string(),
+            reason: why,
+        })
+    };
+    if !matches!(scale.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+        return refuse(format!(
+            "its scale '{}' is {}, not a floating dtype rlmask can dequantise with (F32, BF16, \
+             F16)",
+            scale.name, scale.dtype
+        ));
+    }
+    if scale.numel == 1 {
+        return Ok(Layout::Tensor);
+    }
+    let s = &scale.shape;
+    if shape.len() == 2 && (s.as_slice() == [rows] || s.as_slice() == [rows, 1]) {
+        return Ok(Layout::Rows);
+    }
+    if shape.len() == 2 && s.len() == 2 {
+        let Some([br, bc]) = block else {
+            return refuse(format!(
+                "FP8 weight {shape:?} with block scales {s:?} ('{}'): the block size is needed \
+                 and unknown; it is read from config.json's quantization_config.\
+                 weight_block_size, or give it (block_size=(128, 128), --block-size 128x128)",
+                scale.name
+            ));
+        };
+        if br == 0 || bc == 0 || s[0] != rows.div_ceil(br) || s[1] != cols.div_ceil(bc) {
+            return refuse(format!(
+                "FP8 weight {shape:?} with block scales {s:?} ('{}') does not fit blocks of \
+                 {br}x{bc} (expected scales [{}, {}])",
+                scale.name,
+                rows.div_ceil(br.max(1)),
+                cols.div_ceil(bc.max(1))
+            ));
+        }
+        return Ok(Layout::Blocks { rows: br, cols: bc });
+    }
+    refuse(format!(
+        "unknown scale layout: FP8 weight {shape:?} with scale '{}' of shape {s:?} (rlmask knows \
+         one scale, one per row, and 2-D blocks); it is not compared as if unscaled",
+        scale.name
+    ))
+}
+
+/// Finds the scaled FP8 weights among the `names` (paired) of one side that `keep` selects;
+/// `get` looks up any name of that side.
+pub(crate) fn find<'a>(
+    names: &BTreeMap<String, &'a str>,
+    keep: &dyn Fn(&str) -> bool,
+    get: impl Fn(&str) -> Option<(&'a Shard, &'a TensorInfo)>,
+    block: Option<[u64; 2]>,
+) -> Result<Scales<'a>> {
+    let mut of = BTreeMap::new();
+    let mut scale_names = std::collections::BTreeSet::new();
+    for weight in names.keys().filter(|n| keep(n)) {
+        let Some((shard, w)) = get(weight) else {
+            continue;
+        };
+        if !is_fp8(w.dtype) {
+            continue;
+        }
+        for suffix in SCALE_SUFFIXES {
+            let scale_name = format!("{weight}{suffix}");
+            let Some(scale) = get(&scale_name) else {
+                continue;
+            };
+            let layout = layout(weight, w, scale.1, block).map_err(|e| match e {
+                Error::Tensor { tensor, reason, .. } => Error::Tensor {
+                    path: shard.path.clone(),
+                    tensor,
+                    reason,
+                },
+                other => other,
+            })?;
+            let cols = w.shape.last().copied().unwrap_or(1).max(1);
+            of.insert(
+                weight.clone(),
+                (
+                    scale_name.clone(),
+                    Scaled {
+                        scale,
+                        layout,
+                        cols,
+                    },
+                ),
+            );
+            scale_names.insert(scale_name);
+            break;
+        }
+        if let Some(prefix) = weight.strip_suffix("weight") {
+            let input = format!("{prefix}{INPUT_SCALE}");
+            if names.contains_key(&input) {
+                scale_names.insert(input);
+            }
+        }
+    }
+    Ok(Scales {
+        of,
+        names: scale_names,
+    })
+}
+
+/// The first FP8 weight among `names` that a scale tensor sits beside, with that scale's name
+/// (for the passes that do not dequantise, so that they refuse rather than compare codes).
+pub(crate) fn first_scaled(
+    names: &BTreeMap<String, &str>,
+    get: impl Fn(&str) -> Option<Dtype>,
+) -> Option<(String, String)> {
+    names.keys().find_map(|weight| {
+        if !get(weight).is_some_and(is_fp8) {
+            return None;
+        }
+        SCALE_SUFFIXES
+            .iter()
+            .map(|suffix| format!("{weight}{suffix}"))
+            .find(|scale| names.contains_key(scale))
+            .map(|scale| (weight.clone(), scale))
+    })
+}
+
+/// The scale of element `k` of the scale tensor, as f32 bits.
+#[inline(always)]
+fn scale_at(s: &Scaled, k: usize) -> f32 {
+    let (shard, t) = s.scale;
+    let bytes = shard.bytes(t);
+    let bits = match t.dtype {
+        Dtype::F32 => u32::from_le_bytes(bytes[4 * k..4 * k + 4].try_into().unwrap()),
+        Dtype::BF16 => widen::bf16(u16::from_le_bytes([bytes[2 * k], bytes[2 * k + 1]])),
+        _ => widen::f16_table()[u16::from_le_bytes([bytes[2 * k], bytes[2 * k + 1]]) as usize],
+    };
+    f32::from_bits(bits)
+}
+
+/// Calls `run(first, last, scale index)` for the runs of elements `start..end` (global element
+/// indices) that share one scale. Positions are divided out once, then advanced run by run.
+#[inline(always)]
+fn runs(
+    layout: Layout,
+    cols: u64,
+    start: usize,
+    end: usize,
+    mut run: impl FnMut(usize, usize, usize),
+) {
+    let cols = cols as usize;
+    let mut i = start;
+    match layout {
+        Layout::Tensor => run(start, end, 0),
+        Layout::Rows => {
+            let (mut r, mut c) = (i / cols, i % cols);
+            while i < end {
+                let stop = end.min(i + cols - c);
+                run(i, stop, r);
+                (i, r, c) = (stop, r + 1, 0);
+            }
+        }
+        Layout::Blocks { rows: br, cols: bc } => {
+            let (br, bc) = (br as usize, bc as usize);
+            let per_row = cols.div_ceil(bc);
+            let (r, mut c) = (i / cols, i % cols);
+            let (mut row_block, mut row_in) = (r / br, r % br);
+            let (mut col_block, mut col_in) = (c / bc, c % bc);
+            while i < end {
+                // To the end of the block or of the row, whichever comes first.
+                let stop = end.min(i + (bc - col_in).min(cols - c));
+                run(i, stop, row_block * per_row + col_block);
+                let step = stop - i;
+                (i, c, col_in) = (stop, c + step, col_in + step);
+                if col_in == bc {
+                    (col_block, col_in) = (col_block + 1, 0);
+                }
+                if c == cols {
+                    (c, col_block, col_in, row_in) = (0, 0, 0, row_in + 1);
+                    if row_in == br {
+                        (row_block, row_in) = (row_block + 1, 0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The exact f32 value of an FP8 code (E5M2 when `E5M2`, else E4M3), bit for bit the widening
+/// of [`crate::dtype`]'s tables, computed without a table and without subnormal intermediates
+/// (which cost microcode assists on some CPUs): a normal code's exponent and mantissa are
+/// placed into an f32 and rebiased; a subnormal `m * 2^-k` is `2^-k' * (1 + m') - 2^-k'` for
+/// the right `k'`, exact in f32; NaN and infinite codes get their widened patterns (payload
+/// kept); the sign goes on last. Straight-line code, so loops over it vectorise.
+#[inline(always)]
+pub(crate) fn fp8_value<const E5M2: bool>(c: u8) -> f32 {
+    let (shift, bias, exp_mask, sub_exp) = if E5M2 {
+        (21u32, 112u32, 0x7cu32, 113u32)
+    } else {
+        (20, 120, 0x78, 121)
+    };
+    let magnitude = c as u32 & 0x7f;
+    let placed = magnitude << shift;
+    let normal = placed + (bias << 23);
+    let one = f32::from_bits(sub_exp << 23);
+    let subnormal = (f32::from_bits(placed | (sub_exp << 23)) - one).to_bits();
+    let (is_special, special) = if E5M2 {
+        // Exponent all ones: infinity, or NaN with the mantissa as payload.
+        (
+            magnitude & 0x7c == 0x7c,
+            0x7f80_0000 | ((magnitude & 3) << 21),
+        )
+    } else {
+        // Only S.1111.111 is NaN; E4M3 has no infinity.
+        (magnitude == 0x7f, 0x7fc0_0000)
+    };
+    let bits = if is_special {
+        special
+    } else if magnitude & exp_mask == 0 {
+        subnormal
+    } else {
+        normal
+    };
+    f32::from_bits(bits | ((c as u32 & 0x80) << 24))
+}
+
+/// The dequantised values (f32, little-endian bytes) of elements `start..start + codes.len()`
+/// of a scaled weight whose codes are `codes`, written to `out` (4 bytes per code): each
+/// `f32(code) * f32(scale)`, rounded once.
+pub(crate) fn dequantise(codes: &[u8], dtype: Dtype, start: usize, s: &Scaled, out: &mut [u8]) {
+    let e5m2 = dtype == Dtype::F8E5M2;
+    runs(s.layout, s.cols, start, start + codes.len(), |a, b, k| {
+        let scale = scale_at(s, k);
+        let out = &mut out[(a - start) * 4..(b - start) * 4];
+        for (o, &c) in out.chunks_exact_mut(4).zip(&codes[a - start..b - start]) {
+            let v = if e5m2 {
+                fp8_value::<true>(c)
+            } else {
+                fp8_value::<false>(c)
+            };
+            o.copy_from_slice(&(v * scale).to_le_bytes());
+        }
+    });
+}
+
+/// The scale of every block of [`crate::kernel::BLOCK`] elements of the stretch
+/// `start..start + n` (for [`crate::kernel::load_scaled`]), into `out`; false when a block
+/// straddles two scales (edge blocks of shapes that are not multiples of 64): the caller then
+/// dequantises with [`dequantise`].
+pub(crate) fn block_scales(n: usize, start: usize, s: &Scaled, out: &mut Vec<f32>) -> bool {
+    use crate::kernel::BLOCK;
+    out.clear();
+    out.resize(n.div_ceil(BLOCK), 0.0);
+    let mut ok = true;
+    runs(s.layout, s.cols, start, start + n, |a, b, k| {
+        if a != start && (a - start) % BLOCK != 0 {
+            ok = false;
+        }
+        if ok {
+            let scale = scale_at(s, k);
+            out[(a - start) / BLOCK..(b - start).div_ceil(BLOCK)].fill(scale);
+        }
+    });
+    ok
+}
+
+/// The elements as stored, code and scale together (`scale bits << 32 | code`, u64
+/// little-endian bytes), written to `out` (8 bytes per code): two elements compare equal under the exact
+/// criterion iff both their code and their block's scale are bit-identical.
+pub(crate) fn stored_keys(codes: &[u8], start: usize, s: &Scaled, out: &mut [u8]) {
+    runs(s.layout, s.cols, start, start + codes.len(), |a, b, k| {
+        let scale = (scale_at(s, k).to_bits() as u64) << 32;
+        let out = &mut out[(a - start) * 8..(b - start) * 8];
+        for (o, &c) in out.chunks_exact_mut(8).zip(&codes[a - start..b - start]) {
+            o.copy_from_slice(&(scale | c as u64).to_le_bytes());
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fp8_values_match_the_widening_tables_for_every_code() {
+        for c in 0..=255u8 {
+            for (e5m2, t) in [(false, 0), (true, 1)] {
+                let want = widen::f8_tables()[t][c as usize];
+                let got = if e5m2 {
+                    fp8_value::<true>(c)
+                } else {
+                    fp8_value::<false>(c)
+                };
+                assert_eq!(got.to_bits(), want, "code {c:#04x} e5m2={e5m2}");
+            }
+        }
+    }
+
+    /// The scale index of every element, the slow way.
+    fn naive(layout: Layout, rows: usize, cols: usize) -> Vec<usize> {
+        (0..rows * cols)
+            .map(|i| {
+                let (r, c) = (i / cols, i % cols);
+                match layout {
+                    Layout::Tensor => 0,
+                    Layout::Rows => r,
+                    Layout::Blocks { rows: br, cols: bc } => {
+                        (r / br as usize) * cols.div_ceil(bc as usize) + c / bc as usize
+                    }
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn runs_cover_every_element_with_its_scale() {
+        for (rows, cols) in [(37usize, 50usize), (128, 256), (5, 3), (1, 1000)] {
+            for layout in [
+                Layout::Tensor,
+                Layout::Rows,
+                Layout::Blocks { rows: 16, cols: 32 },
+                Layout::Blocks { rows: 1, cols: 7 },
+            ] {
+                let want = naive(layout, rows, cols);
+                // Every stretch boundary, including ones inside rows and blocks.
+                for (start, end) in [
+                    (0, rows * cols),
+                    (3, rows * cols),
+                    (33, 97.min(rows * cols)),
+                ] {
+                    if start >= end {
+                        continue;
+                    }
+                    let mut got = vec![usize::MAX; rows * cols];
+                    let mut last = start;
+                    runs(layout, cols as u64, start, end, |a, b, k| {
+                        assert_eq!(a, last, "runs are contiguous");
+                        last = b;
+                        got[a..b].fill(k);
+                    });
+                    assert_eq!(last, end);
+                    assert_eq!(
+                        &got[start..end],
+                        &want[start..end],
+                        "{layout:?} {rows}x{cols}"
+                    );
+                }
+            }
+        }
+    }
+}
