@@ -237,6 +237,44 @@ def test_scales_that_cannot_be_read_are_refused(tmp_path: Path) -> None:
     odd = _write(tmp_path / "b", {"w": code, "w_scale_inv": torch.ones(5)}, block=False)
     with pytest.raises(rlmask.CheckpointFormatError, match="unknown scale layout"):
         rlmask.diff(odd, odd, progress=False)
-    # Trajectories do not dequantise: they refuse.
-    with pytest.raises(ValueError, match="trajectories do not dequantise"):
+    # A trajectory needs the block size the same way.
+    with pytest.raises(rlmask.CheckpointFormatError, match="block size is needed"):
         rlmask.trajectory(no_config, [no_config], progress=False)
+
+
+@pytest.mark.parametrize("criterion", ["absolute", "exact"])
+def test_trajectory_of_scaled_checkpoints_agrees_with_diff(tmp_path: Path, criterion: str) -> None:
+    """A run of scaled FP8 checkpoints: every checkpoint against the base and against its
+    predecessor, and each checkpoint's mask, as the (oracle-tested) pairwise diffs give them;
+    the scale tensors are listed, not counted."""
+    rng = np.random.default_rng(12)
+    base, step1, oracle = _fixture(tmp_path, rng)
+    step2 = {}
+    for name, (_, _, suffix, _, _, new, new_scale) in oracle.items():
+        moved = new.clone()
+        moved.view(torch.uint8)[torch.from_numpy(rng.random(SHAPE) < 0.03)] ^= 2
+        step2[name], step2[name + suffix] = (
+            moved,
+            torch.from_numpy(np.asarray(new_scale * 1.25, np.float32)),
+        )
+    step2["model.norm.weight"] = torch.zeros(8, 8).bfloat16()
+    run = tmp_path / "run"
+    run.mkdir()
+    step1.rename(run / "checkpoint-100")
+    _write(run / "checkpoint-200", step2)
+    kw = {"criterion": criterion, "progress": False}
+    r = rlmask.trajectory(base, run, save_masks=tmp_path / "masks", **kw)
+    frame = {row["name"]: row for row in r.tensors.iter_rows(named=True)}
+    for k, step in enumerate(("checkpoint-100", "checkpoint-200")):
+        d = rlmask.diff(base, run / step, mask=True, **kw)
+        mask = rlmask.load_mask(tmp_path / "masks" / f"step-{(k + 1) * 100}.rlmask")
+        for row in d.tensors.filter(d.tensors["floating"]).iter_rows(named=True):
+            assert frame[row["name"]]["changed_vs_base"][k] == row["changed"], (step, row["name"])
+            assert d.mask is not None
+            np.testing.assert_array_equal(mask[row["name"]], d.mask[row["name"]])
+    consecutive = rlmask.diff(run / "checkpoint-100", run / "checkpoint-200", **kw)
+    for row in consecutive.tensors.filter(consecutive.tensors["floating"]).iter_rows(named=True):
+        assert frame[row["name"]]["changed_consecutive"][1] == row["changed"]
+    scales = sorted(n + spec[2] for n, spec in oracle.items())
+    assert sorted(n for n, _ in r.skipped) == scales
+    assert set(frame) == set(oracle) | {"model.norm.weight"}

@@ -258,6 +258,7 @@ def trajectory(
     select: list[str] | None = None,
     name_map: list[tuple[str, str]] = ...,
     skip_mismatched: bool = False,
+    block: tuple[int, int] | None = None,
     mask_files: list[str | PathLike[str]] | None = None,
     mask_provenance: list[dict[str, str]] | None = None,
     previous: Checkpoint | None = None,

@@ -34,7 +34,7 @@ from typing import Any
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._diff import Criterion, _label, parse_criterion, selection
+from rlmask._diff import Criterion, _label, declared_block, parse_criterion, selection
 from rlmask._io import PathArg, check_output
 from rlmask._names import layer_of, module_of, natural_key
 from rlmask._progress import progress_wanted, run_with_progress
@@ -327,6 +327,7 @@ def trajectory(
     exclude: str | Iterable[str] | None = None,
     name_map: Mapping[str, str] | None = None,
     skip_mismatched: bool = False,
+    block_size: tuple[int, int] | None = None,
     save_masks: PathArg | None = None,
     progress: bool = True,
     executor: str = "local",
@@ -345,7 +346,9 @@ def trajectory(
             :func:`discover`).
         tol, criterion, eta: one threshold, as in :func:`rlmask.diff` (default: absolute,
             1e-5).
-        include, exclude, name_map, skip_mismatched: as in :func:`rlmask.diff`.
+        include, exclude, name_map, skip_mismatched, block_size: as in :func:`rlmask.diff`
+            (scaled FP8 weights are compared by their dequantised values; the block size
+            defaults to the base's ``config.json``).
         save_masks: a directory (created if missing) to receive each checkpoint's mask against
             the base, streamed from the pass: ``step-<n>.rlmask``, or
             ``<k>-<name>.rlmask`` for checkpoints without a step.
@@ -408,6 +411,7 @@ def trajectory(
         "select": select,
         "name_map": list((name_map or {}).items()),
         "skip_mismatched": skip_mismatched,
+        "block": block_size or declared_block(b),
     }
     masks: list[PathArg] | None = list(mask_files) if mask_files else None
     if executor == "ray":

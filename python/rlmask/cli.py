@@ -152,6 +152,13 @@ _shared_rows_option = click.option(
     "and tuned: embed_tokens, lm_head) on the leading rows both share, and list its extra rows, "
     "instead of failing.",
 )
+_block_option = click.option(
+    "--block-size",
+    metavar="RxC",
+    help="Block size of block-scaled FP8 weights (NAME beside NAME_scale_inv or NAME_scale), "
+    "e.g. 128x128; by default the checkpoints' config.json "
+    "(quantization_config.weight_block_size) gives it.",
+)
 _pairing_options = _options(
     _select_options,
     _skip_option,
@@ -295,13 +302,7 @@ def cli() -> None:
 @_output_option
 @_pairing_options
 @_shared_rows_option
-@click.option(
-    "--block-size",
-    metavar="RxC",
-    help="Block size of block-scaled FP8 weights (NAME beside NAME_scale_inv or NAME_scale), "
-    "e.g. 128x128; by default each checkpoint's config.json "
-    "(quantization_config.weight_block_size) gives it.",
-)
+@_block_option
 @click.option(
     "--save-mask",
     type=click.Path(dir_okay=False),
@@ -615,6 +616,7 @@ def overlap_cmd(
 @_format_option(["table", "json", "csv", "parquet"])
 @_output_option
 @_pairing_options
+@_block_option
 @click.option(
     "--save-masks",
     type=click.Path(file_okay=False),
@@ -657,6 +659,7 @@ def trajectory_cmd(
     exclude: tuple[str, ...],
     skip_mismatched: bool,
     name_map: tuple[str, ...],
+    block_size: str | None,
     save_masks: str | None,
     plot: str | None,
     executor: str,
@@ -694,6 +697,7 @@ def trajectory_cmd(
         exclude=exclude or None,
         name_map=_parse_name_map(name_map),
         skip_mismatched=skip_mismatched,
+        block_size=_parse_block(block_size),
         save_masks=save_masks,
         progress=not quiet,
         executor=executor,

@@ -617,9 +617,11 @@ fn compare_run_avx2(crit: &Criterion, run: &mut Run) {
 
 #[inline(always)]
 fn compare_run_impl(crit: &Criterion, run: &mut Run) {
-    let wide = run.base.1 == Dtype::F64
-        || run.previous.is_some_and(|p| p.1 == Dtype::F64)
-        || run.steps.iter().any(|s| s.1 == Dtype::F64);
+    // The f64 lane for F64, and for integers (scaled FP8 codes and scales as stored).
+    let wide64 = |d: Dtype| d == Dtype::F64 || !d.is_float();
+    let wide = wide64(run.base.1)
+        || run.previous.is_some_and(|p| wide64(p.1))
+        || run.steps.iter().any(|s| wide64(s.1));
     if wide {
         run64(crit, run)
     } else {

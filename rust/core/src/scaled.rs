@@ -175,24 +175,6 @@ pub(crate) fn find<'a>(
     })
 }
 
-/// The first FP8 weight among `names` that a scale tensor sits beside, with that scale's name
-/// (for the passes that do not dequantise, so that they refuse rather than compare codes).
-pub(crate) fn first_scaled(
-    names: &BTreeMap<String, &str>,
-    get: impl Fn(&str) -> Option<Dtype>,
-) -> Option<(String, String)> {
-    names.keys().find_map(|weight| {
-        if !get(weight).is_some_and(is_fp8) {
-            return None;
-        }
-        SCALE_SUFFIXES
-            .iter()
-            .map(|suffix| format!("{weight}{suffix}"))
-            .find(|scale| names.contains_key(scale))
-            .map(|scale| (weight.clone(), scale))
-    })
-}
-
 /// The scale of element `k` of the scale tensor, as f32 bits.
 #[inline(always)]
 fn scale_at(s: &Scaled, k: usize) -> f32 {

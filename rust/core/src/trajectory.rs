@@ -36,6 +36,8 @@ pub struct TrajectoryOptions {
     pub skip_mismatched: bool,
     /// One mask file per checkpoint (its changed-bits against the base), with provenance.
     pub mask_files: Option<Vec<crate::diff::MaskFileSpec>>,
+    /// Block size of the run's block-scaled FP8 weights (see [`crate::scaled`]).
+    pub block: Option<[u64; 2]>,
 }
 
 /// What makes a trajectory one segment of a longer run (run segment by segment, on several
@@ -95,6 +97,10 @@ struct Track<'a> {
     previous: Option<(&'a Shard, &'a TensorInfo)>,
     /// The run's final changed-bits of this tensor (segments only).
     final_bits: Option<&'a [u8]>,
+    /// Scales of a scaled FP8 weight, per file.
+    base_scale: Option<scaled::Scaled<'a>>,
+    step_scales: Vec<Option<scaled::Scaled<'a>>>,
+    previous_scale: Option<scaled::Scaled<'a>>,
 }
 
 /// Compares every checkpoint of `ckpts` with `base` and with its predecessor, in one pass.
@@ -135,32 +141,35 @@ pub fn trajectory(
         .enumerate()
         .map(|(k, c)| Side::new(c, &format!("checkpoint {}", k + 1), &opts.name_map))
         .collect::<Result<Vec<_>>>()?;
-    // Scaled FP8 weights are compared by value by `diff` only; here they would be compared as
-    // raw codes, so they are refused.
-    for side in [&base_side].into_iter().chain(&sides) {
-        if let Some((weight, scale)) =
-            scaled::first_scaled(&side.names, |n| side.get(n).map(|(_, t)| t.dtype))
-        {
-            return Err(Error::InvalidArgument(format!(
-                "{}: '{weight}' is an FP8 weight scaled by '{scale}': trajectories do not \
-                 dequantise scaled FP8 weights yet (their codes alone would give wrong figures); \
-                 compare checkpoints pairwise with rlmask diff, which does",
-                side.ckpt.path.display()
-            )));
-        }
-    }
     let selected: Option<BTreeSet<&str>> = opts
         .select
         .as_ref()
         .map(|v| v.iter().map(String::as_str).collect());
     let keep = |n: &str| selected.as_ref().is_none_or(|s| s.contains(n));
+    // Scaled FP8 weights of every checkpoint; their scale tensors are compared through them.
+    let base_scales = scales_of(&base_side, &keep, opts.block)?;
+    let step_scales = sides
+        .iter()
+        .map(|s| scales_of(s, &keep, opts.block))
+        .collect::<Result<Vec<_>>>()?;
+    let previous_scales = previous_side
+        .as_ref()
+        .map(|s| scales_of(s, &keep, opts.block))
+        .transpose()?;
+    let is_scale = |n: &str| {
+        base_scales.names.contains(n)
+            || step_scales
+                .iter()
+                .chain(&previous_scales)
+                .any(|s| s.names.contains(n))
+    };
 
     // Each checkpoint must pair with the base as a diff would: mostly unpaired is an error.
     for side in &sides {
         let only = |x: &Side, y: &Side| -> Vec<String> {
             x.names
                 .keys()
-                .filter(|n| keep(n) && !y.contains(n))
+                .filter(|n| keep(n) && !y.contains(n) && !is_scale(n))
                 .cloned()
                 .collect()
         };
@@ -180,6 +189,13 @@ pub fn trajectory(
         let Some(b) = base_side.get(name) else {
             continue;
         };
+        if is_scale(name) {
+            skipped.push(crate::diff::Skipped {
+                name: name.clone(),
+                reason: "scale of an FP8 weight (compared through its weight)".into(),
+            });
+            continue;
+        }
         if !b.1.dtype.is_float() {
             skipped.push(crate::diff::Skipped {
                 name: name.clone(),
@@ -273,6 +289,9 @@ pub fn trajectory(
             steps,
             previous,
             final_bits,
+            base_scale: scale_of(&base_scales, name),
+            step_scales: step_scales.iter().map(|s| scale_of(s, name)).collect(),
+            previous_scale: previous_scales.as_ref().and_then(|s| scale_of(s, name)),
         });
     }
     if tracks.iter().all(|t| t.base.1.numel == 0) {
@@ -405,6 +424,20 @@ pub fn trajectory(
     })
 }
 
+/// The scaled FP8 weights of one checkpoint side among the names `keep` selects.
+fn scales_of<'c>(
+    side: &Side<'c>,
+    keep: &dyn Fn(&str) -> bool,
+    block: Option<[u64; 2]>,
+) -> Result<scaled::Scales<'c>> {
+    scaled::find(&side.names, keep, |n| side.get(n), block)
+}
+
+/// The scale of weight `name` in one side's scales.
+fn scale_of<'c>(s: &scaled::Scales<'c>, name: &str) -> Option<scaled::Scaled<'c>> {
+    s.of.get(name).map(|(_, q)| *q)
+}
+
 /// The counts of one chunk.
 struct ChunkCounts {
     vs_base: Vec<u64>,
@@ -433,11 +466,50 @@ fn compare_steps<'a>(
         &shard.bytes(info)[start * size..(start + len) * size]
     };
     let base = slice(t.base);
-    let steps: Vec<(&[u8], Dtype)> = t.steps.iter().map(|&s| (slice(s), s.1.dtype)).collect();
-    let previous = t.previous.map(|p| (slice(p), p.1.dtype));
-    let read = base.len()
-        + steps.iter().map(|s| s.0.len()).sum::<usize>()
-        + previous.map_or(0, |p| p.0.len());
+    let steps: Vec<&[u8]> = t.steps.iter().map(|&s| slice(s)).collect();
+    let previous = t.previous.map(slice);
+    let read =
+        base.len() + steps.iter().map(|s| s.len()).sum::<usize>() + previous.map_or(0, <[u8]>::len);
+    // Scaled FP8 files: their dequantised values (or, under the exact criterion when every
+    // file is scaled alike, codes and scales as stored), one buffer per file.
+    let files = 1 + k + usize::from(previous.is_some());
+    let scales: Vec<Option<scaled::Scaled>> = std::iter::once(t.base_scale)
+        .chain(t.step_scales.iter().copied())
+        .chain(t.previous.map(|_| t.previous_scale))
+        .collect();
+    let dtypes: Vec<Dtype> = std::iter::once(t.base.1.dtype)
+        .chain(t.steps.iter().map(|s| s.1.dtype))
+        .chain(t.previous.map(|p| p.1.dtype))
+        .collect();
+    let raws: Vec<&[u8]> = std::iter::once(base)
+        .chain(steps.iter().copied())
+        .chain(previous)
+        .collect();
+    let keys = matches!(crit, Criterion::Exact)
+        && scales.iter().all(Option::is_some)
+        && dtypes.iter().all(|&d| d == dtypes[0]);
+    let buffers: Vec<Option<(Vec<u8>, Dtype)>> = (0..files)
+        .map(|f| {
+            scales[f].map(|s| {
+                let width = if keys { 8 } else { 4 };
+                let mut buf = vec![0u8; len * width];
+                if keys {
+                    scaled::stored_keys(raws[f], start, &s, &mut buf);
+                    (buf, Dtype::U64)
+                } else {
+                    scaled::dequantise(raws[f], dtypes[f], start, &s, &mut buf);
+                    (buf, Dtype::F32)
+                }
+            })
+        })
+        .collect();
+    let view = |f: usize| match &buffers[f] {
+        Some((buf, d)) => (&buf[..], *d),
+        None => (raws[f], dtypes[f]),
+    };
+    let base = view(0);
+    let steps: Vec<(&[u8], Dtype)> = (1..=k).map(view).collect();
+    let previous = t.previous.map(|_| view(k + 1));
     // Changed-bits against the base, one chunk per checkpoint.
     let mut bits_k = vec![0u8; k * nbytes];
     let mut c = ChunkCounts {
@@ -450,7 +522,7 @@ fn compare_steps<'a>(
     compare_run(
         crit,
         &mut Run {
-            base: (base, t.base.1.dtype),
+            base,
             previous,
             steps: &steps,
             n: len,

@@ -111,12 +111,13 @@ impl TrajectoryResult {
 }
 
 /// Compares checkpoints `ckpts` (in run order) with `base` and each with its predecessor (see
-/// `rlmask.trajectory`) at the criterion's one threshold. With `mask_files` (one path per checkpoint), each checkpoint's changed-bits
+/// `rlmask.trajectory`) at the criterion's one threshold; `block` is the block size of
+/// block-scaled FP8 weights. With `mask_files` (one path per checkpoint), each checkpoint's changed-bits
 /// against the base are written to its file. A segment of a longer run passes `previous` (the
 /// checkpoint before its first), `final_mask` (the run's final mask, so `outside_final` and
 /// `last` are the run's) and `ever_file` (written with the segment's ever-changed bits).
 #[pyfunction]
-#[pyo3(signature = (base, ckpts, *, criterion, select=None, name_map=Vec::new(), skip_mismatched=false, mask_files=None, mask_provenance=None, previous=None, final_mask=None, ever_file=None, progress=None))]
+#[pyo3(signature = (base, ckpts, *, criterion, select=None, name_map=Vec::new(), skip_mismatched=false, block=None, mask_files=None, mask_provenance=None, previous=None, final_mask=None, ever_file=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn trajectory<'py>(
     py: Python<'py>,
@@ -126,6 +127,7 @@ pub fn trajectory<'py>(
     select: Option<Vec<String>>,
     name_map: Vec<(String, String)>,
     skip_mismatched: bool,
+    block: Option<[u64; 2]>,
     mask_files: Option<Vec<PathBuf>>,
     mask_provenance: Option<Vec<BTreeMap<String, String>>>,
     previous: Option<PyRef<'py, Checkpoint>>,
@@ -157,6 +159,7 @@ pub fn trajectory<'py>(
         name_map,
         skip_mismatched,
         mask_files,
+        block,
     };
     let watch = progress.map(Progress::shared).unwrap_or_default();
     let a = base.inner.clone();
