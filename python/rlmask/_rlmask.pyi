@@ -17,6 +17,8 @@ __all__ = [
     "DiffResult",
     "MaskFile",
     "MaskTensor",
+    "PatchEntry",
+    "PatchFile",
     "Progress",
     "TensorDiff",
     "TensorInfo",
@@ -27,6 +29,9 @@ __all__ = [
     "mask_combine",
     "mask_count",
     "mask_overlap",
+    "patch_apply",
+    "patch_create",
+    "patch_verify",
     "printable",
     "trajectory",
     "write_mask",
@@ -266,3 +271,53 @@ def trajectory(
     ever_file: str | PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> TrajectoryResult: ...
+
+@final
+class PatchEntry:
+    @property
+    def name(self) -> str: ...
+    @property
+    def shape(self) -> list[int]: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def changed(self) -> int: ...
+    @property
+    def form(self) -> str: ...
+    @property
+    def base(self) -> str: ...
+    @property
+    def tuned(self) -> str: ...
+
+@final
+class PatchFile:
+    def __new__(cls, path: str | PathLike[str]) -> PatchFile: ...
+    @property
+    def path(self) -> Path: ...
+    def metadata(self) -> dict[str, str]: ...
+    def entries(self) -> list[PatchEntry]: ...
+    def stored_bytes(self) -> tuple[int, int, int]: ...
+
+def patch_create(
+    base: Checkpoint,
+    tuned: Checkpoint,
+    out: str | PathLike[str],
+    *,
+    name_map: list[tuple[str, str]] = ...,
+    provenance: dict[str, str] = ...,
+    progress: Progress | None = None,
+) -> tuple[list[PatchEntry], int]: ...
+def patch_apply(
+    base: Checkpoint,
+    patches: list[PatchFile],
+    out: str | PathLike[str],
+    *,
+    progress: Progress | None = None,
+) -> None: ...
+def patch_verify(
+    base: Checkpoint,
+    patch: PatchFile,
+    tuned: Checkpoint | None = None,
+    *,
+    progress: Progress | None = None,
+) -> None: ...

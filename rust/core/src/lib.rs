@@ -12,6 +12,7 @@ pub mod guard;
 pub mod kernel;
 pub mod maskfile;
 pub mod names;
+pub mod patch;
 pub mod safetensors;
 pub mod scaled;
 pub mod text;

@@ -210,6 +210,11 @@ impl Shard {
         Ok(())
     }
 
+    /// The whole file, header included.
+    pub fn file_bytes(&self) -> &[u8] {
+        &self.mmap[..]
+    }
+
     /// The bytes of one tensor of this shard.
     pub fn bytes(&self, t: &TensorInfo) -> &[u8] {
         &self.mmap[t.offset..t.offset + t.len]

@@ -1,11 +1,12 @@
 //! Thin PyO3 bindings of `rlmask-core`, built by maturin into `rlmask._rlmask`. One file per
-//! Python-facing area: `errors`, `checkpoint`, `diff`, `mask`, `names`, `trajectory`.
+//! Python-facing area: `errors`, `checkpoint`, `diff`, `mask`, `names`, `patch`, `trajectory`.
 
 mod checkpoint;
 mod diff;
 mod errors;
 mod mask;
 mod names;
+mod patch;
 mod trajectory;
 
 /// The private extension module behind the `rlmask` package.
@@ -24,6 +25,8 @@ mod _rlmask {
     };
     #[pymodule_export]
     use super::names::{canonical_name, printable};
+    #[pymodule_export]
+    use super::patch::{patch_apply, patch_create, patch_verify, PatchEntry, PatchFile};
     #[pymodule_export]
     use super::trajectory::{trajectory, TrajectoryResult};
 

@@ -1,0 +1,278 @@
+"""Sparse patches: ship a step's changes losslessly (design §9).
+
+A patch turns checkpoint B into checkpoint C bit for bit: per changed tensor the flat indices
+of the elements whose bits differ and C's values there (or C's whole tensor where that is
+smaller), with the blake3 fingerprint of every tensor before and after, so that a patch applied
+to another base, a corrupt patch, or a chain with a patch missing, repeated or out of order is
+refused, naming the tensor. The file is plain safetensors: ``safetensors`` and torch alone can
+read and apply it (see the README's ten-line snippet)::
+
+    >>> import rlmask.patch
+    >>> info = rlmask.patch.create("step-100/", "step-200/", "200.rlpatch")
+    >>> info.changed, info.bytes                      # elements changed, patch size
+    >>> rlmask.patch.apply("step-100/", ["200.rlpatch"], "rebuilt-200/")
+    >>> rlmask.patch.verify("step-100/", "200.rlpatch", "step-200/")
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from rlmask import _rlmask
+from rlmask._io import PathArg, check_output
+from rlmask._names import layer_of, module_of, natural_key
+from rlmask._progress import progress_wanted, run_with_progress
+from rlmask._report import Report, few, printable_lines, ratio, sort_modules
+from rlmask._resolve import resolve_checkpoint
+from rlmask._rlmask import __version__
+
+__all__ = ["PatchInfo", "apply", "create", "load", "verify"]
+
+
+@dataclass(frozen=True, repr=False)
+class PatchInfo(Report):
+    """What a patch holds.
+
+    Attributes:
+        path: the patch file.
+        tensors: one row per tensor of the checkpoint it applies to: name, layer, module,
+            dtype, shape, numel, changed, form (``none``, ``sparse``, ``dense``), base and tuned
+            (blake3 fingerprints of the tensor's bytes before and after).
+        stored: bytes stored, by kind: ``indices``, ``values``, ``dense``.
+        bytes: the size of the patch file.
+        metadata: the file's ``__metadata__`` (format, version, provenance).
+    """
+
+    path: str
+    tensors: pl.DataFrame
+    stored: dict[str, int]
+    bytes: int
+    metadata: dict[str, str]
+
+    @property
+    def numel(self) -> int:
+        """Elements of the checkpoint the patch applies to."""
+        return int(self.tensors["numel"].sum())
+
+    @property
+    def changed(self) -> int:
+        """Elements the patch changes."""
+        return int(self.tensors["changed"].sum())
+
+    @property
+    def bytes_per_changed(self) -> float | None:
+        """Patch bytes per changed element (6 for sparse bf16 with int32 indices)."""
+        return self.bytes / self.changed if self.changed else None
+
+    def _group(self, key: str | None) -> pl.DataFrame:
+        aggs = [pl.len().alias("tensors"), pl.col("numel").sum(), pl.col("changed").sum()]
+        df = (
+            self.tensors.select(aggs)
+            if key is None
+            else self.tensors.filter(pl.col(key).is_not_null()).group_by(key).agg(aggs)
+        )
+        return df.with_columns(ratio("changed", "numel").alias("density"))
+
+    def total_frame(self) -> pl.DataFrame:
+        """Tensors, elements, changed elements and their density, as one row."""
+        return self._group(None)
+
+    def by_layer(self) -> pl.DataFrame:
+        """The same per transformer layer."""
+        return self._group("layer").sort("layer")
+
+    def by_module(self) -> pl.DataFrame:
+        """The same per module type."""
+        return sort_modules(self._group("module"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The patch's description as plain Python values."""
+        return {
+            "path": self.path,
+            "bytes": self.bytes,
+            "stored": dict(self.stored),
+            "numel": self.numel,
+            "changed": self.changed,
+            "metadata": {k: v for k, v in self.metadata.items() if k != "tensors"},
+            "tensors": self.tensors.to_dicts(),
+        }
+
+    def summary(self) -> str:
+        """A short human-readable account."""
+        t = self.tensors
+        forms = {f: t.filter(pl.col("form") == f).height for f in ("sparse", "dense", "none")}
+        per = self.bytes_per_changed
+        lines = [
+            f"patch: {self.path} ({self.bytes:,} bytes"
+            + (f", {per:.2f} per changed element)" if per is not None else ")"),
+            f"changes {self.changed:,} of {self.numel:,} elements "
+            f"({100 * self.changed / self.numel if self.numel else 0:.3f}%) in "
+            f"{forms['sparse'] + forms['dense']} of {t.height} tensors "
+            f"({forms['sparse']} sparse, {forms['dense']} stored whole)",
+            "stored: " + ", ".join(f"{k} {v:,} bytes" for k, v in self.stored.items() if v),
+        ]
+        for key in ("base", "tuned"):
+            if key in self.metadata:
+                lines.append(f"made from {key}: {self.metadata[key]}")
+        dense = t.filter(pl.col("form") == "dense")["name"].to_list()
+        if dense:
+            lines.append(f"stored whole (denser than worth indexing): {few(dense)}")
+        return printable_lines(lines)
+
+
+def _info(path: str, entries: list[_rlmask.PatchEntry], size: int, f: Any) -> PatchInfo:
+    rows = sorted(entries, key=lambda e: natural_key(e.name))
+    frame = pl.DataFrame(
+        {
+            "name": [e.name for e in rows],
+            "layer": [layer_of(e.name) for e in rows],
+            "module": [module_of(e.name) for e in rows],
+            "dtype": [e.dtype for e in rows],
+            "shape": [e.shape for e in rows],
+            "numel": [_numel(e.shape) for e in rows],
+            "changed": [e.changed for e in rows],
+            "form": [e.form for e in rows],
+            "base": [e.base for e in rows],
+            "tuned": [e.tuned for e in rows],
+        },
+        schema={
+            "name": pl.Utf8,
+            "layer": pl.Int64,
+            "module": pl.Utf8,
+            "dtype": pl.Utf8,
+            "shape": pl.List(pl.Int64),
+            "numel": pl.UInt64,
+            "changed": pl.UInt64,
+            "form": pl.Utf8,
+            "base": pl.Utf8,
+            "tuned": pl.Utf8,
+        },
+    )
+    indices, values, dense = f.stored_bytes()
+    meta = {k: v for k, v in f.metadata().items() if k != "tensors"}
+    stored = {"indices": indices, "values": values, "dense": dense}
+    return PatchInfo(path, frame, stored, size, meta)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def load(path: PathArg) -> PatchInfo:
+    """Opens a patch and describes it (validated: format, version, every tensor's entry).
+
+    Raises:
+        CheckpointFormatError: not a valid rlmask patch (``e.tensor`` names the tensor).
+    """
+    where = os.fspath(path)
+    f = _rlmask.PatchFile(where)
+    return _info(where, f.entries(), Path(where).stat().st_size, f)
+
+
+def create(
+    base: PathArg,
+    tuned: PathArg,
+    out: PathArg,
+    *,
+    name_map: Mapping[str, str] | None = None,
+    progress: bool = True,
+) -> PatchInfo:
+    """Writes the patch that turns ``base`` into ``tuned`` to ``out`` (conventionally
+    ``*.rlpatch``), atomically, in one streaming pass with flat memory.
+
+    Args:
+        base, tuned: checkpoints in any form :func:`rlmask.diff` accepts; they must hold the
+            same tensors (names pair as in :func:`rlmask.diff`) with the same shapes and dtypes.
+        out: the patch file.
+        name_map: prefix translations applied to both sides' names before pairing.
+        progress: a progress bar on stderr when it is a terminal.
+
+    Raises:
+        PairingError: the checkpoints hold different tensors.
+        TensorMismatchError: a tensor's shape or dtype differs.
+        OutputError: ``out`` cannot be written (checked before any data is read).
+    """
+    check_output(out)
+    a = _rlmask.Checkpoint(resolve_checkpoint(base))
+    b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
+    provenance = {
+        "source": "patch",
+        "base": os.fspath(base),
+        "tuned": os.fspath(tuned),
+        "rlmask_version": __version__,
+    }
+    entries, size = run_with_progress(
+        lambda watch: _rlmask.patch_create(
+            a,
+            b,
+            os.fspath(out),
+            name_map=list((name_map or {}).items()),
+            provenance=provenance,
+            progress=watch,
+        ),
+        show=progress_wanted(progress),
+        desc="patching",
+    )
+    return _info(os.fspath(out), entries, size, _rlmask.PatchFile(os.fspath(out)))
+
+
+def apply(
+    base: PathArg,
+    patches: PathArg | Sequence[PathArg],
+    out: PathArg,
+    *,
+    progress: bool = True,
+) -> Path:
+    """Applies ``patches`` in order to ``base`` and writes the result as the checkpoint
+    directory ``out`` (it must not exist, or be empty): ``base``'s shards, headers, index and
+    other files (config, tokenizer), every tensor patched and bit-identical to what the last
+    patch was made from. ``base`` is never modified; ``out`` appears complete or not at all.
+
+    Raises:
+        PairingError: a patch made from another base, or a chain with a patch missing,
+            repeated or out of order (naming the tensor).
+        CheckpointFormatError: a corrupt patch.
+        OutputError: ``out`` exists and is not empty, or cannot be written.
+    """
+    paths = [patches] if isinstance(patches, (str, os.PathLike)) else list(patches)
+    files = [_rlmask.PatchFile(os.fspath(p)) for p in paths]
+    a = _rlmask.Checkpoint(resolve_checkpoint(base))
+    run_with_progress(
+        lambda watch: _rlmask.patch_apply(a, files, os.fspath(out), progress=watch),
+        show=progress_wanted(progress),
+        desc="applying",
+    )
+    return Path(out)
+
+
+def verify(
+    base: PathArg,
+    patch: PathArg,
+    tuned: PathArg | None = None,
+    *,
+    progress: bool = True,
+) -> None:
+    """Checks, writing nothing, that ``patch`` applies to ``base`` and gives the tensors it
+    promises, and when ``tuned`` is given that those are ``tuned``'s.
+
+    Raises:
+        PairingError: the patch was made from another base, or does not give ``tuned``.
+        CheckpointFormatError: a corrupt patch.
+    """
+    f = _rlmask.PatchFile(os.fspath(patch))
+    a = _rlmask.Checkpoint(resolve_checkpoint(base))
+    c = None if tuned is None else _rlmask.Checkpoint(resolve_checkpoint(tuned))
+    run_with_progress(
+        lambda watch: _rlmask.patch_verify(a, f, c, progress=watch),
+        show=progress_wanted(progress),
+        desc="verifying",
+    )

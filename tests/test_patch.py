@@ -1,0 +1,296 @@
+"""Sparse patches (design §9): applying is bit-exact, checked by comparing files byte for byte
+(byte-written checkpoints of every dtype, odd sizes, empty, unchanged and fully changed
+tensors, shuffled data order, two shards with an index; and transformers-written ones), chains
+are checked by fingerprint, corrupt patches and other bases are refused, and the plain form
+applies with safetensors and torch alone."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+from safetensors import safe_open
+
+import rlmask
+import rlmask.patch as P
+from oracle import write_raw
+from rlmask.cli import cli
+
+# (dtype, bytes per element)
+DTYPES = [
+    ("BF16", 2),
+    ("F16", 2),
+    ("F32", 4),
+    ("F64", 8),
+    ("F8_E4M3", 1),
+    ("F8_E5M2", 1),
+    ("U8", 1),
+    ("I8", 1),
+    ("I16", 2),
+    ("I32", 4),
+    ("I64", 8),
+    ("BOOL", 1),
+]
+
+
+def _tensors(rng: np.random.Generator) -> list[tuple[str, str, tuple[int, ...], bytes]]:
+    out = []
+    for k, (dtype, size) in enumerate(DTYPES):
+        shape = (3 + k, 17 + 2 * k)  # odd sizes, not multiples of 8 bytes
+        raw = rng.integers(0, 256, int(np.prod(shape)) * size, dtype=np.uint8)
+        if dtype == "BOOL":
+            raw = raw & 1
+        out.append((f"model.layers.{k}.mlp.up_proj.weight", dtype, shape, raw.tobytes()))
+    out.append(("model.empty", "BF16", (0, 4), b""))
+    out.append(("model.same", "F32", (5,), rng.integers(0, 256, 20, dtype=np.uint8).tobytes()))
+    out.append(("model.dense", "BF16", (6, 7), rng.integers(0, 256, 84, dtype=np.uint8).tobytes()))
+    return out
+
+
+def _move(
+    rng: np.random.Generator, tensors: list, share: float
+) -> list[tuple[str, str, tuple[int, ...], bytes]]:
+    """A tuned version: about ``share`` of each tensor's elements get new bits; model.same is
+    kept, model.dense is changed everywhere."""
+    out = []
+    for name, dtype, shape, data in tensors:
+        size = dict(DTYPES)[dtype]
+        raw = np.frombuffer(data, np.uint8).copy().reshape(-1, size) if data else np.zeros((0, 1))
+        if name != "model.same" and raw.size:
+            pick = rng.random(raw.shape[0]) < (1.0 if name == "model.dense" else share)
+            raw[pick, 0] ^= (
+                1 if dtype == "BOOL" else rng.integers(1, 256, int(pick.sum()), np.uint8)
+            )
+        out.append((name, dtype, shape, raw.astype(np.uint8).tobytes()))
+    return out
+
+
+def _write_sharded(folder: Path, tensors: list) -> None:
+    """Two shards with an index, data laid out in reverse order (offsets not in header order)."""
+    folder.mkdir(parents=True)
+    half = len(tensors) // 2
+    weight_map = {}
+    for i, part in enumerate((tensors[:half], tensors[half:])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        write_raw(
+            folder / name,
+            part,
+            data_order=list(reversed(range(len(part)))),
+            metadata={"format": "pt"},
+            pad_to=8,
+        )
+        weight_map |= {t[0]: name for t in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+
+
+def _same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> tuple[Path, Path, Path]:
+    rng = np.random.default_rng(0)
+    a = _tensors(rng)
+    b = _move(rng, a, 0.05)
+    c = _move(rng, b, 0.2)
+    for name, t in (("A", a), ("B", b), ("C", c)):
+        _write_sharded(tmp_path / name, t)
+    return tmp_path / "A", tmp_path / "B", tmp_path / "C"
+
+
+def test_apply_is_bit_exact_for_every_dtype(chain: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    a, b, _ = chain
+    info = P.create(a, b, tmp_path / "ab.rlpatch", progress=False)
+    forms = dict(zip(info.tensors["name"], info.tensors["form"], strict=True))
+    assert forms["model.same"] == "none" and forms["model.empty"] == "none"
+    assert forms["model.dense"] == "dense"
+    assert {forms[f"model.layers.{k}.mlp.up_proj.weight"] for k in range(len(DTYPES))} == {"sparse"}
+    before = {p.name: p.read_bytes() for p in a.iterdir()}
+    P.apply(a, [tmp_path / "ab.rlpatch"], tmp_path / "out", progress=False)
+    _same_files(tmp_path / "out", b)  # shards, index and config, byte for byte
+    assert {p.name: p.read_bytes() for p in a.iterdir()} == before  # base untouched
+    P.verify(a, tmp_path / "ab.rlpatch", b, progress=False)
+
+
+def test_changed_counts_and_sizes_against_numpy(
+    chain: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    a, b, _ = chain
+    info = P.create(a, b, tmp_path / "ab.rlpatch", progress=False)
+    want = {}
+    # Count with raw bytes read back by the official library (via torch, every dtype).
+    for f in sorted(a.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as x, safe_open(str(b / f.name), "pt") as y:
+            for name in x.keys():  # noqa: SIM118
+                ta, tb = x.get_tensor(name), y.get_tensor(name)
+                size = ta.element_size()
+                ra = ta.reshape(-1).contiguous().view(torch.uint8).numpy().reshape(-1, size)
+                rb = tb.reshape(-1).contiguous().view(torch.uint8).numpy().reshape(-1, size)
+                want[name] = int((ra != rb).any(axis=1).sum())
+    got = dict(zip(info.tensors["name"], info.tensors["changed"], strict=True))
+    assert got == want
+    sparse = info.tensors.filter(info.tensors["form"] == "sparse")
+    idx = 4 * int(sparse["changed"].sum())
+    assert info.stored["indices"] == idx
+    sizes = {d: s for d, s in DTYPES}
+    assert info.stored["values"] == sum(
+        c * sizes[d] for c, d in zip(sparse["changed"], sparse["dtype"], strict=True)
+    )
+    assert info.bytes == (tmp_path / "ab.rlpatch").stat().st_size
+
+
+def test_chains_are_checked(chain: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    a, b, c = chain
+    p1, p2 = tmp_path / "1.rlpatch", tmp_path / "2.rlpatch"
+    P.create(a, b, p1, progress=False)
+    P.create(b, c, p2, progress=False)
+    P.apply(a, [p1, p2], tmp_path / "ac", progress=False)
+    _same_files(tmp_path / "ac", c)
+    for wrong, what in (
+        ([p2], "not the one patch"),  # the first patch missing
+        ([p1, p1], "a patch is missing, repeated or out of order"),
+        ([p2, p1], "not the one patch|missing, repeated or out of order"),
+    ):
+        with pytest.raises(rlmask.PairingError, match=what) as e:
+            P.apply(a, wrong, tmp_path / "bad", progress=False)
+        assert "tensor '" in str(e.value)
+        assert not (tmp_path / "bad").exists()
+    # An existing, non-empty output is refused; an empty one is used.
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(rlmask.OutputError):
+        P.apply(a, [p1], tmp_path / "full", progress=False)
+    (tmp_path / "empty").mkdir()
+    P.apply(a, [p1], tmp_path / "empty", progress=False)
+    _same_files(tmp_path / "empty", b)
+    with pytest.raises(rlmask.PairingError, match="is not what patch"):
+        P.verify(a, p1, c, progress=False)
+
+
+def test_corrupt_patches_are_refused(chain: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    a, b, _ = chain
+    p = tmp_path / "ab.rlpatch"
+    P.create(a, b, p, progress=False)
+    data = bytearray(p.read_bytes())
+    # A flipped value byte: the result no longer has the promised fingerprint.
+    data[-1] ^= 0xFF
+    bad = tmp_path / "flipped.rlpatch"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(rlmask.CheckpointFormatError, match="corrupt patch") as e:
+        P.apply(a, [bad], tmp_path / "out", progress=False)
+    assert e.value.tensor is not None and not (tmp_path / "out").exists()
+    # Not a patch at all.
+    with pytest.raises(rlmask.CheckpointFormatError, match="not an rlmask patch"):
+        P.load(next(a.glob("*.safetensors")))
+    # Applied to a checkpoint with other tensors (one shard of the base alone).
+    with pytest.raises(rlmask.PairingError, match="was not made for"):
+        P.apply(a / "model-00001-of-00002.safetensors", [p], tmp_path / "x", progress=False)
+
+
+def test_plain_patch_applies_with_safetensors_and_torch(
+    chain: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """The README's snippet: the plain form needs nothing but safetensors and torch."""
+    a, b, _ = chain
+    P.create(a, b, tmp_path / "ab.rlpatch", progress=False)
+    from safetensors.torch import load_file
+
+    # --- the snippet -------------------------------------------------------------------
+    patch = load_file(tmp_path / "ab.rlpatch")
+    model = {}
+    for f in sorted(a.glob("*.safetensors")):
+        model |= load_file(f)
+    for name, t in model.items():
+        if f"{name}.dense" in patch:
+            model[name] = patch[f"{name}.dense"]
+        elif f"{name}.indices" in patch:
+            flat = t.reshape(-1).clone()  # indexed assignment: index_copy_ lacks float8 on CPU
+            flat[patch[f"{name}.indices"].long()] = patch[f"{name}.values"]
+            model[name] = flat.reshape(t.shape)
+    # ------------------------------------------------------------------------------------
+    want = {}
+    for f in sorted(b.glob("*.safetensors")):
+        want |= load_file(f)
+    for name, t in want.items():
+        got = model[name]
+        assert got.dtype == t.dtype and got.shape == t.shape
+        assert got.reshape(-1).view(torch.uint8).equal(t.reshape(-1).view(torch.uint8)), name
+
+
+def test_transformers_checkpoints_and_the_cli(tmp_path: Path) -> None:
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (torch.rand_like(p.float()) < 0.1))
+    model.save_pretrained(tmp_path / "tuned")
+    runner = CliRunner()
+    r = runner.invoke(
+        cli,
+        [
+            "patch",
+            "create",
+            str(tmp_path / "base"),
+            str(tmp_path / "tuned"),
+            "-o",
+            str(tmp_path / "t.rlpatch"),
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.stderr
+    assert "per changed element" in r.stdout
+    r = runner.invoke(
+        cli,
+        [
+            "patch",
+            "apply",
+            str(tmp_path / "base"),
+            str(tmp_path / "t.rlpatch"),
+            "-o",
+            str(tmp_path / "out"),
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0, r.stderr
+    _same_files(tmp_path / "out", tmp_path / "tuned")
+    r = runner.invoke(cli, ["patch", "info", str(tmp_path / "t.rlpatch"), "--format", "json"])
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["bytes"] == os.path.getsize(tmp_path / "t.rlpatch")
+    assert sum(t["changed"] for t in d["tensors"]) == d["changed"] > 0
+    r = runner.invoke(
+        cli,
+        [
+            "patch",
+            "verify",
+            str(tmp_path / "base"),
+            str(tmp_path / "t.rlpatch"),
+            str(tmp_path / "tuned"),
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0 and r.stdout.startswith("ok:"), r.stderr
+    r = runner.invoke(
+        cli, ["patch", "verify", str(tmp_path / "tuned"), str(tmp_path / "t.rlpatch"), "-q"]
+    )
+    assert r.exit_code == 1 and "not the one patch" in r.stderr
