@@ -16,6 +16,7 @@ read and apply it (see the README's ten-line snippet)::
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -135,7 +136,7 @@ def _info(path: str, entries: list[_rlmask.PatchEntry], size: int, f: Any) -> Pa
             "module": [module_of(e.name) for e in rows],
             "dtype": [e.dtype for e in rows],
             "shape": [e.shape for e in rows],
-            "numel": [_numel(e.shape) for e in rows],
+            "numel": [math.prod(e.shape) for e in rows],
             "changed": [e.changed for e in rows],
             "form": [e.form for e in rows],
             "base": [e.base for e in rows],
@@ -158,13 +159,6 @@ def _info(path: str, entries: list[_rlmask.PatchEntry], size: int, f: Any) -> Pa
     meta = {k: v for k, v in f.metadata().items() if k != "tensors"}
     stored = {"indices": indices, "values": values, "dense": dense}
     return PatchInfo(path, frame, stored, size, meta)
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def load(path: PathArg) -> PatchInfo:
