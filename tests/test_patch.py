@@ -294,3 +294,40 @@ def test_transformers_checkpoints_and_the_cli(tmp_path: Path) -> None:
         cli, ["patch", "verify", str(tmp_path / "tuned"), str(tmp_path / "t.rlpatch"), "-q"]
     )
     assert r.exit_code == 1 and "not the one patch" in r.stderr
+
+
+def test_live_patches_keep_an_inference_copy_bit_identical(tmp_path: Path) -> None:
+    """A bf16 model trained for many steps; after every step the step's patch, made from the
+    live model against the last synced state, applied in place to a second copy: the copies
+    stay bit-identical at every step, and a patch applied out of order is refused."""
+    import rlmask.torch as rt
+
+    torch.manual_seed(0)
+    trainer = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)
+    ).to(torch.bfloat16)
+    server = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)
+    ).to(torch.bfloat16)
+    server.load_state_dict(trainer.state_dict())
+    synced = rt.snapshot(trainer)
+    opt = torch.optim.AdamW(trainer.parameters(), lr=1e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(1)
+    changed = []
+    for step in range(12):
+        x = torch.randn(8, 16, generator=g).bfloat16()
+        trainer(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        path = tmp_path / f"{step}.rlpatch"
+        changed.append(rt.make_patch(trainer, synced, path))
+        info = P.load(path)  # the core validates the file written from torch
+        assert info.changed == changed[-1]
+        rt.apply_patch(server, path)
+        for (n, a), (_, b) in zip(
+            trainer.state_dict().items(), server.state_dict().items(), strict=True
+        ):
+            assert a.view(torch.int16).equal(b.view(torch.int16)), (step, n)
+    assert all(c > 0 for c in changed)
+    with pytest.raises(rlmask.PairingError, match="not in the state"):
+        rt.apply_patch(server, tmp_path / "3.rlpatch")

@@ -26,6 +26,7 @@ __all__ = [
     "__version__",
     "canonical_name",
     "diff",
+    "fingerprint",
     "mask_combine",
     "mask_count",
     "mask_overlap",
@@ -298,6 +299,7 @@ class PatchFile:
     def entries(self) -> list[PatchEntry]: ...
     def stored_bytes(self) -> tuple[int, int, int]: ...
 
+def fingerprint(data: npt.NDArray[np.uint8]) -> str: ...
 def patch_create(
     base: Checkpoint,
     tuned: Checkpoint,

@@ -40,7 +40,9 @@ share of ever-changed elements outside the final subnetwork (Figure 6).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import polars as pl
 import torch
 
@@ -56,7 +59,7 @@ from rlmask._io import PathArg
 from rlmask._mask import Mask, padded_len
 from rlmask._names import natural_sorted
 from rlmask._report import few
-from rlmask.errors import MaskError
+from rlmask.errors import CheckpointFormatError, MaskError, PairingError
 
 NameMap = Callable[[str], str] | Mapping[str, str] | None
 
@@ -528,3 +531,160 @@ class UpdateTracker:
             self._hook = None
         self._init.clear()
         self._prev.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Live patches (design §9): a trainer's step as a patch, applied in place on an inference copy
+
+
+def _host_bytes(t: torch.Tensor) -> npt.NDArray[np.uint8]:
+    """A tensor's raw bytes on the host (one transfer), as a flat uint8 array."""
+    flat = t.detach().reshape(-1).contiguous()
+    return flat.view(torch.uint8).cpu().numpy()
+
+
+def _fingerprint(t: torch.Tensor) -> str:
+    return _rlmask.fingerprint(_host_bytes(t))
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer as it is now, on its own device: the "last synced"
+    state that :func:`make_patch` compares the model with."""
+    return {n: t.detach().clone() for n, t in model.state_dict(keep_vars=False).items()}
+
+
+def make_patch(
+    model: torch.nn.Module,
+    synced: Mapping[str, torch.Tensor],
+    path: PathArg,
+    *,
+    name_map: NameMap = None,
+) -> int:
+    """Writes the patch that turns ``synced`` (a :func:`snapshot`) into ``model``'s current
+    state to ``path``, atomically, in the plain ``.rlpatch`` form (design §9), then updates
+    ``synced`` in place to the current state. The changed elements are found on the
+    parameters' device (bits compared, so every dtype and every change counts); only their
+    indices and values cross to the host, plus each changed tensor's bytes once for its
+    fingerprint. Names are stored as ``canonical_name`` gives them (wrappers removed,
+    ``name_map`` applied), as :func:`attach_mask` matches them. Returns the elements changed.
+    """
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    if set(state) != set(synced):
+        raise MaskError(
+            "the snapshot does not hold the model's tensors: "
+            + few(sorted(set(state) ^ set(synced)), 4)
+        )
+    entries: dict[str, Any] = {}
+    stored: dict[str, torch.Tensor] = {}
+    total = 0
+    for name, t in state.items():
+        old = synced[name]
+        key = canonical_name(name, name_map)
+        before = _fingerprint(old)
+        flat_new, flat_old = t.detach().reshape(-1), old.reshape(-1)
+        if flat_new.dtype == torch.bool:
+            diff = flat_new != flat_old
+        else:
+            diff = _bits_view(flat_new) != _bits_view(flat_old)
+        idx = torch.nonzero(diff).reshape(-1)
+        n, numel = int(idx.numel()), flat_new.numel()
+        wide = numel > 2**31
+        form = "none"
+        if n:
+            sparse = n * ((8 if wide else 4) + flat_new.element_size())
+            if sparse >= numel * flat_new.element_size():
+                form = "dense"
+                stored[f"{key}.dense"] = t.detach().cpu().contiguous()
+            else:
+                form = "sparse"
+                stored[f"{key}.indices"] = idx.to(torch.int64 if wide else torch.int32).cpu()
+                stored[f"{key}.values"] = flat_new[idx].cpu()
+        entries[key] = {
+            "shape": list(t.shape),
+            "dtype": _SAFETENSORS_DTYPE[t.dtype],
+            "changed": n,
+            "form": form,
+            "base": before,
+            "tuned": _fingerprint(t) if n else before,
+        }
+        total += n
+    meta = {
+        "format": "rlmask-patch",
+        "version": "1",
+        "source": "rlmask.torch.make_patch",
+        "rlmask_version": _rlmask.__version__,
+        "tensors": json.dumps(dict(sorted(entries.items())), separators=(",", ":")),
+    }
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        save_file(stored, str(tmp), metadata=meta)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    with torch.no_grad():
+        for name, t in state.items():
+            synced[name].copy_(t)
+    return total
+
+
+def apply_patch(model: torch.nn.Module, path: PathArg, *, name_map: NameMap = None) -> None:
+    """Applies a ``.rlpatch`` to ``model``'s parameters and buffers in place, checking each
+    tensor's fingerprint before (the model must be in the state the patch was made from) and
+    after. The patch is validated by the core first; values go to each tensor's own device.
+
+    Raises:
+        PairingError: the model is not in the state the patch starts from (naming the tensor),
+            or does not hold the patch's tensors.
+        CheckpointFormatError: a corrupt patch.
+    """
+    from safetensors import safe_open
+
+    entries = {e.name: e for e in _rlmask.PatchFile(os.fspath(path)).entries()}
+    state = model.state_dict()
+    by_key = {canonical_name(n, name_map): n for n in state}
+    missing = sorted(set(entries) - set(by_key))
+    if missing:
+        raise PairingError(f"the model has no tensor for {few(missing, 4)} of patch {path}")
+    with safe_open(os.fspath(path), framework="pt") as f, torch.no_grad():
+        stored = set(f.keys())
+        for key, e in entries.items():
+            t = state[by_key[key]]
+            if e.form == "none":
+                continue
+            if _fingerprint(t) != e.base:
+                raise PairingError(
+                    f"tensor '{key}' is not in the state patch {path} was made from (its "
+                    "fingerprint differs): apply the patches in order, starting from the same "
+                    "weights"
+                )
+            flat = t.view(-1)
+            if e.form == "dense" and f"{key}.dense" in stored:
+                flat.copy_(f.get_tensor(f"{key}.dense").reshape(-1).to(t.device))
+            else:
+                idx = f.get_tensor(f"{key}.indices").to(t.device, torch.int64)
+                flat[idx] = f.get_tensor(f"{key}.values").to(t.device)
+            if _fingerprint(t) != e.tuned:
+                raise CheckpointFormatError(
+                    f"corrupt patch {path}: tensor '{key}' does not have the fingerprint the "
+                    "patch promises"
+                )
+
+
+#: torch dtypes by their safetensors names (those a model's state can hold).
+_SAFETENSORS_DTYPE = {
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+}

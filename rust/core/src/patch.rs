@@ -203,8 +203,8 @@ impl Patch {
     }
 }
 
-/// blake3 of `bytes`, hex, hashed on every core.
-fn fingerprint(bytes: &[u8]) -> String {
+/// blake3 of `bytes`, hex, hashed on every core: a tensor's fingerprint in a patch.
+pub fn fingerprint(bytes: &[u8]) -> String {
     let mut h = blake3::Hasher::new();
     h.update_rayon(bytes);
     h.finalize().to_hex().to_string()
@@ -212,7 +212,9 @@ fn fingerprint(bytes: &[u8]) -> String {
 
 /// Appends the flat indices (`wide`: i64, else i32, little-endian) and `b`'s values of the
 /// elements of `size` bytes whose bits differ between `a` and `b`, the first at index `first`.
-/// Eight bytes are compared at a time; only a word that differs is looked into.
+/// Eight bytes are compared at a time as a word; in a word that differs every lane is written
+/// out and kept or overwritten by the next (a branch-free compaction: at RL's densities which
+/// lanes changed is unpredictable, and mispredicted branches would cost more than the stores).
 fn changed_into(
     a: &[u8],
     b: &[u8],
@@ -222,33 +224,55 @@ fn changed_into(
     idx: &mut Vec<u8>,
     vals: &mut Vec<u8>,
 ) {
-    let per_word = 8 / size;
-    let words = a.len() / 8;
-    let mut push = |e: usize| {
+    let n = a.len() / size;
+    let iw = if wide { 8 } else { 4 };
+    let (i0, v0) = (idx.len(), vals.len());
+    // Room for every element; values take 8 bytes of slack for the word-wide writes.
+    idx.resize(i0 + n * iw, 0);
+    vals.resize(v0 + n * size + 8, 0);
+    let (iout, vout) = (&mut idx[i0..], &mut vals[v0..]);
+    let mut count = 0usize;
+    let lanes = 8 / size;
+    let bits = 8 * size as u32;
+    let lane_mask = if size == 8 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
+    let mut keep = |e: usize, value: u64, changed: bool| {
         let i = first + e as u64;
         if wide {
-            idx.extend_from_slice(&i.to_le_bytes());
+            iout[count * 8..count * 8 + 8].copy_from_slice(&i.to_le_bytes());
         } else {
-            idx.extend_from_slice(&(i as u32).to_le_bytes());
+            iout[count * 4..count * 4 + 4].copy_from_slice(&(i as u32).to_le_bytes());
         }
-        vals.extend_from_slice(&b[e * size..(e + 1) * size]);
+        vout[count * size..count * size + 8].copy_from_slice(&value.to_le_bytes());
+        count += usize::from(changed);
     };
-    for w in 0..words {
-        let (x, y) = (&a[8 * w..8 * w + 8], &b[8 * w..8 * w + 8]);
-        if x != y {
-            for k in 0..per_word {
-                let e = w * per_word + k;
-                if a[e * size..(e + 1) * size] != b[e * size..(e + 1) * size] {
-                    push(e);
-                }
+    let words = a.len() / 8;
+    for (w, (x, y)) in a.chunks_exact(8).zip(b.chunks_exact(8)).enumerate() {
+        let x = u64::from_le_bytes(x.try_into().expect("8 bytes"));
+        let y = u64::from_le_bytes(y.try_into().expect("8 bytes"));
+        let d = x ^ y;
+        if d != 0 {
+            for k in 0..lanes {
+                let shift = bits * k as u32;
+                keep(
+                    w * lanes + k,
+                    (y >> shift) & lane_mask,
+                    (d >> shift) & lane_mask != 0,
+                );
             }
         }
     }
-    for e in words * per_word..a.len() / size {
-        if a[e * size..(e + 1) * size] != b[e * size..(e + 1) * size] {
-            push(e);
-        }
+    for e in words * lanes..n {
+        let (x, y) = (&a[e * size..(e + 1) * size], &b[e * size..(e + 1) * size]);
+        let mut v = [0u8; 8];
+        v[..size].copy_from_slice(y);
+        keep(e, u64::from_le_bytes(v), x != y);
     }
+    idx.truncate(i0 + count * iw);
+    vals.truncate(v0 + count * size);
 }
 
 /// A temporary file beside the output, removed when dropped.
@@ -536,25 +560,12 @@ pub fn create(
     let mut file = AtomicFile::create(out)?;
     file.write(&(text.len() as u64).to_le_bytes())?;
     file.write(&text)?;
-    let reader = |scratch: &mut Scratch, at: u64, len: u64, file: &mut AtomicFile| {
-        let f = scratch.file.get_mut();
-        f.seek(std::io::SeekFrom::Start(at))
-            .map_err(|e| Error::output(out, e))?;
-        let mut left = len;
-        let mut buf = vec![0u8; PIECE.min(len as usize)];
-        while left > 0 {
-            let n = (left as usize).min(buf.len());
-            f.read_exact(&mut buf[..n])
-                .map_err(|e| Error::output(out, e))?;
-            file.write(&buf[..n])?;
-            left -= n as u64;
-        }
-        Ok::<(), Error>(())
-    };
+    // Scratch ranges are copied file to file (the kernel's copy_file_range where it can).
+    let (idx_raw, val_raw) = (idx_file.file.get_ref(), val_file.file.get_ref());
     for (_, _, _, _, source) in &stored {
         match *source {
-            Source::Indices(at, len) => reader(&mut idx_file, at, len, &mut file)?,
-            Source::Values(at, len) => reader(&mut val_file, at, len, &mut file)?,
+            Source::Indices(at, len) => file.copy_from(idx_raw, at, len)?,
+            Source::Values(at, len) => file.copy_from(val_raw, at, len)?,
             Source::Dense(k) => file.write(jobs[k].b.0.bytes(jobs[k].b.1))?,
         }
     }
@@ -591,6 +602,25 @@ impl AtomicFile {
         f.write_all(bytes)
             .map_err(|e| Error::output(&self.path, e))?;
         self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Appends `len` bytes of `src` from offset `at`.
+    fn copy_from(&mut self, src: &File, at: u64, len: u64) -> Result<()> {
+        let f = self.file.as_mut().expect("open until finished");
+        f.flush().map_err(|e| Error::output(&self.path, e))?;
+        let mut src = src;
+        src.seek(std::io::SeekFrom::Start(at))
+            .map_err(|e| Error::output(&self.path, e))?;
+        let copied = std::io::copy(&mut src.take(len), f.get_mut())
+            .map_err(|e| Error::output(&self.path, e))?;
+        if copied != len {
+            return Err(Error::output(
+                &self.path,
+                std::io::Error::other("a temporary file was shorter than written"),
+            ));
+        }
+        self.len += len;
         Ok(())
     }
 
@@ -696,42 +726,47 @@ fn patch_piece(
             let (it, idx) = patch.stored(&format!("{name}.indices")).expect("validated");
             let (_, vals) = patch.stored(&format!("{name}.values")).expect("validated");
             let iw = it.dtype.size();
-            let (first, end) = ((at / size) as u64, ((at + piece.len()) / size) as u64);
-            let numel = e.numel();
-            let mut last = None::<u64>;
-            while *cursor < e.changed as usize {
-                let raw = &idx[*cursor * iw..(*cursor + 1) * iw];
-                let i = if iw == 8 {
+            let read = |k: usize| -> u64 {
+                let raw = &idx[k * iw..(k + 1) * iw];
+                if iw == 8 {
                     i64::from_le_bytes(raw.try_into().expect("8")) as u64
                 } else {
-                    i32::from_le_bytes(raw.try_into().expect("4")) as u32 as u64
-                };
-                if i >= end && i < numel {
+                    u32::from_le_bytes(raw.try_into().expect("4")) as u64
+                }
+            };
+            let (first, end) = ((at / size) as u64, ((at + piece.len()) / size) as u64);
+            let numel = e.numel();
+            let bad = |i: u64| {
+                corrupt(
+                    &patch.path,
+                    Some(name),
+                    format!(
+                        "corrupt patch: index {i} is out of range or out of order ({numel} \
+                         elements)"
+                    ),
+                )
+            };
+            let mut prev = if *cursor > 0 {
+                Some(read(*cursor - 1))
+            } else {
+                None
+            };
+            while *cursor < e.changed as usize {
+                let i = read(*cursor);
+                if i >= numel || prev.is_some_and(|p| p >= i) {
+                    return Err(bad(i));
+                }
+                if i >= end {
                     break;
                 }
-                let prev = if *cursor > 0 {
-                    let r = &idx[(*cursor - 1) * iw..*cursor * iw];
-                    Some(if iw == 8 {
-                        i64::from_le_bytes(r.try_into().expect("8")) as u64
-                    } else {
-                        i32::from_le_bytes(r.try_into().expect("4")) as u32 as u64
-                    })
-                } else {
-                    last
-                };
-                if i >= numel || i < first || prev.is_some_and(|p| p >= i) {
-                    return Err(corrupt(
-                        &patch.path,
-                        Some(name),
-                        format!(
-                            "corrupt patch: index {i} is out of range or out of order \
-                             ({numel} elements)"
-                        ),
-                    ));
+                let (o, k) = ((i - first) as usize * size, *cursor * size);
+                match size {
+                    1 => piece[o] = vals[k],
+                    2 => piece[o..o + 2].copy_from_slice(&vals[k..k + 2]),
+                    4 => piece[o..o + 4].copy_from_slice(&vals[k..k + 4]),
+                    _ => piece[o..o + size].copy_from_slice(&vals[k..k + size]),
                 }
-                let o = (i - first) as usize * size;
-                piece[o..o + size].copy_from_slice(&vals[*cursor * size..(*cursor + 1) * size]);
-                last = Some(i);
+                prev = Some(i);
                 *cursor += 1;
             }
             Ok(())

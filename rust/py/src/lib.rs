@@ -26,7 +26,9 @@ mod _rlmask {
     #[pymodule_export]
     use super::names::{canonical_name, printable};
     #[pymodule_export]
-    use super::patch::{patch_apply, patch_create, patch_verify, PatchEntry, PatchFile};
+    use super::patch::{
+        fingerprint, patch_apply, patch_create, patch_verify, PatchEntry, PatchFile,
+    };
     #[pymodule_export]
     use super::trajectory::{trajectory, TrajectoryResult};
 

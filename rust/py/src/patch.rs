@@ -87,6 +87,15 @@ impl PatchFile {
     }
 }
 
+/// blake3 of the bytes of `data` (a uint8 array), hex: a tensor's fingerprint in a patch.
+#[pyfunction]
+pub fn fingerprint(py: Python<'_>, data: numpy::PyReadonlyArray1<'_, u8>) -> PyResult<String> {
+    let bytes = data
+        .as_slice()
+        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+    Ok(py.detach(|| patch::fingerprint(bytes)))
+}
+
 /// Writes the patch that turns `base` into `tuned` to `out`, atomically; returns its entries
 /// and its size in bytes.
 #[pyfunction]

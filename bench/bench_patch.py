@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Benchmark of sparse patches (run by hand).
+
+Writes a llama-shaped bf16 base (weights normal with std 0.02) and three tuned versions in
+which 1%, 5% and 20% of the elements moved by an RL-sized step (1 to 3 bf16 units in the last
+place, either way), warms the page cache and measures, each in a fresh interpreter on the same
+warm files:
+
+  (a) ``rlmask diff --criterion exact`` and ``rlmask.patch.create`` on the same pair: create
+      throughput against diff's (goal: at least 70%);
+  (b) ``rlmask.patch.apply`` against copying the base checkpoint (``shutil.copyfile`` of every
+      file, then fsync, as apply syncs): goal within 1.5x;
+  (c) patch bytes per changed element at each density (plain form).
+
+    python bench/bench_patch.py                   # 0.23B parameters, 0.46 GB per checkpoint
+    python bench/bench_patch.py --repeat 5
+
+Needs numpy and about 3 GB of free disk (deleted after unless --keep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from _common import READ_FLOOR, llama_shapes, print_table, run_program, summarize
+
+SHAPE = (1024, 2816, 16, 32000, 256)  # hidden, intermediate, layers, vocab, kv dim
+
+DIFF = """
+import sys, time
+import rlmask
+t = time.perf_counter()
+r = rlmask.diff(sys.argv[1], sys.argv[2], criterion="exact", progress=False)
+print(time.perf_counter() - t, r.changed)
+"""
+CREATE = """
+import sys, time
+import rlmask.patch
+t = time.perf_counter()
+info = rlmask.patch.create(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+print(time.perf_counter() - t, info.changed, info.bytes)
+"""
+APPLY = """
+import sys, time, shutil
+import rlmask.patch
+shutil.rmtree(sys.argv[3], ignore_errors=True)
+t = time.perf_counter()
+rlmask.patch.apply(sys.argv[1], [sys.argv[2]], sys.argv[3], progress=False)
+print(time.perf_counter() - t)
+"""
+COPY = """
+import sys, time, shutil, os
+from pathlib import Path
+shutil.rmtree(sys.argv[2], ignore_errors=True)
+t = time.perf_counter()
+os.mkdir(sys.argv[2])
+for f in sorted(Path(sys.argv[1]).iterdir()):
+    shutil.copyfile(f, Path(sys.argv[2]) / f.name)
+    with open(Path(sys.argv[2]) / f.name, "rb+") as h:
+        os.fsync(h.fileno())
+print(time.perf_counter() - t)
+"""
+
+
+def _write(folder: Path, tensors: dict[str, tuple[tuple[int, ...], np.ndarray]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    header, offset = {}, 0
+    for name, (shape, bits) in tensors.items():
+        header[name] = {
+            "dtype": "BF16",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + bits.nbytes],
+        }
+        offset += bits.nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for _, bits in tensors.values():
+            f.write(bits.tobytes())
+
+
+def write_pairs(root: Path, densities: list[float]) -> int:
+    """base/ and tuned-<d>/ for each density; returns the parameter count."""
+    rng = np.random.default_rng(0)
+    shapes = llama_shapes(*SHAPE)
+    base = {}
+    for name, shape in shapes.items():
+        w = (rng.standard_normal(shape).astype(np.float32) * 0.02).view(np.uint32)
+        base[name] = (shape, (w >> 16).astype(np.uint16))
+    _write(root / "base", base)
+    for d in densities:
+        tuned = {}
+        for name, (shape, bits) in base.items():
+            moved = rng.random(bits.shape) < d
+            # An RL-sized step: 1 to 3 units in the last place, either way.
+            step = rng.integers(1, 4, bits.shape, dtype=np.int32) * rng.choice([-1, 1], bits.shape)
+            new = np.where(moved, (bits.astype(np.int32) + step).astype(np.uint16), bits)
+            tuned[name] = (shape, new)
+        _write(root / f"tuned-{d:g}", tuned)
+    return sum(int(np.prod(s)) for s in shapes.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", type=Path, help="scratch directory (default: a new temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
+    args = ap.parse_args()
+    root = args.dir or Path(tempfile.mkdtemp(prefix="rlmask-bench-patch-"))
+    densities = [0.01, 0.05, 0.2]
+    try:
+        params = write_pairs(root, densities)
+        base = str(root / "base")
+        size = (root / "base" / "model.safetensors").stat().st_size
+        print(f"{params / 1e9:.2f}B parameters, {size / 1e9:.2f} GB per checkpoint")
+        sizes = []
+        for d in densities:
+            tuned = str(root / f"tuned-{d:g}")
+            patch = str(root / f"{d:g}.rlpatch")
+            files = [str(root / "base" / "model.safetensors"), tuned + "/model.safetensors"]
+            results: dict[str, list[dict]] = {"diff exact": [], "patch create": []}
+            apply: dict[str, list[dict]] = {"patch apply": [], "copy base": []}
+            for _ in range(args.repeat):
+                run_program(READ_FLOOR, files)
+                results["diff exact"].append(run_program(DIFF, [base, tuned]))
+                results["patch create"].append(run_program(CREATE, [base, tuned, patch]))
+                apply["patch apply"].append(run_program(APPLY, [base, patch, str(root / "out")]))
+                apply["copy base"].append(run_program(COPY, [base, str(root / "copy")]))
+            changed = int(results["diff exact"][0]["output"][0])
+            assert int(results["patch create"][0]["output"][0]) == changed
+            nbytes = int(results["patch create"][0]["output"][1])
+            sizes.append((d, changed, nbytes))
+            print(f"\ndensity {100 * d:g}% ({changed:,} changed elements)")
+            summary = {m: summarize(r, 2 * size) for m, r in results.items()}
+            summary |= {m: summarize(r, size) for m, r in apply.items()}
+            print_table(summary)
+            r1 = summary["diff exact"]["seconds"] / summary["patch create"]["seconds"]
+            r2 = summary["patch apply"]["seconds"] / summary["copy base"]["seconds"]
+            print(f"create throughput / diff's: {100 * r1:.0f}% (goal: at least 70%)")
+            print(f"apply time / copy time: {r2:.2f}x (goal: at most 1.5x)")
+        print("\ndensity  changed  patch bytes  bytes per changed element  vs full model")
+        for d, changed, nbytes in sizes:
+            print(
+                f"{100 * d:6g}%  {changed:>11,}  {nbytes:>13,}  {nbytes / changed:8.2f}"
+                f"  {100 * nbytes / size:8.1f}%"
+            )
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
