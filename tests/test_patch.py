@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 import transformers
@@ -331,3 +332,91 @@ def test_live_patches_keep_an_inference_copy_bit_identical(tmp_path: Path) -> No
     assert all(c > 0 for c in changed)
     with pytest.raises(rlmask.PairingError, match="not in the state"):
         rt.apply_patch(server, tmp_path / "3.rlpatch")
+
+
+def test_trl_files_and_vllm_records(chain: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Our patches as TRL delta-sync files (raw and gap_delta, read back by hand with
+    safetensors) and back, and as vLLM's sparse-update records."""
+    from safetensors.torch import load_file
+
+    a, b, _ = chain
+    p = tmp_path / "ab.rlpatch"
+    P.create(a, b, p, progress=False)
+    want = {}
+    for f in sorted(b.glob("*.safetensors")):
+        want |= load_file(f)
+    base = {}
+    for f in sorted(a.glob("*.safetensors")):
+        base |= load_file(f)
+    for encoding in ("raw", "gap_delta"):
+        trl = tmp_path / f"{encoding}.safetensors"
+        r = CliRunner().invoke(
+            cli, ["patch", "convert", str(p), "--to", "trl", "--encoding", encoding, "-o", str(trl)]
+        )
+        assert r.exit_code == 0, r.stderr
+        # TRL's reader, written from its format description: absolute values at flat indices.
+        with safe_open(str(trl), "pt") as h:
+            meta = h.metadata()
+            assert meta["format"] == "sparse_weight_patch" and meta["encoding"] == encoding
+            got = {k: v.clone() for k, v in base.items()}
+            for key in h.keys():  # noqa: SIM118
+                if not key.endswith(".idx"):
+                    continue
+                name, raw = key[:-4], h.get_tensor(key).to(torch.int64)
+                if encoding == "gap_delta":
+                    assert h.get_tensor(key).dtype in (torch.uint16, torch.uint32)
+                    raw = torch.cumsum(raw + 1, 0) - 1
+                else:
+                    assert h.get_tensor(key).dtype == torch.int32
+                flat = got[name].reshape(-1)
+                flat[raw] = h.get_tensor(f"{name}.val")
+        for name, t in want.items():
+            assert got[name].reshape(-1).view(torch.uint8).equal(t.reshape(-1).view(torch.uint8))
+        # Back to ours: the same tensors, applying to the same result.
+        back = tmp_path / f"{encoding}.rlpatch"
+        r = CliRunner().invoke(
+            cli, ["patch", "convert", str(trl), "--to", "rlmask", "--base", str(a), "-o", str(back)]
+        )
+        assert r.exit_code == 0, r.stderr
+        P.verify(a, back, b, progress=False)
+    r = CliRunner().invoke(
+        cli,
+        [
+            "patch",
+            "convert",
+            str(tmp_path / "raw.safetensors"),
+            "--to",
+            "rlmask",
+            "-o",
+            str(tmp_path / "x.rlpatch"),
+        ],
+    )
+    assert r.exit_code == 2 and "--base" in r.stderr
+    # vLLM records: full shapes, absolute values at int32 flat indices, ascending; values
+    # must be free of NaN (the random-bit fixture has some, so real weights are used here).
+    with pytest.raises(ValueError, match="a NaN value"):
+        list(P.records(p))
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    w0 = {
+        "model.layers.0.mlp.experts.1.up_proj.weight": torch.randn(40, 24, generator=g).bfloat16(),
+        "model.norm.weight": torch.ones(24),
+    }
+    w1 = {k: v + (torch.rand(v.shape, generator=g) < 0.1) * 0.5 for k, v in w0.items()}
+    w1 = {k: v.to(w0[k].dtype) for k, v in w1.items()}
+    for side, w in (("v0", w0), ("v1", w1)):
+        (tmp_path / side).mkdir()
+        save_file(w, tmp_path / side / "model.safetensors")
+    v = tmp_path / "v.rlpatch"
+    P.create(tmp_path / "v0", tmp_path / "v1", v, progress=False)
+    n = 0
+    for rec in P.records(v):
+        n += 1
+        t = w0[rec["name"]].reshape(-1).clone()
+        assert rec["indices"].dtype == torch.int32 and not rec["int64_indices"]
+        assert list(w1[rec["name"]].shape) == rec["shape"]
+        assert bool((rec["indices"][1:] > rec["indices"][:-1]).all())
+        t[rec["indices"].long()] = rec["values"]
+        assert t.view(torch.uint8).equal(w1[rec["name"]].reshape(-1).view(torch.uint8))
+    assert n == P.load(v).tensors.filter(pl.col("form") != "none").height == 2

@@ -603,6 +603,46 @@ def patch_info(file: str, by: str, fmt: str, output: str | None) -> None:
     _render(patches.load(file), by, fmt, output)
 
 
+@patch.command("convert")
+@click.argument("src")
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), required=True, help="The file to write."
+)
+@click.option(
+    "--to",
+    type=click.Choice(["trl", "rlmask"]),
+    required=True,
+    help="trl: an rlmask patch to TRL's delta-sync file; rlmask: a TRL file to an rlmask patch.",
+)
+@click.option(
+    "--base",
+    help="With --to rlmask: the checkpoint the TRL sync applies to (TRL files carry no shapes "
+    "or fingerprints).",
+)
+@click.option(
+    "--encoding",
+    type=click.Choice(["raw", "gap_delta"]),
+    default="raw",
+    show_default=True,
+    help="With --to trl: int32 indices, or gaps as uint16 (uint32 where a gap exceeds 65535).",
+)
+@_user_errors
+def patch_convert(src: str, output: str, to: str, base: str | None, encoding: str) -> None:
+    """Convert SRC between rlmask patches and TRL's delta-sync files (needs torch).
+
+    \b
+    Examples:
+      rlmask patch convert 200.rlpatch --to trl --encoding gap_delta -o sync-200.safetensors
+      rlmask patch convert sync-200.safetensors --to rlmask --base step-100/ -o 200.rlpatch
+    """
+    from rlmask import patch as patches
+
+    if to == "rlmask" and base is None:
+        raise click.UsageError("--to rlmask needs --base: the checkpoint the TRL file applies to")
+    patches.convert(src, output, to=to, base=base, encoding=encoding)
+    click.echo(f"wrote {output}")
+
+
 @patch.command("verify")
 @click.argument("base")
 @click.argument("file")

@@ -16,9 +16,10 @@ read and apply it (see the README's ten-line snippet)::
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,19 @@ from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import Report, few, printable_lines, ratio, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
+from rlmask.errors import CheckpointFormatError, PairingError
 
-__all__ = ["PatchInfo", "apply", "create", "load", "verify"]
+__all__ = [
+    "PatchInfo",
+    "apply",
+    "convert",
+    "create",
+    "load",
+    "read_trl",
+    "records",
+    "verify",
+    "write_plain",
+]
 
 
 @dataclass(frozen=True, repr=False)
@@ -270,3 +282,221 @@ def verify(
         show=progress_wanted(progress),
         desc="verifying",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# The formats the RL stack already speaks (need torch)
+
+
+def write_plain(
+    path: PathArg, entries: Mapping[str, Mapping[str, Any]], stored: Mapping[str, Any]
+) -> None:
+    """Writes a plain ``.rlpatch`` (design §9) atomically from ``entries`` (tensor name ->
+    shape, dtype, changed, form, base and tuned fingerprints) and the ``stored`` torch tensors
+    (``NAME.indices``/``NAME.values`` or ``NAME.dense``); the core validates it on reading."""
+    from safetensors.torch import save_file
+
+    meta = {
+        "format": "rlmask-patch",
+        "version": "1",
+        "rlmask_version": __version__,
+        "tensors": json.dumps(dict(sorted(entries.items())), separators=(",", ":")),
+    }
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        save_file(dict(stored), str(tmp), metadata=meta)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sparse(path: PathArg) -> Iterator[tuple[str, list[int], str, Any, Any]]:
+    """(name, shape, dtype, flat int64 indices, values) of every changed tensor of an rlmask
+    patch, dense ones as all their indices (torch tensors)."""
+    import torch
+    from safetensors import safe_open
+
+    f = _rlmask.PatchFile(os.fspath(path))
+    with safe_open(os.fspath(path), framework="pt") as h:
+        for e in f.entries():
+            if e.form == "dense":
+                values = h.get_tensor(f"{e.name}.dense").reshape(-1)
+                indices = torch.arange(values.numel(), dtype=torch.int64)
+            elif e.form == "sparse":
+                indices = h.get_tensor(f"{e.name}.indices").to(torch.int64)
+                values = h.get_tensor(f"{e.name}.values")
+            else:
+                continue
+            yield e.name, list(e.shape), e.dtype, indices, values
+
+
+def records(path: PathArg) -> Iterator[dict[str, Any]]:
+    """The records vLLM's sparse checkpoint-update API takes, one per changed tensor:
+    ``name`` (the checkpoint's own name, one per expert for MoE), full ``shape``, ``dtype``
+    (safetensors name), 1-D absolute ``values`` and 1-D flat ``indices`` (int32; int64 for a
+    tensor past 2^31 - 1 elements, with ``int64_indices: True``, since NCCL paths need int32).
+    Indices are checked ascending, unique and in range, values free of NaN.
+
+    Example:
+        >>> for r in rlmask.patch.records("200.rlpatch"):
+        ...     engine.update_sparse(r["name"], r["indices"], r["values"], r["shape"])
+
+    Raises:
+        ValueError: an index out of order or range, or a NaN value (named).
+    """
+    import torch
+
+    for name, shape, dtype, indices, values in _sparse(path):
+        numel = math.prod(shape)
+        if indices.numel() and (
+            bool((indices[1:] <= indices[:-1]).any()) or int(indices[-1]) >= numel
+        ):
+            raise ValueError(f"{path}: tensor '{name}': indices not ascending or out of range")
+        if values.is_floating_point() and bool(torch.isnan(values.float()).any()):
+            raise ValueError(f"{path}: tensor '{name}': a NaN value, which vLLM refuses")
+        wide = numel > 2**31 - 1
+        yield {
+            "name": name,
+            "shape": shape,
+            "dtype": dtype,
+            "values": values,
+            "indices": indices if wide else indices.to(torch.int32),
+            "int64_indices": wide,
+        }
+
+
+#: TRL's delta-sync index encodings.
+TRL_ENCODINGS = ("raw", "gap_delta")
+
+
+def read_trl(path: PathArg) -> dict[str, tuple[Any, Any]]:
+    """A TRL delta-sync file (``format=sparse_weight_patch``: ``{name}.idx`` as ``raw`` int32
+    flat indices or ``gap_delta`` uint16/uint32 gaps, ``{name}.val`` bf16 values; or the earlier
+    ``{name}.indices``/``{name}.values`` form) as ``{name: (int64 indices, values)}``.
+
+    Raises:
+        CheckpointFormatError: not such a file, or an encoding it does not name.
+    """
+    import torch
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(os.fspath(path), framework="pt") as h:
+        meta = h.metadata() or {}
+        if meta.get("format") == "rlmask-patch":
+            raise CheckpointFormatError(f"{path} is an rlmask patch, not a TRL delta-sync file")
+        keys = set(h.keys())
+        encoding = meta.get("encoding", "raw")
+        if encoding not in TRL_ENCODINGS:
+            raise CheckpointFormatError(f"{path}: unknown TRL index encoding '{encoding}'")
+        for key in sorted(keys):
+            for idx_suffix, val_suffix in ((".idx", ".val"), (".indices", ".values")):
+                if not key.endswith(idx_suffix):
+                    continue
+                name = key[: -len(idx_suffix)]
+                if name + val_suffix not in keys:
+                    raise CheckpointFormatError(f"{path}: '{key}' has no '{name}{val_suffix}'")
+                raw = h.get_tensor(key)
+                if idx_suffix == ".idx" and encoding == "gap_delta":
+                    gaps = raw.to(torch.int64) + 1
+                    indices = torch.cumsum(gaps, 0) - 1
+                else:
+                    indices = raw.to(torch.int64)
+                out[name] = (indices, h.get_tensor(name + val_suffix))
+        if not out:
+            raise CheckpointFormatError(f"{path}: no '{{name}}.idx'/'.val' tensors (not TRL's)")
+    return out
+
+
+def convert(
+    src: PathArg,
+    out: PathArg,
+    *,
+    to: str,
+    base: PathArg | None = None,
+    encoding: str = "raw",
+) -> None:
+    """Converts between rlmask patches and TRL's delta-sync files (needs torch).
+
+    ``to="trl"``: an rlmask patch becomes a TRL file (``{name}.idx`` in ``encoding``: ``raw``
+    int32, or ``gap_delta`` uint16, uint32 for a tensor whose gaps exceed 65535; ``{name}.val``;
+    dense tensors as all their indices). ``to="rlmask"``: a TRL file becomes an rlmask patch;
+    TRL files carry neither shapes nor fingerprints, so ``base`` (the weights the sync applies
+    to) is read for them.
+
+    Raises:
+        ValueError: a wrong ``to`` or ``encoding``, or ``to="rlmask"`` without ``base``.
+        PairingError: a TRL tensor that ``base`` does not hold.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from rlmask.torch import _SAFETENSORS_DTYPE, _bits_view, _fingerprint
+
+    if to == "trl":
+        if encoding not in TRL_ENCODINGS:
+            raise ValueError(f"unknown encoding '{encoding}' ({', '.join(TRL_ENCODINGS)})")
+        check_output(out)
+        tensors = {}
+        for name, _, _, indices, values in _sparse(src):
+            if encoding == "raw":
+                tensors[f"{name}.idx"] = indices.to(torch.int32)
+            else:
+                gaps = torch.diff(indices, prepend=torch.tensor([-1])) - 1
+                wide = bool(gaps.numel()) and int(gaps.max()) > 65535
+                tensors[f"{name}.idx"] = (
+                    gaps.to(torch.int64).numpy().astype("uint32" if wide else "uint16")
+                )
+                tensors[f"{name}.idx"] = torch.from_numpy(tensors[f"{name}.idx"])
+            tensors[f"{name}.val"] = values
+        meta = {"format": "sparse_weight_patch", "version": "1", "encoding": encoding}
+        target = Path(out)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    if to != "rlmask":
+        raise ValueError(f"unknown target '{to}' (trl or rlmask)")
+    if base is None:
+        raise ValueError("converting a TRL file needs base= (--base): the weights it applies to")
+    check_output(out)
+    from safetensors import safe_open
+
+    trl = read_trl(src)
+    ckpt = _rlmask.Checkpoint(resolve_checkpoint(base))
+    missing = sorted(set(trl) - set(ckpt.names()))
+    if missing:
+        raise PairingError(f"{src}: {few(missing, 4)} not in {base}")
+    entries: dict[str, Any] = {}
+    stored: dict[str, Any] = {}
+    for name in ckpt.names():
+        info = ckpt.tensor_info(name)
+        with safe_open(os.fspath(info.shard), framework="pt") as h:
+            t = h.get_tensor(name)
+        before = _fingerprint(t)
+        changed, form, after = 0, "none", before
+        if name in trl:
+            indices, values = trl[name]
+            flat = t.reshape(-1).clone()
+            flat[indices] = values.to(t.dtype)
+            moved = indices[_bits_view(flat[indices]) != _bits_view(t.reshape(-1)[indices])]
+            changed = int(moved.numel())
+            if changed:
+                form = "sparse"
+                wide = t.numel() > 2**31
+                stored[f"{name}.indices"] = moved.to(torch.int64 if wide else torch.int32)
+                stored[f"{name}.values"] = flat[moved]
+                after = _fingerprint(flat)
+        entries[name] = {
+            "shape": list(t.shape),
+            "dtype": _SAFETENSORS_DTYPE[t.dtype],
+            "changed": changed,
+            "form": form,
+            "base": before,
+            "tuned": after,
+        }
+    write_plain(out, entries, stored)

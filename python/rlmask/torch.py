@@ -40,7 +40,6 @@ share of ever-changed elements outside the final subnetwork (Figure 6).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import weakref
@@ -333,7 +332,9 @@ def _decay_hooks(optimizer: torch.optim.Optimizer, handle: MaskHandle) -> list[A
 
 
 def _bits_view(t: torch.Tensor) -> torch.Tensor:
-    """The raw bits of a floating tensor as same-width integers, for exact comparison."""
+    """The raw bits of a tensor as same-width integers, for exact comparison (bool as is)."""
+    if t.dtype == torch.bool:
+        return t
     width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
     return t.view(width)
 
@@ -568,7 +569,7 @@ def make_patch(
     fingerprint. Names are stored as ``canonical_name`` gives them (wrappers removed,
     ``name_map`` applied), as :func:`attach_mask` matches them. Returns the elements changed.
     """
-    from safetensors.torch import save_file
+    from rlmask.patch import write_plain
 
     state = model.state_dict()
     if set(state) != set(synced):
@@ -584,10 +585,7 @@ def make_patch(
         key = canonical_name(name, name_map)
         before = _fingerprint(old)
         flat_new, flat_old = t.detach().reshape(-1), old.reshape(-1)
-        if flat_new.dtype == torch.bool:
-            diff = flat_new != flat_old
-        else:
-            diff = _bits_view(flat_new) != _bits_view(flat_old)
+        diff = _bits_view(flat_new) != _bits_view(flat_old)
         idx = torch.nonzero(diff).reshape(-1)
         n, numel = int(idx.numel()), flat_new.numel()
         wide = numel > 2**31
@@ -610,20 +608,7 @@ def make_patch(
             "tuned": _fingerprint(t) if n else before,
         }
         total += n
-    meta = {
-        "format": "rlmask-patch",
-        "version": "1",
-        "source": "rlmask.torch.make_patch",
-        "rlmask_version": _rlmask.__version__,
-        "tensors": json.dumps(dict(sorted(entries.items())), separators=(",", ":")),
-    }
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        save_file(stored, str(tmp), metadata=meta)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_plain(path, entries, stored)
     with torch.no_grad():
         for name, t in state.items():
             synced[name].copy_(t)
