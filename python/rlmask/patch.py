@@ -432,7 +432,7 @@ def convert(
     import torch
     from safetensors.torch import save_file
 
-    from rlmask.torch import _SAFETENSORS_DTYPE, _bits_view, _fingerprint
+    from rlmask.torch import tensor_entry
 
     if to == "trl":
         if encoding not in TRL_ENCODINGS:
@@ -477,26 +477,11 @@ def convert(
         info = ckpt.tensor_info(name)
         with safe_open(os.fspath(info.shard), framework="pt") as h:
             t = h.get_tensor(name)
-        before = _fingerprint(t)
-        changed, form, after = 0, "none", before
+        new = t
         if name in trl:
             indices, values = trl[name]
-            flat = t.reshape(-1).clone()
-            flat[indices] = values.to(t.dtype)
-            moved = indices[_bits_view(flat[indices]) != _bits_view(t.reshape(-1)[indices])]
-            changed = int(moved.numel())
-            if changed:
-                form = "sparse"
-                wide = t.numel() > 2**31
-                stored[f"{name}.indices"] = moved.to(torch.int64 if wide else torch.int32)
-                stored[f"{name}.values"] = flat[moved]
-                after = _fingerprint(flat)
-        entries[name] = {
-            "shape": list(t.shape),
-            "dtype": _SAFETENSORS_DTYPE[t.dtype],
-            "changed": changed,
-            "form": form,
-            "base": before,
-            "tuned": after,
-        }
+            new = t.reshape(-1).clone()
+            new[indices] = values.to(t.dtype)
+            new = new.reshape(t.shape)
+        entries[name] = tensor_entry(name, t, new, stored)
     write_plain(out, entries, stored)

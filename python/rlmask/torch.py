@@ -554,6 +554,34 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in model.state_dict(keep_vars=False).items()}
 
 
+def tensor_entry(
+    key: str, old: torch.Tensor, new: torch.Tensor, stored: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """The patch entry of one tensor (design §9) from its ``old`` and ``new`` state, adding
+    what the patch stores for it to ``stored`` (host tensors): the elements whose bits differ
+    are found on the tensors' device; the dense form where it is no larger."""
+    flat_new, flat_old = new.reshape(-1), old.reshape(-1)
+    idx = torch.nonzero(_bits_view(flat_new) != _bits_view(flat_old)).reshape(-1)
+    n, numel = int(idx.numel()), flat_new.numel()
+    wide = numel > 2**31
+    form, before = "none", _fingerprint(old)
+    if n and n * ((8 if wide else 4) + flat_new.element_size()) >= numel * new.element_size():
+        form = "dense"
+        stored[f"{key}.dense"] = new.cpu().contiguous()
+    elif n:
+        form = "sparse"
+        stored[f"{key}.indices"] = idx.to(torch.int64 if wide else torch.int32).cpu()
+        stored[f"{key}.values"] = flat_new[idx].cpu()
+    return {
+        "shape": list(new.shape),
+        "dtype": _SAFETENSORS_DTYPE[new.dtype],
+        "changed": n,
+        "form": form,
+        "base": before,
+        "tuned": _fingerprint(new) if n else before,
+    }
+
+
 def make_patch(
     model: torch.nn.Module,
     synced: Mapping[str, torch.Tensor],
@@ -581,33 +609,9 @@ def make_patch(
     stored: dict[str, torch.Tensor] = {}
     total = 0
     for name, t in state.items():
-        old = synced[name]
         key = canonical_name(name, name_map)
-        before = _fingerprint(old)
-        flat_new, flat_old = t.detach().reshape(-1), old.reshape(-1)
-        diff = _bits_view(flat_new) != _bits_view(flat_old)
-        idx = torch.nonzero(diff).reshape(-1)
-        n, numel = int(idx.numel()), flat_new.numel()
-        wide = numel > 2**31
-        form = "none"
-        if n:
-            sparse = n * ((8 if wide else 4) + flat_new.element_size())
-            if sparse >= numel * flat_new.element_size():
-                form = "dense"
-                stored[f"{key}.dense"] = t.detach().cpu().contiguous()
-            else:
-                form = "sparse"
-                stored[f"{key}.indices"] = idx.to(torch.int64 if wide else torch.int32).cpu()
-                stored[f"{key}.values"] = flat_new[idx].cpu()
-        entries[key] = {
-            "shape": list(t.shape),
-            "dtype": _SAFETENSORS_DTYPE[t.dtype],
-            "changed": n,
-            "form": form,
-            "base": before,
-            "tuned": _fingerprint(t) if n else before,
-        }
-        total += n
+        entries[key] = tensor_entry(key, synced[name], t.detach(), stored)
+        total += entries[key]["changed"]
     write_plain(path, entries, stored)
     with torch.no_grad():
         for name, t in state.items():
