@@ -420,3 +420,74 @@ def test_trl_files_and_vllm_records(chain: tuple[Path, Path, Path], tmp_path: Pa
         t[rec["indices"].long()] = rec["values"]
         assert t.view(torch.uint8).equal(w1[rec["name"]].reshape(-1).view(torch.uint8))
     assert n == P.load(v).tensors.filter(pl.col("form") != "none").height == 2
+
+
+def test_sync_cost_callback_in_a_trainer(tmp_path: Path) -> None:
+    """A Trainer run with track_sync: the logged shares and bytes against copies of the
+    parameters taken by an independent callback at every step."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from rlmask.integrations.transformers import track_sync
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (32, 16), generator=g)
+    ]
+
+    class Recorder(TrainerCallback):
+        def __init__(self) -> None:
+            self.states = {}
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.states[0] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+        def on_step_end(self, args, state, control, model=None, **kw):
+            self.states[state.global_step] = {
+                n: p.detach().clone() for n, p in model.named_parameters()
+            }
+
+    recorder = Recorder()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=100,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[recorder])
+    track_sync(trainer, every=2)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "rlmask/sync_bytes" in h]
+    assert [h["step"] for h in logged] == [2, 4, 6]
+
+    def changed(a: dict, b: dict) -> tuple[int, int, int]:
+        n = c = sync = 0
+        for k, t in a.items():
+            d = int((t.view(torch.int16) != b[k].view(torch.int16)).sum())
+            n, c = n + t.numel(), c + d
+            sync += min(d * 6, t.numel() * 2) if d else 0
+        return n, c, sync
+
+    for h in logged:
+        s = h["step"]
+        numel, last, sync = changed(recorder.states[s], recorder.states[s - 2])
+        _, start, _ = changed(recorder.states[s], recorder.states[0])
+        assert h["rlmask/changed_since_last"] == pytest.approx(last / numel)
+        assert h["rlmask/changed_since_start"] == pytest.approx(start / numel)
+        assert h["rlmask/sync_bytes"] == sync and h["rlmask/full_bytes"] == 2 * numel
+        assert 0 < h["rlmask/changed_since_last"] <= 1 and h["rlmask/measure_seconds"] > 0

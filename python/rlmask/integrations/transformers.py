@@ -9,6 +9,13 @@ it)::
 The callback attaches the mask (:func:`rlmask.torch.attach_mask`) when training begins, once
 the trainer has built its optimizer, and detaches it when training ends. Gradient clipping
 (``max_grad_norm``) then clips the masked gradient, as the paper describes.
+
+:func:`track_sync` measures what a sparse weight sync would cost during training (design §9)::
+
+    from rlmask.integrations.transformers import track_sync
+
+    track_sync(trainer, every=10)   # rlmask/* keys in the trainer's logs (wandb, tensorboard)
+    trainer.train()
 """
 
 from __future__ import annotations
@@ -55,3 +62,95 @@ class MaskCallback(TrainerCallback):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+
+
+class SyncCostCallback(TrainerCallback):
+    """Every ``every`` optimizer steps, measures on the device what a sparse weight sync
+    (design §9) would send, and puts it into the trainer's next log line:
+
+    - ``rlmask/changed_since_last``, ``rlmask/changed_since_start``: shares of the floating
+      elements of the trainable parameters whose bits changed since the last measured step and
+      since training began (the paper's update sparsity is ``1 -`` the latter);
+    - ``rlmask/sync_bytes``: bytes the plain patch of the elements changed since the last
+      measured step would hold (indices and values, or the whole tensor where smaller), and
+      ``rlmask/full_bytes``, the bytes of those parameters (a full sync);
+    - ``rlmask/measure_seconds``: what the measurement cost this step.
+
+    It keeps two copies of the trainable floating parameters on their device (the start and
+    the last measured state). Install it with :func:`track_sync`, which puts it before the
+    reporting callbacks so that wandb or tensorboard receive the keys.
+    """
+
+    def __init__(self, every: int = 10) -> None:
+        if every < 1:
+            raise ValueError(f"every must be at least 1, not {every}")
+        self.every = every
+        self.start: dict[str, Any] = {}
+        self.last: dict[str, Any] = {}
+        self.pending: dict[str, float] = {}
+
+    @staticmethod
+    def _params(model: Any) -> dict[str, Any]:
+        return {
+            n: p for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()
+        }
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs.get("model")
+        if model is None:
+            raise RuntimeError("SyncCostCallback needs the trainer to pass the model")
+        params = self._params(model)
+        self.start = {n: p.detach().clone() for n, p in params.items()}
+        self.last = {n: p.detach().clone() for n, p in params.items()}
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs.get("model")
+        if model is None or state.global_step % self.every:
+            return
+        import time
+
+        import torch
+
+        from rlmask.torch import _bits_view
+
+        t0 = time.perf_counter()
+        numel = since_last = since_start = sync = full = 0
+        with torch.no_grad():
+            for n, p in self._params(model).items():
+                now = _bits_view(p.detach().reshape(-1))
+                changed = int((now != _bits_view(self.last[n].reshape(-1))).sum())
+                since_start += int((now != _bits_view(self.start[n].reshape(-1))).sum())
+                size, count = p.element_size(), p.numel()
+                index = 8 if count > 2**31 else 4
+                sync += min(changed * (index + size), count * size) if changed else 0
+                full += count * size
+                numel += count
+                since_last += changed
+                self.last[n].copy_(p.detach())
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.pending = {
+            "rlmask/changed_since_last": since_last / numel if numel else 0.0,
+            "rlmask/changed_since_start": since_start / numel if numel else 0.0,
+            "rlmask/sync_bytes": float(sync),
+            "rlmask/full_bytes": float(full),
+            "rlmask/measure_seconds": time.perf_counter() - t0,
+        }
+        control.should_log = True
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if not self.pending or logs is None:
+            return
+        logs.update(self.pending)
+        if state.log_history:
+            state.log_history[-1].update(self.pending)  # the line this log call recorded
+        self.pending = {}
+
+
+def track_sync(trainer: Any, every: int = 10) -> SyncCostCallback:
+    """Installs a :class:`SyncCostCallback` on ``trainer`` ahead of its reporting callbacks
+    (so that wandb, tensorboard and the trainer's log history get the ``rlmask/*`` keys) and
+    returns it."""
+    cb = SyncCostCallback(every)
+    trainer.callback_handler.callbacks.insert(0, cb)
+    return cb
