@@ -43,3 +43,32 @@ def test_readme_commands_are_what_ci_runs() -> None:
     assert len(commands) == 2, commands
     assert commands[1] in ci
     assert "rlmask demo" in commands[0]
+
+
+def test_import_and_help_do_not_load_the_api() -> None:
+    """`import rlmask` and `rlmask --help`/`--version` stay light (issue 14): polars, numpy
+    and torch are imported when a command or an API call needs them, not before."""
+    import subprocess
+    import sys
+
+    heavy = "sorted(m for m in ('polars', 'numpy', 'torch') if m in sys.modules)"
+    for argv in ([], ["--help"], ["--version"], ["diff", "--help"]):
+        probe = (
+            "import sys, rlmask\n"
+            "from rlmask.cli import main\n"
+            f"sys.argv = ['rlmask', *{argv!r}]\n"
+            "if len(sys.argv) > 1:\n"
+            "    try:\n"
+            "        main()\n"
+            "    except SystemExit as e:\n"
+            "        assert not e.code, e.code\n"
+            f"print('HEAVY', {heavy}, file=sys.stderr)\n"
+        )
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "HEAVY []" in r.stderr, (argv, r.stderr)
+        assert argv == [] or r.stdout  # the help or the version was printed
+    # The lazy names resolve to the API, and `dir` lists them.
+    import rlmask
+
+    assert rlmask.diff.__module__ == "rlmask._diff" and "overlap_matrix" in dir(rlmask)

@@ -15,13 +15,9 @@ bit, without loading either model into memory.
 Importing rlmask never imports torch; :func:`rank` and :mod:`rlmask.torch` import it when used.
 """
 
-from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, DiffReport, diff
-from rlmask._mask import Mask, combine, consensus, load_mask
-from rlmask._overlap import OverlapMatrix, OverlapReport, overlap, overlap_matrix
-from rlmask._rank import RankReport, rank
+from typing import TYPE_CHECKING, Any
+
 from rlmask._rlmask import __version__
-from rlmask._survey import SurveyReport, load_manifest, survey
-from rlmask._trajectory import TrajectoryReport, trajectory
 from rlmask.errors import (
     CheckpointChangedError,
     CheckpointError,
@@ -33,6 +29,42 @@ from rlmask.errors import (
     RlmaskError,
     TensorMismatchError,
 )
+
+if TYPE_CHECKING:
+    from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, DiffReport, diff
+    from rlmask._mask import Mask, combine, consensus, load_mask
+    from rlmask._overlap import OverlapMatrix, OverlapReport, overlap, overlap_matrix
+    from rlmask._rank import RankReport, rank
+    from rlmask._survey import SurveyReport, load_manifest, survey
+    from rlmask._trajectory import TrajectoryReport, trajectory
+
+# The API is imported when first used, so that `import rlmask` (and `rlmask --help`) does not
+# pay for polars and numpy until a report needs them.
+_LAZY = {
+    "rlmask._diff": ("DEFAULT_SWEEP", "DEFAULT_TOL", "DiffReport", "diff"),
+    "rlmask._mask": ("Mask", "combine", "consensus", "load_mask"),
+    "rlmask._overlap": ("OverlapMatrix", "OverlapReport", "overlap", "overlap_matrix"),
+    "rlmask._rank": ("RankReport", "rank"),
+    "rlmask._survey": ("SurveyReport", "load_manifest", "survey"),
+    "rlmask._trajectory": ("TrajectoryReport", "trajectory"),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rlmask' has no attribute '{name}'")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_WHERE})
+
 
 __all__ = [
     "DEFAULT_SWEEP",

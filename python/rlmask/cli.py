@@ -9,21 +9,19 @@ from __future__ import annotations
 import functools
 import signal
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import polars as pl
 
-from rlmask import __version__
-from rlmask._diff import DEFAULT_SWEEP, DEFAULT_TOL, diff, parse_criterion
 from rlmask._io import check_output, write_text_atomic
-from rlmask._mask import combine, load_mask
-from rlmask._overlap import overlap, overlap_matrix
-from rlmask._rank import rank
-from rlmask._report import Report
-from rlmask._rlmask import COMBINE_OPS, CRITERIA, printable
-from rlmask._table import format_frame
+from rlmask._rlmask import COMBINE_OPS, CRITERIA, DEFAULT_TOL, __version__, printable
 from rlmask.errors import RlmaskError
+
+if TYPE_CHECKING:
+    from rlmask._report import Report
+
+# The API (polars, numpy) is imported inside the commands, so that `rlmask --help` and
+# `rlmask --version` start at the speed of click alone.
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -180,6 +178,8 @@ def _check_criterion(
     """Options the criterion would ignore are usage errors (the core's rules, checked before
     any file is opened)."""
     try:
+        from rlmask._diff import parse_criterion
+
         parse_criterion(criterion, tol, tolerances, eta)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
@@ -240,6 +240,8 @@ def _emit(text: str, output: str | None) -> None:
 def _render(report: Report, by: str, fmt: str, output: str | None) -> None:
     """Prints or writes a report: JSON (everything), CSV or Parquet (the ``by`` breakdown), or
     a table (the summary, then the ``by`` breakdown)."""
+    from rlmask._table import format_frame
+
     if fmt == "json":
         _emit(report.to_json(), output)
     elif fmt == "csv":
@@ -353,6 +355,8 @@ def diff_cmd(
       rlmask diff base/ tuned/ --save-mask grpo.rlmask
       rlmask diff base/ tuned/ --by magnitude --plot lens.png
     """
+    from rlmask._diff import DEFAULT_SWEEP, diff
+
     extra = _parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
     _check_criterion(criterion, tol, eta, extra)
     _check_outputs(fmt, output, plot)
@@ -392,6 +396,10 @@ def demo() -> None:
     pretrained on two-digit addition, then RL (TRL's GRPOTrainer, two seeds) and SFT (TRL's
     SFTTrainer) at the same learning rate. Each step prints the command that gives it.
     """
+    import polars as pl
+
+    from rlmask._diff import diff
+    from rlmask._overlap import overlap
     from rlmask._trajectory import trajectory
     from rlmask.examples import trained_path
 
@@ -475,6 +483,9 @@ def mask() -> None:
 @_user_errors
 def mask_info(file: str, by: str) -> None:
     """Provenance, totals and a per-module summary of a mask FILE."""
+    from rlmask._mask import load_mask
+    from rlmask._table import format_frame
+
     m = load_mask(file)
     table = {"module": m.by_module, "layer": m.by_layer, "tensor": m.table}[by]()
     click.echo(f"{file}\n{m.summary()}\n\nby {by}:\n{format_frame(table)}")
@@ -506,6 +517,8 @@ def mask_combine(inputs: tuple[str, ...], op: str, min_count: int | None, output
       rlmask mask combine --op and -o shared.rlmask seed1.rlmask seed2.rlmask
       rlmask mask combine --op consensus --min-count 2 -o core.rlmask s1.rlmask s2.rlmask s3.rlmask
     """
+    from rlmask._mask import combine, load_mask
+
     check_output(output)
     out = combine(op, [load_mask(f) for f in inputs], min_count)
     out.save(output)
@@ -717,6 +730,8 @@ def overlap_cmd(
       rlmask overlap grpo.rlmask dpo.rlmask prime.rlmask --plot table4.png
       rlmask overlap seed1.rlmask seed2.rlmask --base base/      # + magnitude-matched baseline
     """
+    from rlmask._overlap import overlap, overlap_matrix
+
     if len(masks) < 2:
         raise click.UsageError("overlap needs at least two masks")
     _check_outputs(fmt, output, plot)
@@ -946,6 +961,7 @@ def survey_cmd(
       rlmask survey survey.toml --by group --format csv -o groups.csv --plot figure1.png
       rlmask survey survey.toml --executor ray --ray-address auto
     """
+    from rlmask._diff import DEFAULT_SWEEP
     from rlmask._survey import survey
 
     extra = _parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
@@ -1048,6 +1064,8 @@ def rank_cmd(
       rlmask rank base/ tuned/ --device cuda --by layer --format csv -o ranks.csv
       rlmask rank base/ tuned/ --plot rank.png
     """
+    from rlmask._rank import rank
+
     _check_outputs(fmt, output, plot)
     report = rank(
         base,
