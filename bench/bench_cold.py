@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""Cold-cache benchmark of ``rlmask.diff`` against plain parallel reads of the same files (run
+by hand, as root or the files' owner).
+
+Before every measurement both checkpoint files are evicted from the page cache
+(``posix_fadvise(POSIX_FADV_DONTNEED)`` after ``sync``); then, in turn: two parallel ``cat``
+(one per file), four parallel ``dd`` with 4 MiB reads (each file in two halves), and
+``rlmask.diff`` in a fresh interpreter (its own pass only, start-up excluded).
+
+    python bench/bench_cold.py BASE.safetensors TUNED.safetensors [--repeat 5]
+
+(``python bench/bench_patch.py --keep --dir D`` leaves a 0.46 GB pair in ``D/base`` and
+``D/tuned-0.05``.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+DIFF = """
+import sys, time
+import rlmask
+t = time.perf_counter()
+rlmask.diff(sys.argv[1], sys.argv[2], progress=False)
+print(time.perf_counter() - t)
+"""
+
+
+def evict(files: list[str]) -> None:
+    os.sync()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def timed(files: list[str], cmd: list[str] | str) -> tuple[float, str]:
+    evict(files)
+    t = time.perf_counter()
+    out = subprocess.run(cmd, shell=isinstance(cmd, str), capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr)
+    return time.perf_counter() - t, out.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("base")
+    ap.add_argument("tuned")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    files = [args.base, args.tuned]
+    size = sum(os.path.getsize(f) for f in files)
+    cat = " & ".join(f"cat {f} > /dev/null" for f in files) + " & wait"
+    dd = []
+    for f in files:
+        h = os.path.getsize(f) // 2
+        for skip, count in ((0, h), (h, os.path.getsize(f) - h)):
+            dd.append(
+                f"dd if={f} bs=4M skip={skip} count={count} iflag=skip_bytes,count_bytes "
+                "of=/dev/null status=none"
+            )
+    dd4 = " & ".join(dd) + " & wait"
+    print(f"{size / 1e9:.2f} GB in two files, cold before every run")
+    print("rep   2 cat s   4 dd s   diff s   diff / best read (throughput)")
+    for rep in range(args.repeat):
+        c2, _ = timed(files, cat)
+        c4, _ = timed(files, dd4)
+        _, out = timed(files, [sys.executable, "-c", DIFF, *files])
+        d = float(out.split()[0])
+        print(f"{rep:3}  {c2:8.3f} {c4:8.3f} {d:8.3f}   {min(c2, c4) / d:.2f}")
+
+
+if __name__ == "__main__":
+    main()
