@@ -67,8 +67,10 @@ def run_in_worker(
             box["error"] = e
 
     worker = threading.Thread(target=work, name="rlmask-worker", daemon=True)
-    worker.start()
     try:
+        # Started inside the try: a signal that lands while the thread starts must still
+        # cancel it and wait for it, or the process could exit with an output half-written.
+        worker.start()
         while worker.is_alive():
             worker.join(0.05)
             if tick is not None:
@@ -77,7 +79,7 @@ def run_in_worker(
                 raise KeyboardInterrupt
     except BaseException:
         on_interrupt()
-        if wait_on_interrupt:
+        if wait_on_interrupt and worker.ident is not None:
             worker.join()
         raise
     if "error" in box:
