@@ -283,8 +283,8 @@ pub(crate) fn mismatch(p: &Pair) -> Option<String> {
     let (pa, pb) = (p.a.0.path.display(), p.b.0.path.display());
     let detail = if ta.shape != tb.shape {
         let hint = if shared_rows(ta, tb).is_some() {
-            " (a resized vocabulary? shared_rows / --compare-shared-rows compares the rows both \
-             share)"
+            " (a resized vocabulary? diff with shared_rows / --compare-shared-rows compares the \
+             rows both share)"
         } else {
             ""
         };
