@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -228,7 +229,8 @@ def test_plain_patch_applies_with_safetensors_and_torch(
         assert got.reshape(-1).view(torch.uint8).equal(t.reshape(-1).view(torch.uint8)), name
 
 
-def test_transformers_checkpoints_and_the_cli(tmp_path: Path) -> None:
+def _tiny_llama() -> Any:
+    """A bf16 llama-shaped model built by transformers from a config (nothing downloaded)."""
     cfg = transformers.LlamaConfig(
         vocab_size=64,
         hidden_size=32,
@@ -239,7 +241,11 @@ def test_transformers_checkpoints_and_the_cli(tmp_path: Path) -> None:
         max_position_embeddings=64,
     )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def test_transformers_checkpoints_and_the_cli(tmp_path: Path) -> None:
+    model = _tiny_llama()
     model.save_pretrained(tmp_path / "base")
     with torch.no_grad():
         for p in model.parameters():
@@ -429,17 +435,7 @@ def test_sync_cost_callback_in_a_trainer(tmp_path: Path) -> None:
 
     from rlmask.integrations.transformers import track_sync
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = _tiny_llama()
     g = torch.Generator().manual_seed(0)
     data = [
         {"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (32, 16), generator=g)

@@ -400,6 +400,15 @@ pub fn create(
         }
         jobs.push(Job { name: stored, a, b });
     }
+    if jobs.is_empty() {
+        return Err(Error::Pairing {
+            reason: format!(
+                "nothing to patch: {} and {} hold no tensors",
+                base.path.display(),
+                tuned.path.display()
+            ),
+        });
+    }
     let total: u64 = jobs.iter().map(|j| 2 * j.a.1.len as u64).sum();
     progress.total.store(total, Ordering::Relaxed);
 

@@ -52,6 +52,17 @@ fn a_chain_applies_bit_exactly_and_out_of_order_is_refused() {
     }
     patch::verify(&a, &pab, Some(&b), &p).unwrap();
     assert!(patch::verify(&a, &pab, Some(&c), &p).is_err());
+    // Two checkpoints without tensors: nothing to patch, no file.
+    for name in ["e1", "e2"] {
+        std::fs::create_dir(d.join(name)).unwrap();
+        write(&d.join(name).join("model.safetensors"), &[]);
+    }
+    let (e1, e2) = (open("e1"), open("e2"));
+    let err = patch::create(&e1, &e2, &d.join("e.rlpatch"), &[], &BTreeMap::new(), &p)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("nothing to patch"), "{err}");
+    assert!(!d.join("e.rlpatch").exists());
     // A checkpoint is not a patch.
     let err = Patch::open(&d.join("a/model.safetensors")).err().unwrap();
     assert!(err.to_string().contains("not an rlmask patch"), "{err}");
