@@ -10,12 +10,15 @@ warm files:
       throughput against diff's (goal: at least 70%);
   (b) ``rlmask.patch.apply`` against copying the base checkpoint (``shutil.copyfile`` of every
       file, then fsync, as apply syncs): goal within 1.5x;
-  (c) patch bytes per changed element at each density (plain form).
+  (c) patch bytes per changed element at each density: the plain codec, the compact codec
+      (``--codec compact``), and zstd (level 3, the `zstandard` package) over the XOR of the
+      two checkpoints' data, the generic way to ship a small change; with the compact create
+      and apply times beside the plain ones.
 
     python bench/bench_patch.py                   # 0.23B parameters, 0.46 GB per checkpoint
     python bench/bench_patch.py --repeat 5
 
-Needs numpy and about 3 GB of free disk (deleted after unless --keep).
+Needs numpy, zstandard and about 3 GB of free disk (deleted after unless --keep).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 from _common import READ_FLOOR, llama_shapes, print_table, run_program, summarize
 
 SHAPE = (1024, 2816, 16, 32000, 256)  # hidden, intermediate, layers, vocab, kv dim
+CODECS = ("plain", "compact")
 
 DIFF = """
 import sys, time
@@ -45,8 +49,19 @@ CREATE = """
 import sys, time
 import rlmask.patch
 t = time.perf_counter()
-info = rlmask.patch.create(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+info = rlmask.patch.create(
+    sys.argv[1], sys.argv[2], sys.argv[3], codec=sys.argv[4], progress=False
+)
 print(time.perf_counter() - t, info.changed, info.bytes)
+"""
+XOR_ZSTD = """
+import sys, time
+import numpy as np, zstandard
+a = np.memmap(sys.argv[1], np.uint8, "r")
+b = np.memmap(sys.argv[2], np.uint8, "r")
+t = time.perf_counter()
+n = len(zstandard.ZstdCompressor(level=3).compress(np.bitwise_xor(a, b).tobytes()))
+print(time.perf_counter() - t, n)
 """
 APPLY = """
 import sys, time, shutil
@@ -125,34 +140,45 @@ def main() -> None:
         sizes = []
         for d in densities:
             tuned = str(root / f"tuned-{d:g}")
-            patch = str(root / f"{d:g}.rlpatch")
             files = [str(root / "base" / "model.safetensors"), tuned + "/model.safetensors"]
-            results: dict[str, list[dict]] = {"diff exact": [], "patch create": []}
-            apply: dict[str, list[dict]] = {"patch apply": [], "copy base": []}
+            results: dict[str, list[dict]] = {"diff exact": []}
+            apply: dict[str, list[dict]] = {"copy base": []}
             for _ in range(args.repeat):
                 run_program(READ_FLOOR, files)
                 results["diff exact"].append(run_program(DIFF, [base, tuned]))
-                results["patch create"].append(run_program(CREATE, [base, tuned, patch]))
-                apply["patch apply"].append(run_program(APPLY, [base, patch, str(root / "out")]))
+                for codec in CODECS:
+                    patch = str(root / f"{d:g}.{codec}.rlpatch")
+                    results.setdefault(f"create {codec}", []).append(
+                        run_program(CREATE, [base, tuned, patch, codec])
+                    )
+                    apply.setdefault(f"apply {codec}", []).append(
+                        run_program(APPLY, [base, patch, str(root / "out")])
+                    )
                 apply["copy base"].append(run_program(COPY, [base, str(root / "copy")]))
             changed = int(results["diff exact"][0]["output"][0])
-            assert int(results["patch create"][0]["output"][0]) == changed
-            nbytes = int(results["patch create"][0]["output"][1])
-            sizes.append((d, changed, nbytes))
+            row: dict[str, float] = {}
+            for codec in CODECS:
+                out = results[f"create {codec}"][0]["output"]
+                assert int(out[0]) == changed
+                row[codec] = int(out[1])
+            row["zstd(XOR)"] = int(run_program(XOR_ZSTD, files)["output"][0])
+            sizes.append((d, changed, row))
             print(f"\ndensity {100 * d:g}% ({changed:,} changed elements)")
             summary = {m: summarize(r, 2 * size) for m, r in results.items()}
             summary |= {m: summarize(r, size) for m, r in apply.items()}
             print_table(summary)
-            r1 = summary["diff exact"]["seconds"] / summary["patch create"]["seconds"]
-            r2 = summary["patch apply"]["seconds"] / summary["copy base"]["seconds"]
-            print(f"create throughput / diff's: {100 * r1:.0f}% (goal: at least 70%)")
-            print(f"apply time / copy time: {r2:.2f}x (goal: at most 1.5x)")
-        print("\ndensity  changed  patch bytes  bytes per changed element  vs full model")
-        for d, changed, nbytes in sizes:
-            print(
-                f"{100 * d:6g}%  {changed:>11,}  {nbytes:>13,}  {nbytes / changed:8.2f}"
-                f"  {100 * nbytes / size:8.1f}%"
-            )
+            for codec in CODECS:
+                r1 = summary["diff exact"]["seconds"] / summary[f"create {codec}"]["seconds"]
+                r2 = summary[f"apply {codec}"]["seconds"] / summary["copy base"]["seconds"]
+                print(
+                    f"{codec}: create throughput / diff's {100 * r1:.0f}% (goal: at least 70%);"
+                    f" apply time / copy time {r2:.2f}x (goal: at most 1.5x)"
+                )
+        print("\nbytes per changed element (and of the full model)")
+        print("density  changed      " + "  ".join(f"{k:>18}" for k in sizes[0][2]))
+        for d, changed, row in sizes:
+            cells = [f"{n / changed:8.2f} ({100 * n / size:5.1f}%)" for n in row.values()]
+            print(f"{100 * d:6g}%  {changed:>11,}  " + "  ".join(f"{c:>18}" for c in cells))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

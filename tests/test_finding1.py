@@ -155,3 +155,27 @@ def test_overlaps_trajectory_and_conjecture1_are_recomputed(study: tuple[Path, d
     for n in base:
         frozen = ~masks["rl-seed1"][n]
         assert np.array_equal(sub[n][1][frozen], base[n][1][frozen]), n
+
+
+def test_sync_cost_of_every_step_agrees_with_the_checkpoints(study: tuple[Path, dict]) -> None:
+    """The per-step sync figures of seed 1's run (measured in memory by SyncCostCallback on the
+    bf16 casts): at each saved step, the share changed since the start is what numpy finds
+    between the base and that step's checkpoint file, bit for bit."""
+    out, res = study
+    sync = res["sync"]
+    base = _tensors(out / res["base"]["path"])
+    numel = sum(v[1].size for v in base.values())
+    assert sync["full_bytes"] == 2 * numel  # bf16
+    run = out / next(r["path"] for r in res["runs"] if r["name"] == "rl-seed1")
+    ckpts = sorted(run.parent.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert ckpts
+    for c in ckpts:
+        k = sync["steps"].index(int(c.name.split("-")[1]))
+        flags = _changed(base, _tensors(c), criterion="exact")
+        want = sum(int(f.sum()) for f in flags.values())
+        assert sync["changed_since_start"][k] * numel == pytest.approx(want, abs=0.5)
+    for plain, compact, share in zip(
+        sync["plain_bytes"], sync["compact_bytes"], sync["changed_since_last"], strict=True
+    ):
+        # Plain: at most 6 bytes per changed element, whole tensors capping it.
+        assert compact <= plain <= 6 * share * numel + 1e-6

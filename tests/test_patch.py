@@ -110,13 +110,18 @@ def chain(tmp_path: Path) -> tuple[Path, Path, Path]:
     return tmp_path / "A", tmp_path / "B", tmp_path / "C"
 
 
-def test_apply_is_bit_exact_for_every_dtype(chain: tuple[Path, Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("codec", P.CODECS)
+def test_apply_is_bit_exact_for_every_dtype(
+    chain: tuple[Path, Path, Path], tmp_path: Path, codec: str
+) -> None:
     a, b, _ = chain
-    info = P.create(a, b, tmp_path / "ab.rlpatch", progress=False)
+    info = P.create(a, b, tmp_path / "ab.rlpatch", codec=codec, progress=False)
+    assert info.codec == codec == P.load(tmp_path / "ab.rlpatch").metadata["codec"]
     forms = dict(zip(info.tensors["name"], info.tensors["form"], strict=True))
     assert forms["model.same"] == "none" and forms["model.empty"] == "none"
     assert forms["model.dense"] == "dense"
-    assert {forms[f"model.layers.{k}.mlp.up_proj.weight"] for k in range(len(DTYPES))} == {"sparse"}
+    layers = {forms[f"model.layers.{k}.mlp.up_proj.weight"] for k in range(len(DTYPES))}
+    assert layers == ({"sparse"} if codec == "plain" else {"sparse", "compact"})
     before = {p.name: p.read_bytes() for p in a.iterdir()}
     P.apply(a, [tmp_path / "ab.rlpatch"], tmp_path / "out", progress=False)
     _same_files(tmp_path / "out", b)  # shards, index and config, byte for byte
@@ -128,7 +133,7 @@ def test_changed_counts_and_sizes_against_numpy(
     chain: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
     a, b, _ = chain
-    info = P.create(a, b, tmp_path / "ab.rlpatch", progress=False)
+    info = P.create(a, b, tmp_path / "ab.rlpatch", codec="plain", progress=False)
     want = {}
     # Count with raw bytes read back by the official library (via torch, every dtype).
     for f in sorted(a.glob("*.safetensors")):
@@ -151,11 +156,92 @@ def test_changed_counts_and_sizes_against_numpy(
     assert info.bytes == (tmp_path / "ab.rlpatch").stat().st_size
 
 
-def test_chains_are_checked(chain: tuple[Path, Path, Path], tmp_path: Path) -> None:
+def _decode_frames(frames: np.ndarray, blob: np.ndarray, size: int, numel: int) -> tuple:
+    """An independent decoder of the compact codec (design §9), with the `zstandard` package:
+    per frame, varint gaps from -1 then the values' byte planes."""
+    import zstandard
+
+    indices, values, at = [], [], 0
+    for k, (start, count, nbytes) in enumerate(frames.tolist()):
+        end = frames[k + 1][0] if k + 1 < len(frames) else numel
+        raw = zstandard.ZstdDecompressor().decompress(blob[at : at + nbytes].tobytes())
+        at += nbytes
+        pos, prev = 0, -1
+        for _ in range(count):
+            gap = shift = 0
+            while True:
+                byte = raw[pos]
+                pos += 1
+                gap |= (byte & 0x7F) << shift
+                shift += 7
+                if byte < 0x80:
+                    break
+            prev = prev + 1 + gap
+            assert prev < end - start
+            indices.append(start + prev)
+        planes = np.frombuffer(raw[pos:], np.uint8).reshape(size, count)
+        values.append(planes.T.copy())
+    assert at == blob.size
+    return np.array(indices, np.int64), np.concatenate(values).reshape(-1)
+
+
+def test_compact_frames_against_a_python_decoder(
+    chain: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """The compact file read back with safetensors and decoded in Python gives exactly the
+    changes numpy finds; the core's decoding (`changes`) agrees, and so do the sizes."""
+    a, b, _ = chain
+    plain = P.create(a, b, tmp_path / "p.rlpatch", codec="plain", progress=False)
+    info = P.create(a, b, tmp_path / "c.rlpatch", codec="compact", progress=False)
+    assert info.plain_bytes == plain.plain_bytes == plain.bytes - _header_bytes(plain.path)
+    f = rlmask._rlmask.PatchFile(tmp_path / "c.rlpatch")
+    # Each tensor in the smallest form: compact where frames beat plain indices and values.
+    sizes = dict(DTYPES)
+    for name, dtype, changed, numel, form in info.tensors.select(
+        "name", "dtype", "changed", "numel", "form"
+    ).iter_rows():
+        if form == "sparse":
+            assert changed * (4 + sizes[dtype]) < numel * sizes[dtype], name
+    sparse = info.tensors.filter(pl.col("form") == "compact")
+    assert sparse.height >= len(DTYPES) // 2 and info.stored["compact"] > 0
+    with safe_open(str(tmp_path / "c.rlpatch"), "np") as h:
+        for name, dtype, numel in sparse.select("name", "dtype", "numel").iter_rows():
+            size = dict(DTYPES)[dtype]
+            got = _decode_frames(
+                h.get_tensor(f"{name}.frames"), h.get_tensor(f"{name}.compact"), size, numel
+            )
+            ra, rb = (_raw(x, name).reshape(-1, size) for x in (a, b))
+            want = np.flatnonzero((ra != rb).any(axis=1))
+            assert np.array_equal(got[0], want), name
+            assert np.array_equal(got[1], rb[want].reshape(-1)), name
+            core = f.changes(name)
+            assert np.array_equal(core[0], want) and np.array_equal(core[1], got[1])
+
+
+def _raw(folder: Path, name: str) -> np.ndarray:
+    """A tensor's raw bytes, read with the official library (via torch, every dtype)."""
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as h:
+            if name in h.keys():  # noqa: SIM118
+                return h.get_tensor(name).reshape(-1).contiguous().view(torch.uint8).numpy()
+    raise KeyError(name)
+
+
+def _header_bytes(path: str) -> int:
+    with open(path, "rb") as fh:
+        return 8 + int.from_bytes(fh.read(8), "little")
+
+
+@pytest.mark.parametrize(
+    "codecs", [("plain", "plain"), ("compact", "compact"), ("plain", "compact")]
+)
+def test_chains_are_checked(
+    chain: tuple[Path, Path, Path], tmp_path: Path, codecs: tuple[str, str]
+) -> None:
     a, b, c = chain
     p1, p2 = tmp_path / "1.rlpatch", tmp_path / "2.rlpatch"
-    P.create(a, b, p1, progress=False)
-    P.create(b, c, p2, progress=False)
+    P.create(a, b, p1, codec=codecs[0], progress=False)
+    P.create(b, c, p2, codec=codecs[1], progress=False)
     P.apply(a, [p1, p2], tmp_path / "ac", progress=False)
     _same_files(tmp_path / "ac", c)
     for wrong, what in (
@@ -179,12 +265,16 @@ def test_chains_are_checked(chain: tuple[Path, Path, Path], tmp_path: Path) -> N
         P.verify(a, p1, c, progress=False)
 
 
-def test_corrupt_patches_are_refused(chain: tuple[Path, Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("codec", P.CODECS)
+def test_corrupt_patches_are_refused(
+    chain: tuple[Path, Path, Path], tmp_path: Path, codec: str
+) -> None:
     a, b, _ = chain
     p = tmp_path / "ab.rlpatch"
-    P.create(a, b, p, progress=False)
+    P.create(a, b, p, codec=codec, progress=False)
     data = bytearray(p.read_bytes())
-    # A flipped value byte: the result no longer has the promised fingerprint.
+    # A flipped last byte (a value, or a compact frame's checksum): the result no longer has
+    # the promised fingerprint, or the frame no longer decodes.
     data[-1] ^= 0xFF
     bad = tmp_path / "flipped.rlpatch"
     bad.write_bytes(bytes(data))
@@ -204,7 +294,7 @@ def test_plain_patch_applies_with_safetensors_and_torch(
 ) -> None:
     """The README's snippet: the plain form needs nothing but safetensors and torch."""
     a, b, _ = chain
-    P.create(a, b, tmp_path / "ab.rlpatch", progress=False)
+    P.create(a, b, tmp_path / "ab.rlpatch", codec="plain", progress=False)
     from safetensors.torch import load_file
 
     # --- the snippet -------------------------------------------------------------------
@@ -285,6 +375,27 @@ def test_transformers_checkpoints_and_the_cli(tmp_path: Path) -> None:
     d = json.loads(r.stdout)
     assert d["bytes"] == os.path.getsize(tmp_path / "t.rlpatch")
     assert sum(t["changed"] for t in d["tensors"]) == d["changed"] > 0
+    assert d["codec"] == "compact" and d["plain_bytes"] > 0  # the default codec
+    # --codec plain: the same changes, the size the plain table predicts.
+    r = runner.invoke(
+        cli,
+        [
+            "patch",
+            "create",
+            str(tmp_path / "base"),
+            str(tmp_path / "tuned"),
+            "-o",
+            str(tmp_path / "p.rlpatch"),
+            "--codec",
+            "plain",
+            "-q",
+        ],
+    )
+    assert r.exit_code == 0 and "plain codec" in r.stdout, r.stderr
+    plain = P.load(tmp_path / "p.rlpatch")
+    assert plain.changed == d["changed"] and plain.plain_bytes == d["plain_bytes"]
+    r = runner.invoke(cli, ["patch", "info", str(tmp_path / "t.rlpatch")])
+    assert "compact codec" in r.stdout and "in the plain codec" in r.stdout, r.stdout
     r = runner.invoke(
         cli,
         [
@@ -431,6 +542,7 @@ def test_trl_files_and_vllm_records(chain: tuple[Path, Path, Path], tmp_path: Pa
 def test_sync_cost_callback_in_a_trainer(tmp_path: Path) -> None:
     """A Trainer run with track_sync: the logged shares and bytes against copies of the
     parameters taken by an independent callback at every step."""
+    from safetensors.torch import save_file
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from rlmask.integrations.transformers import track_sync
@@ -487,3 +599,56 @@ def test_sync_cost_callback_in_a_trainer(tmp_path: Path) -> None:
         assert h["rlmask/changed_since_start"] == pytest.approx(start / numel)
         assert h["rlmask/sync_bytes"] == sync and h["rlmask/full_bytes"] == 2 * numel
         assert 0 < h["rlmask/changed_since_last"] <= 1 and h["rlmask/measure_seconds"] > 0
+        # Compact bytes: what a compact patch file between the two states stores.
+        for step in (s - 2, s):
+            (tmp_path / f"s{step}").mkdir(exist_ok=True)
+            save_file(recorder.states[step], tmp_path / f"s{step}" / "model.safetensors")
+        info = P.create(
+            tmp_path / f"s{s - 2}",
+            tmp_path / f"s{s}",
+            tmp_path / f"{s}.rlpatch",
+            codec="compact",
+            progress=False,
+        )
+        assert h["rlmask/sync_bytes_compact"] == info.stored["compact"] + info.stored["dense"]
+        assert h["rlmask/sync_bytes_compact"] < h["rlmask/sync_bytes"]
+
+
+def test_sync_cost_of_fp32_master_weights_sent_as_bf16() -> None:
+    """With dtype=bfloat16, an fp32 model is measured as the bf16 weights a sync would send:
+    the history against bf16 casts compared with numpy, step by step."""
+    from types import SimpleNamespace
+
+    from rlmask.integrations.transformers import SyncCostCallback
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    cb = SyncCostCallback(every=1, dtype=torch.bfloat16)
+    control = SimpleNamespace(should_log=False)
+    cb.on_train_begin(None, SimpleNamespace(global_step=0), control, model=model)
+
+    def bf16_bits() -> dict[str, np.ndarray]:
+        return {
+            n: p.detach().bfloat16().view(torch.int16).numpy().copy()
+            for n, p in model.named_parameters()
+        }
+
+    states = [bf16_bits()]
+    for step in range(1, 5):
+        opt.zero_grad()
+        model(torch.randn(16, 64)).square().mean().backward()
+        opt.step()
+        cb.on_step_end(None, SimpleNamespace(global_step=step), control, model=model)
+        states.append(bf16_bits())
+    assert [h["step"] for h in cb.history] == [1, 2, 3, 4]
+    for h in cb.history:
+        now, before, start = states[h["step"]], states[h["step"] - 1], states[0]
+        numel = sum(v.size for v in now.values())
+        last = {n: int((now[n] != before[n]).sum()) for n in now}
+        assert h["rlmask/changed_since_last"] == pytest.approx(sum(last.values()) / numel)
+        assert h["rlmask/changed_since_start"] == pytest.approx(
+            sum(int((now[n] != start[n]).sum()) for n in now) / numel
+        )
+        assert h["rlmask/full_bytes"] == 2 * numel  # bf16, not the fp32 master's 4
+        assert h["rlmask/sync_bytes"] == sum(min(6 * c, 2 * now[n].size) for n, c in last.items())

@@ -126,6 +126,7 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
     }
     tuned = {k: v.clone() for k, v in base.items()}
     tuned["model.layers.0.mlp.up_proj.weight"][0, :5] += 1.0
+    tuned["model.layers.0.input_layernorm.weight"] += 1.0  # a patch stores it whole
     (tmp_path / "base").mkdir()
     (tmp_path / "tuned").mkdir()
     save_file(base, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
@@ -186,3 +187,27 @@ def test_main_calls_return_what_the_stub_says(pair: tuple[Path, Path], tmp_path:
     check_call(_rlmask.canonical_name("module.x", [("x", "y")]), None, "canonical_name")
     progress = _rlmask.Progress()
     assert check_properties(progress) == 2
+
+    check_call(_rlmask.fingerprint(raw), None, "fingerprint")
+    forms = set()
+    for codec in _rlmask.PATCH_CODECS:
+        out = tmp_path / f"{codec}.rlpatch"
+        entries, size = check_call(
+            _rlmask.patch_create(a, b, out, codec=codec), None, "patch_create"
+        )
+        assert {check_properties(e) for e in entries} == {7}
+        assert size == out.stat().st_size
+        f = _rlmask.PatchFile(out)
+        assert check_properties(f) == 2  # path, codec
+        check_call(f.entries(), "PatchFile", "entries")
+        check_call(f.metadata(), "PatchFile", "metadata")
+        check_call(f.stored_bytes(), "PatchFile", "stored_bytes")
+        check_call(f.plain_bytes(), "PatchFile", "plain_bytes")
+        for e in entries:
+            got = check_call(f.changes(e.name), "PatchFile", "changes")
+            forms.add((e.form, got is None, got is not None and got[0] is None))
+            if e.form == "sparse":
+                n = int(np.prod(e.shape))
+                check_call(_rlmask.compact_bytes(got[0], got[1], 2, n), None, "compact_bytes")
+    # Every arm of `changes`' union: sparse, dense (no indices), unchanged (None).
+    assert forms == {("sparse", False, False), ("dense", False, True), ("none", True, False)}

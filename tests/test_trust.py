@@ -236,6 +236,21 @@ def test_a_mask_truncated_after_loading_gives_no_figures(tmp_path: Path) -> None
         assert f"{what} error: {path}: the file" in r.stdout, r.stdout
 
 
+def _wait_until_mapped(p: subprocess.Popen, path: Path) -> None:
+    """Waits until process `p` has memory-mapped `path` (its start-up varies with the
+    machine's load), so that what follows happens during its pass, not before it."""
+    target = str(path.resolve())
+    for _ in range(2000):
+        try:
+            if target in Path(f"/proc/{p.pid}/maps").read_text():
+                return
+        except OSError:  # the process is gone
+            pass
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.005)
+    raise AssertionError(f"{path} was never mapped")
+
+
 def test_truncated_during_a_real_read_is_a_clean_error(tmp_path: Path) -> None:
     for _ in range(3):
         a, b = sparse_pair(tmp_path, 1 << 30)  # 4 GiB each, in holes
@@ -245,7 +260,7 @@ def test_truncated_during_a_real_read_is_a_clean_error(tmp_path: Path) -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(0.4)
+        _wait_until_mapped(p, b)
         assert p.poll() is None, "the pass ended before the file could be truncated"
         with open(b, "r+b") as f:
             f.truncate(1 << 20)

@@ -315,6 +315,10 @@ def main() -> None:
         )
 
     t = time.perf_counter()
+    # What syncing seed 1's bf16 weights to an inference engine after every step would send.
+    from rlmask.integrations.transformers import SyncCostCallback
+
+    sync = SyncCostCallback(every=1, dtype=torch.bfloat16)
     for seed in (1, 2):
         run = out / f"rl-seed{seed}"
         m = grpo(
@@ -325,6 +329,7 @@ def main() -> None:
             steps=rl_steps,
             save_every=max(1, rl_steps // 4) if seed == 1 else 0,
             out=run,
+            callbacks=[sync] if seed == 1 else None,
         )
         folder = save(
             m,
@@ -451,6 +456,17 @@ def main() -> None:
             "reward_subnetwork": runs[-1]["reward_after"],
             "identical_to_full": same.sparsity,
         },
+        "sync": {
+            "run": "rl-seed1",
+            "every": "step",
+            "dtype": "bf16 (the fp32 master weights as an inference engine receives them)",
+            "full_bytes": sync.history[0]["rlmask/full_bytes"],
+            "steps": [h["step"] for h in sync.history],
+            "changed_since_last": [h["rlmask/changed_since_last"] for h in sync.history],
+            "changed_since_start": [h["rlmask/changed_since_start"] for h in sync.history],
+            "plain_bytes": [h["rlmask/sync_bytes"] for h in sync.history],
+            "compact_bytes": [h["rlmask/sync_bytes_compact"] for h in sync.history],
+        },
         "timings": {**timings, "total": round(time.perf_counter() - t0, 2)},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -458,6 +474,14 @@ def main() -> None:
         json.dumps(
             {k: results[k] for k in ("base", "overlaps", "conjecture1", "timings")}, indent=2
         )
+    )
+    n = len(sync.history)
+    plain, compact = sum(results["sync"]["plain_bytes"]), sum(results["sync"]["compact_bytes"])
+    full = results["sync"]["full_bytes"] * n
+    print(
+        f"sync of every step's bf16 weights ({n} steps): plain {plain:,.0f} bytes "
+        f"({100 * plain / full:.1f}% of sending the full model each step), compact "
+        f"{compact:,.0f} ({100 * compact / full:.1f}%)"
     )
     for r in runs:
         print(

@@ -10,7 +10,9 @@ import numpy.typing as npt
 __all__ = [
     "COMBINE_OPS",
     "CRITERIA",
+    "DEFAULT_PATCH_CODEC",
     "DEFAULT_TOL",
+    "PATCH_CODECS",
     "Checkpoint",
     "CombineOp",
     "Criterion",
@@ -25,6 +27,7 @@ __all__ = [
     "TrajectoryResult",
     "__version__",
     "canonical_name",
+    "compact_bytes",
     "diff",
     "fingerprint",
     "mask_combine",
@@ -42,6 +45,8 @@ __version__: str
 DEFAULT_TOL: float
 CRITERIA: tuple[str, ...]
 COMBINE_OPS: tuple[str, ...]
+PATCH_CODECS: tuple[str, ...]
+DEFAULT_PATCH_CODEC: str
 
 @final
 class TensorInfo:
@@ -297,14 +302,24 @@ class PatchFile:
     def path(self) -> Path: ...
     def metadata(self) -> dict[str, str]: ...
     def entries(self) -> list[PatchEntry]: ...
-    def stored_bytes(self) -> tuple[int, int, int]: ...
+    @property
+    def codec(self) -> str: ...
+    def stored_bytes(self) -> dict[str, int]: ...
+    def plain_bytes(self) -> int: ...
+    def changes(
+        self, name: str
+    ) -> tuple[npt.NDArray[np.int64] | None, npt.NDArray[np.uint8]] | None: ...
 
 def fingerprint(data: npt.NDArray[np.uint8]) -> str: ...
+def compact_bytes(
+    indices: npt.NDArray[np.int64], values: npt.NDArray[np.uint8], size: int, numel: int
+) -> int: ...
 def patch_create(
     base: Checkpoint,
     tuned: Checkpoint,
     out: str | PathLike[str],
     *,
+    codec: str = ...,
     name_map: list[tuple[str, str]] = ...,
     provenance: dict[str, str] = ...,
     progress: Progress | None = None,

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from rlmask._io import check_output, write_text_atomic
-from rlmask._rlmask import COMBINE_OPS, CRITERIA, DEFAULT_TOL, __version__, printable
+from rlmask._rlmask import (
+    COMBINE_OPS,
+    CRITERIA,
+    DEFAULT_PATCH_CODEC,
+    DEFAULT_TOL,
+    PATCH_CODECS,
+    __version__,
+    printable,
+)
 from rlmask.errors import RlmaskError
 
 if TYPE_CHECKING:
@@ -549,10 +557,19 @@ def patch() -> None:
     metavar="FROM=TO",
     help="Rewrite the name prefix FROM as TO on both sides before pairing (repeatable).",
 )
+@click.option(
+    "--codec",
+    type=click.Choice(PATCH_CODECS),
+    default=DEFAULT_PATCH_CODEC,
+    show_default=True,
+    help="plain: int32 flat indices and new values, the form TRL, vLLM and prime-rl load "
+    "(6 bytes per changed bf16 element); compact: index gaps as varints and the values' "
+    "byte planes under zstd (smaller; every rlmask reader decodes it).",
+)
 @_quiet_option
 @_user_errors
 def patch_create(
-    base: str, tuned: str, output: str, name_map: tuple[str, ...], quiet: bool
+    base: str, tuned: str, output: str, name_map: tuple[str, ...], codec: str, quiet: bool
 ) -> None:
     """Write the patch that turns BASE into TUNED, bit for bit.
 
@@ -563,11 +580,17 @@ def patch_create(
     \b
     Examples:
       rlmask patch create step-100/ step-200/ -o 200.rlpatch
+      rlmask patch create step-100/ step-200/ -o 200.rlpatch --codec compact
     """
     from rlmask import patch as patches
 
     info = patches.create(
-        base, tuned, output, name_map=_parse_name_map(name_map), progress=not quiet
+        base,
+        tuned,
+        output,
+        name_map=_parse_name_map(name_map),
+        codec=codec,
+        progress=not quiet,
     )
     click.echo(info.summary())
 

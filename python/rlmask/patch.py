@@ -36,8 +36,11 @@ from rlmask._rlmask import __version__
 from rlmask.errors import CheckpointFormatError, PairingError
 
 __all__ = [
+    "CODECS",
+    "DEFAULT_CODEC",
     "PatchInfo",
     "apply",
+    "changes",
     "convert",
     "create",
     "load",
@@ -47,6 +50,12 @@ __all__ = [
     "write_plain",
 ]
 
+#: The codecs of sparse tensors in a patch (design §9).
+CODECS = _rlmask.PATCH_CODECS
+#: What ``create`` and ``rlmask patch create`` write unless told (chosen from the sizes
+#: and speeds in ``bench/RESULTS.md``).
+DEFAULT_CODEC = _rlmask.DEFAULT_PATCH_CODEC
+
 
 @dataclass(frozen=True, repr=False)
 class PatchInfo(Report):
@@ -55,11 +64,16 @@ class PatchInfo(Report):
     Attributes:
         path: the patch file.
         tensors: one row per tensor of the checkpoint it applies to: name, layer, module,
-            dtype, shape, numel, changed, form (``none``, ``sparse``, ``dense``), base and tuned
+            dtype, shape, numel, changed, form (``none``, ``sparse``: plain indices and values,
+            ``compact``: compact frames, ``dense``: stored whole), base and tuned
             (blake3 fingerprints of the tensor's bytes before and after).
-        stored: bytes stored, by kind: ``indices``, ``values``, ``dense``.
+        stored: bytes stored, by kind: ``indices`` and ``values`` (plain codec), ``compact``
+            (compact codec: frames and their table), ``dense`` (tensors stored whole).
         bytes: the size of the patch file.
-        metadata: the file's ``__metadata__`` (format, version, provenance).
+        metadata: the file's ``__metadata__`` (format, version, codec, provenance).
+        codec: ``plain`` or ``compact``: how the changes of sparse tensors are stored.
+        plain_bytes: what the same changes take in the plain codec (indices and values, dense
+            tensors whole): the bytes a trainer's plain sync of them would send.
     """
 
     path: str
@@ -67,6 +81,8 @@ class PatchInfo(Report):
     stored: dict[str, int]
     bytes: int
     metadata: dict[str, str]
+    codec: str
+    plain_bytes: int
 
     @property
     def numel(self) -> int:
@@ -109,6 +125,8 @@ class PatchInfo(Report):
         return {
             "path": self.path,
             "bytes": self.bytes,
+            "codec": self.codec,
+            "plain_bytes": self.plain_bytes,
             "stored": dict(self.stored),
             "numel": self.numel,
             "changed": self.changed,
@@ -119,17 +137,25 @@ class PatchInfo(Report):
     def summary(self) -> str:
         """A short human-readable account."""
         t = self.tensors
-        forms = {f: t.filter(pl.col("form") == f).height for f in ("sparse", "dense", "none")}
+        forms = {
+            f: t.filter(pl.col("form") == f).height for f in ("sparse", "compact", "dense", "none")
+        }
         per = self.bytes_per_changed
         lines = [
-            f"patch: {self.path} ({self.bytes:,} bytes"
+            f"patch: {self.path} ({self.bytes:,} bytes, {self.codec} codec"
             + (f", {per:.2f} per changed element)" if per is not None else ")"),
             f"changes {self.changed:,} of {self.numel:,} elements "
             f"({100 * self.changed / self.numel if self.numel else 0:.3f}%) in "
-            f"{forms['sparse'] + forms['dense']} of {t.height} tensors "
-            f"({forms['sparse']} sparse, {forms['dense']} stored whole)",
+            f"{t.height - forms['none']} of {t.height} tensors "
+            f"({forms['compact']} compact, {forms['sparse']} plain indices and values, "
+            f"{forms['dense']} stored whole)",
             "stored: " + ", ".join(f"{k} {v:,} bytes" for k, v in self.stored.items() if v),
         ]
+        if self.codec != "plain" and self.plain_bytes:
+            lines.append(
+                f"the same changes in the plain codec: {self.plain_bytes:,} bytes "
+                f"({self.plain_bytes / max(self.bytes, 1):.2f}x this patch)"
+            )
         for key in ("base", "tuned"):
             if key in self.metadata:
                 lines.append(f"made from {key}: {self.metadata[key]}")
@@ -167,10 +193,8 @@ def _info(path: str, entries: list[_rlmask.PatchEntry], size: int, f: Any) -> Pa
             "tuned": pl.Utf8,
         },
     )
-    indices, values, dense = f.stored_bytes()
     meta = {k: v for k, v in f.metadata().items() if k != "tensors"}
-    stored = {"indices": indices, "values": values, "dense": dense}
-    return PatchInfo(path, frame, stored, size, meta)
+    return PatchInfo(path, frame, f.stored_bytes(), size, meta, f.codec, f.plain_bytes())
 
 
 def load(path: PathArg) -> PatchInfo:
@@ -190,6 +214,7 @@ def create(
     out: PathArg,
     *,
     name_map: Mapping[str, str] | None = None,
+    codec: str = DEFAULT_CODEC,
     progress: bool = True,
 ) -> PatchInfo:
     """Writes the patch that turns ``base`` into ``tuned`` to ``out`` (conventionally
@@ -200,6 +225,11 @@ def create(
             same tensors (names pair as in :func:`rlmask.diff`) with the same shapes and dtypes.
         out: the patch file.
         name_map: prefix translations applied to both sides' names before pairing.
+        codec: ``plain`` (int32/int64 flat indices and the new values, the form TRL, vLLM
+            and prime-rl exchange; 6 bytes per changed bf16 element) or ``compact`` (gaps as
+            varints and the values' byte planes under zstd; see ``bench/RESULTS.md`` for the
+            sizes). Every reader here (apply, verify, :func:`records`, the torch side)
+            decodes both.
         progress: a progress bar on stderr when it is a terminal.
 
     Raises:
@@ -221,6 +251,7 @@ def create(
             a,
             b,
             os.fspath(out),
+            codec=codec,
             name_map=list((name_map or {}).items()),
             provenance=provenance,
             progress=watch,
@@ -311,24 +342,37 @@ def write_plain(
         tmp.unlink(missing_ok=True)
 
 
+def changes(f: _rlmask.PatchFile, name: str) -> tuple[Any, Any] | None:
+    """The changes patch ``f`` stores for tensor ``name``, decoded by the core whatever the
+    codec, as torch tensors: (int64 flat indices, or None for a tensor stored whole; 1-D
+    values in the tensor's dtype); None when the patch does not change it."""
+    import torch
+
+    from rlmask.torch import torch_dtype
+
+    got = f.changes(name)
+    if got is None:
+        return None
+    entry = next(e for e in f.entries() if e.name == name)
+    indices, raw = got
+    values = torch.from_numpy(raw).view(torch_dtype(entry.dtype))
+    return (None if indices is None else torch.from_numpy(indices)), values
+
+
 def _sparse(path: PathArg) -> Iterator[tuple[str, list[int], str, Any, Any]]:
     """(name, shape, dtype, flat int64 indices, values) of every changed tensor of an rlmask
     patch, dense ones as all their indices (torch tensors)."""
     import torch
-    from safetensors import safe_open
 
     f = _rlmask.PatchFile(os.fspath(path))
-    with safe_open(os.fspath(path), framework="pt") as h:
-        for e in f.entries():
-            if e.form == "dense":
-                values = h.get_tensor(f"{e.name}.dense").reshape(-1)
-                indices = torch.arange(values.numel(), dtype=torch.int64)
-            elif e.form == "sparse":
-                indices = h.get_tensor(f"{e.name}.indices").to(torch.int64)
-                values = h.get_tensor(f"{e.name}.values")
-            else:
-                continue
-            yield e.name, list(e.shape), e.dtype, indices, values
+    for e in f.entries():
+        got = changes(f, e.name)
+        if got is None:
+            continue
+        indices, values = got
+        if indices is None:
+            indices = torch.arange(values.numel(), dtype=torch.int64)
+        yield e.name, list(e.shape), e.dtype, indices, values
 
 
 def records(path: PathArg) -> Iterator[dict[str, Any]]:

@@ -629,16 +629,16 @@ def apply_patch(model: torch.nn.Module, path: PathArg, *, name_map: NameMap = No
             or does not hold the patch's tensors.
         CheckpointFormatError: a corrupt patch.
     """
-    from safetensors import safe_open
+    from rlmask.patch import changes
 
-    entries = {e.name: e for e in _rlmask.PatchFile(os.fspath(path)).entries()}
+    patch = _rlmask.PatchFile(os.fspath(path))
+    entries = {e.name: e for e in patch.entries()}
     state = model.state_dict()
     by_key = {canonical_name(n, name_map): n for n in state}
     missing = sorted(set(entries) - set(by_key))
     if missing:
         raise PairingError(f"the model has no tensor for {few(missing, 4)} of patch {path}")
-    with safe_open(os.fspath(path), framework="pt") as f, torch.no_grad():
-        stored = set(f.keys())
+    with torch.no_grad():
         for key, e in entries.items():
             t = state[by_key[key]]
             if e.form == "none":
@@ -650,11 +650,13 @@ def apply_patch(model: torch.nn.Module, path: PathArg, *, name_map: NameMap = No
                     "weights"
                 )
             flat = t.view(-1)
-            if e.form == "dense" and f"{key}.dense" in stored:
-                flat.copy_(f.get_tensor(f"{key}.dense").reshape(-1).to(t.device))
+            got = changes(patch, key)
+            assert got is not None  # the form says it changes
+            idx, values = got
+            if idx is None:
+                flat.copy_(values.to(t.device))
             else:
-                idx = f.get_tensor(f"{key}.indices").to(t.device, torch.int64)
-                flat[idx] = f.get_tensor(f"{key}.values").to(t.device)
+                flat[idx.to(t.device)] = values.to(t.device)
             if _fingerprint(t) != e.tuned:
                 raise CheckpointFormatError(
                     f"corrupt patch {path}: tensor '{key}' does not have the fingerprint the "
@@ -677,3 +679,11 @@ _SAFETENSORS_DTYPE = {
     torch.int64: "I64",
     torch.bool: "BOOL",
 }
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``BF16`` -> ``torch.bfloat16``)."""
+    for dtype, safetensors_name in _SAFETENSORS_DTYPE.items():
+        if safetensors_name == name:
+            return dtype
+    raise ValueError(f"no torch dtype for safetensors dtype '{name}'")

@@ -72,22 +72,39 @@ class SyncCostCallback(TrainerCallback):
       elements of the trainable parameters whose bits changed since the last measured step and
       since training began (the paper's update sparsity is ``1 -`` the latter);
     - ``rlmask/sync_bytes``: bytes the plain patch of the elements changed since the last
-      measured step would hold (indices and values, or the whole tensor where smaller), and
-      ``rlmask/full_bytes``, the bytes of those parameters (a full sync);
+      measured step would hold (indices and values, or the whole tensor where smaller),
+      ``rlmask/sync_bytes_compact``: the same in the compact codec (the changed elements'
+      indices and values cross to the host once and are encoded as ``rlmask patch create
+      --codec compact`` encodes them, each tensor in the smallest form the file would hold),
+      and ``rlmask/full_bytes``, the bytes of those parameters (a full sync);
     - ``rlmask/measure_seconds``: what the measurement cost this step.
+
+    With ``dtype`` (for example ``torch.bfloat16`` when the trainer keeps fp32 master weights
+    and the inference engine receives bf16), the parameters are measured as cast to it, as a
+    sync would send them. Every measurement is also kept in :attr:`history`, one dict per
+    measured step (``step`` and the keys above).
 
     It keeps two copies of the trainable floating parameters on their device (the start and
     the last measured state). Install it with :func:`track_sync`, which puts it before the
     reporting callbacks so that wandb or tensorboard receive the keys.
     """
 
-    def __init__(self, every: int = 10) -> None:
+    def __init__(self, every: int = 10, dtype: Any = None) -> None:
         if every < 1:
             raise ValueError(f"every must be at least 1, not {every}")
         self.every = every
+        self.dtype = dtype
         self.start: dict[str, Any] = {}
         self.last: dict[str, Any] = {}
         self.pending: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+
+    def _state(self, model: Any) -> dict[str, Any]:
+        """The measured parameters as a sync would send them (cast to ``dtype`` if given)."""
+        return {
+            n: p.detach() if self.dtype is None else p.detach().to(self.dtype)
+            for n, p in self._params(model).items()
+        }
 
     @staticmethod
     def _params(model: Any) -> dict[str, Any]:
@@ -99,9 +116,9 @@ class SyncCostCallback(TrainerCallback):
         model = kwargs.get("model")
         if model is None:
             raise RuntimeError("SyncCostCallback needs the trainer to pass the model")
-        params = self._params(model)
-        self.start = {n: p.detach().clone() for n, p in params.items()}
-        self.last = {n: p.detach().clone() for n, p in params.items()}
+        state = self._state(model)
+        self.start = {n: p.clone() for n, p in state.items()}
+        self.last = {n: p.clone() for n, p in state.items()}
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model = kwargs.get("model")
@@ -111,31 +128,40 @@ class SyncCostCallback(TrainerCallback):
 
         import torch
 
+        from rlmask import _rlmask
         from rlmask.torch import _bits_view
 
         t0 = time.perf_counter()
-        numel = since_last = since_start = sync = full = 0
+        numel = since_last = since_start = sync = compact = full = 0
         with torch.no_grad():
-            for n, p in self._params(model).items():
-                now = _bits_view(p.detach().reshape(-1))
-                changed = int((now != _bits_view(self.last[n].reshape(-1))).sum())
+            for n, p in self._state(model).items():
+                flat = p.reshape(-1)
+                now = _bits_view(flat)
+                differs = now != _bits_view(self.last[n].reshape(-1))
+                changed = int(differs.sum())
                 since_start += int((now != _bits_view(self.start[n].reshape(-1))).sum())
                 size, count = p.element_size(), p.numel()
                 index = 8 if count > 2**31 else 4
-                sync += min(changed * (index + size), count * size) if changed else 0
+                if changed:
+                    idx = torch.nonzero(differs).reshape(-1)
+                    values = flat[idx].contiguous().view(torch.uint8).cpu().numpy()
+                    sync += min(changed * (index + size), count * size)
+                    compact += _rlmask.compact_bytes(idx.cpu().numpy(), values, size, count)
                 full += count * size
                 numel += count
                 since_last += changed
-                self.last[n].copy_(p.detach())
+                self.last[n].copy_(p)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.pending = {
             "rlmask/changed_since_last": since_last / numel if numel else 0.0,
             "rlmask/changed_since_start": since_start / numel if numel else 0.0,
             "rlmask/sync_bytes": float(sync),
+            "rlmask/sync_bytes_compact": float(compact),
             "rlmask/full_bytes": float(full),
             "rlmask/measure_seconds": time.perf_counter() - t0,
         }
+        self.history.append({"step": state.global_step, **self.pending})
         control.should_log = True
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
@@ -147,10 +173,10 @@ class SyncCostCallback(TrainerCallback):
         self.pending = {}
 
 
-def track_sync(trainer: Any, every: int = 10) -> SyncCostCallback:
+def track_sync(trainer: Any, every: int = 10, dtype: Any = None) -> SyncCostCallback:
     """Installs a :class:`SyncCostCallback` on ``trainer`` ahead of its reporting callbacks
     (so that wandb, tensorboard and the trainer's log history get the ``rlmask/*`` keys) and
     returns it."""
-    cb = SyncCostCallback(every)
+    cb = SyncCostCallback(every, dtype)
     trainer.callback_handler.callbacks.insert(0, cb)
     return cb

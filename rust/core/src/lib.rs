@@ -5,6 +5,7 @@
 
 pub mod bits;
 pub mod checkpoint;
+pub mod codec;
 pub mod diff;
 pub mod dtype;
 pub mod error;

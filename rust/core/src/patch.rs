@@ -3,7 +3,9 @@
 //! `NAME.values` (C's values at those indices, in the tensor's own dtype), or `NAME.dense` (C's
 //! whole tensor) where that is smaller; `__metadata__` holds `format=rlmask-patch`, `version`,
 //! and `tensors`: every tensor of B with its shape, dtype, changed count, form and the blake3
-//! fingerprints of its bytes in B and in C.
+//! fingerprints of its bytes in B and in C. With `codec=compact` a sparse tensor is stored as
+//! `NAME.frames` (int64 rows: first element, changes, bytes) and `NAME.compact` (the frames of
+//! [`crate::codec`], one after another) instead of indices and values.
 //!
 //! Creating is one streaming pass over both checkpoints (changed positions found eight bytes
 //! at a time, spilled to temporary files in order, so memory stays flat), then the patch file
@@ -22,6 +24,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Checkpoint;
+use crate::codec::Frame;
 use crate::diff::{Progress, Side};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -37,6 +40,41 @@ const CHUNK: usize = 1 << 20;
 /// Bytes streamed per piece when applying.
 const PIECE: usize = 4 << 20;
 
+/// How the changes of sparse tensors are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// `NAME.indices` and `NAME.values`, as trainers and inference engines exchange them.
+    Plain,
+    /// `NAME.frames` and `NAME.compact`: gaps and byte planes under zstd ([`crate::codec`]).
+    Compact,
+}
+
+impl Codec {
+    /// The codecs by name, as the CLI and the `codec` metadata spell them.
+    pub const NAMES: [&'static str; 2] = ["plain", "compact"];
+    /// What a patch is written in unless a codec is chosen: compact, 2.1 to 3.1 times smaller
+    /// than plain at 1-20% changed (bench/RESULTS.md); plain is one option away for engines
+    /// that load it as it is.
+    pub const DEFAULT: Codec = Codec::Compact;
+
+    pub fn parse(name: &str) -> Result<Codec> {
+        match name {
+            "plain" => Ok(Codec::Plain),
+            "compact" => Ok(Codec::Compact),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown patch codec '{name}' (plain or compact)"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Plain => "plain",
+            Codec::Compact => "compact",
+        }
+    }
+}
+
 /// How a tensor is stored in a patch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -45,6 +83,8 @@ pub enum Form {
     None,
     /// `NAME.indices` and `NAME.values`.
     Sparse,
+    /// `NAME.frames` and `NAME.compact` ([`crate::codec`]).
+    Compact,
     /// `NAME.dense`: the whole tensor of C.
     Dense,
 }
@@ -76,6 +116,9 @@ pub struct Patch {
     /// Every tensor of B, by name.
     pub entries: BTreeMap<String, Entry>,
     pub metadata: BTreeMap<String, String>,
+    pub codec: Codec,
+    /// The frames of each compact sparse tensor, validated against its entry.
+    frames: BTreeMap<String, Vec<Frame>>,
 }
 
 fn corrupt(path: &Path, tensor: Option<&str>, reason: impl Into<String>) -> Error {
@@ -116,18 +159,32 @@ impl Patch {
             .ok_or_else(|| corrupt(path, None, "the patch has no 'tensors' description"))?;
         let entries: BTreeMap<String, Entry> = serde_json::from_str(text)
             .map_err(|e| corrupt(path, None, format!("its 'tensors' description: {e}")))?;
+        let codec = match meta.get("codec") {
+            None => Codec::Plain,
+            Some(c) => {
+                Codec::parse(c).map_err(|_| corrupt(path, None, format!("unknown codec {c:?}")))?
+            }
+        };
         let stored: BTreeMap<&str, &TensorInfo> =
             shard.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
         let mut described = BTreeSet::new();
         for (name, e) in &entries {
             let dtype = Dtype::parse(&e.dtype)
                 .ok_or_else(|| corrupt(path, Some(name), format!("unknown dtype {}", e.dtype)))?;
-            let want: Vec<(String, Option<Dtype>, Vec<u64>)> = match e.form {
+            // Stored key, its dtype (None: either index width) and shape (None: any).
+            type Want = (String, Option<Dtype>, Option<Vec<u64>>);
+            let want: Vec<Want> = match e.form {
                 Form::None => vec![],
-                Form::Dense => vec![(format!("{name}.dense"), Some(dtype), e.shape.clone())],
+                Form::Dense => {
+                    vec![(format!("{name}.dense"), Some(dtype), Some(e.shape.clone()))]
+                }
                 Form::Sparse => vec![
-                    (format!("{name}.indices"), None, vec![e.changed]),
-                    (format!("{name}.values"), Some(dtype), vec![e.changed]),
+                    (format!("{name}.indices"), None, Some(vec![e.changed])),
+                    (format!("{name}.values"), Some(dtype), Some(vec![e.changed])),
+                ],
+                Form::Compact => vec![
+                    (format!("{name}.frames"), Some(Dtype::I64), None),
+                    (format!("{name}.compact"), Some(Dtype::U8), None),
                 ],
             };
             if e.form == Form::None && e.changed != 0 || e.changed > e.numel() {
@@ -152,7 +209,7 @@ impl Patch {
                     Some(d) => t.dtype == d,
                     None => matches!(t.dtype, Dtype::I32 | Dtype::I64),
                 };
-                if !dt_ok || t.shape != shape {
+                if !dt_ok || shape.is_some_and(|s| t.shape != s) {
                     return Err(corrupt(
                         path,
                         Some(name),
@@ -172,12 +229,18 @@ impl Patch {
                 "stored in the patch but not described",
             ));
         }
+        let mut frames = BTreeMap::new();
+        for (name, e) in entries.iter().filter(|(_, e)| e.form == Form::Compact) {
+            frames.insert(name.clone(), read_frames(path, &shard, name, e)?);
+        }
         let metadata = shard.metadata.clone();
         Ok(Patch {
             path: path.to_path_buf(),
             shard,
             entries,
             metadata,
+            codec,
+            frames,
         })
     }
 
@@ -186,20 +249,344 @@ impl Patch {
         Some((t, self.shard.bytes(t)))
     }
 
-    /// Bytes stored, by form: (sparse indices, sparse values, dense).
-    pub fn bytes(&self) -> (u64, u64, u64) {
-        let mut out = (0, 0, 0);
+    /// Bytes stored, by kind: `indices`, `values` (plain sparse), `compact` (frames and
+    /// their table), `dense`.
+    pub fn bytes(&self) -> BTreeMap<&'static str, u64> {
+        let mut out: BTreeMap<&'static str, u64> = ["indices", "values", "compact", "dense"]
+            .into_iter()
+            .map(|k| (k, 0))
+            .collect();
         for t in &self.shard.tensors {
-            let n = t.len as u64;
-            if t.name.ends_with(".indices") {
-                out.0 += n;
-            } else if t.name.ends_with(".values") {
-                out.1 += n;
-            } else {
-                out.2 += n;
-            }
+            let kind = match t.name.rsplit('.').next() {
+                Some("indices") => "indices",
+                Some("values") => "values",
+                Some("frames" | "compact") => "compact",
+                _ => "dense",
+            };
+            *out.get_mut(kind).expect("listed") += t.len as u64;
         }
         out
+    }
+
+    /// The bytes these changes take in the plain codec (indices and values, dense tensors
+    /// whole), whichever codec the patch uses: what a trainer syncing them would send.
+    pub fn plain_bytes(&self) -> u64 {
+        self.entries
+            .values()
+            .map(|e| {
+                let size = Dtype::parse(&e.dtype).map_or(1, |d| d.size()) as u64;
+                match e.form {
+                    Form::None => 0,
+                    Form::Dense => e.numel() * size,
+                    Form::Sparse | Form::Compact => {
+                        e.changed * (index_width(e.numel()) as u64 + size)
+                    }
+                }
+            })
+            .sum()
+    }
+
+    /// Every change stored for tensor `name`, decoded and checked: (flat indices, values'
+    /// raw bytes); for a tensor stored whole, no indices and its bytes; None for a tensor it
+    /// does not change.
+    #[allow(clippy::type_complexity)]
+    pub fn changes(&self, name: &str) -> Result<Option<(Option<Vec<u64>>, Vec<u8>)>> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| corrupt(&self.path, Some(name), "not a tensor of this patch"))?;
+        match e.form {
+            Form::None => Ok(None),
+            Form::Dense => {
+                let (_, bytes) = self.stored(&format!("{name}.dense")).expect("validated");
+                Ok(Some((None, bytes.to_vec())))
+            }
+            Form::Sparse | Form::Compact => {
+                let mut walk = Changes::new(self, name, e);
+                let (mut idx, mut vals) = (Vec::new(), Vec::new());
+                while walk.refill()? {
+                    idx.extend_from_slice(&walk.idx);
+                    vals.extend_from_slice(&walk.vals);
+                }
+                walk.finish()?;
+                Ok(Some((Some(idx), vals)))
+            }
+        }
+    }
+}
+
+/// Changes up to which a tensor whose compact frames are larger than plain indices and values
+/// is stored plain (its frames are decoded in memory to be rewritten); above it, the two
+/// differ by the frames' few bytes of overhead and it stays compact.
+const REPACK: u64 = 1 << 20;
+
+/// The form a changed tensor takes and its bytes: the smallest its codec allows. `compact`:
+/// the bytes of its compact frames with their table (None in the plain codec).
+pub fn choose_form(changed: u64, numel: u64, size: u64, compact: Option<u64>) -> (Form, u64) {
+    if changed == 0 {
+        return (Form::None, 0);
+    }
+    let plain = changed * (index_width(numel) as u64 + size);
+    let mut best = (Form::Dense, numel * size);
+    if plain < best.1 && (compact.is_none() || changed <= REPACK) {
+        best = (Form::Sparse, plain);
+    }
+    if let Some(c) = compact.filter(|&c| c < best.1) {
+        best = (Form::Compact, c);
+    }
+    best
+}
+
+/// Bytes the compact codec stores for the changes `indices` (ascending flat indices) with
+/// `values` (`size` bytes each) of a tensor of `numel` elements: frames cut as [`create`]
+/// cuts them with their table, or plain indices and values, or the whole tensor, whichever
+/// [`choose_form`] picks.
+pub fn compact_bytes(indices: &[u64], values: &[u8], size: usize, numel: u64) -> Result<u64> {
+    if indices.windows(2).any(|w| w[0] >= w[1]) || indices.last().is_some_and(|&i| i >= numel) {
+        return Err(Error::InvalidArgument(format!(
+            "indices must ascend without repeats and stay below {numel}"
+        )));
+    }
+    let mut groups = Vec::new();
+    let mut from = 0;
+    while from < indices.len() {
+        let chunk = indices[from] / CHUNK as u64;
+        let to = from + indices[from..].partition_point(|&i| i / CHUNK as u64 == chunk);
+        groups.push((chunk * CHUNK as u64, from, to));
+        from = to;
+    }
+    let bytes: usize = groups
+        .par_iter()
+        .map(|&(start, from, to)| {
+            let offsets = indices[from..to].iter().map(|&i| i - start);
+            crate::codec::encode(offsets, &values[from * size..to * size], size).len() + 24
+        })
+        .sum();
+    let changed = indices.len() as u64;
+    Ok(choose_form(changed, numel, size as u64, Some(bytes as u64)).1)
+}
+
+/// Bytes per index for a tensor of `numel` elements: int32, int64 past 2^31 elements.
+fn index_width(numel: u64) -> usize {
+    if numel > i32::MAX as u64 + 1 {
+        8
+    } else {
+        4
+    }
+}
+
+/// Reads and checks the frame table of compact tensor `name`: frames in order, each inside
+/// the tensor with at least one change, counts summing to the entry's and bytes to the blob's.
+fn read_frames(path: &Path, shard: &Shard, name: &str, e: &Entry) -> Result<Vec<Frame>> {
+    let find = |key: String| {
+        shard
+            .tensors
+            .iter()
+            .find(|t| t.name == key)
+            .expect("checked")
+    };
+    let (table, blob) = (
+        find(format!("{name}.frames")),
+        find(format!("{name}.compact")),
+    );
+    let bad = |why: String| corrupt(path, Some(name), format!("corrupt patch: {why}"));
+    if table.shape.len() != 2 || table.shape[1] != 3 || blob.shape.len() != 1 {
+        return Err(bad(format!(
+            "frames stored as {:?} and changes as {:?}",
+            table.shape, blob.shape
+        )));
+    }
+    let raw = shard.bytes(table);
+    let mut frames = Vec::with_capacity(table.shape[0] as usize);
+    let (mut count, mut bytes) = (0u64, 0u64);
+    for row in raw.chunks_exact(24) {
+        let v: Vec<i64> = row
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        if v.iter().any(|&x| x < 0) {
+            return Err(bad(format!("a negative number in frame {:?}", v)));
+        }
+        let f = Frame {
+            start: v[0] as u64,
+            count: v[1] as u64,
+            bytes: v[2] as u64,
+        };
+        let after = frames.last().is_none_or(|p: &Frame| f.start > p.start);
+        if !after || f.start >= e.numel() || f.count == 0 || f.count > e.numel() - f.start {
+            return Err(bad(format!(
+                "frame {} (first element {}, {} changes) is out of order or range",
+                frames.len(),
+                f.start,
+                f.count
+            )));
+        }
+        count = count.saturating_add(f.count);
+        bytes = bytes.saturating_add(f.bytes);
+        frames.push(f);
+    }
+    if count != e.changed || bytes != blob.len as u64 {
+        return Err(bad(format!(
+            "frames of {count} changes in {bytes} bytes, where the patch describes {} changes \
+             and stores {} bytes",
+            e.changed, blob.len
+        )));
+    }
+    Ok(frames)
+}
+
+/// Walks the changes a patch stores for one sparse tensor in order, a batch at a time (a
+/// frame, or a run of plain indices), checking that the indices ascend and stay in range.
+struct Changes<'p> {
+    patch: &'p Patch,
+    name: &'p str,
+    form: Form,
+    numel: u64,
+    size: usize,
+    changed: u64,
+    /// Batches handed out so far, changes in them, and compact bytes they took.
+    batch: usize,
+    seen: u64,
+    blob_at: usize,
+    /// The current batch.
+    idx: Vec<u64>,
+    vals: Vec<u8>,
+    pos: usize,
+}
+
+/// Plain indices decoded per batch.
+const BATCH: usize = 1 << 16;
+
+impl<'p> Changes<'p> {
+    fn new(patch: &'p Patch, name: &'p str, e: &Entry) -> Changes<'p> {
+        let size = Dtype::parse(&e.dtype).map_or(1, |d| d.size()).max(1);
+        Changes {
+            patch,
+            name,
+            form: e.form,
+            numel: e.numel(),
+            size,
+            changed: e.changed,
+            batch: 0,
+            seen: 0,
+            blob_at: 0,
+            idx: Vec::new(),
+            vals: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    fn bad(&self, why: impl std::fmt::Display) -> Error {
+        corrupt(
+            &self.patch.path,
+            Some(self.name),
+            format!("corrupt patch: {why} ({} elements)", self.numel),
+        )
+    }
+
+    /// Loads the next batch; false when every change has been handed out.
+    fn refill(&mut self) -> Result<bool> {
+        let last = self.idx.last().copied();
+        self.idx.clear();
+        self.vals.clear();
+        self.pos = 0;
+        if self.seen == self.changed {
+            return Ok(false);
+        }
+        let name = self.name;
+        match self.form {
+            Form::Sparse => {
+                let (it, raw) = self
+                    .patch
+                    .stored(&format!("{name}.indices"))
+                    .expect("validated");
+                let (_, vals) = self
+                    .patch
+                    .stored(&format!("{name}.values"))
+                    .expect("validated");
+                let iw = it.dtype.size();
+                let from = self.seen as usize;
+                let to = (from + BATCH).min(self.changed as usize);
+                self.idx
+                    .extend(raw[from * iw..to * iw].chunks_exact(iw).map(|b| {
+                        if iw == 8 {
+                            i64::from_le_bytes(b.try_into().expect("8")) as u64
+                        } else {
+                            u32::from_le_bytes(b.try_into().expect("4")) as u64
+                        }
+                    }));
+                self.vals
+                    .extend_from_slice(&vals[from * self.size..to * self.size]);
+            }
+            _ => {
+                let frames = &self.patch.frames[name];
+                let f = frames[self.batch];
+                let span = frames.get(self.batch + 1).map_or(self.numel, |g| g.start) - f.start;
+                let (_, blob) = self
+                    .patch
+                    .stored(&format!("{name}.compact"))
+                    .expect("validated");
+                let frame = &blob[self.blob_at..self.blob_at + f.bytes as usize];
+                self.blob_at += f.bytes as usize;
+                let (mut offsets, mut vals) = (Vec::new(), Vec::new());
+                crate::codec::decode(
+                    frame,
+                    f.count as usize,
+                    self.size,
+                    span,
+                    &mut offsets,
+                    &mut vals,
+                )
+                .map_err(|why| self.bad(format!("frame {}: {why}", self.batch)))?;
+                self.idx.extend(offsets.iter().map(|o| f.start + o));
+                self.vals = vals;
+            }
+        }
+        let mut prev = last;
+        for &i in &self.idx {
+            if i >= self.numel || prev.is_some_and(|p| p >= i) {
+                return Err(self.bad(format!("index {i} is out of range or out of order")));
+            }
+            prev = Some(i);
+        }
+        self.batch += 1;
+        self.seen += self.idx.len() as u64;
+        Ok(true)
+    }
+
+    /// Writes over `piece` (the tensor's elements `first..end`) every change below `end`.
+    fn write_until(&mut self, first: u64, end: u64, piece: &mut [u8]) -> Result<()> {
+        let size = self.size;
+        loop {
+            if self.pos == self.idx.len() && !self.refill()? {
+                return Ok(());
+            }
+            while self.pos < self.idx.len() {
+                let i = self.idx[self.pos];
+                if i >= end {
+                    return Ok(());
+                }
+                if i < first {
+                    return Err(self.bad(format!("index {i} is out of order")));
+                }
+                let (o, k) = ((i - first) as usize * size, self.pos * size);
+                match size {
+                    1 => piece[o] = self.vals[k],
+                    2 => piece[o..o + 2].copy_from_slice(&self.vals[k..k + 2]),
+                    4 => piece[o..o + 4].copy_from_slice(&self.vals[k..k + 4]),
+                    _ => piece[o..o + size].copy_from_slice(&self.vals[k..k + size]),
+                }
+                self.pos += 1;
+            }
+        }
+    }
+
+    /// Checks that every change was handed out.
+    fn finish(&self) -> Result<()> {
+        if self.seen != self.changed || self.pos != self.idx.len() {
+            return Err(self.bad("an index is out of range or out of order"));
+        }
+        Ok(())
     }
 }
 
@@ -334,6 +721,57 @@ pub struct Created {
     pub bytes: u64,
 }
 
+/// Where one tensor's changes went in the scratch files.
+struct Span {
+    changed: u64,
+    /// int64 indices (plain).
+    wide: bool,
+    /// Offsets of its indices and values (plain) or frames (compact) in the scratch files.
+    idx_at: u64,
+    val_at: u64,
+    /// Bytes spilled for it in both.
+    stored: u64,
+    /// Its frames (compact).
+    frames: Vec<Frame>,
+}
+
+impl Span {
+    /// Decodes this tensor's compact frames back from the scratch file `scratch`.
+    fn decode(
+        &self,
+        scratch: &Scratch,
+        out: &Path,
+        size: usize,
+        numel: u64,
+    ) -> Result<(Vec<u64>, Vec<u8>)> {
+        use std::os::unix::fs::FileExt;
+        let mut blob = vec![0u8; self.stored as usize];
+        scratch
+            .file
+            .get_ref()
+            .read_exact_at(&mut blob, self.val_at)
+            .map_err(|e| Error::output(out, e))?;
+        let (mut idx, mut vals) = (Vec::new(), Vec::new());
+        let mut at = 0usize;
+        for (k, f) in self.frames.iter().enumerate() {
+            let span = self.frames.get(k + 1).map_or(numel, |g| g.start) - f.start;
+            let from = idx.len();
+            crate::codec::decode(
+                &blob[at..at + f.bytes as usize],
+                f.count as usize,
+                size,
+                span,
+                &mut idx,
+                &mut vals,
+            )
+            .map_err(|why| Error::output(out, std::io::Error::other(why)))?;
+            idx[from..].iter_mut().for_each(|i| *i += f.start);
+            at += f.bytes as usize;
+        }
+        Ok((idx, vals))
+    }
+}
+
 /// One tensor to patch: its name in B and both sides.
 struct Job<'a> {
     name: &'a str,
@@ -349,6 +787,7 @@ pub fn create(
     tuned: &Checkpoint,
     out: &Path,
     name_map: &[(String, String)],
+    codec: Codec,
     provenance: &BTreeMap<String, String>,
     progress: &Progress,
 ) -> Result<Created> {
@@ -415,16 +854,21 @@ pub fn create(
     let mut idx_file = Scratch::new(out, "indices")?;
     let mut val_file = Scratch::new(out, "values")?;
     let window = 2 * rayon::current_num_threads().max(1);
-    // Per job: (changed, offset in the indices scratch, offset in the values scratch).
     let mut spans = Vec::with_capacity(jobs.len());
     for job in &jobs {
         let (t, size) = (job.a.1, job.a.1.dtype.size());
         let n = t.numel as usize;
-        let wide = t.numel > i32::MAX as u64 + 1;
+        let wide = index_width(t.numel) == 8;
         let (ra, rb) = (job.a.0.bytes(job.a.1), job.b.0.bytes(job.b.1));
         let starts: Vec<usize> = (0..n).step_by(CHUNK).collect();
-        let span = (idx_file.len, val_file.len);
-        let mut changed = 0u64;
+        let mut span = Span {
+            changed: 0,
+            wide,
+            idx_at: idx_file.len,
+            val_at: val_file.len,
+            stored: 0,
+            frames: Vec::new(),
+        };
         for group in starts.chunks(window) {
             let parts = group
                 .par_iter()
@@ -441,21 +885,44 @@ pub fn create(
                     );
                     let (mut idx, mut vals) = (Vec::new(), Vec::new());
                     changed_into(x, y, size, s as u64, wide, &mut idx, &mut vals);
+                    let count = (vals.len() / size.max(1)) as u64;
+                    if codec == Codec::Compact && count > 0 {
+                        // Offsets from the chunk's first element; the frame replaces both.
+                        let iw = if wide { 8 } else { 4 };
+                        let offsets = idx.chunks_exact(iw).map(|b| {
+                            let mut w = [0u8; 8];
+                            w[..iw].copy_from_slice(b);
+                            u64::from_le_bytes(w) - s as u64
+                        });
+                        vals = crate::codec::encode(offsets, &vals, size);
+                        idx.clear();
+                    }
                     progress
                         .done
                         .fetch_add(2 * x.len() as u64, Ordering::Relaxed);
                     job.a.0.check_faults()?;
                     job.b.0.check_faults()?;
-                    Ok((idx, vals))
+                    Ok((s as u64, count, idx, vals))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            for (idx, vals) in parts {
-                changed += (vals.len() / size.max(1)) as u64;
+            for (start, count, idx, vals) in parts {
+                if count == 0 {
+                    continue;
+                }
+                span.changed += count;
+                span.stored += (idx.len() + vals.len()) as u64;
+                if codec == Codec::Compact {
+                    span.frames.push(Frame {
+                        start,
+                        count,
+                        bytes: vals.len() as u64,
+                    });
+                }
                 idx_file.write(out, &idx)?;
                 val_file.write(out, &vals)?;
             }
         }
-        spans.push((changed, span, wide));
+        spans.push(span);
     }
     for f in [&mut idx_file, &mut val_file] {
         f.file.flush().map_err(|e| Error::output(out, e))?;
@@ -476,16 +943,11 @@ pub fn create(
         j.b.0.check_unchanged()?;
     }
     let mut entries = BTreeMap::new();
-    for ((job, &(changed, _, wide)), (fa, fb)) in jobs.iter().zip(&spans).zip(prints) {
-        let t = job.a.1;
-        let sparse = changed * ((if wide { 8 } else { 4 }) + t.dtype.size() as u64);
-        let form = if changed == 0 {
-            Form::None
-        } else if sparse >= t.len as u64 {
-            Form::Dense
-        } else {
-            Form::Sparse
-        };
+    for ((job, span), (fa, fb)) in jobs.iter().zip(&spans).zip(prints) {
+        let (t, changed) = (job.a.1, span.changed);
+        let compact =
+            (codec == Codec::Compact).then(|| span.stored + 24 * span.frames.len() as u64);
+        let (form, _) = choose_form(changed, t.numel, t.dtype.size() as u64, compact);
         entries.insert(
             job.name.to_string(),
             Entry {
@@ -505,39 +967,78 @@ pub fn create(
         Indices(u64, u64),
         Values(u64, u64),
         Dense(usize),
+        /// Bytes made here: a frame table, or decoded indices and values.
+        Table(Vec<u8>),
     }
     let mut stored: Vec<(String, Dtype, Vec<u64>, u64, Source)> = Vec::new();
-    for (k, (job, &(changed, (io, vo), wide))) in jobs.iter().zip(&spans).enumerate() {
+    for (k, (job, span)) in jobs.iter().zip(&spans).enumerate() {
         let e = &entries[job.name];
-        let (dtype, size) = (job.a.1.dtype, job.a.1.dtype.size() as u64);
-        match e.form {
-            Form::None => {}
-            Form::Dense => stored.push((
+        let (dtype, size, changed) = (job.a.1.dtype, job.a.1.dtype.size() as u64, span.changed);
+        match (e.form, codec) {
+            (Form::None, _) => {}
+            (Form::Dense, _) => stored.push((
                 format!("{}.dense", job.name),
                 dtype,
                 e.shape.clone(),
                 job.a.1.len as u64,
                 Source::Dense(k),
             )),
-            Form::Sparse => {
-                let (idt, iw) = if wide {
+            (Form::Sparse, _) => {
+                let (idt, iw) = if span.wide {
                     (Dtype::I64, 8)
                 } else {
                     (Dtype::I32, 4)
+                };
+                let (idx, vals) = if codec == Codec::Plain {
+                    (
+                        Source::Indices(span.idx_at, changed * iw),
+                        Source::Values(span.val_at, changed * size),
+                    )
+                } else {
+                    // Frames larger than plain indices and values (few changes): decoded
+                    // from the scratch file and stored plain.
+                    let (idx, vals) = span.decode(&val_file, out, size as usize, job.a.1.numel)?;
+                    let idx = idx
+                        .iter()
+                        .flat_map(|&i| i.to_le_bytes()[..iw as usize].to_vec())
+                        .collect();
+                    (Source::Table(idx), Source::Table(vals))
                 };
                 stored.push((
                     format!("{}.indices", job.name),
                     idt,
                     vec![changed],
                     changed * iw,
-                    Source::Indices(io, changed * iw),
+                    idx,
                 ));
                 stored.push((
                     format!("{}.values", job.name),
                     dtype,
                     vec![changed],
                     changed * size,
-                    Source::Values(vo, changed * size),
+                    vals,
+                ));
+            }
+            (Form::Compact, _) => {
+                let table: Vec<u8> = span
+                    .frames
+                    .iter()
+                    .flat_map(|f| [f.start, f.count, f.bytes])
+                    .flat_map(|v| (v as i64).to_le_bytes())
+                    .collect();
+                stored.push((
+                    format!("{}.frames", job.name),
+                    Dtype::I64,
+                    vec![span.frames.len() as u64, 3],
+                    table.len() as u64,
+                    Source::Table(table),
+                ));
+                stored.push((
+                    format!("{}.compact", job.name),
+                    Dtype::U8,
+                    vec![span.stored],
+                    span.stored,
+                    Source::Values(span.val_at, span.stored),
                 ));
             }
         }
@@ -546,6 +1047,7 @@ pub fn create(
     let mut metadata = provenance.clone();
     metadata.insert("format".into(), FORMAT.into());
     metadata.insert("version".into(), VERSION.into());
+    metadata.insert("codec".into(), codec.name().into());
     metadata.insert(
         "tensors".into(),
         serde_json::to_string(&entries).expect("serialisable"),
@@ -572,10 +1074,11 @@ pub fn create(
     // Scratch ranges are copied file to file (the kernel's copy_file_range where it can).
     let (idx_raw, val_raw) = (idx_file.file.get_ref(), val_file.file.get_ref());
     for (_, _, _, _, source) in &stored {
-        match *source {
-            Source::Indices(at, len) => file.copy_from(idx_raw, at, len)?,
-            Source::Values(at, len) => file.copy_from(val_raw, at, len)?,
-            Source::Dense(k) => file.write(jobs[k].b.0.bytes(jobs[k].b.1))?,
+        match source {
+            Source::Indices(at, len) => file.copy_from(idx_raw, *at, *len)?,
+            Source::Values(at, len) => file.copy_from(val_raw, *at, *len)?,
+            Source::Dense(k) => file.write(jobs[*k].b.0.bytes(jobs[*k].b.1))?,
+            Source::Table(bytes) => file.write(bytes)?,
         }
     }
     for j in &jobs {
@@ -713,76 +1216,6 @@ fn check_chain(base: &Checkpoint, patches: &[&Patch]) -> Result<()> {
     Ok(())
 }
 
-/// Writes `piece` (bytes `at..at + piece.len()` of tensor `name`, of `size`-byte elements)
-/// over with what `patch` stores for it. `cursor` walks the sparse indices across pieces.
-fn patch_piece(
-    patch: &Patch,
-    name: &str,
-    e: &Entry,
-    size: usize,
-    at: usize,
-    piece: &mut [u8],
-    cursor: &mut usize,
-) -> Result<()> {
-    match e.form {
-        Form::None => Ok(()),
-        Form::Dense => {
-            let (_, bytes) = patch.stored(&format!("{name}.dense")).expect("validated");
-            piece.copy_from_slice(&bytes[at..at + piece.len()]);
-            Ok(())
-        }
-        Form::Sparse => {
-            let (it, idx) = patch.stored(&format!("{name}.indices")).expect("validated");
-            let (_, vals) = patch.stored(&format!("{name}.values")).expect("validated");
-            let iw = it.dtype.size();
-            let read = |k: usize| -> u64 {
-                let raw = &idx[k * iw..(k + 1) * iw];
-                if iw == 8 {
-                    i64::from_le_bytes(raw.try_into().expect("8")) as u64
-                } else {
-                    u32::from_le_bytes(raw.try_into().expect("4")) as u64
-                }
-            };
-            let (first, end) = ((at / size) as u64, ((at + piece.len()) / size) as u64);
-            let numel = e.numel();
-            let bad = |i: u64| {
-                corrupt(
-                    &patch.path,
-                    Some(name),
-                    format!(
-                        "corrupt patch: index {i} is out of range or out of order ({numel} \
-                         elements)"
-                    ),
-                )
-            };
-            let mut prev = if *cursor > 0 {
-                Some(read(*cursor - 1))
-            } else {
-                None
-            };
-            while *cursor < e.changed as usize {
-                let i = read(*cursor);
-                if i >= numel || prev.is_some_and(|p| p >= i) {
-                    return Err(bad(i));
-                }
-                if i >= end {
-                    break;
-                }
-                let (o, k) = ((i - first) as usize * size, *cursor * size);
-                match size {
-                    1 => piece[o] = vals[k],
-                    2 => piece[o..o + 2].copy_from_slice(&vals[k..k + 2]),
-                    4 => piece[o..o + 4].copy_from_slice(&vals[k..k + 4]),
-                    _ => piece[o..o + size].copy_from_slice(&vals[k..k + size]),
-                }
-                prev = Some(i);
-                *cursor += 1;
-            }
-            Ok(())
-        }
-    }
-}
-
 /// Streams one tensor of `base` through `patches` in pieces: each piece is handed to `sink`
 /// after every patch has written over it; checks `base`'s fingerprint against the first
 /// patch and the result's against the last (and `tuned`'s bytes when given).
@@ -796,7 +1229,13 @@ fn stream_tensor(
 ) -> Result<()> {
     let size = dtype.size().max(1);
     let entries: Vec<&Entry> = patches.iter().map(|p| &p.entries[name]).collect();
-    let mut cursors = vec![0usize; patches.len()];
+    let mut walks: Vec<Option<Changes>> = patches
+        .iter()
+        .zip(&entries)
+        .map(|(p, e)| {
+            matches!(e.form, Form::Sparse | Form::Compact).then(|| Changes::new(p, name, e))
+        })
+        .collect();
     let (mut before, mut after) = (blake3::Hasher::new(), blake3::Hasher::new());
     let mut buf = vec![0u8; PIECE.min(bytes.len())];
     let piece_len = (PIECE / size) * size;
@@ -806,21 +1245,23 @@ fn stream_tensor(
         let piece = &mut buf[..n];
         piece.copy_from_slice(&bytes[at..at + n]);
         before.update(piece);
-        for ((p, e), c) in patches.iter().zip(&entries).zip(&mut cursors) {
-            patch_piece(p, name, e, size, at, piece, c)?;
+        let (first, end) = ((at / size) as u64, ((at + n) / size) as u64);
+        for ((p, e), walk) in patches.iter().zip(&entries).zip(&mut walks) {
+            match (e.form, walk) {
+                (Form::Sparse | Form::Compact, Some(w)) => w.write_until(first, end, piece)?,
+                (Form::Dense, _) => {
+                    let (_, bytes) = p.stored(&format!("{name}.dense")).expect("validated");
+                    piece.copy_from_slice(&bytes[at..at + n]);
+                }
+                _ => {}
+            }
         }
         after.update(piece);
         sink(piece)?;
         at += n;
     }
-    for ((p, e), c) in patches.iter().zip(&entries).zip(&cursors) {
-        if e.form == Form::Sparse && *c != e.changed as usize {
-            return Err(corrupt(
-                &p.path,
-                Some(name),
-                "corrupt patch: an index is out of range or out of order",
-            ));
-        }
+    for walk in walks.iter().flatten() {
+        walk.finish()?;
     }
     if before.finalize().to_hex().as_str() != entries[0].base {
         return Err(Error::Pairing {

@@ -27,7 +27,7 @@ mod _rlmask {
     use super::names::{canonical_name, printable};
     #[pymodule_export]
     use super::patch::{
-        fingerprint, patch_apply, patch_create, patch_verify, PatchEntry, PatchFile,
+        compact_bytes, fingerprint, patch_apply, patch_create, patch_verify, PatchEntry, PatchFile,
     };
     #[pymodule_export]
     use super::trajectory::{trajectory, TrajectoryResult};
@@ -43,6 +43,14 @@ mod _rlmask {
         m.add(
             "COMBINE_OPS",
             PyTuple::new(m.py(), rlmask_core::bits::Op::NAMES)?,
+        )?;
+        m.add(
+            "PATCH_CODECS",
+            PyTuple::new(m.py(), rlmask_core::patch::Codec::NAMES)?,
+        )?;
+        m.add(
+            "DEFAULT_PATCH_CODEC",
+            rlmask_core::patch::Codec::DEFAULT.name(),
         )
     }
 }

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use numpy::{IntoPyArray, PyArray1};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use rlmask_core::patch;
 
@@ -19,7 +21,8 @@ pub struct PatchEntry {
     dtype: String,
     /// Elements whose bits change.
     changed: u64,
-    /// `none`, `sparse` (indices and values) or `dense` (the whole tensor).
+    /// `none`, `sparse` (indices and values), `compact` (compact frames) or `dense` (the
+    /// whole tensor).
     form: String,
     /// blake3 of the tensor's bytes before and after, hex.
     base: String,
@@ -38,6 +41,7 @@ fn form_name(f: patch::Form) -> &'static str {
         patch::Form::None => "none",
         patch::Form::Sparse => "sparse",
         patch::Form::Dense => "dense",
+        patch::Form::Compact => "compact",
     }
 }
 
@@ -81,10 +85,73 @@ impl PatchFile {
         entries(&self.inner.entries)
     }
 
-    /// Bytes stored: (sparse indices, sparse values, dense tensors).
-    fn stored_bytes(&self) -> (u64, u64, u64) {
+    /// `plain` or `compact`: how the changes of sparse tensors are stored.
+    #[getter]
+    fn codec(&self) -> &'static str {
+        self.inner.codec.name()
+    }
+
+    /// Bytes stored, by kind: `indices`, `values` (plain), `compact`, `dense`.
+    fn stored_bytes(&self) -> BTreeMap<&'static str, u64> {
         self.inner.bytes()
     }
+
+    /// The bytes these changes take in the plain codec, whichever codec the patch uses.
+    fn plain_bytes(&self) -> u64 {
+        self.inner.plain_bytes()
+    }
+
+    /// The changes stored for tensor `name`, decoded and checked: (int64 flat indices, the
+    /// values' raw bytes); the indices are None for a tensor stored whole (the bytes are then
+    /// the whole tensor); None for a tensor the patch does not change.
+    #[allow(clippy::type_complexity)]
+    fn changes<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+    ) -> PyResult<Option<(Option<Bound<'py, PyArray1<i64>>>, Bound<'py, PyArray1<u8>>)>> {
+        let inner = self.inner.clone();
+        let found = py.detach(|| inner.changes(name)).map_err(CoreError)?;
+        Ok(found.map(|(idx, vals)| {
+            let idx = idx.map(|v| {
+                let v: Vec<i64> = v.into_iter().map(|i| i as i64).collect();
+                v.into_pyarray(py)
+            });
+            (idx, vals.into_pyarray(py))
+        }))
+    }
+}
+
+/// Bytes the compact codec stores for the changes `indices` (ascending flat int64) with
+/// `values` (their raw bytes, `size` each) of a tensor of `numel` elements: its frames with
+/// their table, or plain indices and values, or the whole tensor, whichever a patch file
+/// would hold. What a sync in the compact codec sends for them.
+#[pyfunction]
+pub fn compact_bytes(
+    py: Python<'_>,
+    indices: numpy::PyReadonlyArray1<'_, i64>,
+    values: numpy::PyReadonlyArray1<'_, u8>,
+    size: usize,
+    numel: u64,
+) -> PyResult<u64> {
+    let (idx, vals) = (
+        indices
+            .as_slice()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?,
+        values
+            .as_slice()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?,
+    );
+    if size == 0 || vals.len() != idx.len() * size {
+        return Err(PyValueError::new_err(format!(
+            "{} bytes of values for {} indices of {size} bytes each",
+            vals.len(),
+            idx.len()
+        )));
+    }
+    let idx: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
+    py.detach(|| patch::compact_bytes(&idx, vals, size, numel))
+        .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 /// blake3 of the bytes of `data` (a uint8 array), hex: a tensor's fingerprint in a patch.
@@ -92,27 +159,30 @@ impl PatchFile {
 pub fn fingerprint(py: Python<'_>, data: numpy::PyReadonlyArray1<'_, u8>) -> PyResult<String> {
     let bytes = data
         .as_slice()
-        .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
     Ok(py.detach(|| patch::fingerprint(bytes)))
 }
 
 /// Writes the patch that turns `base` into `tuned` to `out`, atomically; returns its entries
 /// and its size in bytes.
 #[pyfunction]
-#[pyo3(signature = (base, tuned, out, *, name_map=Vec::new(), provenance=BTreeMap::new(), progress=None))]
+#[pyo3(signature = (base, tuned, out, *, codec=patch::Codec::DEFAULT.name(), name_map=Vec::new(), provenance=BTreeMap::new(), progress=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn patch_create(
     py: Python<'_>,
     base: &Checkpoint,
     tuned: &Checkpoint,
     out: PathBuf,
+    codec: &str,
     name_map: Vec<(String, String)>,
     provenance: BTreeMap<String, String>,
     progress: Option<&Progress>,
 ) -> PyResult<(Vec<PatchEntry>, u64)> {
     let watch = progress.map(Progress::shared).unwrap_or_default();
+    let codec = patch::Codec::parse(codec).map_err(CoreError)?;
     let (a, b) = (base.inner.clone(), tuned.inner.clone());
     let done = py
-        .detach(|| patch::create(&a, &b, &out, &name_map, &provenance, &watch))
+        .detach(|| patch::create(&a, &b, &out, &name_map, codec, &provenance, &watch))
         .map_err(CoreError)?;
     Ok((entries(&done.entries), done.bytes))
 }
