@@ -342,75 +342,33 @@ def test_transformers_checkpoints_and_the_cli(tmp_path: Path) -> None:
             p.add_(torch.randn_like(p) * (torch.rand_like(p.float()) < 0.1))
     model.save_pretrained(tmp_path / "tuned")
     runner = CliRunner()
-    r = runner.invoke(
-        cli,
-        [
-            "patch",
-            "create",
-            str(tmp_path / "base"),
-            str(tmp_path / "tuned"),
-            "-o",
-            str(tmp_path / "t.rlpatch"),
-            "-q",
-        ],
-    )
+
+    def patch_cli(*args: object) -> Any:
+        return runner.invoke(cli, ["patch", *map(str, args)])
+
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    r = patch_cli("create", base, tuned, "-o", tmp_path / "t.rlpatch", "-q")
     assert r.exit_code == 0, r.stderr
     assert "per changed element" in r.stdout
-    r = runner.invoke(
-        cli,
-        [
-            "patch",
-            "apply",
-            str(tmp_path / "base"),
-            str(tmp_path / "t.rlpatch"),
-            "-o",
-            str(tmp_path / "out"),
-            "-q",
-        ],
-    )
+    r = patch_cli("apply", base, tmp_path / "t.rlpatch", "-o", tmp_path / "out", "-q")
     assert r.exit_code == 0, r.stderr
-    _same_files(tmp_path / "out", tmp_path / "tuned")
-    r = runner.invoke(cli, ["patch", "info", str(tmp_path / "t.rlpatch"), "--format", "json"])
+    _same_files(tmp_path / "out", tuned)
+    r = patch_cli("info", tmp_path / "t.rlpatch", "--format", "json")
     assert r.exit_code == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["bytes"] == os.path.getsize(tmp_path / "t.rlpatch")
     assert sum(t["changed"] for t in d["tensors"]) == d["changed"] > 0
     assert d["codec"] == "compact" and d["plain_bytes"] > 0  # the default codec
     # --codec plain: the same changes, the size the plain table predicts.
-    r = runner.invoke(
-        cli,
-        [
-            "patch",
-            "create",
-            str(tmp_path / "base"),
-            str(tmp_path / "tuned"),
-            "-o",
-            str(tmp_path / "p.rlpatch"),
-            "--codec",
-            "plain",
-            "-q",
-        ],
-    )
+    r = patch_cli("create", base, tuned, "-o", tmp_path / "p.rlpatch", "--codec", "plain", "-q")
     assert r.exit_code == 0 and "plain codec" in r.stdout, r.stderr
     plain = P.load(tmp_path / "p.rlpatch")
     assert plain.changed == d["changed"] and plain.plain_bytes == d["plain_bytes"]
-    r = runner.invoke(cli, ["patch", "info", str(tmp_path / "t.rlpatch")])
+    r = patch_cli("info", tmp_path / "t.rlpatch")
     assert "compact codec" in r.stdout and "in the plain codec" in r.stdout, r.stdout
-    r = runner.invoke(
-        cli,
-        [
-            "patch",
-            "verify",
-            str(tmp_path / "base"),
-            str(tmp_path / "t.rlpatch"),
-            str(tmp_path / "tuned"),
-            "-q",
-        ],
-    )
+    r = patch_cli("verify", base, tmp_path / "t.rlpatch", tuned, "-q")
     assert r.exit_code == 0 and r.stdout.startswith("ok:"), r.stderr
-    r = runner.invoke(
-        cli, ["patch", "verify", str(tmp_path / "tuned"), str(tmp_path / "t.rlpatch"), "-q"]
-    )
+    r = patch_cli("verify", tuned, tmp_path / "t.rlpatch", "-q")
     assert r.exit_code == 1 and "not the one patch" in r.stderr
 
 

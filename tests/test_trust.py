@@ -719,3 +719,35 @@ def test_repo_ids_never_leave_the_hub_cache(
         rlmask.diff("org/name", "org/name", progress=False)
     code, _, err = run("diff", climbing, climbing)
     assert code == 1 and "SECRET" not in err
+
+
+_INTERRUPTED_WORKER = """
+import signal, threading, time
+from rlmask._progress import run_in_worker
+state = {"finished": False, "cancelled": False}
+def work():
+    for _ in range(60):  # about 0.6 s, stopping early once cancelled, as the core does
+        if state["cancelled"]:
+            break
+        time.sleep(0.01)
+    time.sleep(0.2)  # the last step, which must complete before the interrupt propagates
+    state["finished"] = True
+main = threading.main_thread().ident
+threading.Timer(0.15, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+try:
+    run_in_worker(work, on_interrupt=lambda: state.update(cancelled=True))
+    print("no interrupt")
+except KeyboardInterrupt:
+    print("finished" if state["finished"] else "still running")
+"""
+
+
+def test_an_interrupt_propagates_only_after_the_worker_finished() -> None:
+    """Ctrl-C while the main thread waits: the worker is asked to stop and waited for, so the
+    interrupt never propagates while it still writes (Thread.join before Python 3.13 could
+    return early after an interrupt landed inside it, leaving temporary outputs behind)."""
+    for _ in range(5):
+        r = subprocess.run(
+            [sys.executable, "-c", _INTERRUPTED_WORKER], capture_output=True, text=True
+        )
+        assert r.stdout.strip() == "finished", (r.stdout, r.stderr)

@@ -59,20 +59,25 @@ def run_in_worker(
     finish its current step on its own (a daemon thread that ends with the process).
     """
     box: dict[str, object] = {}
+    # Waited on instead of Thread.join: before Python 3.13, a KeyboardInterrupt that lands
+    # inside join() can mark a thread that is still running as stopped, so that the next
+    # join() returns at once and the interrupt propagates while the worker is still writing.
+    finished = threading.Event()
 
     def work() -> None:
         try:
             box["value"] = call()
         except BaseException as e:  # handed to the caller's thread below
             box["error"] = e
+        finally:
+            finished.set()
 
     worker = threading.Thread(target=work, name="rlmask-worker", daemon=True)
     try:
         # Started inside the try: a signal that lands while the thread starts must still
         # cancel it and wait for it, or the process could exit with an output half-written.
         worker.start()
-        while worker.is_alive():
-            worker.join(0.05)
+        while not finished.wait(0.05):
             if tick is not None:
                 tick()
             if _CANCEL_ALL.is_set():
@@ -80,7 +85,7 @@ def run_in_worker(
     except BaseException:
         on_interrupt()
         if wait_on_interrupt and worker.ident is not None:
-            worker.join()
+            finished.wait()
         raise
     if "error" in box:
         raise box["error"]  # type: ignore[misc]

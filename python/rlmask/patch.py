@@ -342,18 +342,18 @@ def write_plain(
         tmp.unlink(missing_ok=True)
 
 
-def changes(f: _rlmask.PatchFile, name: str) -> tuple[Any, Any] | None:
-    """The changes patch ``f`` stores for tensor ``name``, decoded by the core whatever the
-    codec, as torch tensors: (int64 flat indices, or None for a tensor stored whole; 1-D
-    values in the tensor's dtype); None when the patch does not change it."""
+def changes(f: _rlmask.PatchFile, entry: _rlmask.PatchEntry) -> tuple[Any, Any] | None:
+    """The changes patch ``f`` stores for the tensor of ``entry`` (one of ``f.entries()``),
+    decoded by the core whatever the codec, as torch tensors: (int64 flat indices, or None for
+    a tensor stored whole; 1-D values in the tensor's dtype); None when the patch does not
+    change it."""
     import torch
 
     from rlmask.torch import torch_dtype
 
-    got = f.changes(name)
+    got = f.changes(entry.name)
     if got is None:
         return None
-    entry = next(e for e in f.entries() if e.name == name)
     indices, raw = got
     values = torch.from_numpy(raw).view(torch_dtype(entry.dtype))
     return (None if indices is None else torch.from_numpy(indices)), values
@@ -366,7 +366,7 @@ def _sparse(path: PathArg) -> Iterator[tuple[str, list[int], str, Any, Any]]:
 
     f = _rlmask.PatchFile(os.fspath(path))
     for e in f.entries():
-        got = changes(f, e.name)
+        got = changes(f, e)
         if got is None:
             continue
         indices, values = got

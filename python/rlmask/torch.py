@@ -650,7 +650,7 @@ def apply_patch(model: torch.nn.Module, path: PathArg, *, name_map: NameMap = No
                     "weights"
                 )
             flat = t.view(-1)
-            got = changes(patch, key)
+            got = changes(patch, e)
             assert got is not None  # the form says it changes
             idx, values = got
             if idx is None:

@@ -106,6 +106,26 @@ pub fn decode(
     Ok(())
 }
 
+/// Decodes frame `k` of a tensor of `numel` elements whose frames are `frames` (`frame`: its
+/// bytes), appending its changes' flat indices and values: its span ends where the next
+/// frame begins, or at the tensor's end.
+pub fn decode_nth(
+    frames: &[Frame],
+    k: usize,
+    frame: &[u8],
+    size: usize,
+    numel: u64,
+    indices: &mut Vec<u64>,
+    values: &mut Vec<u8>,
+) -> Result<(), String> {
+    let f = frames[k];
+    let span = frames.get(k + 1).map_or(numel, |g| g.start) - f.start;
+    let from = indices.len();
+    decode(frame, f.count as usize, size, span, indices, values)?;
+    indices[from..].iter_mut().for_each(|i| *i += f.start);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,6 +30,17 @@ pub struct Progress {
     pub cancel: AtomicBool,
 }
 
+impl Progress {
+    /// `Err(Error::Cancelled)` once cancelling was asked for: called between pieces of work,
+    /// and before anything is put in place, so that a cancelled command leaves no output.
+    pub fn check(&self) -> Result<()> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        Ok(())
+    }
+}
+
 /// What to compare and how.
 #[derive(Debug, Clone)]
 pub struct DiffOptions {
@@ -709,9 +720,7 @@ fn compare_pairs(
         .map_init(
             || (Stretch::default(), Stretch::default()),
             |state: &mut (Stretch, Stretch), item| {
-                if progress.cancel.load(Ordering::Relaxed) {
-                    return Err(Error::Cancelled);
-                }
+                progress.check()?;
                 let p = &pairs[item.pair];
 
                 let (ta, tb) = (p.a.1, p.b.1);

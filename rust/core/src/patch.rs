@@ -480,7 +480,10 @@ impl<'p> Changes<'p> {
         corrupt(
             &self.patch.path,
             Some(self.name),
-            format!("corrupt patch: {why} ({} elements)", self.numel),
+            format!(
+                "corrupt patch: {why} (in a tensor of {} elements)",
+                self.numel
+            ),
         )
     }
 
@@ -520,26 +523,23 @@ impl<'p> Changes<'p> {
             }
             _ => {
                 let frames = &self.patch.frames[name];
-                let f = frames[self.batch];
-                let span = frames.get(self.batch + 1).map_or(self.numel, |g| g.start) - f.start;
                 let (_, blob) = self
                     .patch
                     .stored(&format!("{name}.compact"))
                     .expect("validated");
-                let frame = &blob[self.blob_at..self.blob_at + f.bytes as usize];
-                self.blob_at += f.bytes as usize;
-                let (mut offsets, mut vals) = (Vec::new(), Vec::new());
-                crate::codec::decode(
+                let len = frames[self.batch].bytes as usize;
+                let frame = &blob[self.blob_at..self.blob_at + len];
+                self.blob_at += len;
+                crate::codec::decode_nth(
+                    frames,
+                    self.batch,
                     frame,
-                    f.count as usize,
                     self.size,
-                    span,
-                    &mut offsets,
-                    &mut vals,
+                    self.numel,
+                    &mut self.idx,
+                    &mut self.vals,
                 )
                 .map_err(|why| self.bad(format!("frame {}: {why}", self.batch)))?;
-                self.idx.extend(offsets.iter().map(|o| f.start + o));
-                self.vals = vals;
             }
         }
         let mut prev = last;
@@ -754,18 +754,9 @@ impl Span {
         let (mut idx, mut vals) = (Vec::new(), Vec::new());
         let mut at = 0usize;
         for (k, f) in self.frames.iter().enumerate() {
-            let span = self.frames.get(k + 1).map_or(numel, |g| g.start) - f.start;
-            let from = idx.len();
-            crate::codec::decode(
-                &blob[at..at + f.bytes as usize],
-                f.count as usize,
-                size,
-                span,
-                &mut idx,
-                &mut vals,
-            )
-            .map_err(|why| Error::output(out, std::io::Error::other(why)))?;
-            idx[from..].iter_mut().for_each(|i| *i += f.start);
+            let frame = &blob[at..at + f.bytes as usize];
+            crate::codec::decode_nth(&self.frames, k, frame, size, numel, &mut idx, &mut vals)
+                .map_err(|why| Error::output(out, std::io::Error::other(why)))?;
             at += f.bytes as usize;
         }
         Ok((idx, vals))
@@ -873,9 +864,7 @@ pub fn create(
             let parts = group
                 .par_iter()
                 .map(|&s| {
-                    if progress.cancel.load(Ordering::Relaxed) {
-                        return Err(Error::Cancelled);
-                    }
+                    progress.check()?;
                     let len = CHUNK.min(n - s);
                     job.a.0.prefetch(t, s * size, len * size);
                     job.b.0.prefetch(job.b.1, s * size, len * size);
@@ -929,6 +918,7 @@ pub fn create(
     }
 
     // Fingerprints, then the entries.
+    progress.check()?;
     let prints: Vec<(String, String)> = jobs
         .iter()
         .map(|j| {
@@ -1084,6 +1074,7 @@ pub fn create(
     for j in &jobs {
         j.b.0.check_unchanged()?;
     }
+    progress.check()?; // the last moment a cancel leaves nothing behind
     let bytes = file.finish()?;
     Ok(Created { entries, bytes })
 }
@@ -1332,9 +1323,7 @@ pub fn apply(base: &Checkpoint, patches: &[&Patch], out: &Path, progress: &Progr
         tensors.sort_by_key(|t| t.offset);
         let data_start = tensors.first().map_or(all.len(), |t| t.offset);
         let mut write = |bytes: &[u8]| -> Result<()> {
-            if progress.cancel.load(Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
+            progress.check()?;
             progress
                 .done
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
@@ -1378,6 +1367,7 @@ pub fn apply(base: &Checkpoint, patches: &[&Patch], out: &Path, progress: &Progr
             }
         }
     }
+    progress.check()?; // the last moment a cancel leaves nothing behind
     if out.exists() {
         std::fs::remove_dir(out).map_err(|e| Error::output(out, e))?;
     }
@@ -1410,9 +1400,7 @@ pub fn verify(
     check_chain(base, patches)?;
     let names: Vec<&str> = base.names().collect();
     names.par_iter().try_for_each(|name| {
-        if progress.cancel.load(Ordering::Relaxed) {
-            return Err(Error::Cancelled);
-        }
+        progress.check()?;
         let (shard, t) = base.get(name).expect("listed");
         stream_tensor(
             name,

@@ -365,9 +365,7 @@ pub fn trajectory(
         items
             .into_par_iter()
             .map(|(ti, start, len, mut words)| {
-                if progress.cancel.load(Ordering::Relaxed) {
-                    return Err(Error::Cancelled);
-                }
+                progress.check()?;
                 let t = &tracks[ti];
                 let (masks, ever) = words.split_at_mut(n_masks);
                 let ever = if ever_out { ever.first_mut() } else { None };
