@@ -6,13 +6,13 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, cast
-
-import polars as pl
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from rlmask import _rlmask
 from rlmask._io import PathArg, check_output
+from rlmask._lazy import LazyModule
 from rlmask._mask import Mask
 from rlmask._names import (
     COMPONENTS,
@@ -28,6 +28,11 @@ from rlmask._report import Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
 from rlmask.errors import PairingError
+
+if TYPE_CHECKING:
+    import polars as pl
+else:
+    pl = LazyModule("polars")
 
 Criterion = Literal["absolute", "exact", "relative"]
 
@@ -104,7 +109,10 @@ class DiffReport(Report):
     criterion: Criterion
     tolerances: tuple[float, ...]
     tol: float
-    tensors: pl.DataFrame
+    #: The per-tensor records behind :attr:`tensors`, as plain columns (name, dtype,
+    #: tuned_dtype, shape, numel, floating, and ``changed``: one count per threshold), so
+    #: that totals and JSON need no data frame library.
+    columns: dict[str, list[Any]] = field(repr=False)
     only_in_base: list[str] = field(default_factory=list)
     only_in_tuned: list[str] = field(default_factory=list)
     tied: list[str] = field(default_factory=list)
@@ -130,7 +138,56 @@ class DiffReport(Report):
         (``sparsity``, or ``sparsity@1e-05`` in a sweep)."""
         return self._columns(kind)[self.tolerances.index(self.tol)]
 
+    @cached_property  # read-only where Report only declares it: built from `columns`
+    def tensors(self) -> pl.DataFrame:  # type: ignore[override]
+        """One row per compared tensor (see the class's attributes), built on first use."""
+        c = self.columns
+        df = pl.DataFrame(
+            {
+                "name": c["name"],
+                "component": [component_of(n) for n in c["name"]],
+                "layer": [layer_of(n) for n in c["name"]],
+                "module": [module_of(n) for n in c["name"]],
+                "expert": [expert_of(n) for n in c["name"]],
+                "dtype": c["dtype"],
+                "tuned_dtype": c["tuned_dtype"],
+                "shape": c["shape"],
+                "numel": c["numel"],
+                "floating": c["floating"],
+                "changed": [counts[self._primary] for counts in c["changed"]],
+            },
+            schema={
+                "name": pl.Utf8,
+                "component": pl.Utf8,
+                "layer": pl.Int64,
+                "module": pl.Utf8,
+                "expert": pl.Int64,
+                "dtype": pl.Utf8,
+                "tuned_dtype": pl.Utf8,
+                "shape": pl.List(pl.Int64),
+                "numel": pl.UInt64,
+                "floating": pl.Boolean,
+                "changed": pl.UInt64,
+            },
+        )
+        df = df.with_columns(_sparsity_expr("changed").alias("sparsity"))
+        if len(self.tolerances) > 1:
+            changed_cols = self._columns("changed")
+            df = df.with_columns(
+                pl.Series(name, [counts[j] for counts in c["changed"]], dtype=pl.UInt64)
+                for j, name in enumerate(changed_cols)
+            )
+            df = df.with_columns(
+                _sparsity_expr(ch).alias(sp)
+                for ch, sp in zip(changed_cols, self._columns("sparsity"), strict=True)
+            )
+        return df
+
     # ----- totals ------------------------------------------------------------------------
+
+    @property
+    def _primary(self) -> int:
+        return self.tolerances.index(self.tol)
 
     @property
     def _floating(self) -> pl.DataFrame:
@@ -139,12 +196,13 @@ class DiffReport(Report):
     @property
     def numel(self) -> int:
         """Elements compared over the floating tensors."""
-        return int(self._floating["numel"].sum())
+        c = self.columns
+        return sum(n for n, f in zip(c["numel"], c["floating"], strict=True) if f)
 
     @property
     def changed(self) -> int:
         """Changed floating elements at the primary threshold."""
-        return int(self._floating["changed"].sum())
+        return self.changed_per_threshold()[self._primary]
 
     @property
     def sparsity(self) -> float:
@@ -158,8 +216,9 @@ class DiffReport(Report):
 
     def changed_per_threshold(self) -> list[int]:
         """Changed floating elements, one count per entry of :attr:`tolerances`."""
-        f = self._floating
-        return [int(f[c].sum()) for c in self._columns("changed")]
+        c = self.columns
+        counts = [k for k, f in zip(c["changed"], c["floating"], strict=True) if f]
+        return [sum(k[j] for k in counts) for j in range(len(self.tolerances))]
 
     def sparsity_per_threshold(self) -> list[float]:
         """Update sparsity, one value per entry of :attr:`tolerances`."""
@@ -181,8 +240,10 @@ class DiffReport(Report):
     @property
     def dtype_mismatches(self) -> list[str]:
         """Tensors stored with different floating dtypes, compared after widening."""
-        df = self.tensors.filter(pl.col("dtype") != pl.col("tuned_dtype"))
-        return df["name"].to_list()
+        c = self.columns
+        return [
+            n for n, a, b in zip(c["name"], c["dtype"], c["tuned_dtype"], strict=True) if a != b
+        ]
 
     # ----- breakdowns --------------------------------------------------------------------
 
@@ -293,25 +354,33 @@ class DiffReport(Report):
         """The machine-readable report of design §4 (a stable contract: keys may be added,
         never removed)."""
         changed_cols = self._columns("changed")
-        tensors = []
-        for row in self.tensors.iter_rows(named=True):
-            counts = [int(row[c]) for c in changed_cols]
-            tensors.append(
-                {
-                    "name": row["name"],
-                    "dtype": row["dtype"],
-                    "shape": list(row["shape"]),
-                    "numel": int(row["numel"]),
-                    "changed": counts,
-                    "sparsity": [_sparsity(c, int(row["numel"])) for c in counts],
-                    "tuned_dtype": row["tuned_dtype"],
-                    "floating": row["floating"],
-                    "layer": row["layer"],
-                    "module": row["module"],
-                    "component": row["component"],
-                    "expert": row["expert"],
-                }
+        c = self.columns
+        tensors = [
+            {
+                "name": name,
+                "dtype": dtype,
+                "shape": list(shape),
+                "numel": numel,
+                "changed": list(counts),
+                "sparsity": [_sparsity(k, numel) for k in counts],
+                "tuned_dtype": tuned_dtype,
+                "floating": floating,
+                "layer": layer_of(name),
+                "module": module_of(name),
+                "component": component_of(name),
+                "expert": expert_of(name),
+            }
+            for name, dtype, tuned_dtype, shape, numel, floating, counts in zip(
+                c["name"],
+                c["dtype"],
+                c["tuned_dtype"],
+                c["shape"],
+                c["numel"],
+                c["floating"],
+                c["changed"],
+                strict=True,
             )
+        ]
         return {
             "base": self.base,
             "tuned": self.tuned,
@@ -622,48 +691,17 @@ def _report(
     values = crit.values
     # Natural order: model.layers.2 before model.layers.10, in every table and file.
     rows = sorted(raw.tensors, key=lambda r: natural_key(r.name))
-    k = crit.primary_index
-    df = pl.DataFrame(
-        {
-            "name": [r.name for r in rows],
-            "component": [component_of(r.name) for r in rows],
-            "layer": [layer_of(r.name) for r in rows],
-            "module": [module_of(r.name) for r in rows],
-            "expert": [expert_of(r.name) for r in rows],
-            "dtype": [r.dtype for r in rows],
-            "tuned_dtype": [r.tuned_dtype for r in rows],
-            "shape": [r.shape for r in rows],
-            "numel": [r.numel for r in rows],
-            "floating": [r.floating for r in rows],
-            "changed": [r.changed[k] for r in rows],
-        },
-        schema={
-            "name": pl.Utf8,
-            "component": pl.Utf8,
-            "layer": pl.Int64,
-            "module": pl.Utf8,
-            "expert": pl.Int64,
-            "dtype": pl.Utf8,
-            "tuned_dtype": pl.Utf8,
-            "shape": pl.List(pl.Int64),
-            "numel": pl.UInt64,
-            "floating": pl.Boolean,
-            "changed": pl.UInt64,
-        },
-    )
-    df = df.with_columns(_sparsity_expr("changed").alias("sparsity"))
+    columns: dict[str, list[Any]] = {
+        "name": [r.name for r in rows],
+        "dtype": [r.dtype for r in rows],
+        "tuned_dtype": [r.tuned_dtype for r in rows],
+        "shape": [r.shape for r in rows],
+        "numel": [r.numel for r in rows],
+        "floating": [r.floating for r in rows],
+        "changed": [list(r.changed) for r in rows],
+    }
     packed = {r.name: (r.shape, r.dtype, r.bits) for r in rows if r.bits is not None}
     mask = Mask.from_packed(packed, provenance) if packed else None
-    if len(values) > 1:
-        changed_cols = _columns("changed", criterion, values)
-        df = df.with_columns(
-            pl.Series(c, [r.changed[j] for r in rows], dtype=pl.UInt64)
-            for j, c in enumerate(changed_cols)
-        )
-        df = df.with_columns(
-            _sparsity_expr(c).alias(s)
-            for c, s in zip(changed_cols, _columns("sparsity", criterion, values), strict=True)
-        )
     magnitude = None
     if any(r.magnitude is not None for r in rows):
         bins = [(r.name, *b) for r in rows for b in r.magnitude or ()]
@@ -688,7 +726,7 @@ def _report(
         criterion=criterion,
         tolerances=tuple(values),
         tol=crit.primary,
-        tensors=df,
+        columns=columns,
         only_in_base=raw.only_in_base,
         only_in_tuned=raw.only_in_tuned,
         tied=raw.tied,

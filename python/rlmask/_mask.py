@@ -23,18 +23,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import numpy.typing as npt
-import polars as pl
-
 from rlmask import _rlmask
 from rlmask._io import PathArg
+from rlmask._lazy import LazyModule
 from rlmask._names import layer_of, module_of, natural_sorted
 from rlmask._report import few, printable_lines, ratio, sort_modules
 from rlmask.errors import MaskError
 
 if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+    import polars as pl
     import torch
+else:
+    np = LazyModule("numpy")
+    pl = LazyModule("polars")
 
 
 @dataclass(frozen=True)

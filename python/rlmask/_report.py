@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any, Literal
-
-import polars as pl
+from typing import TYPE_CHECKING, Any, Literal
 
 from rlmask._io import PathArg, write_atomic, write_text_atomic
+from rlmask._lazy import LazyModule
 from rlmask._names import MODULES
 from rlmask._rlmask import printable
+
+if TYPE_CHECKING:
+    import polars as pl
+else:
+    pl = LazyModule("polars")
 
 Level = Literal["total", "layer", "module", "tensor"]
 

@@ -248,8 +248,6 @@ def _emit(text: str, output: str | None) -> None:
 def _render(report: Report, by: str, fmt: str, output: str | None) -> None:
     """Prints or writes a report: JSON (everything), CSV or Parquet (the ``by`` breakdown), or
     a table (the summary, then the ``by`` breakdown)."""
-    from rlmask._table import format_frame
-
     if fmt == "json":
         _emit(report.to_json(), output)
     elif fmt == "csv":
@@ -259,6 +257,8 @@ def _render(report: Report, by: str, fmt: str, output: str | None) -> None:
             raise click.UsageError("--format parquet needs -o FILE")
         report.to_parquet(output, by=by)  # type: ignore[arg-type]
     else:
+        from rlmask._table import format_frame
+
         parts = [report.summary()]
         if by != "total":
             table = report.by(by)  # type: ignore[arg-type]
