@@ -3,8 +3,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use rayon::prelude::*;
-
 use crate::bits::padded_len;
 use crate::checkpoint::Checkpoint;
 use crate::dtype::Dtype;
@@ -12,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::kernel::{compare_chunk, Criterion, Hist, Job, BLOCK};
 use crate::maskfile::{self, MaskEntry};
 use crate::names;
+use crate::readahead;
 use crate::safetensors::{Shard, TensorInfo};
 use crate::scaled::{self, Layout};
 
@@ -682,8 +681,8 @@ type ChunkResult = (usize, Vec<u64>, Option<Hist>);
 /// Compares every pair, in parallel over chunks of every tensor, writing mask bits into
 /// `outs[i]` (when given) for pair `i`; returns (pair, counts, binade counts when asked for)
 /// per chunk.
-fn compare_pairs(
-    pairs: &[Pair],
+fn compare_pairs<'a>(
+    pairs: &[Pair<'a>],
     floating: &[bool],
     scaled: &[Sides],
     outs: Vec<Option<&mut [u8]>>,
@@ -712,87 +711,106 @@ fn compare_pairs(
         }
     }
 
+    // In file order of the base side, so that a cold pass reads each file front to back.
+    items.sort_by(|x, y| {
+        let key = |it: &Item| {
+            let (shard, t) = pairs[it.pair].a;
+            (shard.path.as_path(), t.offset + it.start * t.dtype.size())
+        };
+        key(x).cmp(&key(y))
+    });
     let exact = Criterion::Exact;
-    items
-        .into_par_iter()
+    let stretch = |item: &Item| {
+        let p = &pairs[item.pair];
+        let side = |(shard, t): (&'a Shard, &'a TensorInfo)| {
+            let size = t.dtype.size();
+            readahead::Stretch {
+                shard,
+                offset: t.offset + item.start * size,
+                len: item.len * size,
+            }
+        };
+        [side(p.a), side(p.b)]
+    };
+    readahead::in_order(
+        items,
+        stretch,
         // Each worker reuses its buffers for dequantised FP8 stretches (a fresh megabyte per
         // chunk would cost its page faults every time).
-        .map_init(
-            || (Stretch::default(), Stretch::default()),
-            |state: &mut (Stretch, Stretch), item| {
-                progress.check()?;
-                let p = &pairs[item.pair];
+        || (Stretch::default(), Stretch::default()),
+        |state: &mut (Stretch, Stretch), item| {
+            progress.check()?;
+            let p = &pairs[item.pair];
 
-                let (ta, tb) = (p.a.1, p.b.1);
-                let (sa, sb) = (ta.dtype.size(), tb.dtype.size());
-                p.a.0.prefetch(ta, item.start * sa, item.len * sa);
-                p.b.0.prefetch(tb, item.start * sb, item.len * sb);
-                let raw_a = &p.a.0.bytes(ta)[item.start * sa..(item.start + item.len) * sa];
-                let raw_b = &p.b.0.bytes(tb)[item.start * sb..(item.start + item.len) * sb];
-                let floating = floating[item.pair];
-                let crit = if floating { &opts.criterion } else { &exact };
-                // Scaled FP8 weights: this stretch's dequantised values, or under the exact
-                // criterion (both sides scaled alike) codes and scales as stored.
-                let (qa, qb) = scaled[item.pair];
-                let keys = matches!(opts.criterion, Criterion::Exact)
-                    && qa.is_some()
-                    && qb.is_some()
-                    && ta.dtype == tb.dtype;
-                let mut counts = vec![0u64; nthr];
-                let mut hist = (floating && opts.magnitude && !keys).then(|| Hist::new(nthr));
-                if !floating {
-                    // Integer tensors (and scales) have one bitwise count, reported under every
-                    // threshold.
-                    let job = Job::new(raw_a, ta.dtype, raw_b, tb.dtype, item.len);
-                    let mut one = [0u64];
-                    compare_chunk(crit, &job, &mut one, None, None);
-                    counts.fill(one[0]);
-                } else if qa.is_none() && qb.is_none() {
-                    let job = Job::new(raw_a, ta.dtype, raw_b, tb.dtype, item.len);
-                    let bits = item.words.zip(opts.mask_at);
+            let (ta, tb) = (p.a.1, p.b.1);
+            let (sa, sb) = (ta.dtype.size(), tb.dtype.size());
+            p.a.0.prefetch(ta, item.start * sa, item.len * sa);
+            p.b.0.prefetch(tb, item.start * sb, item.len * sb);
+            let raw_a = &p.a.0.bytes(ta)[item.start * sa..(item.start + item.len) * sa];
+            let raw_b = &p.b.0.bytes(tb)[item.start * sb..(item.start + item.len) * sb];
+            let floating = floating[item.pair];
+            let crit = if floating { &opts.criterion } else { &exact };
+            // Scaled FP8 weights: this stretch's dequantised values, or under the exact
+            // criterion (both sides scaled alike) codes and scales as stored.
+            let (qa, qb) = scaled[item.pair];
+            let keys = matches!(opts.criterion, Criterion::Exact)
+                && qa.is_some()
+                && qb.is_some()
+                && ta.dtype == tb.dtype;
+            let mut counts = vec![0u64; nthr];
+            let mut hist = (floating && opts.magnitude && !keys).then(|| Hist::new(nthr));
+            if !floating {
+                // Integer tensors (and scales) have one bitwise count, reported under every
+                // threshold.
+                let job = Job::new(raw_a, ta.dtype, raw_b, tb.dtype, item.len);
+                let mut one = [0u64];
+                compare_chunk(crit, &job, &mut one, None, None);
+                counts.fill(one[0]);
+            } else if qa.is_none() && qb.is_none() {
+                let job = Job::new(raw_a, ta.dtype, raw_b, tb.dtype, item.len);
+                let bits = item.words.zip(opts.mask_at);
+                compare_chunk(crit, &job, &mut counts, bits, hist.as_mut());
+            } else {
+                // A scaled side is dequantised (or keyed) a cache-sized stretch at a time,
+                // each stretch compared while it is still in cache.
+                let (side_a, side_b) = state;
+                let mut words = item.words;
+                for off in (0..item.len).step_by(STRETCH) {
+                    let n = STRETCH.min(item.len - off);
+                    let ra = &raw_a[off * sa..(off + n) * sa];
+                    let rb = &raw_b[off * sb..(off + n) * sb];
+                    let first = item.start + off;
+                    let pa = side_a.prepare(qa, ra, ta.dtype, first, keys);
+                    let pb = side_b.prepare(qb, rb, tb.dtype, first, keys);
+                    let (a, da, fa) = side_a.view(pa, ra, ta.dtype);
+                    let (b, db, fb) = side_b.view(pb, rb, tb.dtype);
+                    let job = Job {
+                        a,
+                        b,
+                        da,
+                        db,
+                        n,
+                        fa,
+                        fb,
+                    };
+                    let bits = words
+                        .as_deref_mut()
+                        .map(|w| {
+                            let end = (off / 8 + n.div_ceil(64) * 8).min(w.len());
+                            &mut w[off / 8..end]
+                        })
+                        .zip(opts.mask_at);
                     compare_chunk(crit, &job, &mut counts, bits, hist.as_mut());
-                } else {
-                    // A scaled side is dequantised (or keyed) a cache-sized stretch at a time,
-                    // each stretch compared while it is still in cache.
-                    let (side_a, side_b) = state;
-                    let mut words = item.words;
-                    for off in (0..item.len).step_by(STRETCH) {
-                        let n = STRETCH.min(item.len - off);
-                        let ra = &raw_a[off * sa..(off + n) * sa];
-                        let rb = &raw_b[off * sb..(off + n) * sb];
-                        let first = item.start + off;
-                        let pa = side_a.prepare(qa, ra, ta.dtype, first, keys);
-                        let pb = side_b.prepare(qb, rb, tb.dtype, first, keys);
-                        let (a, da, fa) = side_a.view(pa, ra, ta.dtype);
-                        let (b, db, fb) = side_b.view(pb, rb, tb.dtype);
-                        let job = Job {
-                            a,
-                            b,
-                            da,
-                            db,
-                            n,
-                            fa,
-                            fb,
-                        };
-                        let bits = words
-                            .as_deref_mut()
-                            .map(|w| {
-                                let end = (off / 8 + n.div_ceil(64) * 8).min(w.len());
-                                &mut w[off / 8..end]
-                            })
-                            .zip(opts.mask_at);
-                        compare_chunk(crit, &job, &mut counts, bits, hist.as_mut());
-                    }
                 }
-                progress
-                    .done
-                    .fetch_add((raw_a.len() + raw_b.len()) as u64, Ordering::Relaxed);
-                // A read of a truncated file returned zeros: these counts must not be reported,
-                // and the pass stops here.
-                p.a.0.check_faults()?;
-                p.b.0.check_faults()?;
-                Ok((item.pair, counts, hist))
-            },
-        )
-        .collect::<Result<_>>()
+            }
+            progress
+                .done
+                .fetch_add((raw_a.len() + raw_b.len()) as u64, Ordering::Relaxed);
+            // A read of a truncated file returned zeros: these counts must not be reported,
+            // and the pass stops here.
+            p.a.0.check_faults()?;
+            p.b.0.check_faults()?;
+            Ok((item.pair, counts, hist))
+        },
+    )
 }

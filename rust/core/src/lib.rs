@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod maskfile;
 pub mod names;
 pub mod patch;
+pub mod readahead;
 pub mod safetensors;
 pub mod scaled;
 pub mod text;

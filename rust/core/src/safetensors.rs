@@ -220,6 +220,62 @@ impl Shard {
         &self.mmap[t.offset..t.offset + t.len]
     }
 
+    /// Brings `len` bytes of the file from `offset` into the page cache and this process's
+    /// page tables before a pass gets there, for [`crate::readahead`]: on Linux one
+    /// synchronous `MADV_POPULATE_READ`, elsewhere an asynchronous `MADV_WILLNEED`. A hint:
+    /// failures are ignored (a read of a truncated file is reported by the pass's fault check).
+    pub fn read_ahead(&self, offset: usize, len: usize) {
+        let len = len.min(self.mmap.len().saturating_sub(offset));
+        if len == 0 {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        let _ = self
+            .mmap
+            .advise_range(memmap2::Advice::PopulateRead, offset, len);
+        #[cfg(all(unix, not(target_os = "linux")))]
+        let _ = self
+            .mmap
+            .advise_range(memmap2::Advice::WillNeed, offset, len);
+    }
+
+    /// Whether `len` bytes from `offset` look cached: one page in every 64 (and the last)
+    /// is in the page cache (`mincore`, on Linux; elsewhere `false`, not known). A sample,
+    /// because asking for every page of a large file costs tens of milliseconds; a stretch
+    /// taken for cached that is not is only read by the pass itself.
+    pub(crate) fn resident(&self, offset: usize, len: usize) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            const PAGE: usize = 4096;
+            let end = (offset + len).min(self.mmap.len());
+            let first = offset / PAGE;
+            let last = end.div_ceil(PAGE);
+            (first..last)
+                .step_by(64)
+                .chain((last > first).then(|| last - 1))
+                .all(|page| {
+                    let mut v = 0u8;
+                    // SAFETY: the page lies inside this process's live mapping of the file
+                    // (`mmap` outlives the call; `page * PAGE < end <= mmap.len()`), its
+                    // address is page-aligned (the map's start is), and `v` holds the one
+                    // byte that mincore(2) writes for a one-page range.
+                    let rc = unsafe {
+                        libc::mincore(
+                            self.mmap.as_ptr().add(page * PAGE) as *mut libc::c_void,
+                            PAGE.min(self.mmap.len() - page * PAGE),
+                            &mut v,
+                        )
+                    };
+                    rc == 0 && v & 1 == 1
+                })
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = (offset, len);
+            false
+        }
+    }
+
     /// Asks the kernel to map the pages of one stretch of a tensor in one call instead of one
     /// page fault at a time (Linux `MADV_POPULATE_READ`; several times faster on warm files).
     /// Only a hint: where it is unsupported, pages are faulted in as they are touched.

@@ -1,0 +1,340 @@
+//! A pass over memory-mapped shards in file order, with reading ahead of it.
+//!
+//! On a cold page cache the comparison is limited by the disk, and page faults (or one
+//! `MADV_POPULATE_READ` per chunk) keep only as many reads in flight as there are workers. Here
+//! the work items are taken strictly in order by every worker (so the pass moves through each
+//! file front to back instead of from several far-apart places), and one reader thread per
+//! side reads the items' stretches of file into the page cache a bounded window ahead of the
+//! workers, the two sides in step.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::error::Result;
+use crate::safetensors::Shard;
+
+/// A stretch of one shard's file that an item reads: byte offset and length in the file.
+#[derive(Clone, Copy)]
+pub struct Stretch<'a> {
+    pub shard: &'a Shard,
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// Reads at most this many bytes at once.
+const BLOCK: usize = 8 << 20;
+
+/// How far ahead of the workers the readers may be, in bytes of items (both sides): enough
+/// to keep the disk busy through a worker's stall, small next to any machine's page cache.
+/// Pages behind the workers are left to the kernel (the maps are `MADV_SEQUENTIAL`, so it
+/// reclaims them first when memory is short).
+const WINDOW: u64 = 256 << 20;
+
+/// One read of a reader: where, and how many bytes of items (both sides) come before the
+/// item that first needs it.
+struct Read<'a> {
+    shard: &'a Shard,
+    offset: usize,
+    len: usize,
+    needed_at: u64,
+}
+
+/// Merges the stretches of one side into reads of at most [`BLOCK`] bytes, in item order.
+fn plan<'a>(side: impl Iterator<Item = (Stretch<'a>, u64)>) -> Vec<Read<'a>> {
+    let mut reads: Vec<Read> = Vec::new();
+    for (s, needed_at) in side {
+        let mut off = s.offset;
+        let end = s.offset + s.len;
+        while off < end {
+            if let Some(last) = reads.last_mut() {
+                if std::ptr::eq(last.shard, s.shard)
+                    && last.offset + last.len == off
+                    && last.len < BLOCK
+                {
+                    let n = (BLOCK - last.len).min(end - off);
+                    last.len += n;
+                    off += n;
+                    continue;
+                }
+            }
+            let n = BLOCK.min(end - off);
+            reads.push(Read {
+                shard: s.shard,
+                offset: off,
+                len: n,
+                needed_at,
+            });
+            off += n;
+        }
+    }
+    reads
+}
+
+/// Runs `work` on every item, the items taken in the order given by all of rayon's workers,
+/// while readers keep each item's two stretches (`stretches`) in the page cache up to a window
+/// ahead. Results come back in no particular order; the first error stops the pass.
+pub fn in_order<'a, I, R, S>(
+    items: Vec<I>,
+    stretches: impl Fn(&I) -> [Stretch<'a>; 2],
+    init: impl Fn() -> S + Sync,
+    work: impl Fn(&mut S, I) -> Result<R> + Sync,
+) -> Result<Vec<R>>
+where
+    I: Send,
+    R: Send,
+{
+    let mut sides: [Vec<(Stretch<'a>, u64)>; 2] = [Vec::new(), Vec::new()];
+    let mut sizes = Vec::with_capacity(items.len());
+    let mut before = 0u64;
+    for item in &items {
+        let st = stretches(item);
+        for (side, s) in sides.iter_mut().zip(st) {
+            side.push((s, before));
+        }
+        let n = (st[0].len + st[1].len) as u64;
+        sizes.push(n);
+        before += n;
+    }
+    let mut readers: Vec<Vec<Read>> = sides.into_iter().map(|s| plan(s.into_iter())).collect();
+    // A side whose file looks cached throughout (the middle page of 64 reads spread over it)
+    // gets no reader: on a warm pass the readers would only take time from the workers.
+    readers.retain(|reads| {
+        let step = reads.len().div_ceil(64).max(1);
+        !reads
+            .iter()
+            .step_by(step)
+            .all(|r| r.shard.resident(r.offset + r.len / 2, 1))
+    });
+
+    // Bytes of the items taken so far, in order.
+    let taken = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let queue = Mutex::new(items.into_iter().zip(sizes));
+    let results: Mutex<Vec<R>> = Mutex::new(Vec::new());
+    let first_error: Mutex<Option<crate::error::Error>> = Mutex::new(None);
+
+    std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for reads in &readers {
+            let (taken, stop) = (&taken, &stop);
+            handles.push(scope.spawn(move || {
+                for r in reads {
+                    // Cached already (a warm file): nothing to read, and nothing to wait for.
+                    if r.shard.resident(r.offset, r.len) {
+                        continue;
+                    }
+                    while r.needed_at > taken.load(Ordering::Acquire) + WINDOW {
+                        if stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        std::thread::park();
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    r.shard.read_ahead(r.offset, r.len);
+                }
+            }));
+        }
+        let threads: Vec<_> = handles.iter().map(|h| h.thread().clone()).collect();
+        rayon::broadcast(|_| {
+            let mut state = init();
+            let mut mine = Vec::new();
+            loop {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+                let Some((item, size)) = next else {
+                    break;
+                };
+                taken.fetch_add(size, Ordering::Release);
+                for t in &threads {
+                    t.unpark();
+                }
+                match work(&mut state, item) {
+                    Ok(r) => mine.push(r),
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        first_error
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(e);
+                        break;
+                    }
+                }
+            }
+            results
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .append(&mut mine);
+        });
+        stop.store(true, Ordering::Relaxed);
+        for t in &threads {
+            t.unpark();
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
+    Ok(results.into_inner().unwrap_or_else(|e| e.into_inner()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use std::io::Write;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A safetensors file holding one U8 tensor of `len` bytes.
+    fn shard(dir: &std::path::Path, name: &str, len: usize) -> Shard {
+        let header =
+            format!(r#"{{"x":{{"dtype":"U8","shape":[{len}],"data_offsets":[0,{len}]}}}}"#);
+        let path = dir.join(name);
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(header.as_bytes()).unwrap();
+        f.write_all(&vec![1u8; len]).unwrap();
+        drop(f);
+        Shard::open(&path).unwrap()
+    }
+
+    fn stretch(shard: &Shard, offset: usize, len: usize) -> Stretch<'_> {
+        Stretch { shard, offset, len }
+    }
+
+    #[test]
+    fn reads_merge_contiguous_stretches_up_to_a_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (shard(dir.path(), "a", 64), shard(dir.path(), "b", 64));
+        let half = BLOCK / 2;
+        let reads = plan(
+            [
+                (stretch(&a, 0, half), 0),
+                (stretch(&a, half, half + 10), 5), // fills the first block, 10 bytes over
+                (stretch(&a, BLOCK + 10, 20), 9),  // contiguous: joins the second read
+                (stretch(&a, BLOCK + 100, 20), 11), // a gap: a new read
+                (stretch(&b, BLOCK + 120, 20), 12), // another file: a new read
+            ]
+            .into_iter(),
+        );
+        let got: Vec<_> = reads
+            .iter()
+            .map(|r| (std::ptr::eq(r.shard, &a), r.offset, r.len, r.needed_at))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (true, 0, BLOCK, 0),
+                (true, BLOCK, 30, 5),
+                (true, BLOCK + 100, 20, 11),
+                (false, BLOCK + 120, 20, 12),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_item_is_worked_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            shard(dir.path(), "a", 1 << 20),
+            shard(dir.path(), "b", 1 << 20),
+        );
+        let n = 5000;
+        let got = in_order(
+            (0..n).collect(),
+            |&i| {
+                let off = (i * 200) % (1 << 20);
+                [stretch(&a, off, 200), stretch(&b, off, 100)]
+            },
+            || (),
+            |_, i| Ok(i),
+        )
+        .unwrap();
+        let mut got = got;
+        got.sort_unstable();
+        assert_eq!(got, (0..n).collect::<Vec<_>>());
+    }
+
+    /// Drops a file's pages from the page cache.
+    #[cfg(target_os = "linux")]
+    fn evict(shard: &Shard) {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&shard.path).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: a plain advisory call on an open descriptor.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn reading_ahead_puts_evicted_pages_back_in_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = shard(dir.path(), "a", 4 << 20);
+        evict(&a);
+        let len = a.file_bytes().len();
+        a.read_ahead(0, len);
+        assert!(a.resident(0, len));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_readers_bring_an_evicted_pair_in_ahead_of_the_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            shard(dir.path(), "a", 6 << 20),
+            shard(dir.path(), "b", 6 << 20),
+        );
+        evict(&a);
+        evict(&b);
+        // The workers never touch the files: only the readers can bring them in. The first
+        // item waits for that (both files are smaller than the window, so the readers read
+        // them whole at once).
+        let got = in_order(
+            (0..12).collect(),
+            |&i: &usize| [stretch(&a, i << 19, 1 << 19), stretch(&b, i << 19, 1 << 19)],
+            || (),
+            |_, i| {
+                if i > 0 {
+                    return Ok(true);
+                }
+                let t = std::time::Instant::now();
+                while t.elapsed().as_secs() < 20 {
+                    if a.resident(0, 6 << 20) && b.resident(0, 6 << 20) {
+                        return Ok(true);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Ok(false)
+            },
+        )
+        .unwrap();
+        assert_eq!(got.len(), 12);
+        assert!(got.iter().all(|&ok| ok));
+    }
+
+    #[test]
+    fn the_first_error_stops_the_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = shard(dir.path(), "a", 1 << 16);
+        let worked = AtomicUsize::new(0);
+        let n = 100_000;
+        let got = in_order(
+            (0..n).collect(),
+            |_| [stretch(&a, 0, 64), stretch(&a, 64, 64)],
+            || (),
+            |_, i: usize| {
+                worked.fetch_add(1, Ordering::Relaxed);
+                if i == 10 {
+                    Err(Error::Cancelled)
+                } else {
+                    Ok(i)
+                }
+            },
+        );
+        assert!(matches!(got, Err(Error::Cancelled)));
+        // Items are taken in order and every worker stops at its next item: far fewer than n.
+        assert!(worked.load(Ordering::Relaxed) < 1000);
+    }
+}
