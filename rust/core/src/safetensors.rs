@@ -239,6 +239,38 @@ impl Shard {
             .advise_range(memmap2::Advice::WillNeed, offset, len);
     }
 
+    /// Drops this process's page-table entries for the whole pages inside `len` bytes from
+    /// `offset` once a pass is done with them (`MADV_DONTNEED`; the file's pages stay in the
+    /// page cache). Unmapping 2 GB of populated pages at the end of a pass took about 0.08 s
+    /// on one thread; done behind each chunk it is spread over the workers, and the pages of a
+    /// pair larger than memory are no longer held by this process. A later read of the range
+    /// faults the same bytes back in. A hint: failures are ignored.
+    pub fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            let start = offset.div_ceil(PAGE) * PAGE;
+            let end = (offset + len).min(self.mmap.len()) / PAGE * PAGE;
+            if end > start {
+                // SAFETY: the map is private and read-only and nothing writes through it, so
+                // `MADV_DONTNEED` discards no data: it only removes page-table entries, and the
+                // next read of the range (through a slice still borrowed elsewhere, or a
+                // neighbouring chunk sharing no page with this range) faults the file's bytes
+                // back in, or raises SIGBUS on a truncated file, which `guard` handles as for
+                // any read.
+                let _ = unsafe {
+                    self.mmap.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (offset, len);
+    }
+
     /// Whether `len` bytes from `offset` look cached: one page in every 64 (and the last)
     /// is in the page cache (`mincore`, on Linux; elsewhere `false`, not known). A sample,
     /// because asking for every page of a large file costs tens of milliseconds; a stretch

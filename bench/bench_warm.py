@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Warm ``rlmask.diff`` against the memory-mapped floor (issue 14; run by hand).
+
+The floor: both checkpoint files memory-mapped with numpy and summed as uint64, one thread per
+file (numpy releases the GIL inside the sum), so both cores touch every byte once and do the
+least work a comparison could. Against it, in the same run, each in a fresh interpreter with
+its imports done before the clock (files in the page cache throughout, the mapping inside the
+clock for every method):
+
+  (a) one tolerance      ``rlmask.diff(base, tuned)`` (default 1e-5)
+  (b) packed mask        the same with ``mask=True`` (the changed bits kept, 1 bit per element)
+  (c) sweep              ``tolerances=DEFAULT_SWEEP`` (four tolerances in one pass)
+
+    python bench/bench_warm.py BASE.safetensors TUNED.safetensors [--repeat 7]
+
+Interleaved, best and median of ``--repeat``; the ratios are floor time / method time
+(throughput against the floor's). ``python bench/bench_patch.py --keep --dir D`` or
+``bench_curve.py --keep`` leave pairs to use. ``--before DIR`` adds (a) and (b) run with the
+``rlmask`` package in ``DIR`` (another build's ``python/`` folder), interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+
+FLOOR = """
+import sys, threading, time
+import numpy as np
+def total(path, out, i):
+    m = np.memmap(path, dtype=np.uint8, mode="r")
+    n = len(m) // 8 * 8
+    out[i] = int(m[:n].view(np.uint64).sum())
+t = time.perf_counter()
+out = [0, 0]
+threads = [threading.Thread(target=total, args=(f, out, i)) for i, f in enumerate(sys.argv[1:3])]
+[th.start() for th in threads]
+[th.join() for th in threads]
+print(time.perf_counter() - t, out[0] ^ out[1])
+"""
+
+DIFF = """
+import sys, time
+import rlmask
+kw = {"one": {}, "mask": {"mask": True}, "sweep": {"tolerances": rlmask.DEFAULT_SWEEP}}[sys.argv[3]]
+rlmask.diff  # the API loads on first use: before the clock
+t = time.perf_counter()
+r = rlmask.diff(sys.argv[1], sys.argv[2], progress=False, **kw)
+print(time.perf_counter() - t, r.changed)
+"""
+
+METHODS = {"floor": None, "one": "one", "mask": "mask", "sweep": "sweep"}
+GOALS = {"one": 0.8, "mask": 0.6, "sweep": 0.7}
+
+
+def run(code: str, args: list[str], env: dict[str, str] | None = None) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=True
+    )
+    return float(out.stdout.split()[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("base")
+    ap.add_argument("tuned")
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument(
+        "--before", help="also time (a), (b) with the rlmask package in this python/ folder"
+    )
+    args = ap.parse_args()
+    files = [args.base, args.tuned]
+    size = sum(os.path.getsize(f) for f in files)
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    methods: dict[str, tuple[str | None, dict[str, str] | None]] = {
+        m: (kind, None) for m, kind in METHODS.items()
+    }
+    if args.before:
+        env = dict(os.environ, PYTHONPATH=args.before)
+        methods |= {"one (before)": ("one", env), "mask (before)": ("mask", env)}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(args.repeat):
+        for m, (kind, env) in methods.items():
+            times[m].append(run(FLOOR, files) if kind is None else run(DIFF, [*files, kind], env))
+    print(f"{size / 1e9:.2f} GB in two files, warm; best / median of {args.repeat} s")
+    floor = min(times["floor"])
+    floor_med = statistics.median(times["floor"])
+    print(
+        "| method | best s | median s | GB/s | of the floor (best) | of the floor (median) | goal |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for m, xs in times.items():
+        best, med = min(xs), statistics.median(xs)
+        goal = f"{GOALS[m]:.0%}" if m in GOALS else "-"
+        print(
+            f"| {m} | {best:.3f} | {med:.3f} | {size / best / 1e9:.1f} | {floor / best:.0%} | "
+            f"{floor_med / med:.0%} | {goal} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
