@@ -13,8 +13,8 @@ Before every measurement both checkpoint files are evicted from the page cache
 times the ``rlmask`` package found in ``DIR`` (a ``python/`` folder of another build, e.g. a
 worktree of an earlier commit with its extension built), interleaved.
 
-(``python bench/bench_patch.py --keep --dir D`` leaves a 0.46 GB pair in ``D/base`` and
-``D/tuned-0.05``.)
+(``python bench/bench_patch.py --keep --dir D`` leaves a 0.46 GB pair in ``base`` and
+``tuned-0.05`` of a new directory ``D/rlmask-bench-patch-*``; ``--dir`` itself is never deleted.)
 """
 
 from __future__ import annotations

@@ -142,10 +142,14 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--cold", nargs="*", default=["0.5", "2"], choices=list(SHAPES))
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dir", type=Path, help="scratch directory (default: a new temp dir)")
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        help="where to make the scratch directory (a new one inside it; default: the temp dir)",
+    )
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
-    root = args.dir or Path(tempfile.mkdtemp(prefix="rlmask-bench-curve-"))
+    root = Path(tempfile.mkdtemp(prefix="rlmask-bench-curve-", dir=args.dir))  # never --dir itself
     rows = []
     try:
         for size in args.sizes:

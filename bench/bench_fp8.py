@@ -95,10 +95,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--matrices", type=int, default=24)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dir", type=Path, help="scratch directory (default: a new temp dir)")
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        help="where to make the scratch directory (a new one inside it; default: the temp dir)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     args = ap.parse_args()
-    root = args.dir or Path(tempfile.mkdtemp(prefix="rlmask-bench-fp8-"))
+    root = Path(tempfile.mkdtemp(prefix="rlmask-bench-fp8-", dir=args.dir))  # never --dir itself
     try:
         elements = write_pairs(root, args.matrices)
         results: dict[str, list[dict]] = {"FP8": [], "BF16": []}

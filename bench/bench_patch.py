@@ -127,10 +127,14 @@ def write_pairs(root: Path, densities: list[float]) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dir", type=Path, help="scratch directory (default: a new temp dir)")
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        help="where to make the scratch directory (a new one inside it; default: the temp dir)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     args = ap.parse_args()
-    root = args.dir or Path(tempfile.mkdtemp(prefix="rlmask-bench-patch-"))
+    root = Path(tempfile.mkdtemp(prefix="rlmask-bench-patch-", dir=args.dir))  # never --dir itself
     densities = [0.01, 0.05, 0.2]
     try:
         params = write_pairs(root, densities)

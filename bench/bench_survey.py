@@ -91,9 +91,13 @@ def write_study(root: Path) -> tuple[Path, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dir", type=Path, help="scratch directory (default: a new temp dir)")
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        help="where to make the scratch directory (a new one inside it; default: the temp dir)",
+    )
     args = ap.parse_args()
-    root = args.dir or Path(tempfile.mkdtemp(prefix="rlmask-bench-survey-"))
+    root = Path(tempfile.mkdtemp(prefix="rlmask-bench-survey-", dir=args.dir))  # never --dir itself
     try:
         manifest, params = write_study(root)
         files = [str(f) for f in sorted(root.rglob("*.safetensors"))]

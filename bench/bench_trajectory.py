@@ -103,11 +103,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--checkpoints", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dir", type=Path, help="scratch directory (default: a new temp dir)")
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        help="where to make the scratch directory (a new one inside it; default: the temp dir)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     ap.add_argument("--reuse", action="store_true", help="use checkpoints kept by --keep in --dir")
     args = ap.parse_args()
-    root = args.dir or Path(tempfile.mkdtemp(prefix="rlmask-bench-trajectory-"))
+    root = Path(
+        tempfile.mkdtemp(prefix="rlmask-bench-trajectory-", dir=args.dir)
+    )  # never --dir itself
     try:
         if args.reuse:
             params = sum(
