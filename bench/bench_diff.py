@@ -26,6 +26,7 @@ Needs numpy, torch and safetensors (the ``dev`` extra) and about 7 GB of free di
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import shutil
@@ -140,6 +141,12 @@ def bench(root: Path, size: str, repeat: int) -> dict:
         "command": ["rlmask", "diff", str(base), str(tuned), "--format", "json"],
         "naive script": [sys.executable, "-c", PROGRAMS["naive"], str(base), str(tuned)],
     }
+    # pip compiles a package's bytecode when it installs it; an editable install under
+    # PYTHONDONTWRITEBYTECODE (as on this project's machines) would compile rlmask's modules
+    # from source at every start instead. Compile them once, as an install would have.
+    import rlmask
+
+    compileall.compile_dir(Path(rlmask.__file__).parent, quiet=1)
     for _ in range(repeat):
         for m, cmd in commands.items():
             t = time.perf_counter()

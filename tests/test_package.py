@@ -48,14 +48,15 @@ def test_readme_commands_are_what_ci_runs() -> None:
 def test_import_and_help_do_not_load_the_api() -> None:
     """`import rlmask` and `rlmask --help`/`--version` stay light (issue 14): polars, numpy
     and torch are imported when a command or an API call needs them, not before; a diff
-    printed as JSON needs none of them (its totals and records are plain Python)."""
+    printed as JSON needs none of them (its totals and records are plain Python), nor the
+    mask module (it has no mask)."""
     import subprocess
     import sys
 
     from rlmask.examples import example_path
 
     pair = [str(example_path("base")), str(example_path("tuned-seed1"))]
-    heavy = "sorted(m for m in ('polars', 'numpy', 'torch') if m in sys.modules)"
+    heavy = "sorted(m for m in ('polars', 'numpy', 'torch', 'rlmask._mask') if m in sys.modules)"
     for argv in (
         [],
         ["--help"],

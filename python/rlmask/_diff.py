@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from rlmask import _rlmask
 from rlmask._io import PathArg, check_output
 from rlmask._lazy import LazyModule
-from rlmask._mask import Mask
 from rlmask._names import (
     COMPONENTS,
     component_of,
@@ -31,6 +30,8 @@ from rlmask.errors import PairingError
 
 if TYPE_CHECKING:
     import polars as pl
+
+    from rlmask._mask import Mask
 else:
     pl = LazyModule("polars")
 
@@ -701,7 +702,11 @@ def _report(
         "changed": [list(r.changed) for r in rows],
     }
     packed = {r.name: (r.shape, r.dtype, r.bits) for r in rows if r.bits is not None}
-    mask = Mask.from_packed(packed, provenance) if packed else None
+    mask = None
+    if packed:  # imported only when a mask was asked for: the plain diff starts faster
+        from rlmask._mask import Mask
+
+        mask = Mask.from_packed(packed, provenance)
     magnitude = None
     if any(r.magnitude is not None for r in rows):
         bins = [(r.name, *b) for r in rows for b in r.magnitude or ()]
