@@ -3,6 +3,7 @@ peak RSS and peak anonymous memory, and the read floor every benchmark compares 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -28,6 +29,16 @@ threads = [threading.Thread(target=reader, args=(files[i::n],)) for i in range(n
 [th.join() for th in threads]
 print(time.perf_counter() - t)
 """
+
+
+def evict(files: list[str]) -> None:
+    """Drops the files from the page cache (after writing back anything dirty), so the next
+    read of them comes from the disk. Needs root or the files' owner."""
+    os.sync()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
 
 
 def llama_shapes(

@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from _common import evict
+
 DIFF = """
 import sys, time
 import rlmask
@@ -33,14 +35,6 @@ t = time.perf_counter()
 rlmask.diff(sys.argv[1], sys.argv[2], progress=False)
 print(time.perf_counter() - t)
 """
-
-
-def evict(files: list[str]) -> None:
-    os.sync()
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
 
 
 COLD = True

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import READ_FLOOR, llama_shapes, run_program, summarize
+from _common import READ_FLOOR, evict, llama_shapes, run_program, summarize
 
 # hidden, intermediate, layers, vocab, kv dim
 SHAPES = {
@@ -120,14 +120,6 @@ def write_pair(root: Path, shape: tuple[int, ...], seed: int = 0) -> tuple[int, 
                 bits[rng.random(m, dtype=np.float32) < 0.05] ^= 2
                 fc.write(bits.tobytes())
     return sum(int(np.prod(s)) for s in shapes.values()), files[:2]
-
-
-def evict(files: list[str]) -> None:
-    os.sync()
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
 
 
 def cold_cat(files: list[str]) -> float:
