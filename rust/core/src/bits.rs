@@ -107,7 +107,7 @@ pub fn count(a: &[u8], numel: usize) -> Result<u64> {
     let body: u64 = full_word_ranges(numel)
         .map(|r| dispatch!(count_words(a, r)))
         .sum();
-    let tail = if numel % 64 != 0 {
+    let tail = if !numel.is_multiple_of(64) {
         tail_word(a, numel / 64, numel).count_ones() as u64
     } else {
         0
@@ -122,7 +122,7 @@ pub fn overlap(a: &[u8], b: &[u8], numel: usize) -> Result<[u64; 3]> {
     let mut c = full_word_ranges(numel)
         .map(|r| dispatch!(overlap_words(a, b, r)))
         .reduce(|| [0; 3], |x, y| [x[0] + y[0], x[1] + y[1], x[2] + y[2]]);
-    if numel % 64 != 0 {
+    if !numel.is_multiple_of(64) {
         let w = numel / 64;
         let (x, y) = (tail_word(a, w, numel), tail_word(b, w, numel));
         c[0] += x.count_ones() as u64;
@@ -270,7 +270,7 @@ pub fn combine(op: Op, inputs: &[&[u8]], numel: usize) -> Result<Vec<u8>> {
         .par_chunks_mut(PAR_WORDS * 8)
         .enumerate()
         .for_each(|(i, chunk)| dispatch!(combine_words(op, inputs, chunk, i * PAR_WORDS)));
-    if numel % 64 != 0 {
+    if !numel.is_multiple_of(64) {
         let ws: Vec<u64> = inputs.iter().map(|a| tail_word(a, full, numel)).collect();
         let used = numel - full * 64;
         let w = combine_word(op, &ws) & ((1u64 << used) - 1);

@@ -16,7 +16,7 @@ use crate::scaled::{self, Layout};
 
 /// Elements per unit of parallel work (a multiple of the mask word width).
 pub const CHUNK: usize = 1 << 18;
-const _: () = assert!(CHUNK % BLOCK == 0);
+const _: () = assert!(CHUNK.is_multiple_of(BLOCK));
 
 /// Shared between a running comparison and whoever watches it (another thread).
 #[derive(Debug, Default)]
@@ -601,7 +601,7 @@ pub fn diff(
 /// Elements of a scaled FP8 stretch dequantised and compared at a time: small enough that the
 /// dequantised values (4 or 8 bytes each, both sides) stay in cache until they are compared.
 const STRETCH: usize = 1024;
-const _: () = assert!(STRETCH % BLOCK == 0 && CHUNK % STRETCH == 0);
+const _: () = assert!(STRETCH.is_multiple_of(BLOCK) && CHUNK.is_multiple_of(STRETCH));
 
 /// How one side of a scaled stretch reaches the kernel.
 #[derive(Clone, Copy)]

@@ -4,7 +4,9 @@
 //! Elements are widened to f32 bit patterns (f64 when either side is F64, raw bits for integer
 //! dtypes) in blocks of 64 held on the stack; each block is then tested with straight-line loops
 //! that the compiler vectorises. On x86-64 the whole loop is compiled twice, for the baseline
-//! and for AVX2, and the AVX2 copy is chosen at run time when the CPU has it.
+//! and for AVX2, and the AVX2 copy is chosen at run time when the CPU has it. The commonest
+//! case (BF16 or F32 on both sides, absolute or exact criterion) goes to the hand-written AVX2
+//! path in `crate::simd` where the CPU has it, which gives the same counts and bits.
 
 use crate::dtype::{widen, Dtype};
 
@@ -211,6 +213,25 @@ pub(crate) fn compare_chunk(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
+        let plain = hist.is_none() && job.fa.is_none() && job.fb.is_none();
+        if plain && crate::simd::handles(crit, job.da, job.db) && crate::simd::available() {
+            let mut bits = bits;
+            let reborrow = bits.as_mut().map(|(out, k)| (&mut **out, *k));
+            let done = crate::simd::compare_blocks(crit, job, counts, reborrow);
+            if done == job.n {
+                return;
+            }
+            // The last, partial block: the portable kernel, from there on.
+            let rest = Job::new(
+                &job.a[done * job.da.size()..],
+                job.da,
+                &job.b[done * job.db.size()..],
+                job.db,
+                job.n - done,
+            );
+            let bits = bits.map(|(out, k)| (&mut out[done / 8..], k));
+            return compare_chunk_impl(crit, &rest, counts, bits, None);
+        }
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: `compare_chunk_avx2` requires only the AVX2 extension, and the CPU has
             // just reported that it supports AVX2.
@@ -758,6 +779,86 @@ mod tests {
         // -0 vs +0 is within any tolerance; NaN vs other NaN is never; 1.0 vs 1.0078125 only at 1.0.
         assert_eq!(c, vec![2, 1]);
         assert_eq!(bits, vec![0b101000]);
+    }
+
+    /// The AVX2 path (taken by `compare_chunk` where the CPU has it) gives the portable
+    /// kernel's counts and bits on every special value: both zeros, subnormals, infinities,
+    /// NaNs of either sign and payload, neighbours one unit apart, and lengths ending
+    /// mid-block.
+    #[test]
+    fn fast_path_matches_portable_kernel() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let specials: [u32; 12] = [
+            0x0000_0000,
+            0x8000_0000,
+            0x0001_0000,
+            0x8001_0000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0xffc1_0000,
+            0x3f80_0000,
+            0x3f81_0000,
+            0x3727_c5ac,
+            0x0080_0000,
+        ];
+        let mut value = |near: u32| -> u32 {
+            match next() % 6 {
+                0 => near,
+                1 => near.wrapping_add(0x1_0000),
+                2 => specials[(next() % 12) as usize],
+                3 => near ^ 0x8000_0000,
+                4 => near.wrapping_add((next() % 3) as u32),
+                _ => next() as u32,
+            }
+        };
+        let encode = |v: &[u32], d: Dtype| -> Vec<u8> {
+            v.iter()
+                .flat_map(|&x| match d {
+                    Dtype::BF16 => ((x >> 16) as u16).to_le_bytes().to_vec(),
+                    _ => x.to_le_bytes().to_vec(),
+                })
+                .collect()
+        };
+        let crits = [
+            Criterion::Exact,
+            Criterion::Absolute(vec![0.0]),
+            Criterion::Absolute(vec![1e-5]),
+            Criterion::Absolute(vec![0.0, 1e-8, 1e-5, 0.0078125, 1e300]),
+        ];
+        for n in [0usize, 1, 63, 64, 65, 640, 1000] {
+            let base: Vec<u32> = (0..n).map(|_| value(0x3c00_0000)).collect();
+            let tuned: Vec<u32> = base.iter().map(|&x| value(x)).collect();
+            for (da, db) in [
+                (Dtype::BF16, Dtype::BF16),
+                (Dtype::BF16, Dtype::F32),
+                (Dtype::F32, Dtype::BF16),
+                (Dtype::F32, Dtype::F32),
+            ] {
+                let (a, b) = (encode(&base, da), encode(&tuned, db));
+                for crit in &crits {
+                    for k in 0..crit.thresholds() {
+                        let mut counts = vec![0; crit.thresholds()];
+                        let mut bits = vec![0xa5u8; n.div_ceil(64) * 8];
+                        let job = Job::new(&a, da, &b, db, n);
+                        compare_chunk(crit, &job, &mut counts, Some((&mut bits, k)), None);
+                        let mut c2 = vec![0; crit.thresholds()];
+                        let mut b2 = vec![0x5au8; n.div_ceil(64) * 8];
+                        compare_chunk_impl(crit, &job, &mut c2, Some((&mut b2, k)), None);
+                        assert_eq!((&counts, &bits), (&c2, &b2), "{n} {da} {db} {crit:?} {k}");
+                        let mut c3 = vec![0; crit.thresholds()];
+                        compare_chunk(crit, &job, &mut c3, None, None);
+                        assert_eq!(c3, c2);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

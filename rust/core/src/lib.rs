@@ -17,6 +17,8 @@ pub mod patch;
 pub mod readahead;
 pub mod safetensors;
 pub mod scaled;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 pub mod text;
 pub mod trajectory;
 

@@ -90,7 +90,7 @@ pub fn write(
         let numel = e.numel as usize;
         let n = numel.div_ceil(8);
         out[..n].copy_from_slice(&d[..n]);
-        if numel % 8 != 0 {
+        if !numel.is_multiple_of(8) {
             out[n - 1] &= (1u8 << (numel % 8)) - 1;
         }
     }

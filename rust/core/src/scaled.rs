@@ -303,7 +303,7 @@ pub(crate) fn block_scales(n: usize, start: usize, s: &Scaled, out: &mut Vec<f32
     out.resize(n.div_ceil(BLOCK), 0.0);
     let mut ok = true;
     runs(s.layout, s.cols, start, start + n, |a, b, k| {
-        if a != start && (a - start) % BLOCK != 0 {
+        if a != start && !(a - start).is_multiple_of(BLOCK) {
             ok = false;
         }
         if ok {

@@ -540,7 +540,7 @@ fn compare_steps<'a>(
         Some(bits) => &bits[start / 8..start / 8 + nbytes],
         None => &bits_k[(k - 1) * nbytes..],
     };
-    let tail = if len % 64 == 0 {
+    let tail = if len.is_multiple_of(64) {
         !0
     } else {
         (1u64 << (len % 64)) - 1

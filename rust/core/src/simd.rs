@@ -1,0 +1,131 @@
+//! The AVX2 path of the comparison kernel for its commonest case: BF16 or F32 on both sides,
+//! under the absolute or exact criterion, with no magnitude lens and no scales.
+//!
+//! Eight elements per step are widened to f32 bit patterns in a register, subtracted, compared
+//! with every tolerance, and their changed bits taken with `movemask`: nothing is stored per
+//! element, and the mask word of a block is assembled from eight bytes. Per element it does
+//! the portable kernel's f32 operations (`|a - b|`, then `!(d <= t)`, identical bit patterns
+//! unchanged), so the counts and bits are the same bit for bit; the tests hold the two paths
+//! to each other on every special value.
+
+use std::arch::x86_64::*;
+
+use crate::dtype::Dtype;
+use crate::kernel::{Criterion, Job, BLOCK};
+
+/// Whether this CPU runs the path (checked once by the standard library, then cached).
+pub(crate) fn available() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("popcnt")
+}
+
+/// Whether the path handles a pair of these dtypes under `crit`.
+pub(crate) fn handles(crit: &Criterion, da: Dtype, db: Dtype) -> bool {
+    let narrow = |d: Dtype| d == Dtype::BF16 || d == Dtype::F32;
+    narrow(da) && narrow(db) && matches!(crit, Criterion::Absolute(_) | Criterion::Exact)
+}
+
+/// Compares the whole blocks of `job` (BF16 or F32 on both sides, no scales), as
+/// [`crate::kernel::compare_chunk`] does (counts added, mask words written at block `i`'s
+/// `8 * i`), and returns how many elements it did: `job.n` rounded down to a whole block. The
+/// caller checks [`available`] and [`handles`] first and compares the rest.
+pub(crate) fn compare_blocks(
+    crit: &Criterion,
+    job: &Job,
+    counts: &mut [u64],
+    bits: Option<(&mut [u8], usize)>,
+) -> usize {
+    let (a, b, da, db) = (job.a, job.b, job.da, job.db);
+    assert!(available() && handles(crit, da, db) && job.fa.is_none() && job.fb.is_none());
+    let blocks = job.n / BLOCK;
+    // The loads below read 64 elements of each side per block.
+    assert!(a.len() >= blocks * BLOCK * da.size() && b.len() >= blocks * BLOCK * db.size());
+    if let Some((out, _)) = &bits {
+        assert!(out.len() >= blocks * 8);
+    }
+    let tols: Vec<f32> = match crit {
+        Criterion::Absolute(t) => t.iter().map(|&t| t as f32).collect(),
+        _ => Vec::new(),
+    };
+    assert_eq!(counts.len(), tols.len().max(1));
+    // SAFETY: the CPU has AVX2 and POPCNT (asserted above), the only features `blocks_avx2`
+    // enables; its loads stay inside `a` and `b` by the length assertions above.
+    unsafe { blocks_avx2(&tols, a, da, b, db, blocks, counts, bits) };
+    blocks * BLOCK
+}
+
+/// Eight elements of `d` at element `i` of `src`, as f32 bit patterns.
+///
+/// # Safety
+/// The CPU must have AVX2, and `src` must hold elements `i..i + 8` of `d` (BF16 or F32).
+#[inline(always)]
+unsafe fn load8(d: Dtype, src: &[u8], i: usize) -> __m256i {
+    if d == Dtype::BF16 {
+        // SAFETY: 16 bytes from element i, inside `src` by the caller's promise.
+        let h = unsafe { _mm_loadu_si128(src.as_ptr().add(2 * i).cast()) };
+        _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h))
+    } else {
+        // SAFETY: 32 bytes from element i, inside `src` by the caller's promise.
+        unsafe { _mm256_loadu_si256(src.as_ptr().add(4 * i).cast()) }
+    }
+}
+
+/// [`compare_blocks`] proper.
+///
+/// # Safety
+/// The CPU must have AVX2 and POPCNT; `a` and `b` must hold `blocks * 64` elements of `da` and
+/// `db` (BF16 or F32); the mask output, when given, `blocks * 8` bytes; `counts` one entry
+/// per tolerance (one for exact, when `tols` is empty).
+#[target_feature(enable = "avx2,popcnt")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocks_avx2(
+    tols: &[f32],
+    a: &[u8],
+    da: Dtype,
+    b: &[u8],
+    db: Dtype,
+    blocks: usize,
+    counts: &mut [u64],
+    mut bits: Option<(&mut [u8], usize)>,
+) {
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let limits: Vec<__m256> = tols.iter().map(|&t| _mm256_set1_ps(t)).collect();
+    let mask_at = bits.as_ref().map(|(_, k)| *k);
+    for blk in 0..blocks {
+        // The block's distances, 8 registers: |a - b|, or 0 where the bits are identical
+        // (the portable kernel's `d`); for exact, the changed bits straight away.
+        let mut dist = [_mm256_setzero_ps(); BLOCK / 8];
+        let mut word = 0u64;
+        for (g, d) in dist.iter_mut().enumerate() {
+            let i = blk * BLOCK + 8 * g;
+            // SAFETY: i + 8 <= blocks * 64 elements, which `a` and `b` hold.
+            let (x, y) = unsafe { (load8(da, a, i), load8(db, b, i)) };
+            let same = _mm256_castsi256_ps(_mm256_cmpeq_epi32(x, y));
+            if limits.is_empty() {
+                word |= u64::from(!_mm256_movemask_ps(same) as u8) << (8 * g);
+            } else {
+                let delta = _mm256_sub_ps(_mm256_castsi256_ps(x), _mm256_castsi256_ps(y));
+                *d = _mm256_andnot_ps(same, _mm256_and_ps(delta, abs));
+            }
+        }
+        if limits.is_empty() {
+            counts[0] += u64::from(word.count_ones());
+        }
+        // Counts are added once per block and tolerance, from the block's word: an add to
+        // memory per 8 elements would chain every step to the one before it.
+        for (k, (limit, count)) in limits.iter().zip(counts.iter_mut()).enumerate() {
+            let mut changed = 0u64;
+            for (g, d) in dist.iter().enumerate() {
+                // Changed: not (d <= t), which is also true for a NaN distance.
+                let over = _mm256_cmp_ps::<_CMP_NLE_UQ>(*d, *limit);
+                changed |= u64::from(_mm256_movemask_ps(over) as u8) << (8 * g);
+            }
+            *count += u64::from(changed.count_ones());
+            if mask_at == Some(k) {
+                word = changed;
+            }
+        }
+        if let Some((out, _)) = bits.as_mut() {
+            out[blk * 8..blk * 8 + 8].copy_from_slice(&word.to_le_bytes());
+        }
+    }
+}
