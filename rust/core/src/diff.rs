@@ -730,7 +730,7 @@ fn compare_pairs<'a>(
                 len: item.len * size,
             }
         };
-        [side(p.a), side(p.b)]
+        vec![side(p.a), side(p.b)]
     };
     readahead::in_order(
         items,

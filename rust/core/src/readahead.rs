@@ -4,8 +4,9 @@
 //! `MADV_POPULATE_READ` per chunk) keep only as many reads in flight as there are workers. Here
 //! the work items are taken strictly in order by every worker (so the pass moves through each
 //! file front to back instead of from several far-apart places), and one reader thread per
-//! side reads the items' stretches of file into the page cache a bounded window ahead of the
-//! workers, the two sides in step.
+//! side (the two checkpoints of a diff, every checkpoint of a trajectory) reads the items'
+//! stretches of file into the page cache a bounded window ahead of the workers, the sides in
+//! step.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -24,13 +25,13 @@ pub struct Stretch<'a> {
 /// Reads at most this many bytes at once.
 const BLOCK: usize = 8 << 20;
 
-/// How far ahead of the workers the readers may be, in bytes of items (both sides): enough
+/// How far ahead of the workers the readers may be, in bytes of items (all sides): enough
 /// to keep the disk busy through a worker's stall, small next to any machine's page cache.
 /// Pages behind the workers are left to the kernel (the maps are `MADV_SEQUENTIAL`, so it
 /// reclaims them first when memory is short).
 const WINDOW: u64 = 256 << 20;
 
-/// One read of a reader: where, and how many bytes of items (both sides) come before the
+/// One read of a reader: where, and how many bytes of items (all sides) come before the
 /// item that first needs it.
 struct Read<'a> {
     shard: &'a Shard,
@@ -71,11 +72,12 @@ fn plan<'a>(side: impl Iterator<Item = (Stretch<'a>, u64)>) -> Vec<Read<'a>> {
 }
 
 /// Runs `work` on every item, the items taken in the order given by all of rayon's workers,
-/// while readers keep each item's two stretches (`stretches`) in the page cache up to a window
-/// ahead. Results come back in no particular order; the first error stops the pass.
+/// while readers keep each item's stretches (`stretches`: one per side, the sides in the same
+/// order for every item) in the page cache up to a window ahead. Results come back in no
+/// particular order; the first error stops the pass.
 pub fn in_order<'a, I, R, S>(
     items: Vec<I>,
-    stretches: impl Fn(&I) -> [Stretch<'a>; 2],
+    stretches: impl Fn(&I) -> Vec<Stretch<'a>>,
     init: impl Fn() -> S + Sync,
     work: impl Fn(&mut S, I) -> Result<R> + Sync,
 ) -> Result<Vec<R>>
@@ -83,15 +85,18 @@ where
     I: Send,
     R: Send,
 {
-    let mut sides: [Vec<(Stretch<'a>, u64)>; 2] = [Vec::new(), Vec::new()];
+    let mut sides: Vec<Vec<(Stretch<'a>, u64)>> = Vec::new();
     let mut sizes = Vec::with_capacity(items.len());
     let mut before = 0u64;
     for item in &items {
         let st = stretches(item);
+        if sides.len() < st.len() {
+            sides.resize_with(st.len(), Vec::new);
+        }
+        let n = st.iter().map(|s| s.len as u64).sum::<u64>();
         for (side, s) in sides.iter_mut().zip(st) {
             side.push((s, before));
         }
-        let n = (st[0].len + st[1].len) as u64;
         sizes.push(n);
         before += n;
     }
@@ -246,7 +251,7 @@ mod tests {
             (0..n).collect(),
             |&i| {
                 let off = (i * 200) % (1 << 20);
-                [stretch(&a, off, 200), stretch(&b, off, 100)]
+                vec![stretch(&a, off, 200), stretch(&b, off, 100)]
             },
             || (),
             |_, i| Ok(i),
@@ -280,20 +285,20 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn the_readers_bring_an_evicted_pair_in_ahead_of_the_workers() {
+    fn the_readers_bring_every_evicted_side_in_ahead_of_the_workers() {
+        // Three sides, as a trajectory of two steps has: one reader each.
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (
-            shard(dir.path(), "a", 6 << 20),
-            shard(dir.path(), "b", 6 << 20),
-        );
-        evict(&a);
-        evict(&b);
+        let files: Vec<Shard> = ["a", "b", "c"]
+            .iter()
+            .map(|n| shard(dir.path(), n, 6 << 20))
+            .collect();
+        files.iter().for_each(evict);
         // The workers never touch the files: only the readers can bring them in. The first
-        // item waits for that (both files are smaller than the window, so the readers read
+        // item waits for that (the files are smaller than the window, so the readers read
         // them whole at once).
         let got = in_order(
             (0..12).collect(),
-            |&i: &usize| [stretch(&a, i << 19, 1 << 19), stretch(&b, i << 19, 1 << 19)],
+            |&i: &usize| files.iter().map(|f| stretch(f, i << 19, 1 << 19)).collect(),
             || (),
             |_, i| {
                 if i > 0 {
@@ -301,7 +306,7 @@ mod tests {
                 }
                 let t = std::time::Instant::now();
                 while t.elapsed().as_secs() < 20 {
-                    if a.resident(0, 6 << 20) && b.resident(0, 6 << 20) {
+                    if files.iter().all(|f| f.resident(0, 6 << 20)) {
                         return Ok(true);
                     }
                     std::thread::sleep(std::time::Duration::from_millis(5));
@@ -340,7 +345,7 @@ mod tests {
         let n = 100_000;
         let got = in_order(
             (0..n).collect(),
-            |_| [stretch(&a, 0, 64), stretch(&a, 64, 64)],
+            |_| vec![stretch(&a, 0, 64), stretch(&a, 64, 64)],
             || (),
             |_, i: usize| {
                 worked.fetch_add(1, Ordering::Relaxed);

@@ -12,14 +12,13 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
-use rayon::prelude::*;
-
 use crate::checkpoint::Checkpoint;
 use crate::diff::{check_paired, mismatch, Pair, Progress, Side, CHUNK};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::kernel::{compare_run, Criterion, Run};
 use crate::maskfile::{self, MaskEntry, MaskFile};
+use crate::readahead;
 use crate::safetensors::{Shard, TensorInfo, U8FileWriter};
 use crate::scaled;
 
@@ -343,7 +342,10 @@ pub fn trajectory(
         // outs[j][i]: the slice of tensor i in checkpoint j's mask file.
         let mut outs: Vec<std::vec::IntoIter<&mut [u8]>> =
             writers.iter_mut().map(|w| w.slices().into_iter()).collect();
-        let mut items = Vec::new();
+        // One work item per chunk of a tensor: (track, first element, elements, the slice of
+        // each mask file's words it writes).
+        type Item<'w> = (usize, usize, usize, Vec<&'w mut [u8]>);
+        let mut items: Vec<Item> = Vec::new();
         for (ti, t) in tracks.iter().enumerate() {
             let n = t.base.1.numel as usize;
             let mut chunks: Vec<std::slice::ChunksMut<u8>> = outs
@@ -362,17 +364,46 @@ pub fn trajectory(
                 items.push((ti, start, CHUNK.min(n - start), words));
             }
         }
-        items
-            .into_par_iter()
-            .map(|(ti, start, len, mut words)| {
+        // In file order of the base side, every checkpoint read ahead of the workers on a cold
+        // cache and released behind them, as in a diff (`readahead`).
+        let key = |&(ti, start, _, _): &Item| {
+            let (shard, t) = tracks[ti].base;
+            (shard.path.as_path(), t.offset + start * t.dtype.size())
+        };
+        items.sort_by(|x, y| key(x).cmp(&key(y)));
+        let stretches = |&(ti, start, len, _): &Item| -> Vec<readahead::Stretch> {
+            let t = &tracks[ti];
+            std::iter::once(&t.base)
+                .chain(&t.steps)
+                .chain(&t.previous)
+                .map(|&(shard, info)| {
+                    let size = info.dtype.size();
+                    readahead::Stretch {
+                        shard,
+                        offset: info.offset + start * size,
+                        len: len * size,
+                    }
+                })
+                .collect()
+        };
+        readahead::in_order(
+            items,
+            stretches,
+            || (),
+            |_, item| {
                 progress.check()?;
+                let spans = stretches(&item);
+                let (ti, start, len, mut words) = item;
                 let t = &tracks[ti];
                 let (masks, ever) = words.split_at_mut(n_masks);
                 let ever = if ever_out { ever.first_mut() } else { None };
                 let counts = compare_steps(&opts.criterion, t, start, len, masks, ever, progress)?;
+                for s in spans {
+                    s.shard.release(s.offset, s.len);
+                }
                 Ok((ti, counts))
-            })
-            .collect::<Result<Vec<_>>>()?
+            },
+        )?
     };
     // Nothing is reported, and no mask committed, from a file that changed under the pass.
     for t in &tracks {
