@@ -5,8 +5,9 @@
 //! dtypes) in blocks of 64 held on the stack; each block is then tested with straight-line loops
 //! that the compiler vectorises. On x86-64 the whole loop is compiled twice, for the baseline
 //! and for AVX2, and the AVX2 copy is chosen at run time when the CPU has it. The commonest
-//! case (BF16 or F32 on both sides, absolute or exact criterion) goes to the hand-written AVX2
-//! path in `crate::simd` where the CPU has it, which gives the same counts and bits.
+//! case (BF16 or F32 on every side, absolute or exact criterion, in a diff or a run) goes to
+//! the hand-written AVX2 path in `crate::simd` where the CPU has it, which gives the same
+//! counts and bits.
 
 use crate::dtype::{widen, Dtype};
 
@@ -618,9 +619,40 @@ pub(crate) struct Run<'a, 'b> {
 
 /// Compares each step of `run` with the base (counts and bits) and with the step before it
 /// (counts), at the one threshold of `crit`, loading every block of every input once.
-pub(crate) fn compare_run(crit: &Criterion, run: &mut Run) {
+pub(crate) fn compare_run<'a>(crit: &Criterion, run: &mut Run<'a, '_>) {
     #[cfg(target_arch = "x86_64")]
     {
+        let dtypes = std::iter::once(run.base.1)
+            .chain(run.previous.map(|p| p.1))
+            .chain(run.steps.iter().map(|s| s.1));
+        if crate::simd::handles_run(crit, dtypes) && crate::simd::available() {
+            let done = crate::simd::run_blocks(crit, run);
+            if done < run.n {
+                // The last, partial block: the portable kernel, its bits copied into place.
+                let k = run.steps.len();
+                let nbytes = run.n.div_ceil(BLOCK) * 8;
+                let from = |(bytes, d): (&'a [u8], Dtype)| (&bytes[done * d.size()..], d);
+                let steps: Vec<(&[u8], Dtype)> = run.steps.iter().map(|&s| from(s)).collect();
+                let mut bits = vec![0u8; k * 8];
+                compare_run_impl(
+                    crit,
+                    &mut Run {
+                        base: from(run.base),
+                        previous: run.previous.map(from),
+                        steps: &steps,
+                        n: run.n - done,
+                        vs_base: &mut *run.vs_base,
+                        consecutive: &mut *run.consecutive,
+                        bits: &mut bits,
+                    },
+                );
+                for (j, word) in bits.chunks_exact(8).enumerate() {
+                    let at = j * nbytes + done / 8;
+                    run.bits[at..at + 8].copy_from_slice(word);
+                }
+            }
+            return;
+        }
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: `compare_run_avx2` requires only the AVX2 extension, and the CPU has
             // just reported that it supports AVX2.
@@ -781,51 +813,66 @@ mod tests {
         assert_eq!(bits, vec![0b101000]);
     }
 
-    /// The AVX2 path (taken by `compare_chunk` where the CPU has it) gives the portable
-    /// kernel's counts and bits on every special value: both zeros, subnormals, infinities,
-    /// NaNs of either sign and payload, neighbours one unit apart, and lengths ending
-    /// mid-block.
-    #[test]
-    fn fast_path_matches_portable_kernel() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        let specials: [u32; 12] = [
-            0x0000_0000,
-            0x8000_0000,
-            0x0001_0000,
-            0x8001_0000,
-            0x7f80_0000,
-            0xff80_0000,
-            0x7fc0_0000,
-            0xffc1_0000,
-            0x3f80_0000,
-            0x3f81_0000,
-            0x3727_c5ac,
-            0x0080_0000,
-        ];
-        let mut value = |near: u32| -> u32 {
-            match next() % 6 {
-                0 => near,
-                1 => near.wrapping_add(0x1_0000),
-                2 => specials[(next() % 12) as usize],
-                3 => near ^ 0x8000_0000,
-                4 => near.wrapping_add((next() % 3) as u32),
-                _ => next() as u32,
-            }
-        };
-        let encode = |v: &[u32], d: Dtype| -> Vec<u8> {
-            v.iter()
-                .flat_map(|&x| match d {
-                    Dtype::BF16 => ((x >> 16) as u16).to_le_bytes().to_vec(),
-                    _ => x.to_le_bytes().to_vec(),
+    /// Values as f32 bit patterns, each near its predecessor in `near` (or near 1/128 without
+    /// one) in the ways that matter to the kernels: identical, one BF16 unit or a few F32
+    /// units away, sign flipped, a special value (both zeros, subnormals, infinities, NaNs of
+    /// either sign and payload, neighbours), or anything.
+    struct Noise(u64);
+
+    impl Noise {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn series(&mut self, near: Option<&[u32]>, n: usize) -> Vec<u32> {
+            const SPECIALS: [u32; 12] = [
+                0x0000_0000,
+                0x8000_0000,
+                0x0001_0000,
+                0x8001_0000,
+                0x7f80_0000,
+                0xff80_0000,
+                0x7fc0_0000,
+                0xffc1_0000,
+                0x3f80_0000,
+                0x3f81_0000,
+                0x3727_c5ac,
+                0x0080_0000,
+            ];
+            (0..n)
+                .map(|i| {
+                    let near = near.map_or(0x3c00_0000, |v| v[i]);
+                    match self.next() % 6 {
+                        0 => near,
+                        1 => near.wrapping_add(0x1_0000),
+                        2 => SPECIALS[(self.next() % 12) as usize],
+                        3 => near ^ 0x8000_0000,
+                        4 => near.wrapping_add((self.next() % 3) as u32),
+                        _ => self.next() as u32,
+                    }
                 })
                 .collect()
-        };
+        }
+    }
+
+    /// BF16 (the top half) or F32 bytes of f32 bit patterns.
+    fn encode(v: &[u32], d: Dtype) -> Vec<u8> {
+        v.iter()
+            .flat_map(|&x| match d {
+                Dtype::BF16 => ((x >> 16) as u16).to_le_bytes().to_vec(),
+                _ => x.to_le_bytes().to_vec(),
+            })
+            .collect()
+    }
+
+    /// The AVX2 path (taken by `compare_chunk` where the CPU has it) gives the portable
+    /// kernel's counts and bits on every special value, at lengths ending mid-block.
+    #[test]
+    fn fast_path_matches_portable_kernel() {
+        let mut noise = Noise(0x2545_f491_4f6c_dd1d);
         let crits = [
             Criterion::Exact,
             Criterion::Absolute(vec![0.0]),
@@ -833,8 +880,8 @@ mod tests {
             Criterion::Absolute(vec![0.0, 1e-8, 1e-5, 0.0078125, 1e300]),
         ];
         for n in [0usize, 1, 63, 64, 65, 640, 1000] {
-            let base: Vec<u32> = (0..n).map(|_| value(0x3c00_0000)).collect();
-            let tuned: Vec<u32> = base.iter().map(|&x| value(x)).collect();
+            let base = noise.series(None, n);
+            let tuned = noise.series(Some(&base), n);
             for (da, db) in [
                 (Dtype::BF16, Dtype::BF16),
                 (Dtype::BF16, Dtype::F32),
@@ -856,6 +903,70 @@ mod tests {
                         compare_chunk(crit, &job, &mut c3, None, None);
                         assert_eq!(c3, c2);
                     }
+                }
+            }
+        }
+    }
+
+    /// The AVX2 run path (taken by `compare_run` where the CPU has it) gives the portable
+    /// run kernel's counts and bits, with and without a previous file, at lengths ending
+    /// mid-block.
+    #[test]
+    fn fast_run_path_matches_portable_kernel() {
+        let mut noise = Noise(0x9e37_79b9_7f4a_7c15);
+        for n in [1usize, 64, 100, 700] {
+            let base = noise.series(None, n);
+            let mut series = vec![noise.series(Some(&base), n)];
+            for _ in 0..3 {
+                let next = noise.series(series.last().map(Vec::as_slice), n);
+                series.push(next);
+            }
+            let dtypes = [
+                Dtype::BF16,
+                Dtype::F32,
+                Dtype::BF16,
+                Dtype::BF16,
+                Dtype::F32,
+            ];
+            let files: Vec<Vec<u8>> = std::iter::once(&base)
+                .chain(&series)
+                .zip(dtypes)
+                .map(|(v, d)| encode(v, d))
+                .collect();
+            for crit in [
+                Criterion::Exact,
+                Criterion::Absolute(vec![0.0]),
+                Criterion::Absolute(vec![1e-5]),
+            ] {
+                for with_previous in [false, true] {
+                    let first = 1 + usize::from(with_previous);
+                    let steps: Vec<(&[u8], Dtype)> = files[first..]
+                        .iter()
+                        .zip(&dtypes[first..])
+                        .map(|(f, &d)| (f.as_slice(), d))
+                        .collect();
+                    let k = steps.len();
+                    let nbytes = n.div_ceil(64) * 8;
+                    let go = |portable: bool| {
+                        let (mut vs, mut cons) = (vec![0; k], vec![0; k]);
+                        let mut bits = vec![0x5au8; k * nbytes];
+                        let mut run = Run {
+                            base: (&files[0], dtypes[0]),
+                            previous: with_previous.then(|| (files[1].as_slice(), dtypes[1])),
+                            steps: &steps,
+                            n,
+                            vs_base: &mut vs,
+                            consecutive: &mut cons,
+                            bits: &mut bits,
+                        };
+                        if portable {
+                            compare_run_impl(&crit, &mut run);
+                        } else {
+                            compare_run(&crit, &mut run);
+                        }
+                        (vs, cons, bits)
+                    };
+                    assert_eq!(go(false), go(true), "{n} {crit:?} {with_previous}");
                 }
             }
         }

@@ -1,5 +1,6 @@
-//! The AVX2 path of the comparison kernel for its commonest case: BF16 or F32 on both sides,
-//! under the absolute or exact criterion, with no magnitude lens and no scales.
+//! The AVX2 path of the comparison kernels for their commonest case: BF16 or F32 on every
+//! side, under the absolute or exact criterion (one tolerance in a run), with no magnitude
+//! lens and no scales; [`compare_blocks`] for a diff's pair, [`run_blocks`] for a trajectory.
 //!
 //! Eight elements per step are widened to f32 bit patterns in a register, subtracted, compared
 //! with every tolerance, and their changed bits taken with `movemask`: nothing is stored per
@@ -11,7 +12,7 @@
 use std::arch::x86_64::*;
 
 use crate::dtype::Dtype;
-use crate::kernel::{Criterion, Job, BLOCK};
+use crate::kernel::{Criterion, Job, Run, BLOCK};
 
 /// Whether this CPU runs the path (checked once by the standard library, then cached).
 pub(crate) fn available() -> bool {
@@ -126,6 +127,115 @@ unsafe fn blocks_avx2(
         }
         if let Some((out, _)) = bits.as_mut() {
             out[blk * 8..blk * 8 + 8].copy_from_slice(&word.to_le_bytes());
+        }
+    }
+}
+
+/// Whether [`run_blocks`] handles a run of these dtypes (every file's) under `crit`.
+pub(crate) fn handles_run(crit: &Criterion, mut dtypes: impl Iterator<Item = Dtype>) -> bool {
+    let one = match crit {
+        Criterion::Absolute(t) => t.len() == 1,
+        Criterion::Exact => true,
+        Criterion::Relative(_) => false,
+    };
+    one && dtypes.all(|d| d == Dtype::BF16 || d == Dtype::F32)
+}
+
+/// Compares the whole blocks of `run` as [`crate::kernel::compare_run`] does (each step with
+/// the base, counts and bits, and with the step before it, counts), loading every block of
+/// every file once, and returns how many elements it did: `run.n` rounded down to a whole
+/// block. The caller checks [`available`] and [`handles_run`] first and compares the rest.
+pub(crate) fn run_blocks(crit: &Criterion, run: &mut Run) -> usize {
+    let dtypes = std::iter::once(run.base.1)
+        .chain(run.previous.map(|p| p.1))
+        .chain(run.steps.iter().map(|s| s.1));
+    assert!(available() && handles_run(crit, dtypes));
+    let blocks = run.n / BLOCK;
+    let k = run.steps.len();
+    let nbytes = run.n.div_ceil(BLOCK) * 8;
+    // The loads below read 64 elements of every file per block.
+    let holds = |(bytes, d): (&[u8], Dtype)| bytes.len() >= blocks * BLOCK * d.size();
+    assert!(
+        holds(run.base) && run.previous.is_none_or(holds) && run.steps.iter().all(|&s| holds(s))
+    );
+    assert!(run.vs_base.len() == k && run.consecutive.len() == k && run.bits.len() >= k * nbytes);
+    let tol = match crit {
+        Criterion::Absolute(t) => Some(t[0] as f32),
+        _ => None,
+    };
+    // SAFETY: the CPU has AVX2 and POPCNT (asserted above), the only features `run_avx2`
+    // enables; its loads stay inside every file's bytes by the length assertions above.
+    unsafe { run_avx2(tol, run, blocks, nbytes) };
+    blocks * BLOCK
+}
+
+/// One block (64 elements) of a file at block `blk`, as eight registers of f32 bit patterns.
+///
+/// # Safety
+/// The CPU must have AVX2; `src` must hold the block's elements of `d` (BF16 or F32).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load_block(d: Dtype, src: &[u8], blk: usize) -> [__m256i; BLOCK / 8] {
+    let mut out = [_mm256_setzero_si256(); BLOCK / 8];
+    for (g, o) in out.iter_mut().enumerate() {
+        // SAFETY: elements blk * 64 + 8 * g + 0..8 lie in the block, inside `src`.
+        *o = unsafe { load8(d, src, blk * BLOCK + 8 * g) };
+    }
+    out
+}
+
+/// The changed bits of one block of `y` against `x`: with a tolerance, `!(|x - y| <= t)` where
+/// the bits differ (as [`blocks_avx2`] computes them); without, where the bits differ.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn changed_word(x: &[__m256i; BLOCK / 8], y: &[__m256i; BLOCK / 8], limit: Option<__m256>) -> u64 {
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut word = 0u64;
+    for (g, (&x, &y)) in x.iter().zip(y).enumerate() {
+        let same = _mm256_castsi256_ps(_mm256_cmpeq_epi32(x, y));
+        let changed = match limit {
+            None => !_mm256_movemask_ps(same) as u8,
+            Some(t) => {
+                let delta = _mm256_sub_ps(_mm256_castsi256_ps(x), _mm256_castsi256_ps(y));
+                let d = _mm256_andnot_ps(same, _mm256_and_ps(delta, abs));
+                _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NLE_UQ>(d, t)) as u8
+            }
+        };
+        word |= u64::from(changed) << (8 * g);
+    }
+    word
+}
+
+/// [`run_blocks`] proper.
+///
+/// # Safety
+/// The CPU must have AVX2 and POPCNT; every file of `run` must hold `blocks * 64` elements of
+/// its dtype (BF16 or F32); `run.bits` `k * nbytes` bytes, `run.vs_base` and
+/// `run.consecutive` one entry per step.
+#[target_feature(enable = "avx2,popcnt")]
+unsafe fn run_avx2(tol: Option<f32>, run: &mut Run, blocks: usize, nbytes: usize) {
+    let limit = tol.map(|t| _mm256_set1_ps(t));
+    for blk in 0..blocks {
+        // SAFETY (of every load here): block `blk` lies inside every file, by the caller.
+        let base = unsafe { load_block(run.base.1, run.base.0, blk) };
+        let mut prev = match run.previous {
+            Some((bytes, d)) => unsafe { load_block(d, bytes, blk) },
+            None => base,
+        };
+        for (j, &(bytes, d)) in run.steps.iter().enumerate() {
+            let cur = unsafe { load_block(d, bytes, blk) };
+            let word = changed_word(&base, &cur, limit);
+            run.vs_base[j] += u64::from(word.count_ones());
+            let at = j * nbytes + blk * 8;
+            run.bits[at..at + 8].copy_from_slice(&word.to_le_bytes());
+            // The first step's predecessor is the base itself unless a previous file is given.
+            let since = if j == 0 && run.previous.is_none() {
+                word
+            } else {
+                changed_word(&prev, &cur, limit)
+            };
+            run.consecutive[j] += u64::from(since.count_ones());
+            prev = cur;
         }
     }
 }
