@@ -18,7 +18,7 @@ clock for every method):
 
 Interleaved, best and median of ``--repeat``; the ratios are floor time / method time
 (throughput against the floor's). ``python bench/bench_patch.py --keep --dir D`` or
-``bench_curve.py --keep`` leave pairs to use. ``--before DIR`` adds (a) and (b) run with the
+``bench_curve.py --keep`` leave pairs to use. ``--before DIR`` adds (a), (b) and (c) run with the
 ``rlmask`` package in ``DIR`` (another build's ``python/`` folder), interleaved.
 """
 
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("tuned")
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument(
-        "--before", help="also time (a), (b) with the rlmask package in this python/ folder"
+        "--before", help="also time (a), (b), (c) with the rlmask package in this python/ folder"
     )
     args = ap.parse_args()
     files = [args.base, args.tuned]
@@ -85,7 +85,7 @@ def main() -> None:
     }
     if args.before:
         env = dict(os.environ, PYTHONPATH=args.before)
-        methods |= {"one (before)": ("one", env), "mask (before)": ("mask", env)}
+        methods |= {f"{m} (before)": (m, env) for m in ("one", "mask", "sweep")}
     times: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(args.repeat):
         for m, (kind, env) in methods.items():

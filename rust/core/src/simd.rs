@@ -88,47 +88,75 @@ unsafe fn blocks_avx2(
     counts: &mut [u64],
     mut bits: Option<(&mut [u8], usize)>,
 ) {
-    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     let limits: Vec<__m256> = tols.iter().map(|&t| _mm256_set1_ps(t)).collect();
     let mask_at = bits.as_ref().map(|(_, k)| *k);
     for blk in 0..blocks {
-        // The block's distances, 8 registers: |a - b|, or 0 where the bits are identical
-        // (the portable kernel's `d`); for exact, the changed bits straight away.
-        let mut dist = [_mm256_setzero_ps(); BLOCK / 8];
-        let mut word = 0u64;
-        for (g, d) in dist.iter_mut().enumerate() {
-            let i = blk * BLOCK + 8 * g;
-            // SAFETY: i + 8 <= blocks * 64 elements, which `a` and `b` hold.
-            let (x, y) = unsafe { (load8(da, a, i), load8(db, b, i)) };
-            let same = _mm256_castsi256_ps(_mm256_cmpeq_epi32(x, y));
-            if limits.is_empty() {
-                word |= u64::from(!_mm256_movemask_ps(same) as u8) << (8 * g);
-            } else {
-                let delta = _mm256_sub_ps(_mm256_castsi256_ps(x), _mm256_castsi256_ps(y));
-                *d = _mm256_andnot_ps(same, _mm256_and_ps(delta, abs));
-            }
-        }
-        if limits.is_empty() {
-            counts[0] += u64::from(word.count_ones());
-        }
+        // SAFETY: block `blk` lies inside `a` and `b`, by the caller.
+        let (x, y) = unsafe { (load_block(da, a, blk), load_block(db, b, blk)) };
         // Counts are added once per block and tolerance, from the block's word: an add to
         // memory per 8 elements would chain every step to the one before it.
-        for (k, (limit, count)) in limits.iter().zip(counts.iter_mut()).enumerate() {
-            let mut changed = 0u64;
-            for (g, d) in dist.iter().enumerate() {
-                // Changed: not (d <= t), which is also true for a NaN distance.
-                let over = _mm256_cmp_ps::<_CMP_NLE_UQ>(*d, *limit);
-                changed |= u64::from(_mm256_movemask_ps(over) as u8) << (8 * g);
-            }
-            *count += u64::from(changed.count_ones());
-            if mask_at == Some(k) {
-                word = changed;
+        let mut word = 0u64;
+        if limits.is_empty() {
+            word = changed_word(&x, &y, None);
+            counts[0] += u64::from(word.count_ones());
+        } else {
+            let dist = distances(&x, &y);
+            for (k, (limit, count)) in limits.iter().zip(counts.iter_mut()).enumerate() {
+                let changed = word_over(&dist, *limit);
+                *count += u64::from(changed.count_ones());
+                if mask_at == Some(k) {
+                    word = changed;
+                }
             }
         }
         if let Some((out, _)) = bits.as_mut() {
             out[blk * 8..blk * 8 + 8].copy_from_slice(&word.to_le_bytes());
         }
     }
+}
+
+/// The 64 lanes of eight all-ones-or-all-zeros registers as a word: lane `i` of register `g`
+/// at bit `8 * g + i`. Four registers are narrowed to 32 bytes by two saturating packs (which
+/// interleave their 128-bit halves), put back in order by one permute, and read by one
+/// `movemask`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn word_of(m: &[__m256i; BLOCK / 8]) -> u64 {
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let half = |m: &[__m256i]| {
+        let lo = _mm256_packs_epi32(m[0], m[1]);
+        let hi = _mm256_packs_epi32(m[2], m[3]);
+        let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(lo, hi), order);
+        u64::from(_mm256_movemask_epi8(bytes) as u32)
+    };
+    half(&m[..4]) | half(&m[4..]) << 32
+}
+
+/// A block's distances: `|x - y|`, or 0 where the bits are identical (the portable kernel's
+/// `d`).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn distances(x: &[__m256i; BLOCK / 8], y: &[__m256i; BLOCK / 8]) -> [__m256; BLOCK / 8] {
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut d = [_mm256_setzero_ps(); BLOCK / 8];
+    for ((d, &x), &y) in d.iter_mut().zip(x).zip(y) {
+        let same = _mm256_castsi256_ps(_mm256_cmpeq_epi32(x, y));
+        let delta = _mm256_sub_ps(_mm256_castsi256_ps(x), _mm256_castsi256_ps(y));
+        *d = _mm256_andnot_ps(same, _mm256_and_ps(delta, abs));
+    }
+    d
+}
+
+/// The bits of a block whose distance is over `limit`: not (d <= t), which is also true for a
+/// NaN distance.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn word_over(dist: &[__m256; BLOCK / 8], limit: __m256) -> u64 {
+    let mut over = [_mm256_setzero_si256(); BLOCK / 8];
+    for (o, &d) in over.iter_mut().zip(dist) {
+        *o = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_NLE_UQ>(d, limit));
+    }
+    word_of(&over)
 }
 
 /// Whether [`run_blocks`] handles a run of these dtypes (every file's) under `crit`.
@@ -185,7 +213,9 @@ unsafe fn load_block(d: Dtype, src: &[u8], blk: usize) -> [__m256i; BLOCK / 8] {
 }
 
 /// The changed bits of one block of `y` against `x`: with a tolerance, `!(|x - y| <= t)` where
-/// the bits differ (as [`blocks_avx2`] computes them); without, where the bits differ.
+/// the bits differ (as [`word_over`] tells); without, where the bits differ. One `movemask`
+/// per register: in the run loop, with three blocks live, LLVM turns [`word_of`]'s packs into
+/// byte inserts through the stack (1.7x slower there), so the run keeps this form.
 #[target_feature(enable = "avx2")]
 #[inline]
 fn changed_word(x: &[__m256i; BLOCK / 8], y: &[__m256i; BLOCK / 8], limit: Option<__m256>) -> u64 {
