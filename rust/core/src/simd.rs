@@ -3,8 +3,9 @@
 //! lens and no scales; [`compare_blocks`] for a diff's pair, [`run_blocks`] for a trajectory.
 //!
 //! Eight elements per step are widened to f32 bit patterns in a register, subtracted, compared
-//! with every tolerance, and their changed bits taken with `movemask`: nothing is stored per
-//! element, and the mask word of a block is assembled from eight bytes. Per element it does
+//! with every tolerance, and their changed bits taken with `movemask` (a block's 64 in two, after
+//! packing; in the run kernel one per register): nothing is stored per element, and counts are
+//! added once per block. Per element it does
 //! the portable kernel's f32 operations (`|a - b|`, then `!(d <= t)`, identical bit patterns
 //! unchanged), so the counts and bits are the same bit for bit; the tests hold the two paths
 //! to each other on every special value.
