@@ -614,11 +614,6 @@ fn changed_into(
     let n = a.len() / size;
     let iw = if wide { 8 } else { 4 };
     let (i0, v0) = (idx.len(), vals.len());
-    // Room for every element; values take 8 bytes of slack for the word-wide writes.
-    idx.resize(i0 + n * iw, 0);
-    vals.resize(v0 + n * size + 8, 0);
-    let (iout, vout) = (&mut idx[i0..], &mut vals[v0..]);
-    let mut count = 0usize;
     let lanes = 8 / size;
     let bits = 8 * size as u32;
     let lane_mask = if size == 8 {
@@ -626,37 +621,54 @@ fn changed_into(
     } else {
         (1u64 << bits) - 1
     };
-    let mut keep = |e: usize, value: u64, changed: bool| {
+    // The buffers grow a span of words at a time, by the room that span may use (values with 8
+    // bytes of slack for the word-wide writes), so only that much is zeroed: zeroing room for
+    // every element of the chunk up front was a tenth of a patch's time.
+    const SPAN: usize = 1024;
+    let room = |idx: &mut Vec<u8>, vals: &mut Vec<u8>, count: usize, more: usize| {
+        let (ni, nv) = (i0 + (count + more) * iw, v0 + (count + more) * size + 8);
+        if idx.len() < ni {
+            idx.resize(ni, 0);
+        }
+        if vals.len() < nv {
+            vals.resize(nv, 0);
+        }
+    };
+    // Writes element `e` at slot `count`; the caller moves past it only if it changed.
+    let put = |idx: &mut [u8], vals: &mut [u8], count: usize, e: usize, value: u64| {
         let i = first + e as u64;
         if wide {
-            iout[count * 8..count * 8 + 8].copy_from_slice(&i.to_le_bytes());
+            idx[i0 + count * 8..i0 + count * 8 + 8].copy_from_slice(&i.to_le_bytes());
         } else {
-            iout[count * 4..count * 4 + 4].copy_from_slice(&(i as u32).to_le_bytes());
+            idx[i0 + count * 4..i0 + count * 4 + 4].copy_from_slice(&(i as u32).to_le_bytes());
         }
-        vout[count * size..count * size + 8].copy_from_slice(&value.to_le_bytes());
-        count += usize::from(changed);
+        vals[v0 + count * size..v0 + count * size + 8].copy_from_slice(&value.to_le_bytes());
     };
+    let mut count = 0usize;
     let words = a.len() / 8;
-    for (w, (x, y)) in a.chunks_exact(8).zip(b.chunks_exact(8)).enumerate() {
-        let x = u64::from_le_bytes(x.try_into().expect("8 bytes"));
-        let y = u64::from_le_bytes(y.try_into().expect("8 bytes"));
-        let d = x ^ y;
-        if d != 0 {
-            for k in 0..lanes {
-                let shift = bits * k as u32;
-                keep(
-                    w * lanes + k,
-                    (y >> shift) & lane_mask,
-                    (d >> shift) & lane_mask != 0,
-                );
+    for from in (0..words).step_by(SPAN) {
+        let to = words.min(from + SPAN);
+        room(idx, vals, count, (to - from) * lanes);
+        for w in from..to {
+            let x = u64::from_le_bytes(a[w * 8..w * 8 + 8].try_into().expect("8 bytes"));
+            let y = u64::from_le_bytes(b[w * 8..w * 8 + 8].try_into().expect("8 bytes"));
+            let d = x ^ y;
+            if d != 0 {
+                for k in 0..lanes {
+                    let shift = bits * k as u32;
+                    put(idx, vals, count, w * lanes + k, (y >> shift) & lane_mask);
+                    count += usize::from((d >> shift) & lane_mask != 0);
+                }
             }
         }
     }
+    room(idx, vals, count, n - words * lanes);
     for e in words * lanes..n {
         let (x, y) = (&a[e * size..(e + 1) * size], &b[e * size..(e + 1) * size]);
         let mut v = [0u8; 8];
         v[..size].copy_from_slice(y);
-        keep(e, u64::from_le_bytes(v), x != y);
+        put(idx, vals, count, e, u64::from_le_bytes(v));
+        count += usize::from(x != y);
     }
     idx.truncate(i0 + count * iw);
     vals.truncate(v0 + count * size);
