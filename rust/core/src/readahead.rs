@@ -40,35 +40,33 @@ struct Read<'a> {
     needed_at: u64,
 }
 
-/// Merges the stretches of one side into reads of at most [`BLOCK`] bytes, in item order.
-fn plan<'a>(side: impl Iterator<Item = (Stretch<'a>, u64)>) -> Vec<Read<'a>> {
-    let mut reads: Vec<Read> = Vec::new();
-    for (s, needed_at) in side {
-        let mut off = s.offset;
-        let end = s.offset + s.len;
-        while off < end {
-            if let Some(last) = reads.last_mut() {
-                if std::ptr::eq(last.shard, s.shard)
-                    && last.offset + last.len == off
-                    && last.len < BLOCK
-                {
-                    let n = (BLOCK - last.len).min(end - off);
-                    last.len += n;
-                    off += n;
-                    continue;
-                }
+/// Adds one stretch of a side to its reads, merged into reads of at most [`BLOCK`] bytes in
+/// item order. Reads are planned as the items are walked, never from a list of every item's
+/// stretches (a trajectory of many checkpoints over a large model has millions of them).
+fn plan<'a>(reads: &mut Vec<Read<'a>>, s: Stretch<'a>, needed_at: u64) {
+    let mut off = s.offset;
+    let end = s.offset + s.len;
+    while off < end {
+        if let Some(last) = reads.last_mut() {
+            if std::ptr::eq(last.shard, s.shard)
+                && last.offset + last.len == off
+                && last.len < BLOCK
+            {
+                let n = (BLOCK - last.len).min(end - off);
+                last.len += n;
+                off += n;
+                continue;
             }
-            let n = BLOCK.min(end - off);
-            reads.push(Read {
-                shard: s.shard,
-                offset: off,
-                len: n,
-                needed_at,
-            });
-            off += n;
         }
+        let n = BLOCK.min(end - off);
+        reads.push(Read {
+            shard: s.shard,
+            offset: off,
+            len: n,
+            needed_at,
+        });
+        off += n;
     }
-    reads
 }
 
 /// Runs `work` on every item, the items taken in the order given by all of rayon's workers,
@@ -85,22 +83,21 @@ where
     I: Send,
     R: Send,
 {
-    let mut sides: Vec<Vec<(Stretch<'a>, u64)>> = Vec::new();
+    let mut readers: Vec<Vec<Read>> = Vec::new();
     let mut sizes = Vec::with_capacity(items.len());
     let mut before = 0u64;
     for item in &items {
         let st = stretches(item);
-        if sides.len() < st.len() {
-            sides.resize_with(st.len(), Vec::new);
+        if readers.len() < st.len() {
+            readers.resize_with(st.len(), Vec::new);
         }
         let n = st.iter().map(|s| s.len as u64).sum::<u64>();
-        for (side, s) in sides.iter_mut().zip(st) {
-            side.push((s, before));
+        for (reads, s) in readers.iter_mut().zip(st) {
+            plan(reads, s, before);
         }
         sizes.push(n);
         before += n;
     }
-    let mut readers: Vec<Vec<Read>> = sides.into_iter().map(|s| plan(s.into_iter())).collect();
     // A side whose file looks cached throughout (the middle page of 64 reads spread over it)
     // gets no reader: on a warm pass the readers would only take time from the workers.
     readers.retain(|reads| {
@@ -214,16 +211,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (shard(dir.path(), "a", 64), shard(dir.path(), "b", 64));
         let half = BLOCK / 2;
-        let reads = plan(
-            [
-                (stretch(&a, 0, half), 0),
-                (stretch(&a, half, half + 10), 5), // fills the first block, 10 bytes over
-                (stretch(&a, BLOCK + 10, 20), 9),  // contiguous: joins the second read
-                (stretch(&a, BLOCK + 100, 20), 11), // a gap: a new read
-                (stretch(&b, BLOCK + 120, 20), 12), // another file: a new read
-            ]
-            .into_iter(),
-        );
+        let mut reads = Vec::new();
+        for (s, at) in [
+            (stretch(&a, 0, half), 0),
+            (stretch(&a, half, half + 10), 5), // fills the first block, 10 bytes over
+            (stretch(&a, BLOCK + 10, 20), 9),  // contiguous: joins the second read
+            (stretch(&a, BLOCK + 100, 20), 11), // a gap: a new read
+            (stretch(&b, BLOCK + 120, 20), 12), // another file: a new read
+        ] {
+            plan(&mut reads, s, at);
+        }
         let got: Vec<_> = reads
             .iter()
             .map(|r| (std::ptr::eq(r.shard, &a), r.offset, r.len, r.needed_at))
