@@ -18,6 +18,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import rlmask
+from rlmask._names import _component_of_shape, _module_of_shape, component_of, module_of
 
 T: Any = transformers
 
@@ -219,6 +220,39 @@ def test_every_tensor_of_a_known_family_is_named(family: str, tmp_path: Path) ->
     ]
     # Outside the language model, no tensor claims a language-model layer.
     assert t.filter((t["component"] != "language_model") & t["layer"].is_not_null()).is_empty()
+    _same_as_the_rule_loop(t["name"].to_list())
+
+
+def _same_as_the_rule_loop(names: list[str]) -> None:
+    """The table is looked up once per name shape (numbers written 0); each name's component
+    and module type must be what the rule loop gives for the name itself."""
+    for n in names:
+        assert component_of(n) == _component_of_shape.__wrapped__(n), n
+        assert module_of(n) == _module_of_shape.__wrapped__(n), n
+
+
+def test_names_that_differ_only_in_numbers_share_a_lookup() -> None:
+    names = [
+        f"{prefix}.{i}.{rest}"
+        for prefix in ("model.layers", "transformer.h", "model.visual.blocks", "7")
+        for i in (0, 3, 61, 10**25)
+        for rest in (
+            "mlp.experts.12.w1.weight",
+            "mlp.experts.0.gate_up_proj",
+            "block_sparse_moe.gate.weight",
+            "mlp.shared_expert.down_proj.weight",
+            "self_attn.kv_a_proj_with_mqa.weight",
+            "ln_1.weight",
+            "mlp.fc2.bias",
+            "12",
+            "embed_tokens.weight",
+        )
+    ]
+    names += ["0", "model.multi_modal_projector.linear_1.weight", "lm_head.weight", "x.1e5.norm"]
+    _same_as_the_rule_loop(names)
+    assert module_of("model.layers.3.mlp.experts.17.w1.weight") == "experts.gate_proj"
+    assert module_of("model.layers.3.mlp.experts.w1.weight") == "experts.gate_proj"
+    assert module_of("model.layers.3.mlp.experts.x.w1.weight") == "gate_proj"
 
 
 def test_moe_experts_router_and_shared_experts(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 
 #: Module types of the per-module breakdown (design §1), in table order; anything else is
 #: ``other``. Fused matrices keep their own type; mixture-of-experts matrices are filed per
@@ -151,8 +152,26 @@ def _index(m: re.Match[str] | None) -> int | None:
     return int(m.group(1))
 
 
+# A whole numeric component of a dotted name (``.3.``, a leading ``3.``, a trailing ``.3``).
+_NUMBER = re.compile(r"(?<![^.])\d+(?![^.])")
+
+
+def _shape(name: str) -> str:
+    """``name`` with every numeric component written ``0``. No rule of the naming table tells
+    one number from another (they match numbers as ``\\d+`` or not at all), so a name's
+    component and module type are its shape's: layers and experts that repeat one structure
+    share one lookup (a DeepSeek-V3 checkpoint's 47,000 expert matrices have a handful of
+    shapes, and the rule loop costs about 20 microseconds a name)."""
+    return _NUMBER.sub("0", name)
+
+
 def component_of(name: str) -> str:
     """``language_model``, ``vision_tower`` or ``projector`` (see :data:`COMPONENTS`)."""
+    return _component_of_shape(_shape(name))
+
+
+@lru_cache(maxsize=4096)
+def _component_of_shape(name: str) -> str:
     for pattern, component in _COMPONENT_RULES:
         if pattern.search(name):
             return component
@@ -180,7 +199,12 @@ def module_of(name: str) -> str:
     ``model.layers.3.self_attn.q_proj.weight``, ``experts.up_proj`` for
     ``model.layers.3.mlp.experts.7.up_proj.weight``; ``projector`` for anything in a
     vision-language projector; ``other`` when no rule of the naming table knows it."""
-    if component_of(name) == "projector":
+    return _module_of_shape(_shape(name))
+
+
+@lru_cache(maxsize=4096)
+def _module_of_shape(name: str) -> str:
+    if _component_of_shape(name) == "projector":
         return "projector"
     path = _SUFFIX.sub("", name)
     for pattern, module in _MODULE_RULES:
