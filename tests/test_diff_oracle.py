@@ -389,8 +389,12 @@ def test_json_contract(tmp_path: Path) -> None:
         tolerances=rlmask.DEFAULT_SWEEP,
         progress=False,
     )
-    d = json.loads(r.to_json())
-    assert d == r.to_dict()
+    text = r.to_json()
+    d = json.loads(text)
+    assert d == r.to_dict() == json.loads(r.to_json(indent=2))
+    # One record per line: each tensor's row is a line of its own, and parses alone.
+    rows = [json.loads(line.rstrip(",")) for line in text.splitlines() if '"name"' in line]
+    assert rows == d["tensors"] and len(rows) > 1
     assert d["criterion"] == "absolute" and d["tolerances"] == [1e-8, 1e-7, 1e-6, 1e-5]
     assert isinstance(d["base"], str) and isinstance(d["tuned"], str)
     assert isinstance(d["numel"], int)
