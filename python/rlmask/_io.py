@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,6 +38,8 @@ def atomic_path(target: PathArg) -> Iterator[Path]:
     on failure (an exception, Ctrl-C) it is removed and ``target`` is left untouched. An
     operating-system error becomes :class:`~rlmask.errors.OutputError` naming ``target``, never
     the temporary file."""
+    import tempfile  # here, not at the top: 8 ms of start-up that only writing needs
+
     target = Path(target)
     where = os.fspath(target)
     try:
