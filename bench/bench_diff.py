@@ -12,7 +12,9 @@ directory, warms the page cache, then times in the same run and on the same warm
   (d) whole commands, timed from outside (interpreter start-up and imports included): the
                  ``rlmask diff BASE TUNED --format json`` command (the console script beside
                  this interpreter) against the naive program run as a script (``python -c``,
-                 torch imported inside it), and a bare ``python -c pass`` for the bound
+                 torch imported inside it), and a bare ``python -c pass`` for the bound;
+                 with this interpreter, and again in a plain virtual environment made for the
+                 run (see ``plain_venv``: start-up as a user's environment has it)
 
 Each method runs in its own interpreter, sampled every 5 ms for peak RSS and peak anonymous
 memory (RssAnon: heap and other private memory, not the page cache that memory maps share).
@@ -121,6 +123,32 @@ print(time.perf_counter() - t, changed)
 }
 
 
+def plain_venv(folder: Path) -> str:
+    """A new virtual environment that sees this interpreter's packages (and an editable
+    rlmask) through a path file of plain directory lines; returns its interpreter.
+
+    Whole programs are timed in it as well as here, because an interpreter's own start-up
+    depends on what its site-packages runs at every start: this project's machines carry a
+    sandbox's ``.pth`` that imports certifi (about 50 ms at every start, `python -X importtime
+    -c pass`), which a user's environment does not. Plain lines of a path file are only added
+    to ``sys.path``; the ``.pth`` files inside those directories are not run."""
+    import site
+
+    import rlmask
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    paths = [*site.getsitepackages(), str(Path(rlmask.__file__).parent.parent)]
+    python = folder / "bin" / "python"
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(purelib) / "outer.pth").write_text("\n".join(paths) + "\n")
+    return str(python)
+
+
 def bench(root: Path, size: str, repeat: int) -> dict:
     numel = write_pair(root, SIZES[size])
     base, tuned = root / "base", root / "tuned"
@@ -140,26 +168,30 @@ def bench(root: Path, size: str, repeat: int) -> dict:
     # The console script installed beside this interpreter, as a virtual environment's user
     # runs it (not a version manager's shim on PATH, which adds its own start-up).
     script = shutil.which("rlmask", path=os.path.dirname(sys.executable)) or "rlmask"
-    commands = {
-        "command": [script, "diff", str(base), str(tuned), "--format", "json"],
-        "naive script": [sys.executable, "-c", PROGRAMS["naive"], str(base), str(tuned)],
-        "bare interpreter": [sys.executable, "-c", "pass"],
-    }
-    whole: dict[str, list[float]] = {m: [] for m in commands}
     # pip compiles a package's bytecode when it installs it; an editable install under
     # PYTHONDONTWRITEBYTECODE (as on this project's machines) would compile rlmask's modules
     # from source at every start instead. Compile them once, as an install would have.
     import rlmask
 
     compileall.compile_dir(Path(rlmask.__file__).parent, quiet=1)
-    for _ in range(repeat):
-        for m, cmd in commands.items():
-            t = time.perf_counter()
-            subprocess.run(cmd, capture_output=True, check=True)
-            whole[m].append(time.perf_counter() - t)
-    summary["whole_command_s"] = min(whole["command"])
-    summary["whole_naive_s"] = min(whole["naive script"])
-    summary["bare_interpreter_s"] = min(whole["bare interpreter"])
+    whole: dict[str, list[float]] = {}
+    for where, python in (("here", sys.executable), ("venv", plain_venv(root / "venv"))):
+        commands = {
+            "command": [python, script, "diff", str(base), str(tuned), "--format", "json"],
+            "naive script": [python, "-c", PROGRAMS["naive"], str(base), str(tuned)],
+            "bare interpreter": [python, "-c", "pass"],
+        }
+        for _ in range(repeat):
+            for m, cmd in commands.items():
+                t = time.perf_counter()
+                subprocess.run(cmd, capture_output=True, check=True)
+                whole.setdefault(f"{where}: {m}", []).append(time.perf_counter() - t)
+    for where in ("here", "venv"):
+        summary[where] = {
+            "whole_command_s": min(whole[f"{where}: command"]),
+            "whole_naive_s": min(whole[f"{where}: naive script"]),
+            "bare_interpreter_s": min(whole[f"{where}: bare interpreter"]),
+        }
     summary["speedup_vs_naive"] = summary["naive"]["seconds"] / summary["rlmask"]["seconds"]
     summary["share_of_read_floor"] = summary["read-floor"]["seconds"] / summary["rlmask"]["seconds"]
     return summary
@@ -190,18 +222,17 @@ def main() -> None:
             f"rlmask is {s['speedup_vs_naive']:.1f}x faster than naive and reaches "
             f"{100 * s['share_of_read_floor']:.0f}% of the read floor's throughput"
         )
-        print(
-            f"whole commands: rlmask diff --format json {s['whole_command_s']:.3f} s, naive "
-            f"script {s['whole_naive_s']:.3f} s: "
-            f"{s['whole_naive_s'] / s['whole_command_s']:.1f}x"
-        )
-        # No command can beat its own pass plus an interpreter that imports nothing.
-        bound = s["rlmask"]["seconds"] + s["bare_interpreter_s"]
-        print(
-            f"bound: a bare interpreter ({s['bare_interpreter_s']:.3f} s) plus the in-process "
-            f"diff ({s['rlmask']['seconds']:.3f} s) = {bound:.3f} s: at most "
-            f"{s['whole_naive_s'] / bound:.1f}x the naive script with no imports at all"
-        )
+        for where, what in (("here", "this interpreter"), ("venv", "a plain virtual env")):
+            w = s[where]
+            # No command can beat its own pass plus an interpreter that imports nothing.
+            bound = s["rlmask"]["seconds"] + w["bare_interpreter_s"]
+            print(
+                f"whole commands in {what}: rlmask diff --format json "
+                f"{w['whole_command_s']:.3f} s, naive script {w['whole_naive_s']:.3f} s: "
+                f"{w['whole_naive_s'] / w['whole_command_s']:.1f}x; bound: a bare interpreter "
+                f"({w['bare_interpreter_s']:.3f} s) plus the in-process diff = {bound:.3f} s, "
+                f"at most {w['whole_naive_s'] / bound:.1f}x with no imports at all"
+            )
         print(json.dumps(s), flush=True)
 
 
