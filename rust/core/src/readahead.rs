@@ -4,9 +4,9 @@
 //! `MADV_POPULATE_READ` per chunk) keep only as many reads in flight as there are workers. Here
 //! the work items are taken strictly in order by every worker (so the pass moves through each
 //! file front to back instead of from several far-apart places), and one reader thread per
-//! side (the two checkpoints of a diff, every checkpoint of a trajectory) reads the items'
-//! stretches of file into the page cache a bounded window ahead of the workers, the sides in
-//! step.
+//! side (the two checkpoints of a diff, every checkpoint of a trajectory; past
+//! [`MAX_READERS`] sides, readers serve several) reads the items' stretches of file into the
+//! page cache a bounded window ahead of the workers, the sides in step.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -30,6 +30,11 @@ const BLOCK: usize = 8 << 20;
 /// Pages behind the workers are left to the kernel (the maps are `MADV_SEQUENTIAL`, so it
 /// reclaims them first when memory is short).
 const WINDOW: u64 = 256 << 20;
+
+/// At most this many reader threads: enough reads in flight for any disk measured here (six
+/// parallel `dd` were the best plain read), while a trajectory of hundreds of cold checkpoints
+/// does not start hundreds of threads.
+const MAX_READERS: usize = 8;
 
 /// One read of a reader: where, and how many bytes of items (all sides) come before the
 /// item that first needs it.
@@ -67,6 +72,22 @@ fn plan<'a>(reads: &mut Vec<Read<'a>>, s: Stretch<'a>, needed_at: u64) {
         });
         off += n;
     }
+}
+
+/// The sides' reads dealt to at most `max` readers, each reader's in the order the items
+/// need them (a stable sort: every side's own reads keep their file order).
+fn share(sides: Vec<Vec<Read<'_>>>, max: usize) -> Vec<Vec<Read<'_>>> {
+    if sides.len() <= max {
+        return sides;
+    }
+    let mut readers: Vec<Vec<Read>> = (0..max).map(|_| Vec::new()).collect();
+    for (i, reads) in sides.into_iter().enumerate() {
+        readers[i % max].extend(reads);
+    }
+    for reads in &mut readers {
+        reads.sort_by_key(|r| r.needed_at);
+    }
+    readers
 }
 
 /// Runs `work` on every item, the items taken in the order given by all of rayon's workers,
@@ -107,6 +128,7 @@ where
             .step_by(step)
             .all(|r| r.shard.resident(r.offset + r.len / 2, 1))
     });
+    let readers = share(readers, MAX_READERS);
 
     // Bytes of the items taken so far, in order.
     let taken = AtomicU64::new(0);
@@ -280,14 +302,47 @@ mod tests {
         assert!(a.resident(0, len));
     }
 
+    #[test]
+    fn sides_past_the_cap_share_readers_in_the_order_items_need_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<Shard> = (0..5)
+            .map(|i| shard(dir.path(), &i.to_string(), 64))
+            .collect();
+        // Side i reads 3 stretches of its file, needed from item bytes 10 * k + i on.
+        let sides: Vec<Vec<Read>> = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let mut reads = Vec::new();
+                for k in 0..3 {
+                    plan(&mut reads, stretch(f, 20 * k, 10), 10 * k as u64 + i as u64);
+                }
+                reads
+            })
+            .collect();
+        let key = |r: &Read| (r.shard.path.clone(), r.offset, r.needed_at);
+        let mut want: Vec<_> = sides.iter().flatten().map(key).collect();
+        let readers = share(sides, 2);
+        assert_eq!(readers.len(), 2);
+        let mut got: Vec<_> = readers.iter().flatten().map(key).collect();
+        for reads in &readers {
+            let at: Vec<u64> = reads.iter().map(|r| r.needed_at).collect();
+            assert!(at.windows(2).all(|w| w[0] <= w[1]), "{at:?}");
+        }
+        // Sides 0, 2, 4 on the first reader, 1 and 3 on the second; every read once.
+        assert_eq!(readers[0].len(), 9);
+        want.sort();
+        got.sort();
+        assert_eq!(got, want);
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn the_readers_bring_every_evicted_side_in_ahead_of_the_workers() {
-        // Three sides, as a trajectory of two steps has: one reader each.
+        // More sides than readers, as a long trajectory has: readers serve several.
         let dir = tempfile::tempdir().unwrap();
-        let files: Vec<Shard> = ["a", "b", "c"]
-            .iter()
-            .map(|n| shard(dir.path(), n, 6 << 20))
+        let files: Vec<Shard> = (0..MAX_READERS + 3)
+            .map(|i| shard(dir.path(), &i.to_string(), 6 << 20))
             .collect();
         files.iter().for_each(evict);
         // The workers never touch the files: only the readers can bring them in. The first
