@@ -20,6 +20,9 @@ use std::io::{BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
+use blake3::hazmat::{
+    merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
+};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -597,6 +600,50 @@ pub fn fingerprint(bytes: &[u8]) -> String {
     h.finalize().to_hex().to_string()
 }
 
+/// The hash of one piece of a tensor's bytes, for [`merged_fingerprint`]: pieces are the
+/// pass's chunks of [`CHUNK`] elements, `offset` bytes into the tensor. A piece of
+/// `CHUNK * size` bytes (every dtype's size is 1, 2, 4 or 8) is a power of two of BLAKE3's
+/// 1 KiB chunks at an offset that is a multiple of its length, so it is a whole subtree of the
+/// tensor's hash tree (the last piece may be short: it lies on the tree's right edge). A
+/// tensor of one piece is its own root.
+/// Hashed on every core: a tensor of one piece is compared by one worker alone, and its hash
+/// would be too.
+fn piece_print(bytes: &[u8], offset: u64, only: bool) -> ChainingValue {
+    let mut h = blake3::Hasher::new();
+    if only {
+        return *h.update_rayon(bytes).finalize().as_bytes();
+    }
+    h.set_input_offset(offset)
+        .update_rayon(bytes)
+        .finalize_non_root()
+}
+
+/// The fingerprint (as [`fingerprint`] gives it) of a tensor from its pieces' hashes in
+/// order, without reading its bytes again.
+fn merged_fingerprint(pieces: &[ChainingValue]) -> String {
+    // A tree of n pieces (all of one power-of-two size but the last) puts the largest power
+    // of two of pieces below n in its left subtree (BLAKE3 paper, §2.1).
+    fn halves(pieces: &[ChainingValue]) -> (ChainingValue, ChainingValue) {
+        let left = pieces.len().next_power_of_two() / 2;
+        (subtree(&pieces[..left]), subtree(&pieces[left..]))
+    }
+    fn subtree(pieces: &[ChainingValue]) -> ChainingValue {
+        if let [one] = pieces {
+            return *one;
+        }
+        let (l, r) = halves(pieces);
+        merge_subtrees_non_root(&l, &r, Mode::Hash)
+    }
+    match pieces {
+        [] => blake3::hash(&[]).to_hex().to_string(),
+        [only] => blake3::Hash::from_bytes(*only).to_hex().to_string(),
+        _ => {
+            let (l, r) = halves(pieces);
+            merge_subtrees_root(&l, &r, Mode::Hash).to_hex().to_string()
+        }
+    }
+}
+
 /// Appends the flat indices (`wide`: i64, else i32, little-endian) and `b`'s values of the
 /// elements of `size` bytes whose bits differ between `a` and `b`, the first at index `first`.
 /// Eight bytes are compared at a time as a word; in a word that differs every lane is written
@@ -745,6 +792,8 @@ struct Span {
     stored: u64,
     /// Its frames (compact).
     frames: Vec<Frame>,
+    /// The hashes of its pieces in base and in tuned, in order (see [`merged_fingerprint`]).
+    prints: (Vec<ChainingValue>, Vec<ChainingValue>),
 }
 
 impl Span {
@@ -864,6 +913,7 @@ pub fn create(
         let wide = index_width(t.numel) == 8;
         let (ra, rb) = (job.a.0.bytes(job.a.1), job.b.0.bytes(job.b.1));
         let starts: Vec<usize> = (0..n).step_by(CHUNK).collect();
+        let only = starts.len() == 1;
         let mut span = Span {
             changed: 0,
             wide,
@@ -871,6 +921,7 @@ pub fn create(
             val_at: val_file.len,
             stored: 0,
             frames: Vec::new(),
+            prints: (Vec::new(), Vec::new()),
         };
         for group in starts.chunks(window) {
             let parts = group
@@ -901,12 +952,18 @@ pub fn create(
                     progress
                         .done
                         .fetch_add(2 * x.len() as u64, Ordering::Relaxed);
+                    // The fingerprints, hashed while the piece is in the cache.
+                    let off = (s * size) as u64;
+                    let prints =
+                        rayon::join(|| piece_print(x, off, only), || piece_print(y, off, only));
                     job.a.0.check_faults()?;
                     job.b.0.check_faults()?;
-                    Ok((s as u64, count, idx, vals))
+                    Ok((s as u64, count, idx, vals, prints))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            for (start, count, idx, vals) in parts {
+            for (start, count, idx, vals, (pa, pb)) in parts {
+                span.prints.0.push(pa);
+                span.prints.1.push(pb);
                 if count == 0 {
                     continue;
                 }
@@ -929,14 +986,12 @@ pub fn create(
         f.file.flush().map_err(|e| Error::output(out, e))?;
     }
 
-    // Fingerprints, then the entries.
-    progress.check()?;
-    let prints: Vec<(String, String)> = jobs
+    let prints: Vec<(String, String)> = spans
         .iter()
-        .map(|j| {
+        .map(|s| {
             (
-                fingerprint(j.a.0.bytes(j.a.1)),
-                fingerprint(j.b.0.bytes(j.b.1)),
+                merged_fingerprint(&s.prints.0),
+                merged_fingerprint(&s.prints.1),
             )
         })
         .collect();
@@ -1438,4 +1493,53 @@ pub fn verify(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fingerprint merged from the pass's pieces is BLAKE3's hash of the whole tensor, for
+    /// every length around the pieces' boundaries: none, one short piece, exactly one, one
+    /// and a byte, and trees of 3, 4, 5 and 7 pieces (left subtrees of 2 and 4 pieces, right
+    /// ones of 1 and 3, a short right edge).
+    #[test]
+    fn pieces_merge_into_the_hash_of_the_whole() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let bytes: Vec<u8> = (0..(7 * CHUNK * 2))
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        for size in [1usize, 2] {
+            let piece = CHUNK * size;
+            for len in [
+                0,
+                1,
+                1000,
+                piece,
+                piece + 1,
+                3 * piece - 5,
+                4 * piece,
+                5 * piece + 7,
+                7 * piece - 3,
+            ] {
+                let whole = &bytes[..len];
+                let n = len.div_ceil(piece);
+                let prints: Vec<ChainingValue> = whole
+                    .chunks(piece)
+                    .enumerate()
+                    .map(|(i, p)| piece_print(p, (i * piece) as u64, n == 1))
+                    .collect();
+                assert_eq!(
+                    merged_fingerprint(&prints),
+                    blake3::hash(whole).to_hex().to_string(),
+                    "size {size}, {len} bytes"
+                );
+            }
+        }
+    }
 }
