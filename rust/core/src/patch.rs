@@ -31,6 +31,7 @@ use crate::codec::Frame;
 use crate::diff::{Progress, Side};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::readahead;
 use crate::safetensors::{Shard, TensorInfo};
 
 /// The `format` of a patch file.
@@ -906,82 +907,104 @@ pub fn create(
     let mut idx_file = Scratch::new(out, "indices")?;
     let mut val_file = Scratch::new(out, "values")?;
     let window = 2 * rayon::current_num_threads().max(1);
-    let mut spans = Vec::with_capacity(jobs.len());
-    for job in &jobs {
-        let (t, size) = (job.a.1, job.a.1.dtype.size());
-        let n = t.numel as usize;
-        let wide = index_width(t.numel) == 8;
-        let (ra, rb) = (job.a.0.bytes(job.a.1), job.b.0.bytes(job.b.1));
-        let starts: Vec<usize> = (0..n).step_by(CHUNK).collect();
-        let only = starts.len() == 1;
-        let mut span = Span {
-            changed: 0,
-            wide,
-            idx_at: idx_file.len,
-            val_at: val_file.len,
-            stored: 0,
-            frames: Vec::new(),
-            prints: (Vec::new(), Vec::new()),
-        };
-        for group in starts.chunks(window) {
-            let parts = group
-                .par_iter()
-                .map(|&s| {
-                    progress.check()?;
-                    let len = CHUNK.min(n - s);
-                    job.a.0.prefetch(t, s * size, len * size);
-                    job.b.0.prefetch(job.b.1, s * size, len * size);
-                    let (x, y) = (
-                        &ra[s * size..(s + len) * size],
-                        &rb[s * size..(s + len) * size],
-                    );
-                    let (mut idx, mut vals) = (Vec::new(), Vec::new());
-                    changed_into(x, y, size, s as u64, wide, &mut idx, &mut vals);
-                    let count = (vals.len() / size.max(1)) as u64;
-                    if codec == Codec::Compact && count > 0 {
-                        // Offsets from the chunk's first element; the frame replaces both.
-                        let iw = if wide { 8 } else { 4 };
-                        let offsets = idx.chunks_exact(iw).map(|b| {
-                            let mut w = [0u8; 8];
-                            w[..iw].copy_from_slice(b);
-                            u64::from_le_bytes(w) - s as u64
-                        });
-                        vals = crate::codec::encode(offsets, &vals, size);
-                        idx.clear();
-                    }
-                    progress
-                        .done
-                        .fetch_add(2 * x.len() as u64, Ordering::Relaxed);
-                    // The fingerprints, hashed while the piece is in the cache.
-                    let off = (s * size) as u64;
-                    let prints =
-                        rayon::join(|| piece_print(x, off, only), || piece_print(y, off, only));
-                    job.a.0.check_faults()?;
-                    job.b.0.check_faults()?;
-                    Ok((s as u64, count, idx, vals, prints))
+    // The pass's groups of chunks in the order it takes them (job by job, `window` chunks at
+    // a time), for the readers that read cold files ahead of it.
+    let group_len = window * CHUNK;
+    let groups = jobs.iter().flat_map(|job| {
+        let n = job.a.1.numel as usize;
+        (0..n).step_by(group_len).map(move |g| {
+            let len = group_len.min(n - g);
+            [job.a, job.b]
+                .map(|(shard, t)| readahead::Stretch {
+                    shard,
+                    offset: t.offset + g * t.dtype.size(),
+                    len: len * t.dtype.size(),
                 })
-                .collect::<Result<Vec<_>>>()?;
-            for (start, count, idx, vals, (pa, pb)) in parts {
-                span.prints.0.push(pa);
-                span.prints.1.push(pb);
-                if count == 0 {
-                    continue;
+                .to_vec()
+        })
+    });
+    let mut spans = Vec::with_capacity(jobs.len());
+    readahead::ahead(groups, |took| -> Result<()> {
+        let mut taken = 0;
+        for job in &jobs {
+            let (t, size) = (job.a.1, job.a.1.dtype.size());
+            let n = t.numel as usize;
+            let wide = index_width(t.numel) == 8;
+            let (ra, rb) = (job.a.0.bytes(job.a.1), job.b.0.bytes(job.b.1));
+            let starts: Vec<usize> = (0..n).step_by(CHUNK).collect();
+            let only = starts.len() == 1;
+            let mut span = Span {
+                changed: 0,
+                wide,
+                idx_at: idx_file.len,
+                val_at: val_file.len,
+                stored: 0,
+                frames: Vec::new(),
+                prints: (Vec::new(), Vec::new()),
+            };
+            for group in starts.chunks(window) {
+                took(taken);
+                taken += 1;
+                let parts = group
+                    .par_iter()
+                    .map(|&s| {
+                        progress.check()?;
+                        let len = CHUNK.min(n - s);
+                        job.a.0.prefetch(t, s * size, len * size);
+                        job.b.0.prefetch(job.b.1, s * size, len * size);
+                        let (x, y) = (
+                            &ra[s * size..(s + len) * size],
+                            &rb[s * size..(s + len) * size],
+                        );
+                        let (mut idx, mut vals) = (Vec::new(), Vec::new());
+                        changed_into(x, y, size, s as u64, wide, &mut idx, &mut vals);
+                        let count = (vals.len() / size.max(1)) as u64;
+                        if codec == Codec::Compact && count > 0 {
+                            // Offsets from the chunk's first element; the frame replaces both.
+                            let iw = if wide { 8 } else { 4 };
+                            let offsets = idx.chunks_exact(iw).map(|b| {
+                                let mut w = [0u8; 8];
+                                w[..iw].copy_from_slice(b);
+                                u64::from_le_bytes(w) - s as u64
+                            });
+                            vals = crate::codec::encode(offsets, &vals, size);
+                            idx.clear();
+                        }
+                        progress
+                            .done
+                            .fetch_add(2 * x.len() as u64, Ordering::Relaxed);
+                        // The fingerprints, hashed while the piece is in the cache.
+                        let off = (s * size) as u64;
+                        let prints =
+                            rayon::join(|| piece_print(x, off, only), || piece_print(y, off, only));
+                        job.a.0.check_faults()?;
+                        job.b.0.check_faults()?;
+                        Ok((s as u64, count, idx, vals, prints))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                for (start, count, idx, vals, (pa, pb)) in parts {
+                    span.prints.0.push(pa);
+                    span.prints.1.push(pb);
+                    if count == 0 {
+                        continue;
+                    }
+                    span.changed += count;
+                    span.stored += (idx.len() + vals.len()) as u64;
+                    if codec == Codec::Compact {
+                        span.frames.push(Frame {
+                            start,
+                            count,
+                            bytes: vals.len() as u64,
+                        });
+                    }
+                    idx_file.write(out, &idx)?;
+                    val_file.write(out, &vals)?;
                 }
-                span.changed += count;
-                span.stored += (idx.len() + vals.len()) as u64;
-                if codec == Codec::Compact {
-                    span.frames.push(Frame {
-                        start,
-                        count,
-                        bytes: vals.len() as u64,
-                    });
-                }
-                idx_file.write(out, &idx)?;
-                val_file.write(out, &vals)?;
             }
+            spans.push(span);
         }
-        spans.push(span);
-    }
+        Ok(())
+    })?;
     for f in [&mut idx_file, &mut val_file] {
         f.file.flush().map_err(|e| Error::output(out, e))?;
     }

@@ -90,24 +90,17 @@ fn share(sides: Vec<Vec<Read<'_>>>, max: usize) -> Vec<Vec<Read<'_>>> {
     readers
 }
 
-/// Runs `work` on every item, the items taken in the order given by all of rayon's workers,
-/// while readers keep each item's stretches (`stretches`: one per side, the sides in the same
-/// order for every item) in the page cache up to a window ahead. Results come back in no
-/// particular order; the first error stops the pass.
-pub fn in_order<'a, I, R, S>(
-    items: Vec<I>,
-    stretches: impl Fn(&I) -> Vec<Stretch<'a>>,
-    init: impl Fn() -> S + Sync,
-    work: impl Fn(&mut S, I) -> Result<R> + Sync,
-) -> Result<Vec<R>>
-where
-    I: Send,
-    R: Send,
-{
+/// Plans the reads of items taken in the order given (`stretches`: one per side, the sides in
+/// the same order for every item): the readers' reads, at most [`MAX_READERS`] of them, none
+/// for a side that is cached already, and every item's bytes (all sides).
+fn plan_items<'a, I>(
+    items: impl IntoIterator<Item = I>,
+    stretches: impl Fn(I) -> Vec<Stretch<'a>>,
+) -> (Vec<Vec<Read<'a>>>, Vec<u64>) {
     let mut readers: Vec<Vec<Read>> = Vec::new();
-    let mut sizes = Vec::with_capacity(items.len());
+    let mut sizes = Vec::new();
     let mut before = 0u64;
-    for item in &items {
+    for item in items {
         let st = stretches(item);
         if readers.len() < st.len() {
             readers.resize_with(st.len(), Vec::new);
@@ -128,18 +121,42 @@ where
             .step_by(step)
             .all(|r| r.shard.resident(r.offset + r.len / 2, 1))
     });
-    let readers = share(readers, MAX_READERS);
+    (share(readers, MAX_READERS), sizes)
+}
 
-    // Bytes of the items taken so far, in order.
+/// How far the pass has come, for its readers: [`Pace::took`] each item as it is taken.
+pub struct Pace<'s> {
+    taken: &'s AtomicU64,
+    stop: &'s AtomicBool,
+    threads: Vec<std::thread::Thread>,
+}
+
+impl Pace<'_> {
+    /// The pass has taken an item of `bytes` (all sides): the readers may go that much further.
+    pub fn took(&self, bytes: u64) {
+        self.taken.fetch_add(bytes, Ordering::Release);
+        for t in &self.threads {
+            t.unpark();
+        }
+    }
+
+    /// The pass is over (or failed): the readers stop.
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in &self.threads {
+            t.unpark();
+        }
+    }
+}
+
+/// Runs `pass` while the readers read their reads (in order, each when the pass has taken
+/// the bytes of items before it less [`WINDOW`]); they stop when `pass` returns.
+fn with_readers<T>(readers: &[Vec<Read<'_>>], pass: impl FnOnce(&Pace) -> T) -> T {
     let taken = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
-    let queue = Mutex::new(items.into_iter().zip(sizes));
-    let results: Mutex<Vec<R>> = Mutex::new(Vec::new());
-    let first_error: Mutex<Option<crate::error::Error>> = Mutex::new(None);
-
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
-        for reads in &readers {
+        for reads in readers {
             let (taken, stop) = (&taken, &stop);
             handles.push(scope.spawn(move || {
                 for r in reads {
@@ -160,7 +177,50 @@ where
                 }
             }));
         }
-        let threads: Vec<_> = handles.iter().map(|h| h.thread().clone()).collect();
+        let pace = Pace {
+            taken: &taken,
+            stop: &stop,
+            threads: handles.iter().map(|h| h.thread().clone()).collect(),
+        };
+        let out = pass(&pace);
+        pace.stop();
+        out
+    })
+}
+
+/// Runs `pass` with readers ahead of it over `items` (each item's stretches, one per side),
+/// for a pass that goes through the items in this order itself and calls [`Pace::took`] with
+/// each item's index as it starts it. For passes that must keep their own order (a patch is
+/// written in order); [`in_order`] runs the items on every worker.
+pub fn ahead<'a, T>(
+    items: impl IntoIterator<Item = Vec<Stretch<'a>>>,
+    pass: impl FnOnce(&dyn Fn(usize)) -> T,
+) -> T {
+    let (readers, sizes) = plan_items(items, |st| st);
+    with_readers(&readers, |pace| pass(&|i| pace.took(sizes[i])))
+}
+
+/// Runs `work` on every item, the items taken in the order given by all of rayon's workers,
+/// while readers keep each item's stretches (`stretches`: one per side, the sides in the same
+/// order for every item) in the page cache up to a window ahead. Results come back in no
+/// particular order; the first error stops the pass.
+pub fn in_order<'a, I, R, S>(
+    items: Vec<I>,
+    stretches: impl Fn(&I) -> Vec<Stretch<'a>>,
+    init: impl Fn() -> S + Sync,
+    work: impl Fn(&mut S, I) -> Result<R> + Sync,
+) -> Result<Vec<R>>
+where
+    I: Send,
+    R: Send,
+{
+    let (readers, sizes) = plan_items(&items, stretches);
+    let stop = AtomicBool::new(false);
+    let queue = Mutex::new(items.into_iter().zip(sizes));
+    let results: Mutex<Vec<R>> = Mutex::new(Vec::new());
+    let first_error: Mutex<Option<crate::error::Error>> = Mutex::new(None);
+
+    with_readers(&readers, |pace| {
         rayon::broadcast(|_| {
             let mut state = init();
             let mut mine = Vec::new();
@@ -172,10 +232,7 @@ where
                 let Some((item, size)) = next else {
                     break;
                 };
-                taken.fetch_add(size, Ordering::Release);
-                for t in &threads {
-                    t.unpark();
-                }
+                pace.took(size);
                 match work(&mut state, item) {
                     Ok(r) => mine.push(r),
                     Err(e) => {
@@ -193,10 +250,6 @@ where
                 .unwrap_or_else(|e| e.into_inner())
                 .append(&mut mine);
         });
-        stop.store(true, Ordering::Relaxed);
-        for t in &threads {
-            t.unpark();
-        }
     });
     if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
         return Err(e);
@@ -369,6 +422,29 @@ mod tests {
         .unwrap();
         assert_eq!(got.len(), 12);
         assert!(got.iter().all(|&ok| ok));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_pass_in_its_own_order_gets_readers_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let files: Vec<Shard> = (0..3)
+            .map(|i| shard(dir.path(), &i.to_string(), 4 << 20))
+            .collect();
+        files.iter().for_each(evict);
+        let items = (0..8).map(|i| files.iter().map(|f| stretch(f, i << 19, 1 << 19)).collect());
+        let all_in = ahead(items, |took| {
+            took(0);
+            let t = std::time::Instant::now();
+            while t.elapsed().as_secs() < 20 {
+                if files.iter().all(|f| f.resident(0, 4 << 20)) {
+                    return true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            false
+        });
+        assert!(all_in);
     }
 
     #[test]
