@@ -5,10 +5,11 @@
 //! the work items are taken strictly in order by every worker (so the pass moves through each
 //! file front to back instead of from several far-apart places), and one reader thread per
 //! side (the two checkpoints of a diff, every checkpoint of a trajectory; past
-//! [`MAX_READERS`] sides, readers serve several) reads the items' stretches of file into the
-//! page cache a bounded window ahead of the workers, the sides in step.
+//! [`MAX_READERS`] sides, a pool of readers takes the most urgent reads of all) reads the
+//! items' stretches of file into the page cache a bounded window ahead of the workers, the
+//! sides in step.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::error::Result;
@@ -31,10 +32,11 @@ const BLOCK: usize = 8 << 20;
 /// reclaims them first when memory is short).
 const WINDOW: u64 = 256 << 20;
 
-/// At most this many reader threads: enough reads in flight for any disk measured here (six
-/// parallel `dd` were the best plain read), while a trajectory of hundreds of cold checkpoints
-/// does not start hundreds of threads.
-const MAX_READERS: usize = 8;
+/// At most this many reader threads. Up to this many sides each has a reader of its own (a
+/// cold run of 11 checkpoints read at 99% of 11 parallel `cat` that way, and at 90% with a
+/// pool of 8); a trajectory of hundreds of cold checkpoints shares a pool of this many
+/// instead of starting hundreds of threads.
+const MAX_READERS: usize = 16;
 
 /// One read of a reader: where, and how many bytes of items (all sides) come before the
 /// item that first needs it.
@@ -74,20 +76,16 @@ fn plan<'a>(reads: &mut Vec<Read<'a>>, s: Stretch<'a>, needed_at: u64) {
     }
 }
 
-/// The sides' reads dealt to at most `max` readers, each reader's in the order the items
-/// need them (a stable sort: every side's own reads keep their file order).
-fn share(sides: Vec<Vec<Read<'_>>>, max: usize) -> Vec<Vec<Read<'_>>> {
+/// Who reads what: each side's reads by one reader of its own, or, past `max` sides, all
+/// sides' reads in one queue in the order the items need them, taken by a pool of `max`
+/// readers (so the `max` most urgent reads are in flight, whichever sides they are on).
+fn share(mut sides: Vec<Vec<Read<'_>>>, max: usize) -> Vec<(Vec<Read<'_>>, usize)> {
     if sides.len() <= max {
-        return sides;
+        return sides.into_iter().map(|reads| (reads, 1)).collect();
     }
-    let mut readers: Vec<Vec<Read>> = (0..max).map(|_| Vec::new()).collect();
-    for (i, reads) in sides.into_iter().enumerate() {
-        readers[i % max].extend(reads);
-    }
-    for reads in &mut readers {
-        reads.sort_by_key(|r| r.needed_at);
-    }
-    readers
+    let mut all: Vec<Read> = sides.drain(..).flatten().collect();
+    all.sort_by_key(|r| r.needed_at); // stable: every side's own reads keep their file order
+    vec![(all, max)]
 }
 
 /// Plans the reads of items taken in the order given (`stretches`: one per side, the sides in
@@ -96,7 +94,7 @@ fn share(sides: Vec<Vec<Read<'_>>>, max: usize) -> Vec<Vec<Read<'_>>> {
 fn plan_items<'a, I>(
     items: impl IntoIterator<Item = I>,
     stretches: impl Fn(I) -> Vec<Stretch<'a>>,
-) -> (Vec<Vec<Read<'a>>>, Vec<u64>) {
+) -> (Vec<(Vec<Read<'a>>, usize)>, Vec<u64>) {
     let mut readers: Vec<Vec<Read>> = Vec::new();
     let mut sizes = Vec::new();
     let mut before = 0u64;
@@ -151,31 +149,34 @@ impl Pace<'_> {
 
 /// Runs `pass` while the readers read their reads (in order, each when the pass has taken
 /// the bytes of items before it less [`WINDOW`]); they stop when `pass` returns.
-fn with_readers<T>(readers: &[Vec<Read<'_>>], pass: impl FnOnce(&Pace) -> T) -> T {
+fn with_readers<T>(readers: &[(Vec<Read<'_>>, usize)], pass: impl FnOnce(&Pace) -> T) -> T {
     let taken = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
+    let next: Vec<AtomicUsize> = readers.iter().map(|_| AtomicUsize::new(0)).collect();
     std::thread::scope(|scope| {
         let mut handles = Vec::new();
-        for reads in readers {
-            let (taken, stop) = (&taken, &stop);
-            handles.push(scope.spawn(move || {
-                for r in reads {
-                    // Cached already (a warm file): nothing to read, and nothing to wait for.
-                    if r.shard.resident(r.offset, r.len) {
-                        continue;
-                    }
-                    while r.needed_at > taken.load(Ordering::Acquire) + WINDOW {
+        for ((reads, threads), next) in readers.iter().zip(&next) {
+            for _ in 0..*threads {
+                let (taken, stop) = (&taken, &stop);
+                handles.push(scope.spawn(move || {
+                    while let Some(r) = reads.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        // Cached already (a warm file): nothing to read, nothing to wait for.
+                        if r.shard.resident(r.offset, r.len) {
+                            continue;
+                        }
+                        while r.needed_at > taken.load(Ordering::Acquire) + WINDOW {
+                            if stop.load(Ordering::Relaxed) {
+                                return;
+                            }
+                            std::thread::park();
+                        }
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        std::thread::park();
+                        r.shard.read_ahead(r.offset, r.len);
                     }
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    r.shard.read_ahead(r.offset, r.len);
-                }
-            }));
+                }));
+            }
         }
         let pace = Pace {
             taken: &taken,
@@ -356,34 +357,43 @@ mod tests {
     }
 
     #[test]
-    fn sides_past_the_cap_share_readers_in_the_order_items_need_them() {
+    fn sides_past_the_cap_share_a_pool_of_readers_in_the_order_items_need_them() {
         let dir = tempfile::tempdir().unwrap();
         let files: Vec<Shard> = (0..5)
             .map(|i| shard(dir.path(), &i.to_string(), 64))
             .collect();
         // Side i reads 3 stretches of its file, needed from item bytes 10 * k + i on.
-        let sides: Vec<Vec<Read>> = files
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                let mut reads = Vec::new();
-                for k in 0..3 {
-                    plan(&mut reads, stretch(f, 20 * k, 10), 10 * k as u64 + i as u64);
-                }
-                reads
-            })
-            .collect();
+        let sides = || -> Vec<Vec<Read>> {
+            files
+                .iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    let mut reads = Vec::new();
+                    for k in 0..3 {
+                        plan(&mut reads, stretch(f, 20 * k, 10), 10 * k as u64 + i as u64);
+                    }
+                    reads
+                })
+                .collect()
+        };
         let key = |r: &Read| (r.shard.path.clone(), r.offset, r.needed_at);
-        let mut want: Vec<_> = sides.iter().flatten().map(key).collect();
-        let readers = share(sides, 2);
-        assert_eq!(readers.len(), 2);
-        let mut got: Vec<_> = readers.iter().flatten().map(key).collect();
-        for reads in &readers {
-            let at: Vec<u64> = reads.iter().map(|r| r.needed_at).collect();
-            assert!(at.windows(2).all(|w| w[0] <= w[1]), "{at:?}");
-        }
-        // Sides 0, 2, 4 on the first reader, 1 and 3 on the second; every read once.
-        assert_eq!(readers[0].len(), 9);
+        // Up to the cap: a reader per side, its own reads.
+        let own = share(sides(), 5);
+        assert!(own.iter().all(|(reads, n)| *n == 1 && reads.len() == 3));
+        // Past it: one queue of every read, most urgent first, for a pool of 2.
+        let pooled = share(sides(), 2);
+        assert_eq!(pooled.len(), 1);
+        let (queue, threads) = &pooled[0];
+        assert_eq!(*threads, 2);
+        let at: Vec<u64> = queue.iter().map(|r| r.needed_at).collect();
+        assert_eq!(
+            at,
+            (0..3)
+                .flat_map(|k| (0..5).map(move |i| 10 * k + i))
+                .collect::<Vec<u64>>()
+        );
+        let mut want: Vec<_> = sides().iter().flatten().map(key).collect();
+        let mut got: Vec<_> = queue.iter().map(key).collect();
         want.sort();
         got.sort();
         assert_eq!(got, want);
