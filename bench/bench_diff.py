@@ -12,7 +12,8 @@ directory, warms the page cache, then times in the same run and on the same warm
   (d) whole commands, timed from outside (interpreter start-up and imports included): the
                  ``rlmask diff BASE TUNED --format json`` command (the console script beside
                  this interpreter) against the naive program run as a script (``python -c``,
-                 torch imported inside it), and a bare ``python -c pass`` for the bound;
+                 torch imported inside it), and a bare ``python -c pass`` and ``python -c
+                 "import click"`` for the bounds;
                  with this interpreter, and again in a plain virtual environment made for the
                  run (see ``plain_venv``: start-up as a user's environment has it)
 
@@ -180,6 +181,7 @@ def bench(root: Path, size: str, repeat: int) -> dict:
             "command": [python, script, "diff", str(base), str(tuned), "--format", "json"],
             "naive script": [python, "-c", PROGRAMS["naive"], str(base), str(tuned)],
             "bare interpreter": [python, "-c", "pass"],
+            "click alone": [python, "-c", "import click"],
         }
         for _ in range(repeat):
             for m, cmd in commands.items():
@@ -191,6 +193,7 @@ def bench(root: Path, size: str, repeat: int) -> dict:
             "whole_command_s": min(whole[f"{where}: command"]),
             "whole_naive_s": min(whole[f"{where}: naive script"]),
             "bare_interpreter_s": min(whole[f"{where}: bare interpreter"]),
+            "click_alone_s": min(whole[f"{where}: click alone"]),
         }
     summary["speedup_vs_naive"] = summary["naive"]["seconds"] / summary["rlmask"]["seconds"]
     summary["share_of_read_floor"] = summary["read-floor"]["seconds"] / summary["rlmask"]["seconds"]
@@ -232,6 +235,13 @@ def main() -> None:
                 f"{w['whole_naive_s'] / w['whole_command_s']:.1f}x; bound: a bare interpreter "
                 f"({w['bare_interpreter_s']:.3f} s) plus the in-process diff = {bound:.3f} s, "
                 f"at most {w['whole_naive_s'] / bound:.1f}x with no imports at all"
+            )
+            # The command-line library's import is part of every command.
+            with_click = s["rlmask"]["seconds"] + w["click_alone_s"]
+            print(
+                f"  with click imported and nothing else ({w['click_alone_s']:.3f} s for "
+                f"`python -c 'import click'`): {with_click:.3f} s, at most "
+                f"{w['whole_naive_s'] / with_click:.1f}x"
             )
         print(json.dumps(s), flush=True)
 
