@@ -45,9 +45,10 @@ def test_repo_ids_with_revisions(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     _cache_repo(tmp_path, "org/base", {"main": COMMIT_A}, 1.0)
     _cache_repo(tmp_path, "org/tuned", {"main": COMMIT_A, "v2": COMMIT_B}, 2.0)
-    assert resolve_checkpoint("org/base") == tmp_path / "models--org--base" / "snapshots" / COMMIT_A
-    assert resolve_checkpoint("org/tuned@v2").name == COMMIT_B
-    assert resolve_checkpoint(f"org/tuned@{COMMIT_B}").name == COMMIT_B
+    want = tmp_path / "models--org--base" / "snapshots" / COMMIT_A
+    assert resolve_checkpoint("org/base") == str(want)
+    assert Path(resolve_checkpoint("org/tuned@v2")).name == COMMIT_B
+    assert Path(resolve_checkpoint(f"org/tuned@{COMMIT_B}")).name == COMMIT_B
     report = rlmask.diff("org/base", "org/tuned@v2", progress=False)
     assert report.base == "org/base" and report.changed == 8
 

@@ -7,7 +7,6 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from rlmask import _rlmask
@@ -512,13 +511,15 @@ class DiffReport(Report):
         return printable_lines(lines)
 
 
-def declared_block(ckpt: _rlmask.Checkpoint) -> tuple[int, int] | None:
-    """The FP8 block size the checkpoint's ``config.json`` declares
-    (``quantization_config.weight_block_size``), or None (no config, no block size)."""
-    where = Path(ckpt.path)
-    config = (where if where.is_dir() else where.parent) / "config.json"
+def declared_block(checkpoint: PathArg) -> tuple[int, int] | None:
+    """The FP8 block size that the ``config.json`` beside the checkpoint (a directory, or a
+    file whose folder holds it) declares (``quantization_config.weight_block_size``), or None
+    (no config, no block size)."""
+    where = os.fspath(checkpoint)
+    folder = where if os.path.isdir(where) else os.path.dirname(where)
     try:
-        q = json.loads(config.read_text()).get("quantization_config") or {}
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            q = json.load(f).get("quantization_config") or {}
         rows, cols = q["weight_block_size"]
         return int(rows), int(cols)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -657,8 +658,8 @@ def diff(
     select_names([], include, exclude)  # bad patterns fail before any file is opened
     if save_mask is not None:
         check_output(save_mask)
-    a = _rlmask.Checkpoint(resolve_checkpoint(base))
-    b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
+    where_a, where_b = resolve_checkpoint(base), resolve_checkpoint(tuned)
+    a, b = _rlmask.Checkpoint(where_a), _rlmask.Checkpoint(where_b)
     select = selection([a, b], include, exclude, name_map)
     raw = run_with_progress(
         lambda watch: _rlmask.diff(
@@ -669,8 +670,8 @@ def diff(
             name_map=list((name_map or {}).items()),
             skip_mismatched=skip_mismatched,
             shared_rows=shared_rows,
-            block_base=block_size or declared_block(a),
-            block_tuned=block_size or declared_block(b),
+            block_base=block_size or declared_block(where_a),
+            block_tuned=block_size or declared_block(where_b),
             mask_at=crit.primary_index if (mask or save_mask is not None) else None,
             mask_file=None if (mask or save_mask is None) else os.fspath(save_mask),
             mask_provenance=provenance,

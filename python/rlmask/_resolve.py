@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlmask._io import PathArg
 from rlmask.errors import CheckpointNotFoundError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # A repo owner or name as the hub allows them: letters, digits, '-', '_', '.', not starting or
 # ending with '-' or '.', at most 96 characters, and (checked below) no '--' or '..'.
@@ -33,6 +36,8 @@ def _valid_revision(rev: str) -> bool:
 def hub_cache_dir() -> Path:
     """The Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
     ``~/.cache/huggingface/hub``."""
+    from pathlib import Path
+
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     if os.environ.get("HF_HOME"):
@@ -40,12 +45,13 @@ def hub_cache_dir() -> Path:
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
-def resolve_checkpoint(spec: PathArg) -> Path:
+def resolve_checkpoint(spec: PathArg) -> str:
     """Returns the local path for a checkpoint argument, never touching the network.
 
-    An existing path wins. Otherwise ``org/name[@revision]`` is looked up in the hub cache:
-    ``models--org--name/refs/<revision>`` (default ``main``) holds a commit, whose files lie in
-    ``snapshots/<commit>/``; a 40-hex revision names the snapshot directly. The repo id and
+    An existing path wins (returned as given, ``~`` expanded). Otherwise ``org/name[@revision]``
+    is looked up in the hub cache: ``models--org--name/refs/<revision>`` (default ``main``)
+    holds a commit, whose files lie in ``snapshots/<commit>/``; a 40-hex revision names the
+    snapshot directly. The repo id and
     revision are validated first, and the snapshot must resolve to a folder inside the cache,
     so no argument can make rlmask read files elsewhere; a ref file's contents are never shown.
 
@@ -53,8 +59,8 @@ def resolve_checkpoint(spec: PathArg) -> Path:
         CheckpointNotFoundError: with one line saying everything that was tried.
     """
     text = os.fspath(spec)
-    path = Path(text).expanduser()
-    if path.exists():
+    path = os.path.expanduser(text)
+    if os.path.exists(path):
         return path
     tried = [f"no file or directory '{path}'"]
     m = _REPO_ID.fullmatch(text)
@@ -95,7 +101,7 @@ def resolve_checkpoint(spec: PathArg) -> Path:
                         f"{real}, outside the hub cache {cache}; refusing to read it",
                         text,
                     )
-                return real
+                return str(real)
             tried.append(f"revision '{rev}' (commit {commit}) has no snapshot at {snapshot}")
     raise CheckpointNotFoundError(
         f"cannot find checkpoint '{text}': "

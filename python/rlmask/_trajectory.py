@@ -94,7 +94,7 @@ def discover(args: Sequence[PathArg]) -> list[Path]:
                 if runs:
                     found += runs
                     continue
-            found.append(resolve_checkpoint(m))
+            found.append(Path(resolve_checkpoint(m)))
     seen: dict[Path, Path] = {}
     for p in found:
         real = p.resolve()
@@ -411,7 +411,7 @@ def trajectory(
         "select": select,
         "name_map": list((name_map or {}).items()),
         "skip_mismatched": skip_mismatched,
-        "block": block_size or declared_block(b),
+        "block": block_size or declared_block(b.path),
     }
     masks: list[PathArg] | None = list(mask_files) if mask_files else None
     if executor == "ray":
