@@ -607,6 +607,7 @@ pub fn fingerprint(bytes: &[u8]) -> String {
 /// 1 KiB chunks at an offset that is a multiple of its length, so it is a whole subtree of the
 /// tensor's hash tree (the last piece may be short: it lies on the tree's right edge). A
 /// tensor of one piece is its own root.
+///
 /// Hashed on every core: a tensor of one piece is compared by one worker alone, and its hash
 /// would be too.
 fn piece_print(bytes: &[u8], offset: u64, only: bool) -> ChainingValue {

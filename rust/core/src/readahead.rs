@@ -123,7 +123,7 @@ fn plan_items<'a, I>(
 }
 
 /// How far the pass has come, for its readers: [`Pace::took`] each item as it is taken.
-pub struct Pace<'s> {
+struct Pace<'s> {
     taken: &'s AtomicU64,
     stop: &'s AtomicBool,
     threads: Vec<std::thread::Thread>,
@@ -131,7 +131,7 @@ pub struct Pace<'s> {
 
 impl Pace<'_> {
     /// The pass has taken an item of `bytes` (all sides): the readers may go that much further.
-    pub fn took(&self, bytes: u64) {
+    fn took(&self, bytes: u64) {
         self.taken.fetch_add(bytes, Ordering::Release);
         for t in &self.threads {
             t.unpark();
@@ -190,9 +190,9 @@ fn with_readers<T>(readers: &[(Vec<Read<'_>>, usize)], pass: impl FnOnce(&Pace) 
 }
 
 /// Runs `pass` with readers ahead of it over `items` (each item's stretches, one per side),
-/// for a pass that goes through the items in this order itself and calls [`Pace::took`] with
-/// each item's index as it starts it. For passes that must keep their own order (a patch is
-/// written in order); [`in_order`] runs the items on every worker.
+/// for a pass that goes through the items in this order itself and calls the function it is
+/// given with each item's index as it starts that item. For passes that must keep their own
+/// order (a patch is written in order); [`in_order`] runs the items on every worker.
 pub fn ahead<'a, T>(
     items: impl IntoIterator<Item = Vec<Stretch<'a>>>,
     pass: impl FnOnce(&dyn Fn(usize)) -> T,
