@@ -51,9 +51,9 @@ def resolve_checkpoint(spec: PathArg) -> str:
     An existing path wins (returned as given, ``~`` expanded). Otherwise ``org/name[@revision]``
     is looked up in the hub cache: ``models--org--name/refs/<revision>`` (default ``main``)
     holds a commit, whose files lie in ``snapshots/<commit>/``; a 40-hex revision names the
-    snapshot directly. The repo id and
-    revision are validated first, and the snapshot must resolve to a folder inside the cache,
-    so no argument can make rlmask read files elsewhere; a ref file's contents are never shown.
+    snapshot directly. The repo id and revision are validated first, and the snapshot must
+    resolve to a folder inside the cache, so no argument can make rlmask read files elsewhere;
+    a ref file's contents are never shown.
 
     Raises:
         CheckpointNotFoundError: with one line saying everything that was tried.
