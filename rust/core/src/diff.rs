@@ -740,7 +740,6 @@ fn compare_pairs<'a>(
         || (Stretch::default(), Stretch::default()),
         |state: &mut (Stretch, Stretch), item| {
             progress.check()?;
-            let spans = stretch(&item);
             let p = &pairs[item.pair];
 
             let (ta, tb) = (p.a.1, p.b.1);
@@ -811,10 +810,6 @@ fn compare_pairs<'a>(
             // and the pass stops here.
             p.a.0.check_faults()?;
             p.b.0.check_faults()?;
-            // Done with these pages: unmapped here, in parallel, instead of all at the end.
-            for s in spans {
-                s.shard.release(s.offset, s.len);
-            }
             Ok((item.pair, counts, hist))
         },
     )

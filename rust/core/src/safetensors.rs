@@ -242,9 +242,10 @@ impl Shard {
     /// Drops this process's page-table entries for the whole pages inside `len` bytes from
     /// `offset` once a pass is done with them (`MADV_DONTNEED`; the file's pages stay in the
     /// page cache). Unmapping 2 GB of populated pages at the end of a pass took about 0.08 s
-    /// on one thread; done behind each chunk it is spread over the workers, and the pages of a
-    /// pair larger than memory are no longer held by this process. A later read of the range
-    /// faults the same bytes back in. A hint: failures are ignored.
+    /// on one thread; done behind the pass in aligned blocks ([`crate::readahead`]) it is
+    /// spread over the workers, and the pages of a pair larger than memory are no longer held
+    /// by this process. A later read of the range faults the same bytes back in. A hint:
+    /// failures are ignored.
     pub fn release(&self, offset: usize, len: usize) {
         #[cfg(unix)]
         {

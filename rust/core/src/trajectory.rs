@@ -392,15 +392,11 @@ pub fn trajectory(
             || (),
             |_, item| {
                 progress.check()?;
-                let spans = stretches(&item);
                 let (ti, start, len, mut words) = item;
                 let t = &tracks[ti];
                 let (masks, ever) = words.split_at_mut(n_masks);
                 let ever = if ever_out { ever.first_mut() } else { None };
                 let counts = compare_steps(&opts.criterion, t, start, len, masks, ever, progress)?;
-                for s in spans {
-                    s.shard.release(s.offset, s.len);
-                }
                 Ok((ti, counts))
             },
         )?
