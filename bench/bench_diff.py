@@ -7,13 +7,16 @@ directory, warms the page cache, then times in the same run and on the same warm
   (a) rlmask     ``rlmask.diff(base, tuned)`` (memory-mapped, one pass, all cores)
   (b) naive      ``safetensors.torch.load_file`` both checkpoints, then per tensor
                  ``((a.float() - b.float()).abs() <= tol).sum()``: what researchers write today
-  (c) read floor one pass that only reads every byte of both checkpoints (``readinto`` a reused
-                 buffer, one thread per core), the least any comparison must do
+  (c) read floors one pass that only reads every byte of both checkpoints, the least any
+                 comparison must do: ``readinto`` a reused buffer, and memory-mapped and summed
+                 as uint64 with numpy (``MMAP_FLOOR``), one thread per core each
   (d) whole commands, timed from outside (interpreter start-up and imports included): the
                  ``rlmask diff BASE TUNED --format json`` command (the console script beside
                  this interpreter) against the naive program run as a script (``python -c``,
-                 torch imported inside it), and a bare ``python -c pass`` and ``python -c
-                 "import click"`` for the bounds;
+                 torch imported inside it); for the bounds, a bare ``python -c pass``,
+                 ``python -c "import click"``, and the API alone as a whole program (``import
+                 rlmask``, ``rlmask.diff``, print the count: the least any command built on
+                 rlmask can do, with no command-line parsing and no report);
                  with this interpreter, and again in a plain virtual environment made for the
                  run (see ``plain_venv``: start-up as a user's environment has it)
 
@@ -22,6 +25,7 @@ memory (RssAnon: heap and other private memory, not the page cache that memory m
 Reports wall time (best of --repeat), GB/s of checkpoint bytes, and ratios.
 
     python bench/bench_diff.py                       # ~1.1B and ~0.3B parameter pairs
+    python bench/bench_diff.py --sizes medium        # issue 14's 0.46B pair
     python bench/bench_diff.py --sizes small --dir /tmp/rlmask-bench --keep
 
 Needs numpy, torch and safetensors (the ``dev`` extra) and about 7 GB of free disk.
@@ -41,12 +45,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import READ_FLOOR, llama_shapes, print_table, run_program, summarize
+from _common import MMAP_FLOOR, READ_FLOOR, llama_shapes, print_table, run_program, summarize
 
 # Llama-shaped sizes: hidden, intermediate, layers, vocab, kv heads (head dim 64).
 SIZES = {
     "large": (2048, 5632, 22, 32000, 4),  # TinyLlama-1.1B's shape: 1.10B parameters
-    "small": (1024, 2816, 20, 32000, 4),  # 0.33B parameters
+    "medium": (1024, 2816, 35, 32000, 4),  # 0.46B parameters: issue 14's pair (1.84 GB)
+    "small": (1024, 2816, 20, 32000, 4),  # 0.29B parameters
 }
 SHARD_BYTES = 512 * 2**20
 CHANGED = 0.2  # share of elements the synthetic update moves (by one bf16 ULP)
@@ -124,6 +129,13 @@ print(time.perf_counter() - t, changed)
 }
 
 
+# The least a whole program using rlmask does: start, import, diff, print the count.
+API_ALONE = """
+import sys, rlmask
+print(rlmask.diff(sys.argv[1], sys.argv[2], progress=False).changed)
+"""
+
+
 def plain_venv(folder: Path) -> str:
     """A new virtual environment that sees this interpreter's packages (and an editable
     rlmask) through a path file of plain directory lines; returns its interpreter.
@@ -155,8 +167,9 @@ def bench(root: Path, size: str, repeat: int) -> dict:
     base, tuned = root / "base", root / "tuned"
     nbytes = sum(f.stat().st_size for d in (base, tuned) for f in d.glob("*.safetensors"))
     files = [str(f) for d in (base, tuned) for f in sorted(d.glob("*.safetensors"))]
-    programs = {**PROGRAMS, "read-floor": READ_FLOOR}
-    args = {m: [str(base), str(tuned)] for m in PROGRAMS} | {"read-floor": files}
+    programs = {**PROGRAMS, "read-floor": READ_FLOOR, "mmap-floor": MMAP_FLOOR}
+    args = {m: [str(base), str(tuned)] for m in PROGRAMS}
+    args |= {"read-floor": files, "mmap-floor": files}
     run_program(READ_FLOOR, files)  # warm the page cache
     results: dict[str, list[dict]] = {m: [] for m in programs}
     for _ in range(repeat):  # interleaved, so drift on a shared machine hits every method
@@ -182,6 +195,7 @@ def bench(root: Path, size: str, repeat: int) -> dict:
             "naive script": [python, "-c", PROGRAMS["naive"], str(base), str(tuned)],
             "bare interpreter": [python, "-c", "pass"],
             "click alone": [python, "-c", "import click"],
+            "API alone": [python, "-c", API_ALONE, str(base), str(tuned)],
         }
         for _ in range(repeat):
             for m, cmd in commands.items():
@@ -194,15 +208,17 @@ def bench(root: Path, size: str, repeat: int) -> dict:
             "whole_naive_s": min(whole[f"{where}: naive script"]),
             "bare_interpreter_s": min(whole[f"{where}: bare interpreter"]),
             "click_alone_s": min(whole[f"{where}: click alone"]),
+            "api_alone_s": min(whole[f"{where}: API alone"]),
         }
     summary["speedup_vs_naive"] = summary["naive"]["seconds"] / summary["rlmask"]["seconds"]
     summary["share_of_read_floor"] = summary["read-floor"]["seconds"] / summary["rlmask"]["seconds"]
+    summary["share_of_mmap_floor"] = summary["mmap-floor"]["seconds"] / summary["rlmask"]["seconds"]
     return summary
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--sizes", default="large,small", help="comma-separated: large, small")
+    ap.add_argument("--sizes", default="large,small", help="comma-separated: large, medium, small")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument(
         "--dir",
@@ -220,10 +236,11 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(root, ignore_errors=True)
         print(f"\n{size}: {s['params'] / 1e9:.2f}B parameters, {s['bytes'] / 1e9:.2f} GB read")
-        print_table({m: s[m] for m in ("rlmask", "naive", "read-floor")})
+        print_table({m: s[m] for m in ("rlmask", "naive", "read-floor", "mmap-floor")})
         print(
             f"rlmask is {s['speedup_vs_naive']:.1f}x faster than naive and reaches "
-            f"{100 * s['share_of_read_floor']:.0f}% of the read floor's throughput"
+            f"{100 * s['share_of_read_floor']:.0f}% of the read floor's throughput, "
+            f"{100 * s['share_of_mmap_floor']:.0f}% of the memory-mapped floor's"
         )
         for where, what in (("here", "this interpreter"), ("venv", "a plain virtual env")):
             w = s[where]
@@ -236,12 +253,23 @@ def main() -> None:
                 f"({w['bare_interpreter_s']:.3f} s) plus the in-process diff = {bound:.3f} s, "
                 f"at most {w['whole_naive_s'] / bound:.1f}x with no imports at all"
             )
+            # Nor can any program beat a bare interpreter plus touching every byte once.
+            floor = s["mmap-floor"]["seconds"] + w["bare_interpreter_s"]
+            print(
+                f"  hardware bound: a bare interpreter plus the memory-mapped floor = "
+                f"{floor:.3f} s, at most {w['whole_naive_s'] / floor:.1f}x for any program "
+                f"that reads every byte once on this machine"
+            )
             # The command-line library's import is part of every command.
             with_click = s["rlmask"]["seconds"] + w["click_alone_s"]
             print(
                 f"  with click imported and nothing else ({w['click_alone_s']:.3f} s for "
                 f"`python -c 'import click'`): {with_click:.3f} s, at most "
                 f"{w['whole_naive_s'] / with_click:.1f}x"
+            )
+            print(
+                f"  the API alone as a whole program (import rlmask, rlmask.diff, print the "
+                f"count): {w['api_alone_s']:.3f} s, {w['whole_naive_s'] / w['api_alone_s']:.1f}x"
             )
         print(json.dumps(s), flush=True)
 

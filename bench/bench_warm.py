@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Warm ``rlmask.diff`` against the memory-mapped floor (issue 14; run by hand).
 
-The floor: both checkpoint files memory-mapped with numpy and summed as uint64, one thread per
-file (numpy releases the GIL inside the sum), so both cores touch every byte once and do the
-least work a comparison could. Against it, in the same run, each in a fresh interpreter with
-its imports done before the clock (files in the page cache throughout, the mapping inside the
-clock for every method):
+The floor (``MMAP_FLOOR`` in ``_common.py``): both checkpoint files memory-mapped with numpy
+and summed as uint64, one thread per file on two cores (numpy releases the GIL inside the sum),
+so both cores touch every byte once and do the least work a comparison could. Against it, in
+the same run, each in a fresh interpreter with its imports done before the clock (files in the
+page cache throughout, the mapping inside the clock for every method):
 
   (a) one tolerance      ``rlmask.diff(base, tuned)`` (default 1e-5)
   (b) packed mask        the same with ``mask=True`` (the changed bits kept, 1 bit per element,
@@ -30,20 +30,7 @@ import statistics
 import subprocess
 import sys
 
-FLOOR = """
-import sys, threading, time
-import numpy as np
-def total(path, out, i):
-    m = np.memmap(path, dtype=np.uint8, mode="r")
-    n = len(m) // 8 * 8
-    out[i] = int(m[:n].view(np.uint64).sum())
-t = time.perf_counter()
-out = [0, 0]
-threads = [threading.Thread(target=total, args=(f, out, i)) for i, f in enumerate(sys.argv[1:3])]
-[th.start() for th in threads]
-[th.join() for th in threads]
-print(time.perf_counter() - t, out[0] ^ out[1])
-"""
+from _common import MMAP_FLOOR
 
 DIFF = """
 import sys, time
@@ -89,7 +76,8 @@ def main() -> None:
     times: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(args.repeat):
         for m, (kind, env) in methods.items():
-            times[m].append(run(FLOOR, files) if kind is None else run(DIFF, [*files, kind], env))
+            code, argv = (MMAP_FLOOR, files) if kind is None else (DIFF, [*files, kind])
+            times[m].append(run(code, argv, env))
     print(f"{size / 1e9:.2f} GB in two files, warm; best / median of {args.repeat} s")
     floor = min(times["floor"])
     floor_med = statistics.median(times["floor"])
