@@ -744,8 +744,6 @@ fn compare_pairs<'a>(
 
             let (ta, tb) = (p.a.1, p.b.1);
             let (sa, sb) = (ta.dtype.size(), tb.dtype.size());
-            p.a.0.prefetch(ta, item.start * sa, item.len * sa);
-            p.b.0.prefetch(tb, item.start * sb, item.len * sb);
             let raw_a = &p.a.0.bytes(ta)[item.start * sa..(item.start + item.len) * sa];
             let raw_b = &p.b.0.bytes(tb)[item.start * sb..(item.start + item.len) * sb];
             let floating = floating[item.pair];

@@ -951,8 +951,6 @@ pub fn create(
                     .map(|&s| {
                         progress.check()?;
                         let len = CHUNK.min(n - s);
-                        job.a.0.prefetch(t, s * size, len * size);
-                        job.b.0.prefetch(job.b.1, s * size, len * size);
                         let (x, y) = (
                             &ra[s * size..(s + len) * size],
                             &rb[s * size..(s + len) * size],

@@ -308,25 +308,6 @@ impl Shard {
             false
         }
     }
-
-    /// Asks the kernel to map the pages of one stretch of a tensor in one call instead of one
-    /// page fault at a time (Linux `MADV_POPULATE_READ`; several times faster on warm files).
-    /// Only a hint: where it is unsupported, pages are faulted in as they are touched.
-    pub fn prefetch(&self, t: &TensorInfo, byte_start: usize, byte_len: usize) {
-        #[cfg(target_os = "linux")]
-        {
-            let len = byte_len.min(t.len.saturating_sub(byte_start));
-            if len > 0 {
-                let _ = self.mmap.advise_range(
-                    memmap2::Advice::PopulateRead,
-                    t.offset + byte_start,
-                    len,
-                );
-            }
-        }
-        #[cfg(not(target_os = "linux"))]
-        let _ = (t, byte_start, byte_len);
-    }
 }
 
 /// A safetensors file of 1-D U8 tensors being written: created under a temporary name in the
