@@ -7,6 +7,7 @@ error.
 from __future__ import annotations
 
 import functools
+import gc
 import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -1115,6 +1116,10 @@ def rank_cmd(
 
 def main() -> None:
     """Entry point of the ``rlmask`` command."""
+    # What the imports made so far (click's and this module's classes, functions and tables)
+    # lives until exit: the cyclic collector no longer walks it in each collection and at
+    # exit (7% of the instructions of a `rlmask diff --format json` on a small pair).
+    gc.freeze()
     if hasattr(signal, "SIGPIPE"):  # `rlmask ... | head` ends quietly, as other tools do
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     # SIGTERM unwinds like Ctrl-C (exit 143), so no temporary file outlives a killed run.
