@@ -267,6 +267,12 @@ def main() -> None:
                 f"`python -c 'import click'`): {with_click:.3f} s, at most "
                 f"{w['whole_naive_s'] / with_click:.1f}x"
             )
+            # Nor can a command on click beat click's import plus the memory-mapped floor.
+            click_floor = s["mmap-floor"]["seconds"] + w["click_alone_s"]
+            print(
+                f"  click imported plus the memory-mapped floor: {click_floor:.3f} s, at most "
+                f"{w['whole_naive_s'] / click_floor:.1f}x for any command on click"
+            )
             print(
                 f"  the API alone as a whole program (import rlmask, rlmask.diff, print the "
                 f"count): {w['api_alone_s']:.3f} s, {w['whole_naive_s'] / w['api_alone_s']:.1f}x"

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Warm ``rlmask.diff`` against the memory-mapped floor (issue 14; run by hand).
 
-The floor (``MMAP_FLOOR`` in ``_common.py``): both checkpoint files memory-mapped with numpy
-and summed as uint64, one thread per file on two cores (numpy releases the GIL inside the sum),
-so both cores touch every byte once and do the least work a comparison could. Against it, in
-the same run, each in a fresh interpreter with its imports done before the clock (files in the
-page cache throughout, the mapping inside the clock for every method):
+The floor (``MMAP_FLOOR`` in ``_common.py``): every file of both checkpoints memory-mapped with
+numpy and summed as uint64, the files dealt over one thread per core (numpy releases the GIL
+inside the sum), so the cores touch every byte once and do the least work a comparison could.
+Against it, in the same run, each in a fresh interpreter with its imports done before the clock
+(files in the page cache throughout, the mapping inside the clock for every method):
 
   (a) one tolerance      ``rlmask.diff(base, tuned)`` (default 1e-5)
   (b) packed mask        the same with ``mask=True`` (the changed bits kept, 1 bit per element,
@@ -14,7 +14,7 @@ page cache throughout, the mapping inside the clock for every method):
                          import once, 35-120 ms on these machines)
   (c) sweep              ``tolerances=DEFAULT_SWEEP`` (four tolerances in one pass)
 
-    python bench/bench_warm.py BASE.safetensors TUNED.safetensors [--repeat 7]
+    python bench/bench_warm.py BASE TUNED [--repeat 7]   # files, or checkpoint directories
 
 Interleaved, best and median of ``--repeat``; the ratios are floor time / method time
 (throughput against the floor's). ``python bench/bench_patch.py --keep --dir D`` or
@@ -25,6 +25,7 @@ Interleaved, best and median of ``--repeat``; the ratios are floor time / method
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import statistics
 import subprocess
@@ -48,6 +49,13 @@ METHODS = {"floor": None, "one": "one", "mask": "mask", "sweep": "sweep"}
 GOALS = {"one": 0.8, "mask": 0.6, "sweep": 0.7}
 
 
+def shard_files(path: str) -> list[str]:
+    """A checkpoint's files: the file itself, or a directory's ``*.safetensors`` shards."""
+    if os.path.isdir(path):
+        return sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    return [path]
+
+
 def run(code: str, args: list[str], env: dict[str, str] | None = None) -> float:
     out = subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=True
@@ -64,7 +72,7 @@ def main() -> None:
         "--before", help="also time (a), (b), (c) with the rlmask package in this python/ folder"
     )
     args = ap.parse_args()
-    files = [args.base, args.tuned]
+    files = [*shard_files(args.base), *shard_files(args.tuned)]
     size = sum(os.path.getsize(f) for f in files)
     subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
     methods: dict[str, tuple[str | None, dict[str, str] | None]] = {
@@ -76,9 +84,10 @@ def main() -> None:
     times: dict[str, list[float]] = {m: [] for m in methods}
     for _ in range(args.repeat):
         for m, (kind, env) in methods.items():
-            code, argv = (MMAP_FLOOR, files) if kind is None else (DIFF, [*files, kind])
+            sides = [args.base, args.tuned, kind]
+            code, argv = (MMAP_FLOOR, files) if kind is None else (DIFF, sides)
             times[m].append(run(code, argv, env))
-    print(f"{size / 1e9:.2f} GB in two files, warm; best / median of {args.repeat} s")
+    print(f"{size / 1e9:.2f} GB in {len(files)} files, warm; best / median of {args.repeat} s")
     floor = min(times["floor"])
     floor_med = statistics.median(times["floor"])
     print(
