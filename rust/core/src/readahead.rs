@@ -82,8 +82,12 @@ impl<'a> Behind<'a> {
                 let n = s.shard.file_bytes().len().div_ceil(RELEASE);
                 (s.shard, (0..n).map(|_| AtomicU32::new(0)).collect())
             });
+        // Saturating, never a panic: past 4 GiB of stretches in one 8 MiB block (hundreds of
+        // sides on one file) the count wraps on the way down and the block may be released
+        // early, which only costs page faults (a release is a hint; see `Shard::release`).
         for (b, n) in blocks(s) {
-            *left[b].get_mut() += n;
+            let left = left[b].get_mut();
+            *left = left.saturating_add(n);
         }
     }
 
