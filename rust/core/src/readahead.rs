@@ -1,14 +1,14 @@
 //! A pass over memory-mapped shards in file order, with reading ahead of it.
 //!
-//! On a cold page cache the comparison is limited by the disk, and page faults (or one
-//! `MADV_POPULATE_READ` per chunk) keep only as many reads in flight as there are workers. Here
+//! On a cold page cache the comparison is limited by the disk, and the workers' own page
+//! faults keep only as many reads in flight as there are workers. Here
 //! the work items are taken strictly in order by every worker (so the pass moves through each
 //! file front to back instead of from several far-apart places), and one reader thread per
 //! side (the two checkpoints of a diff, every checkpoint of a trajectory; past
-//! [`MAX_READERS`] sides, a pool of readers takes the most urgent reads of all) reads the
+//! `MAX_READERS` sides, a pool of readers takes the most urgent reads of all) reads the
 //! items' stretches of file into the page cache a bounded window ahead of the workers, the
 //! sides in step. Behind the workers, each file's pages are unmapped from the process in whole
-//! blocks as soon as every item's bytes in a block are done ([`Behind`]).
+//! blocks as soon as every item's bytes in a block are done (`Behind`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -278,7 +278,7 @@ pub fn ahead<'a, T>(
 /// Runs `work` on every item, the items taken in the order given by all of rayon's workers,
 /// while readers keep each item's stretches (`stretches`: one per side, the sides in the same
 /// order for every item) in the page cache up to a window ahead, and the pages behind the
-/// workers are unmapped from the process block by block ([`Behind`]). Results come back in no
+/// workers are unmapped from the process block by block (`Behind`). Results come back in no
 /// particular order; the first error stops the pass.
 pub fn in_order<'a, I, R, S>(
     items: Vec<I>,
