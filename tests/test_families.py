@@ -18,7 +18,14 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import rlmask
-from rlmask._names import _component_of_shape, _module_of_shape, component_of, module_of
+from rlmask._names import (
+    _component_of_shape,
+    _module_of_shape,
+    component_of,
+    expert_of,
+    layer_of,
+    module_of,
+)
 
 T: Any = transformers
 
@@ -253,6 +260,57 @@ def test_names_that_differ_only_in_numbers_share_a_lookup() -> None:
     assert module_of("model.layers.3.mlp.experts.17.w1.weight") == "experts.gate_proj"
     assert module_of("model.layers.3.mlp.experts.w1.weight") == "experts.gate_proj"
     assert module_of("model.layers.3.mlp.experts.x.w1.weight") == "gate_proj"
+
+
+@pytest.mark.parametrize(
+    ("name", "component", "layer", "module", "expert"),
+    [
+        ("model.layers.3.mlp.gate.e_score_correction_bias", "language_model", 3, "router", None),
+        (
+            "model.layers.3.mlp.experts.gate_up_proj_bias",
+            "language_model",
+            3,
+            "experts.gate_up_proj",
+            None,
+        ),
+        ("model.layers.3.mlp.experts.7.w2.weight", "language_model", 3, "experts.down_proj", 7),
+        (
+            "model.layers.3.mlp.shared_expert_gate.weight",
+            "language_model",
+            3,
+            "shared_expert_gate",
+            None,
+        ),
+        ("shared_expert_gate.weight", "language_model", None, "other", None),
+        ("blocks.0.attn.in_proj_weight", "language_model", 0, "qkv_proj", None),
+        ("in_proj_weight", "language_model", None, "other", None),
+        ("transformer.h.11.attn.c_proj.weight", "language_model", 11, "o_proj", None),
+        ("transformer.h.11.mlp.c_proj.weight", "language_model", 11, "down_proj", None),
+        ("model.layers.3", "language_model", None, "other", None),
+        ("model.layers.12345678901234567890.q_proj.weight", "language_model", None, "q_proj", None),
+        ("model.layers.\u0663.q_proj.weight", "language_model", 3, "q_proj", None),
+        ("model.visual.merger.mlp.0.weight", "projector", None, "projector", None),
+        ("model.visual.blocks.2.attn.qkv.weight", "vision_tower", None, "qkv_proj", None),
+        ("visual", "language_model", None, "other", None),
+        ("x.visual.merger", "vision_tower", None, "other", None),
+        ("model.norm.weight", "language_model", None, "norm", None),
+        ("mtp.0.shared_head.head.weight", "language_model", None, "lm_head", None),
+        ("weight", "language_model", None, "other", None),
+    ],
+)
+def test_names_at_the_edges_of_the_table(
+    name: str, component: str, layer: int | None, module: str, expert: int | None
+) -> None:
+    """Names written by hand where a rule depends on a segment's place: a component's segment
+    is never a tensor's own name, a layer's number is followed by more name, a router's own
+    parameters, fused experts' biases, rules that need a parent segment, and digits outside
+    ASCII (decimal in Python's sense)."""
+    assert (component_of(name), layer_of(name), module_of(name), expert_of(name)) == (
+        component,
+        layer,
+        module,
+        expert,
+    )
 
 
 def test_moe_experts_router_and_shared_experts(tmp_path: Path) -> None:

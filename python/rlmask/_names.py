@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from functools import lru_cache
+from itertools import pairwise
 
 #: Module types of the per-module breakdown (design §1), in table order; anything else is
 #: ``other``. Fused matrices keep their own type; mixture-of-experts matrices are filed per
@@ -63,65 +64,96 @@ NORMS = frozenset(
 #: projector beside the language model.
 COMPONENTS = ("language_model", "vision_tower", "projector")
 
-_COMPONENT_RULES = (
-    (
-        re.compile(
-            r"(?:^|\.)(?:multi_modal_projector|mm_projector|visual\.merger|vision_projection|"
-            r"connector|aligner)\."
-        ),
-        "projector",
-    ),
-    (
-        re.compile(r"(?:^|\.)(?:vision_tower|vision_model|visual|vision_encoder|image_encoder)\."),
-        "vision_tower",
-    ),
+# A tensor's component and module type come from its dotted name, segment by segment (no
+# regular expressions: compiling a table of them cost more start-up than the rest of `rlmask
+# diff`'s own imports together).
+
+# Segments that open a vision-language model's projector or its vision tower; ``visual.merger``
+# (Qwen2-VL) is the projector inside ``visual``.
+_PROJECTOR = frozenset(
+    ("multi_modal_projector", "mm_projector", "vision_projection", "connector", "aligner")
 )
+_VISION = frozenset(("vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder"))
 
 # Matrices of the MLP as families name them: Mixtral's w1/w2/w3 included.
 _MLP = {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj", "w1": "gate_proj"}
 _MLP |= {"w3": "up_proj", "w2": "down_proj", "gate_up_proj": "gate_up_proj"}
-_MLP_NAMES = "|".join(_MLP)
 
-# (pattern on the name without its .weight/.bias suffix, module type or None for the matched
-# MLP name), first match wins. Families: Llama, Mistral, Mixtral, Qwen2/2.5/3 and their MoE,
-# DeepSeek-V2/V3 (MLA, MTP), Gemma 2/3, Phi-3, GPT-2, GPT-NeoX, Falcon, OLMo 2, and the CLIP,
-# SigLIP and Qwen2-VL vision towers.
-_MODULE_RULES: tuple[tuple[re.Pattern[str], str | None], ...] = tuple(
-    (re.compile(p), m)
-    for p, m in (
-        (rf"\.shared_experts?\.({_MLP_NAMES})$", "shared_experts."),
-        (r"\.shared_expert_gate$", "shared_expert_gate"),
-        (rf"\.experts\.\d+\.({_MLP_NAMES})$", "experts."),
-        (rf"\.experts\.({_MLP_NAMES})(?:_bias)?$", "experts."),
-        (r"\.(?:mlp|block_sparse_moe|moe|feed_forward)\.(?:gate|router)(?:\.[a-z_]+)?$", "router"),
-        (r"(?:^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj)$", None),
-        (r"(?:^|\.)(q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj)$", None),
-        (r"(?:^|\.)(q_a_layernorm|kv_a_layernorm|q_norm|k_norm)$", None),
-        (r"(?:^|\.)(?:query_key_value|c_attn|attn\.qkv)$", "qkv_proj"),
-        (r"\.in_proj_(?:weight|bias)$", "qkv_proj"),
-        (r"(?:^|\.)(?:out_proj|attn\.c_proj|attn\.proj|attention\.dense)$", "o_proj"),
-        (r"(?:^|\.)self_attention\.dense$", "o_proj"),
-        (rf"(?:^|\.)({_MLP_NAMES})$", ""),
-        (r"(?:^|\.)(?:c_fc|dense_h_to_4h|fc1)$", "up_proj"),
-        (r"(?:^|\.)(?:mlp\.c_proj|dense_4h_to_h|fc2)$", "down_proj"),
-        (r"(?:^|\.)(input_layernorm|post_attention_layernorm)$", None),
-        (r"(?:^|\.)(pre_feedforward_layernorm|post_feedforward_layernorm)$", None),
-        (r"(?:^|\.)(?:ln_1|layer_norm1|norm1|ln_attn)$", "input_layernorm"),
-        (r"(?:^|\.)(?:ln_2|layer_norm2|norm2)$", "post_attention_layernorm"),
-        (r"(?:^|\.)ln_mlp$", "pre_feedforward_layernorm"),
-        (r"(?:^|\.)(?:embed_tokens|wte|embed_in|word_embeddings)$", "embed_tokens"),
-        (r"(?:^|\.)(?:wpe|position_embedding|embed_positions)$", "embed_positions"),
-        (r"(?:^|\.)(?:patch_embedding|patch_embed(?:\.proj)?|class_embedding)$", "patch_embed"),
-        (r"(?:^|\.)head\.probe$", "pooling"),
-        (r"(?:^|\.)(eh_proj|enorm|hnorm)$", None),
-        (r"(?:^|\.)(?:lm_head|embed_out|shared_head\.head)$", "lm_head"),
-        (
-            r"(?:^|\.)(?:norm|ln_f|final_layer_norm|final_layernorm|post_layernorm|"
-            r"pre_layrnorm|pre_layernorm|layernorm|shared_head\.norm)$",
-            "norm",
-        ),
+# Families: Llama, Mistral, Mixtral, Qwen2/2.5/3 and their MoE, DeepSeek-V2/V3 (MLA, MTP), Gemma
+# 2/3, Phi-3, GPT-2, GPT-NeoX, Falcon, OLMo 2, and the CLIP, SigLIP and Qwen2-VL vision towers.
+# A name's last segment (after .weight or .bias is dropped) that alone gives its module type:
+# the types spelled as MODULES spells them, the MLP's matrices, and other spellings below.
+_LAST = {
+    m: m
+    for m in (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "qkv_proj",
+        "q_a_proj",
+        "q_b_proj",
+        "kv_a_proj_with_mqa",
+        "kv_b_proj",
+        "q_a_layernorm",
+        "kv_a_layernorm",
+        "q_norm",
+        "k_norm",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+        "eh_proj",
+        "enorm",
+        "hnorm",
     )
-)
+}
+# Other spellings of a module type.
+_ALIASES = {
+    "qkv_proj": ("query_key_value", "c_attn"),
+    "o_proj": ("out_proj",),
+    "up_proj": ("c_fc", "dense_h_to_4h", "fc1"),
+    "down_proj": ("dense_4h_to_h", "fc2"),
+    "input_layernorm": ("ln_1", "layer_norm1", "norm1", "ln_attn"),
+    "post_attention_layernorm": ("ln_2", "layer_norm2", "norm2"),
+    "pre_feedforward_layernorm": ("ln_mlp",),
+    "embed_tokens": ("embed_tokens", "wte", "embed_in", "word_embeddings"),
+    "embed_positions": ("wpe", "position_embedding", "embed_positions"),
+    "patch_embed": ("patch_embedding", "patch_embed", "class_embedding"),
+    "lm_head": ("lm_head", "embed_out"),
+    "norm": (
+        "norm",
+        "ln_f",
+        "final_layer_norm",
+        "final_layernorm",
+        "post_layernorm",
+        "pre_layrnorm",
+        "pre_layernorm",
+        "layernorm",
+    ),
+}
+_LAST |= _MLP | {alias: m for m, aliases in _ALIASES.items() for alias in aliases}
+# Last segments that name a module type only inside a parent (``x.in_proj_weight``).
+_LAST_IN_PARENT = {"in_proj_weight": "qkv_proj", "in_proj_bias": "qkv_proj"}
+# The last two segments, where the last alone says too little.
+_LAST_TWO = {
+    ("attn", "qkv"): "qkv_proj",
+    ("attn", "c_proj"): "o_proj",
+    ("attn", "proj"): "o_proj",
+    ("attention", "dense"): "o_proj",
+    ("self_attention", "dense"): "o_proj",
+    ("mlp", "c_proj"): "down_proj",
+    ("patch_embed", "proj"): "patch_embed",
+    ("head", "probe"): "pooling",
+    ("shared_head", "head"): "lm_head",
+    ("shared_head", "norm"): "norm",
+}
+# Mixture-of-experts blocks whose ``gate`` or ``router`` (and its own parameters, such as
+# DeepSeek-V3's ``e_score_correction_bias``) is the router.
+_MOE_BLOCKS = frozenset(("mlp", "block_sparse_moe", "moe", "feed_forward"))
+_ROUTERS = frozenset(("gate", "router"))
+_SHARED_EXPERTS = frozenset(("shared_expert", "shared_experts"))
+_LOWER = frozenset("abcdefghijklmnopqrstuvwxyz_")
 
 _DIGITS = re.compile(r"(\d+)")
 
@@ -137,32 +169,32 @@ def natural_sorted(names: Iterable[str]) -> list[str]:
     return sorted(names, key=natural_key)
 
 
-# A layer of the stack: model.layers.N (most families), transformer.h.N (GPT-2, Falcon),
-# blocks.N and encoder.layer.N (vision towers).
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-_EXPERT = re.compile(r"\.experts\.(\d+)\.")
-_SUFFIX = re.compile(r"\.(?:weight|bias)$")
+# Segments before a layer's number in the stack: model.layers.N (most families),
+# transformer.h.N (GPT-2, Falcon), blocks.N and encoder.layer.N (vision towers).
+_LAYERS = frozenset(("layers", "h", "blocks", "layer"))
 
 _MAX_INDEX = 2**63 - 1  # reports hold indices as signed 64-bit integers
 
 
-def _index(m: re.Match[str] | None) -> int | None:
-    if m is None or len(m.group(1)) > 19 or int(m.group(1)) > _MAX_INDEX:
-        return None
-    return int(m.group(1))
-
-
-# A whole numeric component of a dotted name (``.3.``, a leading ``3.``, a trailing ``.3``).
-_NUMBER = re.compile(r"(?<![^.])\d+(?![^.])")
+def _number_after(segments: list[str], words: frozenset[str], first: int) -> int | None:
+    """The number in the first ``WORD.N.`` of ``segments`` (a WORD at ``first`` or later, N
+    all decimal digits and not the last segment), or None, also for an N too large to be an
+    index."""
+    for i in range(first, len(segments) - 2):
+        if segments[i] in words and segments[i + 1].isdecimal():
+            digits = segments[i + 1]
+            if len(digits) > 19 or int(digits) > _MAX_INDEX:
+                return None
+            return int(digits)
+    return None
 
 
 def _shape(name: str) -> str:
-    """``name`` with every numeric component written ``0``. No rule of the naming table tells
-    one number from another (they match numbers as ``\\d+`` or not at all), so a name's
-    component and module type are its shape's: layers and experts that repeat one structure
-    share one lookup (a DeepSeek-V3 checkpoint's 47,000 expert matrices have a handful of
-    shapes, and the rule loop costs about 20 microseconds a name)."""
-    return _NUMBER.sub("0", name)
+    """``name`` with every numeric segment written ``0``. No rule of the naming table tells one
+    number from another, so a name's component and module type are its shape's: layers and
+    experts that repeat one structure share one lookup (a DeepSeek-V3 checkpoint's 47,000
+    expert matrices have a handful of shapes)."""
+    return ".".join("0" if s.isdecimal() else s for s in name.split("."))
 
 
 def component_of(name: str) -> str:
@@ -172,9 +204,11 @@ def component_of(name: str) -> str:
 
 @lru_cache(maxsize=4096)
 def _component_of_shape(name: str) -> str:
-    for pattern, component in _COMPONENT_RULES:
-        if pattern.search(name):
-            return component
+    inner = name.split(".")[:-1]  # a component holds tensors: its segment is never the last
+    if any(s in _PROJECTOR for s in inner) or ("visual", "merger") in pairwise(inner):
+        return "projector"
+    if any(s in _VISION for s in inner):
+        return "vision_tower"
     return "language_model"
 
 
@@ -185,13 +219,13 @@ def layer_of(name: str) -> int | None:
     multi-token-prediction layer) keep their numbers."""
     if component_of(name) != "language_model":
         return None
-    return _index(_LAYER.search(name))
+    return _number_after(name.split("."), _LAYERS, 0)
 
 
 def expert_of(name: str) -> int | None:
     """The ``N`` of ``...experts.N...`` (a routed expert's own tensor), else None (also for
     fused expert tensors, which hold every expert)."""
-    return _index(_EXPERT.search(name))
+    return _number_after(name.split("."), frozenset(("experts",)), 1)
 
 
 def module_of(name: str) -> str:
@@ -206,17 +240,32 @@ def module_of(name: str) -> str:
 def _module_of_shape(name: str) -> str:
     if _component_of_shape(name) == "projector":
         return "projector"
-    path = _SUFFIX.sub("", name)
-    for pattern, module in _MODULE_RULES:
-        m = pattern.search(path)
-        if m is None:
-            continue
-        if module is None:
-            return m.group(1)
-        if module in ("", "experts.", "shared_experts."):
-            return module + _MLP[m.group(1)]
-        return module
-    return "other"
+    s = name.split(".")
+    if len(s) > 1 and s[-1] in ("weight", "bias"):
+        s.pop()
+    n, last = len(s), s[-1]
+    # Mixture-of-experts matrices first: a routed expert's own (experts.N.w1), fused
+    # (experts.gate_up_proj and its _bias), shared, and the router.
+    if n >= 3 and s[-2] in _SHARED_EXPERTS and last in _MLP:
+        return "shared_experts." + _MLP[last]
+    if n >= 2 and last == "shared_expert_gate":
+        return last
+    if n >= 4 and s[-3] == "experts" and s[-2].isdecimal() and last in _MLP:
+        return "experts." + _MLP[last]
+    if n >= 3 and s[-2] == "experts":
+        fused = last.removesuffix("_bias")
+        if fused in _MLP:
+            return "experts." + _MLP[fused]
+    if n >= 3 and s[-2] in _MOE_BLOCKS and last in _ROUTERS:
+        return "router"
+    if n >= 4 and s[-3] in _MOE_BLOCKS and s[-2] in _ROUTERS and set(last) <= _LOWER and last:
+        return "router"
+    if n >= 2:
+        if last in _LAST_IN_PARENT:
+            return _LAST_IN_PARENT[last]
+        if (s[-2], last) in _LAST_TWO:
+            return _LAST_TWO[s[-2], last]
+    return _LAST.get(last, "other")
 
 
 def _compile(patterns: str | Iterable[str] | None, what: str) -> list[re.Pattern[str]]:
