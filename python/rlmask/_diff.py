@@ -14,11 +14,8 @@ from rlmask._io import PathArg, check_output
 from rlmask._lazy import LazyModule
 from rlmask._names import (
     COMPONENTS,
-    component_of,
-    expert_of,
-    layer_of,
-    module_of,
     natural_key,
+    place,
     select_names,
 )
 from rlmask._progress import progress_wanted, run_with_progress
@@ -142,13 +139,14 @@ class DiffReport(Report):
     def tensors(self) -> pl.DataFrame:  # type: ignore[override]
         """One row per compared tensor (see the class's attributes), built on first use."""
         c = self.columns
+        places = [place(n) for n in c["name"]]
         df = pl.DataFrame(
             {
                 "name": c["name"],
-                "component": [component_of(n) for n in c["name"]],
-                "layer": [layer_of(n) for n in c["name"]],
-                "module": [module_of(n) for n in c["name"]],
-                "expert": [expert_of(n) for n in c["name"]],
+                "component": [p[0] for p in places],
+                "layer": [p[1] for p in places],
+                "module": [p[2] for p in places],
+                "expert": [p[3] for p in places],
                 "dtype": c["dtype"],
                 "tuned_dtype": c["tuned_dtype"],
                 "shape": c["shape"],
@@ -365,13 +363,14 @@ class DiffReport(Report):
                 "sparsity": [_sparsity(k, numel) for k in counts],
                 "tuned_dtype": tuned_dtype,
                 "floating": floating,
-                "layer": layer_of(name),
-                "module": module_of(name),
-                "component": component_of(name),
-                "expert": expert_of(name),
+                "layer": where[1],
+                "module": where[2],
+                "component": where[0],
+                "expert": where[3],
             }
-            for name, dtype, tuned_dtype, shape, numel, floating, counts in zip(
+            for name, where, dtype, tuned_dtype, shape, numel, floating, counts in zip(
                 c["name"],
+                map(place, c["name"]),
                 c["dtype"],
                 c["tuned_dtype"],
                 c["shape"],

@@ -172,6 +172,7 @@ def natural_sorted(names: Iterable[str]) -> list[str]:
 # Segments before a layer's number in the stack: model.layers.N (most families),
 # transformer.h.N (GPT-2, Falcon), blocks.N and encoder.layer.N (vision towers).
 _LAYERS = frozenset(("layers", "h", "blocks", "layer"))
+_EXPERTS = frozenset(("experts",))
 
 _MAX_INDEX = 2**63 - 1  # reports hold indices as signed 64-bit integers
 
@@ -189,17 +190,27 @@ def _number_after(segments: list[str], words: frozenset[str], first: int) -> int
     return None
 
 
-def _shape(name: str) -> str:
-    """``name`` with every numeric segment written ``0``. No rule of the naming table tells one
-    number from another, so a name's component and module type are its shape's: layers and
-    experts that repeat one structure share one lookup (a DeepSeek-V3 checkpoint's 47,000
-    expert matrices have a handful of shapes)."""
-    return ".".join("0" if s.isdecimal() else s for s in name.split("."))
+def _shape(segments: list[str]) -> str:
+    """A name (as its ``segments``) with every numeric segment written ``0``. No rule of the
+    naming table tells one number from another, so a name's component and module type are its
+    shape's: layers and experts that repeat one structure share one lookup (a DeepSeek-V3
+    checkpoint's 47,000 expert matrices have a handful of shapes)."""
+    return ".".join("0" if s.isdecimal() else s for s in segments)
+
+
+def place(name: str) -> tuple[str, int | None, str, int | None]:
+    """``(component, layer, module type, expert)`` of a tensor name: :func:`component_of`,
+    :func:`layer_of`, :func:`module_of` and :func:`expert_of` at once."""
+    segments = name.split(".")
+    shape = _shape(segments)
+    component = _component_of_shape(shape)
+    layer = _number_after(segments, _LAYERS, 0) if component == "language_model" else None
+    return component, layer, _module_of_shape(shape), _number_after(segments, _EXPERTS, 1)
 
 
 def component_of(name: str) -> str:
     """``language_model``, ``vision_tower`` or ``projector`` (see :data:`COMPONENTS`)."""
-    return _component_of_shape(_shape(name))
+    return _component_of_shape(_shape(name.split(".")))
 
 
 @lru_cache(maxsize=4096)
@@ -217,15 +228,13 @@ def layer_of(name: str) -> int | None:
     Falcon), or None for tensors outside its layer stack, in a vision tower or projector, or
     with an ``N`` too large to be an index. Extra layers past the configured depth (DeepSeek-V3's
     multi-token-prediction layer) keep their numbers."""
-    if component_of(name) != "language_model":
-        return None
-    return _number_after(name.split("."), _LAYERS, 0)
+    return place(name)[1]
 
 
 def expert_of(name: str) -> int | None:
     """The ``N`` of ``...experts.N...`` (a routed expert's own tensor), else None (also for
     fused expert tensors, which hold every expert)."""
-    return _number_after(name.split("."), frozenset(("experts",)), 1)
+    return _number_after(name.split("."), _EXPERTS, 1)
 
 
 def module_of(name: str) -> str:
@@ -233,7 +242,7 @@ def module_of(name: str) -> str:
     ``model.layers.3.self_attn.q_proj.weight``, ``experts.up_proj`` for
     ``model.layers.3.mlp.experts.7.up_proj.weight``; ``projector`` for anything in a
     vision-language projector; ``other`` when no rule of the naming table knows it."""
-    return _module_of_shape(_shape(name))
+    return _module_of_shape(_shape(name.split(".")))
 
 
 @lru_cache(maxsize=4096)
