@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 #: One pass that reads every byte of the given files (``readinto`` a reused 16 MiB buffer, one
@@ -150,3 +151,29 @@ def print_table(methods: dict[str, dict[str, float]]) -> None:
             f"{m:<11} {r['seconds']:8.3f} {r['median_seconds']:9.3f} {r['GBps']:7.2f} "
             f"{r['peak_rss_MB']:12.0f} {r['peak_anon_MB']:13.0f}"
         )
+
+
+def plain_venv(folder: Path) -> str:
+    """A new virtual environment that sees this interpreter's packages (and an editable
+    rlmask) through a path file of plain directory lines; returns its interpreter.
+
+    Whole programs are timed in it as well as here, because an interpreter's own start-up
+    depends on what its site-packages runs at every start: this project's machines carry a
+    sandbox's ``.pth`` that imports certifi (about 50 ms at every start, `python -X importtime
+    -c pass`), which a user's environment does not. Plain lines of a path file are only added
+    to ``sys.path``; the ``.pth`` files inside those directories are not run."""
+    import site
+
+    import rlmask
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    paths = [*site.getsitepackages(), str(Path(rlmask.__file__).parent.parent)]
+    python = folder / "bin" / "python"
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (Path(purelib) / "outer.pth").write_text("\n".join(paths) + "\n")
+    return str(python)

@@ -18,7 +18,7 @@ directory, warms the page cache, then times in the same run and on the same warm
                  rlmask``, ``rlmask.diff``, print the count: the least any command built on
                  rlmask can do, with no command-line parsing and no report);
                  with this interpreter, and again in a plain virtual environment made for the
-                 run (see ``plain_venv``: start-up as a user's environment has it)
+                 run (see ``_common.plain_venv``: start-up as a user's environment has it)
 
 Each method runs in its own interpreter, sampled every 5 ms for peak RSS and peak anonymous
 memory (RssAnon: heap and other private memory, not the page cache that memory maps share).
@@ -45,7 +45,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import MMAP_FLOOR, READ_FLOOR, llama_shapes, print_table, run_program, summarize
+from _common import (
+    MMAP_FLOOR,
+    READ_FLOOR,
+    llama_shapes,
+    plain_venv,
+    print_table,
+    run_program,
+    summarize,
+)
 
 # Llama-shaped sizes: hidden, intermediate, layers, vocab, kv heads (head dim 64).
 SIZES = {
@@ -134,32 +142,6 @@ API_ALONE = """
 import sys, rlmask
 print(rlmask.diff(sys.argv[1], sys.argv[2], progress=False).changed)
 """
-
-
-def plain_venv(folder: Path) -> str:
-    """A new virtual environment that sees this interpreter's packages (and an editable
-    rlmask) through a path file of plain directory lines; returns its interpreter.
-
-    Whole programs are timed in it as well as here, because an interpreter's own start-up
-    depends on what its site-packages runs at every start: this project's machines carry a
-    sandbox's ``.pth`` that imports certifi (about 50 ms at every start, `python -X importtime
-    -c pass`), which a user's environment does not. Plain lines of a path file are only added
-    to ``sys.path``; the ``.pth`` files inside those directories are not run."""
-    import site
-
-    import rlmask
-
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True)
-    paths = [*site.getsitepackages(), str(Path(rlmask.__file__).parent.parent)]
-    python = folder / "bin" / "python"
-    purelib = subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    (Path(purelib) / "outer.pth").write_text("\n".join(paths) + "\n")
-    return str(python)
 
 
 def bench(root: Path, size: str, repeat: int) -> dict:
