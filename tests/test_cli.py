@@ -205,6 +205,49 @@ def test_module_entry_point_matches() -> None:
     assert p.returncode == 0 and rlmask.__version__ in p.stdout
 
 
+# The entry point with an exit handler registered while the command runs, as a library the
+# command imports would register one.
+WITH_HANDLER = """
+import atexit, sys
+import rlmask.cli as c
+command = c.cli.main
+def with_handler(*args, **kwargs):
+    atexit.register(sys.stdout.write, "handler ran\\n")  # left in the buffer
+    return command(*args, **kwargs)
+c.cli.main = with_handler
+c.main()
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (["diff", BASE, TUNED, "--format", "json"], 0),
+        (["diff", BASE, "/nonexistent"], 1),
+        (["diff", BASE, TUNED, "--tol", "x"], 2),
+        (["--version"], 0),
+    ],
+)
+def test_exit_skips_teardown_but_not_handlers_or_output(args: list[str], code: int) -> None:
+    """`main` ends the process without the interpreter's teardown; the exit code, every byte
+    of output and the other exit handlers (which run before it) are those of the command run
+    by click with the ordinary exit."""
+    ordinary = "from rlmask.cli import cli; cli.main(prog_name='rlmask')"
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    want, got = (
+        subprocess.run(
+            [sys.executable, "-c", program, *args], capture_output=True, check=False, env=buffered
+        )
+        for program in (ordinary, WITH_HANDLER)
+    )
+    assert want.returncode == code, want.stderr
+    assert (got.returncode, got.stdout, got.stderr) == (
+        code,
+        want.stdout + b"handler ran\n",
+        want.stderr,
+    )
+
+
 @pytest.mark.parametrize("level", ["total", "layer", "module", "tensor"])
 def test_every_level_renders(level: str) -> None:
     assert run("diff", BASE, TUNED, "--by", level, "--format", "csv")[0] == 0

@@ -6,9 +6,12 @@ error.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import gc
+import os
 import signal
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -1118,8 +1121,26 @@ def rank_cmd(
         plt.close(rank_figure(report, plot))
 
 
+def _exit_now(code: list[int]) -> None:
+    """Ends the process with the command's exit code, skipping the interpreter's teardown
+    (freeing every module, class and function one by one: about 10 ms of a 0.2 s `rlmask diff`).
+    Runs as the last exit handler: Python has joined the non-daemon threads and run every other
+    handler by then, and the command has closed and renamed its outputs; only the standard
+    streams' buffers are left, flushed here. When the command did not end with an exit code (an
+    uncaught exception) or flushing fails, the ordinary exit runs and reports it."""
+    if not code:
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return
+    os._exit(code[0])
+
+
 def main() -> None:
-    """Entry point of the ``rlmask`` command."""
+    """Entry point of the ``rlmask`` command: runs it and ends the process with its exit code.
+    (Inside another program, run a command with ``cli.main(args, standalone_mode=False)``.)"""
     # What the imports made so far (click's and this module's classes, functions and tables)
     # lives until exit: the cyclic collector no longer walks it in each collection and at
     # exit (7% of the instructions of a `rlmask diff --format json` on a small pair).
@@ -1128,7 +1149,16 @@ def main() -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     # SIGTERM unwinds like Ctrl-C (exit 143), so no temporary file outlives a killed run.
     signal.signal(signal.SIGTERM, _on_sigterm)
-    cli.main(prog_name="rlmask")
+    # Registered before the command runs, so that it runs after every exit handler registered
+    # by what the command imports (the last registered runs first).
+    code: list[int] = []
+    atexit.register(_exit_now, code)
+    try:
+        cli.main(prog_name="rlmask")
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code.append(e.code or 0)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,7 @@ use crate::kernel::{compare_chunk, Criterion, Hist, Job, BLOCK};
 use crate::maskfile::{self, MaskEntry};
 use crate::names;
 use crate::readahead;
-use crate::safetensors::{Shard, TensorInfo};
+use crate::safetensors::{check_all_unchanged, Shard, TensorInfo};
 use crate::scaled::{self, Layout};
 
 /// Elements per unit of parallel work (a multiple of the mask word width).
@@ -546,10 +546,7 @@ pub fn diff(
         compare_pairs(&pairs, &floating, &scaled, outs, opts, progress)?
     };
     // Nothing is reported, and no mask committed, from a file that changed under the pass.
-    for p in &pairs {
-        p.a.0.check_unchanged()?;
-        p.b.0.check_unchanged()?;
-    }
+    check_all_unchanged(pairs.iter().flat_map(|p| [p.a.0, p.b.0]))?;
     if let Some(w) = writer {
         w.finish()?;
     }

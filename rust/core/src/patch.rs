@@ -32,7 +32,7 @@ use crate::diff::{Progress, Side};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::readahead;
-use crate::safetensors::{Shard, TensorInfo};
+use crate::safetensors::{check_all_unchanged, Shard, TensorInfo};
 
 /// The `format` of a patch file.
 pub const FORMAT: &str = "rlmask-patch";
@@ -1017,10 +1017,7 @@ pub fn create(
             )
         })
         .collect();
-    for j in &jobs {
-        j.a.0.check_unchanged()?;
-        j.b.0.check_unchanged()?;
-    }
+    check_all_unchanged(jobs.iter().flat_map(|j| [j.a.0, j.b.0]))?;
     let mut entries = BTreeMap::new();
     for ((job, span), (fa, fb)) in jobs.iter().zip(&spans).zip(prints) {
         let (t, changed) = (job.a.1, span.changed);
@@ -1160,9 +1157,7 @@ pub fn create(
             Source::Table(bytes) => file.write(bytes)?,
         }
     }
-    for j in &jobs {
-        j.b.0.check_unchanged()?;
-    }
+    check_all_unchanged(jobs.iter().map(|j| j.b.0))?;
     progress.check()?; // the last moment a cancel leaves nothing behind
     let bytes = file.finish()?;
     Ok(Created { entries, bytes })

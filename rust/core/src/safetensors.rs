@@ -4,7 +4,7 @@
 //! mapping tensor names to `{dtype, shape, data_offsets}` plus an optional `__metadata__` map of
 //! strings), then the data buffer. Offsets are relative to the buffer and must tile it exactly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -110,6 +110,18 @@ fn explain_other_format(path: &Path, bytes: &[u8], err: Error) -> Error {
         return Error::header(path, "is a GGUF file, not a safetensors file");
     }
     err
+}
+
+/// [`Shard::check_unchanged`] of every distinct shard in `shards`, in their order: a pass holds
+/// one reference per tensor, and a file needs one `stat` however many of its tensors were read.
+pub fn check_all_unchanged<'a>(shards: impl IntoIterator<Item = &'a Shard>) -> Result<()> {
+    let mut seen = HashSet::new();
+    for shard in shards {
+        if seen.insert(std::ptr::from_ref(shard)) {
+            shard.check_unchanged()?;
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Debug for Shard {

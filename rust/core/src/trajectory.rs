@@ -19,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::kernel::{compare_run, Criterion, Run};
 use crate::maskfile::{self, MaskEntry, MaskFile};
 use crate::readahead;
-use crate::safetensors::{Shard, TensorInfo, U8FileWriter};
+use crate::safetensors::{check_all_unchanged, Shard, TensorInfo, U8FileWriter};
 use crate::scaled;
 
 /// What to compare and how.
@@ -402,12 +402,9 @@ pub fn trajectory(
         )?
     };
     // Nothing is reported, and no mask committed, from a file that changed under the pass.
-    for t in &tracks {
-        t.base.0.check_unchanged()?;
-        for s in t.steps.iter().chain(&t.previous) {
-            s.0.check_unchanged()?;
-        }
-    }
+    check_all_unchanged(tracks.iter().flat_map(|t| {
+        std::iter::once(t.base.0).chain(t.steps.iter().chain(&t.previous).map(|s| s.0))
+    }))?;
     if let Some(m) = segment.final_mask {
         m.check_unchanged()?;
     }
