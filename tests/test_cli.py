@@ -196,13 +196,32 @@ def test_installed_command_in_a_subprocess(tmp_path: Path) -> None:
 
 
 def test_module_entry_point_matches() -> None:
+    for entry in (["-c", "from rlmask.cli import main; main()"], ["-m", "rlmask"]):
+        p = subprocess.run(
+            [sys.executable, *entry, "--version"], capture_output=True, text=True, check=False
+        )
+        assert p.returncode == 0 and rlmask.__version__ in p.stdout
+
+
+def test_the_console_entry_collects_while_the_command_runs() -> None:
+    """The console script's module turns the cyclic collector off while the command line is
+    imported; the command itself runs with it on (a long run's cycles are collected)."""
+    probe = """
+import gc, sys
+import rlmask.__main__ as entry
+assert not gc.isenabled()
+command = entry.main.__globals__["cli"].main
+def report(*args, **kwargs):
+    print("collecting:", gc.isenabled())
+    return command(*args, **kwargs)
+entry.main.__globals__["cli"].main = report
+entry.main()
+"""
     p = subprocess.run(
-        [sys.executable, "-c", "from rlmask.cli import main; main()", "--version"],
-        capture_output=True,
-        text=True,
-        check=False,
+        [sys.executable, "-c", probe, "--version"], capture_output=True, text=True, check=False
     )
-    assert p.returncode == 0 and rlmask.__version__ in p.stdout
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("collecting: True\n") and rlmask.__version__ in p.stdout
 
 
 # The entry point with an exit handler registered while the command runs, as a library the

@@ -79,6 +79,18 @@ def test_import_and_help_do_not_load_the_api() -> None:
         assert r.returncode == 0, r.stderr
         assert "HEAVY []" in r.stderr, (argv, r.stderr)
         assert argv == [] or r.stdout  # the help or the version was printed
+    # Nor does `import rlmask` import typing (with the `re` it imports: 20 ms).
+    # (Some environments' site hooks import typing first: forgotten here, so that the probe
+    # sees whether rlmask imports it again.)
+    probe = (
+        "import sys\n"
+        "for m in [m for m in sys.modules if m.split('.')[0] == 'typing']:\n"
+        "    del sys.modules[m]\n"
+        "import rlmask\n"
+        "print('typing' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert r.stdout == "False\n", r.stderr
     # The lazy names resolve to the API, and `dir` lists them.
     import rlmask
 

@@ -1142,9 +1142,11 @@ def main() -> None:
     """Entry point of the ``rlmask`` command: runs it and ends the process with its exit code.
     (Inside another program, run a command with ``cli.main(args, standalone_mode=False)``.)"""
     # What the imports made so far (click's and this module's classes, functions and tables)
-    # lives until exit: the cyclic collector no longer walks it in each collection and at
-    # exit (7% of the instructions of a `rlmask diff --format json` on a small pair).
+    # lives until exit: the cyclic collector no longer walks it in each collection (7% of the
+    # instructions of a `rlmask diff --format json` on a small pair). The console script turns
+    # the collector off while it imports this module (`rlmask.__main__`); on again here.
     gc.freeze()
+    gc.enable()
     if hasattr(signal, "SIGPIPE"):  # `rlmask ... | head` ends quietly, as other tools do
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     # SIGTERM unwinds like Ctrl-C (exit 143), so no temporary file outlives a killed run.
