@@ -1,0 +1,140 @@
+"""``rlmask diff``: update sparsity of one checkpoint against another."""
+
+from __future__ import annotations
+
+import click
+
+from rlmask._commands.common import (
+    FILE,
+    LEVELS,
+    block_option,
+    by_option,
+    check_criterion,
+    check_outputs,
+    criterion_options,
+    format_option,
+    output_option,
+    pairing_options,
+    parse_block,
+    parse_name_map,
+    parse_tolerances,
+    quiet_option,
+    render,
+    shared_rows_option,
+    tol_option,
+    user_errors,
+)
+
+
+@click.command("diff")
+@click.argument("base")
+@click.argument("tuned")
+@tol_option
+@click.option(
+    "--sweep",
+    is_flag=True,
+    help="Also compute the paper's Table 6 sweep (1e-8, 1e-7, 1e-6, 1e-5), in the same pass.",
+)
+@click.option(
+    "--tolerances",
+    metavar="T1,T2,...",
+    help="Comma-separated absolute tolerances to compute in the same pass.",
+)
+@criterion_options
+@by_option(
+    "total",
+    "Breakdown to print: whole model, per layer, per module type, per tensor, per component "
+    "(language model, vision tower, projector), per routed expert of a mixture-of-experts "
+    "model (layer and expert), or per binade of the base value (magnitude: the precision lens, "
+    "computed in the same pass; the JSON report then carries by_magnitude, and --plot draws "
+    "the lens).",
+    (*LEVELS, "component", "expert", "magnitude"),
+)
+@format_option(["table", "json", "csv", "parquet"])
+@output_option
+@pairing_options
+@shared_rows_option
+@block_option
+@click.option(
+    "--save-mask",
+    type=FILE,
+    help="Also write the changed elements at --tol (the subnetwork) to this .rlmask file, "
+    "from the same pass.",
+)
+@click.option(
+    "--plot",
+    type=FILE,
+    help="Also draw sparsity per layer and module type (paper Figure 3) to this image file "
+    "(PNG, PDF, SVG by extension; needs matplotlib).",
+)
+@quiet_option
+@user_errors
+def diff_cmd(
+    base: str,
+    tuned: str,
+    tol: float | None,
+    sweep: bool,
+    tolerances: str | None,
+    criterion: str,
+    eta: float | None,
+    by: str,
+    fmt: str,
+    output: str | None,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    skip_mismatched: bool,
+    name_map: tuple[str, ...],
+    shared_rows: bool,
+    block_size: str | None,
+    save_mask: str | None,
+    plot: str | None,
+    quiet: bool,
+) -> None:
+    """Update sparsity of TUNED against BASE (paper §2.2).
+
+    BASE and TUNED are each a .safetensors file, a checkpoint directory (sharded or not), an
+    index file, or a Hugging Face repo id org/name[@revision] already in the local hub cache
+    (nothing is downloaded).
+
+    \b
+    Examples:
+      rlmask diff meta-llama/Llama-3.1-8B ./grpo-run/checkpoint-500
+      rlmask diff base/ tuned/ --sweep --by module
+      rlmask diff base/ tuned/ --format json -o report.json
+      rlmask diff base/ tuned/ --by layer --format csv --include 'mlp\\.'
+      rlmask diff base/ tuned/ --save-mask grpo.rlmask
+      rlmask diff base/ tuned/ --by magnitude --plot lens.png
+    """
+    from rlmask._diff import DEFAULT_SWEEP, diff
+
+    extra = parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
+    check_criterion(criterion, tol, eta, extra)
+    check_outputs(fmt, output, plot)
+    report = diff(
+        base,
+        tuned,
+        tol=tol,
+        tolerances=extra or None,
+        criterion=criterion,  # type: ignore[arg-type]
+        eta=eta,
+        include=include or None,
+        exclude=exclude or None,
+        name_map=parse_name_map(name_map),
+        skip_mismatched=skip_mismatched,
+        shared_rows=shared_rows,
+        block_size=parse_block(block_size),
+        save_mask=save_mask,
+        magnitude=by == "magnitude",
+        progress=not quiet,
+    )
+    render(report, by, fmt, output)
+    if plot:
+        import matplotlib.pyplot as plt
+
+        from rlmask.plot import magnitude_figure, sparsity_by_layer
+
+        draw = magnitude_figure if by == "magnitude" else sparsity_by_layer
+        plt.close(draw(report, plot))
+
+
+command = diff_cmd

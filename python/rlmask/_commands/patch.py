@@ -1,0 +1,180 @@
+"""``rlmask patch``: sparse patches: create, apply, inspect, convert, verify."""
+
+from __future__ import annotations
+
+import click
+
+from rlmask._commands.common import (
+    DIRECTORY,
+    FILE,
+    by_option,
+    check_outputs,
+    format_option,
+    output_option,
+    parse_name_map,
+    quiet_option,
+    render,
+    user_errors,
+)
+from rlmask._rlmask import DEFAULT_PATCH_CODEC, PATCH_CODECS
+
+
+@click.group("patch")
+def patch() -> None:
+    """Sparse patches: ship a checkpoint's changes losslessly (create, apply, info, verify)."""
+
+
+@patch.command("create")
+@click.argument("base")
+@click.argument("tuned")
+@click.option(
+    "-o",
+    "--output",
+    type=FILE,
+    required=True,
+    help="The patch file to write (atomically), conventionally *.rlpatch.",
+)
+@click.option(
+    "--name-map",
+    multiple=True,
+    metavar="FROM=TO",
+    help="Rewrite the name prefix FROM as TO on both sides before pairing (repeatable).",
+)
+@click.option(
+    "--codec",
+    type=click.Choice(PATCH_CODECS),
+    default=DEFAULT_PATCH_CODEC,
+    show_default=True,
+    help="plain: int32 flat indices and new values, the form TRL, vLLM and prime-rl load "
+    "(6 bytes per changed bf16 element); compact: index gaps as varints and the values' "
+    "byte planes under zstd (smaller; every rlmask reader decodes it).",
+)
+@quiet_option
+@user_errors
+def patch_create(
+    base: str, tuned: str, output: str, name_map: tuple[str, ...], codec: str, quiet: bool
+) -> None:
+    """Write the patch that turns BASE into TUNED, bit for bit.
+
+    Per changed tensor: the flat indices of the elements whose bits differ and TUNED's values
+    there (or the whole tensor where that is smaller), with blake3 fingerprints of every tensor
+    before and after. One streaming pass; memory stays flat.
+
+    \b
+    Examples:
+      rlmask patch create step-100/ step-200/ -o 200.rlpatch
+      rlmask patch create step-100/ step-200/ -o 200.rlpatch --codec compact
+    """
+    from rlmask import patch as patches
+
+    info = patches.create(
+        base,
+        tuned,
+        output,
+        name_map=parse_name_map(name_map),
+        codec=codec,
+        progress=not quiet,
+    )
+    click.echo(info.summary())
+
+
+@patch.command("apply")
+@click.argument("base")
+@click.argument("patch_files", metavar="PATCH...", nargs=-1, required=True)
+@click.option(
+    "-o",
+    "--output",
+    type=DIRECTORY,
+    required=True,
+    help="The checkpoint directory to write (must not exist, or be empty).",
+)
+@quiet_option
+@user_errors
+def patch_apply(base: str, patch_files: tuple[str, ...], output: str, quiet: bool) -> None:
+    """Apply PATCH... in order to BASE, writing the result as a new checkpoint directory.
+
+    The output has BASE's sharding, headers, index and other files; every tensor is checked
+    against the fingerprints each patch expects before and promises after, so a patch made
+    from another base, a corrupt patch, or a chain with a patch missing, repeated or out of
+    order fails, naming the tensor. BASE is never modified.
+
+    \b
+    Examples:
+      rlmask patch apply step-100/ 200.rlpatch 300.rlpatch -o step-300/
+    """
+    from rlmask import patch as patches
+
+    out = patches.apply(base, list(patch_files), output, progress=not quiet)
+    click.echo(f"wrote {out}")
+
+
+@patch.command("info")
+@click.argument("file")
+@by_option("module", "Breakdown to print under the summary.")
+@format_option(["table", "json", "csv"])
+@output_option
+@user_errors
+def patch_info(file: str, by: str, fmt: str, output: str | None) -> None:
+    """Tensors, changed elements, bytes by kind and fingerprints of a patch FILE."""
+    from rlmask import patch as patches
+
+    check_outputs(fmt, output, None)
+    render(patches.load(file), by, fmt, output)
+
+
+@patch.command("convert")
+@click.argument("src")
+@click.option("-o", "--output", type=FILE, required=True, help="The file to write.")
+@click.option(
+    "--to",
+    type=click.Choice(["trl", "rlmask"]),
+    required=True,
+    help="trl: an rlmask patch to TRL's delta-sync file; rlmask: a TRL file to an rlmask patch.",
+)
+@click.option(
+    "--base",
+    help="With --to rlmask: the checkpoint the TRL sync applies to (TRL files carry no shapes "
+    "or fingerprints).",
+)
+@click.option(
+    "--encoding",
+    type=click.Choice(["raw", "gap_delta"]),
+    default="raw",
+    show_default=True,
+    help="With --to trl: int32 indices, or gaps as uint16 (uint32 where a gap exceeds 65535).",
+)
+@user_errors
+def patch_convert(src: str, output: str, to: str, base: str | None, encoding: str) -> None:
+    """Convert SRC between rlmask patches and TRL's delta-sync files (needs torch).
+
+    \b
+    Examples:
+      rlmask patch convert 200.rlpatch --to trl --encoding gap_delta -o sync-200.safetensors
+      rlmask patch convert sync-200.safetensors --to rlmask --base step-100/ -o 200.rlpatch
+    """
+    from rlmask import patch as patches
+
+    if to == "rlmask" and base is None:
+        raise click.UsageError("--to rlmask needs --base: the checkpoint the TRL file applies to")
+    patches.convert(src, output, to=to, base=base, encoding=encoding)
+    click.echo(f"wrote {output}")
+
+
+@patch.command("verify")
+@click.argument("base")
+@click.argument("file")
+@click.argument("tuned", required=False)
+@quiet_option
+@user_errors
+def patch_verify(base: str, file: str, tuned: str | None, quiet: bool) -> None:
+    """Check that patch FILE applies to BASE and gives what it promises (and TUNED, if given).
+
+    Writes nothing; exit 1 with the tensor at fault when it does not.
+    """
+    from rlmask import patch as patches
+
+    patches.verify(base, file, tuned, progress=not quiet)
+    click.echo(f"ok: {file} applies to {base}" + (f" and gives {tuned}" if tuned else ""))
+
+
+command = patch
