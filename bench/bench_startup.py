@@ -4,8 +4,9 @@
 Each round runs, in fresh interpreters of a plain virtual environment (``_common.plain_venv``:
 start-up as a user's environment has it) and in one interleaved order, so that this machine's
 drift hits every command alike: a bare ``python -c pass``; for each build, ``rlmask
---version``, ``rlmask --help`` and ``rlmask diff BASE TUNED --format json`` (``rlmask.cli.main``
-with the build's ``python/`` folder first on ``PYTHONPATH``); and, every third round, the naive
+--version``, ``rlmask --help`` and ``rlmask diff BASE TUNED --format json`` (the console
+script's entry, ``rlmask.__main__.main``, or ``rlmask.cli.main`` in builds before it, with the
+build's ``python/`` folder first on ``PYTHONPATH``); and, every third round, the naive
 torch script of ``bench_diff.py`` on the same pair. Each build's modules are compiled to
 bytecode first, as an install would have. Prints best and median per command, and the naive
 script's best over each build's best diff.
@@ -31,7 +32,12 @@ from pathlib import Path
 from _common import plain_venv
 from bench_diff import PROGRAMS
 
-MAIN = "import sys; sys.argv = ['rlmask', *sys.argv[1:]]\nfrom rlmask.cli import main; main()"
+MAIN = """import sys; sys.argv = ['rlmask', *sys.argv[1:]]
+try:
+    from rlmask.__main__ import main
+except ImportError:
+    from rlmask.cli import main
+main()"""
 
 
 def main() -> None:
