@@ -15,9 +15,6 @@ from rlmask.errors import RlmaskError
 if TYPE_CHECKING:
     from rlmask._report import Report
 
-# The API (polars, numpy) is imported inside the commands, so that `rlmask --help` and
-# `rlmask --version` start at the speed of click alone.
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 LEVELS = ("total", "layer", "module", "tensor")
