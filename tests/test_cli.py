@@ -203,6 +203,26 @@ def test_module_entry_point_matches() -> None:
         assert p.returncode == 0 and rlmask.__version__ in p.stdout
 
 
+def test_ctrl_c_while_the_command_line_loads() -> None:
+    """Ctrl-C in the first tenth of a second (while click and the commands are imported) exits
+    130 with the commands' one line, not a traceback."""
+    probe = """
+import os, signal, sys
+class Interrupt:  # SIGINT arrives as rlmask.cli is imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "rlmask.cli":
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, Interrupt())
+import rlmask.__main__
+"""
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    assert (p.returncode, p.stdout, p.stderr) == (
+        130,
+        "",
+        "rlmask: interrupted; nothing was written\n",
+    )
+
+
 def test_the_console_entry_collects_while_the_command_runs() -> None:
     """The console script's module turns the cyclic collector off while the command line is
     imported; the command itself runs with it on (a long run's cycles are collected)."""

@@ -8,10 +8,15 @@ to run the command.
 """
 
 import gc
+import sys
 
 gc.disable()
 
-from rlmask.cli import main  # noqa: E402
+try:
+    from rlmask.cli import main
+except KeyboardInterrupt:  # Ctrl-C while the command line loads ends as it does in a command
+    sys.stderr.write("rlmask: interrupted; nothing was written\n")
+    raise SystemExit(130) from None
 
 __all__ = ["main"]
 
