@@ -27,6 +27,7 @@ from rlmask.errors import (
     OutputError,
     PairingError,
     RlmaskError,
+    RlmaskWarning,
     TensorMismatchError,
 )
 
@@ -87,6 +88,7 @@ __all__ = [
     "PairingError",
     "RankReport",
     "RlmaskError",
+    "RlmaskWarning",
     "SurveyReport",
     "TensorMismatchError",
     "TrajectoryReport",

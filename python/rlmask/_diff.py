@@ -10,7 +10,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from rlmask import _rlmask
-from rlmask._io import PathArg, check_output
+from rlmask._io import PathArg, check_not_input, check_output, read_side_file
 from rlmask._lazy import LazyModule
 from rlmask._names import (
     COMPONENTS,
@@ -22,7 +22,7 @@ from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
-from rlmask.errors import PairingError
+from rlmask.errors import CheckpointFormatError, PairingError
 
 if TYPE_CHECKING:
     import polars as pl
@@ -510,19 +510,53 @@ class DiffReport(Report):
         return printable_lines(lines)
 
 
+#: The largest block side accepted (the core counts blocks in 64 bits).
+MAX_BLOCK = 1 << 32
+
+
+def check_block(value: Any, where: str) -> tuple[int, int]:
+    """``value`` as an FP8 block size (rows, columns): two whole numbers from 1 to 2^32.
+
+    Raises:
+        ValueError: naming ``where`` and the value.
+    """
+    ok = (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(type(v) is int and 1 <= v <= MAX_BLOCK for v in value)
+    )
+    if not ok:
+        raise ValueError(
+            f"{where}: a block size is two whole numbers from 1 to 2^32 (rows, columns), "
+            f"not {str(value)[:60]}"
+        )
+    return int(value[0]), int(value[1])
+
+
 def declared_block(checkpoint: PathArg) -> tuple[int, int] | None:
     """The FP8 block size that the ``config.json`` beside the checkpoint (a directory, or a
     file whose folder holds it) declares (``quantization_config.weight_block_size``), or None
-    (no config, no block size)."""
+    (no config, not JSON, no block size).
+
+    Raises:
+        CheckpointFormatError: config.json is not a regular file, is too large, or declares a
+            block size that is not two whole numbers from 1 to 2^32.
+    """
     where = os.fspath(checkpoint)
     folder = where if os.path.isdir(where) else os.path.dirname(where)
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            q = json.load(f).get("quantization_config") or {}
-        rows, cols = q["weight_block_size"]
-        return int(rows), int(cols)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    config = os.path.join(folder, "config.json")
+    data = read_side_file(config)
+    if data is None:
         return None
+    try:
+        q = json.loads(data).get("quantization_config") or {}
+        declared = q["weight_block_size"]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+    try:
+        return check_block(declared, f"{config}: quantization_config.weight_block_size")
+    except ValueError as e:
+        raise CheckpointFormatError(str(e), config) from None
 
 
 def parse_criterion(
@@ -657,6 +691,8 @@ def diff(
     select_names([], include, exclude)  # bad patterns fail before any file is opened
     if save_mask is not None:
         check_output(save_mask)
+        check_not_input(save_mask, [base, tuned])
+    block = None if block_size is None else check_block(block_size, "block_size")
     where_a, where_b = resolve_checkpoint(base), resolve_checkpoint(tuned)
     a, b = _rlmask.Checkpoint(where_a), _rlmask.Checkpoint(where_b)
     select = selection([a, b], include, exclude, name_map)
@@ -669,8 +705,8 @@ def diff(
             name_map=list((name_map or {}).items()),
             skip_mismatched=skip_mismatched,
             shared_rows=shared_rows,
-            block_base=block_size or declared_block(where_a),
-            block_tuned=block_size or declared_block(where_b),
+            block_base=block or declared_block(where_a),
+            block_tuned=block or declared_block(where_b),
             mask_at=crit.primary_index if (mask or save_mask is not None) else None,
             mask_file=None if (mask or save_mask is None) else os.fspath(save_mask),
             mask_provenance=provenance,

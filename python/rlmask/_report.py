@@ -57,8 +57,11 @@ def few(items: Sequence[str], limit: int = 5) -> str:
 
 def printable_lines(lines: list[str]) -> str:
     """Lines joined for a terminal, each with control characters in names and paths escaped
-    (a hostile tensor name cannot move the cursor or recolour the screen)."""
-    return "\n".join(printable(line) for line in lines)
+    (a hostile tensor name cannot move the cursor or recolour the screen). A table from
+    :func:`rlmask._table.format_frame` escaped its own cells and keeps its line breaks."""
+    from rlmask._table import Rendered
+
+    return "\n".join(line if isinstance(line, Rendered) else printable(line) for line in lines)
 
 
 def flat(df: pl.DataFrame) -> pl.DataFrame:

@@ -12,13 +12,18 @@ whose nodes see the files (``executor="ray"``).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import os
+import queue
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Generator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +32,13 @@ import polars as pl
 
 from rlmask import _rlmask
 from rlmask._diff import Criterion, diff, parse_criterion
-from rlmask._io import PathArg, write_text_atomic
+from rlmask._io import PathArg, read_side_file, write_text_atomic
 from rlmask._progress import cancel_all
 from rlmask._ray import run_tasks, session
 from rlmask._report import Report, printable_lines
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
-from rlmask.errors import RlmaskError
+from rlmask.errors import OutputError, RlmaskError, RlmaskWarning
 
 _KEYS = {"name", "base", "tuned", "group", "include", "exclude"}
 
@@ -60,6 +65,33 @@ def _patterns(value: Any, where: str) -> tuple[str, ...]:
     raise ValueError(f"{where}: include/exclude must be a regex or a list of regexes")
 
 
+def _csv_rows(text: str, where: str) -> list[dict[str, Any]]:
+    """A CSV manifest's rows, empty cells dropped; a repeated column or a malformed line
+    (a field over the csv module's limit, a stray quote) is an error naming the line."""
+    reader = csv.reader(text.splitlines())
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        header = [h.strip() for h in header]
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise ValueError(f"{where}: line 1: the column {repeated[0]!r} is repeated")
+        rows = []
+        for line in reader:
+            if not any(cell.strip() for cell in line):
+                continue
+            if len(line) > len(header):
+                raise ValueError(
+                    f"{where}: line {reader.line_num}: {len(line)} fields, the header has "
+                    f"{len(header)}"
+                )
+            rows.append({k: v for k, v in zip(header, line, strict=False) if v != ""})
+        return rows
+    except csv.Error as e:
+        raise ValueError(f"{where}: line {reader.line_num}: not valid CSV ({e})") from None
+
+
 def load_manifest(path: PathArg) -> list[Pair]:
     """Reads a survey manifest: TOML (``[[pair]]`` tables) or CSV (a header row), with keys
     ``name``, ``base``, ``tuned`` and optional ``group``, ``include``, ``exclude`` (a regex; in
@@ -68,20 +100,23 @@ def load_manifest(path: PathArg) -> list[Pair]:
 
     Raises:
         ValueError: with the manifest and the entry at fault: no pairs, a missing or unknown
-            key, a repeated name.
+            key, a value of the wrong type, a repeated name or column, a malformed file.
     """
     p = Path(path)
     where = os.fspath(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"{where}: {e.strerror}") from None
+        raw = read_side_file(p)
+        if raw is None:
+            raise ValueError(f"{where}: no such file")
+        # utf-8-sig: a byte-order mark (as spreadsheets write) is not part of the first key.
+        text = raw.decode("utf-8-sig")
+    except RlmaskError as e:
+        raise ValueError(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows: list[dict[str, Any]]
     if p.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        rows = [{k: v for k, v in r.items() if v not in (None, "")} for r in reader]
-        if reader.fieldnames is None:
-            rows = []
+        rows = _csv_rows(text, where)
     else:
         if sys.version_info >= (3, 11):
             import tomllib
@@ -93,8 +128,10 @@ def load_manifest(path: PathArg) -> list[Pair]:
             raise ValueError(
                 f"{where}: not valid TOML ({e}); a CSV manifest must end in .csv"
             ) from None
+        except RecursionError:
+            raise ValueError(f"{where}: not a manifest (nested too deeply)") from None
         rows = data.get("pair", [])
-        if not isinstance(rows, list):
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ValueError(f"{where}: 'pair' must be an array of tables ([[pair]])")
         unknown = set(data) - {"pair"}
         if unknown:
@@ -110,6 +147,8 @@ def load_manifest(path: PathArg) -> list[Pair]:
         for key in ("name", "base", "tuned"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise ValueError(f"{at}: '{key}' is missing or empty")
+        if row.get("group") is not None and not isinstance(row["group"], str):
+            raise ValueError(f"{at}: 'group' must be text, not {type(row['group']).__name__}")
         name = row["name"].strip()
         if name in seen:
             raise ValueError(f"{at}: the name '{name}' is used twice")
@@ -132,10 +171,21 @@ def load_manifest(path: PathArg) -> list[Pair]:
     return pairs
 
 
+#: The largest cache entry read back (a report of 100k tensors is about 30 MB).
+_ENTRY_LIMIT = 1 << 30
+
+
 def _fingerprint(spec: str) -> list[list[Any]]:
-    """(path, size, mtime, sha256 of the header) of every shard of a checkpoint."""
-    ckpt = _rlmask.Checkpoint(resolve_checkpoint(spec))
-    out = []
+    """Everything of a checkpoint that a figure depends on: (path, size, mtime, sha256 of the
+    header) of every shard, and the SHA-256 of the side files the pass reads (``config.json``
+    gives the FP8 block size; the index maps names to shards)."""
+    path = resolve_checkpoint(spec)
+    ckpt = _rlmask.Checkpoint(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    out: list[list[Any]] = []
+    for side in ("config.json", "model.safetensors.index.json"):
+        data = read_side_file(os.path.join(folder, side))
+        out.append([side, None if data is None else hashlib.sha256(data).hexdigest()])
     for shard in ckpt.shards:
         st = os.stat(shard)
         with open(shard, "rb") as f:
@@ -269,7 +319,7 @@ class SurveyReport(Report):
 
 def _executor_ray(
     todo: list[Pair], options: Mapping[str, Any], address: str | None, cpus: float
-) -> Iterator[tuple[Pair, dict[str, Any] | str]]:
+) -> Generator[tuple[Pair, dict[str, Any] | str], None, None]:
     with session(address) as ray:
         for i, out in run_tasks(ray, _ray_task, [(p, dict(options)) for p in todo], cpus):
             yield todo[i], out
@@ -285,30 +335,108 @@ def _ray_task(pair: Pair, options: dict[str, Any]) -> dict[str, Any] | str:
 
 def _executor_local(
     todo: list[Pair], options: Mapping[str, Any], jobs: int
-) -> Iterator[tuple[Pair, dict[str, Any] | str]]:
+) -> Generator[tuple[Pair, dict[str, Any] | str], None, None]:
+    """Yields each pair's report (or error message) as it finishes. Finished futures are
+    handed over through a queue (linear in the number of pairs). Closed early (an exception
+    in the caller, Ctrl-C), it cancels what has not started and stops the passes running;
+    it must be closed from the caller's thread (``contextlib.closing``), never left to the
+    garbage collector, which may run in a worker thread that cannot join its own pool."""
+
     def one(p: Pair) -> dict[str, Any] | str:
         try:
             return run_pair(p, options)
         except RlmaskError as e:
             return f"{type(e).__name__}: {e}"
 
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
-        futures: dict[Future[dict[str, Any] | str], Pair] = {pool.submit(one, p): p for p in todo}
-        try:
-            pending = set(futures)
-            while pending:
-                done = {f for f in pending if f.done()}
-                for f in done:
-                    yield futures[f], f.result()
-                pending -= done
-                if pending:
-                    wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            with cancel_all():
-                pool.shutdown(wait=True)
-            raise
+    finished: queue.SimpleQueue[Future[dict[str, Any] | str]] = queue.SimpleQueue()
+    pool = ThreadPoolExecutor(max(1, jobs), thread_name_prefix="rlmask-survey")
+    futures: dict[Future[dict[str, Any] | str], Pair] = {}
+    try:
+        for p in todo:
+            f = pool.submit(one, p)
+            futures[f] = p
+            f.add_done_callback(finished.put)
+        for _ in range(len(futures)):
+            while True:
+                try:
+                    f = finished.get(timeout=0.05)  # short waits: Ctrl-C is seen at once
+                    break
+                except queue.Empty:
+                    continue
+            yield futures[f], f.result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        if threading.current_thread() in getattr(pool, "_threads", ()):
+            raise  # never join a pool from one of its own threads
+        with cancel_all():
+            pool.shutdown(wait=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _check_cache(folder: Path) -> None:
+    """Fails before any pass when the cache folder cannot be made or written."""
+    hint = "choose another with --cache DIR, or run with --no-cache (API: cache='')"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe.", delete=True):
+            pass
+    except OSError as e:
+        raise OutputError(
+            f"{folder}: the survey's cache folder cannot be written ({e.strerror or e}); {hint}",
+            os.fspath(folder),
+        ) from None
+
+
+#: What a cached entry holds besides the report: the key it was written under, and the
+#: SHA-256 of the report's JSON, so a damaged or altered entry is recomputed, never served.
+_ENTRY_VERSION = 1
+
+
+def _entry_text(key: str, report: dict[str, Any]) -> str:
+    body = json.dumps(report, sort_keys=True)
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    return json.dumps({"version": _ENTRY_VERSION, "key": key, "sha256": digest, "report": report})
+
+
+def _read_entry(path: Path, key: str, values: Sequence[float]) -> dict[str, Any] | None:
+    """The report cached at ``path``, or None (with a warning) when the entry is damaged,
+    altered or does not hold the figures asked for: the pair is then computed again."""
+    if not path.exists():
+        return None
+    try:
+        raw = read_side_file(path, limit=_ENTRY_LIMIT)
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        report = data["report"]
+        body = json.dumps(report, sort_keys=True)
+        ok = (
+            data.get("version") == _ENTRY_VERSION
+            and data.get("key") == key
+            and data.get("sha256") == hashlib.sha256(body.encode()).hexdigest()
+        )
+        if ok:
+            numel, tols = report["numel"], report["tolerances"]
+            changed, sparsity = report["changed"], report["sparsity"]
+            ok = (
+                type(numel) is int
+                and numel >= 0
+                and [float(t) for t in tols] == [float(v) for v in values]
+                and len(changed) == len(tols) == len(sparsity)
+                and all(type(c) is int and 0 <= c <= numel for c in changed)
+            )
+        if ok:
+            return dict(report)
+        why = "its key or checksum does not match its contents"
+    except (RlmaskError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+        why = f"unreadable ({type(e).__name__}: {e})"
+    warnings.warn(
+        f"{path}: damaged survey cache entry, {why}; computing the pair again",
+        RlmaskWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 def survey(
@@ -357,6 +485,8 @@ def survey(
         raise ValueError(f"unknown executor '{executor}' (local or ray)")
     folder = Path(cache) if cache is not None else Path(f"{os.fspath(manifest)}.cache")
     use_cache = cache != ""
+    if use_cache:
+        _check_cache(folder)
     results: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
     status: dict[str, str] = {}
@@ -369,9 +499,10 @@ def survey(
             errors[pair.name] = f"{type(e).__name__}: {e}"
             status[pair.name] = "error"
             continue
-        entry = folder / f"{keys[pair.name]}.json"
-        if use_cache and entry.is_file():
-            results[pair.name] = json.loads(entry.read_text(encoding="utf-8"))
+        key = keys[pair.name]
+        cached = _read_entry(folder / f"{key}.json", key, values) if use_cache else None
+        if cached is not None:
+            results[pair.name] = cached
             status[pair.name] = "cached"
         else:
             todo.append(pair)
@@ -383,18 +514,19 @@ def survey(
         if executor == "ray"
         else _executor_local(todo, options, jobs)
     )
-    for pair, out in runs:
-        if isinstance(out, str):
-            errors[pair.name] = out
-            status[pair.name] = "error"
-        else:
-            results[pair.name] = out
-            status[pair.name] = "ok"
-            if use_cache:
-                folder.mkdir(parents=True, exist_ok=True)
-                write_text_atomic(folder / f"{keys[pair.name]}.json", json.dumps(out))
-        if on_result is not None:
-            on_result(pair, status[pair.name])
+    with contextlib.closing(runs):
+        for pair, out in runs:
+            if isinstance(out, str):
+                errors[pair.name] = out
+                status[pair.name] = "error"
+            else:
+                results[pair.name] = out
+                status[pair.name] = "ok"
+                if use_cache:
+                    key = keys[pair.name]
+                    write_text_atomic(folder / f"{key}.json", _entry_text(key, out))
+            if on_result is not None:
+                on_result(pair, status[pair.name])
     rows: list[tuple[Pair, float, int | None, int | None, float | None, str, str | None]] = []
     for pair in pairs:
         if pair.name in results:

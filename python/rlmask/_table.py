@@ -11,6 +11,13 @@ from rlmask._rlmask import printable
 _PERCENT = ("sparsity", "density", "o1", "o2", "jaccard")
 
 
+class Rendered(str):
+    """Text whose every line is already escaped for the terminal (a table from
+    :func:`format_frame`): :func:`rlmask._report.printable_lines` keeps its newlines."""
+
+    __slots__ = ()
+
+
 def _cell(column: str, value: Any, percent: bool | None) -> str:
     if value is None:
         return "-"
@@ -27,7 +34,7 @@ def _cell(column: str, value: Any, percent: bool | None) -> str:
     return printable(str(value))
 
 
-def format_frame(df: pl.DataFrame, *, percent: bool | None = None) -> str:
+def format_frame(df: pl.DataFrame, *, percent: bool | None = None) -> Rendered:
     """Renders every row of ``df`` as an aligned text table. Floats are shown as percentages
     in the ratio columns (sparsity, density, o1, ...), or everywhere (``percent=True``) or
     nowhere (``percent=False``)."""
@@ -47,4 +54,4 @@ def format_frame(df: pl.DataFrame, *, percent: bool | None = None) -> str:
 
     out = [line(header), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
-    return "\n".join(out)
+    return Rendered("\n".join(out))

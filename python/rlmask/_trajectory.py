@@ -34,7 +34,14 @@ from typing import Any
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._diff import Criterion, _label, declared_block, parse_criterion, selection
+from rlmask._diff import (
+    Criterion,
+    _label,
+    check_block,
+    declared_block,
+    parse_criterion,
+    selection,
+)
 from rlmask._io import PathArg, check_output
 from rlmask._names import layer_of, module_of, natural_key
 from rlmask._progress import progress_wanted, run_with_progress
@@ -50,12 +57,16 @@ STEP_DIR = re.compile(r"(?:checkpoint|global_step|step|iter)[-_]?(\d+)$", re.IGN
 
 
 def step_of(path: PathArg) -> int | None:
-    """The training step in a checkpoint's directory or file name, or None."""
+    """The training step in a checkpoint's directory or file name, or None (also for a number
+    past 2^63, which no run reaches and no table column holds)."""
     name = Path(path).name
     for suffix in (".safetensors", ".json"):
         name = name.removesuffix(suffix)
     m = STEP_DIR.search(name)
-    return int(m.group(1)) if m else None
+    if m is None:
+        return None
+    step = int(m.group(1))
+    return step if step < 2**63 else None
 
 
 def _holds_checkpoint(d: Path) -> bool:
@@ -411,7 +422,8 @@ def trajectory(
         "select": select,
         "name_map": list((name_map or {}).items()),
         "skip_mismatched": skip_mismatched,
-        "block": block_size or declared_block(b.path),
+        "block": (None if block_size is None else check_block(block_size, "block_size"))
+        or declared_block(b.path),
     }
     masks: list[PathArg] | None = list(mask_files) if mask_files else None
     if executor == "ray":

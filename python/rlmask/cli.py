@@ -12,11 +12,16 @@ import importlib
 import os
 import signal
 import sys
+import warnings
+from typing import TYPE_CHECKING
 
 import click
 
 from rlmask._commands.common import Terminated
 from rlmask._rlmask import __version__
+
+if TYPE_CHECKING:
+    from typing import TextIO
 
 # Each command lives in a module of rlmask._commands, imported when the command runs (or when
 # `rlmask --help` lists it): a run builds its own command and options, not all sixteen. The API
@@ -74,6 +79,26 @@ def _exit_now(code: list[int]) -> None:
     os._exit(code[0])
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """rlmask's own warnings as one line on stderr (control characters escaped), without the
+    source line Python would print; other packages' warnings as Python prints them."""
+    from rlmask.errors import RlmaskWarning
+
+    if issubclass(category, RlmaskWarning):
+        from rlmask._rlmask import printable
+
+        sys.stderr.write(f"rlmask: warning: {printable(str(message))}\n")
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main() -> None:
     """Entry point of the ``rlmask`` command: runs it and ends the process with its exit code.
     (Inside another program, run a command with ``cli.main(args, standalone_mode=False)``.)"""
@@ -87,6 +112,7 @@ def main() -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     # SIGTERM unwinds like Ctrl-C (exit 143), so no temporary file outlives a killed run.
     signal.signal(signal.SIGTERM, _on_sigterm)
+    warnings.showwarning = _show_warning
     # Registered before the command runs, so that it runs after every exit handler registered
     # by what the command imports (the last registered runs first).
     code: list[int] = []

@@ -68,6 +68,12 @@ class OutputError(RlmaskError):
     """An output file could not be written (no space, no permission, no such directory)."""
 
 
+class RlmaskWarning(UserWarning):
+    """Something the user should know that does not stop the work: a damaged cache entry
+    recomputed, a result that looks implausible. The command line prints it as one line,
+    ``rlmask: warning: ...``; ``warnings.simplefilter("error", RlmaskWarning)`` makes it fatal."""
+
+
 __all__ = [
     "CheckpointChangedError",
     "CheckpointError",
@@ -77,5 +83,6 @@ __all__ = [
     "OutputError",
     "PairingError",
     "RlmaskError",
+    "RlmaskWarning",
     "TensorMismatchError",
 ]

@@ -27,7 +27,7 @@ from typing import Any
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._io import PathArg, check_output
+from rlmask._io import PathArg, check_not_input, check_output, write_atomic
 from rlmask._names import layer_of, module_of, natural_key
 from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import Report, few, printable_lines, ratio, sort_modules
@@ -238,6 +238,7 @@ def create(
         OutputError: ``out`` cannot be written (checked before any data is read).
     """
     check_output(out)
+    check_not_input(out, [base, tuned])
     a = _rlmask.Checkpoint(resolve_checkpoint(base))
     b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
     provenance = {
@@ -281,6 +282,7 @@ def apply(
         OutputError: ``out`` exists and is not empty, or cannot be written.
     """
     paths = [patches] if isinstance(patches, (str, os.PathLike)) else list(patches)
+    check_not_input(out, [base, *paths])
     files = [_rlmask.PatchFile(os.fspath(p)) for p in paths]
     a = _rlmask.Checkpoint(resolve_checkpoint(base))
     run_with_progress(
@@ -333,13 +335,7 @@ def write_plain(
         "rlmask_version": __version__,
         "tensors": json.dumps(dict(sorted(entries.items())), separators=(",", ":")),
     }
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        save_file(dict(stored), str(tmp), metadata=meta)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: save_file(dict(stored), str(tmp), metadata=meta))
 
 
 def changes(f: _rlmask.PatchFile, entry: _rlmask.PatchEntry) -> tuple[Any, Any] | None:
@@ -478,6 +474,7 @@ def convert(
 
     from rlmask.torch import tensor_entry
 
+    check_not_input(out, [src, base])
     if to == "trl":
         if encoding not in TRL_ENCODINGS:
             raise ValueError(f"unknown encoding '{encoding}' ({', '.join(TRL_ENCODINGS)})")
@@ -495,13 +492,7 @@ def convert(
                 tensors[f"{name}.idx"] = torch.from_numpy(tensors[f"{name}.idx"])
             tensors[f"{name}.val"] = values
         meta = {"format": "sparse_weight_patch", "version": "1", "encoding": encoding}
-        target = Path(out)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         return
     if to != "rlmask":
         raise ValueError(f"unknown target '{to}' (trl or rlmask)")

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from rlmask._io import check_output, write_text_atomic
+from rlmask._io import check_not_input, check_output, write_text_atomic
 from rlmask._rlmask import CRITERIA, DEFAULT_TOL, printable
-from rlmask.errors import RlmaskError
+from rlmask.errors import OutputError, RlmaskError
 
 if TYPE_CHECKING:
     from rlmask._report import Report
@@ -183,16 +183,37 @@ def parse_block(text: str | None) -> tuple[int, int] | None:
     """``128x128`` as (128, 128)."""
     if text is None:
         return None
+    from rlmask._diff import check_block
+
     parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
         raise click.UsageError(f"--block-size takes ROWSxCOLS, e.g. 128x128, not '{text}'")
-    return int(parts[0]), int(parts[1])
+    try:
+        return check_block([int(p) for p in parts], "--block-size")
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
 
-def check_outputs(fmt: str, output: str | None, plot: str | None) -> None:
-    """Every output is checked before minutes of reading, not after."""
+def check_outputs(
+    fmt: str,
+    output: str | None,
+    plot: str | None,
+    *,
+    inputs: Sequence[str | None] = (),
+    others: Sequence[str | None] = (),
+) -> None:
+    """Every output is checked before minutes of reading, not after: it can be written, and
+    it is none of the command's ``inputs`` (checkpoints, masks, patches, manifests) nor lies
+    inside an input checkpoint folder (a usage error, exit 2). ``others`` are further outputs
+    (a saved mask, a folder of masks) checked against the inputs."""
     if fmt == "parquet" and not output:
         raise click.UsageError("--format parquet needs -o FILE")
+    for target in (output, plot, *others):
+        if target:
+            try:
+                check_not_input(target, inputs)
+            except OutputError as e:
+                raise click.UsageError(printable(str(e))) from None
     if output:
         check_output(output)
     if plot:

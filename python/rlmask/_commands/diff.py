@@ -109,7 +109,7 @@ def diff_cmd(
 
     extra = parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
     check_criterion(criterion, tol, eta, extra)
-    check_outputs(fmt, output, plot)
+    check_outputs(fmt, output, plot, inputs=[base, tuned], others=[save_mask])
     report = diff(
         base,
         tuned,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from rlmask._commands.common import FILE, user_errors
-from rlmask._io import check_output
+from rlmask._commands.common import FILE, check_outputs, user_errors
 from rlmask._rlmask import COMBINE_OPS
 
 
@@ -62,7 +61,7 @@ def mask_combine(inputs: tuple[str, ...], op: str, min_count: int | None, output
     """
     from rlmask._mask import combine, load_mask
 
-    check_output(output)
+    check_outputs("table", output, None, inputs=inputs)
     out = combine(op, [load_mask(f) for f in inputs], min_count)
     out.save(output)
     click.echo(

@@ -77,7 +77,7 @@ def overlap_cmd(
 
     if len(masks) < 2:
         raise click.UsageError("overlap needs at least two masks")
-    check_outputs(fmt, output, plot)
+    check_outputs(fmt, output, plot, inputs=[*masks, base])
     if (base or name_map) and len(masks) != 2:
         raise click.UsageError("--base and --name-map go with two masks")
     if name_map and not base:

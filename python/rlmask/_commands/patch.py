@@ -67,6 +67,7 @@ def patch_create(
     """
     from rlmask import patch as patches
 
+    check_outputs("table", None, None, inputs=[base, tuned], others=[output])
     info = patches.create(
         base,
         tuned,
@@ -104,6 +105,7 @@ def patch_apply(base: str, patch_files: tuple[str, ...], output: str, quiet: boo
     """
     from rlmask import patch as patches
 
+    check_outputs("table", None, None, inputs=[base, *patch_files], others=[output])
     out = patches.apply(base, list(patch_files), output, progress=not quiet)
     click.echo(f"wrote {out}")
 
@@ -118,7 +120,7 @@ def patch_info(file: str, by: str, fmt: str, output: str | None) -> None:
     """Tensors, changed elements, bytes by kind and fingerprints of a patch FILE."""
     from rlmask import patch as patches
 
-    check_outputs(fmt, output, None)
+    check_outputs(fmt, output, None, inputs=[file])
     render(patches.load(file), by, fmt, output)
 
 
@@ -156,6 +158,7 @@ def patch_convert(src: str, output: str, to: str, base: str | None, encoding: st
 
     if to == "rlmask" and base is None:
         raise click.UsageError("--to rlmask needs --base: the checkpoint the TRL file applies to")
+    check_outputs("table", None, None, inputs=[src, base], others=[output])
     patches.convert(src, output, to=to, base=base, encoding=encoding)
     click.echo(f"wrote {output}")
 

@@ -85,7 +85,7 @@ def rank_cmd(
     """
     from rlmask._rank import rank
 
-    check_outputs(fmt, output, plot)
+    check_outputs(fmt, output, plot, inputs=[base, tuned])
     report = rank(
         base,
         tuned,

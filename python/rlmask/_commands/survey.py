@@ -114,7 +114,7 @@ def survey_cmd(
 
     extra = parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
     check_criterion(criterion, tol, eta, extra)
-    check_outputs(fmt, output, plot)
+    check_outputs(fmt, output, plot, inputs=[manifest])
     if no_cache and cache:
         raise click.UsageError("--cache and --no-cache exclude each other")
 

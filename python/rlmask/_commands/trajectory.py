@@ -107,7 +107,7 @@ def trajectory_cmd(
     from rlmask._trajectory import trajectory
 
     check_criterion(criterion, tol, eta, [])
-    check_outputs(fmt, output, plot)
+    check_outputs(fmt, output, plot, inputs=[base, *checkpoints], others=[save_masks])
     report = trajectory(
         base,
         list(checkpoints),

@@ -175,6 +175,17 @@ impl Patch {
         for (name, e) in &entries {
             let dtype = Dtype::parse(&e.dtype)
                 .ok_or_else(|| corrupt(path, Some(name), format!("unknown dtype {}", e.dtype)))?;
+            let bytes = e
+                .shape
+                .iter()
+                .try_fold(dtype.size().max(1) as u64, |n, &d| n.checked_mul(d));
+            if bytes.is_none_or(|b| b > i64::MAX as u64) {
+                return Err(corrupt(
+                    path,
+                    Some(name),
+                    format!("shape {:?} is larger than any tensor can be", e.shape),
+                ));
+            }
             // Stored key, its dtype (None: either index width) and shape (None: any).
             type Want = (String, Option<Dtype>, Option<Vec<u64>>);
             let want: Vec<Want> = match e.form {
@@ -191,7 +202,7 @@ impl Patch {
                     (format!("{name}.compact"), Some(Dtype::U8), None),
                 ],
             };
-            if e.form == Form::None && e.changed != 0 || e.changed > e.numel() {
+            if (e.form == Form::None) != (e.changed == 0) || e.changed > e.numel() {
                 return Err(corrupt(
                     path,
                     Some(name),
@@ -1312,6 +1323,8 @@ fn stream_tensor(
         })
         .collect();
     let (mut before, mut after) = (blake3::Hasher::new(), blake3::Hasher::new());
+    // Elements each dense entry actually changes, checked against the count it states.
+    let mut dense_changed = vec![0u64; patches.len()];
     let mut buf = vec![0u8; PIECE.min(bytes.len())];
     let piece_len = (PIECE / size) * size;
     let mut at = 0;
@@ -1321,12 +1334,23 @@ fn stream_tensor(
         piece.copy_from_slice(&bytes[at..at + n]);
         before.update(piece);
         let (first, end) = ((at / size) as u64, ((at + n) / size) as u64);
-        for ((p, e), walk) in patches.iter().zip(&entries).zip(&mut walks) {
+        for (((p, e), walk), counted) in patches
+            .iter()
+            .zip(&entries)
+            .zip(&mut walks)
+            .zip(&mut dense_changed)
+        {
             match (e.form, walk) {
                 (Form::Sparse | Form::Compact, Some(w)) => w.write_until(first, end, piece)?,
                 (Form::Dense, _) => {
                     let (_, bytes) = p.stored(&format!("{name}.dense")).expect("validated");
-                    piece.copy_from_slice(&bytes[at..at + n]);
+                    let new = &bytes[at..at + n];
+                    *counted += piece
+                        .chunks_exact(size)
+                        .zip(new.chunks_exact(size))
+                        .filter(|(old, new)| old != new)
+                        .count() as u64;
+                    piece.copy_from_slice(new);
                 }
                 _ => {}
             }
@@ -1347,6 +1371,19 @@ fn stream_tensor(
                 patches[0].path.display()
             ),
         });
+    }
+    for ((p, e), counted) in patches.iter().zip(&entries).zip(&dense_changed) {
+        if e.form == Form::Dense && *counted != e.changed {
+            return Err(corrupt(
+                &p.path,
+                Some(name),
+                format!(
+                    "corrupt patch: the tensor is stored whole and said to change {} elements, \
+                     but its data changes {counted}",
+                    e.changed
+                ),
+            ));
+        }
     }
     let last = patches.last().expect("at least one");
     if after.finalize().to_hex().as_str() != entries[entries.len() - 1].tuned {
@@ -1433,10 +1470,17 @@ pub fn apply(base: &Checkpoint, patches: &[&Patch], out: &Path, progress: &Progr
         let f = w
             .into_inner()
             .map_err(|e| Error::output(out, e.into_error()))?;
-        f.sync_all().map_err(|e| Error::output(out, e))
+        f.sync_all().map_err(|e| Error::output(out, e))?;
+        // The rebuilt shard is as private as the base's (a 0600 base stays 0600).
+        let mode = std::fs::metadata(&shard.path).map_err(|e| Error::io(&shard.path, e))?;
+        std::fs::set_permissions(&target, mode.permissions()).map_err(|e| Error::output(out, e))
     })?;
-    // The rest of a checkpoint directory: its index, config and tokenizer files.
+    // The rest of a checkpoint directory that describes the model: its index, config,
+    // generation config and tokenizer files, never a trainer's state (optimizer, scheduler,
+    // RNG), which belongs to the run that made the base. std::fs::copy keeps permissions.
     if let Some(dir) = base_dir(base) {
+        let mode = std::fs::metadata(&dir).map_err(|e| Error::io(&dir, e))?;
+        std::fs::set_permissions(&tmp, mode.permissions()).map_err(|e| Error::output(out, e))?;
         let shards: BTreeSet<&std::ffi::OsStr> = base
             .shards
             .iter()
@@ -1445,7 +1489,8 @@ pub fn apply(base: &Checkpoint, patches: &[&Patch], out: &Path, progress: &Progr
         for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
             let entry = entry.map_err(|e| Error::io(&dir, e))?;
             let p = entry.path();
-            if p.is_file() && !shards.contains(entry.file_name().as_os_str()) {
+            let model_file = entry.file_name().to_str().is_some_and(is_model_file);
+            if p.is_file() && model_file && !shards.contains(entry.file_name().as_os_str()) {
                 std::fs::copy(&p, tmp.join(entry.file_name()))
                     .map_err(|e| Error::output(out, e))?;
             }
@@ -1458,6 +1503,29 @@ pub fn apply(base: &Checkpoint, patches: &[&Patch], out: &Path, progress: &Progr
     std::fs::rename(&tmp, out).map_err(|e| Error::output(out, e))?;
     cleanup.1 = true;
     Ok(())
+}
+
+/// Whether a file beside the shards describes the model (and so belongs in a checkpoint that
+/// `apply` rebuilds): the index, `config.json`, `generation_config.json`, tokenizer and
+/// processor files. Training state (`optimizer.pt`, `scheduler.pt`, `rng_state.pth`,
+/// `trainer_state.json`, `training_args.bin`) and anything else is not copied.
+pub fn is_model_file(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "merges.txt",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+    ];
+    EXACT.contains(&name)
+        || name.ends_with(".safetensors.index.json")
+        || name.starts_with("tokenizer")
+        || name.starts_with("vocab.")
+        || name.starts_with("chat_template.")
 }
 
 /// The directory of a checkpoint opened from a directory or an index file (whose other files

@@ -1,0 +1,433 @@
+"""Issue 25: what a new user and a fault campaign still hit. Each test builds its fault's input
+itself and checks the outcome from the outside (exit code, one line, files untouched)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import rlmask
+from rlmask.cli import cli
+from rlmask.examples import example_path
+
+FINDING1 = Path(example_path("base")).parent.parent / "finding1"
+RLMASK = [sys.executable, "-m", "rlmask"]
+
+
+def run(*args: object) -> tuple[int, str, str]:
+    r = CliRunner().invoke(cli, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    """Copies of the Finding 1 base and an RL checkpoint, each a folder with a config."""
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    shutil.copytree(FINDING1 / "base", base)
+    shutil.copytree(FINDING1 / "rl-seed1", tuned)
+    for d in (base, tuned):
+        (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return base, tuned
+
+
+# ---------------------------------------------------------------------------------------
+# Tables render as lines
+
+
+def _assert_lines(text: str, header: str) -> None:
+    assert "\\n" not in text, text[:300]
+    assert any(line.split() == header.split() for line in text.splitlines()), text[:500]
+
+
+def test_every_table_renders_as_lines(tmp_path: Path) -> None:
+    code, out, _ = run("trajectory", FINDING1 / "base", FINDING1 / "run-seed1", "-q")
+    assert code == 0
+    _assert_lines(out, "checkpoint step sparsity_vs_base sparsity_consecutive outside_final path")
+    report = rlmask.trajectory(FINDING1 / "base", FINDING1 / "run-seed1", progress=False)
+    _assert_lines(
+        repr(report), "checkpoint step sparsity_vs_base sparsity_consecutive outside_final path"
+    )
+    masks = []
+    for side in ("rl-seed1", "rl-seed2", "sft"):
+        m = tmp_path / f"{side}.rlmask"
+        rlmask.diff(FINDING1 / "base", FINDING1 / side, save_mask=m, progress=False)
+        masks.append(m)
+    code, out, _ = run("overlap", *masks)
+    assert code == 0
+    _assert_lines(out, "mask 1 2 3")
+    # Three matrices (o1, Jaccard, lift), each a table of its own.
+    assert sum(line.split() == ["mask", "1", "2", "3"] for line in out.splitlines()) == 3
+    text = repr(rlmask.overlap_matrix(masks))
+    assert "\\n" not in text and sum(set(line) == {"-", " "} for line in text.splitlines()) == 3
+    for by in ("module", "layer"):
+        code, out, _ = run("diff", FINDING1 / "base", FINDING1 / "sft", "--by", by, "-q")
+        assert code == 0 and "\\n" not in out and f"by {by}:" in out.splitlines()
+    code, out, _ = run("mask", "info", masks[0])
+    assert code == 0 and "\\n" not in out
+    # A hostile name is still escaped inside a table's cell.
+    save_file({"a\nb": torch.ones(4)}, tmp_path / "x.safetensors")
+    save_file({"a\nb": torch.zeros(4)}, tmp_path / "y.safetensors")
+    code, out, _ = run(
+        "diff", tmp_path / "x.safetensors", tmp_path / "y.safetensors", "--by", "tensor", "-q"
+    )
+    assert code == 0 and "a\\nb" in out and "a\nb" not in out
+
+
+# ---------------------------------------------------------------------------------------
+# A survey never hangs
+
+
+def _manifest(tmp_path: Path, pairs: int = 2) -> Path:
+    m = tmp_path / "survey.toml"
+    m.write_text(
+        "".join(
+            f'[[pair]]\nname = "p{i}"\nbase = "{FINDING1 / "base"}"\n'
+            f'tuned = "{FINDING1 / ("rl-seed1", "rl-seed2", "sft")[i % 3]}"\n'
+            for i in range(pairs)
+        )
+    )
+    return m
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_survey_with_an_unwritable_cache_fails_before_any_pass(tmp_path: Path, jobs: str) -> None:
+    (tmp_path / "a-file").write_text("")
+    r = subprocess.run(
+        [
+            *RLMASK,
+            "survey",
+            _manifest(tmp_path),
+            "--cache",
+            tmp_path / "a-file" / "cache",
+            "--jobs",
+            jobs,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "--cache DIR" in r.stderr and "--no-cache" in r.stderr
+    assert " ok" not in r.stderr  # no pair ran
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_survey_that_fails_while_pairs_run_ends(tmp_path: Path, jobs: int) -> None:
+    """Writing a result fails after the first pair: the error reaches the caller and every
+    worker is stopped (this hung forever, or raised 'cannot join current thread')."""
+    script = f"""
+import rlmask._survey as s
+from rlmask.errors import OutputError
+def fail(*a, **k):
+    raise OutputError("disk gone", "x")
+s.write_text_atomic = fail
+try:
+    s.survey({str(_manifest(tmp_path, 6))!r}, jobs={jobs}, cache={str(tmp_path / "c")!r})
+except OutputError as e:
+    print("raised:", e)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "raised: disk gone" in r.stdout, r.stderr
+    assert "cannot join" not in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# An output that is an input is refused
+
+
+def test_outputs_that_are_inputs_are_refused(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    base, tuned = pair
+    shard, tshard = base / "model.safetensors", tuned / "model.safetensors"
+    patch = tmp_path / "x.rlpatch"
+    assert run("patch", "create", base, tuned, "-o", patch, "-q")[0] == 0
+    trl = tmp_path / "x.trl"
+    assert run("patch", "convert", patch, "--to", "trl", "-o", trl)[0] == 0
+    m = tmp_path / "m.rlmask"
+    rlmask.diff(base, tuned, save_mask=m, progress=False)
+    os.link(shard, tmp_path / "hardlink.safetensors")
+    (tmp_path / "symlink.json").symlink_to(shard)
+    before = {p: sha(p) for p in (shard, tshard, patch, trl, m)}
+    cases = [
+        ["patch", "create", base, tuned, "-o", shard],
+        ["diff", base, tuned, "--save-mask", tshard],
+        ["diff", base, tuned, "-o", shard],
+        ["diff", base, tuned, "-o", tmp_path / "symlink.json"],
+        ["diff", base, tuned, "-o", tmp_path / "hardlink.safetensors"],
+        ["diff", shard, tshard, "--plot", tmp_path / "hardlink.safetensors"],
+        ["patch", "convert", trl, "--to", "rlmask", "--base", base, "-o", shard],
+        ["patch", "convert", patch, "--to", "trl", "-o", patch],
+        ["patch", "apply", base, patch, "-o", base / "out"],
+        ["patch", "info", patch, "--format", "json", "-o", patch],
+        ["mask", "combine", "--op", "or", "-o", m, m, m],
+        ["overlap", m, m, "-o", m],
+        ["trajectory", base, tuned, "-o", tuned / "report.json"],
+        ["rank", base, tuned, "-o", shard],
+    ]
+    for args in cases:
+        code, out, err = run(*args)
+        assert code == 2, (args, out, err)
+        assert "input" in err and "Traceback" not in err, (args, err)
+    assert {p: sha(p) for p in before} == before
+    assert sorted(os.listdir(base)) == ["config.json", "model.safetensors"]
+    survey = _manifest(tmp_path)
+    code, _, err = run("survey", survey, "-o", survey)
+    assert code == 2 and "is the input" in err
+    # The API refuses too (an OutputError), before anything is read or written.
+    with pytest.raises(rlmask.OutputError, match="input"):
+        rlmask.diff(base, tuned, save_mask=tshard, progress=False)
+    from rlmask import patch as patches
+
+    with pytest.raises(rlmask.OutputError, match="input"):
+        patches.apply(base, [patch], base / "out", progress=False)
+    assert sha(tshard) == before[tshard] and not (base / "out").exists()
+    # An output beside the inputs is fine.
+    assert run("diff", base, tuned, "-o", tmp_path / "r.json", "--format", "json")[0] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Side files: only regular, bounded, never a hang
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory"])
+def test_a_config_that_is_not_a_regular_file_is_refused(
+    tmp_path: Path, pair: tuple[Path, Path], kind: str
+) -> None:
+    base, tuned = pair
+    config = base / "config.json"
+    config.unlink()
+    if kind == "fifo":
+        os.mkfifo(config)
+    elif kind == "dev-zero":
+        config.symlink_to("/dev/zero")
+    else:
+        config.mkdir()
+    for cmd in (["diff", base, tuned], ["trajectory", base, tuned]):
+        r = subprocess.run(
+            [*RLMASK, *map(str, cmd), "-q"], capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 1, r.stderr
+        assert "config.json" in r.stderr and "not a regular file" in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_block_sizes_and_configs_that_cannot_be_read(
+    tmp_path: Path, pair: tuple[Path, Path]
+) -> None:
+    base, tuned = pair
+    for bad in ("[-1, 128]", "[1e400, 128]", "[99999999999999999999, 1]", "[0, 4]", '["128", 128]'):
+        config = '{"quantization_config": {"weight_block_size": ' + bad + "}}"
+        (base / "config.json").write_text(config)
+        code, _, err = run("diff", base, tuned, "-q")
+        assert code == 1 and "weight_block_size" in err and "config.json" in err, err
+        with pytest.raises(rlmask.CheckpointFormatError):
+            rlmask.diff(base, tuned, progress=False)
+    # Nested past Python's recursion limit: read as "no block size", not a RecursionError.
+    (base / "config.json").write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
+    assert run("diff", base, tuned, "-q")[0] == 0
+    for flag in ("99999999999999999999x1", "0x4", "-1x4", "١٢٨x128"):
+        code, _, err = run("diff", base, tuned, "--block-size", flag, "-q")
+        assert code == 2 and "--block-size" in err and "Traceback" not in err, (flag, err)
+    with pytest.raises(ValueError, match="block_size"):
+        rlmask.diff(base, tuned, block_size=(2**70, 1), progress=False)
+
+
+# ---------------------------------------------------------------------------------------
+# The survey's cache: every input in the key, damaged entries recomputed
+
+
+def test_survey_cache_key_holds_the_fp8_block_size(tmp_path: Path) -> None:
+    from test_fp8 import _fixture
+
+    base, tuned, _ = _fixture(tmp_path, np.random.default_rng(7))
+    m = tmp_path / "s.toml"
+    m.write_text(f'[[pair]]\nname = "fp8"\nbase = "{base}"\ntuned = "{tuned}"\n')
+    first = rlmask.survey(m)
+    assert first.tensors["status"].to_list() == ["ok"]
+    assert rlmask.survey(m).tensors["status"].to_list() == ["cached"]
+    # Another block size that the same scale grids fit (3 x 2 blocks of a 37 x 50 weight).
+    for side in (base, tuned):
+        config = json.loads((side / "config.json").read_text())
+        config["quantization_config"]["weight_block_size"] = [13, 25]
+        (side / "config.json").write_text(json.dumps(config))
+    again = rlmask.survey(m)
+    fresh = rlmask.diff(base, tuned, progress=False)
+    assert again.tensors["status"].to_list() == ["ok"]
+    assert again.tensors["changed"].to_list() == [fresh.changed]
+    assert fresh.changed != first.tensors["changed"][0]
+
+
+def test_damaged_cache_entries_are_recomputed(tmp_path: Path) -> None:
+    m = _manifest(tmp_path, 1)
+    good = rlmask.survey(m).tensors["changed"].to_list()
+    (entry,) = (tmp_path / "survey.toml.cache").glob("*.json")
+    data = json.loads(entry.read_text())
+    forged = json.loads(json.dumps(data))
+    forged["report"]["changed"] = [0]
+    forged["report"]["sparsity"] = [1.0]
+    variants = {
+        "truncated": entry.read_text()[:40],
+        "not json": "\x00\xff garbage",
+        "null": "null",
+        "a list": "[1, 2]",
+        "wrong types": json.dumps({**data, "report": {**data["report"], "changed": "x"}}),
+        "missing keys": json.dumps({"version": 1, "key": data["key"]}),
+        "forged": json.dumps(forged),
+        "other key": json.dumps({**data, "key": "0" * 64}),
+        "empty": "",
+    }
+    for what, text in variants.items():
+        entry.write_bytes(text.encode("utf-8", "surrogateescape"))
+        with pytest.warns(rlmask.RlmaskWarning, match="damaged survey cache entry"):
+            report = rlmask.survey(m)
+        assert report.tensors["status"].to_list() == ["ok"], what
+        assert report.tensors["changed"].to_list() == good, what
+        assert json.loads(entry.read_text()) == data, what  # rewritten whole
+    entry.write_text("{")
+    r = subprocess.run([*RLMASK, "survey", str(m)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "rlmask: warning:" in r.stderr and "damaged" in r.stderr
+    assert "Traceback" not in r.stderr and "UserWarning" not in r.stderr
+
+
+def test_manifests_that_are_not_manifests(tmp_path: Path) -> None:
+    b, t = FINDING1 / "base", FINDING1 / "rl-seed1"
+    cases = {
+        "group.toml": (
+            f'[[pair]]\nname = "a"\nbase = "{b}"\ntuned = "{t}"\ngroup = 3\n',
+            "'group' must be text",
+        ),
+        "deep.toml": ("x = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        "pairs.toml": ("pair = [1, 2]\n", "array of tables"),
+        "wide.csv": (f"name,base,tuned\n{'a' * 200_000},{b},{t}\n", "not valid CSV"),
+        "twice.csv": (f"name,base,tuned,base\na,{b},{t},{t}\n", "'base' is repeated"),
+        "fields.csv": (f"name,base,tuned\na,{b},{t},extra\n", "4 fields"),
+        "latin1.csv": (None, "not UTF-8"),
+    }
+    for name, (text, message) in cases.items():
+        p = tmp_path / name
+        if text is None:
+            p.write_bytes(b"name,base,tuned\n\xe9,x,y\n")
+        else:
+            p.write_text(text)
+        code, _, err = run("survey", p, "--no-cache")
+        assert code == 2 and message in err and "Traceback" not in err, (name, err)
+    bom = tmp_path / "bom.csv"
+    bom.write_text(f"\ufeffname,base,tuned,group\na,{b},{t},rl\n", encoding="utf-8")
+    code, out, err = run("survey", bom, "--no-cache")
+    assert code == 0 and "rl" in out, err
+
+
+def test_step_numbers_past_64_bits(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    for i, name in enumerate(("checkpoint-25", "step_99999999999999999999")):
+        shutil.copytree(
+            FINDING1 / "run-seed1" / ("checkpoint-25", "checkpoint-50")[i], run_dir / name
+        )
+    code, out, err = run("trajectory", FINDING1 / "base", run_dir, "--format", "json", "-q")
+    assert code == 0, err
+    steps = [c["step"] for c in json.loads(out)["checkpoints"]]
+    assert None in steps
+
+
+# ---------------------------------------------------------------------------------------
+# Patches: what apply copies, permissions, counts, shapes
+
+
+def test_apply_copies_model_files_only_and_keeps_permissions(
+    tmp_path: Path, pair: tuple[Path, Path]
+) -> None:
+    base, tuned = pair
+    keep = [
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ]
+    drop = [
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        "training_args.bin",
+    ]
+    for name in keep + drop:
+        (base / name).write_text(name)
+    os.chmod(base / "model.safetensors", 0o600)
+    os.chmod(base / "tokenizer.json", 0o640)
+    patch = tmp_path / "p.rlpatch"
+    assert run("patch", "create", base, tuned, "-o", patch, "-q")[0] == 0
+    assert run("patch", "apply", base, patch, "-o", tmp_path / "out", "-q")[0] == 0
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out)) == sorted(["config.json", "model.safetensors", *keep])
+    mode = stat.S_IMODE
+    assert mode((out / "model.safetensors").stat().st_mode) == 0o600
+    assert mode((out / "tokenizer.json").stat().st_mode) == 0o640
+    rebuilt, want = load_file(out / "model.safetensors"), load_file(tuned / "model.safetensors")
+    assert rebuilt.keys() == want.keys()
+    assert all(torch.equal(rebuilt[k].view(torch.uint8), want[k].view(torch.uint8)) for k in want)
+    # patch convert writes files as any other output (umask), not 0600.
+    umask = os.umask(0o022)
+    try:
+        assert run("patch", "convert", patch, "--to", "trl", "-o", tmp_path / "t.st")[0] == 0
+    finally:
+        os.umask(umask)
+    assert mode((tmp_path / "t.st").stat().st_mode) == 0o644
+
+
+def _rewrite(src: Path, dst: Path, edit: object) -> None:
+    """A copy of the patch ``src`` with its ``tensors`` description changed by ``edit``."""
+    with safe_open(str(src), "pt") as h:
+        meta = dict(h.metadata())
+    entries = json.loads(meta["tensors"])
+    edit(entries)  # type: ignore[operator]
+    meta["tensors"] = json.dumps(entries)
+    save_file(load_file(src), dst, metadata=meta)
+
+
+def test_dense_counts_are_checked_and_huge_shapes_refused(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    w = torch.arange(64, dtype=torch.float32).reshape(8, 8).bfloat16()
+    save_file({"w": w, "v": w.clone()}, a / "model.safetensors")
+    save_file({"w": w + 1, "v": w}, b / "model.safetensors")  # every element: stored whole
+    p = tmp_path / "p.rlpatch"
+    info = rlmask.patch.create(a, b, p, codec="plain", progress=False)
+    entry = info.to_dict()["tensors"][[t["name"] for t in info.to_dict()["tensors"]].index("w")]
+    assert entry["form"] == "dense" and entry["changed"] == int((w + 1 != w).sum())
+
+    def lie(entries: dict) -> None:
+        entries["w"]["changed"] = 3
+
+    forged = tmp_path / "lie.rlpatch"
+    _rewrite(p, forged, lie)
+    code, _, err = run("patch", "verify", a, forged, "-q")
+    assert code == 1 and "said to change 3 elements" in err and "'w'" in err, err
+    assert run("patch", "apply", a, forged, "-o", tmp_path / "o", "-q")[0] == 1
+    assert not (tmp_path / "o").exists()
+
+    def huge(entries: dict) -> None:
+        entries["v"]["shape"] = [2**40, 2**40]
+
+    forged = tmp_path / "huge.rlpatch"
+    _rewrite(p, forged, huge)
+    code, _, err = run("patch", "info", forged)
+    assert code == 1 and "larger than any tensor" in err and "Traceback" not in err, err
