@@ -431,3 +431,123 @@ def test_dense_counts_are_checked_and_huge_shapes_refused(tmp_path: Path) -> Non
     _rewrite(p, forged, huge)
     code, _, err = run("patch", "info", forged)
     assert code == 1 and "larger than any tensor" in err and "Traceback" not in err, err
+
+
+# ---------------------------------------------------------------------------------------
+# Implausible results get a remark; --as-dtype bf16 against an oracle
+
+
+def _json(*args: object) -> dict:
+    code, out, err = run(*args, "--format", "json", "-q")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_implausible_results_are_remarked(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    base, tuned = pair
+    # The same checkpoint twice.
+    (w,) = _json("diff", base, base)["warnings"]
+    assert "no element changed" in w
+    code, out, _ = run("diff", base, base, "--criterion", "exact", "-q")
+    assert "warning: no element changed: TUNED is bit-identical to BASE" in out.splitlines()[-1]
+    # A real RL finetune: no remark.
+    assert _json("diff", base, tuned)["warnings"] == []
+    # Unrelated models of the same shapes (another initialisation, bf16).
+    g = torch.Generator().manual_seed(3)
+    other = {
+        k: torch.randn(v.shape, generator=g).bfloat16()
+        for k, v in load_file(base / "model.safetensors").items()
+    }
+    (tmp_path / "other").mkdir()
+    save_file(other, tmp_path / "other" / "model.safetensors")
+    (w,) = _json("diff", base, tmp_path / "other")["warnings"]
+    assert "unrelated models" in w
+    # One shard of a sharded checkpoint.
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    names = sorted(other)
+    halves = {
+        "model-00001-of-00002.safetensors": names[:3],
+        "model-00002-of-00002.safetensors": names[3:],
+    }
+    for shard, keys in halves.items():
+        save_file({k: other[k] for k in keys}, sharded / shard)
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: s for s, keys in halves.items() for k in keys}})
+    )
+    one = sharded / "model-00001-of-00002.safetensors"
+    code, out, _ = run("diff", one, one, "-q")
+    assert code == 0 and "TUNED is one of the 2 shards" in out and "BASE is one of" in out
+    assert "not compared; pass the folder" in out
+
+
+def test_as_dtype_bf16_against_torch_rounding(tmp_path: Path) -> None:
+    """fp32 checkpoints against a bf16 base: every fp32 weight moved, but rounded to bf16 (as
+    an engine loading bf16 sees it, torch's round-to-nearest-even as the oracle) only some."""
+    rng = np.random.default_rng(5)
+    base = torch.from_numpy(rng.standard_normal((64, 96)).astype(np.float32)).bfloat16()
+    step = torch.from_numpy(rng.standard_normal((64, 96)).astype(np.float32))
+    tuned32 = base.float() + step * 2e-3 * base.float().abs()  # some cross a rounding boundary
+    tuned32[0, :8] = torch.tensor(
+        [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.3895e38, 1e-40, -1e-45]
+    )
+    half = torch.from_numpy(rng.standard_normal((8, 8)).astype(np.float16))
+    half_tuned = half + torch.from_numpy(rng.standard_normal((8, 8)).astype(np.float16)) * 1e-2
+    dbl = torch.from_numpy(rng.standard_normal(50))
+    for name, tensors in (
+        ("a", {"w": base, "h": half.bfloat16(), "d": dbl.bfloat16()}),
+        ("b", {"w": tuned32, "h": half_tuned, "d": dbl + 1e-3}),
+    ):
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors")
+    oracle = {
+        "w": (base.view(torch.int16) != tuned32.bfloat16().view(torch.int16)),
+        "h": (half.bfloat16().view(torch.int16) != half_tuned.bfloat16().view(torch.int16)),
+        "d": (
+            dbl.bfloat16().view(torch.int16) != (dbl + 1e-3).float().bfloat16().view(torch.int16)
+        ),
+    }
+    report = rlmask.diff(
+        tmp_path / "a", tmp_path / "b", criterion="exact", as_dtype="bf16", progress=False
+    )
+    got = dict(zip(report.tensors["name"], report.tensors["changed"], strict=True))
+    assert got == {k: int(v.sum()) for k, v in oracle.items()}
+    assert 0 < got["w"] < base.numel() and report.warnings == []
+    # The mask of the same pass is the oracle's, element for element.
+    m = rlmask.diff(
+        tmp_path / "a",
+        tmp_path / "b",
+        criterion="exact",
+        as_dtype="bf16",
+        mask=True,
+        progress=False,
+    ).mask
+    assert m is not None
+    bits = np.unpackbits(m.packed("w"), bitorder="little")[: base.numel()].astype(bool)
+    assert np.array_equal(bits, oracle["w"].numpy().reshape(-1))
+    # Without it: nearly every fp32 weight changed, and the report says why.
+    plain = _json("diff", tmp_path / "a", tmp_path / "b", "--criterion", "exact")
+    assert plain["changed"][0] > got["w"] and plain["as_dtype"] is None
+    assert "--as-dtype bf16" in plain["warnings"][0]
+    d = _json("diff", tmp_path / "a", tmp_path / "b", "--criterion", "exact", "--as-dtype", "bf16")
+    assert d["as_dtype"] == "bf16" and d["changed"] == [sum(got.values())]
+    with pytest.raises(ValueError, match="as_dtype"):
+        rlmask.diff(tmp_path / "a", tmp_path / "b", as_dtype="fp8", progress=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Errors that point to the right command
+
+
+def test_errors_point_to_the_right_command(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    base, tuned = pair
+    code, _, err = run("diff", base, FINDING1 / "run-seed1", "-q")
+    assert code == 1 and "rlmask trajectory BASE" in err and "checkpoint-100" in err
+    assert err.index("checkpoint-25") < err.index("checkpoint-100")  # in the run's order
+    code, _, err = run("diff", base / "config.json", tuned, "-q")
+    assert code == 1 and "configuration, not its weights" in err
+    for args in ([base, tuned], [base / "model.safetensors", tuned / "model.safetensors"]):
+        code, _, err = run("overlap", *args)
+        assert code == 1 and "--save-mask" in err, err
+    code, _, err = run("overlap", FINDING1 / "base" / "model.safetensors", base)
+    assert code == 1 and "--save-mask" in err

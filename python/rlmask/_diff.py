@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -22,7 +22,7 @@ from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
-from rlmask.errors import CheckpointFormatError, PairingError
+from rlmask.errors import CheckpointFormatError, PairingError, RlmaskError
 
 if TYPE_CHECKING:
     import polars as pl
@@ -120,6 +120,9 @@ class DiffReport(Report):
     mask: Mask | None = field(default=None, repr=False)
     renamed: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     magnitude: pl.DataFrame | None = field(default=None, repr=False)
+    as_dtype: str | None = None
+    #: Remarks about the inputs found while reading them (one shard of a sharded model).
+    notes: list[str] = field(default_factory=list)
 
     # ----- labels of the per-threshold columns -------------------------------------------
 
@@ -242,6 +245,52 @@ class DiffReport(Report):
         return [
             n for n, a, b in zip(c["name"], c["dtype"], c["tuned_dtype"], strict=True) if a != b
         ]
+
+    @property
+    def warnings(self) -> list[str]:
+        """Remarks on a result that is exact but implausible as the comparison the user meant:
+        nothing changed, nearly everything changed, full-precision weights, one shard of a
+        sharded model. Each is one line, in the table output and in the JSON ``warnings``."""
+        out = list(self.notes)
+        if not self.numel:
+            return out
+        c = self.columns
+        label = self.label(self.tol)
+        if self.changed == 0:
+            same = "bit-identical to" if self.criterion == "exact" else f"within {label} of"
+            out.append(
+                f"no element changed: TUNED is {same} BASE (the same checkpoint twice, or a "
+                "run whose updates were all zero?)"
+            )
+        wide = {"F32", "F64"}
+        floating = [
+            (n, a, b)
+            for n, a, b, f in zip(
+                c["numel"], c["dtype"], c["tuned_dtype"], c["floating"], strict=True
+            )
+            if f
+        ]
+        mixed = sum(n for n, a, b in floating if (a in wide) != (b in wide))
+        full = sum(n for n, a, b in floating if a in wide and b in wide)
+        if self.as_dtype is None and (mixed or 2 * full > self.numel):
+            what = (
+                f"{100 * mixed / self.numel:.1f}% of the elements are full precision (F32) on "
+                "one side and 16-bit on the other"
+                if mixed
+                else "the checkpoints are stored in full precision (F32)"
+            )
+            out.append(
+                f"{what}: full-precision weights move almost everywhere, so this sparsity is "
+                "not the paper's figure, which is about BF16 checkpoints; --as-dtype bf16 "
+                "(as_dtype='bf16') compares what an engine loading BF16 would see"
+            )
+        elif self.sparsity < 0.01 and self.changed:
+            out.append(
+                f"{100 * self.density:.2f}% of the elements changed: expected of unrelated "
+                "models of the same shapes (another initialisation), unusual for a finetune of "
+                "BASE (the paper's RL runs change 5-30%); check that TUNED was trained from BASE"
+            )
+        return out
 
     # ----- breakdowns --------------------------------------------------------------------
 
@@ -400,6 +449,8 @@ class DiffReport(Report):
             "dequantised": [{"name": n, "base": a, "tuned": b} for n, a, b in self.dequantised],
             "scales": list(self.scales),
             "dtype_mismatch": self.dtype_mismatches,
+            "as_dtype": self.as_dtype,
+            "warnings": self.warnings,
             "renamed": {
                 side: [{"stored": a, "paired": b} for a, b in pairs]
                 for side, pairs in self.renamed.items()
@@ -507,7 +558,42 @@ class DiffReport(Report):
                 lines.append(
                     f"names rewritten for pairing in {side}: {len(pairs)} (e.g. '{a}' -> '{b}')"
                 )
+        if self.as_dtype is not None:
+            lines.append(f"compared as {self.as_dtype}: wider sides rounded to it first")
+        lines += [f"warning: {w}" for w in self.warnings]
         return printable_lines(lines)
+
+
+def _one_shard(side: str, path: str) -> str | None:
+    """A remark when ``path`` is one shard of a sharded checkpoint (an index beside it lists
+    it among others): the share of the model's bytes left uncompared."""
+    if not path.endswith(".safetensors") or os.path.isdir(path):
+        return None
+    folder, name = os.path.split(path)
+    try:
+        indexes = [f for f in os.listdir(folder or ".") if f.endswith(".safetensors.index.json")]
+    except OSError:
+        return None
+    for index in indexes:
+        try:
+            raw = read_side_file(os.path.join(folder, index))
+            shards = set(json.loads(raw or b"{}").get("weight_map", {}).values())
+        except (RlmaskError, ValueError, TypeError, AttributeError, RecursionError):
+            continue
+        if name not in shards or len(shards) < 2:
+            continue
+        sizes = {
+            s: os.path.getsize(os.path.join(folder, s))
+            for s in shards
+            if os.path.isfile(os.path.join(folder, s))
+        }
+        left = 1 - sizes.get(name, 0) / max(1, sum(sizes.values()))
+        return (
+            f"{side} is one of the {len(shards)} shards that {index} lists: about "
+            f"{100 * left:.0f}% of the model's bytes were not compared; pass the folder "
+            f"{folder or '.'} to compare the whole model"
+        )
+    return None
 
 
 #: The largest block side accepted (the core counts blocks in 64 bits).
@@ -618,6 +704,7 @@ def diff(
     mask: bool = False,
     save_mask: PathArg | None = None,
     magnitude: bool = False,
+    as_dtype: str | None = None,
     progress: bool = True,
 ) -> DiffReport:
     """Update sparsity of ``tuned`` against ``base`` (paper §2.2), in one pass over the data.
@@ -662,10 +749,16 @@ def diff(
         magnitude: also count elements and changed elements per binade of the base value (the
             magnitude lens, :meth:`DiffReport.by_magnitude`), in the same pass; the JSON
             report then carries ``by_magnitude``.
+        as_dtype: ``"bf16"``: compare as an engine that loads both checkpoints in BF16 sees
+            them: every floating side stored wider (F32, F16, F64) is rounded to BF16 (to
+            nearest, ties to even) before the comparison. For fp32 checkpoints, whose weights
+            move almost everywhere, this gives the figure the paper reports for BF16.
         progress: draw a progress bar on stderr when it is a terminal.
 
     Returns:
-        A :class:`DiffReport`.
+        A :class:`DiffReport`; :attr:`DiffReport.warnings` remarks on a result that is exact
+        but implausible as the comparison meant (nothing changed, nearly everything changed,
+        full-precision weights, one shard of a sharded model).
 
     Raises:
         PairingError: no floating element is compared (an include that matches nothing,
@@ -693,6 +786,8 @@ def diff(
         check_output(save_mask)
         check_not_input(save_mask, [base, tuned])
     block = None if block_size is None else check_block(block_size, "block_size")
+    if as_dtype not in (None, "bf16", "bfloat16"):
+        raise ValueError(f"as_dtype compares as 'bf16' (or None), not {as_dtype!r}")
     where_a, where_b = resolve_checkpoint(base), resolve_checkpoint(tuned)
     a, b = _rlmask.Checkpoint(where_a), _rlmask.Checkpoint(where_b)
     select = selection([a, b], include, exclude, name_map)
@@ -711,11 +806,15 @@ def diff(
             mask_file=None if (mask or save_mask is None) else os.fspath(save_mask),
             mask_provenance=provenance,
             magnitude=magnitude,
+            as_bf16=as_dtype is not None,
             progress=watch,
         ),
         show=progress_wanted(progress),
     )
     report = _report(raw, crit, provenance)
+    notes = [n for side, w in (("BASE", where_a), ("TUNED", where_b)) if (n := _one_shard(side, w))]
+    if notes or as_dtype is not None:
+        report = replace(report, notes=notes, as_dtype=None if as_dtype is None else "bf16")
     if save_mask is not None and mask:
         report.save_mask(save_mask)
     return report

@@ -165,6 +165,7 @@ def diff(
     mask_file: str | PathLike[str] | None = None,
     mask_provenance: dict[str, str] | None = None,
     magnitude: bool = False,
+    as_bf16: bool = False,
     progress: Progress | None = None,
 ) -> DiffResult: ...
 def write_mask(

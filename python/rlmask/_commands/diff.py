@@ -62,6 +62,13 @@ from rlmask._commands.common import (
     "from the same pass.",
 )
 @click.option(
+    "--as-dtype",
+    type=click.Choice(["bf16"]),
+    help="Round every side stored wider (F32, F16, F64) to this dtype before comparing: "
+    "what an engine loading the checkpoints in BF16 sees (fp32 weights move almost "
+    "everywhere; the paper's figures are about BF16).",
+)
+@click.option(
     "--plot",
     type=FILE,
     help="Also draw sparsity per layer and module type (paper Figure 3) to this image file "
@@ -87,6 +94,7 @@ def diff_cmd(
     shared_rows: bool,
     block_size: str | None,
     save_mask: str | None,
+    as_dtype: str | None,
     plot: str | None,
     quiet: bool,
 ) -> None:
@@ -125,6 +133,7 @@ def diff_cmd(
         block_size=parse_block(block_size),
         save_mask=save_mask,
         magnitude=by == "magnitude",
+        as_dtype=as_dtype,
         progress=not quiet,
     )
     render(report, by, fmt, output)

@@ -59,6 +59,37 @@ fn regular_file(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The folders directly inside `dir` that hold safetensors files (a run's checkpoints), in
+/// natural order (`checkpoint-25` before `checkpoint-100`).
+fn checkpoint_folders(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .filter(|e| {
+            std::fs::read_dir(e.path()).is_ok_and(|mut inner| {
+                inner.any(|f| {
+                    f.is_ok_and(|f| f.file_name().to_string_lossy().ends_with(".safetensors"))
+                })
+            })
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort_by_key(|n| {
+        let digits: String = n.chars().rev().take_while(char::is_ascii_digit).collect();
+        let step: u128 = digits
+            .chars()
+            .rev()
+            .collect::<String>()
+            .parse()
+            .unwrap_or(0);
+        (n[..n.len() - digits.len()].to_string(), step, n.clone())
+    });
+    found
+}
+
 /// Masks and patches are safetensors files too, but comparing them as checkpoints would report
 /// figures over packed bits: refuse them, saying what they are.
 fn not_an_rlmask_file(shard: &Shard) -> Result<()> {
@@ -145,7 +176,23 @@ impl Checkpoint {
         }
         if shards.is_empty() {
             let pickles = pickle_files(path);
-            let hint = if pickles.is_empty() {
+            let runs = checkpoint_folders(path);
+            let hint = if !runs.is_empty() {
+                let shown: Vec<&str> = runs.iter().take(4).map(String::as_str).collect();
+                let more = if runs.len() > 4 {
+                    format!(", ... ({} in all)", runs.len())
+                } else {
+                    String::new()
+                };
+                let last = runs.last().expect("not empty");
+                let dir = path.display();
+                format!(
+                    "; its folders {}{more} are checkpoints: it looks like a training run. \
+                     Compare one checkpoint (rlmask diff BASE {dir}/{last}) or the whole run \
+                     (rlmask trajectory BASE {dir})",
+                    shown.join(", ")
+                )
+            } else if pickles.is_empty() {
                 String::new()
             } else {
                 format!(
@@ -195,6 +242,18 @@ impl Checkpoint {
 
     /// A checkpoint described by an index file, checked against its shards both ways.
     fn from_index(index_path: &Path) -> Result<Checkpoint> {
+        let file_name = index_path.file_name().unwrap_or_default().to_string_lossy();
+        if !file_name.ends_with(".index.json") && file_name.ends_with("config.json") {
+            let dir = index_path.parent().unwrap_or(Path::new("."));
+            return Err(Error::NotFound {
+                path: index_path.to_path_buf(),
+                reason: format!(
+                    "a model's configuration, not its weights: pass the checkpoint's folder \
+                     ({}) or its *.safetensors file",
+                    dir.display()
+                ),
+            });
+        }
         let text = std::fs::read(index_path).map_err(|e| Error::io(index_path, e))?;
         let index: IndexFile = serde_json::from_slice(&text)
             .map_err(|e| Error::index(index_path, format!("not a valid index file: {e}")))?;

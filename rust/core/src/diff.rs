@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::bits::padded_len;
 use crate::checkpoint::Checkpoint;
-use crate::dtype::Dtype;
+use crate::dtype::{widen, Dtype};
 use crate::error::{Error, Result};
 use crate::kernel::{compare_chunk, Criterion, Hist, Job, BLOCK};
 use crate::maskfile::{self, MaskEntry};
@@ -70,6 +70,10 @@ pub struct DiffOptions {
     /// Also count elements and changed elements per binade of the base value (the magnitude
     /// lens, design §8), for every floating tensor, in the same pass.
     pub magnitude: bool,
+    /// Compare every floating side stored wider than BF16 (F32, F16, F64) after rounding each
+    /// value to BF16 (round to nearest, ties to even; F64 through F32, as torch converts), as
+    /// an engine that loads the checkpoint in BF16 sees it. Scaled FP8 sides are unaffected.
+    pub as_bf16: bool,
 }
 
 impl DiffOptions {
@@ -86,6 +90,7 @@ impl DiffOptions {
             mask_at: None,
             mask_file: None,
             magnitude: false,
+            as_bf16: false,
         }
     }
 }
@@ -631,8 +636,12 @@ impl Stretch {
         d: Dtype,
         first: usize,
         keys: bool,
+        round: bool,
     ) -> Prepared {
         let Some(s) = q else {
+            if round {
+                return self.round_bf16(raw, d);
+            }
             return Prepared::Stored;
         };
         let n = raw.len() / d.size();
@@ -654,6 +663,38 @@ impl Stretch {
     }
 
     /// The bytes, dtype and block scales the kernel reads for a prepared side.
+    /// `raw` (F32, F16 or F64 values) rounded to BF16 in [`Stretch::buffer`].
+    fn round_bf16(&mut self, raw: &[u8], d: Dtype) -> Prepared {
+        let n = raw.len() / d.size();
+        if self.buffer.len() < n * 2 {
+            self.buffer.resize(n * 2, 0);
+        }
+        let out = self.buffer[..n * 2].chunks_exact_mut(2);
+        match d {
+            Dtype::F32 => {
+                for (o, c) in out.zip(raw.chunks_exact(4)) {
+                    let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    o.copy_from_slice(&widen::f32_to_bf16(x).to_le_bytes());
+                }
+            }
+            Dtype::F16 => {
+                let t = widen::f16_table();
+                for (o, c) in out.zip(raw.chunks_exact(2)) {
+                    let x = t[u16::from_le_bytes([c[0], c[1]]) as usize];
+                    o.copy_from_slice(&widen::f32_to_bf16(x).to_le_bytes());
+                }
+            }
+            Dtype::F64 => {
+                for (o, c) in out.zip(raw.chunks_exact(8)) {
+                    let x = f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32;
+                    o.copy_from_slice(&widen::f32_to_bf16(x.to_bits()).to_le_bytes());
+                }
+            }
+            _ => unreachable!("only F32, F16 and F64 sides are rounded"),
+        }
+        Prepared::Buffered(Dtype::BF16, n * 2)
+    }
+
     fn view<'a>(
         &'a self,
         p: Prepared,
@@ -745,6 +786,10 @@ fn compare_pairs<'a>(
             let raw_b = &p.b.0.bytes(tb)[item.start * sb..(item.start + item.len) * sb];
             let floating = floating[item.pair];
             let crit = if floating { &opts.criterion } else { &exact };
+            // Sides rounded to BF16 before the comparison (`as_bf16`).
+            let round = |d: Dtype| {
+                opts.as_bf16 && floating && matches!(d, Dtype::F32 | Dtype::F16 | Dtype::F64)
+            };
             // Scaled FP8 weights: this stretch's dequantised values, or under the exact
             // criterion (both sides scaled alike) codes and scales as stored.
             let (qa, qb) = scaled[item.pair];
@@ -761,7 +806,7 @@ fn compare_pairs<'a>(
                 let mut one = [0u64];
                 compare_chunk(crit, &job, &mut one, None, None);
                 counts.fill(one[0]);
-            } else if qa.is_none() && qb.is_none() {
+            } else if qa.is_none() && qb.is_none() && !(round(ta.dtype) || round(tb.dtype)) {
                 let job = Job::new(raw_a, ta.dtype, raw_b, tb.dtype, item.len);
                 let bits = item.words.zip(opts.mask_at);
                 compare_chunk(crit, &job, &mut counts, bits, hist.as_mut());
@@ -775,8 +820,8 @@ fn compare_pairs<'a>(
                     let ra = &raw_a[off * sa..(off + n) * sa];
                     let rb = &raw_b[off * sb..(off + n) * sb];
                     let first = item.start + off;
-                    let pa = side_a.prepare(qa, ra, ta.dtype, first, keys);
-                    let pb = side_b.prepare(qb, rb, tb.dtype, first, keys);
+                    let pa = side_a.prepare(qa, ra, ta.dtype, first, keys, round(ta.dtype));
+                    let pb = side_b.prepare(qb, rb, tb.dtype, first, keys, round(tb.dtype));
                     let (a, da, fa) = side_a.view(pa, ra, ta.dtype);
                     let (b, db, fb) = side_b.view(pb, rb, tb.dtype);
                     let job = Job {

@@ -105,6 +105,16 @@ pub(crate) mod widen {
         (h as u32) << 16
     }
 
+    /// An f32 bit pattern rounded to BF16: to nearest, ties to even (a carry into the
+    /// exponent gives the next binade, or infinity); a NaN stays a NaN, quieted.
+    pub fn f32_to_bf16(x: u32) -> u16 {
+        if x & 0x7fff_ffff > 0x7f80_0000 {
+            return ((x >> 16) | 0x0040) as u16;
+        }
+        let lsb = (x >> 16) & 1;
+        ((x + 0x7fff + lsb) >> 16) as u16
+    }
+
     /// IEEE binary16 to binary32, computed (used to fill the table).
     pub fn f16_compute(h: u16) -> u32 {
         let sign = ((h as u32) & 0x8000) << 16;

@@ -125,6 +125,14 @@ impl MaskFile {
     /// is one, the tensor.
     pub fn open(path: &Path) -> Result<MaskFile> {
         let bad = |tensor: Option<&str>, reason: String| Error::mask(path, tensor, reason);
+        if path.is_dir() {
+            return Err(bad(
+                None,
+                "a directory (a checkpoint?), not a mask file: make a mask with \
+                 `rlmask diff BASE TUNED --save-mask FILE.rlmask`"
+                    .into(),
+            ));
+        }
         let shard = Shard::open(path).map_err(|e| match e {
             Error::Tensor { tensor, reason, .. } => bad(Some(&tensor), reason),
             other => {
@@ -139,10 +147,16 @@ impl MaskFile {
         let meta = &shard.metadata;
         let key = |k: &str| meta.get(k).map(String::as_str);
         if key("format") != Some("rlmask") {
+            let hint = if key("format") == Some("rlmask-patch") {
+                "; it is an rlmask patch (inspect it with `rlmask patch info`)"
+            } else {
+                "; it looks like checkpoint weights: make a mask with \
+                 `rlmask diff BASE TUNED --save-mask FILE.rlmask`"
+            };
             return Err(bad(
                 None,
                 format!(
-                    "not an rlmask mask (metadata format is {}, expected 'rlmask')",
+                    "not an rlmask mask (metadata format is {}, expected 'rlmask'){hint}",
                     key("format").map_or("missing".into(), |f| format!("'{f}'"))
                 ),
             ));

@@ -195,8 +195,9 @@ impl DiffResult {
 /// into the criterion's thresholds), the mask bits are returned per tensor, or written to
 /// `mask_file` (with `mask_provenance` in its metadata) without being held in memory.
 /// `block_base`/`block_tuned`: the block size of each side's block-scaled FP8 weights.
+/// `as_bf16`: sides stored wider than BF16 are rounded to BF16 before the comparison.
 #[pyfunction]
-#[pyo3(signature = (base, tuned, *, criterion, select=None, name_map=Vec::new(), skip_mismatched=false, shared_rows=false, block_base=None, block_tuned=None, mask_at=None, mask_file=None, mask_provenance=None, magnitude=false, progress=None))]
+#[pyo3(signature = (base, tuned, *, criterion, select=None, name_map=Vec::new(), skip_mismatched=false, shared_rows=false, block_base=None, block_tuned=None, mask_at=None, mask_file=None, mask_provenance=None, magnitude=false, as_bf16=false, progress=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn diff<'py>(
     py: Python<'py>,
@@ -213,6 +214,7 @@ pub fn diff<'py>(
     mask_file: Option<std::path::PathBuf>,
     mask_provenance: Option<std::collections::BTreeMap<String, String>>,
     magnitude: bool,
+    as_bf16: bool,
     progress: Option<&Progress>,
 ) -> PyResult<DiffResult> {
     let opts = core::DiffOptions {
@@ -229,6 +231,7 @@ pub fn diff<'py>(
             provenance: mask_provenance.unwrap_or_default(),
         }),
         magnitude,
+        as_bf16,
     };
     let watch = progress.map(Progress::shared).unwrap_or_default();
     let (a, b) = (base.inner.clone(), tuned.inner.clone());
