@@ -551,3 +551,101 @@ def test_errors_point_to_the_right_command(tmp_path: Path, pair: tuple[Path, Pat
         assert code == 1 and "--save-mask" in err, err
     code, _, err = run("overlap", FINDING1 / "base" / "model.safetensors", base)
     assert code == 1 and "--save-mask" in err
+
+
+# ---------------------------------------------------------------------------------------
+# Notebooks and figures
+
+
+def test_figures_are_returned_once_and_legends_keep_their_colours(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+
+    plt.close("all")
+    report = rlmask.diff(FINDING1 / "base", FINDING1 / "sft", magnitude=True, progress=False)
+    figures = [report.plot(), report.plot(kind="magnitude")]
+    m = tmp_path / "s.toml"
+    m.write_text(
+        "".join(
+            f'[[pair]]\nname = "{n}"\nbase = "{FINDING1 / "base"}"\ntuned = "{FINDING1 / n}"\n'
+            f'group = "{g}"\n'
+            for n, g in (("rl-seed1", "RL"), ("rl-seed2", "RL"), ("sft", "SFT"))
+        )
+    )
+    survey = rlmask.survey(m, cache="")
+    figures.append(survey.plot())
+    # Nothing left open in pyplot: Jupyter's inline backend would draw each figure a second
+    # time at the end of the cell; the returned Figure is still whole and can be saved.
+    assert plt.get_fignums() == []
+    for i, fig in enumerate(figures):
+        fig.savefig(tmp_path / f"{i}.png")
+        assert (tmp_path / f"{i}.png").stat().st_size > 0
+    legend = figures[2].axes[0].get_legend()
+    colours = {
+        t.get_text(): to_rgba(h.get_facecolor())
+        for t, h in zip(legend.get_texts(), legend.legend_handles, strict=True)
+    }
+    bars = {b.get_x(): to_rgba(b.get_facecolor()) for b in figures[2].axes[0].patches}
+    assert set(colours) == {"RL", "SFT"} and colours["RL"] != colours["SFT"]
+    assert set(bars.values()) == set(colours.values())
+    # Axes the caller passed stay the caller's.
+    fig, ax = plt.subplots()
+    from rlmask.plot import sparsity_by_layer
+
+    sparsity_by_layer(report, ax=ax)
+    assert plt.get_fignums() == [fig.number]
+    plt.close("all")
+
+
+def test_two_masks_plot_per_module_against_chance(tmp_path: Path) -> None:
+    masks = []
+    for side in ("rl-seed1", "rl-seed2"):
+        masks.append(tmp_path / f"{side}.rlmask")
+        rlmask.diff(FINDING1 / "base", FINDING1 / side, save_mask=masks[-1], progress=False)
+    png = tmp_path / "o.png"
+    code, _, err = run("overlap", *masks, "--base", FINDING1 / "base", "--plot", png)
+    assert code == 0 and png.stat().st_size > 0, err
+    from rlmask.plot import overlap_figure
+
+    fig = overlap_figure(rlmask.overlap(*masks, base=FINDING1 / "base"))
+    labels = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    assert any("matched" in x for x in labels) and any(
+        "random" in x or "chance" in x for x in labels
+    ), labels
+
+
+def test_mask_handles_read_in_one_line_and_take_paths(tmp_path: Path) -> None:
+    from rlmask.torch import attach_mask
+
+    lin = torch.nn.Linear(300, 300, bias=False)
+    m = rlmask.Mask.from_dict({"weight": np.random.default_rng(0).random((300, 300)) < 0.25})
+    m.save(tmp_path / "m.rlmask")
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    handle = attach_mask(lin, tmp_path / "m.rlmask", opt)
+    text = repr(handle)
+    assert "\n" not in text and len(text) < 200, text
+    expected = int(m.counts()["weight"])
+    assert f"{expected:,} of 90,000 elements trainable" in text
+    before = lin.weight.detach().clone()
+    lin(torch.randn(4, 300)).sum().backward()
+    opt.step()
+    moved = (lin.weight.detach() != before).numpy()
+    keep = np.unpackbits(m.packed("weight"), bitorder="little")[:90_000].reshape(300, 300)
+    assert not moved[keep == 0].any() and moved[keep == 1].any()
+    handle.remove()
+    assert "removed" in repr(handle)
+
+
+def test_mismatched_masks_are_cut_short_and_name_their_bases(tmp_path: Path) -> None:
+    a = {f"w{i}": np.zeros((4, 8), bool) for i in range(40)}
+    b = {f"w{i}": np.zeros((8, 4), bool) for i in range(40)}
+    ma = rlmask.Mask.from_dict(a, {"base": "model-A", "tuned": "a1"})
+    mb = rlmask.Mask.from_dict(b, {"base": "model-B", "tuned": "b1"})
+    with pytest.raises(rlmask.MaskError) as e:
+        rlmask.overlap(ma, mb)
+    text = str(e.value)
+    assert "40 tensors differ in shape" in text and "(40 in all)" in text
+    assert len(text) < 600 and "different models" in text and "model-A" in text

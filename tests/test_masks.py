@@ -198,7 +198,9 @@ def test_mismatched_masks(tmp_path: Path) -> None:
         rlmask.overlap(a, b)
     msg = str(e.value)
     assert (
-        "only in mask 1 (y)" in msg and "only in mask 2 (z)" in msg and "'x' has shape [4]" in msg
+        "only in mask 1 (y)" in msg
+        and "only in mask 2 (z)" in msg
+        and "'x' [4] in mask 1, [5] in mask 2" in msg
     )
     with pytest.raises(rlmask.MaskError):
         a & b

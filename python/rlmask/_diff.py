@@ -379,6 +379,29 @@ class DiffReport(Report):
             order += [c, sc]
         return g.select(order)
 
+    def lens_lines(self, *, min_numel: int = 0) -> list[str]:
+        """The magnitude lens as a terminal reads it at once, one line per binade of the base
+        value with at least ``min_numel`` elements: ``|a| >= 2^-7  8,586 elements  72.8%
+        changed  #####`` (the share changed at the primary threshold; a bar of 40 is all).
+        Binades of fewer than 100 elements are marked ``(few)``: their shares are noisy."""
+        lens = self.by_magnitude()
+        col = self.column("sparsity")
+        out = []
+        for r in lens.filter(pl.col("numel") >= min_numel).iter_rows(named=True):
+            share = 1 - r[col] if r[col] is not None else 0.0
+            low = (
+                "|a| = 0 or subnormal"
+                if r["exponent"] == 0
+                else (
+                    "|a| inf or NaN" if r["exponent"] == 255 else f"|a| >= 2^{r['exponent'] - 127}"
+                )
+            )
+            few_mark = "  (few)" if r["numel"] < 100 else ""
+            bar = "#" * round(40 * share)
+            line = f"{low:<21} {r['numel']:>11,} elements  {100 * share:5.1f}% changed  {bar}"
+            out.append(line.rstrip() + few_mark)
+        return out
+
     def by(self, level: Any) -> pl.DataFrame:
         """The ``level`` breakdown: total, layer, module, tensor, component, expert or
         magnitude."""

@@ -362,17 +362,26 @@ def _check_compatible(masks: Sequence[Mask], *, common_only: bool) -> list[str]:
         if only_other:
             problems.append(f"{len(only_other)} tensors only in mask {i} ({_few(only_other)})")
         common &= set(m.names)
-        for n in sorted(set(first.names) & set(m.names)):
-            if first.shape(n) != m.shape(n):
-                problems.append(
-                    f"'{n}' has shape {list(first.shape(n))} in mask 1 but "
-                    f"{list(m.shape(n))} in mask {i}"
-                )
-                common.discard(n)
+        shapes = [
+            f"'{n}' {list(first.shape(n))} in mask 1, {list(m.shape(n))} in mask {i}"
+            for n in natural_sorted(set(first.names) & set(m.names))
+            if first.shape(n) != m.shape(n)
+        ]
+        if shapes:
+            problems.append(f"{len(shapes)} tensors differ in shape ({few(shapes, 3)})")
+            common -= {n for n in set(first.names) & set(m.names) if first.shape(n) != m.shape(n)}
     if problems and not common_only:
+        bases = {b for m in masks if (b := m.meta.get("base")) is not None}
+        origin = (
+            f"; the masks record different bases ({few(sorted(bases), 3)}): they may come from "
+            "different models"
+            if len(bases) > 1
+            else ""
+        )
         raise MaskError(
             "masks cover different tensors: "
             + "; ".join(problems)
+            + origin
             + " (pass common_only=True / --common-only to use the shared tensors)"
         )
     return natural_sorted(common)

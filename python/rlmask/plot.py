@@ -74,11 +74,18 @@ def check_figure_path(path: PathArg) -> None:
         raise ImportError("plots need matplotlib: pip install 'rlmask[plot]'") from None
 
 
-def _save(fig: Any, path: PathArg | None, dpi: int) -> None:
-    """Writes ``fig`` to ``path`` (when given) atomically, in the format its extension names."""
+def _save(fig: Any, path: PathArg | None, dpi: int, *, own: bool = True) -> None:
+    """Writes ``fig`` to ``path`` (when given) atomically, in the format its extension names.
+    A figure this module made (``own``) is then closed in pyplot: the caller gets the Figure
+    object, which a notebook displays once (left open, Jupyter's inline backend would also
+    draw it at the end of the cell: twice) and which ``savefig`` still writes."""
     if path is not None:
         fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower()
         write_atomic(path, lambda p: fig.savefig(p, dpi=dpi, format=fmt))
+    if own:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 #: The matrices plotted, in the paper's order.
@@ -110,6 +117,7 @@ def sparsity_by_layer(
     if layers.is_empty():
         raise ValueError("the report has no tensors inside a layer stack (model.layers.N.)")
     fig: Any
+    own = ax is None
     if ax is None:
         fig, ax = plt.subplots(figsize=(8, 4.5))
     else:
@@ -141,7 +149,7 @@ def sparsity_by_layer(
     fig.tight_layout()
     if path is not None:
         check_figure_path(path)
-    _save(fig, path, dpi)
+    _save(fig, path, dpi, own=own)
     return fig
 
 
@@ -250,12 +258,17 @@ def survey_figure(report: SurveyReport, path: PathArg | None = None, *, dpi: int
         (100 * rows["sparsity"]).to_list(),
         color=[colour[g] for g in groups],
     )
-    for g, c in colour.items():
-        ax.bar([], [], color=c, label=g)
+    from matplotlib.patches import Patch
+
     ax.set_ylabel("update sparsity (%)")
     ax.set_title(f"Update sparsity per model ({report.criterion} {report.tolerance:g})")
     ax.tick_params(axis="x", labelrotation=60, labelsize=8)
-    ax.legend(fontsize=8, title="group")
+    # One patch per group in its own colour (empty bars all take the axes' first colour).
+    ax.legend(
+        handles=[Patch(facecolor=c, label=g) for g, c in colour.items()],
+        fontsize=8,
+        title="group",
+    )
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -196,6 +196,21 @@ class MaskHandle:
     # Weak, so that the registry of attached handles never keeps a model alive.
     _owners: list[weakref.ref[Any]] = field(default_factory=list, repr=False)
 
+    def __repr__(self) -> str:
+        trained = sum(int(unpack_bits(t, n).sum()) for t, n in self._masks.values())
+        total = sum(n for _, n in self._masks.values())
+        share = f" ({100 * trained / total:.3f}%)" if total else ""
+        extra = "".join(
+            f", {len(names)} uncovered {what}"
+            for names, what in ((self.frozen, "frozen"), (self.trained, "trained fully"))
+            if names
+        )
+        state = "attached" if self._owners else "removed"
+        return (
+            f"<MaskHandle {state}: {len(self.params)} parameters, {trained:,} of {total:,} "
+            f"elements trainable{share}{extra}, {self.mask_bytes:,} bytes of masks>"
+        )
+
     def mask_of(self, p: torch.nn.Parameter) -> torch.Tensor:
         """The bool mask of a parameter, in its shape and on its device."""
         packed, numel = self._masks[id(p)]
@@ -224,7 +239,7 @@ class MaskHandle:
 
 def attach_mask(
     model: torch.nn.Module,
-    mask: Mask,
+    mask: Mask | str | os.PathLike[str],
     optimizer: torch.optim.Optimizer | None = None,
     *,
     name_map: NameMap = None,
@@ -234,7 +249,7 @@ def attach_mask(
 
     Args:
         model: the model; its trainable parameters are matched to the mask by name.
-        mask: a :class:`~rlmask.Mask` (e.g. ``rlmask.load_mask("grpo.rlmask")``), 1 = train.
+        mask: a :class:`~rlmask.Mask`, or the path of an ``.rlmask`` file; 1 = train.
         optimizer: the ``torch.optim`` optimizer; needed so that weight decay cannot move
             frozen elements (see the module docs). Without it only gradients are masked.
         name_map: translates model parameter names to mask names (see :func:`canonical_name`).
@@ -259,6 +274,10 @@ def attach_mask(
         ...     opt.step(); opt.zero_grad()
         >>> handle.remove()
     """
+    if isinstance(mask, (str, os.PathLike)):
+        from rlmask._mask import load_mask
+
+        mask = load_mask(mask)
     for owner, what in ((model, "model"), (optimizer, "optimizer")):
         if owner is not None and owner in _ATTACHED:
             raise MaskError(

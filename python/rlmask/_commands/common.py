@@ -267,7 +267,17 @@ def render(report: Report, by: str, fmt: str, output: str | None) -> None:
         from rlmask._table import format_frame
 
         parts = [report.summary()]
-        if by != "total":
+        if by == "magnitude":
+            from rlmask._diff import DiffReport
+
+            assert isinstance(report, DiffReport)
+            parts += [
+                "",
+                f"changed share per binade of the base value, at {report.label(report.tol)} "
+                "(the magnitude lens; files carry the counts):",
+                *report.lens_lines(),
+            ]
+        elif by != "total":
             table = report.by(by)  # type: ignore[arg-type]
             # A sweep's per-tolerance counts make the table too wide to read; files keep them.
             table = table.select(

@@ -16,8 +16,6 @@ def demo() -> None:
     pretrained on two-digit addition, then RL (TRL's GRPOTrainer, two seeds) and SFT (TRL's
     SFTTrainer) at the same learning rate. Each step prints the command that gives it.
     """
-    import polars as pl
-
     from rlmask._diff import diff
     from rlmask._overlap import overlap
     from rlmask._trajectory import trajectory
@@ -49,6 +47,8 @@ def demo() -> None:
     s2 = diff(base, trained_path("rl-seed2"), mask=True, progress=False).mask
     assert s1 is not None and s2 is not None
     t = overlap(s1, s2, base=base).total
+    click.echo(f"$ rlmask diff {rel['base']} {rel['rl-seed1']} --save-mask seed1.rlmask")
+    click.echo(f"$ rlmask diff {rel['base']} {rel['rl-seed2']} --save-mask seed2.rlmask")
     click.echo(f"$ rlmask overlap seed1.rlmask seed2.rlmask --base {rel['base']}")
     click.echo(
         f"   o1 = {100 * t['o1']:.1f}%   uniform baseline {100 * t['o1_random']:.1f}%   "
@@ -56,15 +56,10 @@ def demo() -> None:
     )
 
     click.echo("\n3. Why do elements stay unchanged? The magnitude lens: changed share per binade")
-    lens = diff(base, trained_path("rl-seed1"), magnitude=True, progress=False).by_magnitude()
+    report_lens = diff(base, trained_path("rl-seed1"), magnitude=True, progress=False)
     click.echo(f"$ rlmask diff {rel['base']} {rel['rl-seed1']} --by magnitude")
-    big = lens.filter(pl.col("numel") >= 100)
-    for r in big.iter_rows(named=True):
-        share = 1 - r["sparsity"]
-        click.echo(
-            f"   |a| >= 2^{r['exponent'] - 127:<4} {r['numel']:>7,} elements  "
-            f"{100 * share:5.1f}% changed  " + "#" * round(40 * share)
-        )
+    for line in report_lens.lens_lines(min_numel=100):
+        click.echo(f"   {line}")
 
     click.echo("\n4. How did the subnetwork grow over the run? (paper §6)")
     run = trajectory(base, trained_path("run-seed1"), progress=False)
@@ -82,7 +77,8 @@ def demo() -> None:
     click.echo(
         "\nAt this scale the sparsity is mostly bf16 precision: the same RL run saved in fp32\n"
         "changes 99.8% of its elements, and most of the seeds' overlap is what their\n"
-        "magnitudes alone predict. Figures and method: examples/finding1/RESULTS.md."
+        "magnitudes alone predict. How each checkpoint was made is in its safetensors\n"
+        'metadata (python -c "from safetensors import safe_open; ...metadata()").'
     )
 
 

@@ -138,12 +138,10 @@ def diff_cmd(
     )
     render(report, by, fmt, output)
     if plot:
-        import matplotlib.pyplot as plt
-
         from rlmask.plot import magnitude_figure, sparsity_by_layer
 
         draw = magnitude_figure if by == "magnitude" else sparsity_by_layer
-        plt.close(draw(report, plot))
+        draw(report, plot)
 
 
 command = diff_cmd

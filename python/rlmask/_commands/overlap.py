@@ -33,7 +33,9 @@ from rlmask._commands.common import (
 @click.option(
     "--plot",
     type=FILE,
-    help="Also draw the o1 matrix as a heatmap (paper Table 4) to this image file.",
+    help="Also draw a figure to this image file: for two masks o1 and o2 per module type "
+    "against chance (and the magnitude-matched baseline with --base; paper Table 3), for "
+    "three or more the o1 matrix as a heatmap (Table 4).",
 )
 @click.option(
     "--base",
@@ -82,10 +84,6 @@ def overlap_cmd(
         raise click.UsageError("--base and --name-map go with two masks")
     if name_map and not base:
         raise click.UsageError("--name-map goes with --base")
-    labels = [str(i + 1) for i in range(len(masks))]
-    matrix = None
-    if len(masks) > 2 or plot:
-        matrix = overlap_matrix(list(masks), labels=labels, common_only=common_only)
     if len(masks) == 2:
         pair = overlap(
             masks[0],
@@ -95,15 +93,18 @@ def overlap_cmd(
             name_map=parse_name_map(name_map),
         )
         render(pair, by, fmt, output)
+        if plot:
+            from rlmask.plot import overlap_figure
+
+            overlap_figure(pair, plot)
     else:
-        assert matrix is not None
+        labels = [str(i + 1) for i in range(len(masks))]
+        matrix = overlap_matrix(list(masks), labels=labels, common_only=common_only)
         render(matrix, by, fmt, output)
-    if plot and matrix is not None:
-        import matplotlib.pyplot as plt
+        if plot:
+            from rlmask.plot import overlap_heatmap
 
-        from rlmask.plot import overlap_heatmap
-
-        plt.close(overlap_heatmap(matrix, plot))
+            overlap_heatmap(matrix, plot)
 
 
 command = overlap_cmd

@@ -102,11 +102,9 @@ def rank_cmd(
     )
     render(report, by, fmt, output)
     if plot:
-        import matplotlib.pyplot as plt
-
         from rlmask.plot import rank_figure
 
-        plt.close(rank_figure(report, plot))
+        rank_figure(report, plot)
 
 
 command = rank_cmd

@@ -136,11 +136,9 @@ def survey_cmd(
     )
     render(report, by, fmt, output)
     if plot:
-        import matplotlib.pyplot as plt
-
         from rlmask.plot import survey_figure
 
-        plt.close(survey_figure(report, plot))
+        survey_figure(report, plot)
     if report.failed:
         click.echo(
             f"rlmask: {len(report.failed)} pairs failed: {', '.join(report.failed)}", err=True

@@ -128,11 +128,9 @@ def trajectory_cmd(
     )
     render(report, by, fmt, output)
     if plot:
-        import matplotlib.pyplot as plt
-
         from rlmask.plot import trajectory_figure
 
-        plt.close(trajectory_figure(report, plot))
+        trajectory_figure(report, plot)
 
 
 command = trajectory_cmd
