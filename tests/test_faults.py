@@ -649,3 +649,87 @@ def test_mismatched_masks_are_cut_short_and_name_their_bases(tmp_path: Path) -> 
     text = str(e.value)
     assert "40 tensors differ in shape" in text and "(40 in all)" in text
     assert len(text) < 600 and "different models" in text and "model-A" in text
+
+
+# ---------------------------------------------------------------------------------------
+# Smaller: what a table, a help text and an option should say
+
+
+def test_smaller_command_line_items(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    base, tuned = pair
+    code, out, _ = run("patch", "--help")
+    assert code == 0 and "convert" in out.split("Commands:")[0]
+    code, out, _ = run("diff", base, tuned, "--by", "expert", "-q")
+    assert code == 0 and "no tensor belongs to a routed expert" in out
+    # Trajectory by module: the model's order, shares as percentages, no path column.
+    code, out, _ = run(
+        "trajectory", FINDING1 / "base", FINDING1 / "run-seed1", "--by", "module", "-q"
+    )
+    table = out.split("by module:\n")[1].splitlines()
+    assert "path" not in table[0] and "outside_final_share" in table[0]
+    modules = list(dict.fromkeys(line.split()[0] for line in table[2:]))
+    assert modules[:3] == ["q_proj", "k_proj", "v_proj"], modules
+    col = table[0].split().index("outside_final_share")
+    assert all(line.split()[col].endswith("%") or line.split()[col] == "-" for line in table[2:])
+    # Units on every figure.
+    p = tmp_path / "p.rlpatch"
+    assert run("patch", "create", base, tuned, "-o", p, "-q")[0] == 0
+    assert "bytes per changed element" in run("patch", "info", p)[1]
+    # mask info as JSON and CSV, to a file.
+    m = tmp_path / "m.rlmask"
+    rlmask.diff(base, tuned, save_mask=m, progress=False)
+    code, _, _ = run("mask", "info", m, "--format", "json", "-o", tmp_path / "m.json")
+    d = json.loads((tmp_path / "m.json").read_text())
+    truth = rlmask.load_mask(m)
+    assert code == 0 and d["count"] == truth.count and d["numel"] == truth.numel
+    assert sum(r["count"] for r in d["by_tensor"]) == truth.count
+    assert d["by_tensor"][0]["shape"] == list(truth.shape(d["by_tensor"][0]["name"]))
+    code, out, _ = run("mask", "info", m, "--format", "csv", "--by", "layer")
+    assert code == 0 and out.splitlines()[0].startswith("layer,")
+
+
+def test_survey_takes_name_maps_and_skips_mismatched(
+    tmp_path: Path, pair: tuple[Path, Path]
+) -> None:
+    base, tuned = pair
+    wrapped = tmp_path / "wrapped"
+    wrapped.mkdir()
+    tensors = load_file(tuned / "model.safetensors")
+    renamed = {k.replace("model.", "backbone.", 1): v for k, v in tensors.items()}
+    renamed["backbone.extra.weight"] = torch.zeros(3)
+    save_file(renamed, wrapped / "model.safetensors")
+    m = tmp_path / "s.toml"
+    m.write_text(f'[[pair]]\nname = "w"\nbase = "{base}"\ntuned = "{wrapped}"\n')
+    code, out, err = run(
+        "survey", m, "--no-cache", "--name-map", "backbone.=model.", "--format", "json"
+    )
+    assert code == 0, err
+    want = rlmask.diff(base, tuned, progress=False).changed
+    assert json.loads(out)["rows"][0]["changed"] == want
+    # A tensor of another shape under the same name: failed pair, or skipped with the flag.
+    bad = dict(tensors)
+    name = next(k for k in bad if k.endswith("q_proj.weight"))
+    bad[name] = torch.zeros(2, 2, dtype=torch.bfloat16)
+    save_file(bad, wrapped / "model.safetensors")
+    m.write_text(f'[[pair]]\nname = "w"\nbase = "{base}"\ntuned = "{wrapped}"\n')
+    assert run("survey", m, "--no-cache")[0] == 1
+    code, out, err = run("survey", m, "--no-cache", "--skip-mismatched", "--format", "json")
+    assert code == 0 and json.loads(out)["pairs"]["w"]["skipped"][0]["name"] == name, err
+
+
+def test_writers_refuse_what_their_readers_would_refuse(tmp_path: Path) -> None:
+    """Checkpoints whose 60 MB header is readable, but whose mask or patch would need a header
+    past the 100 MB every safetensors reader accepts (names appear twice there): refused before
+    anything is written, not renamed into place and refused on reading."""
+    names = [f"model.layers.{i}." + "x" * 100_000 for i in range(600)]
+    for side, value in (("a", 0.0), ("b", 1.0)):
+        (tmp_path / side).mkdir()
+        save_file(
+            {n: torch.full((1,), value) for n in names}, tmp_path / side / "model.safetensors"
+        )
+    a, b = tmp_path / "a", tmp_path / "b"
+    code, _, err = run("diff", a, b, "--save-mask", tmp_path / "m.rlmask", "-q")
+    assert code == 1 and "header would be" in err and "nothing was written" in err, err
+    code, _, err = run("patch", "create", a, b, "-o", tmp_path / "p.rlpatch", "-q")
+    assert code == 1 and "header would be" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]  # no file, no temporary left

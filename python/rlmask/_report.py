@@ -35,9 +35,11 @@ def records_per_line(d: dict[str, Any]) -> str:
     return "{\n" + ",\n".join(lines) + "\n}"
 
 
-def sort_modules(df: pl.DataFrame) -> pl.DataFrame:
-    """Rows in the order of :data:`rlmask._names.MODULES` (q_proj ... norm, then other)."""
-    return df.sort(pl.col("module").replace_strict(_MODULE_RANK, return_dtype=pl.Int64))
+def sort_modules(df: pl.DataFrame, then: Sequence[str] = ()) -> pl.DataFrame:
+    """Rows in the order of :data:`rlmask._names.MODULES` (q_proj ... norm, then other), and
+    by the columns ``then`` within a module."""
+    rank = pl.col("module").replace_strict(_MODULE_RANK, return_dtype=pl.Int64)
+    return df.sort([rank, *then])
 
 
 def ratio(num: str, den: str) -> pl.Expr:

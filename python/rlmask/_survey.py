@@ -451,6 +451,8 @@ def survey(
     ray_address: str | None = None,
     ray_cpus_per_pair: float = 1.0,
     cache: PathArg | None = None,
+    name_map: Mapping[str, str] | None = None,
+    skip_mismatched: bool = False,
     on_result: Callable[[Pair, str], None] | None = None,
 ) -> SurveyReport:
     """Update sparsity of every pair of a manifest (paper Table 1, Table 6, Figure 1).
@@ -467,6 +469,8 @@ def survey(
         ray_cpus_per_pair: CPUs Ray reserves for each pair's task.
         cache: a directory for per-pair results (default: ``<manifest>.cache`` beside the
             manifest); ``False``-like empty string disables it.
+        name_map, skip_mismatched: as in :func:`rlmask.diff`, for every pair (and in the
+            cache key).
         on_result: called with each pair and its status (``ok``, ``cached``, ``error``) as it
             finishes.
 
@@ -481,6 +485,10 @@ def survey(
         options |= {"tol": primary, "tolerances": values}
     elif criterion == "relative":
         options["eta"] = primary
+    if name_map:
+        options["name_map"] = dict(name_map)
+    if skip_mismatched:
+        options["skip_mismatched"] = True
     if executor not in ("local", "ray"):
         raise ValueError(f"unknown executor '{executor}' (local or ray)")
     folder = Path(cache) if cache is not None else Path(f"{os.fspath(manifest)}.cache")

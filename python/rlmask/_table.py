@@ -11,6 +11,12 @@ from rlmask._rlmask import printable
 _PERCENT = ("sparsity", "density", "o1", "o2", "jaccard")
 
 
+def _is_share(column: str) -> bool:
+    """Columns holding a fraction of a whole, shown as percentages (so that one table never
+    mixes fractions and percentages)."""
+    return column.startswith(_PERCENT) or column.endswith("_share")
+
+
 class Rendered(str):
     """Text whose every line is already escaped for the terminal (a table from
     :func:`format_frame`): :func:`rlmask._report.printable_lines` keeps its newlines."""
@@ -22,7 +28,7 @@ def _cell(column: str, value: Any, percent: bool | None) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        if percent if percent is not None else column.startswith(_PERCENT):
+        if percent if percent is not None else _is_share(column):
             return f"{100 * value:.3f}%"
         return f"{value:.4g}"
     if isinstance(value, bool):

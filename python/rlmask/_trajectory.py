@@ -218,7 +218,7 @@ class TrajectoryReport(Report):
     def by_module(self) -> pl.DataFrame:
         """:meth:`total_frame` per module type."""
         df = self._per_step(self.tensors, ["module"])
-        return sort_modules(df).sort(["module", "checkpoint"], maintain_order=True)
+        return sort_modules(df, then=["checkpoint"])
 
     def by(self, level: Any) -> pl.DataFrame:
         """The ``level`` breakdown; ``tensor`` gives one row per tensor and checkpoint."""
@@ -282,6 +282,10 @@ class TrajectoryReport(Report):
         from rlmask.plot import trajectory_figure
 
         return trajectory_figure(self, path, dpi=dpi)
+
+    #: The breakdowns' tables name each checkpoint by number and step; the summary above
+    #: them gives the paths (files keep them on every row).
+    table_hidden = ("path",)
 
     def summary(self) -> str:
         """The run at a glance: one line per checkpoint, then the categories."""

@@ -143,7 +143,7 @@ class PatchInfo(Report):
         per = self.bytes_per_changed
         lines = [
             f"patch: {self.path} ({self.bytes:,} bytes, {self.codec} codec"
-            + (f", {per:.2f} per changed element)" if per is not None else ")"),
+            + (f", {per:.2f} bytes per changed element)" if per is not None else ")"),
             f"changes {self.changed:,} of {self.numel:,} elements "
             f"({100 * self.changed / self.numel if self.numel else 0:.3f}%) in "
             f"{t.height - forms['none']} of {t.height} tensors "

@@ -285,5 +285,14 @@ def render(report: Report, by: str, fmt: str, output: str | None) -> None:
                 for c in table.columns
                 if not c.startswith("changed@") and c not in report.table_hidden
             )
-            parts += ["", f"by {by}:", format_frame(table)]
+            if table.height:
+                parts += ["", f"by {by}:", format_frame(table)]
+            elif by == "expert":
+                parts += [
+                    "",
+                    "by expert: no tensor belongs to a routed expert ('...experts.N...'): the "
+                    "model is dense, or its experts are fused into one tensor (see --by module)",
+                ]
+            else:
+                parts += ["", f"by {by}: no rows"]
         emit("\n".join(parts), output)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from rlmask._commands.common import FILE, check_outputs, user_errors
+from rlmask._commands.common import (
+    FILE,
+    check_outputs,
+    emit,
+    format_option,
+    output_option,
+    user_errors,
+)
 from rlmask._rlmask import COMBINE_OPS
 
 
@@ -20,17 +27,41 @@ def mask() -> None:
     type=click.Choice(["module", "layer", "tensor"]),
     default="module",
     show_default=True,
-    help="Breakdown to print under the totals.",
+    help="Breakdown to print under the totals (and to write as CSV).",
 )
+@format_option(["table", "json", "csv"])
+@output_option
 @user_errors
-def mask_info(file: str, by: str) -> None:
-    """Provenance, totals and a per-module summary of a mask FILE."""
+def mask_info(file: str, by: str, fmt: str, output: str | None) -> None:
+    """Provenance, totals and a per-module summary of a mask FILE.
+
+    --format json writes the provenance, the totals and every breakdown; csv the --by one.
+    """
+    import json
+
     from rlmask._mask import load_mask
+    from rlmask._report import flat
     from rlmask._table import format_frame
 
+    check_outputs(fmt, output, None, inputs=[file])
     m = load_mask(file)
-    table = {"module": m.by_module, "layer": m.by_layer, "tensor": m.table}[by]()
-    click.echo(f"{file}\n{m.summary()}\n\nby {by}:\n{format_frame(table)}")
+    tables = {"module": m.by_module, "layer": m.by_layer, "tensor": m.table}
+    if fmt == "json":
+        text = json.dumps(
+            {
+                "path": file,
+                "meta": {k: v for k, v in m.meta.items() if k != "tensors"},
+                "numel": m.numel,
+                "count": m.count,
+                "density": m.density,
+                **{f"by_{k}": f().to_dicts() for k, f in tables.items()},
+            }
+        )
+    elif fmt == "csv":
+        text = flat(tables[by]()).write_csv()
+    else:
+        text = f"{file}\n{m.summary()}\n\nby {by}:\n{format_frame(tables[by]())}"
+    emit(text, output)
 
 
 @mask.command("combine")

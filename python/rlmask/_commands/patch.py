@@ -21,7 +21,8 @@ from rlmask._rlmask import DEFAULT_PATCH_CODEC, PATCH_CODECS
 
 @click.group("patch")
 def patch() -> None:
-    """Sparse patches: ship a checkpoint's changes losslessly (create, apply, info, verify)."""
+    """Sparse patches: ship a checkpoint's changes losslessly (create, apply, info, verify,
+    convert)."""
 
 
 @patch.command("create")

@@ -14,6 +14,7 @@ from rlmask._commands.common import (
     criterion_options,
     format_option,
     output_option,
+    parse_name_map,
     parse_tolerances,
     quiet_option,
     render,
@@ -63,6 +64,18 @@ from rlmask._commands.common import (
 )
 @click.option("--no-cache", is_flag=True, help="Neither read nor write cached results.")
 @click.option(
+    "--name-map",
+    multiple=True,
+    metavar="FROM=TO",
+    help="Rewrite the name prefix FROM as TO on both sides of every pair before pairing "
+    "(repeatable).",
+)
+@click.option(
+    "--skip-mismatched",
+    is_flag=True,
+    help="List tensors whose shapes or dtypes differ as skipped instead of failing the pair.",
+)
+@click.option(
     "--plot",
     type=FILE,
     help="Also draw sparsity per pair, coloured by group (paper Figure 1), to this image file.",
@@ -84,6 +97,8 @@ def survey_cmd(
     ray_address: str | None,
     cache: str | None,
     no_cache: bool,
+    name_map: tuple[str, ...],
+    skip_mismatched: bool,
     plot: str | None,
     quiet: bool,
 ) -> None:
@@ -132,6 +147,8 @@ def survey_cmd(
         executor=executor,
         ray_address=ray_address,
         cache="" if no_cache else cache,
+        name_map=parse_name_map(name_map),
+        skip_mismatched=skip_mismatched,
         on_result=note,
     )
     render(report, by, fmt, output)

@@ -32,7 +32,7 @@ use crate::diff::{Progress, Side};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::readahead;
-use crate::safetensors::{check_all_unchanged, Shard, TensorInfo};
+use crate::safetensors::{check_all_unchanged, check_header_len, Shard, TensorInfo};
 
 /// The `format` of a patch file.
 pub const FORMAT: &str = "rlmask-patch";
@@ -904,6 +904,14 @@ pub fn create(
         }
         jobs.push(Job { name: stored, a, b });
     }
+    // Before the pass: every tensor's description (its name twice, two 64-hex fingerprints,
+    // shape, dtype, form) is at least this long, so a header past the readers' limit is
+    // known now, not after minutes of reading.
+    let least: u64 = jobs
+        .iter()
+        .map(|j| 2 * j.name.len() as u64 + 2 * 64 + 60)
+        .sum();
+    check_header_len(out, least, jobs.len())?;
     if jobs.is_empty() {
         return Err(Error::Pairing {
             reason: format!(
@@ -1154,6 +1162,7 @@ pub fn create(
     }
     let mut text = serde_json::to_vec(&header).expect("serialisable");
     text.resize(text.len().div_ceil(8) * 8, b' ');
+    check_header_len(out, text.len() as u64, entries.len())?;
 
     let mut file = AtomicFile::create(out)?;
     file.write(&(text.len() as u64).to_le_bytes())?;

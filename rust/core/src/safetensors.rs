@@ -322,6 +322,23 @@ impl Shard {
     }
 }
 
+/// Refuses to write a file whose header of `len` bytes (describing `tensors` tensors) no
+/// safetensors reader would open: past [`MAX_HEADER_LEN`], rlmask's and the official reader
+/// refuse it. Writers call it before they write anything.
+pub fn check_header_len(out: &Path, len: u64, tensors: usize) -> Result<()> {
+    if len > MAX_HEADER_LEN {
+        return Err(Error::output(
+            out,
+            std::io::Error::other(format!(
+                "its header would be {len} bytes for {tensors} tensors, over the {MAX_HEADER_LEN} \
+                 bytes that safetensors readers accept; nothing was written (select fewer \
+                 tensors with --include / include=)"
+            )),
+        ));
+    }
+    Ok(())
+}
+
 /// A safetensors file of 1-D U8 tensors being written: created under a temporary name in the
 /// target's directory, sized and memory-mapped, filled through [`U8FileWriter::slices`] (each
 /// tensor padded with zeros to a multiple of 8 bytes, every tensor 8-byte aligned), then synced
@@ -364,6 +381,7 @@ impl U8FileWriter {
         }
         let mut text = serde_json::to_vec(&header).expect("serialisable");
         text.resize(text.len().div_ceil(8) * 8, b' ');
+        check_header_len(path, text.len() as u64, tensors.len())?;
         let data_start = 8 + text.len();
 
         let dir = path
