@@ -56,26 +56,32 @@ TORCH_TO_ST = {
     torch.float64: "F64",
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+    torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
     torch.uint16: "U16",
     torch.uint32: "U32",
     torch.uint64: "U64",
 }
-FLOATS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+FLOATS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 
 # ---------------------------------------------------------------------------------------
 # Values, written from the format definitions rather than from rlmask's tables.
 
 
-def _minifloat(bits: np.ndarray, exp_bits: int, man_bits: int, ieee_special: bool) -> np.ndarray:
+def _minifloat(
+    bits: np.ndarray, exp_bits: int, man_bits: int, ieee_special: bool, fnuz: bool = False
+) -> np.ndarray:
     bits = bits.astype(np.int64)
     sign = np.where((bits >> (exp_bits + man_bits)) & 1, -1.0, 1.0)
     e = (bits >> man_bits) & ((1 << exp_bits) - 1)
     m = bits & ((1 << man_bits) - 1)
-    bias = (1 << (exp_bits - 1)) - 1
+    bias = (1 << (exp_bits - 1)) - (0 if fnuz else 1)
     normal = np.ldexp(1.0 + m / (1 << man_bits), (e - bias).astype(np.int32))
     sub = np.ldexp(m / (1 << man_bits), 1 - bias)
     v = sign * np.where(e == 0, sub, normal)
     emax = (1 << exp_bits) - 1
+    if fnuz:  # AMD: the pattern of negative zero is the one NaN; nothing else is special
+        return np.where(bits == 0x80, np.nan, v)
     if ieee_special:
         v = np.where((e == emax) & (m == 0), sign * np.inf, v)
         v = np.where((e == emax) & (m != 0), np.nan, v)
@@ -98,6 +104,10 @@ def values(dtype: str, bits: np.ndarray) -> np.ndarray:
         return _minifloat(bits, 5, 2, True).astype(np.float32)
     if dtype == "F8_E4M3":
         return _minifloat(bits, 4, 3, False).astype(np.float32)
+    if dtype == "F8_E4M3FNUZ":
+        return _minifloat(bits, 4, 3, False, fnuz=True).astype(np.float32)
+    if dtype == "F8_E5M2FNUZ":
+        return _minifloat(bits, 5, 2, False, fnuz=True).astype(np.float32)
     raise ValueError(dtype)
 
 
@@ -158,6 +168,8 @@ SIZES = {
     "I8": 1,
     "F8_E4M3": 1,
     "F8_E5M2": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
     "U16": 2,
     "I16": 2,
     "F16": 2,

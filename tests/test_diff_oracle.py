@@ -24,6 +24,8 @@ FLOAT_DTYPES = [
     torch.float64,
     torch.float8_e4m3fn,
     torch.float8_e5m2,
+    torch.float8_e4m3fnuz,  # AMD-trained FP8
+    torch.float8_e5m2fnuz,
 ]
 INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool]
 
@@ -57,7 +59,8 @@ def _specials(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         (fin.max, fin.max),
         (fin.max, -fin.max),
     ]
-    if dtype != torch.float8_e4m3fn:  # E4M3 has no infinities
+    # E4M3 and the FNUZ formats have no infinities.
+    if dtype not in (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz):
         pairs += [(math.inf, math.inf), (math.inf, -math.inf), (math.inf, 1.0)]
     pairs += [(math.nan, math.nan), (math.nan, 1.0), (1.0, math.nan)]
     a = torch.tensor([p[0] for p in pairs], dtype=torch.float64).to(dtype)

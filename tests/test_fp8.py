@@ -20,7 +20,12 @@ from rlmask.cli import cli
 
 BLOCK = (16, 32)
 SHAPE = (37, 50)  # neither dimension a multiple of the block
-F8 = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+F8 = {
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,  # AMD's variants: one NaN (0x80), other biases
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+}
 W = "model.layers.0.mlp.{}.weight"
 
 

@@ -760,7 +760,8 @@ def diff(
             :attr:`DiffReport.resized`, instead of refusing it. Other shape differences are
             still refused (or skipped).
         block_size: the block (rows, columns) of block-scaled FP8 weights (a weight ``NAME``
-            in F8_E4M3/F8_E5M2 beside ``NAME_scale_inv`` or ``NAME_scale``), for both sides;
+            in an FP8 dtype, E4M3/E5M2 or their FNUZ variants, beside ``NAME_scale_inv`` or
+            ``NAME_scale``), for both sides;
             by default each side's ``config.json`` (``quantization_config.weight_block_size``)
             says. Scaled weights are compared as ``f32(code) * f32(scale)`` (design §1); the
             exact criterion compares codes and scales as stored.

@@ -54,6 +54,8 @@ _NP_VIEW = {
     "F64": np.float64,
     "F8_E4M3": np.uint8,
     "F8_E5M2": np.uint8,
+    "F8_E4M3FNUZ": np.uint8,
+    "F8_E5M2FNUZ": np.uint8,
 }
 
 
@@ -68,7 +70,13 @@ def _to_torch(raw: np.ndarray, dtype: str, shape: list[int]) -> torch.Tensor:
         # The view is read-only (it maps the file); it is only ever read, then converted.
         warnings.filterwarnings("ignore", message=".*not writable.*")
         t = torch.from_numpy(view)
-    special = {"BF16": torch.bfloat16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    special = {
+        "BF16": torch.bfloat16,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+        "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+        "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    }
     if dtype in special:
         t = t.view(special[dtype])
     return t.reshape(shape)

@@ -691,6 +691,8 @@ _SAFETENSORS_DTYPE = {
     torch.float64: "F64",
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
+    torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
     torch.uint8: "U8",
     torch.int8: "I8",
     torch.int16: "I16",

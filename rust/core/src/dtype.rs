@@ -20,11 +20,15 @@ pub enum Dtype {
     F64,
     F8E4M3,
     F8E5M2,
+    /// AMD's FP8 variants (MI300-trained checkpoints): exponent biases 8 and 16, one NaN
+    /// (0x80), no negative zero, no infinities.
+    F8E4M3Fnuz,
+    F8E5M2Fnuz,
 }
 
 impl Dtype {
     /// Every dtype, in a fixed order (used for error messages and tests).
-    pub const ALL: [Dtype; 15] = [
+    pub const ALL: [Dtype; 17] = [
         Dtype::Bool,
         Dtype::U8,
         Dtype::I8,
@@ -40,6 +44,8 @@ impl Dtype {
         Dtype::F64,
         Dtype::F8E4M3,
         Dtype::F8E5M2,
+        Dtype::F8E4M3Fnuz,
+        Dtype::F8E5M2Fnuz,
     ];
 
     /// The name used in safetensors headers.
@@ -60,6 +66,8 @@ impl Dtype {
             Dtype::F64 => "F64",
             Dtype::F8E4M3 => "F8_E4M3",
             Dtype::F8E5M2 => "F8_E5M2",
+            Dtype::F8E4M3Fnuz => "F8_E4M3FNUZ",
+            Dtype::F8E5M2Fnuz => "F8_E5M2FNUZ",
         }
     }
 
@@ -71,7 +79,8 @@ impl Dtype {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E4M3 | Dtype::F8E5M2 => 1,
+            Dtype::Bool | Dtype::U8 | Dtype::I8 => 1,
+            Dtype::F8E4M3 | Dtype::F8E5M2 | Dtype::F8E4M3Fnuz | Dtype::F8E5M2Fnuz => 1,
             Dtype::U16 | Dtype::I16 | Dtype::F16 | Dtype::BF16 => 2,
             Dtype::U32 | Dtype::I32 | Dtype::F32 => 4,
             Dtype::U64 | Dtype::I64 | Dtype::F64 => 8,
@@ -80,9 +89,14 @@ impl Dtype {
 
     /// Floating dtypes are compared by value; the others bit for bit.
     pub fn is_float(self) -> bool {
+        matches!(self, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) || self.is_fp8()
+    }
+
+    /// The four one-byte floating formats (OCP E4M3 and E5M2, AMD's FNUZ variants).
+    pub fn is_fp8(self) -> bool {
         matches!(
             self,
-            Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64 | Dtype::F8E4M3 | Dtype::F8E5M2
+            Dtype::F8E4M3 | Dtype::F8E5M2 | Dtype::F8E4M3Fnuz | Dtype::F8E5M2Fnuz
         )
     }
 }
@@ -161,23 +175,63 @@ pub(crate) mod widen {
     }
 
     static F16_TABLE: OnceLock<Box<[u32]>> = OnceLock::new();
-    static F8_TABLES: OnceLock<Box<[[u32; 256]; 2]>> = OnceLock::new();
+    static F8_TABLES: OnceLock<Box<[[u32; 256]; 4]>> = OnceLock::new();
 
     /// 65,536-entry table (256 KiB) for binary16.
     pub fn f16_table() -> &'static [u32] {
         F16_TABLE.get_or_init(|| (0..=u16::MAX).map(f16_compute).collect())
     }
 
-    /// Tables for E4M3 (index 0) and E5M2 (index 1).
-    pub fn f8_tables() -> &'static [[u32; 256]; 2] {
+    /// Tables for E4M3 (index 0), E5M2 (1), E4M3FNUZ (2) and E5M2FNUZ (3).
+    pub fn f8_tables() -> &'static [[u32; 256]; 4] {
         F8_TABLES.get_or_init(|| {
-            let mut t = Box::new([[0u32; 256]; 2]);
+            let mut t = Box::new([[0u32; 256]; 4]);
             for b in 0..=255u8 {
                 t[0][b as usize] = f8e4m3_compute(b);
                 t[1][b as usize] = f8e5m2_compute(b);
+                t[2][b as usize] = fnuz_compute(b, 4, 8);
+                t[3][b as usize] = fnuz_compute(b, 5, 16);
             }
             t
         })
+    }
+
+    /// The widening table of an FP8 dtype.
+    pub fn f8_table(d: super::Dtype) -> &'static [u32; 256] {
+        use super::Dtype;
+        let i = match d {
+            Dtype::F8E4M3 => 0,
+            Dtype::F8E5M2 => 1,
+            Dtype::F8E4M3Fnuz => 2,
+            Dtype::F8E5M2Fnuz => 3,
+            _ => unreachable!("{d} is not an FP8 dtype"),
+        };
+        &f8_tables()[i]
+    }
+
+    /// AMD's FNUZ FP8 (`exp_bits` exponent bits with bias `bias`, the rest mantissa) to
+    /// binary32: 0x80 (what would be negative zero) is the one NaN; every other code is finite,
+    /// the all-ones exponent included; exponent 0 is subnormal, `m * 2^(1 - bias - man_bits)`.
+    pub fn fnuz_compute(b: u8, exp_bits: u32, bias: u32) -> u32 {
+        if b == 0x80 {
+            return 0x7fc0_0000;
+        }
+        let man_bits = 7 - exp_bits;
+        let sign = ((b as u32) & 0x80) << 24;
+        let exp = ((b as u32) >> man_bits) & ((1 << exp_bits) - 1);
+        let man = (b as u32) & ((1 << man_bits) - 1);
+        match exp {
+            0 if man == 0 => sign,
+            0 => {
+                // Normalise: the top set bit of man becomes the implicit one.
+                let top = 31 - man.leading_zeros(); // 0..man_bits-1
+                let shift = man_bits - top;
+                let man = (man << shift) & ((1 << man_bits) - 1);
+                let exp = 127 + 1 - bias - shift;
+                sign | (exp << 23) | (man << (23 - man_bits))
+            }
+            _ => sign | ((exp + 127 - bias) << 23) | (man << (23 - man_bits)),
+        }
     }
 
     /// binary32 bits to binary64 bits, exact, keeping NaN payloads (a plain `as f64` may quiet
@@ -243,13 +297,40 @@ mod tests {
         assert_eq!(f32::from_bits(f8e5m2_compute(0x01)), 2f32.powi(-16));
     }
 
+    /// AMD's FNUZ formats from their definitions: bias 8 / 16, 0x80 the only NaN, the
+    /// all-ones exponent finite.
+    #[test]
+    fn fnuz_known_values() {
+        let e4 = |b| f32::from_bits(fnuz_compute(b, 4, 8));
+        let e5 = |b| f32::from_bits(fnuz_compute(b, 5, 16));
+        assert_eq!(e4(0x40), 1.0);
+        assert_eq!(e4(0x7f), 240.0);
+        assert_eq!(e4(0xff), -240.0);
+        assert_eq!(e4(0x01), 2f32.powi(-10));
+        assert_eq!(e4(0x07), 7.0 * 2f32.powi(-10));
+        assert_eq!(e4(0x08), 2f32.powi(-7));
+        assert_eq!(e5(0x40), 1.0);
+        assert_eq!(e5(0x7f), 57344.0);
+        assert_eq!(e5(0x7c), 32768.0);
+        assert_eq!(e5(0x01), 2f32.powi(-17));
+        assert_eq!(e5(0x03), 3.0 * 2f32.powi(-17));
+        for f in [e4, e5] {
+            assert!(f(0x80).is_nan());
+            assert_eq!(f(0x00).to_bits(), 0);
+            assert!((0..=255u8).filter(|&b| f(b).is_nan()).count() == 1);
+            assert!((0..=255u8).all(|b| !f(b).is_infinite()));
+        }
+    }
+
     #[test]
     fn widening_is_injective() {
         let mut seen: Vec<u32> = (0..=u16::MAX).map(f16_compute).collect();
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen.len(), 65536);
-        for f in [f8e4m3_compute, f8e5m2_compute] {
+        let fnuz4 = |b| fnuz_compute(b, 4, 8);
+        let fnuz5 = |b| fnuz_compute(b, 5, 16);
+        for f in [f8e4m3_compute, f8e5m2_compute, fnuz4, fnuz5] {
             let mut seen: Vec<u32> = (0..=255u8).map(f).collect();
             seen.sort_unstable();
             seen.dedup();

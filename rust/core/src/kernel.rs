@@ -295,8 +295,8 @@ fn load32(d: Dtype, src: &[u8], out: &mut [u32; BLOCK], m: usize) {
                 *o = t[u16::from_le_bytes([c[0], c[1]]) as usize];
             }
         }
-        Dtype::F8E4M3 | Dtype::F8E5M2 => {
-            let t = &widen::f8_tables()[usize::from(d == Dtype::F8E5M2)];
+        Dtype::F8E4M3 | Dtype::F8E5M2 | Dtype::F8E4M3Fnuz | Dtype::F8E5M2Fnuz => {
+            let t = widen::f8_table(d);
             for (o, &c) in out.iter_mut().zip(src) {
                 *o = t[c as usize];
             }
@@ -307,19 +307,28 @@ fn load32(d: Dtype, src: &[u8], out: &mut [u32; BLOCK], m: usize) {
 }
 
 /// Loads `m` FP8 codes of `d` dequantised with one scale: `f32(code) * scale`, rounded once
-/// ([`crate::scaled::fp8_value`]).
+/// ([`crate::scaled::fp8_value`] for the OCP formats, the widening table for AMD's FNUZ ones).
 #[inline(always)]
 pub(crate) fn load_scaled(d: Dtype, src: &[u8], scale: f32, out: &mut [u32; BLOCK], m: usize) {
     if m < BLOCK {
         out.fill(0);
     }
-    if d == Dtype::F8E5M2 {
-        for (o, &c) in out.iter_mut().zip(src) {
-            *o = (crate::scaled::fp8_value::<true>(c) * scale).to_bits();
+    match d {
+        Dtype::F8E5M2 => {
+            for (o, &c) in out.iter_mut().zip(src) {
+                *o = (crate::scaled::fp8_value::<true>(c) * scale).to_bits();
+            }
         }
-    } else {
-        for (o, &c) in out.iter_mut().zip(src) {
-            *o = (crate::scaled::fp8_value::<false>(c) * scale).to_bits();
+        Dtype::F8E4M3 => {
+            for (o, &c) in out.iter_mut().zip(src) {
+                *o = (crate::scaled::fp8_value::<false>(c) * scale).to_bits();
+            }
+        }
+        _ => {
+            let t = widen::f8_table(d);
+            for (o, &c) in out.iter_mut().zip(src) {
+                *o = (f32::from_bits(t[c as usize]) * scale).to_bits();
+            }
         }
     }
 }
@@ -362,7 +371,13 @@ fn load64(d: Dtype, src: &[u8], out: &mut [u64; BLOCK], m: usize) {
                 *o = c as u64;
             }
         }
-        Dtype::BF16 | Dtype::F16 | Dtype::F32 | Dtype::F8E4M3 | Dtype::F8E5M2 => {
+        Dtype::BF16
+        | Dtype::F16
+        | Dtype::F32
+        | Dtype::F8E4M3
+        | Dtype::F8E5M2
+        | Dtype::F8E4M3Fnuz
+        | Dtype::F8E5M2Fnuz => {
             let mut narrow = [0u32; BLOCK];
             load32(d, src, &mut narrow, m);
             for (o, &x) in out.iter_mut().zip(&narrow) {

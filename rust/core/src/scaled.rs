@@ -2,8 +2,8 @@
 //! weight and how (one scale, one per row, one per block), and the dequantised values of a
 //! stretch of a weight, found by index arithmetic, never by materialising the whole tensor.
 //!
-//! A weight `NAME` stored as F8_E4M3 or F8_E5M2 is scaled when `NAME_scale_inv` (DeepSeek-V3)
-//! or `NAME_scale` (compressed-tensors exports) sits beside it; its value is
+//! A weight `NAME` stored in an FP8 dtype (OCP E4M3 or E5M2, or AMD's FNUZ variants) is scaled
+//! when `NAME_scale_inv` (DeepSeek-V3) or `NAME_scale` (compressed-tensors exports) sits beside it; its value is
 //! `f32(code) * f32(scale)`, rounded once in f32. `NAME_input_scale` beside such a weight is an
 //! activation scale: like the weight scales, it is reported but not counted as a weight.
 
@@ -56,7 +56,7 @@ pub(crate) struct Scales<'a> {
 }
 
 fn is_fp8(d: Dtype) -> bool {
-    matches!(d, Dtype::F8E4M3 | Dtype::F8E5M2)
+    d.is_fp8()
 }
 
 /// The layout of `scale` over `weight`, given the block size the checkpoint declares (if any).
@@ -278,15 +278,15 @@ pub(crate) fn fp8_value<const E5M2: bool>(c: u8) -> f32 {
 /// of a scaled weight whose codes are `codes`, written to `out` (4 bytes per code): each
 /// `f32(code) * f32(scale)`, rounded once.
 pub(crate) fn dequantise(codes: &[u8], dtype: Dtype, start: usize, s: &Scaled, out: &mut [u8]) {
-    let e5m2 = dtype == Dtype::F8E5M2;
+    let table = crate::dtype::widen::f8_table(dtype);
     runs(s.layout, s.cols, start, start + codes.len(), |a, b, k| {
         let scale = scale_at(s, k);
         let out = &mut out[(a - start) * 4..(b - start) * 4];
         for (o, &c) in out.chunks_exact_mut(4).zip(&codes[a - start..b - start]) {
-            let v = if e5m2 {
-                fp8_value::<true>(c)
-            } else {
-                fp8_value::<false>(c)
+            let v = match dtype {
+                Dtype::F8E5M2 => fp8_value::<true>(c),
+                Dtype::F8E4M3 => fp8_value::<false>(c),
+                _ => f32::from_bits(table[c as usize]),
             };
             o.copy_from_slice(&(v * scale).to_le_bytes());
         }
