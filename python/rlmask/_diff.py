@@ -138,11 +138,16 @@ class DiffReport(Report):
         (``sparsity``, or ``sparsity@1e-05`` in a sweep)."""
         return self._columns(kind)[self.tolerances.index(self.tol)]
 
+    @cached_property
+    def _places(self) -> list[tuple[str, int | None, str, int | None]]:
+        """Every tensor's (component, layer, module type, expert), worked out once."""
+        return [place(n) for n in self.columns["name"]]
+
     @cached_property  # read-only where Report only declares it: built from `columns`
     def tensors(self) -> pl.DataFrame:  # type: ignore[override]
         """One row per compared tensor (see the class's attributes), built on first use."""
         c = self.columns
-        places = [place(n) for n in c["name"]]
+        places = self._places
         df = pl.DataFrame(
             {
                 "name": c["name"],
@@ -152,7 +157,7 @@ class DiffReport(Report):
                 "expert": [p[3] for p in places],
                 "dtype": c["dtype"],
                 "tuned_dtype": c["tuned_dtype"],
-                "shape": c["shape"],
+                "shape": shape_column(c["shape"]),
                 "numel": c["numel"],
                 "floating": c["floating"],
                 "changed": [counts[self._primary] for counts in c["changed"]],
@@ -194,11 +199,17 @@ class DiffReport(Report):
     def _floating(self) -> pl.DataFrame:
         return self.tensors.filter(pl.col("floating"))
 
-    @property
+    @cached_property
     def numel(self) -> int:
         """Elements compared over the floating tensors."""
         c = self.columns
         return sum(n for n, f in zip(c["numel"], c["floating"], strict=True) if f)
+
+    @cached_property
+    def _changed_totals(self) -> tuple[int, ...]:
+        c = self.columns
+        counts = [k for k, f in zip(c["changed"], c["floating"], strict=True) if f]
+        return tuple(sum(k[j] for k in counts) for j in range(len(self.tolerances)))
 
     @property
     def changed(self) -> int:
@@ -217,9 +228,7 @@ class DiffReport(Report):
 
     def changed_per_threshold(self) -> list[int]:
         """Changed floating elements, one count per entry of :attr:`tolerances`."""
-        c = self.columns
-        counts = [k for k, f in zip(c["changed"], c["floating"], strict=True) if f]
-        return [sum(k[j] for k in counts) for j in range(len(self.tolerances))]
+        return list(self._changed_totals)
 
     def sparsity_per_threshold(self) -> list[float]:
         """Update sparsity, one value per entry of :attr:`tolerances`."""
@@ -442,7 +451,7 @@ class DiffReport(Report):
             }
             for name, where, dtype, tuned_dtype, shape, numel, floating, counts in zip(
                 c["name"],
-                map(place, c["name"]),
+                self._places,
                 c["dtype"],
                 c["tuned_dtype"],
                 c["shape"],
@@ -585,6 +594,29 @@ class DiffReport(Report):
             lines.append(f"compared as {self.as_dtype}: wider sides rounded to it first")
         lines += [f"warning: {w}" for w in self.warnings]
         return printable_lines(lines)
+
+
+def shape_column(shapes: Sequence[Sequence[int]]) -> pl.Series:
+    """Tensor shapes as a polars list column, built from flat numbers (one fixed-width block
+    per number of dimensions) rather than a Python list per row: a report of a million
+    tensors builds it in a fraction of a second instead of seconds."""
+    import numpy as np
+
+    dims = np.fromiter((len(s) for s in shapes), dtype=np.int64, count=len(shapes))
+    flat = np.fromiter((d for s in shapes for d in s), dtype=np.int64, count=int(dims.sum()))
+    starts = np.concatenate(([0], np.cumsum(dims)[:-1])) if len(dims) else dims
+    pieces = []
+    for k in np.unique(dims).tolist():
+        rows = np.flatnonzero(dims == k)
+        if k == 0:
+            values = pl.Series("shape", [[]] * len(rows), dtype=pl.List(pl.Int64))
+        else:
+            at = (starts[rows][:, None] + np.arange(k)[None, :]).reshape(-1)
+            values = pl.Series("shape", flat[at]).reshape((len(rows), k)).cast(pl.List(pl.Int64))
+        pieces.append(pl.DataFrame({"row": rows, "shape": values}))
+    if not pieces:
+        return pl.Series("shape", [], dtype=pl.List(pl.Int64))
+    return pl.concat(pieces).sort("row")["shape"]
 
 
 def _one_shard(side: str, path: str) -> str | None:
