@@ -393,7 +393,7 @@ def test_public_algebra_layers_and_packed_masks() -> None:
         {n: (s, "BF16", masks[0].packed(n)) for n, s in shapes.items()}
     )
     assert all(np.array_equal(packed[n], arrays[0][n]) for n in shapes)
-    with pytest.raises(rlmask.MaskError, match="cannot hold"):
+    with pytest.raises(rlmask.MaskError, match="2 packed bytes for 100 elements"):
         rlmask.Mask.from_packed({"w": ((100,), "BF16", np.zeros(2, dtype=np.uint8))})
 
 

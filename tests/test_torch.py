@@ -344,3 +344,182 @@ def test_trainer_callback_exact_and_clips_the_masked_gradient(tmp_path: Any) -> 
         moved += int((~same[keep]).sum())
     assert moved > 0
     assert callback.handle is None  # removed when training ended
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 26 (single process): resumed optimizers, every torch.optim optimizer, masters,
+# optimizers that would move frozen elements, packed masks checked at construction.
+
+
+def _net(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(
+        dtype
+    )
+
+
+def _mask_of(model: torch.nn.Module, seed: int = 1) -> rlmask.Mask:
+    rng = np.random.default_rng(seed)
+    return rlmask.Mask.from_dict(
+        {n: rng.random(tuple(p.shape)) < 0.3 for n, p in model.named_parameters()}
+    )
+
+
+def _train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    for _ in range(steps):
+        x = torch.randn(8, 16, generator=g).to(dtype)
+        loss = model(x).float().pow(2).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+
+def _frozen_and_trained(model, mask, before) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """(frozen elements that moved, trained elements that moved), against the mask's bits
+    unpacked by numpy."""
+    moved_frozen = moved_trained = 0
+    for name, p in model.named_parameters():
+        keep = np.unpackbits(mask.packed(name), bitorder="little")[: p.numel()].astype(bool)
+        moved = (p.detach().float() != before[name].float()).reshape(-1).numpy()
+        moved_frozen += int((moved & ~keep).sum())
+        moved_trained += int((moved & keep).sum())
+    return moved_frozen, moved_trained
+
+
+OPTIMIZERS = {
+    "SGD momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+    "SGD nesterov wd": lambda ps: torch.optim.SGD(
+        ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1
+    ),
+    "Adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "Adam amsgrad wd": lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, weight_decay=0.1),
+    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0),
+    "AdamW wd foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
+    "Adamax": lambda ps: torch.optim.Adamax(ps, lr=1e-2, weight_decay=0.1),
+    "NAdam": lambda ps: torch.optim.NAdam(ps, lr=1e-2),
+    "NAdam decoupled": lambda ps: torch.optim.NAdam(
+        ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True
+    ),
+    "RAdam": lambda ps: torch.optim.RAdam(ps, lr=1e-2),
+    "RMSprop centered momentum": lambda ps: torch.optim.RMSprop(
+        ps, lr=1e-3, momentum=0.9, centered=True, weight_decay=0.1
+    ),
+    "Rprop": lambda ps: torch.optim.Rprop(ps, lr=1e-3),
+    "Adadelta": lambda ps: torch.optim.Adadelta(ps, lr=1.0, weight_decay=0.1),
+    "Adagrad": lambda ps: torch.optim.Adagrad(ps, lr=1e-2, weight_decay=0.1),
+    "Adafactor (torch)": lambda ps: torch.optim.Adafactor(ps, lr=1e-2, weight_decay=0.1),
+    "Adafactor (transformers)": lambda ps: __import__(
+        "transformers.optimization", fromlist=["Adafactor"]
+    ).Adafactor(ps, lr=1e-2, relative_step=False, scale_parameter=False, beta1=0.9),
+}
+
+
+@pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
+@pytest.mark.parametrize("which", sorted(OPTIMIZERS))
+def test_frozen_elements_never_move_with_any_optimizer(which: str, resumed: bool) -> None:
+    model = _net()
+    opt = OPTIMIZERS[which](list(model.parameters()))
+    if resumed:  # a warm-up without the mask: momentum and moments now hold every element
+        _train_steps(model, opt, 3, seed=5)
+    mask = _mask_of(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = attach_mask(model, mask, opt)
+    if resumed and which.split()[0] in ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam"):
+        assert handle.zeroed_state > 0  # the momentum that would have pushed them
+    _train_steps(model, opt, 10, seed=6)
+    frozen_moved, trained_moved = _frozen_and_trained(model, mask, before)
+    assert frozen_moved == 0, which
+    assert trained_moved > 0.5 * sum(int(mask.counts()[n]) for n in before), which
+    handle.remove()
+
+
+def test_optimizers_that_move_frozen_elements_are_refused() -> None:
+    for make in (
+        lambda ps: torch.optim.ASGD(ps, lr=1e-2),
+        lambda ps: torch.optim.Muon([p for p in ps if p.ndim == 2], lr=1e-2),
+    ):
+        model = _net()
+        opt = make(list(model.parameters()))
+        mask = _mask_of(model)
+        with pytest.raises(rlmask.MaskError, match="would move frozen elements"):
+            attach_mask(model, mask, opt)
+    # Opted in: ASGD trains, and its shrink moves frozen elements, as the refusal said.
+    model = _net()
+    opt = torch.optim.ASGD(list(model.parameters()), lr=1e-2, lambd=1e-2)
+    mask = _mask_of(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    attach_mask(model, mask, opt, allow_moving_frozen=True)
+    _train_steps(model, opt, 3, seed=2)
+    assert _frozen_and_trained(model, mask, before)[0] > 0
+    # A resumed LBFGS; transformers' Adafactor with weight decay.
+    model = _net()
+    lbfgs = torch.optim.LBFGS(model.parameters(), lr=0.1)
+    x = torch.randn(8, 16)
+
+    def closure() -> torch.Tensor:
+        lbfgs.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    lbfgs.step(closure)
+    with pytest.raises(rlmask.MaskError, match="LBFGS"):
+        attach_mask(model, _mask_of(model), lbfgs)
+    from transformers.optimization import Adafactor
+
+    model = _net()
+    ada = Adafactor(model.parameters(), lr=1e-2, relative_step=False, weight_decay=0.1)
+    with pytest.raises(rlmask.MaskError, match="weight_decay=0"):
+        attach_mask(model, _mask_of(model), ada)
+
+
+def test_the_optimizer_must_hold_the_masked_parameters() -> None:
+    model, other = _net(0), _net(1)
+    opt = torch.optim.AdamW(other.parameters(), lr=1e-2, weight_decay=0.1)
+    with pytest.raises(rlmask.MaskError, match="does not hold parameter '0.weight'"):
+        attach_mask(model, _mask_of(model), opt)
+
+
+def test_fp32_masters_behind_a_bf16_model() -> None:
+    """The usual mixed-precision layout: the optimizer steps fp32 masters, copied back into a
+    bf16 model after each step. With masters= the frozen elements stay put in both."""
+    model = _net(dtype=torch.bfloat16)
+    masters = {p: p.detach().float().clone().requires_grad_() for p in model.parameters()}
+    opt = torch.optim.AdamW(list(masters.values()), lr=1e-2, weight_decay=0.1)
+    mask = _mask_of(model)
+    with pytest.raises(rlmask.MaskError, match="masters="):
+        attach_mask(model, mask, opt)  # without the mapping: refused, naming the parameter
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = attach_mask(model, mask, opt, masters=masters)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        model(torch.randn(8, 16, generator=g).bfloat16()).float().pow(2).mean().backward()
+        for p, m in masters.items():
+            m.grad = p.grad.float()
+            p.grad = None
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for p, m in masters.items():
+                p.copy_(m)
+    frozen_moved, trained_moved = _frozen_and_trained(model, mask, before)
+    assert frozen_moved == 0 and trained_moved > 0
+    handle.remove()
+
+
+def test_packed_masks_are_checked_at_construction() -> None:
+    bits = np.random.default_rng(0).random(100) < 0.5
+    packed = np.packbits(bits, bitorder="little")
+    m = rlmask.Mask.from_packed({"w": ((10, 10), "F32", packed)})
+    assert np.array_equal(m["w"].reshape(-1), bits)
+    for bad, match in (
+        (packed.reshape(1, -1), "1-D uint8"),
+        (bits.astype(np.uint8), "is the array unpacked"),
+        (packed.astype(np.int64), "1-D uint8"),
+        (np.full(13, 255, np.uint8), "bits are set past"),
+    ):
+        with pytest.raises(rlmask.MaskError, match=match):
+            rlmask.Mask.from_packed({"w": ((10, 10), "F32", bad)})

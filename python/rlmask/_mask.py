@@ -116,14 +116,40 @@ class Mask:
         tensors: Mapping[str, tuple[Sequence[int], str, npt.NDArray[np.uint8]]],
         meta: Mapping[str, str] | None = None,
     ) -> Mask:
-        """A mask from already packed bits: ``{name: (shape, dtype, packed)}``, each ``packed``
-        holding at least ``ceil(numel / 8)`` bytes, LSB-first (the ``.rlmask`` layout)."""
+        """A mask from already packed bits: ``{name: (shape, dtype, packed)}``, each ``packed`` a
+        1-D uint8 array of ``ceil(numel / 8)`` bytes (as ``np.packbits(..., bitorder="little")``
+        gives) or of whole u64 words (the ``.rlmask`` layout), LSB-first, with no bit set past
+        ``numel``.
+
+        Raises:
+            MaskError: naming the tensor: a shape that is not whole numbers, a packed array
+                that is not 1-D uint8, of another length (an unpacked array is 8 times too
+                long), or with bits set past the tensor's end.
+        """
         entries = {}
         for name, (shape, dtype, packed) in tensors.items():
-            numel = math.prod(shape)
-            if packed.size * 8 < numel:
-                raise MaskError(f"tensor '{name}': {packed.size} bytes cannot hold {numel} bits")
-            entries[name] = _Entry(tuple(shape), dtype, numel, packed)
+            if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape):
+                raise MaskError(f"tensor '{name}': shape {list(shape)} is not whole numbers")
+            numel = math.prod(int(d) for d in shape)
+            packed = np.asarray(packed)
+            if packed.ndim != 1 or packed.dtype != np.uint8:
+                raise MaskError(
+                    f"tensor '{name}': packed bits must be a 1-D uint8 array, not "
+                    f"{packed.ndim}-D {packed.dtype}"
+                )
+            tight, words = (numel + 7) // 8, padded_len(numel)
+            if packed.size not in (tight, words):
+                raise MaskError(
+                    f"tensor '{name}': {packed.size:,} packed bytes for {numel:,} elements "
+                    f"(expected {tight:,}, or {words:,} in whole words"
+                    + ("; is the array unpacked?" if packed.size >= numel > 8 else "")
+                    + ")"
+                )
+            if packed.size < words:
+                packed = np.concatenate([packed, np.zeros(words - packed.size, np.uint8)])
+            if (numel % 8 and packed[numel // 8] >> (numel % 8)) or packed[tight:].any():
+                raise MaskError(f"tensor '{name}': bits are set past its {numel:,} elements")
+            entries[name] = _Entry(tuple(int(d) for d in shape), dtype, numel, packed)
         return cls(entries, dict(meta or {}))
 
     # ----- reading -------------------------------------------------------------------------

@@ -171,7 +171,11 @@ def match_parameters(
 
 
 def _is_decoupled(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> bool:
-    return isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay"))
+    """AdamW and torch's Adafactor shrink the weights (``p *= 1 - lr * wd``); the others add
+    ``wd * p`` to the gradient unless ``decoupled_weight_decay`` is set."""
+    return isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adafactor)) or bool(
+        group.get("decoupled_weight_decay")
+    )
 
 
 #: The handle attached to each model and optimizer: a second mask on the same model or optimizer
@@ -191,6 +195,9 @@ class MaskHandle:
     #: or trained fully (``uncovered="train"``).
     frozen: list[str] = field(default_factory=list)
     trained: list[str] = field(default_factory=list)
+    #: Nonzero first moments (``exp_avg``, ``momentum_buffer``) of frozen elements that a
+    #: resumed optimizer held at attach, zeroed so that they cannot push those elements.
+    zeroed_state: int = 0
     _hooks: list[Any] = field(default_factory=list, repr=False)
     _saved_decay: list[tuple[dict[str, Any], float]] = field(default_factory=list, repr=False)
     # Weak, so that the registry of attached handles never keeps a model alive.
@@ -237,6 +244,107 @@ class MaskHandle:
         self._masks.clear()
 
 
+#: Optimizers that move an element whose gradient is zero, by class name, and why.
+MOVES_FROZEN = {
+    "ASGD": "it shrinks every weight at every step (p *= 1 - lambd * eta), whatever its gradient",
+    "Muon": "it orthogonalises each matrix's update, which spreads a masked gradient over every "
+    "element of the matrix",
+}
+
+#: Per-element optimizer state that carries past gradients into later updates (first moments):
+#: zeroed for the frozen elements at attach, so a resumed optimizer cannot push them.
+_MOMENTUM_STATE = frozenset(("exp_avg", "momentum_buffer"))
+#: Per-element state that only scales an update (second moments, step sizes, averages): an
+#: element whose gradient is zero gets a zero update whatever these hold, so they are kept.
+_SCALING_STATE = frozenset(
+    (
+        "step",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "square_avg",
+        "acc_delta",
+        "sum",
+        "exp_inf",
+        "prev",
+        "step_size",
+        "grad_avg",
+        "row_var",
+        "col_var",
+        "variance",
+        "exp_avg_sq_row",
+        "exp_avg_sq_col",
+        "eta",
+        "mu",
+        "ax",
+    )
+)
+
+
+def _check_optimizer(
+    optimizer: torch.optim.Optimizer,
+    targets: list[tuple[torch.Tensor, str]],
+    allow_moving_frozen: bool,
+) -> None:
+    """Refuses an optimizer that would move frozen elements: one that moves weights whatever
+    their gradient (unless allowed), one that does not hold the parameters the mask governs,
+    a resumed LBFGS, transformers' Adafactor with weight decay, or per-element state whose
+    meaning rlmask does not know."""
+    kind = type(optimizer).__name__
+    for cls in type(optimizer).__mro__:
+        if cls.__name__ in MOVES_FROZEN and not allow_moving_frozen:
+            raise MaskError(
+                f"{kind} would move frozen elements: {MOVES_FROZEN[cls.__name__]}. Use another "
+                "optimizer, or pass allow_moving_frozen=True to train with it anyway (frozen "
+                "elements then move)"
+            )
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for t, name in targets:
+        if id(t) not in held:
+            raise MaskError(
+                f"the optimizer does not hold parameter '{name}', which the mask governs: it "
+                "would step other tensors (an fp32 master copy behind a bf16 model?). Pass "
+                "masters={model parameter: the tensor the optimizer steps} for master-weight "
+                "setups, or the optimizer built on this model's parameters"
+            )
+    if isinstance(optimizer, torch.optim.LBFGS) and optimizer.state:
+        raise MaskError(
+            "LBFGS keeps a history of whole-model directions that a mask cannot cut: attach "
+            "the mask before its first step (or build a new LBFGS)"
+        )
+    foreign_adafactor = type(optimizer).__module__.startswith("transformers") and (
+        kind == "Adafactor"
+    )
+    if foreign_adafactor and any(g.get("weight_decay") for g in optimizer.param_groups):
+        raise MaskError(
+            "transformers' Adafactor applies weight decay with a learning rate it computes "
+            "inside its step, which rlmask cannot restrict to the mask: set weight_decay=0 "
+            "or use torch.optim.Adafactor"
+        )
+    for t, name in targets:
+        for key, value in optimizer.state.get(t, {}).items():
+            per_element = torch.is_tensor(value) and value.shape == t.shape and t.numel() > 1
+            if per_element and key not in _MOMENTUM_STATE | _SCALING_STATE:
+                raise MaskError(
+                    f"{kind} holds per-element state '{key}' for '{name}' whose effect on frozen "
+                    "elements rlmask does not know: attach the mask before the optimizer's "
+                    "first step"
+                )
+
+
+def _zero_momentum(
+    optimizer: torch.optim.Optimizer, target: torch.Tensor, keep: torch.Tensor
+) -> int:
+    """Zeroes the first moments of ``target``'s frozen elements (where ``keep`` is False);
+    returns how many were nonzero."""
+    moved = 0
+    for key, value in optimizer.state.get(target, {}).items():
+        if key in _MOMENTUM_STATE and torch.is_tensor(value) and value.shape == target.shape:
+            frozen = ~keep.to(value.device)
+            moved += int((value[frozen] != 0).sum())
+            value.masked_fill_(frozen, 0)
+    return moved
+
+
 def attach_mask(
     model: torch.nn.Module,
     mask: Mask | str | os.PathLike[str],
@@ -244,6 +352,8 @@ def attach_mask(
     *,
     name_map: NameMap = None,
     uncovered: Uncovered = "error",
+    masters: Mapping[torch.nn.Parameter, torch.Tensor] | None = None,
+    allow_moving_frozen: bool = False,
 ) -> MaskHandle:
     """Trains only the subnetwork ``mask`` from now on (paper §4, Conjecture 1).
 
@@ -257,14 +367,29 @@ def attach_mask(
             of the MLPs only, say): ``"error"`` (default) refuses, ``"freeze"`` keeps them
             fixed (as an all-zero mask would: no gradient, no weight decay), ``"train"``
             trains them fully. The handle lists them in ``frozen`` or ``trained``.
+        masters: for mixed-precision setups whose optimizer steps fp32 master copies (and
+            copies them back into a bf16 model): ``{model parameter: its master}``. The
+            gradient is masked on the model parameter (so the master's, copied from it, is
+            masked too); weight decay and optimizer state are masked on the master, which is
+            what moves.
+        allow_moving_frozen: train with an optimizer of :data:`MOVES_FROZEN` (ASGD, Muon)
+            anyway; frozen elements then move.
+
+    A resumed optimizer (one with state from unmasked steps) keeps momentum that would push
+    frozen elements: at attach, the first moments (``exp_avg``, ``momentum_buffer``) of the
+    frozen elements are zeroed (:attr:`MaskHandle.zeroed_state` counts the nonzero ones);
+    second moments and step sizes only scale an update that is zero, and are kept.
 
     Returns:
         A :class:`MaskHandle`; ``handle.remove()`` detaches everything.
 
     Raises:
         MaskError: the mask does not fit the model (the message says how: names that differ,
-            a mask that covers part of the model, shapes), or the model or optimizer already
-            has a mask attached (remove that handle first).
+            a mask that covers part of the model, shapes); the model or optimizer already
+            has a mask attached (remove that handle first); the optimizer would move frozen
+            elements (ASGD, Muon, a resumed LBFGS, transformers' Adafactor with weight decay,
+            per-element state of unknown meaning) or does not hold the masked parameters;
+            the parameters are FSDP2 shards (DTensors), not supported yet.
 
     Example:
         >>> handle = rlmask.torch.attach_mask(model, rlmask.load_mask("grpo.rlmask"), opt)
@@ -285,6 +410,28 @@ def attach_mask(
                 "attach_mask returned before attaching another"
             )
     matched, missing = match_parameters(model, mask, name_map, uncovered=uncovered)
+    for p, name, _ in matched:
+        if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
+            raise MaskError(
+                f"parameter '{name}' is a DTensor (a model sharded with FSDP2's fully_shard): "
+                "attach_mask does not support FSDP2 yet and refuses rather than mask the wrong "
+                "elements; attach before sharding is not enough either (issue 26)"
+            )
+    frozen = missing if uncovered == "freeze" else []
+    governed = [(p, name) for p, name, _ in matched] + list(frozen)
+    masters = dict(masters or {})
+    unknown = [name for p, name in governed if masters and p not in masters]
+    if unknown:
+        raise MaskError(f"masters has no entry for {few(unknown, 3)}")
+    for p, name in governed:
+        m = masters.get(p)
+        if m is not None and tuple(m.shape) != tuple(p.shape):
+            raise MaskError(
+                f"the master of '{name}' has shape {list(m.shape)}, the parameter {list(p.shape)}"
+            )
+    targets = [(masters.get(p, p), name) for p, name in governed]
+    if optimizer is not None:
+        _check_optimizer(optimizer, targets, allow_moving_frozen)
     handle = MaskHandle([(p, name) for p, name, _ in matched])
     masks = handle._masks
     if uncovered == "train":
@@ -295,12 +442,18 @@ def attach_mask(
         if owner is not None:
             _ATTACHED[owner] = handle
             handle._owners.append(weakref.ref(owner))
-    frozen = missing if uncovered == "freeze" else []
     for p, packed in [
         *((p, torch.from_numpy(np.array(mask.packed(name)))) for p, name, _ in matched),
         *((p, torch.zeros(padded_len(p.numel()), dtype=torch.uint8)) for p, _ in frozen),
     ]:
         masks[id(p)] = (packed.to(p.device), p.numel())
+        master = masters.get(p)
+        if master is not None:  # weight decay and state are masked where the step happens
+            masks[id(master)] = (packed.to(master.device), p.numel())
+        if optimizer is not None:
+            target = p if master is None else master
+            keep = unpack_bits(masks[id(target)][0], p.numel()).reshape(target.shape)
+            handle.zeroed_state += _zero_momentum(optimizer, target, keep)
 
         def hook(grad: torch.Tensor, key: int = id(p)) -> torch.Tensor:
             packed, numel = masks[key]
