@@ -219,9 +219,10 @@ class MaskHandle:
         )
 
     def mask_of(self, p: torch.nn.Parameter) -> torch.Tensor:
-        """The bool mask of a parameter, in its shape and on its device."""
+        """The bool mask of a parameter, in its shape and on its device (of an FSDP2
+        parameter, the bits of this rank's shard, in the shard's shape)."""
         packed, numel = self._masks[id(p)]
-        return unpack_bits(packed, numel).reshape(p.shape)
+        return unpack_bits(packed, numel).reshape(_local(p).shape)
 
     @property
     def mask_bytes(self) -> int:
@@ -331,6 +332,48 @@ def _check_optimizer(
                 )
 
 
+def _is_dtensor(t: Any) -> bool:
+    """An FSDP2 (or tensor-parallel) parameter, gradient or state: a DTensor. Checked by name,
+    so that torch.distributed is imported only where it is in use."""
+    return type(t).__name__ == "DTensor"
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds (a DTensor's local shard, a view), or ``t`` itself."""
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def _local_bits(keep: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The part of a parameter's full flat mask ``keep`` that this rank's shard of ``p`` (a
+    DTensor) holds, in the shard's shape."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(
+        p.shape,
+        p.device_mesh,  # type: ignore[attr-defined]
+        p.placements,  # type: ignore[attr-defined]
+    )
+    full = keep.reshape(p.shape)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))].contiguous()
+
+
+def _mask_local_grad(masks: dict[int, tuple[torch.Tensor, int]]) -> Callable[[Any], None]:
+    """A post-accumulate-grad hook for FSDP2 parameters: zeroes the frozen elements of this
+    rank's gradient shard once FSDP2 has reduce-scattered it (tensor hooks do not fire on
+    sharded parameters), so clipping and the step see the masked gradient."""
+
+    def hook(p: Any) -> None:
+        if p.grad is None:
+            return
+        packed, numel = masks[id(p)]
+        grad = _local(p.grad)
+        keep = unpack_bits(packed, numel).reshape(grad.shape)
+        with torch.no_grad():
+            grad.masked_fill_(~keep, 0)
+
+    return hook
+
+
 def _zero_momentum(
     optimizer: torch.optim.Optimizer, target: torch.Tensor, keep: torch.Tensor
 ) -> int:
@@ -339,9 +382,11 @@ def _zero_momentum(
     moved = 0
     for key, value in optimizer.state.get(target, {}).items():
         if key in _MOMENTUM_STATE and torch.is_tensor(value) and value.shape == target.shape:
-            frozen = ~keep.to(value.device)
-            moved += int((value[frozen] != 0).sum())
-            value.masked_fill_(frozen, 0)
+            local = _local(value)
+            frozen = ~keep.to(local.device).reshape(local.shape)
+            moved += int((local[frozen] != 0).sum())
+            with torch.no_grad():
+                local.masked_fill_(frozen, 0)
     return moved
 
 
@@ -410,17 +455,12 @@ def attach_mask(
                 "attach_mask returned before attaching another"
             )
     matched, missing = match_parameters(model, mask, name_map, uncovered=uncovered)
-    for p, name, _ in matched:
-        if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
-            raise MaskError(
-                f"parameter '{name}' is a DTensor (a model sharded with FSDP2's fully_shard): "
-                "attach_mask does not support FSDP2 yet and refuses rather than mask the wrong "
-                "elements; attach before sharding is not enough either (issue 26)"
-            )
     frozen = missing if uncovered == "freeze" else []
     governed = [(p, name) for p, name, _ in matched] + list(frozen)
     masters = dict(masters or {})
     unknown = [name for p, name in governed if masters and p not in masters]
+    if masters and any(_is_dtensor(p) for p, _ in governed):
+        raise MaskError("masters= is for unsharded models; FSDP2 keeps its own fp32 shards")
     if unknown:
         raise MaskError(f"masters has no entry for {few(unknown, 3)}")
     for p, name in governed:
@@ -446,6 +486,18 @@ def attach_mask(
         *((p, torch.from_numpy(np.array(mask.packed(name)))) for p, name, _ in matched),
         *((p, torch.zeros(padded_len(p.numel()), dtype=torch.uint8)) for p, _ in frozen),
     ]:
+        if _is_dtensor(p):
+            # Each rank keeps the bits of its own shard only, sliced once here.
+            local = _local_bits(unpack_bits(packed, p.numel()), p)
+            masks[id(p)] = (pack_bits(local).to(_local(p).device), local.numel())
+            local_hook = _mask_local_grad(masks)
+            handle._hooks.append(
+                p.register_post_accumulate_grad_hook(local_hook)  # type: ignore[no-untyped-call]
+            )
+            if optimizer is not None:
+                keep = handle.mask_of(p)
+                handle.zeroed_state += _zero_momentum(optimizer, p, keep)
+            continue
         masks[id(p)] = (packed.to(p.device), p.numel())
         master = masters.get(p)
         if master is not None:  # weight decay and state are masked where the step happens
@@ -484,12 +536,15 @@ def _decay_hooks(optimizer: torch.optim.Optimizer, handle: MaskHandle) -> list[A
                     if p.grad is None:
                         continue
                     keep = handle.mask_of(p) if id(p) in handle._masks else None
+                    # On this rank's shard for FSDP2 parameters: never a DTensor mixed with
+                    # a plain tensor, never a gathered parameter.
+                    data, grad = _local(p), _local(p.grad)
                     if _is_decoupled(opt, group):
-                        new = p.mul(1 - lr * wd)
-                        p.copy_(new if keep is None else torch.where(keep, new, p))
+                        new = data.mul(1 - lr * wd)
+                        data.copy_(new if keep is None else torch.where(keep, new, data))
                     else:
-                        g = p.grad.add(p, alpha=sign * wd)
-                        p.grad.copy_(g if keep is None else torch.where(keep, g, p.grad))
+                        g = grad.add(data, alpha=sign * wd)
+                        grad.copy_(g if keep is None else torch.where(keep, g, grad))
 
     def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for group, wd in handle._saved_decay:

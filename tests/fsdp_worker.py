@@ -1,0 +1,123 @@
+"""Masked training of a tiny transformers Llama sharded with FSDP2, for ``test_fsdp.py``.
+
+Run by ``torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT`` (gloo on the CPU), and
+imported by the test for the same run in one process without sharding. Each run writes, from
+rank 0, the full parameters when the mask was attached and after the last step
+(``OUT/{run}.safetensors``: ``before.NAME`` and ``after.NAME``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: (name, mixed precision in bf16, unmasked warm-up steps before the mask, mask attached);
+#: "ddp" wraps the model in DistributedDataParallel instead of sharding it.
+RUNS = [
+    ("fp32", False, 0, True),
+    ("bf16", True, 0, True),
+    ("resumed", False, 2, True),
+    ("ddp", False, 0, True),
+    ("fp32-unmasked", False, 0, False),
+]
+STEPS = 6
+BATCH, LENGTH, VOCAB = 4, 12, 64
+
+
+def model() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def mask_for(m: torch.nn.Module) -> object:
+    """A random mask of about 30% of every parameter (the same on every rank)."""
+    import rlmask
+
+    rng = np.random.default_rng(1)
+    return rlmask.Mask.from_dict(
+        {n: rng.random(tuple(p.shape)) < 0.3 for n, p in m.named_parameters()}
+    )
+
+
+def full(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter in full, gathered from the shards where the model is sharded."""
+    out = {}
+    for n, p in m.named_parameters():
+        t = p.full_tensor() if type(p).__name__ == "DTensor" else p  # type: ignore[attr-defined]
+        out[n.removeprefix("module.")] = t.detach().float().clone()
+    return out
+
+
+def run(name: str, bf16: bool, warmup: int, masked: bool, rank: int, world: int) -> dict:
+    """One training run; returns ``{before.NAME, after.NAME}`` (full parameters)."""
+    from rlmask.torch import attach_mask
+
+    m = model()
+    if world > 1 and name == "ddp":
+        m = torch.nn.parallel.DistributedDataParallel(m)
+    elif world > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None)
+        for layer in m.model.layers:
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(m, mp_policy=policy)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+
+    def step(k: int) -> None:
+        g = torch.Generator().manual_seed(100 + k)
+        ids = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=g)[rank::world]
+        m(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+
+    for k in range(warmup):
+        step(k)
+    before = full(m)
+    handle = attach_mask(m, mask_for(model()), opt) if masked else None
+    if handle is not None and warmup:
+        assert handle.zeroed_state > 0, "a resumed AdamW holds momentum for frozen elements"
+    for k in range(warmup, warmup + STEPS):
+        step(k)
+    after = full(m)
+    if handle is not None:
+        handle.remove()
+    return {
+        **{f"before.{n}": t for n, t in before.items()},
+        **{f"after.{n}": t for n, t in after.items()},
+    }
+
+
+def main() -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for name, bf16, warmup, masked in RUNS:
+        tensors = run(name, bf16, warmup, masked, rank, world)
+        if rank == 0:
+            save_file(tensors, out / f"{name}.safetensors")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
