@@ -116,6 +116,26 @@ def main() -> None:
         if rank == 0:
             save_file(tensors, out / f"{name}.safetensors")
         dist.barrier()
+    # What would report one rank's shard as the model's refuses instead.
+    from torch.distributed.fsdp import fully_shard
+
+    from rlmask.integrations.transformers import SyncCostCallback
+    from rlmask.torch import UpdateTracker, make_patch
+
+    sharded = fully_shard(model())
+    refusals = []
+    for attempt in (
+        lambda: UpdateTracker(sharded),
+        lambda: SyncCostCallback().on_train_begin(None, None, None, model=sharded),
+        lambda: make_patch(sharded, {}, out / "never.rlpatch"),
+    ):
+        try:
+            attempt()
+            refusals.append("accepted")
+        except ValueError as e:
+            refusals.append(str(e))
+    if rank == 0:
+        (out / "refusals.txt").write_text("\n".join(refusals))
     dist.destroy_process_group()
 
 

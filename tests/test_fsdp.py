@@ -93,3 +93,11 @@ def test_fsdp2_equals_one_process_within_reduction_noise(fsdp_runs: Path) -> Non
     assert masked_gap <= max(4 * plain_gap, 1e-6), (masked_gap, plain_gap)
     # And the one-process masked run keeps its frozen elements too.
     assert _moved(one_masked, W.mask_for(W.model()))[0] == 0
+
+
+def test_figures_that_would_be_one_ranks_are_refused(fsdp_runs: Path) -> None:
+    refusals = (fsdp_runs / "refusals.txt").read_text().splitlines()
+    assert len(refusals) == 3
+    for line, what in zip(refusals, ("UpdateTracker", "track_sync", "live patches"), strict=True):
+        assert line.startswith(f"{what} does not support FSDP2") and "one rank's" in line, line
+    assert not (fsdp_runs / "never.rlpatch").exists()

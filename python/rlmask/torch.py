@@ -343,6 +343,22 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
+def refuse_sharded(tensors: Iterable[tuple[str, Any]], what: str) -> None:
+    """Refuses FSDP2 (DTensor) parameters where ``what`` would count or fingerprint one rank's
+    shard and report it as the model's: a wrong figure is worse than none.
+
+    Raises:
+        ValueError: naming the first sharded parameter.
+    """
+    for name, t in tensors:
+        if _is_dtensor(t):
+            raise ValueError(
+                f"{what} does not support FSDP2 sharded parameters yet ('{name}' is a DTensor): "
+                "its figures would be one rank's shard, not the model's. Measure an unsharded "
+                "copy (e.g. the full state dict gathered on one rank) instead"
+            )
+
+
 def _local_bits(keep: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """The part of a parameter's full flat mask ``keep`` that this rank's shard of ``p`` (a
     DTensor) holds, in the shard's shape."""
@@ -621,6 +637,7 @@ class UpdateTracker:
         self.tol = tol
         self._params: dict[str, torch.nn.Parameter] = {}
         seen: set[int] = set()
+        refuse_sharded(model.named_parameters(), "UpdateTracker")
         for name, p in model.named_parameters():
             key = canonical_name(name, name_map)
             if not p.requires_grad or id(p) in seen or (wanted is not None and key not in wanted):
@@ -827,6 +844,7 @@ def make_patch(
     from rlmask.patch import write_plain
 
     state = model.state_dict()
+    refuse_sharded(state.items(), "live patches")
     if set(state) != set(synced):
         raise MaskError(
             "the snapshot does not hold the model's tensors: "
@@ -861,6 +879,7 @@ def apply_patch(model: torch.nn.Module, path: PathArg, *, name_map: NameMap = No
     patch = _rlmask.PatchFile(os.fspath(path))
     entries = {e.name: e for e in patch.entries()}
     state = model.state_dict()
+    refuse_sharded(state.items(), "live patches")
     by_key = {canonical_name(n, name_map): n for n in state}
     missing = sorted(set(entries) - set(by_key))
     if missing:

@@ -108,6 +108,9 @@ class SyncCostCallback(TrainerCallback):
 
     @staticmethod
     def _params(model: Any) -> dict[str, Any]:
+        from rlmask.torch import refuse_sharded
+
+        refuse_sharded(model.named_parameters(), "track_sync")
         return {
             n: p for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()
         }
