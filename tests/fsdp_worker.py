@@ -65,7 +65,7 @@ def full(m: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def run(name: str, bf16: bool, warmup: int, masked: bool, rank: int, world: int) -> dict:
     """One training run; returns ``{before.NAME, after.NAME}`` (full parameters)."""
-    from rlmask.torch import attach_mask
+    from rlmask.torch import UpdateTracker, attach_mask
 
     m = model()
     if world > 1 and name == "ddp":
@@ -93,14 +93,27 @@ def run(name: str, bf16: bool, warmup: int, masked: bool, rank: int, world: int)
     handle = attach_mask(m, mask_for(model()), opt) if masked else None
     if handle is not None and warmup:
         assert handle.zeroed_state > 0, "a resumed AdamW holds momentum for frozen elements"
+    # The tracker on the same run: under FSDP2 its counts are all-reduced, its masks gathered.
+    tracker = UpdateTracker(m, optimizer=opt, name_map=lambda n: n.removeprefix("module."))
     for k in range(warmup, warmup + STEPS):
         step(k)
     after = full(m)
+    report = tracker.report()
+    final = tracker.final_mask(exact=True)
+    tracked = {
+        f"tracked.{n}": torch.from_numpy(final[n].reshape(-1).astype(np.uint8)) for n in final.names
+    }
+    end = report.categories.filter(report.categories["criterion"] == "exact")
+    tracked["tracked_counts"] = torch.tensor(
+        [int(end["changed_at_end"][0]), int(report.steps["changed_start_exact"][-1]), report.numel]
+    )
+    tracker.remove()
     if handle is not None:
         handle.remove()
     return {
         **{f"before.{n}": t for n, t in before.items()},
         **{f"after.{n}": t for n, t in after.items()},
+        **tracked,
     }
 
 
@@ -120,12 +133,11 @@ def main() -> None:
     from torch.distributed.fsdp import fully_shard
 
     from rlmask.integrations.transformers import SyncCostCallback
-    from rlmask.torch import UpdateTracker, make_patch
+    from rlmask.torch import make_patch
 
     sharded = fully_shard(model())
     refusals = []
     for attempt in (
-        lambda: UpdateTracker(sharded),
         lambda: SyncCostCallback().on_train_begin(None, None, None, model=sharded),
         lambda: make_patch(sharded, {}, out / "never.rlpatch"),
     ):

@@ -55,7 +55,7 @@ def _moved(run: dict, mask: object) -> tuple[int, int, int]:
     on the gathered full tensors against the mask's bits unpacked by numpy."""
     frozen = trained = total = 0
     for key in run:
-        if not key.startswith("after."):
+        if not key.startswith("after.") or key.startswith("tracked"):
             continue
         name = key[len("after.") :]
         keep = np.unpackbits(mask.packed(name), bitorder="little")  # type: ignore[attr-defined]
@@ -97,7 +97,24 @@ def test_fsdp2_equals_one_process_within_reduction_noise(fsdp_runs: Path) -> Non
 
 def test_figures_that_would_be_one_ranks_are_refused(fsdp_runs: Path) -> None:
     refusals = (fsdp_runs / "refusals.txt").read_text().splitlines()
-    assert len(refusals) == 3
-    for line, what in zip(refusals, ("UpdateTracker", "track_sync", "live patches"), strict=True):
+    assert len(refusals) == 2
+    for line, what in zip(refusals, ("track_sync", "live patches"), strict=True):
         assert line.startswith(f"{what} does not support FSDP2") and "one rank's" in line, line
     assert not (fsdp_runs / "never.rlpatch").exists()
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "ddp"])
+def test_the_update_tracker_reports_the_models_figures(fsdp_runs: Path, name: str) -> None:
+    """UpdateTracker on the sharded run: its all-reduced counts and gathered final mask are the
+    changes of the gathered full tensors, element for element, never one rank's shard."""
+    run = load_file(fsdp_runs / f"{name}.safetensors")
+    changed = total = 0
+    for key in run:
+        if key.startswith("after."):
+            n = key[len("after.") :]
+            truth = (run[key] != run[f"before.{n}"]).reshape(-1)
+            assert (run[f"tracked.{n}"].bool() == truth).all(), n
+            changed += int(truth.sum())
+            total += truth.numel()
+    at_end, last_row, numel = run["tracked_counts"].tolist()
+    assert at_end == last_row == changed > 0 and numel == total

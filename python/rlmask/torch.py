@@ -614,9 +614,11 @@ class UpdateTracker:
     checkpoints (Appendix D, Figures 2, 6, 7b).
 
     Call :meth:`step` after every ``optimizer.step()``, or pass ``optimizer`` to have it called
-    by a step post-hook. Memory: two copies of the tracked parameters (the initial values and
-    the previous step's, each in the parameters' own dtype and device) plus two packed bits
-    per element (ever changed exactly, and at ``tol``).
+    by a step post-hook. Under FSDP2 every rank tracks its own shards, the counts are
+    all-reduced and the masks gathered (collectives: every rank calls :meth:`step`,
+    :meth:`report` and the mask methods). Memory: two copies of the tracked parameters (the
+    initial values and the previous step's, each in the parameters' own dtype and device) plus
+    two packed bits per element (ever changed exactly, and at ``tol``).
 
     Example:
         >>> tracker = rlmask.torch.UpdateTracker(model, optimizer=opt, tol=1e-5)
@@ -637,7 +639,6 @@ class UpdateTracker:
         self.tol = tol
         self._params: dict[str, torch.nn.Parameter] = {}
         seen: set[int] = set()
-        refuse_sharded(model.named_parameters(), "UpdateTracker")
         for name, p in model.named_parameters():
             key = canonical_name(name, name_map)
             if not p.requires_grad or id(p) in seen or (wanted is not None and key not in wanted):
@@ -646,12 +647,18 @@ class UpdateTracker:
             self._params[key] = p
         if not self._params:
             raise ValueError("no trainable parameter to track")
+        # Under FSDP2 each rank keeps copies and bits of its own shards only; counts are
+        # all-reduced and masks gathered, so every figure is the model's, never one rank's.
+        self._group = next(
+            (p.device_mesh.get_group() for p in self._params.values() if _is_dtensor(p)),  # type: ignore[attr-defined]
+            None,
+        )
         with torch.no_grad():
-            self._init = {n: p.detach().clone() for n, p in self._params.items()}
-            self._prev = {n: p.detach().clone() for n, p in self._params.items()}
+            self._init = {n: _local(p).detach().clone() for n, p in self._params.items()}
+            self._prev = {n: _local(p).detach().clone() for n, p in self._params.items()}
         self._ever = {
-            n: torch.zeros(padded_len(p.numel()), dtype=torch.uint8, device=p.device)
-            for n, p in self._params.items()
+            n: torch.zeros(padded_len(t.numel()), dtype=torch.uint8, device=t.device)
+            for n, t in self._init.items()
         }
         self._ever_tol = {n: t.clone() for n, t in self._ever.items()}
         self._rows: list[dict[str, Any]] = []
@@ -673,7 +680,7 @@ class UpdateTracker:
         """Records the step just taken; returns its row."""
         counts = dict.fromkeys(("prev_exact", "prev_tol", "start_exact", "start_tol"), 0)
         for n, p in self._params.items():
-            cur = p.detach()
+            cur = _local(p).detach()
             e_prev, t_prev = _changed(cur, self._prev[n], self.tol)
             e_start, t_start = _changed(cur, self._init[n], self.tol)
             self._ever[n] |= pack_bits(e_prev)
@@ -683,6 +690,10 @@ class UpdateTracker:
             counts["start_exact"] += int(e_start.sum())
             counts["start_tol"] += int(t_start.sum())
             self._prev[n].copy_(cur)
+        if self._group is not None:
+            summed = torch.tensor(list(counts.values()), dtype=torch.int64)
+            torch.distributed.all_reduce(summed, group=self._group)
+            counts = dict(zip(counts, summed.tolist(), strict=True))
         total = self.numel
         row: dict[str, Any] = {"step": len(self._rows) + 1}
         for key, c in counts.items():
@@ -691,9 +702,31 @@ class UpdateTracker:
         self._rows.append(row)
         return row
 
+    def _full_bits(self, n: str, bits: torch.Tensor) -> torch.Tensor:
+        """A parameter's packed bits over the whole tensor: this rank's shard's bits gathered
+        from every rank for an FSDP2 parameter (a collective: every rank calls it)."""
+        p = self._params[n]
+        if not _is_dtensor(p):
+            return bits
+        from torch.distributed.tensor import DTensor
+
+        local = unpack_bits(bits, self._init[n].numel()).reshape(self._init[n].shape)
+        shard = DTensor.from_local(
+            local.to(torch.uint8),
+            p.device_mesh,  # type: ignore[attr-defined]
+            p.placements,  # type: ignore[attr-defined]
+            shape=p.shape,
+            stride=p.stride(),
+        )
+        return pack_bits(shard.full_tensor().bool())
+
     def _mask(self, bits: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> Mask:
         packed = {
-            n: (tuple(p.shape), str(p.dtype).removeprefix("torch."), bits[n].cpu().numpy())
+            n: (
+                tuple(p.shape),
+                str(p.dtype).removeprefix("torch."),
+                self._full_bits(n, bits[n]).cpu().numpy(),
+            )
             for n, p in self._params.items()
         }
         meta = {"source": "UpdateTracker", "steps": str(len(self._rows)), **meta}
@@ -704,7 +737,7 @@ class UpdateTracker:
         """Elements that differ from their initial values now (at ``tol``, or exactly)."""
         bits = {}
         for n, p in self._params.items():
-            e, t = _changed(p.detach(), self._init[n], self.tol)
+            e, t = _changed(_local(p).detach(), self._init[n], self.tol)
             bits[n] = pack_bits(e if exact else t)
         return self._mask(
             bits,
