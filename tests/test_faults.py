@@ -733,3 +733,46 @@ def test_writers_refuse_what_their_readers_would_refuse(tmp_path: Path) -> None:
     code, _, err = run("patch", "create", a, b, "-o", tmp_path / "p.rlpatch", "-q")
     assert code == 1 and "header would be" in err, err
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]  # no file, no temporary left
+
+
+def test_every_command_table_and_repr_renders_as_lines(
+    tmp_path: Path, pair: tuple[Path, Path]
+) -> None:
+    """No table of any command, and no report's repr, prints a literal backslash-n."""
+    base, tuned = pair
+    m1, m2 = tmp_path / "1.rlmask", tmp_path / "2.rlmask"
+    d = rlmask.diff(base, tuned, save_mask=m1, magnitude=True, progress=False)
+    rlmask.diff(base, FINDING1 / "rl-seed2", save_mask=m2, progress=False)
+    p = tmp_path / "p.rlpatch"
+    survey = _manifest(tmp_path)
+    commands = [
+        ["diff", base, tuned, "--by", "tensor"],
+        ["diff", base, tuned, "--by", "magnitude"],
+        ["trajectory", FINDING1 / "base", FINDING1 / "run-seed1", "--by", "layer"],
+        ["overlap", m1, m2, "--by", "module"],
+        ["overlap", m1, m2, m1],
+        ["mask", "info", m1, "--by", "tensor"],
+        ["rank", base, tuned],
+        ["survey", survey, "--no-cache", "--by", "group"],
+        ["patch", "create", base, tuned, "-o", p],
+        ["patch", "info", p],
+    ]
+    for args in commands:
+        code, out, err = run(*args, *(["-q"] if args[0] in ("diff", "trajectory", "rank") else []))
+        assert code == 0, (args, err)
+        assert "\\n" not in out and len(out.splitlines()) > 3, (args, out[:300])
+    from rlmask import patch as patches
+
+    reports = [
+        d,
+        rlmask.trajectory(FINDING1 / "base", FINDING1 / "run-seed1", progress=False),
+        rlmask.overlap(m1, m2),
+        rlmask.overlap_matrix([m1, m2, m1]),
+        rlmask.rank(base, tuned, progress=False),
+        rlmask.survey(survey, cache=""),
+        patches.load(p),
+        rlmask.load_mask(m1),
+    ]
+    for r in reports:
+        for text in (repr(r), str(r)):
+            assert "\\n" not in text, (type(r), text[:300])
