@@ -776,3 +776,15 @@ def test_every_command_table_and_repr_renders_as_lines(
     for r in reports:
         for text in (repr(r), str(r)):
             assert "\\n" not in text, (type(r), text[:300])
+
+
+def test_a_survey_never_writes_into_its_pairs(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    base, tuned = pair
+    m = tmp_path / "s.toml"
+    m.write_text(f'[[pair]]\nname = "a"\nbase = "{base}"\ntuned = "{tuned}"\n')
+    shard = base / "model.safetensors"
+    before = sha(shard)
+    for args in (["-o", shard], ["--cache", base / "cache"], ["--plot", tuned / "f.png"]):
+        code, _, err = run("survey", m, *args)
+        assert code == 2 and "input checkpoint" in err, (args, err)
+    assert sha(shard) == before and sorted(os.listdir(base)) == ["config.json", "model.safetensors"]

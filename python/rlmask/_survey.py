@@ -501,6 +501,9 @@ def survey(
     keys: dict[str, str] = {}
     todo = []
     for pair in pairs:
+        if not use_cache:  # no key to compute: a pair that cannot be read fails in its pass
+            todo.append(pair)
+            continue
         try:
             keys[pair.name] = _cache_key(pair, options)
         except RlmaskError as e:
@@ -508,7 +511,7 @@ def survey(
             status[pair.name] = "error"
             continue
         key = keys[pair.name]
-        cached = _read_entry(folder / f"{key}.json", key, values) if use_cache else None
+        cached = _read_entry(folder / f"{key}.json", key, values)
         if cached is not None:
             results[pair.name] = cached
             status[pair.name] = "cached"

@@ -125,11 +125,13 @@ def survey_cmd(
       rlmask survey survey.toml --executor ray --ray-address auto
     """
     from rlmask._diff import DEFAULT_SWEEP
-    from rlmask._survey import survey
+    from rlmask._survey import load_manifest, survey
 
     extra = parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
     check_criterion(criterion, tol, eta, extra)
-    check_outputs(fmt, output, plot, inputs=[manifest])
+    # Every pair's checkpoints are inputs too: no output, figure or cache may land in one.
+    sides = [side for pair in load_manifest(manifest) for side in (pair.base, pair.tuned)]
+    check_outputs(fmt, output, plot, inputs=[manifest, *sides], others=[cache])
     if no_cache and cache:
         raise click.UsageError("--cache and --no-cache exclude each other")
 
