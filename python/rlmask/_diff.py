@@ -881,8 +881,11 @@ def _report(
 ) -> DiffReport:
     criterion = cast(Criterion, crit.name)
     values = crit.values
-    # Natural order: model.layers.2 before model.layers.10, in every table and file.
-    rows = sorted(raw.tensors, key=lambda r: natural_key(r.name))
+    # Natural order: model.layers.2 before model.layers.10, in every table and file. The core
+    # returns it for ASCII names (natural_cmp); other names (Unicode digits) are sorted here.
+    rows = raw.tensors
+    if not all(r.name.isascii() for r in rows):
+        rows = sorted(rows, key=lambda r: natural_key(r.name))
     columns: dict[str, list[Any]] = {
         "name": [r.name for r in rows],
         "dtype": [r.dtype for r in rows],

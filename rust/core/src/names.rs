@@ -2,6 +2,44 @@
 //! model would use, so that a DDP-, FSDP- or `torch.compile`-saved checkpoint pairs with its base
 //! and a mask matches a wrapped model's parameters.
 
+use std::cmp::Ordering;
+
+/// The natural order of names (`layers.2` before `layers.10`), as Python's
+/// `rlmask._names.natural_key` gives it for ASCII names: each name is cut into runs of text and
+/// runs of digits, compared run by run, text by bytes and digits by value; a name whose runs
+/// end first comes first. Names of equal keys (`a01`, `a1`) compare equal, so a stable sort
+/// keeps their order.
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let (mut x, mut y) = (a.as_bytes(), b.as_bytes());
+    let run = |s: &[u8], digits: bool| {
+        s.iter()
+            .position(|c| c.is_ascii_digit() != digits)
+            .unwrap_or(s.len())
+    };
+    loop {
+        let (tx, ty) = (run(x, false), run(y, false));
+        match x[..tx].cmp(&y[..ty]) {
+            Ordering::Equal => {}
+            other => return other,
+        }
+        (x, y) = (&x[tx..], &y[ty..]);
+        match (x.is_empty(), y.is_empty()) {
+            (true, true) => return Ordering::Equal,
+            (true, false) => return Ordering::Less,
+            (false, true) => return Ordering::Greater,
+            (false, false) => {}
+        }
+        let (nx, ny) = (run(x, true), run(y, true));
+        let value = |d: &'_ [u8]| -> usize { d.iter().position(|&c| c != b'0').unwrap_or(d.len()) };
+        let (vx, vy) = (&x[value(&x[..nx])..nx], &y[value(&y[..ny])..ny]);
+        match vx.len().cmp(&vy.len()).then_with(|| vx.cmp(vy)) {
+            Ordering::Equal => {}
+            other => return other,
+        }
+        (x, y) = (&x[nx..], &y[ny..]);
+    }
+}
+
 /// Segments that wrappers insert anywhere in a parameter name; removed before pairing.
 pub const WRAPPER_SEGMENTS: [&str; 3] = [
     "_fsdp_wrapped_module",
@@ -37,6 +75,49 @@ pub fn canonical(name: &str, map: &[(String, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn natural_order_as_python_gives_it() {
+        let mut names = vec![
+            "model.layers.10.mlp",
+            "model.layers.2.mlp",
+            "model.layers.2",
+            "a1b",
+            "a1",
+            "a",
+            "a01",
+            "1",
+            "",
+            "a0010",
+            "a9",
+            "x99999999999999999999999",
+            "x100000000000000000000000",
+            "b",
+            "a1a",
+        ];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            vec![
+                // a1 and a01 have equal keys: the stable sort keeps their order.
+                "",
+                "1",
+                "a",
+                "a1",
+                "a01",
+                "a1a",
+                "a1b",
+                "a9",
+                "a0010",
+                "b",
+                "model.layers.2",
+                "model.layers.2.mlp",
+                "model.layers.10.mlp",
+                "x99999999999999999999999",
+                "x100000000000000000000000",
+            ]
+        );
+    }
 
     #[test]
     fn strips_wrappers_and_maps_prefixes() {
