@@ -671,6 +671,12 @@ def test_smaller_command_line_items(tmp_path: Path, pair: tuple[Path, Path]) -> 
     assert modules[:3] == ["q_proj", "k_proj", "v_proj"], modules
     col = table[0].split().index("outside_final_share")
     assert all(line.split()[col].endswith("%") or line.split()[col] == "-" for line in table[2:])
+    # The rank table: its fractions as percentages, like the summary above it.
+    code, out, _ = run("rank", base, tuned, "-q")
+    table = out.split("by module:\n")[1].splitlines()
+    for col in ("mean_rank_fraction", "mean_energy_top1"):
+        i = table[0].split().index(col)
+        assert all(line.split()[i].endswith("%") for line in table[2:]), (col, out)
     # Units on every figure.
     p = tmp_path / "p.rlpatch"
     assert run("patch", "create", base, tuned, "-o", p, "-q")[0] == 0

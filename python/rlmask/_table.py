@@ -14,7 +14,12 @@ _PERCENT = ("sparsity", "density", "o1", "o2", "jaccard")
 def _is_share(column: str) -> bool:
     """Columns holding a fraction of a whole, shown as percentages (so that one table never
     mixes fractions and percentages)."""
-    return column.startswith(_PERCENT) or column.endswith("_share")
+    return (
+        column.startswith(_PERCENT)
+        or column.endswith("_share")
+        or "fraction" in column
+        or "energy" in column
+    )
 
 
 class Rendered(str):
