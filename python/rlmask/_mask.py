@@ -152,6 +152,57 @@ class Mask:
             entries[name] = _Entry(tuple(int(d) for d in shape), dtype, numel, packed)
         return cls(entries, dict(meta or {}))
 
+    @classmethod
+    def random_like(
+        cls,
+        mask: Mask,
+        base: PathArg | None = None,
+        *,
+        seed: int = 0,
+        name_map: Mapping[str, str] | None = None,
+    ) -> Mask:
+        """A control mask: for every tensor of ``mask``, as many elements as ``mask`` holds
+        there, chosen uniformly at random (seeded: the same seed gives the same mask). With
+        ``base`` (the checkpoint the mask was taken against), the count is kept per tensor and
+        per binade of the base value (the magnitude lens's binades, design §8): the
+        magnitude-matched control of Conjecture 1 and of overlaps.
+
+        Raises:
+            MaskError: ``base`` lacks a tensor of the mask, or holds it in another shape, or
+                in a dtype whose binades are not read here (BF16, F16, F32, F64 are).
+        """
+        rng = np.random.default_rng(seed)
+        ckpt = None
+        stored: dict[str, str] = {}
+        if base is not None:
+            from rlmask._resolve import resolve_checkpoint
+
+            ckpt = _rlmask.Checkpoint(resolve_checkpoint(base))
+            pairs = list((name_map or {}).items())
+            stored = {_rlmask.canonical_name(n, pairs): n for n in ckpt.names()}
+        entries = {}
+        for name in mask.names:
+            numel, keep = mask.numel_of(name), mask[name].reshape(-1)
+            out = np.zeros(numel, dtype=bool)
+            if ckpt is None:
+                out[rng.choice(numel, int(keep.sum()), replace=False)] = True
+            else:
+                exps = _binades(ckpt, stored, name, numel, os.fspath(base or ""))
+                wanted = np.bincount(exps[keep], minlength=256)
+                for b in np.flatnonzero(wanted):
+                    where = np.flatnonzero(exps == b)
+                    out[rng.choice(where, int(wanted[b]), replace=False)] = True
+            entries[name] = _Entry(mask.shape(name), mask.dtype(name), numel, pack(out))
+        meta = {
+            "source": "random_like",
+            "like": mask.describe(),
+            "seed": str(seed),
+            "matched": "per tensor and binade of " + os.fspath(base) if base else "per tensor",
+        }
+        if "base" in mask.meta:
+            meta["base"] = mask.meta["base"]
+        return cls(entries, meta)
+
     # ----- reading -------------------------------------------------------------------------
 
     @property
@@ -415,6 +466,49 @@ def _check_compatible(masks: Sequence[Mask], *, common_only: bool) -> list[str]:
 
 def _few(names: list[str]) -> str:
     return few(names, 3)
+
+
+def _binades(
+    ckpt: _rlmask.Checkpoint, stored: Mapping[str, str], name: str, numel: int, where: str
+) -> npt.NDArray[np.int64]:
+    """The binade of every base value of tensor ``name``: the exponent field of ``|a|``
+    widened to f32 (0 for zero and subnormals, 255 for infinities and NaN; F64 rebiased and
+    clamped), as the magnitude lens counts them."""
+    s = stored.get(name)
+    if s is None:
+        raise MaskError(
+            f"{where}: the base has no tensor '{name}' that the mask covers (pass the "
+            "checkpoint the mask was taken against, or name_map)",
+            where,
+            name,
+        )
+    info = ckpt.tensor_info(s)
+    if info.numel != numel:
+        raise MaskError(
+            f"{where}: tensor '{name}' has {info.numel:,} elements in the base, {numel:,} in "
+            "the mask",
+            where,
+            name,
+        )
+    raw = ckpt.raw(s)
+    if info.dtype == "BF16":
+        bits = raw.view(np.uint16).astype(np.uint32) << 16
+    elif info.dtype == "F16":
+        bits = raw.view(np.float16).astype(np.float32).view(np.uint32)
+    elif info.dtype == "F32":
+        bits = raw.view(np.uint32)
+    elif info.dtype == "F64":
+        e = (raw.view(np.uint64) >> 52).astype(np.int64) & 0x7FF
+        out = np.clip(e - 1023 + 127, 0, 255)
+        return np.where(e == 0x7FF, 255, np.where(e == 0, 0, out)).astype(np.int64)
+    else:
+        raise MaskError(
+            f"{where}: tensor '{name}' is {info.dtype}; matched controls read BF16, F16, F32 and "
+            "F64 base values",
+            where,
+            name,
+        )
+    return ((bits >> 23) & 0xFF).astype(np.int64)
 
 
 def combine(op: str, masks: Sequence[Mask], min_count: int | None = None) -> Mask:

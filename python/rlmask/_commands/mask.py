@@ -17,7 +17,7 @@ from rlmask._rlmask import COMBINE_OPS
 
 @click.group("mask")
 def mask() -> None:
-    """Inspect and combine .rlmask subnetwork masks."""
+    """Inspect, combine and make control .rlmask subnetwork masks."""
 
 
 @mask.command("info")
@@ -98,6 +98,53 @@ def mask_combine(inputs: tuple[str, ...], op: str, min_count: int | None, output
     click.echo(
         f"wrote {output}: {out.count:,} of {out.numel:,} elements "
         f"(density {100 * out.density:.3f}%)"
+    )
+
+
+@mask.command("random")
+@click.option("--like", "like", required=True, type=FILE, help="The mask whose counts to keep.")
+@click.option(
+    "--matched",
+    metavar="BASE",
+    help="Keep the count per tensor and per binade of BASE's values (the magnitude-matched "
+    "control); BASE is the checkpoint the mask was taken against.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option(
+    "--name-map",
+    multiple=True,
+    metavar="FROM=TO",
+    help="With --matched: rewrite BASE's name prefix FROM as TO (repeatable).",
+)
+@click.option(
+    "-o", "--output", type=FILE, required=True, help="The .rlmask file to write (atomically)."
+)
+@user_errors
+def mask_random(
+    like: str, matched: str | None, seed: int, name_map: tuple[str, ...], output: str
+) -> None:
+    """A control mask: the counts of mask --like, at random places.
+
+    Per tensor by default (uniform); with --matched BASE per tensor and binade of the base
+    value, so that a control has the same magnitude profile as the subnetwork (Conjecture 1's
+    controls, overlap baselines).
+
+    \b
+    Examples:
+      rlmask mask random --like grpo.rlmask --seed 1 -o uniform.rlmask
+      rlmask mask random --like grpo.rlmask --matched base/ --seed 1 -o matched.rlmask
+    """
+    from rlmask._commands.common import parse_name_map
+    from rlmask._mask import Mask, load_mask
+
+    if name_map and not matched:
+        raise click.UsageError("--name-map goes with --matched")
+    check_outputs("table", output, None, inputs=[like, matched])
+    out = Mask.random_like(load_mask(like), matched, seed=seed, name_map=parse_name_map(name_map))
+    out.save(output)
+    click.echo(
+        f"wrote {output}: {out.count:,} of {out.numel:,} elements at random "
+        f"({'per tensor and binade' if matched else 'per tensor'}, seed {seed})"
     )
 
 
