@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -867,17 +867,19 @@ def diff(
         ),
         show=progress_wanted(progress),
     )
-    report = _report(raw, crit, provenance)
     notes = [n for side, w in (("BASE", where_a), ("TUNED", where_b)) if (n := _one_shard(side, w))]
-    if notes or as_dtype is not None:
-        report = replace(report, notes=notes, as_dtype=None if as_dtype is None else "bf16")
+    report = _report(raw, crit, provenance, notes, None if as_dtype is None else "bf16")
     if save_mask is not None and mask:
         report.save_mask(save_mask)
     return report
 
 
 def _report(
-    raw: _rlmask.DiffResult, crit: _rlmask.Criterion, provenance: dict[str, str]
+    raw: _rlmask.DiffResult,
+    crit: _rlmask.Criterion,
+    provenance: dict[str, str],
+    notes: list[str],
+    as_dtype: str | None,
 ) -> DiffReport:
     criterion = cast(Criterion, crit.name)
     values = crit.values
@@ -936,4 +938,6 @@ def _report(
         mask=mask,
         renamed={"base": raw.renamed_base, "tuned": raw.renamed_tuned},
         magnitude=magnitude,
+        as_dtype=as_dtype,
+        notes=notes,
     )

@@ -218,7 +218,7 @@ class MaskHandle:
             f"elements trainable{share}{extra}, {self.mask_bytes:,} bytes of masks>"
         )
 
-    def mask_of(self, p: torch.nn.Parameter) -> torch.Tensor:
+    def mask_of(self, p: torch.Tensor) -> torch.Tensor:
         """The bool mask of a parameter, in its shape and on its device (of an FSDP2
         parameter, the bits of this rank's shard, in the shard's shape)."""
         packed, numel = self._masks[id(p)]
@@ -450,7 +450,7 @@ def attach_mask(
             has a mask attached (remove that handle first); the optimizer would move frozen
             elements (ASGD, Muon, a resumed LBFGS, transformers' Adafactor with weight decay,
             per-element state of unknown meaning) or does not hold the masked parameters;
-            the parameters are FSDP2 shards (DTensors), not supported yet.
+            ``masters`` given for FSDP2 parameters, or not matching the parameters.
 
     Example:
         >>> handle = rlmask.torch.attach_mask(model, rlmask.load_mask("grpo.rlmask"), opt)
@@ -503,32 +503,29 @@ def attach_mask(
         *((p, torch.zeros(padded_len(p.numel()), dtype=torch.uint8)) for p, _ in frozen),
     ]:
         if _is_dtensor(p):
-            # Each rank keeps the bits of its own shard only, sliced once here.
+            # Each rank keeps the bits of its own shard only, sliced once here, and masks its
+            # gradient shard after the reduce-scatter (tensor hooks do not fire on shards).
             local = _local_bits(unpack_bits(packed, p.numel()), p)
             masks[id(p)] = (pack_bits(local).to(_local(p).device), local.numel())
             local_hook = _mask_local_grad(masks)
             handle._hooks.append(
                 p.register_post_accumulate_grad_hook(local_hook)  # type: ignore[no-untyped-call]
             )
-            if optimizer is not None:
-                keep = handle.mask_of(p)
-                handle.zeroed_state += _zero_momentum(optimizer, p, keep)
-            continue
-        masks[id(p)] = (packed.to(p.device), p.numel())
-        master = masters.get(p)
-        if master is not None:  # weight decay and state are masked where the step happens
-            masks[id(master)] = (packed.to(master.device), p.numel())
+        else:
+            masks[id(p)] = (packed.to(p.device), p.numel())
+            master = masters.get(p)
+            if master is not None:  # weight decay and state are masked where the step happens
+                masks[id(master)] = (packed.to(master.device), p.numel())
+
+            def hook(grad: torch.Tensor, key: int = id(p)) -> torch.Tensor:
+                packed, numel = masks[key]
+                keep = unpack_bits(packed, numel).reshape(grad.shape)
+                return grad.masked_fill(~keep, 0)
+
+            handle._hooks.append(p.register_hook(hook))  # type: ignore[no-untyped-call]
         if optimizer is not None:
-            target = p if master is None else master
-            keep = unpack_bits(masks[id(target)][0], p.numel()).reshape(target.shape)
-            handle.zeroed_state += _zero_momentum(optimizer, target, keep)
-
-        def hook(grad: torch.Tensor, key: int = id(p)) -> torch.Tensor:
-            packed, numel = masks[key]
-            keep = unpack_bits(packed, numel).reshape(grad.shape)
-            return grad.masked_fill(~keep, 0)
-
-        handle._hooks.append(p.register_hook(hook))  # type: ignore[no-untyped-call]
+            target = masters.get(p, p)
+            handle.zeroed_state += _zero_momentum(optimizer, target, handle.mask_of(target))
 
     if optimizer is not None:
         handle._hooks += _decay_hooks(optimizer, handle)

@@ -77,16 +77,7 @@ fn checkpoint_folders(dir: &Path) -> Vec<String> {
         })
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    found.sort_by_key(|n| {
-        let digits: String = n.chars().rev().take_while(char::is_ascii_digit).collect();
-        let step: u128 = digits
-            .chars()
-            .rev()
-            .collect::<String>()
-            .parse()
-            .unwrap_or(0);
-        (n[..n.len() - digits.len()].to_string(), step, n.clone())
-    });
+    found.sort_by(|a, b| crate::names::natural_cmp(a, b));
     found
 }
 

@@ -904,13 +904,11 @@ pub fn create(
         }
         jobs.push(Job { name: stored, a, b });
     }
-    // Before the pass: every tensor's description (its name twice, two 64-hex fingerprints,
-    // shape, dtype, form) is at least this long, so a header past the readers' limit is
-    // known now, not after minutes of reading.
-    let least: u64 = jobs
-        .iter()
-        .map(|j| 2 * j.name.len() as u64 + 2 * 64 + 60)
-        .sum();
+    // Before the pass: every tensor's description in the metadata (its name, two 64-hex
+    // fingerprints, shape, dtype, count, form) is at least this long, so a header past the
+    // readers' limit is known now, not after minutes of reading; the exact check follows the
+    // pass.
+    let least: u64 = jobs.iter().map(|j| j.name.len() as u64 + 2 * 64 + 60).sum();
     check_header_len(out, least, jobs.len())?;
     if jobs.is_empty() {
         return Err(Error::Pairing {
