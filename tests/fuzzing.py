@@ -186,7 +186,7 @@ def _edge(rng: random.Random) -> Any:
         return rng.choice(EDGE_INTS)
     if r < 0.8:
         return copy.deepcopy(rng.choice(EDGE_VALUES))  # never a shared, mutable constant
-    return rng.choice([*DTYPES, "F4", "Q8", "bf16", "F8_E4M3FN"])
+    return rng.choice([*DTYPES, "F6_E2M3", "Q8", "bf16", "F8_E4M3FN"])
 
 
 def mutate_structure(header: dict[str, Any], rng: random.Random) -> tuple[dict[str, Any], str]:

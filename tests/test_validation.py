@@ -68,9 +68,9 @@ def test_gap_and_trailing_bytes(tmp_path: Path) -> None:
 
 
 def test_unknown_dtype_and_size_mismatch(tmp_path: Path) -> None:
-    h = {"w": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}
+    h = {"w": {"dtype": "F6_E2M3", "shape": [2], "data_offsets": [0, 1]}}
     msg = _error(_header_file(tmp_path / "d.safetensors", h, b"\0"))
-    assert "tensor 'w'" in msg and "unknown dtype 'F4'" in msg
+    assert "tensor 'w'" in msg and "unknown dtype 'F6_E2M3'" in msg
     h = {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}
     msg = _error(_header_file(tmp_path / "s.safetensors", h, b"\0" * 8))
     assert "tensor 'w'" in msg and "needs 12 bytes" in msg

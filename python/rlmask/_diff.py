@@ -83,9 +83,10 @@ class DiffReport(Report):
         only_in_base, only_in_tuned: names present on one side only.
         tied: names absent because the checkpoint ties them to the embeddings.
         skipped: ``(name, reason)`` of tensors skipped for mismatched shape or dtype.
-        dequantised: ``(name, base layout, tuned layout)`` of every FP8 weight compared by its
-            dequantised values (layouts: ``block 128x128``, ``per-row``, ``per-tensor``; None for
-            a side stored unscaled, e.g. a BF16 export against its FP8 release).
+        dequantised: ``(name, base layout, tuned layout)`` of every FP8 or MXFP4 weight compared
+            by its dequantised values (layouts: ``block 128x128``, ``per-row``, ``per-tensor``;
+            MXFP4 ``block 1x32``; None for a side stored unscaled, e.g. a BF16 export against
+            its FP8 release).
         scales: the scale tensors of those weights: compared (their ``changed`` counts changed
             scales) but not counted as weights (``floating`` is False).
         resized: with ``shared_rows=True``, ``(name, base rows, tuned rows)`` of every tensor
@@ -580,7 +581,8 @@ class DiffReport(Report):
             scales = self.tensors.filter(pl.col("name").is_in(self.scales))
             moved = int((scales["changed"] > 0).sum()) if scales.height else 0
             lines.append(
-                f"FP8 weights compared dequantised (scales base / tuned: {', '.join(layouts)}): "
+                f"FP8 and MXFP4 weights compared dequantised (scales base / tuned: "
+                f"{', '.join(layouts)}): "
                 f"{len(self.dequantised)}; scale tensors (not counted as weights): "
                 f"{len(self.scales)}, {moved} with changed scales"
             )

@@ -149,7 +149,8 @@ block_option = click.option(
     metavar="RxC",
     help="Block size of block-scaled FP8 weights (NAME beside NAME_scale_inv or NAME_scale), "
     "e.g. 128x128; by default the checkpoints' config.json "
-    "(quantization_config.weight_block_size) gives it.",
+    "(quantization_config.weight_block_size) gives it. MXFP4 weights need none (32 codes "
+    "per E8M0 scale).",
 )
 pairing_options = options(
     select_options,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::safetensors::{Shard, TensorInfo};
 
@@ -20,6 +21,33 @@ pub struct Checkpoint {
     pub path: PathBuf,
     pub shards: Vec<Shard>,
     names: BTreeMap<String, (usize, usize)>,
+    /// MXFP4 weights stored as raw bytes (gpt-oss: `X_blocks`), by stored name: the same
+    /// bytes seen as F4 elements ([`Checkpoint::get_value`]).
+    mxfp4: BTreeMap<String, (usize, TensorInfo)>,
+}
+
+/// The F4 view of `blocks` when it is an MXFP4 weight stored as gpt-oss stores it: U8
+/// `X_blocks` of shape `[..., G, 16]` (16 bytes, 32 FP4 codes, per block) beside U8 or E8M0
+/// `X_scales` of shape `[..., G]`; the view has shape `[..., G * 32]` over the same bytes.
+fn mxfp4_view(blocks: &TensorInfo, scales: Option<&TensorInfo>) -> Option<TensorInfo> {
+    let scales = scales?;
+    let (last, prefix) = blocks.shape.split_last()?;
+    let scale_dtype = matches!(scales.dtype, Dtype::U8 | Dtype::F8E8M0);
+    if blocks.dtype != Dtype::U8 || *last != 16 || prefix.is_empty() || !scale_dtype {
+        return None;
+    }
+    if scales.shape.as_slice() != prefix {
+        return None;
+    }
+    let mut shape = prefix.to_vec();
+    let groups = shape.pop()?;
+    shape.push(groups.checked_mul(32)?);
+    Some(TensorInfo {
+        dtype: Dtype::F4,
+        numel: blocks.numel.checked_mul(2)?,
+        shape,
+        ..blocks.clone()
+    })
 }
 
 #[derive(Deserialize)]
@@ -224,10 +252,23 @@ impl Checkpoint {
                 }
             }
         }
+        let mut mxfp4 = BTreeMap::new();
+        for (name, &(si, ti)) in &names {
+            let Some(stem) = name.strip_suffix("_blocks") else {
+                continue;
+            };
+            let scales = names
+                .get(&format!("{stem}_scales"))
+                .map(|&(s, t)| &shards[s].tensors[t]);
+            if let Some(view) = mxfp4_view(&shards[si].tensors[ti], scales) {
+                mxfp4.insert(name.clone(), (si, view));
+            }
+        }
         Ok(Checkpoint {
             path: root.to_path_buf(),
             shards,
             names,
+            mxfp4,
         })
     }
 
@@ -348,6 +389,15 @@ impl Checkpoint {
             let shard = &self.shards[s];
             (shard, &shard.tensors[t])
         })
+    }
+
+    /// The tensor `name` as its values are read: MXFP4 weights stored as raw bytes (gpt-oss's
+    /// `X_blocks`) as F4 elements, every other tensor as stored ([`Checkpoint::get`]).
+    pub fn get_value(&self, name: &str) -> Option<(&Shard, &TensorInfo)> {
+        match self.mxfp4.get(name) {
+            Some((s, view)) => Some((&self.shards[*s], view)),
+            None => self.get(name),
+        }
     }
 
     /// True when `name` is stored.

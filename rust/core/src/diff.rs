@@ -199,10 +199,26 @@ pub(crate) struct Side<'a> {
     /// Paired name -> stored name.
     pub(crate) names: BTreeMap<String, &'a str>,
     pub(crate) renamed: Vec<(String, String)>,
+    /// Tensors as their values are read ([`Checkpoint::get_value`]: MXFP4 blocks as F4
+    /// elements), or as stored, byte for byte (patches).
+    values: bool,
 }
 
 impl<'a> Side<'a> {
+    /// One side's tensors as their values are read (diffs and trajectories).
     pub(crate) fn new(
+        ckpt: &'a Checkpoint,
+        what: &str,
+        map: &[(String, String)],
+    ) -> Result<Side<'a>> {
+        Ok(Side {
+            values: true,
+            ..Self::stored(ckpt, what, map)?
+        })
+    }
+
+    /// One side's tensors as stored, every one its bytes (patches).
+    pub(crate) fn stored(
         ckpt: &'a Checkpoint,
         what: &str,
         map: &[(String, String)],
@@ -228,6 +244,7 @@ impl<'a> Side<'a> {
             ckpt,
             names,
             renamed,
+            values: false,
         })
     }
 
@@ -236,9 +253,12 @@ impl<'a> Side<'a> {
     }
 
     pub(crate) fn get(&self, name: &str) -> Option<(&'a Shard, &'a TensorInfo)> {
-        self.names
-            .get(name)
-            .and_then(|stored| self.ckpt.get(stored))
+        let stored = self.names.get(name)?;
+        if self.values {
+            self.ckpt.get_value(stored)
+        } else {
+            self.ckpt.get(stored)
+        }
     }
 
     /// Elements of the floating tensors among `names`.
@@ -535,7 +555,10 @@ pub fn diff(
         .collect();
     let total: u64 = pairs
         .iter()
-        .map(|p| p.numel() * (p.a.1.dtype.size() + p.b.1.dtype.size()) as u64)
+        .map(|p| {
+            let n = p.numel() as usize;
+            (p.a.1.dtype.bytes(n) + p.b.1.dtype.bytes(n)) as u64
+        })
         .sum();
     progress.total.store(total, Ordering::Relaxed);
 
@@ -648,8 +671,12 @@ impl Stretch {
             }
             return Prepared::Stored;
         };
-        let n = raw.len() / d.size();
-        if !keys && scaled::block_scales(n, first, &s, &mut self.scales) {
+        let n = if d == Dtype::F4 {
+            2 * raw.len()
+        } else {
+            raw.len() / d.size()
+        };
+        if !keys && d.is_fp8() && scaled::block_scales(n, first, &s, &mut self.scales) {
             return Prepared::Fused;
         }
         let width = if keys { 8 } else { 4 };
@@ -658,7 +685,7 @@ impl Stretch {
         }
         let out = &mut self.buffer[..n * width];
         if keys {
-            scaled::stored_keys(raw, first, &s, out);
+            scaled::stored_keys(raw, d, first, &s, out);
             Prepared::Buffered(Dtype::U64, n * 8)
         } else {
             scaled::dequantise(raw, d, first, &s, out);
@@ -757,7 +784,7 @@ fn compare_pairs<'a>(
     items.sort_by(|x, y| {
         let key = |it: &Item| {
             let (shard, t) = pairs[it.pair].a;
-            (shard.path.as_path(), t.offset + it.start * t.dtype.size())
+            (shard.path.as_path(), t.offset + t.dtype.bytes(it.start))
         };
         key(x).cmp(&key(y))
     });
@@ -765,11 +792,11 @@ fn compare_pairs<'a>(
     let stretch = |item: &Item| {
         let p = &pairs[item.pair];
         let side = |(shard, t): (&'a Shard, &'a TensorInfo)| {
-            let size = t.dtype.size();
+            let at = |n| t.dtype.bytes(n);
             readahead::Stretch {
                 shard,
-                offset: t.offset + item.start * size,
-                len: item.len * size,
+                offset: t.offset + at(item.start),
+                len: at(item.len),
             }
         };
         vec![side(p.a), side(p.b)]
@@ -785,9 +812,10 @@ fn compare_pairs<'a>(
             let p = &pairs[item.pair];
 
             let (ta, tb) = (p.a.1, p.b.1);
-            let (sa, sb) = (ta.dtype.size(), tb.dtype.size());
-            let raw_a = &p.a.0.bytes(ta)[item.start * sa..(item.start + item.len) * sa];
-            let raw_b = &p.b.0.bytes(tb)[item.start * sb..(item.start + item.len) * sb];
+            let (da, db) = (ta.dtype, tb.dtype);
+            let (end, first) = (item.start + item.len, item.start);
+            let raw_a = &p.a.0.bytes(ta)[da.bytes(first)..da.bytes(end)];
+            let raw_b = &p.b.0.bytes(tb)[db.bytes(first)..db.bytes(end)];
             let floating = floating[item.pair];
             let crit = if floating { &opts.criterion } else { &exact };
             // Sides rounded to BF16 before the comparison (`as_bf16`).
@@ -821,8 +849,8 @@ fn compare_pairs<'a>(
                 let mut words = item.words;
                 for off in (0..item.len).step_by(STRETCH) {
                     let n = STRETCH.min(item.len - off);
-                    let ra = &raw_a[off * sa..(off + n) * sa];
-                    let rb = &raw_b[off * sb..(off + n) * sb];
+                    let ra = &raw_a[da.bytes(off)..da.bytes(off + n)];
+                    let rb = &raw_b[db.bytes(off)..db.bytes(off + n)];
                     let first = item.start + off;
                     let pa = side_a.prepare(qa, ra, ta.dtype, first, keys, round(ta.dtype));
                     let pb = side_b.prepare(qb, rb, tb.dtype, first, keys, round(tb.dtype));

@@ -24,11 +24,15 @@ pub enum Dtype {
     /// (0x80), no negative zero, no infinities.
     F8E4M3Fnuz,
     F8E5M2Fnuz,
+    /// OCP MX's E8M0 scale: `2^(code - 127)`, 0xFF NaN (MXFP4 block scales).
+    F8E8M0,
+    /// OCP MX's FP4 E2M1, two elements per byte, the first in the low nibble (MXFP4 codes).
+    F4,
 }
 
 impl Dtype {
     /// Every dtype, in a fixed order (used for error messages and tests).
-    pub const ALL: [Dtype; 17] = [
+    pub const ALL: [Dtype; 19] = [
         Dtype::Bool,
         Dtype::U8,
         Dtype::I8,
@@ -46,6 +50,8 @@ impl Dtype {
         Dtype::F8E5M2,
         Dtype::F8E4M3Fnuz,
         Dtype::F8E5M2Fnuz,
+        Dtype::F8E8M0,
+        Dtype::F4,
     ];
 
     /// The name used in safetensors headers.
@@ -68,6 +74,8 @@ impl Dtype {
             Dtype::F8E5M2 => "F8_E5M2",
             Dtype::F8E4M3Fnuz => "F8_E4M3FNUZ",
             Dtype::F8E5M2Fnuz => "F8_E5M2FNUZ",
+            Dtype::F8E8M0 => "F8_E8M0",
+            Dtype::F4 => "F4",
         }
     }
 
@@ -76,10 +84,11 @@ impl Dtype {
         Dtype::ALL.into_iter().find(|d| d.name() == name)
     }
 
-    /// Bytes per element.
+    /// Bytes per element; for F4, which packs two elements in a byte, the byte that holds
+    /// them: slices of data that may be F4 are measured with [`Dtype::bytes`].
     pub fn size(self) -> usize {
         match self {
-            Dtype::Bool | Dtype::U8 | Dtype::I8 => 1,
+            Dtype::Bool | Dtype::U8 | Dtype::I8 | Dtype::F8E8M0 | Dtype::F4 => 1,
             Dtype::F8E4M3 | Dtype::F8E5M2 | Dtype::F8E4M3Fnuz | Dtype::F8E5M2Fnuz => 1,
             Dtype::U16 | Dtype::I16 | Dtype::F16 | Dtype::BF16 => 2,
             Dtype::U32 | Dtype::I32 | Dtype::F32 => 4,
@@ -87,9 +96,31 @@ impl Dtype {
         }
     }
 
+    /// Bits per element.
+    pub fn bits(self) -> u64 {
+        if self == Dtype::F4 {
+            4
+        } else {
+            8 * self.size() as u64
+        }
+    }
+
+    /// Bytes holding `n` elements, `n` even for F4 (a tensor's F4 elements pair up in bytes,
+    /// and every stretch of one starts at an even element).
+    pub fn bytes(self, n: usize) -> usize {
+        if self == Dtype::F4 {
+            n / 2
+        } else {
+            n * self.size()
+        }
+    }
+
     /// Floating dtypes are compared by value; the others bit for bit.
     pub fn is_float(self) -> bool {
-        matches!(self, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) || self.is_fp8()
+        matches!(
+            self,
+            Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64 | Dtype::F8E8M0 | Dtype::F4
+        ) || self.is_fp8()
     }
 
     /// The four one-byte floating formats (OCP E4M3 and E5M2, AMD's FNUZ variants).
@@ -175,22 +206,23 @@ pub(crate) mod widen {
     }
 
     static F16_TABLE: OnceLock<Box<[u32]>> = OnceLock::new();
-    static F8_TABLES: OnceLock<Box<[[u32; 256]; 4]>> = OnceLock::new();
+    static F8_TABLES: OnceLock<Box<[[u32; 256]; 5]>> = OnceLock::new();
 
     /// 65,536-entry table (256 KiB) for binary16.
     pub fn f16_table() -> &'static [u32] {
         F16_TABLE.get_or_init(|| (0..=u16::MAX).map(f16_compute).collect())
     }
 
-    /// Tables for E4M3 (index 0), E5M2 (1), E4M3FNUZ (2) and E5M2FNUZ (3).
-    pub fn f8_tables() -> &'static [[u32; 256]; 4] {
+    /// Tables for E4M3 (index 0), E5M2 (1), E4M3FNUZ (2), E5M2FNUZ (3) and E8M0 (4).
+    pub fn f8_tables() -> &'static [[u32; 256]; 5] {
         F8_TABLES.get_or_init(|| {
-            let mut t = Box::new([[0u32; 256]; 4]);
+            let mut t = Box::new([[0u32; 256]; 5]);
             for b in 0..=255u8 {
                 t[0][b as usize] = f8e4m3_compute(b);
                 t[1][b as usize] = f8e5m2_compute(b);
                 t[2][b as usize] = fnuz_compute(b, 4, 8);
                 t[3][b as usize] = fnuz_compute(b, 5, 16);
+                t[4][b as usize] = e8m0_compute(b);
             }
             t
         })
@@ -204,10 +236,26 @@ pub(crate) mod widen {
             Dtype::F8E5M2 => 1,
             Dtype::F8E4M3Fnuz => 2,
             Dtype::F8E5M2Fnuz => 3,
+            Dtype::F8E8M0 => 4,
             _ => unreachable!("{d} is not an FP8 dtype"),
         };
         &f8_tables()[i]
     }
+
+    /// OCP MX's E8M0 scale to binary32: `2^(e - 127)`, exact (2^-127 is an f32 subnormal);
+    /// 0xFF is NaN.
+    pub fn e8m0_compute(e: u8) -> u32 {
+        match e {
+            0 => 0x0040_0000,
+            0xff => 0x7fc0_0000,
+            _ => (e as u32) << 23,
+        }
+    }
+
+    /// OCP MX's FP4 E2M1 values of the 16 codes (bit 3 the sign): 0, 0.5, 1, 1.5, 2, 3, 4, 6.
+    pub const F4_VALUES: [f32; 16] = [
+        0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+    ];
 
     /// AMD's FNUZ FP8 (`exp_bits` exponent bits with bias `bias`, the rest mantissa) to
     /// binary32: 0x80 (what would be negative zero) is the one NaN; every other code is finite,
@@ -258,7 +306,7 @@ mod tests {
         for d in Dtype::ALL {
             assert_eq!(Dtype::parse(d.name()), Some(d));
         }
-        assert_eq!(Dtype::parse("F4"), None);
+        assert_eq!(Dtype::parse("F6_E2M3"), None);
         assert_eq!(Dtype::parse("bf16"), None);
     }
 
@@ -322,6 +370,30 @@ mod tests {
         }
     }
 
+    /// OCP MX v1.0: E8M0 is 2^(e-127) with 0xFF NaN; E2M1 has exponent bias 1, one mantissa
+    /// bit and a subnormal 0.5.
+    #[test]
+    fn mx_known_values() {
+        let e = |b| f32::from_bits(e8m0_compute(b));
+        assert_eq!(e(127), 1.0);
+        assert_eq!(e(0), 2f32.powi(-127));
+        assert_eq!(e(254), 2f32.powi(127));
+        assert!(e(255).is_nan());
+        for code in 0..16u32 {
+            let (sign, exp, man) = (code >> 3, (code >> 1) & 3, code & 1);
+            let mag = if exp == 0 {
+                0.5 * man as f32
+            } else {
+                2f32.powi(exp as i32 - 1) * (1.0 + 0.5 * man as f32)
+            };
+            let want = if sign == 1 { -mag } else { mag };
+            assert_eq!(F4_VALUES[code as usize].to_bits(), want.to_bits(), "{code}");
+        }
+        assert_eq!(Dtype::F4.bytes(64), 32);
+        assert_eq!(Dtype::F4.bits(), 4);
+        assert_eq!(Dtype::BF16.bytes(3), 6);
+    }
+
     #[test]
     fn widening_is_injective() {
         let mut seen: Vec<u32> = (0..=u16::MAX).map(f16_compute).collect();
@@ -330,7 +402,7 @@ mod tests {
         assert_eq!(seen.len(), 65536);
         let fnuz4 = |b| fnuz_compute(b, 4, 8);
         let fnuz5 = |b| fnuz_compute(b, 5, 16);
-        for f in [f8e4m3_compute, f8e5m2_compute, fnuz4, fnuz5] {
+        for f in [f8e4m3_compute, f8e5m2_compute, fnuz4, fnuz5, e8m0_compute] {
             let mut seen: Vec<u32> = (0..=255u8).map(f).collect();
             seen.sort_unstable();
             seen.dedup();

@@ -295,7 +295,7 @@ fn load32(d: Dtype, src: &[u8], out: &mut [u32; BLOCK], m: usize) {
                 *o = t[u16::from_le_bytes([c[0], c[1]]) as usize];
             }
         }
-        Dtype::F8E4M3 | Dtype::F8E5M2 | Dtype::F8E4M3Fnuz | Dtype::F8E5M2Fnuz => {
+        Dtype::F8E4M3 | Dtype::F8E5M2 | Dtype::F8E4M3Fnuz | Dtype::F8E5M2Fnuz | Dtype::F8E8M0 => {
             let t = widen::f8_table(d);
             for (o, &c) in out.iter_mut().zip(src) {
                 *o = t[c as usize];
@@ -377,13 +377,17 @@ fn load64(d: Dtype, src: &[u8], out: &mut [u64; BLOCK], m: usize) {
         | Dtype::F8E4M3
         | Dtype::F8E5M2
         | Dtype::F8E4M3Fnuz
-        | Dtype::F8E5M2Fnuz => {
+        | Dtype::F8E5M2Fnuz
+        | Dtype::F8E8M0 => {
             let mut narrow = [0u32; BLOCK];
             load32(d, src, &mut narrow, m);
             for (o, &x) in out.iter_mut().zip(&narrow) {
                 *o = widen::f32_to_f64_bits(x);
             }
         }
+        // MXFP4 codes are dequantised before they reach a kernel (`scaled::dequantise`), and
+        // an F4 tensor without its scales is refused when the pairs are formed.
+        Dtype::F4 => unreachable!("F4 codes reach the kernel dequantised"),
     }
 }
 

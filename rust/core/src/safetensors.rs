@@ -657,9 +657,21 @@ pub fn parse_header(
             .ok_or_else(|| {
                 Error::tensor(path, &name, format!("shape {:?} overflows", raw.shape))
             })?;
-        let nbytes = numel.checked_mul(dtype.size() as u64).ok_or_else(|| {
+        let bits = numel.checked_mul(dtype.bits()).ok_or_else(|| {
             Error::tensor(path, &name, format!("shape {:?} overflows", raw.shape))
         })?;
+        if bits % 8 != 0 {
+            return Err(Error::tensor(
+                path,
+                &name,
+                format!(
+                    "shape {:?} of {dtype} is {numel} elements of {} bits, not whole bytes",
+                    raw.shape,
+                    dtype.bits()
+                ),
+            ));
+        }
+        let nbytes = bits / 8;
         if nbytes != end - begin {
             return Err(Error::tensor(
                 path,

@@ -1,6 +1,12 @@
-//! FP8 weights stored with scales (design §1, "Scaled FP8 weights"): which tensor scales which
-//! weight and how (one scale, one per row, one per block), and the dequantised values of a
-//! stretch of a weight, found by index arithmetic, never by materialising the whole tensor.
+//! FP8 and MXFP4 weights stored with scales (design §1, "Scaled FP8 weights"): which tensor
+//! scales which weight and how (one scale, one per row, one per block), and the dequantised
+//! values of a stretch of a weight, found by index arithmetic, never by materialising the
+//! whole tensor.
+//!
+//! An MXFP4 weight (OCP MX: F4 E2M1 codes, two per byte, the first in the low nibble) has one
+//! E8M0 scale per 32 codes along its last dimension: an `F4` tensor `NAME` with `NAME_scales`,
+//! or gpt-oss's U8 `X_blocks` (seen as F4, [`crate::checkpoint::Checkpoint::get_value`]) with
+//! `X_scales`; its value is `f32(code) * 2^(scale - 127)`, rounded once in f32.
 //!
 //! A weight `NAME` stored in an FP8 dtype (OCP E4M3 or E5M2, or AMD's FNUZ variants) is scaled
 //! when `NAME_scale_inv` (DeepSeek-V3) or `NAME_scale` (compressed-tensors exports) sits beside it; its value is
@@ -55,8 +61,41 @@ pub(crate) struct Scales<'a> {
     pub(crate) names: std::collections::BTreeSet<String>,
 }
 
-fn is_fp8(d: Dtype) -> bool {
-    d.is_fp8()
+/// Elements per MXFP4 block: one E8M0 scale for 32 FP4 codes along the last dimension.
+const MX_BLOCK: u64 = 32;
+
+/// The layout of the E8M0 scales `scale` of the MXFP4 weight `weight` (F4 codes): one scale
+/// per block of 32 codes along the last dimension, stored as F8_E8M0 or as U8 (gpt-oss).
+fn mx_layout(name: &str, weight: &TensorInfo, scale: &TensorInfo) -> Result<Layout> {
+    let (last, prefix) = weight.shape.split_last().unwrap_or((&1, &[]));
+    let mut want = prefix.to_vec();
+    want.push(last.div_ceil(MX_BLOCK));
+    if !matches!(scale.dtype, Dtype::F8E8M0 | Dtype::U8) || scale.shape != want {
+        return Err(Error::Tensor {
+            path: Default::default(),
+            tensor: name.to_string(),
+            reason: format!(
+                "MXFP4 weight {:?} with scales '{}' ({} {:?}): rlmask reads one E8M0 scale \
+                 (F8_E8M0 or U8) per 32 codes along the last dimension, scales {want:?}",
+                weight.shape, scale.name, scale.dtype, scale.shape
+            ),
+        });
+    }
+    Ok(Layout::Blocks {
+        rows: 1,
+        cols: MX_BLOCK,
+    })
+}
+
+/// The names the scales of weight `weight` may have: FP8 `NAME_scale_inv` or `NAME_scale`;
+/// MXFP4 `NAME_scales` (an F4 tensor) or `X_scales` beside gpt-oss's `X_blocks`.
+fn scale_candidates(weight: &str, dtype: Dtype) -> Vec<String> {
+    if dtype == Dtype::F4 {
+        let stem = weight.strip_suffix("_blocks").unwrap_or(weight);
+        vec![format!("{stem}_scales"), format!("{weight}_scale")]
+    } else {
+        SCALE_SUFFIXES.map(|s| format!("{weight}{s}")).to_vec()
+    }
 }
 
 /// The layout of `scale` over `weight`, given the block size the checkpoint declares (if any).
@@ -131,15 +170,31 @@ pub(crate) fn find<'a>(
         let Some((shard, w)) = get(weight) else {
             continue;
         };
-        if !is_fp8(w.dtype) {
+        if !w.dtype.is_fp8() && w.dtype != Dtype::F4 {
             continue;
         }
-        for suffix in SCALE_SUFFIXES {
-            let scale_name = format!("{weight}{suffix}");
+        let candidates = scale_candidates(weight, w.dtype);
+        if w.dtype == Dtype::F4 && !candidates.iter().any(|n| get(n).is_some()) {
+            return Err(Error::Tensor {
+                path: shard.path.clone(),
+                tensor: weight.clone(),
+                reason: format!(
+                    "F4 codes without their E8M0 scales ('{}'): MXFP4 values cannot be read \
+                     from the codes alone",
+                    candidates[0]
+                ),
+            });
+        }
+        for scale_name in candidates {
             let Some(scale) = get(&scale_name) else {
                 continue;
             };
-            let layout = layout(weight, w, scale.1, block).map_err(|e| match e {
+            let layout = if w.dtype == Dtype::F4 {
+                mx_layout(weight, w, scale.1)
+            } else {
+                layout(weight, w, scale.1, block)
+            };
+            let layout = layout.map_err(|e| match e {
                 Error::Tensor { tensor, reason, .. } => Error::Tensor {
                     path: shard.path.clone(),
                     tensor,
@@ -183,6 +238,7 @@ fn scale_at(s: &Scaled, k: usize) -> f32 {
     let bits = match t.dtype {
         Dtype::F32 => u32::from_le_bytes(bytes[4 * k..4 * k + 4].try_into().unwrap()),
         Dtype::BF16 => widen::bf16(u16::from_le_bytes([bytes[2 * k], bytes[2 * k + 1]])),
+        Dtype::U8 | Dtype::F8E8M0 => widen::e8m0_compute(bytes[k]),
         _ => widen::f16_table()[u16::from_le_bytes([bytes[2 * k], bytes[2 * k + 1]]) as usize],
     };
     f32::from_bits(bits)
@@ -278,6 +334,9 @@ pub(crate) fn fp8_value<const E5M2: bool>(c: u8) -> f32 {
 /// of a scaled weight whose codes are `codes`, written to `out` (4 bytes per code): each
 /// `f32(code) * f32(scale)`, rounded once.
 pub(crate) fn dequantise(codes: &[u8], dtype: Dtype, start: usize, s: &Scaled, out: &mut [u8]) {
+    if dtype == Dtype::F4 {
+        return dequantise_f4(codes, start, s, out);
+    }
     let table = crate::dtype::widen::f8_table(dtype);
     runs(s.layout, s.cols, start, start + codes.len(), |a, b, k| {
         let scale = scale_at(s, k);
@@ -291,6 +350,30 @@ pub(crate) fn dequantise(codes: &[u8], dtype: Dtype, start: usize, s: &Scaled, o
             o.copy_from_slice(&(v * scale).to_le_bytes());
         }
     });
+}
+
+/// FP4 code `j` of a stretch of packed codes (two per byte, the first in the low nibble).
+#[inline(always)]
+fn nibble(packed: &[u8], j: usize) -> u8 {
+    (packed[j / 2] >> (4 * (j % 2))) & 0xf
+}
+
+/// [`dequantise`] for MXFP4: `packed` holds the codes of elements `start..start + 2 *
+/// packed.len()` (`start` even), each value `f32(code) * 2^(scale - 127)`, rounded once in f32.
+fn dequantise_f4(packed: &[u8], start: usize, s: &Scaled, out: &mut [u8]) {
+    runs(
+        s.layout,
+        s.cols,
+        start,
+        start + 2 * packed.len(),
+        |a, b, k| {
+            let scale = scale_at(s, k);
+            for j in a - start..b - start {
+                let v = widen::F4_VALUES[nibble(packed, j) as usize] * scale;
+                out[4 * j..4 * j + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        },
+    );
 }
 
 /// The scale of every block of [`crate::kernel::BLOCK`] elements of the stretch
@@ -317,7 +400,23 @@ pub(crate) fn block_scales(n: usize, start: usize, s: &Scaled, out: &mut Vec<f32
 /// The elements as stored, code and scale together (`scale bits << 32 | code`, u64
 /// little-endian bytes), written to `out` (8 bytes per code): two elements compare equal under the exact
 /// criterion iff both their code and their block's scale are bit-identical.
-pub(crate) fn stored_keys(codes: &[u8], start: usize, s: &Scaled, out: &mut [u8]) {
+pub(crate) fn stored_keys(codes: &[u8], dtype: Dtype, start: usize, s: &Scaled, out: &mut [u8]) {
+    if dtype == Dtype::F4 {
+        runs(
+            s.layout,
+            s.cols,
+            start,
+            start + 2 * codes.len(),
+            |a, b, k| {
+                let scale = (scale_at(s, k).to_bits() as u64) << 32;
+                for j in a - start..b - start {
+                    let key = scale | nibble(codes, j) as u64;
+                    out[8 * j..8 * j + 8].copy_from_slice(&key.to_le_bytes());
+                }
+            },
+        );
+        return;
+    }
     runs(s.layout, s.cols, start, start + codes.len(), |a, b, k| {
         let scale = (scale_at(s, k).to_bits() as u64) << 32;
         let out = &mut out[(a - start) * 8..(b - start) * 8];

@@ -368,7 +368,7 @@ pub fn trajectory(
         // cache and released behind them, as in a diff (`readahead`).
         let key = |&(ti, start, _, _): &Item| {
             let (shard, t) = tracks[ti].base;
-            (shard.path.as_path(), t.offset + start * t.dtype.size())
+            (shard.path.as_path(), t.offset + t.dtype.bytes(start))
         };
         items.sort_by(|x, y| key(x).cmp(&key(y)));
         let stretches = |&(ti, start, len, _): &Item| -> Vec<readahead::Stretch> {
@@ -376,13 +376,10 @@ pub fn trajectory(
             std::iter::once(&t.base)
                 .chain(&t.steps)
                 .chain(&t.previous)
-                .map(|&(shard, info)| {
-                    let size = info.dtype.size();
-                    readahead::Stretch {
-                        shard,
-                        offset: info.offset + start * size,
-                        len: len * size,
-                    }
+                .map(|&(shard, info)| readahead::Stretch {
+                    shard,
+                    offset: info.offset + info.dtype.bytes(start),
+                    len: info.dtype.bytes(len),
                 })
                 .collect()
         };
@@ -483,8 +480,8 @@ fn compare_steps<'a>(
     let k = t.steps.len();
     let nbytes = len.div_ceil(64) * 8;
     let slice = |(shard, info): (&'a Shard, &'a TensorInfo)| -> &'a [u8] {
-        let size = info.dtype.size();
-        &shard.bytes(info)[start * size..(start + len) * size]
+        let d = info.dtype;
+        &shard.bytes(info)[d.bytes(start)..d.bytes(start + len)]
     };
     let base = slice(t.base);
     let steps: Vec<&[u8]> = t.steps.iter().map(|&s| slice(s)).collect();
@@ -515,7 +512,7 @@ fn compare_steps<'a>(
                 let width = if keys { 8 } else { 4 };
                 let mut buf = vec![0u8; len * width];
                 if keys {
-                    scaled::stored_keys(raws[f], start, &s, &mut buf);
+                    scaled::stored_keys(raws[f], dtypes[f], start, &s, &mut buf);
                     (buf, Dtype::U64)
                 } else {
                     scaled::dequantise(raws[f], dtypes[f], start, &s, &mut buf);
