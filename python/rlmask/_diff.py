@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import polars as pl
 
     from rlmask._mask import Mask
+    from rlmask._null import Displacement, NullModel
 else:
     pl = LazyModule("polars")
 
@@ -42,6 +43,17 @@ DEFAULT_TOL: float = _rlmask.DEFAULT_TOL
 def _sparsity(changed: int, numel: int) -> float:
     """``1 - changed / numel``; an empty set has nothing changed, so its sparsity is 1."""
     return 1.0 - changed / numel if numel else 1.0
+
+
+def _predicted_expr(numel: str = "numel") -> pl.Expr:
+    """The sparsity the precision null predicts, over the modelled elements ``numel``
+    (null where none was modelled)."""
+    return (
+        pl.when(pl.col(numel) > 0)
+        .then(1.0 - pl.col("predicted_changed") / pl.col(numel).cast(pl.Float64))
+        .otherwise(None)
+        .alias("predicted_sparsity")
+    )
 
 
 def _sparsity_expr(changed: str) -> pl.Expr:
@@ -124,6 +136,10 @@ class DiffReport(Report):
     as_dtype: str | None = None
     #: Remarks about the inputs found while reading them (one shard of a sharded model).
     notes: list[str] = field(default_factory=list)
+    #: The precision null (``null=True``): what rounding alone predicts (design §9).
+    null: NullModel | None = field(default=None, repr=False)
+    #: The distribution of ``|update|`` (``displacement=True``, or with a master).
+    displacement: Displacement | None = field(default=None, repr=False)
 
     # ----- labels of the per-threshold columns -------------------------------------------
 
@@ -178,6 +194,13 @@ class DiffReport(Report):
             },
         )
         df = df.with_columns(_sparsity_expr("changed").alias("sparsity"))
+        if self.null is not None:
+            predicted = self.null.predicted
+            df = df.with_columns(
+                pl.Series(
+                    "predicted_changed", [predicted.get(n) for n in c["name"]], dtype=pl.Float64
+                )
+            ).with_columns(_predicted_expr())
         if len(self.tolerances) > 1:
             changed_cols = self._columns("changed")
             df = df.with_columns(
@@ -309,6 +332,12 @@ class DiffReport(Report):
         changed_cols = self._columns("changed")
         aggs += [pl.col(c).sum() for c in changed_cols]
         aggs.append(pl.col("sparsity").mean().alias("sparsity_unweighted_mean"))
+        null = "predicted_changed" in frame.columns
+        if null:
+            aggs += [
+                pl.col("predicted_changed").sum(),
+                pl.col("numel").filter(pl.col("predicted_changed").is_not_null()).sum().alias("m"),
+            ]
         g = frame.group_by(key).agg(aggs)
         sparsity_cols = self._columns("sparsity")
         g = g.with_columns(
@@ -317,7 +346,11 @@ class DiffReport(Report):
         order = [*([key] if isinstance(key, str) else key), "tensors", "numel"]
         for c, s in zip(changed_cols, sparsity_cols, strict=True):
             order += [c, s]
-        return g.select([*order, "sparsity_unweighted_mean"])
+        order.append("sparsity_unweighted_mean")
+        if null:
+            g = g.with_columns(_predicted_expr("m"))
+            order += ["predicted_changed", "predicted_sparsity"]
+        return g.select(order)
 
     def by_layer(self) -> pl.DataFrame:
         """Per transformer layer (``model.layers.N.``), floating tensors only.
@@ -387,6 +420,22 @@ class DiffReport(Report):
         order = ["exponent", "abs_min", "numel"]
         for c, sc in zip(changed_cols, self._columns("sparsity"), strict=True):
             order += [c, sc]
+        if self.null is not None:
+            bins = self.null.bins
+            null = (
+                pl.DataFrame(
+                    {
+                        "exponent": [b[1] for b in bins],
+                        "m": [b[2] for b in bins],
+                        "predicted_changed": [b[3] for b in bins],
+                    },
+                    schema={"exponent": pl.Int64, "m": pl.UInt64, "predicted_changed": pl.Float64},
+                )
+                .group_by("exponent")
+                .agg(pl.col("m").sum(), pl.col("predicted_changed").sum())
+            )
+            g = g.join(null, on="exponent", how="left").with_columns(_predicted_expr("m"))
+            order += ["predicted_changed", "predicted_sparsity"]
         return g.select(order)
 
     def lens_lines(self, *, min_numel: int = 0) -> list[str]:
@@ -430,11 +479,68 @@ class DiffReport(Report):
 
     # ----- export ------------------------------------------------------------------------
 
+    def null_summary(self) -> dict[str, Any] | None:
+        """The precision null in figures (None without ``null=True``): ``method``, ``master``,
+        ``numel`` (elements modelled), ``predicted_changed``, ``predicted_sparsity``,
+        ``observed_sparsity`` (the diff's, over the same elements), ``master_disagree`` and
+        ``left_out`` (tensors not modelled, with the reason)."""
+        if self.null is None:
+            return None
+        n = self.null
+        c = self.columns
+        modelled = [
+            (numel, counts[self._primary])
+            for name, numel, counts in zip(c["name"], c["numel"], c["changed"], strict=True)
+            if name in n.predicted
+        ]
+        numel = sum(m for m, _ in modelled)
+        predicted = sum(n.predicted.values())
+        return {
+            "method": n.method,
+            "master": n.master,
+            "numel": numel,
+            "predicted_changed": predicted,
+            "predicted_sparsity": 1 - predicted / numel if numel else None,
+            "observed_sparsity": 1 - sum(k for _, k in modelled) / numel if numel else None,
+            "master_disagree": n.master_disagree,
+            "left_out": [{"name": a, "reason": b} for a, b in n.left_out],
+        }
+
+    def _null_lines(self) -> list[str]:
+        lines = []
+        null = self.null_summary()
+        if null is not None and null["numel"]:
+            lines.append(
+                f"precision null (fp32 master {null['master']}): predicted sparsity "
+                f"{100 * null['predicted_sparsity']:.2f}% against "
+                f"{100 * null['observed_sparsity']:.2f}% observed, over "
+                f"{null['numel']:,} elements modelled"
+                + (f" ({len(null['left_out'])} tensors left out)" if null["left_out"] else "")
+            )
+            if null["master_disagree"]:
+                share = null["master_disagree"] / null["numel"]
+                lines.append(
+                    f"warning: the master, rounded as TUNED is stored, differs from TUNED at "
+                    f"{null['master_disagree']:,} elements ({100 * share:.2f}%): is it TUNED's "
+                    "own master copy?"
+                )
+        elif null is not None:
+            lines.append("precision null: no tensor could be modelled (see left_out)")
+        if self.displacement is not None and self.displacement.numel:
+            d = self.displacement.to_dict()
+            lines.append(
+                f"displacement |{d['source']} - base|: median {d['p50']:.3g}, p90 {d['p90']:.3g}, "
+                f"p99 {d['p99']:.3g}, mean {d['mean']:.3g}, max {d['max']:.3g} "
+                f"({100 * d['zero_share']:.1f}% zero)"
+            )
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
         """The machine-readable report of design §4 (a stable contract: keys may be added,
         never removed)."""
         changed_cols = self._columns("changed")
         c = self.columns
+        predicted = None if self.null is None else self.null.predicted
         tensors = [
             {
                 "name": name,
@@ -449,6 +555,7 @@ class DiffReport(Report):
                 "module": where[2],
                 "component": where[0],
                 "expert": where[3],
+                **({} if predicted is None else {"predicted_changed": predicted.get(name)}),
             }
             for name, where, dtype, tuned_dtype, shape, numel, floating, counts in zip(
                 c["name"],
@@ -484,6 +591,8 @@ class DiffReport(Report):
             "dtype_mismatch": self.dtype_mismatches,
             "as_dtype": self.as_dtype,
             "warnings": self.warnings,
+            **({} if self.null is None else {"null": self.null_summary()}),
+            **({} if self.displacement is None else {"displacement": self.displacement.to_dict()}),
             "renamed": {
                 side: [{"stored": a, "paired": b} for a, b in pairs]
                 for side, pairs in self.renamed.items()
@@ -498,6 +607,11 @@ class DiffReport(Report):
                             "abs_min": r["abs_min"],
                             "numel": r["numel"],
                             "changed": [r[c] for c in changed_cols],
+                            **(
+                                {}
+                                if self.null is None
+                                else {"predicted_changed": r["predicted_changed"]}
+                            ),
                         }
                         for r in self.by_magnitude().iter_rows(named=True)
                     ]
@@ -594,6 +708,7 @@ class DiffReport(Report):
                 )
         if self.as_dtype is not None:
             lines.append(f"compared as {self.as_dtype}: wider sides rounded to it first")
+        lines += self._null_lines()
         lines += [f"warning: {w}" for w in self.warnings]
         return printable_lines(lines)
 
@@ -762,6 +877,9 @@ def diff(
     save_mask: PathArg | None = None,
     magnitude: bool = False,
     as_dtype: str | None = None,
+    null: bool = False,
+    master: PathArg | None = None,
+    displacement: bool = False,
     progress: bool = True,
 ) -> DiffReport:
     """Update sparsity of ``tuned`` against ``base`` (paper §2.2), in one pass over the data.
@@ -811,6 +929,23 @@ def diff(
             them: every floating side stored wider (F32, F16, F64) is rounded to BF16 (to
             nearest, ties to even) before the comparison. For fp32 checkpoints, whose weights
             move almost everywhere, this gives the figure the paper reports for BF16.
+        null: also compute the precision null (design §9; needs ``master``): the sparsity
+            that rounding alone predicts for an update of the run's size. Each tensor's
+            accumulated fp32 update ``master - base`` is kept as a multiset but placed at
+            random within the tensor, added to the base and rounded as ``tuned`` is stored
+            (to f32, then to its dtype); the expected changed count under the diff's criterion
+            (absolute or exact) is computed exactly, per tensor and per binade of the base
+            value (:attr:`DiffReport.null`, ``predicted_changed`` and ``predicted_sparsity``
+            columns in every breakdown, :meth:`DiffReport.null_summary`). Implies
+            ``magnitude``. Costs a sort of each tensor's updates in memory (about 24 bytes per
+            element of the largest tensor).
+        master: the run's fp32 weights behind ``tuned`` (an fp32 save, or the optimizer's
+            master copy exported as safetensors), paired with ``base`` by name as ``tuned`` is.
+            Its rounding to ``tuned``'s dtype is checked against ``tuned``.
+        displacement: also report the distribution of ``|update|`` (median, 90th and 99th
+            percentiles, mean, maximum; :attr:`DiffReport.displacement`): ``|master - base|``
+            when ``master`` is given, else ``|tuned - base|``, over the BF16, F16 and F32
+            tensors; for comparing runs at equal displacement rather than equal steps.
         progress: draw a progress bar on stderr when it is a terminal.
 
     Returns:
@@ -842,10 +977,19 @@ def diff(
     select_names([], include, exclude)  # bad patterns fail before any file is opened
     if save_mask is not None:
         check_output(save_mask)
-        check_not_input(save_mask, [base, tuned])
+        check_not_input(save_mask, [base, tuned, *([] if master is None else [master])])
     block = None if block_size is None else check_block(block_size, "block_size")
     if as_dtype not in (None, "bf16", "bfloat16"):
         raise ValueError(f"as_dtype compares as 'bf16' (or None), not {as_dtype!r}")
+    if null and master is None:
+        raise ValueError(
+            "the precision null needs the run's fp32 weights behind TUNED: master=PATH "
+            "(--master PATH)"
+        )
+    if null and crit.name == "relative":
+        raise ValueError("the precision null models the absolute and exact criteria")
+    if null and as_dtype is not None:
+        raise ValueError("the precision null rounds as TUNED is stored; drop as_dtype")
     where_a, where_b = resolve_checkpoint(base), resolve_checkpoint(tuned)
     a, b = _rlmask.Checkpoint(where_a), _rlmask.Checkpoint(where_b)
     select = selection([a, b], include, exclude, name_map)
@@ -863,14 +1007,38 @@ def diff(
             mask_at=crit.primary_index if (mask or save_mask is not None) else None,
             mask_file=None if (mask or save_mask is None) else os.fspath(save_mask),
             mask_provenance=provenance,
-            magnitude=magnitude,
+            magnitude=magnitude or null,
             as_bf16=as_dtype is not None,
             progress=watch,
         ),
         show=progress_wanted(progress),
     )
     notes = [n for side, w in (("BASE", where_a), ("TUNED", where_b)) if (n := _one_shard(side, w))]
-    report = _report(raw, crit, provenance, notes, None if as_dtype is None else "bf16")
+    null_model, disp = None, None
+    if null or displacement or master is not None:
+        from rlmask._null import measure
+
+        m = None if master is None else _rlmask.Checkpoint(resolve_checkpoint(master))
+        null_model, disp = measure(
+            a,
+            b,
+            m,
+            [(r.name, r.dtype, r.tuned_dtype) for r in raw.tensors if r.floating],
+            tol=None if crit.name == "exact" else crit.primary,
+            null=null,
+            displacement=displacement or master is not None,
+            name_map=dict(name_map or {}),
+            master_label=None if master is None else os.fspath(master),
+        )
+    report = _report(
+        raw,
+        crit,
+        provenance,
+        notes,
+        None if as_dtype is None else "bf16",
+        null=null_model,
+        displacement=disp,
+    )
     if save_mask is not None and mask:
         report.save_mask(save_mask)
     return report
@@ -882,6 +1050,9 @@ def _report(
     provenance: dict[str, str],
     notes: list[str],
     as_dtype: str | None,
+    *,
+    null: NullModel | None = None,
+    displacement: Displacement | None = None,
 ) -> DiffReport:
     criterion = cast(Criterion, crit.name)
     values = crit.values
@@ -942,4 +1113,6 @@ def _report(
         magnitude=magnitude,
         as_dtype=as_dtype,
         notes=notes,
+        null=null,
+        displacement=displacement,
     )

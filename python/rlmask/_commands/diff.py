@@ -69,6 +69,29 @@ from rlmask._commands.common import (
     "everywhere; the paper's figures are about BF16).",
 )
 @click.option(
+    "--null",
+    is_flag=True,
+    help="Also compute the precision null (needs --master): the sparsity that bf16 rounding "
+    "alone predicts. Each tensor's accumulated fp32 update (MASTER - BASE) is placed at random "
+    "within the tensor, added to BASE and rounded as TUNED is stored; the expected changed "
+    "count is exact, per tensor, module and binade (columns predicted_changed and "
+    "predicted_sparsity; JSON null).",
+)
+@click.option(
+    "--master",
+    type=click.Path(),
+    metavar="MASTER",
+    help="The run's fp32 weights behind TUNED (an fp32 save, or the optimizer's master copy "
+    "exported as safetensors), for --null and the displacement |MASTER - BASE|.",
+)
+@click.option(
+    "--displacement",
+    is_flag=True,
+    help="Also report the distribution of |update| (median, p90, p99, mean, max): "
+    "|MASTER - BASE| with --master, else |TUNED - BASE|; compare runs at equal displacement, "
+    "not equal steps.",
+)
+@click.option(
     "--plot",
     type=FILE,
     help="Also draw sparsity per layer and module type (paper Figure 3) to this image file "
@@ -95,6 +118,9 @@ def diff_cmd(
     block_size: str | None,
     save_mask: str | None,
     as_dtype: str | None,
+    null: bool,
+    master: str | None,
+    displacement: bool,
     plot: str | None,
     quiet: bool,
 ) -> None:
@@ -112,12 +138,16 @@ def diff_cmd(
       rlmask diff base/ tuned/ --by layer --format csv --include 'mlp\\.'
       rlmask diff base/ tuned/ --save-mask grpo.rlmask
       rlmask diff base/ tuned/ --by magnitude --plot lens.png
+      rlmask diff base/ tuned/ --null --master tuned-fp32/ --by magnitude
     """
     from rlmask._diff import DEFAULT_SWEEP, diff
 
     extra = parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
     check_criterion(criterion, tol, eta, extra)
-    check_outputs(fmt, output, plot, inputs=[base, tuned], others=[save_mask])
+    if null and master is None:
+        raise click.UsageError("--null needs --master MASTER (the run's fp32 weights behind TUNED)")
+    inputs = [base, tuned, *([master] if master else [])]
+    check_outputs(fmt, output, plot, inputs=inputs, others=[save_mask])
     report = diff(
         base,
         tuned,
@@ -134,6 +164,9 @@ def diff_cmd(
         save_mask=save_mask,
         magnitude=by == "magnitude",
         as_dtype=as_dtype,
+        null=null,
+        master=master,
+        displacement=displacement,
         progress=not quiet,
     )
     render(report, by, fmt, output)
