@@ -57,19 +57,25 @@ _LAZY = {
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}
 
 
+# Submodules reachable as attributes without their own import (`rlmask.stats.bootstrap_mean`).
+_SUBMODULES = ("stats",)
+
+
 def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"rlmask.{name}")
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'rlmask' has no attribute '{name}'")
-    import importlib
-
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_WHERE})
+    return sorted({*globals(), *_WHERE, *_SUBMODULES})
 
 
 __all__ = [

@@ -40,8 +40,9 @@ from rlmask._commands.common import (
 @click.option(
     "--base",
     metavar="CHECKPOINT",
-    help="Two masks: the checkpoint they were taken against; adds the magnitude-matched "
-    "baseline o1_matched/o2_matched (same density in every binade of the base's values).",
+    help="The checkpoint the masks were taken against; adds the magnitude-matched baseline "
+    "o1_matched/o2_matched (same density in every binade of the base's values), and for three "
+    "or more masks the mean o1 excess over it with a 95% interval (masks resampled).",
 )
 @click.option(
     "--name-map",
@@ -74,14 +75,13 @@ def overlap_cmd(
       rlmask overlap s1.rlmask s2.rlmask s3.rlmask --by module --format csv -o pairs.csv
       rlmask overlap grpo.rlmask dpo.rlmask prime.rlmask --plot table4.png
       rlmask overlap seed1.rlmask seed2.rlmask --base base/      # + magnitude-matched baseline
+      rlmask overlap s1.rlmask s2.rlmask s3.rlmask --base base/  # + mean excess, 95% interval
     """
     from rlmask._overlap import overlap, overlap_matrix
 
     if len(masks) < 2:
         raise click.UsageError("overlap needs at least two masks")
     check_outputs(fmt, output, plot, inputs=[*masks, base])
-    if (base or name_map) and len(masks) != 2:
-        raise click.UsageError("--base and --name-map go with two masks")
     if name_map and not base:
         raise click.UsageError("--name-map goes with --base")
     if len(masks) == 2:
@@ -99,7 +99,13 @@ def overlap_cmd(
             overlap_figure(pair, plot)
     else:
         labels = [str(i + 1) for i in range(len(masks))]
-        matrix = overlap_matrix(list(masks), labels=labels, common_only=common_only)
+        matrix = overlap_matrix(
+            list(masks),
+            labels=labels,
+            common_only=common_only,
+            base=base,
+            name_map=parse_name_map(name_map),
+        )
         render(matrix, by, fmt, output)
         if plot:
             from rlmask.plot import overlap_heatmap
