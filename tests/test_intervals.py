@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import rlmask
 from rlmask.cli import cli
-from rlmask.stats import bootstrap_mean, pair_bootstrap, paired_bootstrap
+from rlmask.stats import bootstrap_diff, bootstrap_mean, pair_bootstrap, paired_bootstrap, wilson
 
 
 def test_bootstrap_mean_width_and_coverage() -> None:
@@ -122,3 +122,23 @@ def test_seed_overlap_excess_against_numpy(tmp_path: Path) -> None:
     assert doc["excess"]["matched"]["mean"] == pytest.approx(np.mean(want["matched"]))
     res = CliRunner().invoke(cli, ["overlap", *map(str, paths), "--base", str(tmp_path / "base")])
     assert "magnitude-matched baseline, mean of 12 ordered pairs" in res.stdout
+
+
+def test_wilson_textbook_values() -> None:
+    # Wilson score intervals at 95% (Newcombe 1998, Table I).
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_bootstrap_diff_coverage() -> None:
+    rng = np.random.default_rng(5)
+    hits = 0
+    for k in range(200):
+        a, b = rng.normal(1.0, 1.0, 30), rng.normal(0.5, 2.0, 40)
+        d, ci = bootstrap_diff(a, b, resamples=2000, seed=k)
+        assert ci is not None and d == pytest.approx(a.mean() - b.mean())
+        hits += ci[0] <= 0.5 <= ci[1]
+    assert 0.88 <= hits / 200 <= 0.99
+    assert bootstrap_diff([1.0], [0.0, 1.0]) == (0.5, None)

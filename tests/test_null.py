@@ -92,6 +92,13 @@ def test_the_null_against_brute_force(tmp_path: Path, tol: float | None) -> None
     mod = r.by_module()
     assert mod["predicted_changed"].sum() == pytest.approx(sum(want_bins.values()))
     assert "predicted_sparsity" in r.tensors.columns
+    # The lens figure draws the null's share per binade beside the observed bars.
+    fig = r.plot(kind="magnitude")
+    ax = fig.axes[0]
+    normal = lens.filter((lens["exponent"] > 0) & (lens["exponent"] < 255))
+    (ticks,) = [c for c in ax.collections if c.get_label() == "precision null"]
+    want = 100 * (1 - normal["predicted_sparsity"]).to_numpy()
+    np.testing.assert_allclose(ticks.get_offsets()[:, 1], want)
 
 
 def test_a_wrong_master_is_flagged_and_bad_ones_refused(tmp_path: Path) -> None:

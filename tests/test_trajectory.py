@@ -234,7 +234,14 @@ def test_cli_outputs_and_plot(tmp_path: Path) -> None:
     assert list(a1.get_lines()[0].get_xdata()) == sorted(STEPS) and a1.get_xlabel() == "step"
     modules = {"up_proj", "q_proj", "input_layernorm", "lm_head"}
     assert len(a2.patches) == 3 * len(modules)
-    assert len(a3.get_lines()) == 1 and "Figure 6" in a3.get_title()
+    assert "Figure 6" in a3.get_title()
+    # Figure 6 as the paper draws it (a share of all elements), and of the step's own changes.
+    t = rlmask.trajectory(base, run, progress=False).total_frame()
+    paper, own = a3.get_lines()
+    assert "paper's Figure 6" in str(paper.get_label())
+    outside = t["outside_final_share"] * t["changed_vs_base"]
+    np.testing.assert_allclose(paper.get_ydata(), (100 * outside / t["numel"]).to_numpy())
+    np.testing.assert_allclose(own.get_ydata(), (100 * t["outside_final_share"]).to_numpy())
     # Usage errors: a tolerance with exact, nothing to compare.
     assert (
         CliRunner()

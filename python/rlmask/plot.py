@@ -214,16 +214,32 @@ def trajectory_figure(
     a2.tick_params(axis="x", labelrotation=60, labelsize=7)
     a2.legend(fontsize=7)
 
+    shares = total["outside_final_share"].to_list()
+    changed, numel = total["changed_vs_base"].to_list(), total["numel"].to_list()
     a3.plot(
         x,
-        [None if v is None else 100 * v for v in total["outside_final_share"]],
+        [
+            None if v is None else 100 * v * c / n
+            for v, c, n in zip(shares, changed, numel, strict=True)
+        ],
         marker="o",
         ms=3,
         color="tab:red",
+        label="% of all elements (the paper's Figure 6)",
+    )
+    a3.plot(
+        x,
+        [None if v is None else 100 * v for v in shares],
+        marker="s",
+        ms=3,
+        color="tab:gray",
+        ls="--",
+        label="% of the checkpoint's own changes",
     )
     a3.set_xlabel(xlabel)
-    a3.set_ylabel("changes outside the final subnetwork (%)")
+    a3.set_ylabel("changed, outside the final subnetwork (%)")
     a3.set_title("Outside the final subnetwork (Figure 6)")
+    a3.legend(fontsize=7)
     a3.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path, dpi)
@@ -428,9 +444,12 @@ def rank_figure(report: RankReport, path: PathArg | None = None, *, dpi: int = 1
 
 def magnitude_figure(report: DiffReport, path: PathArg | None = None, *, dpi: int = 150) -> Any:
     """The magnitude lens (design §8): the share of elements changed per binade of the base
-    value (bars, at the primary tolerance), and the share of all elements in each binade
-    (line), against log2 of the binade's smallest magnitude. Changes concentrated in the
-    small binades, where bf16's grid is fine, point at precision rather than optimisation.
+    value (bars, at the primary tolerance, with 95% Wilson intervals for the binade's element
+    count, so a binade of 5 elements does not read like one of 20,000), and the share of all
+    elements in each binade (line), against log2 of the binade's smallest magnitude; with the
+    precision null (``diff(null=True)``), the share it predicts per binade (black ticks).
+    Changes concentrated in the small binades, where bf16's grid is fine, point at precision
+    rather than optimisation.
 
     Returns:
         The matplotlib Figure (written atomically to ``path`` if given).
@@ -446,9 +465,21 @@ def magnitude_figure(report: DiffReport, path: PathArg | None = None, *, dpi: in
     if lens.is_empty():
         raise ValueError("no element with a normal base value: nothing to plot")
     x = (lens["exponent"] - 127).to_list()
+    from rlmask.stats import wilson
+
     changed = lens[report.column("changed")]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.bar(x, (100 * changed / lens["numel"]).to_list(), color="tab:blue", label="changed")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    share = (100 * changed / lens["numel"]).to_list()
+    bounds = [wilson(k, n) for k, n in zip(changed.to_list(), lens["numel"].to_list(), strict=True)]
+    err = [
+        [max(0.0, s - 100 * lo) for s, (lo, _) in zip(share, bounds, strict=True)],
+        [max(0.0, 100 * hi - s) for s, (_, hi) in zip(share, bounds, strict=True)],
+    ]
+    ax.bar(x, share, color="tab:blue", label="changed (95% interval)")
+    ax.errorbar(x, share, yerr=err, fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+    if "predicted_changed" in lens.columns:
+        predicted = (100 * (1 - lens["predicted_sparsity"])).to_list()
+        ax.scatter(x, predicted, marker="_", s=120, color="black", zorder=3, label="precision null")
     ax.set_xlabel("binade of the base value: log2 |a|")
     ax.set_ylabel("elements changed (%)")
     ax.set_title(
@@ -466,7 +497,15 @@ def magnitude_figure(report: DiffReport, path: PathArg | None = None, *, dpi: in
     twin.set_ylabel("share of all elements (%)")
     ax.grid(alpha=0.3)
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles, [str(h.get_label()) for h in handles], loc="upper right", fontsize=8)
-    fig.tight_layout()
+    # Below the axes, clear of the bars.
+    fig.legend(
+        handles,
+        [str(h.get_label()) for h in handles],
+        loc="lower center",
+        ncol=len(handles),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     _save(fig, path, dpi)
     return fig
