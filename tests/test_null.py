@@ -47,11 +47,14 @@ def _bits16(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.int16).numpy().view(np.uint16).reshape(-1)
 
 
-def _brute(b: torch.Tensor, m: torch.Tensor, tol: float | None) -> tuple[float, dict[int, float]]:
-    """Expected changed elements when each element takes every update in turn, and per
-    binade of the base value."""
+def _brute(
+    b: torch.Tensor, m: torch.Tensor, tol: float | None, u: torch.Tensor | None = None
+) -> tuple[float, dict[int, float]]:
+    """Expected changed elements when each element takes every update in turn (``u``, by
+    default ``m - b``), and per binade of the base value."""
     bv = b.double().reshape(-1)
-    u = (m.double() - b.double()).reshape(-1)
+    if u is None:
+        u = (m.double() - b.double()).reshape(-1)
     # Every element against every update: round to f32, then to bf16 (torch, to nearest even).
     r = (bv[:, None] + u[None, :]).float().bfloat16()
     a_bits = np.repeat(_bits16(b)[:, None], u.numel(), axis=1).reshape(-1)
@@ -108,8 +111,6 @@ def test_a_wrong_master_is_flagged_and_bad_ones_refused(tmp_path: Path) -> None:
     s = r.null_summary()
     assert s is not None and s["master_disagree"] > 0
     assert "is it TUNED's own master copy?" in r.summary()
-    with pytest.raises(ValueError, match="needs the run's fp32 weights"):
-        rlmask.diff(base, tuned, null=True, progress=False)
     with pytest.raises(ValueError, match="absolute and exact"):
         rlmask.diff(base, tuned, null=True, master=master, criterion="relative", eta=0.01)
     # A master of other shapes, or missing a tensor.
@@ -117,8 +118,6 @@ def test_a_wrong_master_is_flagged_and_bad_ones_refused(tmp_path: Path) -> None:
     save_file({n: torch.zeros(3) for n in SHAPES}, tmp_path / "bad" / "model.safetensors")
     with pytest.raises(rlmask.TensorMismatchError, match="fp32 weights, of the base's shapes"):
         rlmask.diff(base, tuned, null=True, master=tmp_path / "bad", progress=False)
-    res = CliRunner().invoke(cli, ["diff", str(base), str(tuned), "--null"])
-    assert res.exit_code == 2 and "--master" in res.stderr
     # The master is an input: no output may overwrite it.
     shard = master / "model.safetensors"
     res = CliRunner().invoke(
@@ -159,3 +158,23 @@ def test_displacement_quantiles_against_numpy(tmp_path: Path) -> None:
     args = ["diff", str(base), str(tuned), "--null", "--master", str(master)]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0 and "precision null" in res.stdout and "displacement" in res.stdout
+
+
+@pytest.mark.parametrize("tol", [1e-5, None])
+def test_the_fit_without_a_master(tmp_path: Path, tol: float | None) -> None:
+    """Without the master, the moves of each tensor's quarter of elements nearest zero stand
+    in for its updates: the same brute force over every placement of those moves."""
+    base, _, tuned, truth = _run(tmp_path, seed=5)
+    kw = {"criterion": "exact"} if tol is None else {"tol": tol}
+    r = rlmask.diff(base, tuned, null=True, progress=False, **kw)
+    s = r.null_summary()
+    assert r.null is not None and s is not None and s["method"] == "fit"
+    for name, (b, m) in truth.items():
+        flat = b.double().reshape(-1)
+        moved = m.bfloat16().double().reshape(-1) - flat
+        k = max(1, int(0.25 * flat.numel()))
+        order = sorted(range(flat.numel()), key=lambda i: (abs(float(flat[i])), i))[:k]
+        want, _ = _brute(b, m, tol, u=moved[order])
+        assert r.null.predicted[name] == pytest.approx(want, rel=1e-12, abs=1e-9), name
+    res = CliRunner().invoke(cli, ["diff", str(base), str(tuned), "--null"])
+    assert res.exit_code == 0 and "fitted from the checkpoints" in res.stdout

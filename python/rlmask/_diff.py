@@ -442,9 +442,11 @@ class DiffReport(Report):
         """The magnitude lens as a terminal reads it at once, one line per binade of the base
         value with at least ``min_numel`` elements: ``|a| >= 2^-7  8,586 elements  72.8%
         changed  #####`` (the share changed at the primary threshold; a bar of 40 is all).
-        Binades of fewer than 100 elements are marked ``(few)``: their shares are noisy."""
+        Binades of fewer than 100 elements are marked ``(few)``: their shares are noisy. With
+        the precision null, each line also gives the share it predicts (``null 71.9%``)."""
         lens = self.by_magnitude()
         col = self.column("sparsity")
+        null = "predicted_sparsity" in lens.columns
         out = []
         for r in lens.filter(pl.col("numel") >= min_numel).iter_rows(named=True):
             share = 1 - r[col] if r[col] is not None else 0.0
@@ -457,7 +459,13 @@ class DiffReport(Report):
             )
             few_mark = "  (few)" if r["numel"] < 100 else ""
             bar = "#" * round(40 * share)
-            line = f"{low:<21} {r['numel']:>11,} elements  {100 * share:5.1f}% changed  {bar}"
+            line = f"{low:<21} {r['numel']:>11,} elements  {100 * share:5.1f}% changed"
+            if null:
+                predicted = r["predicted_sparsity"]
+                line += "  null " + (
+                    "  n/a" if predicted is None else f"{100 - 100 * predicted:5.1f}%"
+                )
+            line += f"  {bar}"
             out.append(line.rstrip() + few_mark)
         return out
 
@@ -510,8 +518,13 @@ class DiffReport(Report):
         lines = []
         null = self.null_summary()
         if null is not None and null["numel"]:
+            source = (
+                f"fp32 master {null['master']}"
+                if null["method"] == "master"
+                else "fitted from the checkpoints, no master"
+            )
             lines.append(
-                f"precision null (fp32 master {null['master']}): predicted sparsity "
+                f"precision null ({source}): predicted sparsity "
                 f"{100 * null['predicted_sparsity']:.2f}% against "
                 f"{100 * null['observed_sparsity']:.2f}% observed, over "
                 f"{null['numel']:,} elements modelled"
@@ -929,16 +942,19 @@ def diff(
             them: every floating side stored wider (F32, F16, F64) is rounded to BF16 (to
             nearest, ties to even) before the comparison. For fp32 checkpoints, whose weights
             move almost everywhere, this gives the figure the paper reports for BF16.
-        null: also compute the precision null (design §9; needs ``master``): the sparsity
-            that rounding alone predicts for an update of the run's size. Each tensor's
+        null: also compute the precision null (design §8): the sparsity that rounding alone
+            predicts for an update of the run's size. Each tensor's
             accumulated fp32 update ``master - base`` is kept as a multiset but placed at
             random within the tensor, added to the base and rounded as ``tuned`` is stored
             (to f32, then to its dtype); the expected changed count under the diff's criterion
             (absolute or exact) is computed exactly, per tensor and per binade of the base
             value (:attr:`DiffReport.null`, ``predicted_changed`` and ``predicted_sparsity``
-            columns in every breakdown, :meth:`DiffReport.null_summary`). Implies
-            ``magnitude``. Costs a sort of each tensor's updates in memory (about 24 bytes per
-            element of the largest tensor).
+            columns in every breakdown, :meth:`DiffReport.null_summary`). Without ``master``
+            the updates are fitted from the checkpoints (``method: "fit"``), assuming that a
+            tensor's update sizes do not depend on the weight's magnitude and that its quarter
+            of elements nearest zero record their moves nearly exactly: an estimate that leans
+            towards too much sparsity. Implies ``magnitude``. Costs a sort of each tensor's
+            updates in memory (about 24 bytes per element of the largest tensor).
         master: the run's fp32 weights behind ``tuned`` (an fp32 save, or the optimizer's
             master copy exported as safetensors), paired with ``base`` by name as ``tuned`` is.
             Its rounding to ``tuned``'s dtype is checked against ``tuned``.
@@ -981,11 +997,6 @@ def diff(
     block = None if block_size is None else check_block(block_size, "block_size")
     if as_dtype not in (None, "bf16", "bfloat16"):
         raise ValueError(f"as_dtype compares as 'bf16' (or None), not {as_dtype!r}")
-    if null and master is None:
-        raise ValueError(
-            "the precision null needs the run's fp32 weights behind TUNED: master=PATH "
-            "(--master PATH)"
-        )
     if null and crit.name == "relative":
         raise ValueError("the precision null models the absolute and exact criteria")
     if null and as_dtype is not None:

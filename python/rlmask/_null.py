@@ -10,6 +10,14 @@ elements is computed exactly, not sampled: for one base value ``v`` the rounded 
 monotone in ``u``, so the ``u`` that leave ``v`` unchanged form one run of the sorted updates,
 found by bisection; a tensor costs a sort and two bisections per distinct base value.
 
+Without the master (``method="fit"``) the updates are estimated from the checkpoints alone,
+under a stated assumption: within a tensor, the size of the accumulated update does not depend
+on the weight's magnitude, and the quarter of the tensor's elements nearest zero, where the bf16
+grid is finest, record their updates nearly exactly. Their observed moves ``tuned - base``
+(zeros included) stand in for the tensor's updates. Updates smaller than those weights' own
+half-ulp are seen as zero, so the fit leans towards predicting too much sparsity; its error
+against the master-based null is measured in the Finding 1 study.
+
 The displacement is the distribution of ``|update|`` over a diff's elements (``master - base``
 when the master is given, else ``tuned - base``): exact mean and maximum, quantiles read from
 a histogram of bf16 resolution (each a lower bound within 1/128 of the value).
@@ -31,6 +39,9 @@ if TYPE_CHECKING:
 # Dtypes the null models: the base and tuned sides, and the master's.
 _ROUNDED = ("BF16", "F16", "F32")
 _MASTERS = ("F32", "F64")
+# The share of each tensor's elements, nearest zero, whose moves stand in for its updates when
+# the null is fitted from the checkpoints alone.
+FIT_SHARE = 0.25
 # Quantiles the displacement reports.
 QUANTILES = (0.5, 0.9, 0.99)
 
@@ -106,6 +117,15 @@ def unchanged_counts(
             hi = _first(n, q, lambda k, i: (rounded(k, i) - v32[i]) > t)
     kept: np.ndarray = np.maximum(hi - lo, 0)
     return kept
+
+
+def fitted_updates(base: np.ndarray, moved: np.ndarray) -> np.ndarray:
+    """The updates of the fit (see the module): the observed moves of the ``FIT_SHARE`` of
+    elements nearest zero (at least one; ties in magnitude taken in storage order)."""
+    k = max(1, int(FIT_SHARE * base.size))
+    nearest = np.argsort(np.abs(base), kind="stable")[:k]
+    picked: np.ndarray = moved[nearest]
+    return picked
 
 
 def _binade(v: np.ndarray) -> np.ndarray:
@@ -267,7 +287,15 @@ def measure(
                     bins += [(name, e, c, x) for e, (c, x) in sorted(per_bin.items())]
         else:
             u = _values(tuned.raw(sb), db) - a
+            if null:
+                if not (np.isfinite(a).all() and np.isfinite(u).all()):
+                    left_out.append((name, "non-finite values"))
+                else:
+                    expected, per_bin = tensor_null(a, fitted_updates(a, u), db, tol)
+                    predicted[name] = expected
+                    bins += [(name, e, c, x) for e, (c, x) in sorted(per_bin.items())]
         if disp is not None:
             disp.add(u)
-    model = NullModel("master", master_label, predicted, bins, disagree, left_out) if null else None
+    method = "master" if master is not None else "fit"
+    model = NullModel(method, master_label, predicted, bins, disagree, left_out) if null else None
     return model, disp

@@ -212,7 +212,10 @@ def trajectory_figure(
     a2.set_ylabel("share of elements (%)")
     a2.set_title("Categories (Figure 2)")
     a2.tick_params(axis="x", labelrotation=60, labelsize=7)
-    a2.legend(fontsize=7)
+    # Headroom above the bars (which stop at 100%) keeps the legend clear of them.
+    a2.set_ylim(0, 122)
+    a2.set_yticks(range(0, 101, 20))
+    a2.legend(fontsize=7, loc="upper center", ncol=3, frameon=False)
 
     shares = total["outside_final_share"].to_list()
     changed, numel = total["changed_vs_base"].to_list(), total["numel"].to_list()

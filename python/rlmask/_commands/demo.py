@@ -13,8 +13,10 @@ def demo() -> None:
     """Finding 1 on weights that training produced, told on the bundled checkpoints.
 
     The checkpoints come from examples/finding1/study.py: a 76k-parameter llama-shaped model
-    pretrained on two-digit addition, then RL (TRL's GRPOTrainer, two seeds) and SFT (TRL's
-    SFTTrainer) at the same learning rate. Each step prints the command that gives it.
+    pretrained on two-digit addition, then RL (TRL's GRPOTrainer; two of the study's five
+    seeds, and seed 1's fp32 master weights) and SFT (TRL's SFTTrainer, the run matched to
+    RL's KL from the base) at the same learning rate. Each step prints the command that gives
+    it; every figure is computed here, from the bundled files.
     """
     from rlmask._diff import diff
     from rlmask._overlap import overlap
@@ -22,10 +24,16 @@ def demo() -> None:
     from rlmask.examples import trained_path
 
     base = trained_path("base")
-    rel = {n: f"$EX/{n}" for n in ("base", "rl-seed1", "rl-seed2", "sft", "run-seed1")}
+    rel = {
+        n: f"$EX/{n}"
+        for n in ("base", "rl-seed1", "rl-seed1-master", "rl-seed2", "sft", "run-seed1")
+    }
     click.echo(f"rlmask demo: RL and SFT on a tiny model (EX={base.parent})\n")
 
-    click.echo("1. How much of the model did RL change, and SFT? (paper §2.2; exact and tol 1e-5)")
+    click.echo(
+        "1. How much of the model did RL change, and SFT matched to RL's KL from the base?"
+        " (paper §2.2)"
+    )
     lines = []
     for name in ("rl-seed1", "rl-seed2", "sft"):
         exact = diff(base, trained_path(name), criterion="exact", progress=False)
@@ -39,8 +47,27 @@ def demo() -> None:
     )
     click.echo("\n".join(lines))
 
+    click.echo("\n2. How much of that would bf16 rounding alone give? The precision null places")
+    click.echo("   each tensor's fp32 update (master - base) at random and rounds it to bf16:")
+    null = diff(
+        base,
+        trained_path("rl-seed1"),
+        null=True,
+        master=trained_path("rl-seed1-master"),
+        progress=False,
+    )
+    ns = null.null_summary()
+    assert ns is not None
     click.echo(
-        "\n2. Do two RL seeds update the same elements? (paper §5) Against chance, and against"
+        f"$ rlmask diff {rel['base']} {rel['rl-seed1']} --null --master {rel['rl-seed1-master']}"
+    )
+    click.echo(
+        f"   rl-seed1 sparsity {100 * ns['observed_sparsity']:.2f}% observed, "
+        f"{100 * ns['predicted_sparsity']:.2f}% predicted by rounding alone"
+    )
+
+    click.echo(
+        "\n3. Do two RL seeds update the same elements? (paper §5) Against chance, and against"
     )
     click.echo("   masks with the same density in every binade of the base's values (design §8):")
     s1 = diff(base, trained_path("rl-seed1"), mask=True, progress=False).mask
@@ -55,13 +82,18 @@ def demo() -> None:
         f"magnitude-matched {100 * t['o1_matched']:.1f}%"
     )
 
-    click.echo("\n3. Why do elements stay unchanged? The magnitude lens: changed share per binade")
-    report_lens = diff(base, trained_path("rl-seed1"), magnitude=True, progress=False)
-    click.echo(f"$ rlmask diff {rel['base']} {rel['rl-seed1']} --by magnitude")
-    for line in report_lens.lens_lines(min_numel=100):
+    click.echo(
+        "\n4. Why do elements stay unchanged? The magnitude lens: changed share per binade of"
+    )
+    click.echo("   the base value, and the share the precision null predicts:")
+    click.echo(
+        f"$ rlmask diff {rel['base']} {rel['rl-seed1']} --by magnitude --null "
+        f"--master {rel['rl-seed1-master']}"
+    )
+    for line in null.lens_lines(min_numel=100):
         click.echo(f"   {line}")
 
-    click.echo("\n4. How did the subnetwork grow over the run? (paper §6)")
+    click.echo("\n5. How did the subnetwork grow over the run? (paper §6)")
     run = trajectory(base, trained_path("run-seed1"), progress=False)
     click.echo(f"$ rlmask trajectory {rel['base']} {rel['run-seed1']}")
     for r in run.total_frame().iter_rows(named=True):
@@ -74,11 +106,15 @@ def demo() -> None:
         f"   never changed {100 * c['never'] / n:.1f}%, changed then returned "
         f"{100 * c['returned'] / n:.1f}%, final subnetwork {100 * c['final'] / n:.1f}%"
     )
+    gap = 100 * (ns["observed_sparsity"] - ns["predicted_sparsity"])
+    excess = 100 * (t["o1"] - t["o1_matched"])
     click.echo(
-        "\nAt this scale the sparsity is mostly bf16 precision: the same RL run saved in fp32\n"
-        "changes 99.8% of its elements, and most of the seeds' overlap is what their\n"
-        "magnitudes alone predict. How each checkpoint was made is in its safetensors\n"
-        'metadata (python -c "from safetensors import safe_open; ...metadata()").'
+        f"\nOn these checkpoints, rounding alone predicts RL's sparsity to {gap:+.2f} points, and\n"
+        f"the seeds' overlap exceeds what their magnitudes predict by {excess:+.1f} points (one\n"
+        "pair; examples/finding1/RESULTS.md gives the study's five seeds with intervals, RL\n"
+        "against SFT at matched KL, and Conjecture 1 against random masks of the same counts).\n"
+        "How each checkpoint was made is in its safetensors metadata\n"
+        '(python -c "from safetensors import safe_open; ...metadata()").'
     )
 
 

@@ -71,11 +71,14 @@ from rlmask._commands.common import (
 @click.option(
     "--null",
     is_flag=True,
-    help="Also compute the precision null (needs --master): the sparsity that bf16 rounding "
-    "alone predicts. Each tensor's accumulated fp32 update (MASTER - BASE) is placed at random "
-    "within the tensor, added to BASE and rounded as TUNED is stored; the expected changed "
-    "count is exact, per tensor, module and binade (columns predicted_changed and "
-    "predicted_sparsity; JSON null).",
+    help="Also compute the precision null: the sparsity that bf16 rounding alone predicts. "
+    "Each tensor's accumulated fp32 update (MASTER - BASE) is placed at random within the "
+    "tensor, added to BASE and rounded as TUNED is stored; the expected changed count is "
+    "exact, per tensor, module and binade (columns predicted_changed and predicted_sparsity; "
+    "JSON null). Without --master the updates are fitted from the checkpoints: the moves of "
+    "each tensor's quarter of elements nearest zero stand in for its updates, assuming update "
+    "sizes do not depend on the weight's magnitude (an estimate that leans towards too much "
+    "sparsity).",
 )
 @click.option(
     "--master",
@@ -144,8 +147,6 @@ def diff_cmd(
 
     extra = parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
     check_criterion(criterion, tol, eta, extra)
-    if null and master is None:
-        raise click.UsageError("--null needs --master MASTER (the run's fp32 weights behind TUNED)")
     inputs = [base, tuned, *([master] if master else [])]
     check_outputs(fmt, output, plot, inputs=inputs, others=[save_mask])
     report = diff(

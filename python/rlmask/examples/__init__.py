@@ -3,8 +3,10 @@
 ``finding1`` holds weights that training produced: the Finding 1 study
 (``examples/finding1/study.py``) pretrains a 76k-parameter llama-shaped model on two-digit
 addition (the bf16 ``base``), then runs RL with TRL's ``GRPOTrainer`` (``rl-seed1``,
-``rl-seed2``, and seed 1's checkpoints in ``run-seed1``) and SFT with TRL's ``SFTTrainer``
-(``sft``). Made by ``scripts/make_finding1_example.py``; ``rlmask demo`` tells the story on them.
+``rl-seed2``, seed 1's fp32 master weights ``rl-seed1-master`` and its checkpoints in
+``run-seed1``) and SFT with TRL's ``SFTTrainer`` (``sft``: seed 1 of the step count matched
+to RL's KL from the base). Made by ``scripts/make_finding1_example.py``; ``rlmask demo``
+tells the story on them.
 
 ``tiny-llama`` (the test suite's fixture) is a llama-shaped model (4 layers, hidden size 64,
 vocabulary 512; about 250k parameters in bf16) with a base checkpoint and two tuned checkpoints.
@@ -25,7 +27,7 @@ NAMES = ("base", "tuned-seed1", "tuned-seed2")
 
 
 #: The bundled checkpoints of the ``finding1`` family (``run-seed1`` is a run directory).
-TRAINED = ("base", "rl-seed1", "rl-seed2", "sft", "run-seed1")
+TRAINED = ("base", "rl-seed1", "rl-seed1-master", "rl-seed2", "sft", "run-seed1")
 
 
 def trained_path(name: str = "base") -> Path:
