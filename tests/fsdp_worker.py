@@ -117,6 +117,38 @@ def run(name: str, bf16: bool, warmup: int, masked: bool, rank: int, world: int)
     }
 
 
+def sync_run(rank: int, world: int) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """track_sync's callback on a sharded run (driven as the Trainer drives it, bf16 casts of
+    fp32 weights): its history, and the full bf16 parameters at the start and after each step
+    (``step{k}.NAME``), from which the test recomputes every figure."""
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import fully_shard
+
+    from rlmask.integrations.transformers import SyncCostCallback
+
+    m = model()
+    if world > 1:
+        for layer in m.model.layers:
+            fully_shard(layer)
+        fully_shard(m)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-4)
+    cb = SyncCostCallback(every=1, dtype=torch.bfloat16)
+    state, control = SimpleNamespace(global_step=0), SimpleNamespace(should_log=False)
+    cb.on_train_begin(None, state, control, model=m)
+    snapshots = {f"step0.{n}": t.bfloat16() for n, t in full(m).items()}
+    for k in range(4):
+        g = torch.Generator().manual_seed(200 + k)
+        ids = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=g)[rank::world]
+        m(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        state.global_step = k + 1
+        cb.on_step_end(None, state, control, model=m)
+        snapshots |= {f"step{k + 1}.{n}": t.bfloat16() for n, t in full(m).items()}
+    return cb.history, snapshots
+
+
 def main() -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
@@ -129,18 +161,22 @@ def main() -> None:
         if rank == 0:
             save_file(tensors, out / f"{name}.safetensors")
         dist.barrier()
+    # track_sync under FSDP2: every rank reports the model's figures.
+    import json
+
+    history, snapshots = sync_run(rank, world)
+    (out / f"sync-history-{rank}.json").write_text(json.dumps(history))
+    if rank == 0:
+        save_file(snapshots, out / "sync.safetensors")
+    dist.barrier()
     # What would report one rank's shard as the model's refuses instead.
     from torch.distributed.fsdp import fully_shard
 
-    from rlmask.integrations.transformers import SyncCostCallback
     from rlmask.torch import make_patch
 
     sharded = fully_shard(model())
     refusals = []
-    for attempt in (
-        lambda: SyncCostCallback().on_train_begin(None, None, None, model=sharded),
-        lambda: make_patch(sharded, {}, out / "never.rlpatch"),
-    ):
+    for attempt in (lambda: make_patch(sharded, {}, out / "never.rlpatch"),):
         try:
             attempt()
             refusals.append("accepted")

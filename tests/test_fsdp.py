@@ -97,10 +97,52 @@ def test_fsdp2_equals_one_process_within_reduction_noise(fsdp_runs: Path) -> Non
 
 def test_figures_that_would_be_one_ranks_are_refused(fsdp_runs: Path) -> None:
     refusals = (fsdp_runs / "refusals.txt").read_text().splitlines()
-    assert len(refusals) == 2
-    for line, what in zip(refusals, ("track_sync", "live patches"), strict=True):
-        assert line.startswith(f"{what} does not support FSDP2") and "one rank's" in line, line
+    assert len(refusals) == 1
+    line = refusals[0]
+    assert line.startswith("live patches does not support FSDP2") and "one rank's" in line, line
     assert not (fsdp_runs / "never.rlpatch").exists()
+
+
+def test_track_sync_reports_the_models_figures_on_every_rank(fsdp_runs: Path) -> None:
+    """SyncCostCallback on a sharded run: each step's counts and patch sizes are those of the
+    gathered full bf16 tensors, recomputed here with numpy, and the same on both ranks."""
+    import json
+
+    import torch
+
+    from rlmask import _rlmask
+
+    histories = [json.loads((fsdp_runs / f"sync-history-{r}.json").read_text()) for r in (0, 1)]
+    for h in (*histories[0], *histories[1]):
+        h.pop("rlmask/measure_seconds")
+    assert histories[0] == histories[1]
+    snaps = load_file(fsdp_runs / "sync.safetensors")
+    names = sorted(k[len("step0.") :] for k in snaps if k.startswith("step0."))
+
+    def bits(t: torch.Tensor) -> np.ndarray:
+        return t.contiguous().view(torch.int16).numpy().reshape(-1)
+
+    numel = sum(snaps[f"step0.{n}"].numel() for n in names)
+    for k, h in enumerate(histories[0], start=1):
+        since_last = since_start = plain = compact = 0
+        for n in names:
+            now, last, start = (bits(snaps[f"step{j}.{n}"]) for j in (k, k - 1, 0))
+            idx = np.flatnonzero(now != last)
+            since_last += idx.size
+            since_start += int((now != start).sum())
+            count = now.size
+            if idx.size:
+                plain += min(idx.size * (4 + 2), count * 2)
+                values = snaps[f"step{k}.{n}"].reshape(-1)[torch.from_numpy(idx)]
+                compact += _rlmask.compact_bytes(
+                    idx.astype(np.int64), values.contiguous().view(torch.uint8).numpy(), 2, count
+                )
+        assert h["step"] == k
+        assert h["rlmask/changed_since_last"] == pytest.approx(since_last / numel)
+        assert h["rlmask/changed_since_start"] == pytest.approx(since_start / numel)
+        assert h["rlmask/sync_bytes"] == plain and h["rlmask/sync_bytes_compact"] == compact
+        assert h["rlmask/full_bytes"] == 2 * numel
+    assert histories[0][-1]["rlmask/changed_since_start"] > 0
 
 
 @pytest.mark.parametrize("name", ["fp32", "bf16", "ddp"])

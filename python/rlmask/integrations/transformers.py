@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from transformers import TrainerCallback
 
 from rlmask._io import PathArg
@@ -87,6 +88,11 @@ class SyncCostCallback(TrainerCallback):
     It keeps two copies of the trainable floating parameters on their device (the start and
     the last measured state). Install it with :func:`track_sync`, which puts it before the
     reporting callbacks so that wandb or tensorboard receive the keys.
+
+    Under FSDP2 (parameters sharded as DTensors over a 1-D mesh) each rank keeps its shards'
+    copies only; at a measured step the ranks exchange the changed elements' global indices
+    and values (never the parameters) and every rank reports the model's figures, the same on
+    each. Replicated (DDP) parameters are measured where they are.
     """
 
     def __init__(self, every: int = 10, dtype: Any = None) -> None:
@@ -100,20 +106,46 @@ class SyncCostCallback(TrainerCallback):
         self.history: list[dict[str, float]] = []
 
     def _state(self, model: Any) -> dict[str, Any]:
-        """The measured parameters as a sync would send them (cast to ``dtype`` if given)."""
+        """The measured parameters (this rank's shards of sharded ones) as a sync would send
+        them (cast to ``dtype`` if given)."""
+        from rlmask.torch import _local
+
         return {
-            n: p.detach() if self.dtype is None else p.detach().to(self.dtype)
+            n: _local(p.detach()) if self.dtype is None else _local(p.detach()).to(self.dtype)
             for n, p in self._params(model).items()
         }
 
     @staticmethod
     def _params(model: Any) -> dict[str, Any]:
-        from rlmask.torch import refuse_sharded
-
-        refuse_sharded(model.named_parameters(), "track_sync")
         return {
             n: p for n, p in model.named_parameters() if p.requires_grad and p.is_floating_point()
         }
+
+    @staticmethod
+    def _placement(name: str, p: Any) -> tuple[Any, tuple[int, ...], tuple[int, ...]] | None:
+        """For a parameter sharded over a 1-D mesh, ``(group, local shape, global offset)``;
+        None for a plain or replicated one.
+
+        Raises:
+            ValueError: a mesh of more than one dimension (HSDP), or a partial placement.
+        """
+        from rlmask.torch import _is_dtensor
+
+        if not _is_dtensor(p):
+            return None
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        mesh, placements = p.device_mesh, p.placements
+        if mesh.ndim != 1 or not (placements[0].is_shard() or placements[0].is_replicate()):
+            raise ValueError(
+                f"track_sync measures parameters sharded over a 1-D mesh (FSDP2); '{name}' is "
+                f"placed {placements} over a {mesh.ndim}-D mesh, whose figures it would count "
+                "more than once"
+            )
+        if placements[0].is_replicate():
+            return None
+        shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
+        return mesh.get_group(), tuple(shape), tuple(offset)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model = kwargs.get("model")
@@ -136,24 +168,54 @@ class SyncCostCallback(TrainerCallback):
 
         t0 = time.perf_counter()
         numel = since_last = since_start = sync = compact = full = 0
+        params = self._params(model)
+        # Sharded parameters: this rank's changes in global indices, merged across ranks below.
+        shared: dict[str, tuple[np.ndarray, np.ndarray, int, int]] = {}
+        group = None
         with torch.no_grad():
             for n, p in self._state(model).items():
                 flat = p.reshape(-1)
                 now = _bits_view(flat)
                 differs = now != _bits_view(self.last[n].reshape(-1))
-                changed = int(differs.sum())
-                since_start += int((now != _bits_view(self.start[n].reshape(-1))).sum())
-                size, count = p.element_size(), p.numel()
-                index = 8 if count > 2**31 else 4
-                if changed:
-                    idx = torch.nonzero(differs).reshape(-1)
-                    values = flat[idx].contiguous().view(torch.uint8).cpu().numpy()
-                    sync += min(changed * (index + size), count * size)
-                    compact += _rlmask.compact_bytes(idx.cpu().numpy(), values, size, count)
+                start_moved = int((now != _bits_view(self.start[n].reshape(-1))).sum())
+                size, count = p.element_size(), params[n].numel()
                 full += count * size
                 numel += count
-                since_last += changed
+                idx = torch.nonzero(differs).reshape(-1)
+                values = flat[idx].contiguous().view(torch.uint8).cpu().numpy()
+                placed = self._placement(n, params[n])
                 self.last[n].copy_(p)
+                if placed is not None:
+                    group, shape, offset = placed
+                    local = np.unravel_index(idx.cpu().numpy(), shape)
+                    where = tuple(i + o for i, o in zip(local, offset, strict=True))
+                    glob = np.ravel_multi_index(where, tuple(params[n].shape)).astype(np.int64)
+                    shared[n] = (glob, values, start_moved, size)
+                    continue
+                since_start += start_moved
+                changed = int(idx.numel())
+                since_last += changed
+                if changed:
+                    sync += _plain_bytes(changed, count, size)
+                    compact += _rlmask.compact_bytes(idx.cpu().numpy(), values, size, count)
+            if shared:
+                import torch.distributed as dist
+
+                parts: list[Any] = [None] * dist.get_world_size(group)
+                dist.all_gather_object(parts, shared, group=group)
+                for n, (*_, size) in shared.items():
+                    count = params[n].numel()
+                    glob = np.concatenate([part[n][0] for part in parts])
+                    vals = np.concatenate([part[n][1].reshape(-1, size) for part in parts])
+                    since_start += sum(part[n][2] for part in parts)
+                    order = np.argsort(glob, kind="stable")
+                    changed = int(glob.size)
+                    since_last += changed
+                    if changed:
+                        sync += _plain_bytes(changed, count, size)
+                        compact += _rlmask.compact_bytes(
+                            glob[order], np.ascontiguousarray(vals[order]).reshape(-1), size, count
+                        )
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.pending = {
@@ -174,6 +236,13 @@ class SyncCostCallback(TrainerCallback):
         if state.log_history:
             state.log_history[-1].update(self.pending)  # the line this log call recorded
         self.pending = {}
+
+
+def _plain_bytes(changed: int, count: int, size: int) -> int:
+    """The plain codec's bytes for one tensor: its changed elements' indices and values, or the
+    whole tensor where that is smaller (design §9)."""
+    index = 8 if count > 2**31 else 4
+    return min(changed * (index + size), count * size)
 
 
 def track_sync(trainer: Any, every: int = 10, dtype: Any = None) -> SyncCostCallback:
