@@ -1,6 +1,6 @@
 """Masked training of a tiny transformers Llama sharded with FSDP2, for ``test_fsdp.py``.
 
-Run by ``torchrun --nproc_per_node 2 tests/fsdp_worker.py OUT`` (gloo on the CPU), and
+Run by ``torchrun --nproc_per_node N tests/fsdp_worker.py OUT [RUN,RUN...]`` (gloo on the CPU), and
 imported by the test for the same run in one process without sharding. Each run writes, from
 rank 0, the full parameters when the mask was attached and after the last step
 (``OUT/{run}.safetensors``: ``before.NAME`` and ``after.NAME``).
@@ -154,13 +154,20 @@ def main() -> None:
     from safetensors.torch import save_file
 
     out = Path(sys.argv[1])
+    # Optionally only some runs (``fp32,bf16``): then nothing else.
+    only = sys.argv[2].split(",") if len(sys.argv) > 2 else None
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     for name, bf16, warmup, masked in RUNS:
+        if only is not None and name not in only:
+            continue
         tensors = run(name, bf16, warmup, masked, rank, world)
         if rank == 0:
             save_file(tensors, out / f"{name}.safetensors")
         dist.barrier()
+    if only is not None:
+        dist.destroy_process_group()
+        return
     # track_sync under FSDP2: every rank reports the model's figures.
     import json
 

@@ -20,9 +20,7 @@ import fsdp_worker as W
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fsdp")
+def _torchrun(out: Path, nproc: int, runs: str | None = None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     with socket.socket() as s:  # a free port for the rendezvous (port 0 hangs torchrun)
         s.bind(("127.0.0.1", 0))
@@ -33,13 +31,14 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "-m",
             "torch.distributed.run",
             "--nproc_per_node",
-            "2",
+            str(nproc),
             "--master_addr",
             "127.0.0.1",
             "--master_port",
             str(port),
             str(HERE / "fsdp_worker.py"),
             str(out),
+            *([runs] if runs else []),
         ],
         capture_output=True,
         text=True,
@@ -47,6 +46,12 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         env=env,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    _torchrun(out, 2)
     return out
 
 
@@ -77,6 +82,17 @@ def test_frozen_elements_stay_bit_identical_sharded(fsdp_runs: Path, name: str) 
     # Unmasked, the same run moves the frozen elements too: the test has power.
     unmasked = load_file(fsdp_runs / "fp32-unmasked.safetensors")
     assert _moved(unmasked, mask)[0] > 0
+
+
+def test_three_ranks_with_uneven_shards(tmp_path: Path) -> None:
+    """A mesh of 3: rows of 32, 16 and 64 split unevenly (11/11/10, 6/6/4, 22/22/20), so each
+    rank's slice of the mask and the shard's padding must line up."""
+    _torchrun(tmp_path, 3, "fp32,bf16")
+    mask = W.mask_for(W.model())
+    for name in ("fp32", "bf16"):
+        frozen, trained, total = _moved(load_file(tmp_path / f"{name}.safetensors"), mask)
+        assert frozen == 0, f"{frozen} frozen elements moved on 3 ranks ({name})"
+        assert trained > 0.9 * total, (trained, total)
 
 
 def test_fsdp2_equals_one_process_within_reduction_noise(fsdp_runs: Path) -> None:
