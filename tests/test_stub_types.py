@@ -155,10 +155,18 @@ def test_main_calls_return_what_the_stub_says(pair: tuple[Path, Path], tmp_path:
         None,
         "diff",
     )
-    assert check_properties(result) == 10
-    assert {check_properties(t) for t in result.tensors} == {9}
-    assert any(t.bits is not None for t in result.tensors)  # both arms of the union exercised
-    assert any(t.bits is None for t in result.tensors)
+    assert check_properties(result) == 12
+    cols = result.columns
+    kinds = {"name": str, "dtype": str, "tuned_dtype": str, "numel": int, "floating": bool}
+    assert set(cols) == {*kinds, "shape", "changed"}
+    assert len({len(v) for v in cols.values()}) == 1  # one entry per tensor in every column
+    for key, kind in kinds.items():
+        assert all(type(x) is kind for x in cols[key]), key
+    for key in ("shape", "changed"):
+        assert all(isinstance(x, list) and all(type(i) is int for i in x) for x in cols[key])
+    # Bits only for the floating tensors: both arms of "a mask or not" exercised.
+    assert 0 < len(result.bits) < len(cols["name"])
+    assert result.magnitude is not None and all(len(row) == 4 for row in result.magnitude)
 
     mask_path = tmp_path / "m.rlmask"
     traj = check_call(

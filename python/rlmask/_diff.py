@@ -674,7 +674,7 @@ class DiffReport(Report):
         lines = [
             f"base:  {self.base}",
             f"tuned: {self.tuned}",
-            f"criterion: {self.criterion}; {self.tensors.height} tensors compared, "
+            f"criterion: {self.criterion}; {len(self.columns['name'])} tensors compared, "
             f"{self.numel:,} floating elements",
         ]
         for t, c, s in zip(
@@ -692,7 +692,11 @@ class DiffReport(Report):
             ("skipped (mismatched)", [n for n, _ in self.skipped]),
             (
                 "module type unknown to the naming table (filed as 'other')",
-                self.tensors.filter(pl.col("module") == "other")["name"].to_list(),
+                [
+                    n
+                    for n, where in zip(self.columns["name"], self._places, strict=True)
+                    if where[2] == "other"
+                ],
             ),
             (
                 "compared on the rows both share (rows base -> tuned)",
@@ -705,8 +709,13 @@ class DiffReport(Report):
             layouts = sorted(
                 {f"{a or 'unscaled'} / {b or 'unscaled'}" for _, a, b in self.dequantised}
             )
-            scales = self.tensors.filter(pl.col("name").is_in(self.scales))
-            moved = int((scales["changed"] > 0).sum()) if scales.height else 0
+            scale_names = set(self.scales)
+            cols = self.columns
+            moved = sum(
+                1
+                for n, counts in zip(cols["name"], cols["changed"], strict=True)
+                if n in scale_names and counts[self._primary] > 0
+            )
             lines.append(
                 f"FP8 and MXFP4 weights compared dequantised (scales base / tuned: "
                 f"{', '.join(layouts)}): "
@@ -1034,7 +1043,17 @@ def diff(
             a,
             b,
             m,
-            [(r.name, r.dtype, r.tuned_dtype) for r in raw.tensors if r.floating],
+            [
+                (n, da, db)
+                for n, da, db, f in zip(
+                    raw.columns["name"],
+                    raw.columns["dtype"],
+                    raw.columns["tuned_dtype"],
+                    raw.columns["floating"],
+                    strict=True,
+                )
+                if f
+            ],
             tol=None if crit.name == "exact" else crit.primary,
             null=null,
             displacement=displacement or master is not None,
@@ -1069,27 +1088,29 @@ def _report(
     values = crit.values
     # Natural order: model.layers.2 before model.layers.10, in every table and file. The core
     # returns it for ASCII names (natural_cmp); other names (Unicode digits) are sorted here.
-    rows = raw.tensors
-    if not all(r.name.isascii() for r in rows):
-        rows = sorted(rows, key=lambda r: natural_key(r.name))
-    columns: dict[str, list[Any]] = {
-        "name": [r.name for r in rows],
-        "dtype": [r.dtype for r in rows],
-        "tuned_dtype": [r.tuned_dtype for r in rows],
-        "shape": [r.shape for r in rows],
-        "numel": [r.numel for r in rows],
-        "floating": [r.floating for r in rows],
-        "changed": [list(r.changed) for r in rows],
-    }
-    packed = {r.name: (r.shape, r.dtype, r.bits) for r in rows if r.bits is not None}
+    columns: dict[str, list[Any]] = raw.columns
+    if not all(n.isascii() for n in columns["name"]):
+        order = sorted(range(len(columns["name"])), key=lambda i: natural_key(columns["name"][i]))
+        columns = {k: [v[i] for i in order] for k, v in columns.items()}
+    bits = raw.bits
     mask = None
-    if packed:  # imported only when a mask was asked for: the plain diff starts faster
+    if bits:  # imported only when a mask was asked for: the plain diff starts faster
         from rlmask._mask import Mask
 
+        packed = {
+            n: (shape, dtype, bits[n])
+            for n, shape, dtype in zip(
+                columns["name"], columns["shape"], columns["dtype"], strict=True
+            )
+            if n in bits
+        }
         mask = Mask.from_packed(packed, provenance)
     magnitude = None
-    if any(r.magnitude is not None for r in rows):
-        bins = [(r.name, *b) for r in rows for b in r.magnitude or ()]
+    if raw.magnitude is not None:
+        bins = raw.magnitude
+        if columns is not raw.columns:  # rows of each tensor in the report's order
+            rank = {n: i for i, n in enumerate(columns["name"])}
+            bins = sorted(bins, key=lambda b: rank[b[0]])
         changed_cols = _columns("changed", criterion, values)
         magnitude = pl.DataFrame(
             {

@@ -20,7 +20,9 @@ pub struct Checkpoint {
     /// for a directory, its index file when it has one, else the directory itself.
     pub path: PathBuf,
     pub shards: Vec<Shard>,
-    names: BTreeMap<String, (usize, usize)>,
+    /// (shard, tensor) of every tensor, sorted by name: the names live once, in the shards'
+    /// tensor descriptions (a million-tensor header pays for each name once, not twice).
+    names: Vec<(u32, u32)>,
     /// MXFP4 weights stored as raw bytes (gpt-oss: `X_blocks`), by stored name: the same
     /// bytes seen as F4 elements ([`Checkpoint::get_value`]).
     mxfp4: BTreeMap<String, (usize, TensorInfo)>,
@@ -240,36 +242,44 @@ impl Checkpoint {
         for shard in &shards {
             not_an_rlmask_file(shard)?;
         }
-        let mut names = BTreeMap::new();
-        for (si, shard) in shards.iter().enumerate() {
-            for (ti, t) in shard.tensors.iter().enumerate() {
-                if let Some((other, _)) = names.insert(t.name.clone(), (si, ti)) {
-                    return Err(Error::tensor(
-                        &shard.path,
-                        &t.name,
-                        format!("also present in {}", shards[other].path.display()),
-                    ));
-                }
-            }
+        // u32 indices: a shard holds fewer than 2^32 tensors (its header is at most 100 MB).
+        let mut names: Vec<(u32, u32)> = shards
+            .iter()
+            .enumerate()
+            .flat_map(|(si, shard)| (0..shard.tensors.len()).map(move |ti| (si as u32, ti as u32)))
+            .collect();
+        let name_of = |&(s, t): &(u32, u32)| shards[s as usize].tensors[t as usize].name.as_str();
+        names.sort_unstable_by(|x, y| name_of(x).cmp(name_of(y)).then(x.cmp(y)));
+        // A shard's own names are unique (its header is checked), so a repeat is across shards.
+        if let Some(w) = names.windows(2).find(|w| name_of(&w[0]) == name_of(&w[1])) {
+            let (shard, other) = (&shards[w[1].0 as usize], &shards[w[0].0 as usize]);
+            return Err(Error::tensor(
+                &shard.path,
+                name_of(&w[1]),
+                format!("also present in {}", other.path.display()),
+            ));
         }
-        let mut mxfp4 = BTreeMap::new();
-        for (name, &(si, ti)) in &names {
-            let Some(stem) = name.strip_suffix("_blocks") else {
-                continue;
-            };
-            let scales = names
-                .get(&format!("{stem}_scales"))
-                .map(|&(s, t)| &shards[s].tensors[t]);
-            if let Some(view) = mxfp4_view(&shards[si].tensors[ti], scales) {
-                mxfp4.insert(name.clone(), (si, view));
-            }
-        }
-        Ok(Checkpoint {
+        let mut ckpt = Checkpoint {
             path: root.to_path_buf(),
             shards,
             names,
-            mxfp4,
-        })
+            mxfp4: BTreeMap::new(),
+        };
+        let mut mxfp4 = BTreeMap::new();
+        for name in ckpt.names() {
+            let Some(stem) = name.strip_suffix("_blocks") else {
+                continue;
+            };
+            let (Some(at), Some((_, blocks))) = (ckpt.position(name), ckpt.get(name)) else {
+                continue;
+            };
+            let scales = ckpt.get(&format!("{stem}_scales")).map(|(_, t)| t);
+            if let Some(view) = mxfp4_view(blocks, scales) {
+                mxfp4.insert(name.to_string(), (ckpt.names[at].0 as usize, view));
+            }
+        }
+        ckpt.mxfp4 = mxfp4;
+        Ok(ckpt)
     }
 
     /// A checkpoint described by an index file, checked against its shards both ways.
@@ -330,15 +340,15 @@ impl Checkpoint {
         let mut listed: Vec<(&String, &String)> = index.weight_map.iter().collect();
         listed.sort();
         for (name, file) in listed {
-            match ckpt.names.get(name) {
+            match ckpt.get(name) {
                 None => {
                     return Err(Error::index(
                         index_path,
                         format!("tensor '{name}' is listed in '{file}', which does not hold it"),
                     ))
                 }
-                Some(&(si, _)) => {
-                    let actual = &ckpt.shards[si].path;
+                Some((shard, _)) => {
+                    let actual = &shard.path;
                     if actual.file_name().map(|n| n.to_string_lossy()) != Some(file.into()) {
                         return Err(Error::index(
                             index_path,
@@ -351,26 +361,36 @@ impl Checkpoint {
                 }
             }
         }
-        if let Some(name) = ckpt
-            .names
-            .keys()
-            .find(|n| !index.weight_map.contains_key(*n))
-        {
-            let (si, _) = ckpt.names[name];
+        if let Some(name) = ckpt.names().find(|n| !index.weight_map.contains_key(*n)) {
+            let shard = ckpt.get(name).map(|(s, _)| s.path.display().to_string());
             return Err(Error::index(
                 index_path,
                 format!(
                     "tensor '{name}' is stored in '{}' but not listed in the index",
-                    ckpt.shards[si].path.display()
+                    shard.unwrap_or_default()
                 ),
             ));
         }
         Ok(ckpt)
     }
 
+    /// The name of the `i`-th tensor in name order.
+    fn name_at(&self, i: usize) -> &str {
+        let (s, t) = self.names[i];
+        &self.shards[s as usize].tensors[t as usize].name
+    }
+
+    /// Where `name` sits in name order.
+    fn position(&self, name: &str) -> Option<usize> {
+        let i = self.names.partition_point(|&(s, t)| {
+            self.shards[s as usize].tensors[t as usize].name.as_str() < name
+        });
+        (i < self.names.len() && self.name_at(i) == name).then_some(i)
+    }
+
     /// Tensor names, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.names.keys().map(String::as_str)
+        (0..self.names.len()).map(|i| self.name_at(i))
     }
 
     /// Number of tensors.
@@ -385,9 +405,10 @@ impl Checkpoint {
 
     /// The shard holding `name` and the tensor's description.
     pub fn get(&self, name: &str) -> Option<(&Shard, &TensorInfo)> {
-        self.names.get(name).map(|&(s, t)| {
-            let shard = &self.shards[s];
-            (shard, &shard.tensors[t])
+        self.position(name).map(|i| {
+            let (s, t) = self.names[i];
+            let shard = &self.shards[s as usize];
+            (shard, &shard.tensors[t as usize])
         })
     }
 
@@ -402,6 +423,6 @@ impl Checkpoint {
 
     /// True when `name` is stored.
     pub fn contains(&self, name: &str) -> bool {
-        self.names.contains_key(name)
+        self.position(name).is_some()
     }
 }

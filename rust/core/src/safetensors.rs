@@ -168,6 +168,22 @@ impl Shard {
         // Tensor data is read front to back: ask for generous read-ahead on cold files.
         #[cfg(unix)]
         let _ = mmap.advise(memmap2::Advice::Sequential);
+        // The header is parsed and never read again: its pages leave this process's resident
+        // set (a hostile header of 100 MB would otherwise stay resident beside its parse).
+        #[cfg(unix)]
+        {
+            let header_end = tensors.iter().map(|t| t.offset).min().unwrap_or(mmap.len());
+            let whole_pages = header_end - header_end % 4096;
+            if whole_pages > 0 {
+                // SAFETY: the map is read-only and never written through, so MADV_DONTNEED only
+                // drops page-table entries of file-backed pages: a later access re-reads the
+                // same bytes from the file (nothing borrows the header: `parse_header` returned
+                // owned values), and a truncated file faults into the guard as any read does.
+                let _ = unsafe {
+                    mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, whole_pages)
+                };
+            }
+        }
         Ok(Shard {
             path: path.to_path_buf(),
             tensors,

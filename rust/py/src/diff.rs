@@ -3,9 +3,9 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use numpy::{IntoPyArray, PyArray1};
+use numpy::IntoPyArray;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyString};
 use rlmask_core as core;
 
 use crate::checkpoint::Checkpoint;
@@ -129,32 +129,25 @@ impl Criterion {
     }
 }
 
-/// One compared tensor of a `diff`.
-#[pyclass(module = "rlmask._rlmask", frozen, get_all)]
-pub struct TensorDiff {
-    /// Name as paired (wrapper segments removed, the name map applied).
-    name: String,
-    /// Dtype in the base checkpoint.
-    dtype: String,
-    /// Dtype in the tuned checkpoint.
-    tuned_dtype: String,
-    shape: Vec<u64>,
-    numel: u64,
-    /// Whether the elements are floating point (integer tensors are compared bit for bit).
-    floating: bool,
-    /// Changed elements, one count per threshold.
-    changed: Vec<u64>,
-    /// Packed changed-bits at the mask threshold, when asked for.
-    bits: Option<Py<PyArray1<u8>>>,
-    /// With `magnitude`: the non-empty binades of the base value as (exponent, elements,
-    /// changed per threshold).
-    magnitude: Option<Vec<(usize, u64, Vec<u64>)>>,
-}
+/// One non-empty binade of one tensor's base values: (name, exponent, elements, changed per
+/// threshold).
+type Binade = (String, usize, u64, Vec<u64>);
 
 /// The result of `diff`: the compared tensors and what could not be compared.
 #[pyclass(module = "rlmask._rlmask", frozen)]
 pub struct DiffResult {
-    tensors: Vec<Py<TensorDiff>>,
+    /// One list per field, one entry per compared tensor in natural name order: `name`,
+    /// `dtype`, `tuned_dtype`, `shape`, `numel`, `floating`, `changed` (a list per tensor, one
+    /// count per threshold). Columns, not an object per tensor: a million tensors cost lists.
+    #[pyo3(get)]
+    columns: Py<PyDict>,
+    /// Packed changed-bits at the mask threshold, by name, when a mask was asked for.
+    #[pyo3(get)]
+    bits: Py<PyDict>,
+    /// With `magnitude`: `(name, exponent, elements, changed per threshold)` of every
+    /// non-empty binade of every floating tensor's base values; else None.
+    #[pyo3(get)]
+    magnitude: Option<Vec<Binade>>,
     #[pyo3(get)]
     only_in_base: Vec<String>,
     #[pyo3(get)]
@@ -179,15 +172,6 @@ pub struct DiffResult {
     renamed_base: Vec<(String, String)>,
     #[pyo3(get)]
     renamed_tuned: Vec<(String, String)>,
-}
-
-#[pymethods]
-impl DiffResult {
-    /// The compared tensors, sorted by name.
-    #[getter]
-    fn tensors(&self, py: Python<'_>) -> Vec<Py<TensorDiff>> {
-        self.tensors.iter().map(|t| t.clone_ref(py)).collect()
-    }
 }
 
 /// Compares two checkpoints (see `rlmask.diff` for the public interface). Names pair after
@@ -239,30 +223,65 @@ pub fn diff<'py>(
         .detach(|| core::diff(&a, &b, &opts, &watch))
         .map_err(CoreError)?;
 
-    let mut tensors = Vec::with_capacity(result.tensors.len());
+    let n = result.tensors.len();
+    // One Python string per dtype, shared by every row that has it.
+    let mut dtypes: std::collections::HashMap<core::Dtype, Py<PyString>> = Default::default();
+    let mut dtype = |d: core::Dtype| -> Py<PyString> {
+        dtypes
+            .entry(d)
+            .or_insert_with(|| PyString::new(py, d.name()).unbind())
+            .clone_ref(py)
+    };
+    let (mut names, mut base_dtypes, mut tuned_dtypes) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut shapes, mut numels, mut floating, mut changed) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let bits = PyDict::new(py);
+    let mut magnitude: Option<Vec<Binade>> = None;
     for t in result.tensors {
-        // The non-empty binades: (exponent, numel, changed per threshold).
-        let magnitude = t.by_magnitude.map(|h| {
-            (0..256)
-                .filter(|&e| h.numel[e] > 0)
-                .map(|e| (e, h.numel[e], h.changed.iter().map(|r| r[e]).collect()))
-                .collect()
-        });
-        let record = TensorDiff {
-            name: t.name,
-            dtype: t.base_dtype.to_string(),
-            tuned_dtype: t.tuned_dtype.to_string(),
-            shape: t.shape,
-            numel: t.numel,
-            floating: t.floating,
-            changed: t.changed,
-            bits: t.bits.map(|b| b.into_pyarray(py).unbind()),
-            magnitude,
-        };
-        tensors.push(Py::new(py, record)?);
+        if let Some(h) = &t.by_magnitude {
+            // The non-empty binades: (name, exponent, numel, changed per threshold).
+            magnitude.get_or_insert_with(Vec::new).extend(
+                (0..256).filter(|&e| h.numel[e] > 0).map(|e| {
+                    (
+                        t.name.clone(),
+                        e,
+                        h.numel[e],
+                        h.changed.iter().map(|r| r[e]).collect(),
+                    )
+                }),
+            );
+        }
+        if let Some(b) = t.bits {
+            bits.set_item(&t.name, b.into_pyarray(py))?;
+        }
+        base_dtypes.push(dtype(t.base_dtype));
+        tuned_dtypes.push(dtype(t.tuned_dtype));
+        names.push(t.name);
+        shapes.push(t.shape);
+        numels.push(t.numel);
+        floating.push(t.floating);
+        changed.push(t.changed);
     }
+    let columns = PyDict::new(py);
+    columns.set_item("name", names)?;
+    columns.set_item("dtype", base_dtypes)?;
+    columns.set_item("tuned_dtype", tuned_dtypes)?;
+    columns.set_item("shape", shapes)?;
+    columns.set_item("numel", numels)?;
+    columns.set_item("floating", floating)?;
+    columns.set_item("changed", changed)?;
     Ok(DiffResult {
-        tensors,
+        columns: columns.unbind(),
+        bits: bits.unbind(),
+        magnitude,
         only_in_base: result.only_in_base,
         only_in_tuned: result.only_in_tuned,
         tied: result.tied,

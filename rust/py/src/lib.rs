@@ -18,7 +18,7 @@ mod _rlmask {
     #[pymodule_export]
     use super::checkpoint::{Checkpoint, TensorInfo};
     #[pymodule_export]
-    use super::diff::{diff, Criterion, DiffResult, Progress, TensorDiff};
+    use super::diff::{diff, Criterion, DiffResult, Progress};
     #[pymodule_export]
     use super::mask::{
         mask_combine, mask_count, mask_overlap, write_mask, CombineOp, MaskFile, MaskTensor,
