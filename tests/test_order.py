@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -26,6 +27,9 @@ def test_layers_are_in_natural_order(tmp_path: Path) -> None:
     )
     assert report.tensors["name"].to_list() == want
     assert [t["name"] for t in report.to_dict()["tensors"]] == want
+    # The JSON text (records written one at a time) is the dict, record for record.
+    assert json.loads(report.to_json()) == report.to_dict()
+    assert json.loads(report.to_json(indent=2)) == report.to_dict()
     out = tmp_path / "t.csv"
     r = CliRunner().invoke(
         cli,

@@ -19,7 +19,7 @@ from rlmask._names import (
     select_names,
 )
 from rlmask._progress import progress_wanted, run_with_progress
-from rlmask._report import Report, few, printable_lines, sort_modules
+from rlmask._report import LazyRecords, Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
 from rlmask.errors import CheckpointFormatError, PairingError, RlmaskError
@@ -551,10 +551,18 @@ class DiffReport(Report):
     def to_dict(self) -> dict[str, Any]:
         """The machine-readable report of design §4 (a stable contract: keys may be added,
         never removed)."""
+        return self._dict(lazy=False)
+
+    def _json_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` with the tensor records made one at a time as they are written (a
+        million records are never all held at once)."""
+        return self._dict(lazy=True)
+
+    def _dict(self, *, lazy: bool) -> dict[str, Any]:
         changed_cols = self._columns("changed")
         c = self.columns
         predicted = None if self.null is None else self.null.predicted
-        tensors = [
+        records = (
             {
                 "name": name,
                 "dtype": dtype,
@@ -581,7 +589,8 @@ class DiffReport(Report):
                 c["changed"],
                 strict=True,
             )
-        ]
+        )
+        tensors = LazyRecords(records) if lazy else list(records)
         return {
             "base": self.base,
             "tuned": self.tuned,

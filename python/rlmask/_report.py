@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from rlmask._io import PathArg, write_atomic, write_text_atomic
@@ -21,15 +21,28 @@ Level = Literal["total", "layer", "module", "tensor"]
 _MODULE_RANK = {m: i for i, m in enumerate((*MODULES, "other"))}
 
 
+class LazyRecords:
+    """Records (dicts) made as they are read, once: a JSON writer's stand-in for a list of a
+    million records that need never all exist at once."""
+
+    def __init__(self, records: Iterable[dict[str, Any]]) -> None:
+        self._records = iter(records)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._records
+
+
 def records_per_line(d: dict[str, Any]) -> str:
     """``d`` as a JSON object with one key per line and one record per line in its lists of
-    records; every piece is a compact ``json.dumps``."""
+    records (and :class:`LazyRecords`); every piece is a compact ``json.dumps``."""
     dumps = json.dumps
     lines = []
     for key, value in d.items():
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        if isinstance(value, LazyRecords) or (
+            isinstance(value, list) and value and all(isinstance(v, dict) for v in value)
+        ):
             rows = ",\n    ".join(map(dumps, value))
-            lines.append(f"  {dumps(key)}: [\n    {rows}\n  ]")
+            lines.append(f"  {dumps(key)}: [\n    {rows}\n  ]" if rows else f"  {dumps(key)}: []")
         else:
             lines.append(f"  {dumps(key)}: {dumps(value)}")
     return "{\n" + ",\n".join(lines) + "\n}"
@@ -121,11 +134,18 @@ class Report:
         standard library's C encoder (an indented dump goes through its Python encoder, about
         four times slower on a report of thousands of tensors). ``indent=N`` indents every
         level instead."""
-        d = self.to_dict()
-        text = (json.dumps(d, indent=indent) if indent is not None else records_per_line(d)) + "\n"
+        if indent is not None:
+            text = json.dumps(self.to_dict(), indent=indent) + "\n"
+        else:
+            text = records_per_line(self._json_dict()) + "\n"
         if path is not None:
             write_text_atomic(path, text)
         return text
+
+    def _json_dict(self) -> dict[str, Any]:
+        """What :meth:`to_json` writes: :meth:`to_dict`, whose long lists of records a report
+        may give as :class:`LazyRecords`."""
+        return self.to_dict()
 
     def to_csv(self, path: PathArg | None = None, *, by: Level = "tensor") -> str:
         """The ``by`` breakdown as CSV text; also written atomically to ``path`` if given."""
