@@ -199,3 +199,52 @@ def _delta(base: Path, tuned: Path, name: str) -> torch.Tensor:
         return out
 
     return load(tuned)[name].float() - load(base)[name].float()
+
+
+def test_rank_pairs_as_diff_does(tmp_path: Path) -> None:
+    """One plan for every pass (issue 28): a tuned checkpoint saved from a DDP-wrapped model
+    (``module.`` before every name) pairs with its base in rank as in diff, a name map
+    applies, and a comparison over nothing is refused instead of printing an empty report."""
+    base, tuned, ranks = _known_rank_pair(tmp_path)
+    wrapped = {f"module.{n}": t for n, t in load_file(tuned).items()}
+    (tmp_path / "ddp").mkdir()
+    save_file(wrapped, tmp_path / "ddp" / "model.safetensors")
+    plain = rlmask.rank(base, tuned, device="cpu", progress=False)
+    r = rlmask.rank(base, tmp_path / "ddp", device="cpu", progress=False)
+    assert r.tensors["name"].to_list() == plain.tensors["name"].to_list()
+    assert r.tensors["rank"].to_list() == plain.tensors["rank"].to_list()
+    assert dict(zip(r.tensors["name"], r.tensors["rank"], strict=True)) == {
+        n: k for n, k in ranks.items() if n in r.tensors["name"].to_list()
+    }
+    assert rlmask.diff(base, tmp_path / "ddp", progress=False).numel > 0  # diff pairs them too
+    # A prefix that only a name map reconciles.
+    renamed = {
+        f"base_model.model.{n}": t for n, t in load_file(tuned).items()
+    }
+    (tmp_path / "peft").mkdir()
+    save_file(renamed, tmp_path / "peft" / "model.safetensors")
+    with pytest.raises(rlmask.PairingError):
+        rlmask.rank(base, tmp_path / "peft", device="cpu", progress=False)
+    m = rlmask.rank(
+        base, tmp_path / "peft", device="cpu", name_map={"base_model.model.": ""}, progress=False
+    )
+    assert m.tensors["rank"].to_list() == plain.tensors["rank"].to_list()
+    res = CliRunner().invoke(
+        cli,
+        [
+            "rank",
+            str(base),
+            str(tmp_path / "peft"),
+            "--device",
+            "cpu",
+            "--name-map",
+            "base_model.model.=",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    # Nothing two-dimensional to decompose: a one-line refusal, exit 1.
+    res = CliRunner().invoke(
+        cli, ["rank", str(base), str(tuned), "--device", "cpu", "--include", "norm"]
+    )
+    assert res.exit_code == 1 and "no 2-D floating update matrix" in res.stderr, res.output
+    assert "Traceback" not in res.output

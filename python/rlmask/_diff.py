@@ -18,11 +18,12 @@ from rlmask._names import (
     place,
     select_names,
 )
+from rlmask._plan import selection
 from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import LazyRecords, Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
-from rlmask.errors import CheckpointFormatError, PairingError, RlmaskError
+from rlmask.errors import CheckpointFormatError, RlmaskError
 
 if TYPE_CHECKING:
     import polars as pl
@@ -863,31 +864,6 @@ def parse_criterion(
     return _rlmask.Criterion(
         criterion, tol=tol, tolerances=[float(t) for t in tolerances or ()], eta=eta
     )
-
-
-def selection(
-    ckpts: Sequence[_rlmask.Checkpoint],
-    include: str | Iterable[str] | None,
-    exclude: str | Iterable[str] | None,
-    name_map: Mapping[str, str] | None,
-) -> list[str] | None:
-    """The names (as paired: wrapper segments removed, ``name_map`` applied) that ``include``
-    and ``exclude`` select among every checkpoint's tensors; None when neither is given.
-
-    Raises:
-        PairingError: the patterns select nothing.
-    """
-    if include is None and exclude is None:
-        return None
-    pairs = list((name_map or {}).items())
-    paired = sorted({_rlmask.canonical_name(n, pairs) for c in ckpts for n in c.names()})
-    chosen = select_names(paired, include, exclude)
-    if not chosen:
-        where = few([str(c.path) for c in ckpts], 3)
-        raise PairingError(
-            f"no tensor name of {where} matches the include/exclude patterns: nothing to compare"
-        )
-    return chosen
 
 
 def diff(

@@ -26,7 +26,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,11 +35,12 @@ import polars as pl
 
 from rlmask import _rlmask
 from rlmask._io import PathArg
-from rlmask._names import NORMS, layer_of, module_of, natural_sorted, select_names
+from rlmask._names import NORMS, layer_of, module_of, natural_key
+from rlmask._plan import pairing
 from rlmask._progress import bar_width, progress_wanted, run_in_worker
 from rlmask._report import Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
-from rlmask.errors import TensorMismatchError
+from rlmask.errors import PairingError
 
 if TYPE_CHECKING:
     import torch
@@ -292,6 +293,7 @@ def rank(
     skip_embeddings: bool = False,
     skip_mismatched: bool = False,
     shared_rows: bool = False,
+    name_map: Mapping[str, str] | None = None,
     top_k: int = 8,
     batch_bytes: int = 2**30,
     progress: bool = True,
@@ -309,6 +311,9 @@ def rank(
             differs is an error unless it is skipped, or, with ``shared_rows``, a row count
             that differs (a resized vocabulary) is analysed on the rows both share and listed
             in :attr:`RankReport.resized`.
+        name_map: as in :func:`rlmask.diff`: tensors pair by name after wrapper segments
+            (DDP ``module.``, FSDP, ``torch.compile``) are removed and this map is applied,
+            exactly as ``diff`` pairs them (one plan, ``rlmask._plan``).
         top_k: the k of the ``energy_topk`` column.
         batch_bytes: on CUDA, same-shaped matrices are decomposed in batches of about this
             many bytes of float32 working data.
@@ -329,44 +334,47 @@ def rank(
     dev = resolve_device(device)
     a = _rlmask.Checkpoint(resolve_checkpoint(base))
     b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
-    names = select_names(natural_sorted(set(a.names()) | set(b.names())), include, exclude)
-
-    skipped: list[tuple[str, str]] = []
-    resized: list[tuple[str, int, int]] = []
+    plan = pairing(
+        a,
+        b,
+        include=include,
+        exclude=exclude,
+        name_map=name_map,
+        skip_mismatched=skip_mismatched,
+        shared_rows=shared_rows,
+    )
+    skipped: list[tuple[str, str]] = [
+        *((n, "only in base") for n in plan.only_in_base),
+        *((n, "only in tuned") for n in plan.only_in_tuned),
+        *plan.skipped,
+    ]
+    resized = list(plan.resized)
+    # name as paired -> (stored in base, stored in tuned, shape analysed)
+    where: dict[str, tuple[str, str, list[int]]] = {}
     jobs: list[tuple[str, list[int]]] = []
-    for n in names:
-        if n not in a or n not in b:
-            skipped.append((n, "only in base" if n in a else "only in tuned"))
-            continue
-        ia, ib = a.tensor_info(n), b.tensor_info(n)
-        da, sa, db, sb = ia.dtype, ia.shape, ib.dtype, ib.shape
-        if sa != sb and shared_rows and len(sa) == len(sb) >= 1 and sa[1:] == sb[1:]:
-            resized.append((n, sa[0], sb[0]))
-            sa = [min(sa[0], sb[0]), *sa[1:]]
-        elif sa != sb or ((da in _NP_VIEW) != (db in _NP_VIEW)):
-            what = f"shape {sa}" if sa != sb else f"dtype {da}"
-            other = f"{sb}" if sa != sb else f"{db}"
-            reason = f"{what} in base ({ia.shard}) but {other} in tuned ({ib.shard})"
-            if not skip_mismatched:
-                raise TensorMismatchError(
-                    f"tensor '{n}': {reason} (skip_mismatched / --skip-mismatched lists it as "
-                    "skipped; shared_rows / --compare-shared-rows compares a resized vocabulary "
-                    "on the rows both share)",
-                    None,
-                    n,
-                )
-            skipped.append((n, reason))
-            continue
+    for n, stored_a, stored_b, rows_, floating in plan.pairs:
+        ia, ib = a.tensor_info(stored_a), b.tensor_info(stored_b)
+        da, db, sa = ia.dtype, ib.dtype, list(ia.shape)
+        if rows_ is not None:
+            sa = [rows_, *sa[1:]]
         if len(sa) != 2:
             skipped.append((n, f"{len(sa)}-D"))
         elif module_of(n) in NORMS:
             skipped.append((n, "norm"))
-        elif da not in _NP_VIEW or db not in _NP_VIEW:
+        elif not floating or da not in _NP_VIEW or db not in _NP_VIEW:
             skipped.append((n, f"not floating ({da})"))
         elif skip_embeddings and module_of(n) in EMBEDDINGS:
             skipped.append((n, "embedding (skip_embeddings)"))
         else:
             jobs.append((n, sa))
+            where[n] = (stored_a, stored_b, sa)
+    skipped.sort(key=lambda s: natural_key(s[0]))
+    if not jobs:
+        raise PairingError(
+            f"no 2-D floating update matrix to decompose between {base} and {tuned} "
+            f"({len(plan.pairs)} tensors paired; {len(skipped)} left out, e.g. "
+            f"{few([f'{n} ({why})' for n, why in skipped], 3)})"
+        )
 
     work_of = {n: s[0] * s[1] * min(s) for n, s in jobs}  # ~ SVD cost, for the time estimate
     rows: dict[str, dict[str, Any]] = {}
@@ -393,14 +401,17 @@ def rank(
                 return
             deltas = []
             for n in group:
-                ia, ib = a.tensor_info(n), b.tensor_info(n)
-                rows_ = dict(jobs)[n][0]  # fewer than stored with shared_rows
+                stored_a, stored_b, shape = where[n]
+                ia, ib = a.tensor_info(stored_a), b.tensor_info(stored_b)
+                rows_ = shape[0]  # fewer than stored with shared_rows
                 # copy=True: a float32 tensor on the CPU would otherwise stay a view of the
                 # read-only map, and the subtraction below works in place.
-                delta = _to_torch(b.raw(n), ib.dtype, ib.shape)[:rows_].to(
+                delta = _to_torch(b.raw(stored_b), ib.dtype, ib.shape)[:rows_].to(
                     dev, torch.float32, copy=True
                 )
-                delta.sub_(_to_torch(a.raw(n), ia.dtype, ia.shape)[:rows_].to(dev, torch.float32))
+                delta.sub_(
+                    _to_torch(a.raw(stored_a), ia.dtype, ia.shape)[:rows_].to(dev, torch.float32)
+                )
                 deltas.append(delta)
             stacked = torch.stack(deltas) if len(deltas) > 1 else deltas[0].unsqueeze(0)
             del deltas

@@ -19,6 +19,7 @@ __all__ = [
     "DiffResult",
     "MaskFile",
     "MaskTensor",
+    "Pairing",
     "PatchEntry",
     "PatchFile",
     "Progress",
@@ -32,6 +33,7 @@ __all__ = [
     "mask_combine",
     "mask_count",
     "mask_overlap",
+    "pairing",
     "patch_apply",
     "patch_create",
     "patch_verify",
@@ -150,6 +152,37 @@ def diff(
     as_bf16: bool = False,
     progress: Progress | None = None,
 ) -> DiffResult: ...
+
+@final
+class Pairing:
+    @property
+    def pairs(self) -> list[tuple[str, str, str, int | None, bool]]: ...
+    @property
+    def only_in_base(self) -> list[str]: ...
+    @property
+    def only_in_tuned(self) -> list[str]: ...
+    @property
+    def tied(self) -> list[str]: ...
+    @property
+    def skipped(self) -> list[tuple[str, str]]: ...
+    @property
+    def resized(self) -> list[tuple[str, int, int]]: ...
+    @property
+    def renamed_base(self) -> list[tuple[str, str]]: ...
+    @property
+    def renamed_tuned(self) -> list[tuple[str, str]]: ...
+
+def pairing(
+    base: Checkpoint,
+    tuned: Checkpoint,
+    *,
+    select: list[str] | None = None,
+    name_map: list[tuple[str, str]] = ...,
+    skip_mismatched: bool = False,
+    shared_rows: bool = False,
+    block_base: tuple[int, int] | None = None,
+    block_tuned: tuple[int, int] | None = None,
+) -> Pairing: ...
 def write_mask(
     path: str | PathLike[str],
     names: list[str],

@@ -40,10 +40,10 @@ from rlmask._diff import (
     check_block,
     declared_block,
     parse_criterion,
-    selection,
 )
 from rlmask._io import PathArg, check_output
 from rlmask._names import layer_of, module_of, natural_key
+from rlmask._plan import selection
 from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import Report, few, printable_lines, ratio, sort_modules
 from rlmask._resolve import resolve_checkpoint

@@ -10,11 +10,11 @@ from rlmask._commands.common import (
     check_outputs,
     format_option,
     output_option,
+    pairing_options,
+    parse_name_map,
     quiet_option,
     render,
-    select_options,
     shared_rows_option,
-    skip_option,
     user_errors,
 )
 
@@ -38,8 +38,7 @@ from rlmask._commands.common import (
     help="k of the energy_topk column (energy share of the top k directions).",
 )
 @click.option("--skip-embeddings", is_flag=True, help="Leave out embed_tokens and lm_head.")
-@select_options
-@skip_option
+@pairing_options
 @shared_rows_option
 @by_option("module", "Breakdown to print under the summary.")
 @format_option(["table", "json", "csv"])
@@ -63,6 +62,7 @@ def rank_cmd(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     skip_mismatched: bool,
+    name_map: tuple[str, ...],
     shared_rows: bool,
     by: str,
     fmt: str,
@@ -75,7 +75,8 @@ def rank_cmd(
     Per 2-D tensor: rank as torch.linalg.matrix_rank computes it, rank / min(m, n), the
     largest singular value, stable rank, entropy effective rank and the energy share of the
     top 1 and top k singular directions. The model figure is the mean rank fraction. Reads one
-    matrix at a time (batches of same-shaped matrices on CUDA).
+    matrix at a time (batches of same-shaped matrices on CUDA). Tensors pair as in
+    `rlmask diff` (wrapper segments removed, --name-map applied).
 
     \b
     Examples:
@@ -96,6 +97,7 @@ def rank_cmd(
         skip_embeddings=skip_embeddings,
         skip_mismatched=skip_mismatched,
         shared_rows=shared_rows,
+        name_map=parse_name_map(name_map),
         include=include or None,
         exclude=exclude or None,
         progress=not quiet,

@@ -1,6 +1,6 @@
 //! Pairing two checkpoints' tensors and comparing them in parallel, across and within tensors.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::bits::padded_len;
@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::kernel::{compare_chunk, Criterion, Hist, Job, BLOCK};
 use crate::maskfile::{self, MaskEntry};
 use crate::names;
+use crate::plan::{plan, Plan, PlanOptions};
 use crate::readahead;
 use crate::safetensors::{check_all_unchanged, Shard, TensorInfo};
 use crate::scaled::{self, Layout};
@@ -77,6 +78,18 @@ pub struct DiffOptions {
 }
 
 impl DiffOptions {
+    /// The options of the pass's plan (what pairs with what).
+    pub fn plan_options(&self) -> PlanOptions {
+        PlanOptions {
+            select: self.select.clone(),
+            name_map: self.name_map.clone(),
+            skip_mismatched: self.skip_mismatched,
+            shared_rows: self.shared_rows,
+            block_base: self.block_base,
+            block_tuned: self.block_tuned,
+        }
+    }
+
     /// Every tensor, no name map, mismatches fatal, no mask.
     pub fn new(criterion: Criterion) -> DiffOptions {
         DiffOptions {
@@ -158,7 +171,7 @@ pub struct DiffResult {
 /// refused as mostly unpaired.
 pub const MAX_UNPAIRED: f64 = 0.5;
 
-const TIED: [(&str, &str); 1] = [("lm_head.weight", "model.embed_tokens.weight")];
+pub(crate) const TIED: [(&str, &str); 1] = [("lm_head.weight", "model.embed_tokens.weight")];
 
 pub(crate) struct Pair<'a> {
     pub(crate) name: &'a str,
@@ -187,7 +200,7 @@ impl Pair<'_> {
 
 /// The rows two tensors share when their shapes differ in the number of rows only (a
 /// resized vocabulary): `Some(min rows)`, else `None`.
-fn shared_rows(ta: &TensorInfo, tb: &TensorInfo) -> Option<u64> {
+pub(crate) fn shared_rows(ta: &TensorInfo, tb: &TensorInfo) -> Option<u64> {
     let (sa, sb) = (&ta.shape, &tb.shape);
     (sa.len() == sb.len() && !sa.is_empty() && sa[1..] == sb[1..] && sa[0] != sb[0])
         .then(|| sa[0].min(sb[0]))
@@ -367,168 +380,19 @@ pub fn diff(
     validate(opts)?;
     let base_side = Side::new(base, "base", &opts.name_map)?;
     let tuned_side = Side::new(tuned, "tuned", &opts.name_map)?;
-    let selected: Option<BTreeSet<&str>> = opts
-        .select
-        .as_ref()
-        .map(|v| v.iter().map(String::as_str).collect());
-    let keep = |n: &str| selected.as_ref().is_none_or(|s| s.contains(n));
-
-    // Tied: both sides store the embeddings and neither an output head of its own. A head
-    // missing on one side only is a one-sided name like any other.
-    let mut tied = Vec::new();
-    for (head, embed) in TIED {
-        let absent_tied = |c: &Side| !c.contains(head) && c.contains(embed);
-        if keep(head) && absent_tied(&base_side) && absent_tied(&tuned_side) {
-            tied.push(head.to_string());
-        }
-    }
-    let scales_a = scaled::find(
-        &base_side.names,
-        &keep,
-        |n| base_side.get(n),
-        opts.block_base,
-    )?;
-    let scales_b = scaled::find(
-        &tuned_side.names,
-        &keep,
-        |n| tuned_side.get(n),
-        opts.block_tuned,
-    )?;
-    let is_scale = |n: &str| scales_a.names.contains(n) || scales_b.names.contains(n);
-    // A scale on one side only (FP8 against its BF16 export) is part of its weight's
-    // dequantisation, not a one-sided tensor.
-    let only = |x: &Side, y: &Side| -> Vec<String> {
-        x.names
-            .keys()
-            .filter(|n| keep(n) && !y.contains(n) && !is_scale(n))
-            .cloned()
-            .collect()
-    };
-    let only_in_base = only(&base_side, &tuned_side);
-    let only_in_tuned = only(&tuned_side, &base_side);
-    check_paired(
-        &base_side,
-        &tuned_side,
-        &keep,
-        &only_in_base,
-        &only_in_tuned,
-    )?;
-
-    let mut pairs = Vec::new();
-    let mut skipped = Vec::new();
-    let mut resized = Vec::new();
-    for name in base_side.names.keys().filter(|n| keep(n)) {
-        let (Some(a), Some(b)) = (base_side.get(name), tuned_side.get(name)) else {
-            continue;
-        };
-        let mut p = Pair {
-            name,
-            a,
-            b,
-            rows: None,
-        };
-        if opts.shared_rows {
-            p.rows = shared_rows(a.1, b.1);
-            if let Some(r) = p.rows {
-                resized.push((name.to_string(), a.1.shape[0], b.1.shape[0]));
-                // The dtypes must still agree; the shapes do on the shared rows.
-                let cut = |t: &TensorInfo| TensorInfo {
-                    shape: {
-                        let mut s = t.shape.clone();
-                        s[0] = r;
-                        s
-                    },
-                    ..t.clone()
-                };
-                let (ca, cb) = (cut(a.1), cut(b.1));
-                let check = Pair {
-                    name,
-                    a: (a.0, &ca),
-                    b: (b.0, &cb),
-                    rows: None,
-                };
-                if let Some(detail) = mismatch(&check) {
-                    resized.pop();
-                    if opts.skip_mismatched {
-                        skipped.push(Skipped {
-                            name: name.to_string(),
-                            reason: detail,
-                        });
-                        continue;
-                    }
-                    return Err(Error::Mismatch {
-                        tensor: name.to_string(),
-                        detail,
-                    });
-                }
-                pairs.push(p);
-                continue;
-            }
-        }
-        match mismatch(&p) {
-            None => pairs.push(p),
-            Some(reason) if opts.skip_mismatched => skipped.push(Skipped {
-                name: name.to_string(),
-                reason,
-            }),
-            Some(detail) => {
-                return Err(Error::Mismatch {
-                    tensor: name.to_string(),
-                    detail,
-                })
-            }
-        }
-    }
-    let compared: u64 = pairs
-        .iter()
-        .filter(|p| p.a.1.dtype.is_float() && p.b.1.dtype.is_float())
-        .map(Pair::numel)
-        .sum();
-    if compared == 0 {
-        return Err(Error::Pairing {
-            reason: format!(
-                "nothing to compare: no floating element is stored under the same name in both \
-                 {} and {} ({} tensors paired, {} skipped as mismatched{}); a sparsity over no \
-                 elements would mean nothing",
-                base.path.display(),
-                tuned.path.display(),
-                pairs.len(),
-                skipped.len(),
-                if selected.is_some() {
-                    ", after include/exclude"
-                } else {
-                    ""
-                }
-            ),
-        });
-    }
-
+    let Plan {
+        pairs,
+        only_in_base,
+        only_in_tuned,
+        tied,
+        skipped,
+        resized,
+        floating,
+        scaled,
+        dequantised,
+        scales: scale_names,
+    } = plan(&base_side, &tuned_side, &opts.plan_options())?;
     let nthr = opts.criterion.thresholds();
-    // Weights counted by value; scale tensors are compared but not counted.
-    let floating: Vec<bool> = pairs
-        .iter()
-        .map(|p| p.a.1.dtype.is_float() && p.b.1.dtype.is_float() && !is_scale(p.name))
-        .collect();
-    let scaled: Vec<Sides> = pairs
-        .iter()
-        .map(|p| {
-            (
-                scales_a.of.get(p.name).map(|(_, q)| *q),
-                scales_b.of.get(p.name).map(|(_, q)| *q),
-            )
-        })
-        .collect();
-    let dequantised = pairs
-        .iter()
-        .zip(&scaled)
-        .filter(|(_, (a, b))| a.is_some() || b.is_some())
-        .map(|(p, (a, b))| (p.name.to_string(), a.map(|q| q.layout), b.map(|q| q.layout)))
-        .collect();
-    let scale_names = pairs
-        .iter()
-        .filter(|p| is_scale(p.name))
-        .map(|p| p.name.to_string())
-        .collect();
     // Mask bits go straight into a mapped mask file, or into memory, or nowhere.
     let mut writer = match &opts.mask_file {
         Some(spec) => {
@@ -741,7 +605,7 @@ impl Stretch {
 }
 
 /// Each side's scale of a pair's weight, when it is a scaled FP8 weight.
-type Sides<'a> = (Option<scaled::Scaled<'a>>, Option<scaled::Scaled<'a>>);
+pub(crate) type Sides<'a> = (Option<scaled::Scaled<'a>>, Option<scaled::Scaled<'a>>);
 
 /// What one chunk of one pair gives: the pair, its changed counts per threshold, and its
 /// binade counts when the magnitude lens was asked for.

@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod maskfile;
 pub mod names;
 pub mod patch;
+pub mod plan;
 pub mod readahead;
 pub mod safetensors;
 pub mod scaled;
@@ -27,4 +28,5 @@ pub use diff::{diff, DiffOptions, DiffResult, MaskFileSpec, Progress, Skipped, T
 pub use dtype::Dtype;
 pub use error::{Error, Result};
 pub use kernel::Criterion;
+pub use plan::{pairing, Pairing, PlanOptions, PlannedPair};
 pub use safetensors::{Shard, TensorInfo};

@@ -1,5 +1,5 @@
 //! Thin PyO3 bindings of `rlmask-core`, built by maturin into `rlmask._rlmask`. One file per
-//! Python-facing area: `errors`, `checkpoint`, `diff`, `mask`, `names`, `patch`, `trajectory`.
+//! Python-facing area: `errors`, `checkpoint`, `diff`, `mask`, `names`, `patch`, `plan`, `trajectory`.
 
 mod checkpoint;
 mod diff;
@@ -7,6 +7,7 @@ mod errors;
 mod mask;
 mod names;
 mod patch;
+mod plan;
 mod trajectory;
 
 /// The private extension module behind the `rlmask` package.
@@ -29,6 +30,8 @@ mod _rlmask {
     use super::patch::{
         compact_bytes, fingerprint, patch_apply, patch_create, patch_verify, PatchEntry, PatchFile,
     };
+    #[pymodule_export]
+    use super::plan::{pairing, Pairing};
     #[pymodule_export]
     use super::trajectory::{trajectory, TrajectoryResult};
 
