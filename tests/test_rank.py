@@ -218,9 +218,7 @@ def test_rank_pairs_as_diff_does(tmp_path: Path) -> None:
     }
     assert rlmask.diff(base, tmp_path / "ddp", progress=False).numel > 0  # diff pairs them too
     # A prefix that only a name map reconciles.
-    renamed = {
-        f"base_model.model.{n}": t for n, t in load_file(tuned).items()
-    }
+    renamed = {f"base_model.model.{n}": t for n, t in load_file(tuned).items()}
     (tmp_path / "peft").mkdir()
     save_file(renamed, tmp_path / "peft" / "model.safetensors")
     with pytest.raises(rlmask.PairingError):
