@@ -18,12 +18,19 @@ from rlmask._names import (
     place,
     select_names,
 )
+from rlmask._options import (
+    Criterion,
+    check_block,
+    declared_block,
+    parse_criterion,
+    threshold_label,
+)
 from rlmask._plan import selection
 from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import LazyRecords, Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
-from rlmask.errors import CheckpointFormatError, RlmaskError
+from rlmask.errors import RlmaskError
 
 if TYPE_CHECKING:
     import polars as pl
@@ -32,8 +39,6 @@ if TYPE_CHECKING:
     from rlmask._null import Displacement, NullModel
 else:
     pl = LazyModule("polars")
-
-Criterion = Literal["absolute", "exact", "relative"]
 
 #: The tolerance sweep of the paper's Table 6.
 DEFAULT_SWEEP: tuple[float, ...] = (1e-8, 1e-7, 1e-6, 1e-5)
@@ -66,18 +71,11 @@ def _sparsity_expr(changed: str) -> pl.Expr:
     )
 
 
-def _label(criterion: str, t: float) -> str:
-    """How a threshold is written in column names: ``1e-05``, ``exact`` or ``eta=0.01``."""
-    if criterion == "exact":
-        return "exact"
-    return f"eta={t:g}" if criterion == "relative" else f"{t:g}"
-
-
 def _columns(kind: str, criterion: str, tolerances: Sequence[float]) -> list[str]:
     """Names of the per-threshold ``kind`` columns (``changed`` or ``sparsity``)."""
     if len(tolerances) == 1:
         return [kind]
-    return [f"{kind}@{_label(criterion, t)}" for t in tolerances]
+    return [f"{kind}@{threshold_label(criterion, t)}" for t in tolerances]
 
 
 @dataclass(frozen=True, repr=False)
@@ -146,7 +144,7 @@ class DiffReport(Report):
 
     def label(self, t: float) -> str:
         """How a threshold is written in column names: ``1e-05``, ``exact`` or ``eta=0.01``."""
-        return _label(self.criterion, t)
+        return threshold_label(self.criterion, t)
 
     def _columns(self, kind: str) -> list[str]:
         return _columns(kind, self.criterion, self.tolerances)
@@ -798,72 +796,6 @@ def _one_shard(side: str, path: str) -> str | None:
             f"{folder or '.'} to compare the whole model"
         )
     return None
-
-
-#: The largest block side accepted (the core counts blocks in 64 bits).
-MAX_BLOCK = 1 << 32
-
-
-def check_block(value: Any, where: str) -> tuple[int, int]:
-    """``value`` as an FP8 block size (rows, columns): two whole numbers from 1 to 2^32.
-
-    Raises:
-        ValueError: naming ``where`` and the value.
-    """
-    ok = (
-        isinstance(value, (list, tuple))
-        and len(value) == 2
-        and all(type(v) is int and 1 <= v <= MAX_BLOCK for v in value)
-    )
-    if not ok:
-        raise ValueError(
-            f"{where}: a block size is two whole numbers from 1 to 2^32 (rows, columns), "
-            f"not {str(value)[:60]}"
-        )
-    return int(value[0]), int(value[1])
-
-
-def declared_block(checkpoint: PathArg) -> tuple[int, int] | None:
-    """The FP8 block size that the ``config.json`` beside the checkpoint (a directory, or a
-    file whose folder holds it) declares (``quantization_config.weight_block_size``), or None
-    (no config, not JSON, no block size).
-
-    Raises:
-        CheckpointFormatError: config.json is not a regular file, is too large, or declares a
-            block size that is not two whole numbers from 1 to 2^32.
-    """
-    where = os.fspath(checkpoint)
-    folder = where if os.path.isdir(where) else os.path.dirname(where)
-    config = os.path.join(folder, "config.json")
-    data = read_side_file(config)
-    if data is None:
-        return None
-    try:
-        q = json.loads(data).get("quantization_config") or {}
-        declared = q["weight_block_size"]
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        return None
-    try:
-        return check_block(declared, f"{config}: quantization_config.weight_block_size")
-    except ValueError as e:
-        raise CheckpointFormatError(str(e), config) from None
-
-
-def parse_criterion(
-    criterion: str,
-    tol: float | None = None,
-    tolerances: Sequence[float] | None = None,
-    eta: float | None = None,
-) -> _rlmask.Criterion:
-    """The thresholds of one pass, checked by the core: an argument that the criterion would
-    ignore is an error, never silently dropped.
-
-    Raises:
-        ValueError: an unknown criterion, an argument it does not take, a bad threshold.
-    """
-    return _rlmask.Criterion(
-        criterion, tol=tol, tolerances=[float(t) for t in tolerances or ()], eta=eta
-    )
 
 
 def diff(

@@ -31,8 +31,9 @@ from typing import Any
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._diff import Criterion, diff, parse_criterion
+from rlmask._diff import diff
 from rlmask._io import PathArg, read_side_file, write_text_atomic
+from rlmask._options import Criterion, parse_criterion
 from rlmask._progress import cancel_all
 from rlmask._ray import run_tasks, session
 from rlmask._report import Report, printable_lines

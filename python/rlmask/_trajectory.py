@@ -34,15 +34,15 @@ from typing import Any
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._diff import (
+from rlmask._io import PathArg, check_output
+from rlmask._names import layer_of, module_of, natural_key
+from rlmask._options import (
     Criterion,
-    _label,
     check_block,
     declared_block,
     parse_criterion,
+    threshold_label,
 )
-from rlmask._io import PathArg, check_output
-from rlmask._names import layer_of, module_of, natural_key
 from rlmask._plan import selection
 from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import Report, few, printable_lines, ratio, sort_modules
@@ -291,7 +291,7 @@ class TrajectoryReport(Report):
         """The run at a glance: one line per checkpoint, then the categories."""
         n = self.numel
         c = self.categories
-        label = _label(self.criterion, self.tolerance)
+        label = threshold_label(self.criterion, self.tolerance)
         lines = [
             f"base: {self.base}",
             f"{len(self.checkpoint_paths)} checkpoints; criterion: {self.criterion} {label}; "

@@ -18,16 +18,18 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from rlmask._diff import DiffReport
 from rlmask._io import PathArg, check_output, write_atomic
-from rlmask._overlap import OverlapMatrix, OverlapReport
-from rlmask._rank import RankReport
 from rlmask._report import sort_modules
-from rlmask._survey import SurveyReport
-from rlmask._trajectory import TrajectoryReport
 
 if TYPE_CHECKING:
+    # Types only: every report imports this module to draw itself, never the other way.
     from matplotlib.axes import Axes
+
+    from rlmask._diff import DiffReport
+    from rlmask._overlap import OverlapMatrix, OverlapReport
+    from rlmask._rank import RankReport
+    from rlmask._survey import SurveyReport
+    from rlmask._trajectory import TrajectoryReport
 
 
 #: File types a figure can be written as (matplotlib's Agg and vector backends), by extension.

@@ -173,7 +173,7 @@ def check_criterion(
     """Options the criterion would ignore are usage errors (the core's rules, checked before
     any file is opened)."""
     try:
-        from rlmask._diff import parse_criterion
+        from rlmask._options import parse_criterion
 
         parse_criterion(criterion, tol, tolerances, eta)
     except ValueError as e:
@@ -184,7 +184,7 @@ def parse_block(text: str | None) -> tuple[int, int] | None:
     """``128x128`` as (128, 128)."""
     if text is None:
         return None
-    from rlmask._diff import check_block
+    from rlmask._options import check_block
 
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):

@@ -220,7 +220,7 @@ pub(crate) fn plan<'s>(
     })
 }
 
-/// One pair of the plan as the binding hands it out: the name as paired, each side's stored
+/// One pair of the plan as the binding hands it out (in natural name order): the name as paired, each side's stored
 /// name, the rows compared (`None`: all), and whether it is counted by value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedPair {
@@ -254,7 +254,7 @@ pub fn pairing(base: &Checkpoint, tuned: &Checkpoint, opts: &PlanOptions) -> Res
             .get(name)
             .map_or_else(|| name.to_string(), |s| s.to_string())
     };
-    let pairs = p
+    let mut pairs: Vec<PlannedPair> = p
         .pairs
         .iter()
         .zip(&p.floating)
@@ -266,6 +266,8 @@ pub fn pairing(base: &Checkpoint, tuned: &Checkpoint, opts: &PlanOptions) -> Res
             floating,
         })
         .collect();
+    // In natural order (`layers.2` before `layers.10`), as every report shows them.
+    pairs.sort_by(|x, y| crate::names::natural_cmp(&x.name, &y.name));
     Ok(Pairing {
         pairs,
         only_in_base: p.only_in_base,
