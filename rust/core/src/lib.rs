@@ -3,25 +3,25 @@
 //!
 //! There is no Python here; `rust/py` holds the thin bindings.
 
-pub mod bits;
-pub mod checkpoint;
-pub mod codec;
-pub mod diff;
+// The crate by stage: reading files, planning a pass, the comparison kernels, masks, the
+// passes themselves; dtypes, errors and terminal text beside them.
 pub mod dtype;
 pub mod error;
-pub mod guard;
-pub mod kernel;
-pub mod maskfile;
-pub mod names;
-pub mod patch;
-pub mod plan;
-pub mod readahead;
-pub mod safetensors;
-pub mod scaled;
-#[cfg(target_arch = "x86_64")]
-mod simd;
+pub mod kernels;
+pub mod masks;
+pub mod passes;
+pub mod planning;
+pub mod reading;
 pub mod text;
-pub mod trajectory;
+
+// Every module is also reachable by its own name (`crate::diff`, `rlmask_core::patch`).
+pub use kernels as kernel;
+#[cfg(target_arch = "x86_64")]
+use kernels::simd;
+pub use masks::{bits, maskfile};
+pub use passes::{codec, diff, patch, trajectory};
+pub use planning::{names, plan, scaled};
+pub use reading::{checkpoint, guard, readahead, safetensors};
 
 pub use checkpoint::Checkpoint;
 pub use diff::{diff, DiffOptions, DiffResult, MaskFileSpec, Progress, Skipped, TensorDiff};

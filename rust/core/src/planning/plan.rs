@@ -244,7 +244,7 @@ pub struct Pairing {
     pub renamed_tuned: Vec<(String, String)>,
 }
 
-/// Pairs two checkpoints as every pass does (see [`plan`]).
+/// Pairs two checkpoints as every pass does (the crate-private `plan`, owned).
 pub fn pairing(base: &Checkpoint, tuned: &Checkpoint, opts: &PlanOptions) -> Result<Pairing> {
     let base_side = Side::new(base, "base", &opts.name_map)?;
     let tuned_side = Side::new(tuned, "tuned", &opts.name_map)?;

@@ -11,6 +11,10 @@
 
 use crate::dtype::{widen, Dtype};
 
+// The hand-written AVX2 path for BF16/F32 (see above).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod simd;
+
 /// Elements per block; also the width of one mask word.
 pub const BLOCK: usize = 64;
 
