@@ -1,0 +1,411 @@
+//! Applying and verifying patches: the chain checked by fingerprint, then the base streamed
+//! into new files a piece at a time with each patch's entries written over it.
+
+use super::create::sibling;
+use super::*;
+
+/// A file written under a temporary name beside its target, synced and renamed over it by
+/// [`AtomicFile::finish`]; removed if dropped unfinished.
+pub(super) struct AtomicFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: Option<BufWriter<File>>,
+    len: u64,
+}
+
+impl AtomicFile {
+    pub(super) fn create(path: &Path) -> Result<AtomicFile> {
+        let tmp = sibling(path, "part");
+        let file = File::create(&tmp).map_err(|e| Error::output(path, e))?;
+        Ok(AtomicFile {
+            path: path.to_path_buf(),
+            tmp,
+            file: Some(BufWriter::with_capacity(1 << 20, file)),
+            len: 0,
+        })
+    }
+
+    pub(super) fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let f = self.file.as_mut().expect("open until finished");
+        f.write_all(bytes)
+            .map_err(|e| Error::output(&self.path, e))?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Appends `len` bytes of `src` from offset `at`.
+    pub(super) fn copy_from(&mut self, src: &File, at: u64, len: u64) -> Result<()> {
+        let f = self.file.as_mut().expect("open until finished");
+        f.flush().map_err(|e| Error::output(&self.path, e))?;
+        let mut src = src;
+        src.seek(std::io::SeekFrom::Start(at))
+            .map_err(|e| Error::output(&self.path, e))?;
+        let copied = std::io::copy(&mut src.take(len), f.get_mut())
+            .map_err(|e| Error::output(&self.path, e))?;
+        if copied != len {
+            return Err(Error::output(
+                &self.path,
+                std::io::Error::other("a temporary file was shorter than written"),
+            ));
+        }
+        self.len += len;
+        Ok(())
+    }
+
+    pub(super) fn finish(mut self) -> Result<u64> {
+        let f = self.file.take().expect("open until finished");
+        let done = f
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .and_then(|_| std::fs::rename(&self.tmp, &self.path));
+        done.map_err(|e| Error::output(&self.path, e))?;
+        Ok(self.len)
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Checks that `patches` apply to `base` in this order, from their descriptions alone: the
+/// first describes exactly `base`'s tensors with their shapes and dtypes, and each next one
+/// starts from the fingerprints the one before ends at.
+fn check_chain(base: &Checkpoint, patches: &[&Patch]) -> Result<()> {
+    let Some(first) = patches.first() else {
+        return Err(Error::InvalidArgument("no patch to apply".into()));
+    };
+    let names: BTreeSet<&str> = base.names().collect();
+    let described: BTreeSet<&str> = first.entries.keys().map(String::as_str).collect();
+    if let Some(n) = names.symmetric_difference(&described).next() {
+        let (where_, other) = if names.contains(n) {
+            ("base", "the patch")
+        } else {
+            ("the patch", "base")
+        };
+        return Err(Error::Pairing {
+            reason: format!(
+                "patch {} was not made for {}: tensor '{n}' is in {where_} but not in {other}",
+                first.path.display(),
+                base.path.display()
+            ),
+        });
+    }
+    for (name, e) in &first.entries {
+        let (_, t) = base.get(name).expect("checked above");
+        if t.shape != e.shape || t.dtype.to_string() != e.dtype {
+            return Err(Error::Mismatch {
+                tensor: name.clone(),
+                detail: format!(
+                    "{} {:?} in base but {} {:?} in patch {}",
+                    t.dtype,
+                    t.shape,
+                    e.dtype,
+                    e.shape,
+                    first.path.display()
+                ),
+            });
+        }
+    }
+    for (k, pair) in patches.windows(2).enumerate() {
+        let (p, q) = (&pair[0], &pair[1]);
+        for (name, e) in &p.entries {
+            let next = q.entries.get(name);
+            if next.is_none_or(|f| f.base != e.tuned) {
+                return Err(Error::Pairing {
+                    reason: format!(
+                        "patch {} ({}) does not start where patch {} ({}) ends, at tensor \
+                         '{name}': a patch is missing, repeated or out of order",
+                        k + 2,
+                        q.path.display(),
+                        k + 1,
+                        p.path.display()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Streams one tensor of `base` through `patches` in pieces: each piece is handed to `sink`
+/// after every patch has written over it; checks `base`'s fingerprint against the first
+/// patch and the result's against the last (and `tuned`'s bytes when given).
+fn stream_tensor(
+    name: &str,
+    bytes: &[u8],
+    dtype: Dtype,
+    patches: &[&Patch],
+    path: &Path,
+    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let size = dtype.size().max(1);
+    let entries: Vec<&Entry> = patches.iter().map(|p| &p.entries[name]).collect();
+    let mut walks: Vec<Option<Changes>> = patches
+        .iter()
+        .zip(&entries)
+        .map(|(p, e)| {
+            matches!(e.form, Form::Sparse | Form::Compact).then(|| Changes::new(p, name, e))
+        })
+        .collect();
+    let (mut before, mut after) = (blake3::Hasher::new(), blake3::Hasher::new());
+    // Elements each dense entry actually changes, checked against the count it states.
+    let mut dense_changed = vec![0u64; patches.len()];
+    let mut buf = vec![0u8; PIECE.min(bytes.len())];
+    let piece_len = (PIECE / size) * size;
+    let mut at = 0;
+    while at < bytes.len() {
+        let n = piece_len.min(bytes.len() - at);
+        let piece = &mut buf[..n];
+        piece.copy_from_slice(&bytes[at..at + n]);
+        before.update(piece);
+        let (first, end) = ((at / size) as u64, ((at + n) / size) as u64);
+        for (((p, e), walk), counted) in patches
+            .iter()
+            .zip(&entries)
+            .zip(&mut walks)
+            .zip(&mut dense_changed)
+        {
+            match (e.form, walk) {
+                (Form::Sparse | Form::Compact, Some(w)) => w.write_until(first, end, piece)?,
+                (Form::Dense, _) => {
+                    let (_, bytes) = p.stored(&format!("{name}.dense")).expect("validated");
+                    let new = &bytes[at..at + n];
+                    *counted += piece
+                        .chunks_exact(size)
+                        .zip(new.chunks_exact(size))
+                        .filter(|(old, new)| old != new)
+                        .count() as u64;
+                    piece.copy_from_slice(new);
+                }
+                _ => {}
+            }
+        }
+        after.update(piece);
+        sink(piece)?;
+        at += n;
+    }
+    for walk in walks.iter().flatten() {
+        walk.finish()?;
+    }
+    if before.finalize().to_hex().as_str() != entries[0].base {
+        return Err(Error::Pairing {
+            reason: format!(
+                "tensor '{name}' of {} is not the one patch {} was made from (its fingerprint \
+                 differs): a patch applies only to the checkpoint it was created against",
+                path.display(),
+                patches[0].path.display()
+            ),
+        });
+    }
+    for ((p, e), counted) in patches.iter().zip(&entries).zip(&dense_changed) {
+        if e.form == Form::Dense && *counted != e.changed {
+            return Err(corrupt(
+                &p.path,
+                Some(name),
+                format!(
+                    "corrupt patch: the tensor is stored whole and said to change {} elements, \
+                     but its data changes {counted}",
+                    e.changed
+                ),
+            ));
+        }
+    }
+    let last = patches.last().expect("at least one");
+    if after.finalize().to_hex().as_str() != entries[entries.len() - 1].tuned {
+        return Err(corrupt(
+            &last.path,
+            Some(name),
+            "corrupt patch: the patched tensor does not have the fingerprint the patch \
+             promises",
+        ));
+    }
+    Ok(())
+}
+
+/// Applies `patches` in order to `base` and writes the result as a checkpoint directory
+/// `out` (which must not exist, or be empty): `base`'s shards with the same headers, its index
+/// and the other files of its directory, every tensor patched. `base` is never modified; `out`
+/// appears complete or not at all.
+pub fn apply(base: &Checkpoint, patches: &[&Patch], out: &Path, progress: &Progress) -> Result<()> {
+    check_chain(base, patches)?;
+    if out.exists()
+        && std::fs::read_dir(out)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        return Err(Error::output(
+            out,
+            std::io::Error::other("exists and is not an empty directory"),
+        ));
+    }
+    let tmp = sibling(out, "apply");
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::output(out, e))?;
+    struct Cleanup(PathBuf, bool);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if !self.1 {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+    let mut cleanup = Cleanup(tmp.clone(), false);
+    let total: u64 = base
+        .shards
+        .iter()
+        .map(|s| s.file_bytes().len() as u64)
+        .sum();
+    progress.total.store(total, Ordering::Relaxed);
+
+    base.shards.par_iter().try_for_each(|shard| {
+        let name = shard
+            .path
+            .file_name()
+            .ok_or_else(|| Error::output(out, std::io::Error::other("a shard has no name")))?;
+        let target = tmp.join(name);
+        let file = File::create(&target).map_err(|e| Error::output(out, e))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let all = shard.file_bytes();
+        let mut tensors: Vec<&TensorInfo> = shard.tensors.iter().collect();
+        tensors.sort_by_key(|t| t.offset);
+        let data_start = tensors.first().map_or(all.len(), |t| t.offset);
+        let mut write = |bytes: &[u8]| -> Result<()> {
+            progress.check()?;
+            progress
+                .done
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            w.write_all(bytes).map_err(|e| Error::output(out, e))
+        };
+        write(&all[..data_start])?;
+        let mut at = data_start;
+        for t in tensors {
+            write(&all[at..t.offset])?;
+            stream_tensor(
+                &t.name,
+                shard.bytes(t),
+                t.dtype,
+                patches,
+                &base.path,
+                &mut write,
+            )?;
+            at = t.offset + t.len;
+        }
+        write(&all[at..])?;
+        shard.check_faults()?;
+        shard.check_unchanged()?;
+        let f = w
+            .into_inner()
+            .map_err(|e| Error::output(out, e.into_error()))?;
+        f.sync_all().map_err(|e| Error::output(out, e))?;
+        // The rebuilt shard is as private as the base's (a 0600 base stays 0600).
+        let mode = std::fs::metadata(&shard.path).map_err(|e| Error::io(&shard.path, e))?;
+        std::fs::set_permissions(&target, mode.permissions()).map_err(|e| Error::output(out, e))
+    })?;
+    // The rest of a checkpoint directory that describes the model: its index, config,
+    // generation config and tokenizer files, never a trainer's state (optimizer, scheduler,
+    // RNG), which belongs to the run that made the base. std::fs::copy keeps permissions.
+    if let Some(dir) = base_dir(base) {
+        let mode = std::fs::metadata(&dir).map_err(|e| Error::io(&dir, e))?;
+        std::fs::set_permissions(&tmp, mode.permissions()).map_err(|e| Error::output(out, e))?;
+        let shards: BTreeSet<&std::ffi::OsStr> = base
+            .shards
+            .iter()
+            .filter_map(|s| s.path.file_name())
+            .collect();
+        for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            let p = entry.path();
+            let model_file = entry.file_name().to_str().is_some_and(is_model_file);
+            if p.is_file() && model_file && !shards.contains(entry.file_name().as_os_str()) {
+                std::fs::copy(&p, tmp.join(entry.file_name()))
+                    .map_err(|e| Error::output(out, e))?;
+            }
+        }
+    }
+    progress.check()?; // the last moment a cancel leaves nothing behind
+    if out.exists() {
+        std::fs::remove_dir(out).map_err(|e| Error::output(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::output(out, e))?;
+    cleanup.1 = true;
+    Ok(())
+}
+
+/// Whether a file beside the shards describes the model (and so belongs in a checkpoint that
+/// `apply` rebuilds): the index, `config.json`, `generation_config.json`, tokenizer and
+/// processor files. Training state (`optimizer.pt`, `scheduler.pt`, `rng_state.pth`,
+/// `trainer_state.json`, `training_args.bin`) and anything else is not copied.
+pub fn is_model_file(name: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "merges.txt",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "spiece.model",
+        "sentencepiece.bpe.model",
+    ];
+    EXACT.contains(&name)
+        || name.ends_with(".safetensors.index.json")
+        || name.starts_with("tokenizer")
+        || name.starts_with("vocab.")
+        || name.starts_with("chat_template.")
+}
+
+/// The directory of a checkpoint opened from a directory or an index file (whose other files
+/// belong to it); None for a single `.safetensors` file named directly.
+fn base_dir(base: &Checkpoint) -> Option<PathBuf> {
+    if base.path.is_dir() {
+        return Some(base.path.clone());
+    }
+    if base.path.extension().is_some_and(|e| e == "json") {
+        return base.path.parent().map(Path::to_path_buf);
+    }
+    None
+}
+
+/// Checks, without writing anything, that `patch` applies to `base` and gives the tensors it
+/// promises, and when `tuned` is given that those are `tuned`'s (by fingerprint of its bytes).
+pub fn verify(
+    base: &Checkpoint,
+    patch: &Patch,
+    tuned: Option<&Checkpoint>,
+    progress: &Progress,
+) -> Result<()> {
+    let patches = &[patch];
+    check_chain(base, patches)?;
+    let names: Vec<&str> = base.names().collect();
+    names.par_iter().try_for_each(|name| {
+        progress.check()?;
+        let (shard, t) = base.get(name).expect("listed");
+        stream_tensor(
+            name,
+            shard.bytes(t),
+            t.dtype,
+            patches,
+            &base.path,
+            &mut |_| Ok(()),
+        )?;
+        if let Some(c) = tuned {
+            let (ts, tt) = c.get(name).ok_or_else(|| Error::Pairing {
+                reason: format!("tensor '{name}' is not in {}", c.path.display()),
+            })?;
+            if fingerprint(ts.bytes(tt)) != patch.entries[*name].tuned {
+                return Err(Error::Pairing {
+                    reason: format!(
+                        "tensor '{name}' of {} is not what patch {} gives",
+                        c.path.display(),
+                        patch.path.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,539 @@
+//! Creating a patch: one streaming pass over both checkpoints, changed positions spilled to
+//! scratch files in order, then the patch file assembled.
+
+use super::apply::AtomicFile;
+use super::fingerprint::{merged_fingerprint, piece_print};
+use super::*;
+
+/// Appends the flat indices (`wide`: i64, else i32, little-endian) and `b`'s values of the
+/// elements of `size` bytes whose bits differ between `a` and `b`, the first at index `first`.
+/// Eight bytes are compared at a time as a word; in a word that differs every lane is written
+/// out and kept or overwritten by the next (a branch-free compaction: at RL's densities which
+/// lanes changed is unpredictable, and mispredicted branches would cost more than the stores).
+fn changed_into(
+    a: &[u8],
+    b: &[u8],
+    size: usize,
+    first: u64,
+    wide: bool,
+    idx: &mut Vec<u8>,
+    vals: &mut Vec<u8>,
+) {
+    let n = a.len() / size;
+    let iw = if wide { 8 } else { 4 };
+    let (i0, v0) = (idx.len(), vals.len());
+    let lanes = 8 / size;
+    let bits = 8 * size as u32;
+    let lane_mask = if size == 8 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
+    // The buffers grow a span of words at a time, by the room that span may use (values with 8
+    // bytes of slack for the word-wide writes), so only that much is zeroed: zeroing room for
+    // every element of the chunk up front was a tenth of a patch's time.
+    const SPAN: usize = 1024;
+    let room = |idx: &mut Vec<u8>, vals: &mut Vec<u8>, count: usize, more: usize| {
+        let (ni, nv) = (i0 + (count + more) * iw, v0 + (count + more) * size + 8);
+        if idx.len() < ni {
+            idx.resize(ni, 0);
+        }
+        if vals.len() < nv {
+            vals.resize(nv, 0);
+        }
+    };
+    // Writes element `e` at slot `count`; the caller moves past it only if it changed.
+    let put = |idx: &mut [u8], vals: &mut [u8], count: usize, e: usize, value: u64| {
+        let i = first + e as u64;
+        if wide {
+            idx[i0 + count * 8..i0 + count * 8 + 8].copy_from_slice(&i.to_le_bytes());
+        } else {
+            idx[i0 + count * 4..i0 + count * 4 + 4].copy_from_slice(&(i as u32).to_le_bytes());
+        }
+        vals[v0 + count * size..v0 + count * size + 8].copy_from_slice(&value.to_le_bytes());
+    };
+    let mut count = 0usize;
+    let words = a.len() / 8;
+    for from in (0..words).step_by(SPAN) {
+        let to = words.min(from + SPAN);
+        room(idx, vals, count, (to - from) * lanes);
+        for w in from..to {
+            let x = u64::from_le_bytes(a[w * 8..w * 8 + 8].try_into().expect("8 bytes"));
+            let y = u64::from_le_bytes(b[w * 8..w * 8 + 8].try_into().expect("8 bytes"));
+            let d = x ^ y;
+            if d != 0 {
+                for k in 0..lanes {
+                    let shift = bits * k as u32;
+                    put(idx, vals, count, w * lanes + k, (y >> shift) & lane_mask);
+                    count += usize::from((d >> shift) & lane_mask != 0);
+                }
+            }
+        }
+    }
+    room(idx, vals, count, n - words * lanes);
+    for e in words * lanes..n {
+        let (x, y) = (&a[e * size..(e + 1) * size], &b[e * size..(e + 1) * size]);
+        let mut v = [0u8; 8];
+        v[..size].copy_from_slice(y);
+        put(idx, vals, count, e, u64::from_le_bytes(v));
+        count += usize::from(x != y);
+    }
+    idx.truncate(i0 + count * iw);
+    vals.truncate(v0 + count * size);
+}
+
+/// A temporary file beside the output, removed when dropped.
+struct Scratch {
+    path: PathBuf,
+    file: BufWriter<File>,
+    len: u64,
+}
+
+impl Scratch {
+    fn new(out: &Path, tag: &str) -> Result<Scratch> {
+        let path = sibling(out, tag);
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| Error::output(out, e))?;
+        Ok(Scratch {
+            path,
+            file: BufWriter::with_capacity(1 << 20, file),
+            len: 0,
+        })
+    }
+
+    fn write(&mut self, out: &Path, bytes: &[u8]) -> Result<()> {
+        self.file
+            .write_all(bytes)
+            .map_err(|e| Error::output(out, e))?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A hidden name beside `out`, private to this process.
+pub(super) fn sibling(out: &Path, tag: &str) -> PathBuf {
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    dir.join(format!(".{name}.{tag}.{}.tmp", std::process::id()))
+}
+
+/// What [`create`] did, per tensor of B (name as stored in B).
+pub struct Created {
+    pub entries: BTreeMap<String, Entry>,
+    /// Size of the patch file.
+    pub bytes: u64,
+}
+
+/// Where one tensor's changes went in the scratch files.
+struct Span {
+    changed: u64,
+    /// int64 indices (plain).
+    wide: bool,
+    /// Offsets of its indices and values (plain) or frames (compact) in the scratch files.
+    idx_at: u64,
+    val_at: u64,
+    /// Bytes spilled for it in both.
+    stored: u64,
+    /// Its frames (compact).
+    frames: Vec<Frame>,
+    /// The hashes of its pieces in base and in tuned, in order (see [`merged_fingerprint`]).
+    prints: (Vec<ChainingValue>, Vec<ChainingValue>),
+}
+
+impl Span {
+    /// Decodes this tensor's compact frames back from the scratch file `scratch`.
+    fn decode(
+        &self,
+        scratch: &Scratch,
+        out: &Path,
+        size: usize,
+        numel: u64,
+    ) -> Result<(Vec<u64>, Vec<u8>)> {
+        use std::os::unix::fs::FileExt;
+        let mut blob = vec![0u8; self.stored as usize];
+        scratch
+            .file
+            .get_ref()
+            .read_exact_at(&mut blob, self.val_at)
+            .map_err(|e| Error::output(out, e))?;
+        let (mut idx, mut vals) = (Vec::new(), Vec::new());
+        let mut at = 0usize;
+        for (k, f) in self.frames.iter().enumerate() {
+            let frame = &blob[at..at + f.bytes as usize];
+            crate::codec::decode_nth(&self.frames, k, frame, size, numel, &mut idx, &mut vals)
+                .map_err(|why| Error::output(out, std::io::Error::other(why)))?;
+            at += f.bytes as usize;
+        }
+        Ok((idx, vals))
+    }
+}
+
+/// One tensor to patch: its name in B and both sides.
+struct Job<'a> {
+    name: &'a str,
+    a: (&'a Shard, &'a TensorInfo),
+    b: (&'a Shard, &'a TensorInfo),
+}
+
+/// Writes the patch that turns `base` into `tuned` to `out`, atomically. Names pair as in
+/// [`crate::diff()`] (wrappers removed, `name_map` applied); both checkpoints must hold the same
+/// tensors with the same shapes and dtypes. `provenance` joins the file's metadata.
+pub fn create(
+    base: &Checkpoint,
+    tuned: &Checkpoint,
+    out: &Path,
+    name_map: &[(String, String)],
+    codec: Codec,
+    provenance: &BTreeMap<String, String>,
+    progress: &Progress,
+) -> Result<Created> {
+    let sa = Side::stored(base, "base", name_map)?;
+    let sb = Side::stored(tuned, "tuned", name_map)?;
+    let only_a: Vec<&String> = sa.names.keys().filter(|n| !sb.contains(n)).collect();
+    let only_b: Vec<&String> = sb.names.keys().filter(|n| !sa.contains(n)).collect();
+    if !only_a.is_empty() || !only_b.is_empty() {
+        let few = |v: &[&String]| {
+            v.iter()
+                .take(3)
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("', '")
+        };
+        return Err(Error::Pairing {
+            reason: format!(
+                "a patch needs the same tensors on both sides: {} only in base ({}, e.g. '{}'), \
+                 {} only in tuned ({}, e.g. '{}')",
+                only_a.len(),
+                base.path.display(),
+                few(&only_a),
+                only_b.len(),
+                tuned.path.display(),
+                few(&only_b)
+            ),
+        });
+    }
+    let mut jobs = Vec::new();
+    for (paired, stored) in &sa.names {
+        let (a, b) = (
+            sa.get(paired).expect("present"),
+            sb.get(paired).expect("present"),
+        );
+        if a.1.shape != b.1.shape || a.1.dtype != b.1.dtype {
+            return Err(Error::Mismatch {
+                tensor: stored.to_string(),
+                detail: format!(
+                    "{} {:?} in base ({}) but {} {:?} in tuned ({}): a patch keeps every \
+                     tensor's shape and dtype",
+                    a.1.dtype,
+                    a.1.shape,
+                    a.0.path.display(),
+                    b.1.dtype,
+                    b.1.shape,
+                    b.0.path.display()
+                ),
+            });
+        }
+        if a.1.dtype == Dtype::F4 {
+            return Err(Error::Tensor {
+                path: a.0.path.clone(),
+                tensor: stored.to_string(),
+                reason: "F4 (two codes per byte) is not patched yet; MXFP4 weights stored as \
+                         bytes (gpt-oss's U8 _blocks) are"
+                    .into(),
+            });
+        }
+        jobs.push(Job { name: stored, a, b });
+    }
+    // Before the pass: every tensor's description in the metadata (its name, two 64-hex
+    // fingerprints, shape, dtype, count, form) is at least this long, so a header past the
+    // readers' limit is known now, not after minutes of reading; the exact check follows the
+    // pass.
+    let least: u64 = jobs.iter().map(|j| j.name.len() as u64 + 2 * 64 + 60).sum();
+    check_header_len(out, least, jobs.len())?;
+    if jobs.is_empty() {
+        return Err(Error::Pairing {
+            reason: format!(
+                "nothing to patch: {} and {} hold no tensors",
+                base.path.display(),
+                tuned.path.display()
+            ),
+        });
+    }
+    let total: u64 = jobs.iter().map(|j| 2 * j.a.1.len as u64).sum();
+    progress.total.store(total, Ordering::Relaxed);
+
+    let mut idx_file = Scratch::new(out, "indices")?;
+    let mut val_file = Scratch::new(out, "values")?;
+    let window = 2 * rayon::current_num_threads().max(1);
+    // The pass's groups of chunks in the order it takes them (job by job, `window` chunks at
+    // a time), for the readers that read cold files ahead of it.
+    let group_len = window * CHUNK;
+    let groups = jobs.iter().flat_map(|job| {
+        let n = job.a.1.numel as usize;
+        (0..n).step_by(group_len).map(move |g| {
+            let len = group_len.min(n - g);
+            [job.a, job.b]
+                .map(|(shard, t)| readahead::Stretch {
+                    shard,
+                    offset: t.offset + g * t.dtype.size(),
+                    len: len * t.dtype.size(),
+                })
+                .to_vec()
+        })
+    });
+    let mut spans = Vec::with_capacity(jobs.len());
+    readahead::ahead(groups, |took| -> Result<()> {
+        let mut taken = 0;
+        for job in &jobs {
+            let (t, size) = (job.a.1, job.a.1.dtype.size());
+            let n = t.numel as usize;
+            let wide = index_width(t.numel) == 8;
+            let (ra, rb) = (job.a.0.bytes(job.a.1), job.b.0.bytes(job.b.1));
+            let starts: Vec<usize> = (0..n).step_by(CHUNK).collect();
+            let only = starts.len() == 1;
+            let mut span = Span {
+                changed: 0,
+                wide,
+                idx_at: idx_file.len,
+                val_at: val_file.len,
+                stored: 0,
+                frames: Vec::new(),
+                prints: (Vec::new(), Vec::new()),
+            };
+            for group in starts.chunks(window) {
+                took(taken);
+                taken += 1;
+                let parts = group
+                    .par_iter()
+                    .map(|&s| {
+                        progress.check()?;
+                        let len = CHUNK.min(n - s);
+                        let (x, y) = (
+                            &ra[s * size..(s + len) * size],
+                            &rb[s * size..(s + len) * size],
+                        );
+                        let (mut idx, mut vals) = (Vec::new(), Vec::new());
+                        changed_into(x, y, size, s as u64, wide, &mut idx, &mut vals);
+                        let count = (vals.len() / size.max(1)) as u64;
+                        if codec == Codec::Compact && count > 0 {
+                            // Offsets from the chunk's first element; the frame replaces both.
+                            let iw = if wide { 8 } else { 4 };
+                            let offsets = idx.chunks_exact(iw).map(|b| {
+                                let mut w = [0u8; 8];
+                                w[..iw].copy_from_slice(b);
+                                u64::from_le_bytes(w) - s as u64
+                            });
+                            vals = crate::codec::encode(offsets, &vals, size);
+                            idx.clear();
+                        }
+                        progress
+                            .done
+                            .fetch_add(2 * x.len() as u64, Ordering::Relaxed);
+                        // The fingerprints, hashed while the piece is in the cache.
+                        let off = (s * size) as u64;
+                        let prints =
+                            rayon::join(|| piece_print(x, off, only), || piece_print(y, off, only));
+                        job.a.0.check_faults()?;
+                        job.b.0.check_faults()?;
+                        Ok((s as u64, count, idx, vals, prints))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                for (start, count, idx, vals, (pa, pb)) in parts {
+                    span.prints.0.push(pa);
+                    span.prints.1.push(pb);
+                    if count == 0 {
+                        continue;
+                    }
+                    span.changed += count;
+                    span.stored += (idx.len() + vals.len()) as u64;
+                    if codec == Codec::Compact {
+                        span.frames.push(Frame {
+                            start,
+                            count,
+                            bytes: vals.len() as u64,
+                        });
+                    }
+                    idx_file.write(out, &idx)?;
+                    val_file.write(out, &vals)?;
+                }
+            }
+            spans.push(span);
+        }
+        Ok(())
+    })?;
+    for f in [&mut idx_file, &mut val_file] {
+        f.file.flush().map_err(|e| Error::output(out, e))?;
+    }
+
+    let prints: Vec<(String, String)> = spans
+        .iter()
+        .map(|s| {
+            (
+                merged_fingerprint(&s.prints.0),
+                merged_fingerprint(&s.prints.1),
+            )
+        })
+        .collect();
+    check_all_unchanged(jobs.iter().flat_map(|j| [j.a.0, j.b.0]))?;
+    let mut entries = BTreeMap::new();
+    for ((job, span), (fa, fb)) in jobs.iter().zip(&spans).zip(prints) {
+        let (t, changed) = (job.a.1, span.changed);
+        let compact =
+            (codec == Codec::Compact).then(|| span.stored + 24 * span.frames.len() as u64);
+        let (form, _) = choose_form(changed, t.numel, t.dtype.size() as u64, compact);
+        entries.insert(
+            job.name.to_string(),
+            Entry {
+                shape: t.shape.clone(),
+                dtype: t.dtype.to_string(),
+                changed,
+                form,
+                base: fa,
+                tuned: fb,
+            },
+        );
+    }
+
+    // The file: stored tensors ordered by alignment (8, 4, 2, 1 bytes), so that each stays
+    // aligned to its element size behind the 8-byte-padded header.
+    enum Source {
+        Indices(u64, u64),
+        Values(u64, u64),
+        Dense(usize),
+        /// Bytes made here: a frame table, or decoded indices and values.
+        Table(Vec<u8>),
+    }
+    let mut stored: Vec<(String, Dtype, Vec<u64>, u64, Source)> = Vec::new();
+    for (k, (job, span)) in jobs.iter().zip(&spans).enumerate() {
+        let e = &entries[job.name];
+        let (dtype, size, changed) = (job.a.1.dtype, job.a.1.dtype.size() as u64, span.changed);
+        match (e.form, codec) {
+            (Form::None, _) => {}
+            (Form::Dense, _) => stored.push((
+                format!("{}.dense", job.name),
+                dtype,
+                e.shape.clone(),
+                job.a.1.len as u64,
+                Source::Dense(k),
+            )),
+            (Form::Sparse, _) => {
+                let (idt, iw) = if span.wide {
+                    (Dtype::I64, 8)
+                } else {
+                    (Dtype::I32, 4)
+                };
+                let (idx, vals) = if codec == Codec::Plain {
+                    (
+                        Source::Indices(span.idx_at, changed * iw),
+                        Source::Values(span.val_at, changed * size),
+                    )
+                } else {
+                    // Frames larger than plain indices and values (few changes): decoded
+                    // from the scratch file and stored plain.
+                    let (idx, vals) = span.decode(&val_file, out, size as usize, job.a.1.numel)?;
+                    let idx = idx
+                        .iter()
+                        .flat_map(|&i| i.to_le_bytes()[..iw as usize].to_vec())
+                        .collect();
+                    (Source::Table(idx), Source::Table(vals))
+                };
+                stored.push((
+                    format!("{}.indices", job.name),
+                    idt,
+                    vec![changed],
+                    changed * iw,
+                    idx,
+                ));
+                stored.push((
+                    format!("{}.values", job.name),
+                    dtype,
+                    vec![changed],
+                    changed * size,
+                    vals,
+                ));
+            }
+            (Form::Compact, _) => {
+                let table: Vec<u8> = span
+                    .frames
+                    .iter()
+                    .flat_map(|f| [f.start, f.count, f.bytes])
+                    .flat_map(|v| (v as i64).to_le_bytes())
+                    .collect();
+                stored.push((
+                    format!("{}.frames", job.name),
+                    Dtype::I64,
+                    vec![span.frames.len() as u64, 3],
+                    table.len() as u64,
+                    Source::Table(table),
+                ));
+                stored.push((
+                    format!("{}.compact", job.name),
+                    Dtype::U8,
+                    vec![span.stored],
+                    span.stored,
+                    Source::Values(span.val_at, span.stored),
+                ));
+            }
+        }
+    }
+    stored.sort_by_key(|s| std::cmp::Reverse(s.1.size()));
+    let mut metadata = provenance.clone();
+    metadata.insert("format".into(), FORMAT.into());
+    metadata.insert("version".into(), VERSION.into());
+    metadata.insert("codec".into(), codec.name().into());
+    metadata.insert(
+        "tensors".into(),
+        serde_json::to_string(&entries).expect("serialisable"),
+    );
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".into(),
+        serde_json::to_value(&metadata).expect("strings"),
+    );
+    let mut offset = 0u64;
+    for (name, dtype, shape, len, _) in &stored {
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut text = serde_json::to_vec(&header).expect("serialisable");
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+    check_header_len(out, text.len() as u64, entries.len())?;
+
+    let mut file = AtomicFile::create(out)?;
+    file.write(&(text.len() as u64).to_le_bytes())?;
+    file.write(&text)?;
+    // Scratch ranges are copied file to file (the kernel's copy_file_range where it can).
+    let (idx_raw, val_raw) = (idx_file.file.get_ref(), val_file.file.get_ref());
+    for (_, _, _, _, source) in &stored {
+        match source {
+            Source::Indices(at, len) => file.copy_from(idx_raw, *at, *len)?,
+            Source::Values(at, len) => file.copy_from(val_raw, *at, *len)?,
+            Source::Dense(k) => file.write(jobs[*k].b.0.bytes(jobs[*k].b.1))?,
+            Source::Table(bytes) => file.write(bytes)?,
+        }
+    }
+    check_all_unchanged(jobs.iter().map(|j| j.b.0))?;
+    progress.check()?; // the last moment a cancel leaves nothing behind
+    let bytes = file.finish()?;
+    Ok(Created { entries, bytes })
+}
