@@ -610,3 +610,36 @@ def test_sync_cost_of_fp32_master_weights_sent_as_bf16() -> None:
         )
         assert h["rlmask/full_bytes"] == 2 * numel  # bf16, not the fp32 master's 4
         assert h["rlmask/sync_bytes"] == sum(min(6 * c, 2 * now[n].size) for n, c in last.items())
+
+
+def test_one_atomic_writer_for_concurrent_writes_and_leftovers(tmp_path: Path) -> None:
+    """Two threads creating the same patch each write their own temporary (O_EXCL, unique
+    names) and the target is one whole patch that rebuilds the tuned checkpoint; a leftover of
+    a killed run beside the target (its process gone) is removed by the next write."""
+    import threading
+
+    from rlmask.examples import trained_path
+
+    base, tuned = trained_path("base"), trained_path("rl-seed1")
+    out = tmp_path / "p.rlpatch"
+    dead = tmp_path / ".p.rlpatch.part.4194999.0.tmp"  # pid above Linux's pid_max
+    dead.write_bytes(b"half a patch")
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            rlmask.patch.create(base, tuned, out, progress=False)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=make) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert not dead.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.rlpatch"]
+    rebuilt = tmp_path / "rebuilt"
+    rlmask.patch.apply(base, out, rebuilt, progress=False)
+    assert rlmask.diff(tuned, rebuilt, criterion="exact", progress=False).changed == 0

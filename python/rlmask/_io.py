@@ -159,6 +159,21 @@ def read_side_file(path: PathArg, *, limit: int = SIDE_FILE_LIMIT) -> bytes | No
     return b"".join(chunks)
 
 
+def _sync(path: str, *, directory: bool = False) -> None:
+    """fsync of a file, or of a directory (so that a rename in it survives a crash); best
+    effort where the platform or filesystem refuses."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(target: PathArg) -> Iterator[Path]:
     """Yields a temporary path in the target's directory; on success it replaces ``target``,
@@ -169,11 +184,16 @@ def atomic_path(target: PathArg) -> Iterator[Path]:
     import tempfile
     from pathlib import Path
 
+    from rlmask._rlmask import clean_leftovers
+
     target = Path(target)
     where = os.fspath(target)
+    # Named as the core's writer names its temporaries (.NAME.TAG.PID.N.tmp): a killed run's
+    # leftovers are recognisable, and removed here once their process is gone.
+    clean_leftovers(target)
     try:
         fd, tmp = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or "."
+            prefix=f".{target.name}.py.{os.getpid()}.", suffix=".tmp", dir=target.parent or "."
         )
     except OSError as e:
         raise OutputError(f"{where}: {e.strerror}", where) from None
@@ -185,7 +205,9 @@ def atomic_path(target: PathArg) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        _sync(tmp)
         os.replace(tmp, target)
+        _sync(os.fspath(target.parent or "."), directory=True)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -27,6 +27,7 @@ __all__ = [
     "TrajectoryResult",
     "__version__",
     "canonical_name",
+    "clean_leftovers",
     "compact_bytes",
     "diff",
     "fingerprint",
@@ -183,6 +184,7 @@ def pairing(
     block_base: tuple[int, int] | None = None,
     block_tuned: tuple[int, int] | None = None,
 ) -> Pairing: ...
+def clean_leftovers(target: str | PathLike[str]) -> None: ...
 def write_mask(
     path: str | PathLike[str],
     names: list[str],

@@ -1,6 +1,7 @@
 //! Thin PyO3 bindings of `rlmask-core`, built by maturin into `rlmask._rlmask`. One file per
-//! Python-facing area: `errors`, `checkpoint`, `diff`, `mask`, `names`, `patch`, `plan`, `trajectory`.
+//! Python-facing area: `atomic`, `errors`, `checkpoint`, `diff`, `mask`, `names`, `patch`, `plan`, `trajectory`.
 
+mod atomic;
 mod checkpoint;
 mod diff;
 mod errors;
@@ -16,6 +17,8 @@ mod _rlmask {
     use pyo3::prelude::*;
     use pyo3::types::PyTuple;
 
+    #[pymodule_export]
+    use super::atomic::clean_leftovers;
     #[pymodule_export]
     use super::checkpoint::{Checkpoint, TensorInfo};
     #[pymodule_export]

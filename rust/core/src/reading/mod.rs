@@ -2,6 +2,7 @@
 //! checkpoint takes (file, folder, index), surviving files truncated while mapped, and reading
 //! ahead of a pass on a cold cache.
 
+pub mod atomic;
 pub mod checkpoint;
 pub mod guard;
 pub mod readahead;

@@ -362,10 +362,11 @@ pub fn check_header_len(out: &Path, len: u64, tensors: usize) -> Result<()> {
 /// cancellation), it removes the temporary file and leaves the target untouched.
 pub struct U8FileWriter {
     path: PathBuf,
-    tmp: PathBuf,
+    /// The temporary file: removed if the writer is dropped unfinished.
+    staged: crate::atomic::Staged,
+    file: File,
     map: memmap2::MmapMut,
     spans: Vec<(usize, usize)>,
-    finished: bool,
 }
 
 impl U8FileWriter {
@@ -400,37 +401,21 @@ impl U8FileWriter {
         check_header_len(path, text.len() as u64, tensors.len())?;
         let data_start = 8 + text.len();
 
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let (staged, file) = crate::atomic::Staged::file(path, "part")?;
         let total = data_start as u64 + offset;
         let open = || -> std::io::Result<memmap2::MmapMut> {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
             reserve(&file, total)?;
-            // SAFETY: the file was just created (truncated) under a name private to this
-            // process, and only this writer maps it; nothing else reads or resizes it while the
-            // map lives. Its blocks were reserved above, so writing through the map cannot run
-            // out of space (which would raise SIGBUS).
+            // SAFETY: the file was just created exclusively (O_EXCL) under a name unique to
+            // this process and call, and only this writer maps it; nothing else reads or
+            // resizes it while the map lives. Its blocks were reserved above, so writing
+            // through the map cannot run out of space (which would raise SIGBUS).
             let mut map = unsafe { memmap2::MmapMut::map_mut(&file)? };
             map[..8].copy_from_slice(&(text.len() as u64).to_le_bytes());
             map[8..data_start].copy_from_slice(&text);
             Ok(map)
         };
-        let map = open().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::output(path, e)
-        })?;
+        // Dropped on an error: the staged file goes with it.
+        let map = open().map_err(|e| Error::output(path, e))?;
         let mut spans = Vec::with_capacity(lens.len());
         let mut at = data_start;
         for len in lens {
@@ -439,10 +424,10 @@ impl U8FileWriter {
         }
         Ok(U8FileWriter {
             path: path.to_path_buf(),
-            tmp,
+            staged,
+            file,
             map,
             spans,
-            finished: false,
         })
     }
 
@@ -461,23 +446,11 @@ impl U8FileWriter {
         out
     }
 
-    /// Syncs the data and renames the file over the target.
-    pub fn finish(mut self) -> Result<()> {
-        let done = self
-            .map
-            .flush()
-            .and_then(|_| std::fs::rename(&self.tmp, &self.path));
-        done.map_err(|e| Error::output(&self.path, e))?;
-        self.finished = true;
-        Ok(())
-    }
-}
-
-impl Drop for U8FileWriter {
-    fn drop(&mut self) {
-        if !self.finished {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+    /// Syncs the data and puts the file in place ([`crate::atomic::Staged::commit`]).
+    pub fn finish(self) -> Result<()> {
+        self.map.flush().map_err(|e| Error::output(&self.path, e))?;
+        drop(self.map);
+        self.staged.commit(Some(self.file))
     }
 }
 

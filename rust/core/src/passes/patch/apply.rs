@@ -1,33 +1,32 @@
 //! Applying and verifying patches: the chain checked by fingerprint, then the base streamed
 //! into new files a piece at a time with each patch's entries written over it.
 
-use super::create::sibling;
 use super::*;
+use crate::atomic::Staged;
 
-/// A file written under a temporary name beside its target, synced and renamed over it by
-/// [`AtomicFile::finish`]; removed if dropped unfinished.
+/// A file written under a temporary name beside its target, put in place by
+/// [`AtomicFile::finish`] ([`Staged::commit`]); removed if dropped unfinished.
 pub(super) struct AtomicFile {
     path: PathBuf,
-    tmp: PathBuf,
-    file: Option<BufWriter<File>>,
+    staged: Staged,
+    file: BufWriter<File>,
     len: u64,
 }
 
 impl AtomicFile {
     pub(super) fn create(path: &Path) -> Result<AtomicFile> {
-        let tmp = sibling(path, "part");
-        let file = File::create(&tmp).map_err(|e| Error::output(path, e))?;
+        let (staged, file) = Staged::file(path, "part")?;
         Ok(AtomicFile {
             path: path.to_path_buf(),
-            tmp,
-            file: Some(BufWriter::with_capacity(1 << 20, file)),
+            staged,
+            file: BufWriter::with_capacity(1 << 20, file),
             len: 0,
         })
     }
 
     pub(super) fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        let f = self.file.as_mut().expect("open until finished");
-        f.write_all(bytes)
+        self.file
+            .write_all(bytes)
             .map_err(|e| Error::output(&self.path, e))?;
         self.len += bytes.len() as u64;
         Ok(())
@@ -35,7 +34,7 @@ impl AtomicFile {
 
     /// Appends `len` bytes of `src` from offset `at`.
     pub(super) fn copy_from(&mut self, src: &File, at: u64, len: u64) -> Result<()> {
-        let f = self.file.as_mut().expect("open until finished");
+        let f = &mut self.file;
         f.flush().map_err(|e| Error::output(&self.path, e))?;
         let mut src = src;
         src.seek(std::io::SeekFrom::Start(at))
@@ -52,23 +51,13 @@ impl AtomicFile {
         Ok(())
     }
 
-    pub(super) fn finish(mut self) -> Result<u64> {
-        let f = self.file.take().expect("open until finished");
-        let done = f
+    pub(super) fn finish(self) -> Result<u64> {
+        let file = self
+            .file
             .into_inner()
-            .map_err(|e| e.into_error())
-            .and_then(|f| f.sync_all())
-            .and_then(|_| std::fs::rename(&self.tmp, &self.path));
-        done.map_err(|e| Error::output(&self.path, e))?;
+            .map_err(|e| Error::output(&self.path, e.into_error()))?;
+        self.staged.commit(Some(file))?;
         Ok(self.len)
-    }
-}
-
-impl Drop for AtomicFile {
-    fn drop(&mut self) {
-        if self.file.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
     }
 }
 
@@ -243,17 +232,9 @@ pub fn apply(base: &Checkpoint, patches: &[&Patch], out: &Path, progress: &Progr
             std::io::Error::other("exists and is not an empty directory"),
         ));
     }
-    let tmp = sibling(out, "apply");
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::output(out, e))?;
-    struct Cleanup(PathBuf, bool);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            if !self.1 {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-    }
-    let mut cleanup = Cleanup(tmp.clone(), false);
+    // The rebuilt checkpoint's folder, removed with everything in it unless put in place.
+    let staged = Staged::folder(out, "apply")?;
+    let tmp = staged.path().to_path_buf();
     let total: u64 = base
         .shards
         .iter()
@@ -330,9 +311,8 @@ pub fn apply(base: &Checkpoint, patches: &[&Patch], out: &Path, progress: &Progr
     if out.exists() {
         std::fs::remove_dir(out).map_err(|e| Error::output(out, e))?;
     }
-    std::fs::rename(&tmp, out).map_err(|e| Error::output(out, e))?;
-    cleanup.1 = true;
-    Ok(())
+    crate::atomic::sync_dir(&tmp); // the files' names in it, before it is put in place
+    staged.commit(None)
 }
 
 /// Whether a file beside the shards describes the model (and so belongs in a checkpoint that

@@ -91,14 +91,8 @@ struct Scratch {
 
 impl Scratch {
     fn new(out: &Path, tag: &str) -> Result<Scratch> {
-        let path = sibling(out, tag);
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|e| Error::output(out, e))?;
+        let path = crate::atomic::temporary_name(out, tag);
+        let file = crate::atomic::create_new(&path).map_err(|e| Error::output(out, e))?;
         Ok(Scratch {
             path,
             file: BufWriter::with_capacity(1 << 20, file),
@@ -119,19 +113,6 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
-}
-
-/// A hidden name beside `out`, private to this process.
-pub(super) fn sibling(out: &Path, tag: &str) -> PathBuf {
-    let dir = out
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    dir.join(format!(".{name}.{tag}.{}.tmp", std::process::id()))
 }
 
 /// What [`create`] did, per tensor of B (name as stored in B).
