@@ -179,30 +179,42 @@ pub(crate) mod widen {
         }
     }
 
-    /// OCP FP8 E4M3 ("fn": no infinities, S.1111.111 is NaN) to binary32.
-    pub fn f8e4m3_compute(b: u8) -> u32 {
-        let sign = ((b as u32) & 0x80) << 24;
-        let exp = ((b >> 3) & 0xf) as u32;
-        let man = (b & 0x7) as u32;
-        if exp == 0xf && man == 0x7 {
-            return sign | 0x7fc0_0000;
-        }
-        match exp {
-            0 if man == 0 => sign,
-            0 => {
-                // Subnormal: man * 2^-9.
-                let shift = man.leading_zeros() - 28; // bring the top set bit to bit 3
-                let man = (man << shift) & 0x7;
-                let exp = 127 - 7 + 1 - shift;
-                sign | (exp << 23) | (man << 20)
-            }
-            _ => sign | ((exp + 127 - 7) << 23) | (man << 20),
-        }
-    }
-
-    /// FP8 E5M2 is the top byte of an IEEE binary16.
-    pub fn f8e5m2_compute(b: u8) -> u32 {
-        f16_compute((b as u16) << 8)
+    /// The exact f32 value of an FP8 code (E5M2 when `E5M2`, else E4M3), bit for bit the widening
+    /// computed without a table and without subnormal intermediates
+    /// (which cost microcode assists on some CPUs): a normal code's exponent and mantissa are
+    /// placed into an f32 and rebiased; a subnormal `m * 2^-k` is `2^-k' * (1 + m') - 2^-k'` for
+    /// the right `k'`, exact in f32; NaN and infinite codes get their widened patterns (payload
+    /// kept); the sign goes on last. Straight-line code, so loops over it vectorise.
+    #[inline(always)]
+    pub fn fp8_value<const E5M2: bool>(c: u8) -> f32 {
+        let (shift, bias, exp_mask, sub_exp) = if E5M2 {
+            (21u32, 112u32, 0x7cu32, 113u32)
+        } else {
+            (20, 120, 0x78, 121)
+        };
+        let magnitude = c as u32 & 0x7f;
+        let placed = magnitude << shift;
+        let normal = placed + (bias << 23);
+        let one = f32::from_bits(sub_exp << 23);
+        let subnormal = (f32::from_bits(placed | (sub_exp << 23)) - one).to_bits();
+        let (is_special, special) = if E5M2 {
+            // Exponent all ones: infinity, or NaN with the mantissa as payload.
+            (
+                magnitude & 0x7c == 0x7c,
+                0x7f80_0000 | ((magnitude & 3) << 21),
+            )
+        } else {
+            // Only S.1111.111 is NaN; E4M3 has no infinity.
+            (magnitude == 0x7f, 0x7fc0_0000)
+        };
+        let bits = if is_special {
+            special
+        } else if magnitude & exp_mask == 0 {
+            subnormal
+        } else {
+            normal
+        };
+        f32::from_bits(bits | ((c as u32 & 0x80) << 24))
     }
 
     static F16_TABLE: OnceLock<Box<[u32]>> = OnceLock::new();
@@ -218,8 +230,8 @@ pub(crate) mod widen {
         F8_TABLES.get_or_init(|| {
             let mut t = Box::new([[0u32; 256]; 5]);
             for b in 0..=255u8 {
-                t[0][b as usize] = f8e4m3_compute(b);
-                t[1][b as usize] = f8e5m2_compute(b);
+                t[0][b as usize] = fp8_value::<false>(b).to_bits();
+                t[1][b as usize] = fp8_value::<true>(b).to_bits();
                 t[2][b as usize] = fnuz_compute(b, 4, 8);
                 t[3][b as usize] = fnuz_compute(b, 5, 16);
                 t[4][b as usize] = e8m0_compute(b);
@@ -331,18 +343,46 @@ mod tests {
         assert!(f32::from_bits(f16_compute(0x7e00)).is_nan());
     }
 
+    fn e4m3(b: u8) -> u32 {
+        fp8_value::<false>(b).to_bits()
+    }
+
+    fn e5m2(b: u8) -> u32 {
+        fp8_value::<true>(b).to_bits()
+    }
+
+    /// OCP FP8 from its definition: E4M3 has bias 7, no infinities and one NaN per sign
+    /// (S.1111.111); E5M2 is the top byte of an IEEE binary16, NaN payloads kept.
     #[test]
     fn f8_known_values() {
         // E4M3: max normal 448, min subnormal 2^-9, NaN at 0x7f.
-        assert_eq!(f32::from_bits(f8e4m3_compute(0x7e)), 448.0);
-        assert_eq!(f32::from_bits(f8e4m3_compute(0x01)), 2f32.powi(-9));
-        assert_eq!(f32::from_bits(f8e4m3_compute(0x38)), 1.0);
-        assert!(f32::from_bits(f8e4m3_compute(0x7f)).is_nan());
-        assert!(f32::from_bits(f8e4m3_compute(0xff)).is_nan());
-        // E5M2: max 57344, Inf at 0x7c.
-        assert_eq!(f32::from_bits(f8e5m2_compute(0x7b)), 57344.0);
-        assert_eq!(f32::from_bits(f8e5m2_compute(0x7c)), f32::INFINITY);
-        assert_eq!(f32::from_bits(f8e5m2_compute(0x01)), 2f32.powi(-16));
+        assert_eq!(f32::from_bits(e4m3(0x7e)), 448.0);
+        assert_eq!(f32::from_bits(e4m3(0x01)), 2f32.powi(-9));
+        assert_eq!(f32::from_bits(e4m3(0x38)), 1.0);
+        assert!(f32::from_bits(e4m3(0x7f)).is_nan());
+        assert!(f32::from_bits(e4m3(0xff)).is_nan());
+        // E5M2: max 57344, Inf at 0x7c; every code as the binary16 it is the top byte of.
+        assert_eq!(f32::from_bits(e5m2(0x7b)), 57344.0);
+        assert_eq!(f32::from_bits(e5m2(0x7c)), f32::INFINITY);
+        assert_eq!(f32::from_bits(e5m2(0x01)), 2f32.powi(-16));
+        for b in 0..=255u8 {
+            assert_eq!(e5m2(b), f16_compute((b as u16) << 8), "{b:#04x}");
+        }
+        // E4M3 against its definition, code by code.
+        for b in 0..=255u8 {
+            let (sign, exp, man) = ((b >> 7) as i32, ((b >> 3) & 0xf) as i32, (b & 7) as f32);
+            let magnitude = if exp == 0 {
+                man / 8.0 * 2f32.powi(-6)
+            } else {
+                (1.0 + man / 8.0) * 2f32.powi(exp - 7)
+            };
+            let want = if sign == 1 { -magnitude } else { magnitude };
+            if b & 0x7f == 0x7f {
+                assert!(f32::from_bits(e4m3(b)).is_nan());
+            } else {
+                assert_eq!(e4m3(b), want.to_bits(), "{b:#04x}");
+            }
+        }
     }
 
     /// AMD's FNUZ formats from their definitions: bias 8 / 16, 0x80 the only NaN, the
@@ -402,7 +442,7 @@ mod tests {
         assert_eq!(seen.len(), 65536);
         let fnuz4 = |b| fnuz_compute(b, 4, 8);
         let fnuz5 = |b| fnuz_compute(b, 5, 16);
-        for f in [f8e4m3_compute, f8e5m2_compute, fnuz4, fnuz5, e8m0_compute] {
+        for f in [e4m3, e5m2, fnuz4, fnuz5, e8m0_compute] {
             let mut seen: Vec<u32> = (0..=255u8).map(f).collect();
             seen.sort_unstable();
             seen.dedup();

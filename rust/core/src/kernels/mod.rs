@@ -311,7 +311,7 @@ fn load32(d: Dtype, src: &[u8], out: &mut [u32; BLOCK], m: usize) {
 }
 
 /// Loads `m` FP8 codes of `d` dequantised with one scale: `f32(code) * scale`, rounded once
-/// ([`crate::scaled::fp8_value`] for the OCP formats, the widening table for AMD's FNUZ ones).
+/// ([`widen::fp8_value`] for the OCP formats, the widening table for AMD's FNUZ ones).
 #[inline(always)]
 pub(crate) fn load_scaled(d: Dtype, src: &[u8], scale: f32, out: &mut [u32; BLOCK], m: usize) {
     if m < BLOCK {
@@ -320,12 +320,12 @@ pub(crate) fn load_scaled(d: Dtype, src: &[u8], scale: f32, out: &mut [u32; BLOC
     match d {
         Dtype::F8E5M2 => {
             for (o, &c) in out.iter_mut().zip(src) {
-                *o = (crate::scaled::fp8_value::<true>(c) * scale).to_bits();
+                *o = (widen::fp8_value::<true>(c) * scale).to_bits();
             }
         }
         Dtype::F8E4M3 => {
             for (o, &c) in out.iter_mut().zip(src) {
-                *o = (crate::scaled::fp8_value::<false>(c) * scale).to_bits();
+                *o = (widen::fp8_value::<false>(c) * scale).to_bits();
             }
         }
         _ => {

@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::dtype::widen::fp8_value;
 use crate::dtype::{widen, Dtype};
 use crate::error::{Error, Result};
 use crate::safetensors::{Shard, TensorInfo};
@@ -292,44 +293,6 @@ fn runs(
     }
 }
 
-/// The exact f32 value of an FP8 code (E5M2 when `E5M2`, else E4M3), bit for bit the widening
-/// of [`crate::dtype`]'s tables, computed without a table and without subnormal intermediates
-/// (which cost microcode assists on some CPUs): a normal code's exponent and mantissa are
-/// placed into an f32 and rebiased; a subnormal `m * 2^-k` is `2^-k' * (1 + m') - 2^-k'` for
-/// the right `k'`, exact in f32; NaN and infinite codes get their widened patterns (payload
-/// kept); the sign goes on last. Straight-line code, so loops over it vectorise.
-#[inline(always)]
-pub(crate) fn fp8_value<const E5M2: bool>(c: u8) -> f32 {
-    let (shift, bias, exp_mask, sub_exp) = if E5M2 {
-        (21u32, 112u32, 0x7cu32, 113u32)
-    } else {
-        (20, 120, 0x78, 121)
-    };
-    let magnitude = c as u32 & 0x7f;
-    let placed = magnitude << shift;
-    let normal = placed + (bias << 23);
-    let one = f32::from_bits(sub_exp << 23);
-    let subnormal = (f32::from_bits(placed | (sub_exp << 23)) - one).to_bits();
-    let (is_special, special) = if E5M2 {
-        // Exponent all ones: infinity, or NaN with the mantissa as payload.
-        (
-            magnitude & 0x7c == 0x7c,
-            0x7f80_0000 | ((magnitude & 3) << 21),
-        )
-    } else {
-        // Only S.1111.111 is NaN; E4M3 has no infinity.
-        (magnitude == 0x7f, 0x7fc0_0000)
-    };
-    let bits = if is_special {
-        special
-    } else if magnitude & exp_mask == 0 {
-        subnormal
-    } else {
-        normal
-    };
-    f32::from_bits(bits | ((c as u32 & 0x80) << 24))
-}
-
 /// The dequantised values (f32, little-endian bytes) of elements `start..start + codes.len()`
 /// of a scaled weight whose codes are `codes`, written to `out` (4 bytes per code): each
 /// `f32(code) * f32(scale)`, rounded once.
@@ -429,21 +392,6 @@ pub(crate) fn stored_keys(codes: &[u8], dtype: Dtype, start: usize, s: &Scaled, 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fp8_values_match_the_widening_tables_for_every_code() {
-        for c in 0..=255u8 {
-            for (e5m2, t) in [(false, 0), (true, 1)] {
-                let want = widen::f8_tables()[t][c as usize];
-                let got = if e5m2 {
-                    fp8_value::<true>(c)
-                } else {
-                    fp8_value::<false>(c)
-                };
-                assert_eq!(got.to_bits(), want, "code {c:#04x} e5m2={e5m2}");
-            }
-        }
-    }
 
     /// The scale index of every element, the slow way.
     fn naive(layout: Layout, rows: usize, cols: usize) -> Vec<usize> {
