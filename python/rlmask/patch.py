@@ -46,6 +46,7 @@ __all__ = [
     "load",
     "read_trl",
     "records",
+    "tensor_entry",
     "verify",
     "write_plain",
 ]
@@ -321,6 +322,50 @@ def verify(
 # The formats the RL stack already speaks (need torch)
 
 
+def _host_bytes(t: Any) -> Any:
+    """A torch tensor's raw bytes on the host (one transfer), as a flat uint8 array."""
+    import torch
+
+    flat = t.detach().reshape(-1).contiguous()
+    return flat.view(torch.uint8).cpu().numpy()
+
+
+def _fingerprint(t: Any) -> str:
+    """The patch format's fingerprint of a torch tensor's bytes."""
+    return _rlmask.fingerprint(_host_bytes(t))
+
+
+def tensor_entry(key: str, old: Any, new: Any, stored: dict[str, Any]) -> dict[str, Any]:
+    """The patch entry of one tensor (design §9) from its ``old`` and ``new`` state, adding
+    what the patch stores for it to ``stored`` (host tensors): the elements whose bits differ
+    are found on the tensors' device; the dense form where it is no larger."""
+    import torch
+
+    from rlmask.torch._common import _bits_view
+    from rlmask.torch.dtypes import _SAFETENSORS_DTYPE
+
+    flat_new, flat_old = new.reshape(-1), old.reshape(-1)
+    idx = torch.nonzero(_bits_view(flat_new) != _bits_view(flat_old)).reshape(-1)
+    n, numel = int(idx.numel()), flat_new.numel()
+    wide = numel > 2**31
+    form, before = "none", _fingerprint(old)
+    if n and n * ((8 if wide else 4) + flat_new.element_size()) >= numel * new.element_size():
+        form = "dense"
+        stored[f"{key}.dense"] = new.cpu().contiguous()
+    elif n:
+        form = "sparse"
+        stored[f"{key}.indices"] = idx.to(torch.int64 if wide else torch.int32).cpu()
+        stored[f"{key}.values"] = flat_new[idx].cpu()
+    return {
+        "shape": list(new.shape),
+        "dtype": _SAFETENSORS_DTYPE[new.dtype],
+        "changed": n,
+        "form": form,
+        "base": before,
+        "tuned": _fingerprint(new) if n else before,
+    }
+
+
 def write_plain(
     path: PathArg, entries: Mapping[str, Mapping[str, Any]], stored: Mapping[str, Any]
 ) -> None:
@@ -345,7 +390,7 @@ def changes(f: _rlmask.PatchFile, entry: _rlmask.PatchEntry) -> tuple[Any, Any] 
     change it."""
     import torch
 
-    from rlmask.torch import torch_dtype
+    from rlmask.torch.dtypes import torch_dtype
 
     got = f.changes(entry.name)
     if got is None:
@@ -471,8 +516,6 @@ def convert(
     """
     import torch
     from safetensors.torch import save_file
-
-    from rlmask.torch import tensor_entry
 
     check_not_input(out, [src, base])
     if to == "trl":

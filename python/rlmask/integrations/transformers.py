@@ -108,7 +108,7 @@ class SyncCostCallback(TrainerCallback):
     def _state(self, model: Any) -> dict[str, Any]:
         """The measured parameters (this rank's shards of sharded ones) as a sync would send
         them (cast to ``dtype`` if given)."""
-        from rlmask.torch import _local
+        from rlmask.torch._common import _local
 
         return {
             n: _local(p.detach()) if self.dtype is None else _local(p.detach()).to(self.dtype)
@@ -129,7 +129,7 @@ class SyncCostCallback(TrainerCallback):
         Raises:
             ValueError: a mesh of more than one dimension (HSDP), or a partial placement.
         """
-        from rlmask.torch import _is_dtensor
+        from rlmask.torch._common import _is_dtensor
 
         if not _is_dtensor(p):
             return None
@@ -164,7 +164,7 @@ class SyncCostCallback(TrainerCallback):
         import torch
 
         from rlmask import _rlmask
-        from rlmask.torch import _bits_view
+        from rlmask.torch._common import _bits_view
 
         t0 = time.perf_counter()
         numel = since_last = since_start = sync = compact = full = 0
