@@ -29,12 +29,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         [r.parse().expect("rows"), c.parse().expect("cols")]
     });
     for mask in [None, Some(0)] {
-        let opts = DiffOptions {
+        let mut opts = DiffOptions {
             mask_at: mask,
-            block_base: block,
-            block_tuned: block,
             ..DiffOptions::new(criterion.clone())
         };
+        (opts.plan.block_base, opts.plan.block_tuned) = (block, block);
         for _ in 0..3 {
             let progress = Progress::default();
             let t = Instant::now();

@@ -170,10 +170,8 @@ fn mostly_unpaired_names_and_name_maps() {
         msg.contains("'model.w'") && msg.contains("--name-map"),
         "{msg}"
     );
-    let mapped = DiffOptions {
-        name_map: vec![("base_model.model.".into(), "model.".into())],
-        ..exact.clone()
-    };
+    let mut mapped = exact.clone();
+    mapped.plan.name_map = vec![("base_model.model.".into(), "model.".into())];
     let r = diff(&ca, &cb, &mapped, &Progress::default()).unwrap();
     assert_eq!(r.tensors.len(), 2);
     // Half or less unpaired is reported, not refused.
@@ -261,13 +259,13 @@ fn selection_mismatch_and_cancellation() {
         "{err}"
     );
     let mut opts = options(Criterion::Exact, None);
-    opts.skip_mismatched = true;
+    opts.plan.skip_mismatched = true;
     let r = diff(&ca, &cb, &opts, &progress).unwrap();
     assert_eq!(r.skipped.len(), 1);
     let x = r.tensors.iter().find(|t| t.name == "x").unwrap();
     assert_eq!(x.changed, vec![8]);
     // Selecting only the mismatched tensor leaves nothing to compare: an error.
-    opts.select = Some(vec!["y".into()]);
+    opts.plan.select = Some(vec!["y".into()]);
     let err = diff(&ca, &cb, &opts, &progress).unwrap_err();
     assert!(
         matches!(err, Error::Pairing { .. }) && err.to_string().contains("1 skipped"),
@@ -276,7 +274,7 @@ fn selection_mismatch_and_cancellation() {
     progress
         .cancel
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    opts.select = None;
+    opts.plan.select = None;
     assert!(matches!(
         diff(&ca, &cb, &opts, &progress),
         Err(Error::Cancelled)
@@ -378,10 +376,8 @@ fn resized_rows_are_compared_on_the_rows_both_share() {
     assert!(matches!(err, Error::Mismatch { .. }), "{err}");
     assert!(err.to_string().contains("--compare-shared-rows"), "{err}");
 
-    let shared = DiffOptions {
-        shared_rows: true,
-        ..options(Criterion::Exact, Some(0))
-    };
+    let mut shared = options(Criterion::Exact, Some(0));
+    shared.plan.shared_rows = true;
     let r = diff(&ca, &cb, &shared, &Progress::default()).unwrap();
     assert_eq!(r.resized, vec![("embed".to_string(), 10, 13)]);
     let e = &r.tensors[0];

@@ -203,12 +203,14 @@ pub fn diff<'py>(
 ) -> PyResult<DiffResult> {
     let opts = core::DiffOptions {
         criterion: criterion.inner.clone(),
-        select,
-        name_map,
-        skip_mismatched,
-        shared_rows,
-        block_base,
-        block_tuned,
+        plan: core::PlanOptions {
+            select,
+            name_map,
+            skip_mismatched,
+            shared_rows,
+            block_base,
+            block_tuned,
+        },
         mask_at,
         mask_file: mask_file.map(|path| core::MaskFileSpec {
             path,

@@ -45,23 +45,8 @@ impl Progress {
 #[derive(Debug, Clone)]
 pub struct DiffOptions {
     pub criterion: Criterion,
-    /// Only these names (as paired, after [`crate::names::canonical`]) are considered on
-    /// either side (all when `None`).
-    pub select: Option<Vec<String>>,
-    /// Prefix translations applied to both sides' names after wrapper segments are removed
-    /// (see [`crate::names::canonical`]).
-    pub name_map: Vec<(String, String)>,
-    /// List tensors whose shapes or dtypes cannot be compared instead of failing.
-    pub skip_mismatched: bool,
-    /// Block size (rows, columns) of the base's block-scaled FP8 weights, as its config.json
-    /// declares it (`quantization_config.weight_block_size`); needed only when it has some.
-    pub block_base: Option<[u64; 2]>,
-    /// The same for the tuned checkpoint.
-    pub block_tuned: Option<[u64; 2]>,
-    /// Tensors whose shapes differ in the number of rows only (a vocabulary resized between
-    /// base and tuned) are compared on the leading rows both share, and listed in
-    /// [`DiffResult::resized`], instead of being refused.
-    pub shared_rows: bool,
+    /// What pairs with what (selection, name map, mismatches, shared rows, FP8 block sizes).
+    pub plan: PlanOptions,
     /// Emit the packed changed-bits of this threshold for every compared floating tensor (the
     /// subnetwork mask; integer tensors get none): into [`TensorDiff::bits`], or into
     /// `mask_file` when one is given.
@@ -78,28 +63,11 @@ pub struct DiffOptions {
 }
 
 impl DiffOptions {
-    /// The options of the pass's plan (what pairs with what).
-    pub fn plan_options(&self) -> PlanOptions {
-        PlanOptions {
-            select: self.select.clone(),
-            name_map: self.name_map.clone(),
-            skip_mismatched: self.skip_mismatched,
-            shared_rows: self.shared_rows,
-            block_base: self.block_base,
-            block_tuned: self.block_tuned,
-        }
-    }
-
     /// Every tensor, no name map, mismatches fatal, no mask.
     pub fn new(criterion: Criterion) -> DiffOptions {
         DiffOptions {
             criterion,
-            select: None,
-            name_map: Vec::new(),
-            skip_mismatched: false,
-            shared_rows: false,
-            block_base: None,
-            block_tuned: None,
+            plan: PlanOptions::default(),
             mask_at: None,
             mask_file: None,
             magnitude: false,
@@ -378,8 +346,8 @@ pub fn diff(
     progress: &Progress,
 ) -> Result<DiffResult> {
     validate(opts)?;
-    let base_side = Side::new(base, "base", &opts.name_map)?;
-    let tuned_side = Side::new(tuned, "tuned", &opts.name_map)?;
+    let base_side = Side::new(base, "base", &opts.plan.name_map)?;
+    let tuned_side = Side::new(tuned, "tuned", &opts.plan.name_map)?;
     let Plan {
         pairs,
         only_in_base,
@@ -391,7 +359,7 @@ pub fn diff(
         scaled,
         dequantised,
         scales: scale_names,
-    } = plan(&base_side, &tuned_side, &opts.plan_options())?;
+    } = plan(&base_side, &tuned_side, &opts.plan)?;
     let nthr = opts.criterion.thresholds();
     // Mask bits go straight into a mapped mask file, or into memory, or nowhere.
     let mut writer = match &opts.mask_file {
