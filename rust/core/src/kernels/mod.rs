@@ -185,7 +185,7 @@ pub(crate) struct Job<'a> {
     pub db: Dtype,
     pub n: usize,
     /// Scaled FP8 codes in `a`: one scale per block of [`BLOCK`] elements, applied as
-    /// [`load_scaled`] describes (see [`crate::scaled`]).
+    /// [`load_scaled`] describes (see [`crate::fp8`]).
     pub fa: Option<&'a [f32]>,
     /// The same for `b`.
     pub fb: Option<&'a [f32]>,
@@ -389,7 +389,7 @@ fn load64(d: Dtype, src: &[u8], out: &mut [u64; BLOCK], m: usize) {
                 *o = widen::f32_to_f64_bits(x);
             }
         }
-        // MXFP4 codes are dequantised before they reach a kernel (`scaled::dequantise`), and
+        // MXFP4 codes are dequantised before they reach a kernel (`fp8::dequantise`), and
         // an F4 tensor without its scales is refused when the pairs are formed.
         Dtype::F4 => unreachable!("F4 codes reach the kernel dequantised"),
     }

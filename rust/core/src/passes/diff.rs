@@ -7,13 +7,13 @@ use crate::bits::padded_len;
 use crate::checkpoint::Checkpoint;
 use crate::dtype::{widen, Dtype};
 use crate::error::{Error, Result};
+use crate::fp8::{self, Layout};
 use crate::kernel::{compare_chunk, Criterion, Hist, Job, BLOCK};
 use crate::maskfile::{self, MaskEntry};
 use crate::names;
 use crate::plan::{plan, Plan, PlanOptions};
 use crate::readahead;
 use crate::safetensors::{check_all_unchanged, Shard, TensorInfo};
-use crate::scaled::{self, Layout};
 
 /// Elements per unit of parallel work (a multiple of the mask word width).
 pub const CHUNK: usize = 1 << 18;
@@ -127,7 +127,7 @@ pub struct DiffResult {
     /// listed with their changed scales, but not counted as weights (`floating` is false).
     pub scales: Vec<String>,
     /// `(name, base rows, tuned rows)` of the tensors compared on the rows both share
-    /// ([`DiffOptions::shared_rows`]); their extra rows are not compared.
+    /// ([`crate::plan::PlanOptions::shared_rows`]); their extra rows are not compared.
     pub resized: Vec<(String, u64, u64)>,
     /// `(stored name, name paired as)` for every name that wrapper stripping or the name map
     /// rewrote, per side.
@@ -490,7 +490,7 @@ impl Stretch {
     /// values, or codes and scales as stored (`keys`, the exact criterion).
     fn prepare(
         &mut self,
-        q: Option<scaled::Scaled>,
+        q: Option<fp8::Scaled>,
         raw: &[u8],
         d: Dtype,
         first: usize,
@@ -508,7 +508,7 @@ impl Stretch {
         } else {
             raw.len() / d.size()
         };
-        if !keys && d.is_fp8() && scaled::block_scales(n, first, &s, &mut self.scales) {
+        if !keys && d.is_fp8() && fp8::block_scales(n, first, &s, &mut self.scales) {
             return Prepared::Fused;
         }
         let width = if keys { 8 } else { 4 };
@@ -517,10 +517,10 @@ impl Stretch {
         }
         let out = &mut self.buffer[..n * width];
         if keys {
-            scaled::stored_keys(raw, d, first, &s, out);
+            fp8::stored_keys(raw, d, first, &s, out);
             Prepared::Buffered(Dtype::U64, n * 8)
         } else {
-            scaled::dequantise(raw, d, first, &s, out);
+            fp8::dequantise(raw, d, first, &s, out);
             Prepared::Buffered(Dtype::F32, n * 4)
         }
     }
@@ -573,7 +573,7 @@ impl Stretch {
 }
 
 /// Each side's scale of a pair's weight, when it is a scaled FP8 weight.
-pub(crate) type Sides<'a> = (Option<scaled::Scaled<'a>>, Option<scaled::Scaled<'a>>);
+pub(crate) type Sides<'a> = (Option<fp8::Scaled<'a>>, Option<fp8::Scaled<'a>>);
 
 /// What one chunk of one pair gives: the pair, its changed counts per threshold, and its
 /// binade counts when the magnitude lens was asked for.

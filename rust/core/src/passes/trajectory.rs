@@ -16,11 +16,11 @@ use crate::checkpoint::Checkpoint;
 use crate::diff::{check_paired, mismatch, Pair, Progress, Side, CHUNK};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
+use crate::fp8;
 use crate::kernel::{compare_run, Criterion, Run};
 use crate::maskfile::{self, MaskEntry, MaskFile};
 use crate::readahead;
 use crate::safetensors::{check_all_unchanged, Shard, TensorInfo, U8FileWriter};
-use crate::scaled;
 
 /// What to compare and how.
 #[derive(Debug, Clone)]
@@ -35,7 +35,7 @@ pub struct TrajectoryOptions {
     pub skip_mismatched: bool,
     /// One mask file per checkpoint (its changed-bits against the base), with provenance.
     pub mask_files: Option<Vec<crate::diff::MaskFileSpec>>,
-    /// Block size of the run's block-scaled FP8 weights (see [`crate::scaled`]).
+    /// Block size of the run's block-scaled FP8 weights (see [`crate::fp8`]).
     pub block: Option<[u64; 2]>,
 }
 
@@ -97,9 +97,9 @@ struct Track<'a> {
     /// The run's final changed-bits of this tensor (segments only).
     final_bits: Option<&'a [u8]>,
     /// Scales of a scaled FP8 weight, per file.
-    base_scale: Option<scaled::Scaled<'a>>,
-    step_scales: Vec<Option<scaled::Scaled<'a>>>,
-    previous_scale: Option<scaled::Scaled<'a>>,
+    base_scale: Option<fp8::Scaled<'a>>,
+    step_scales: Vec<Option<fp8::Scaled<'a>>>,
+    previous_scale: Option<fp8::Scaled<'a>>,
 }
 
 /// Compares every checkpoint of `ckpts` with `base` and with its predecessor, in one pass.
@@ -448,12 +448,12 @@ fn scales_of<'c>(
     side: &Side<'c>,
     keep: &dyn Fn(&str) -> bool,
     block: Option<[u64; 2]>,
-) -> Result<scaled::Scales<'c>> {
-    scaled::find(&side.names, keep, |n| side.get(n), block)
+) -> Result<fp8::Scales<'c>> {
+    fp8::find(&side.names, keep, |n| side.get(n), block)
 }
 
 /// The scale of weight `name` in one side's scales.
-fn scale_of<'c>(s: &scaled::Scales<'c>, name: &str) -> Option<scaled::Scaled<'c>> {
+fn scale_of<'c>(s: &fp8::Scales<'c>, name: &str) -> Option<fp8::Scaled<'c>> {
     s.of.get(name).map(|(_, q)| *q)
 }
 
@@ -491,7 +491,7 @@ fn compare_steps<'a>(
     // Scaled FP8 files: their dequantised values (or, under the exact criterion when every
     // file is scaled alike, codes and scales as stored), one buffer per file.
     let files = 1 + k + usize::from(previous.is_some());
-    let scales: Vec<Option<scaled::Scaled>> = std::iter::once(t.base_scale)
+    let scales: Vec<Option<fp8::Scaled>> = std::iter::once(t.base_scale)
         .chain(t.step_scales.iter().copied())
         .chain(t.previous.map(|_| t.previous_scale))
         .collect();
@@ -512,10 +512,10 @@ fn compare_steps<'a>(
                 let width = if keys { 8 } else { 4 };
                 let mut buf = vec![0u8; len * width];
                 if keys {
-                    scaled::stored_keys(raws[f], dtypes[f], start, &s, &mut buf);
+                    fp8::stored_keys(raws[f], dtypes[f], start, &s, &mut buf);
                     (buf, Dtype::U64)
                 } else {
-                    scaled::dequantise(raws[f], dtypes[f], start, &s, &mut buf);
+                    fp8::dequantise(raws[f], dtypes[f], start, &s, &mut buf);
                     (buf, Dtype::F32)
                 }
             })

@@ -9,8 +9,8 @@ use std::collections::BTreeSet;
 use crate::checkpoint::Checkpoint;
 use crate::diff::{check_paired, mismatch, shared_rows, Pair, Side, Sides, Skipped, TIED};
 use crate::error::{Error, Result};
+use crate::fp8::{self, Layout};
 use crate::safetensors::TensorInfo;
-use crate::scaled::{self, Layout};
 
 /// What pairs with what: the options every pass over two checkpoints shares.
 #[derive(Debug, Clone, Default)]
@@ -66,13 +66,13 @@ pub(crate) fn plan<'s>(
             tied.push(head.to_string());
         }
     }
-    let scales_a = scaled::find(
+    let scales_a = fp8::find(
         &base_side.names,
         &keep,
         |n| base_side.get(n),
         opts.block_base,
     )?;
-    let scales_b = scaled::find(
+    let scales_b = fp8::find(
         &tuned_side.names,
         &keep,
         |n| tuned_side.get(n),
