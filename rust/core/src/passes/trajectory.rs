@@ -102,51 +102,32 @@ struct Track<'a> {
     previous_scale: Option<fp8::Scaled<'a>>,
 }
 
-/// Compares every checkpoint of `ckpts` with `base` and with its predecessor, in one pass.
-pub fn trajectory(
+/// The plan of a run: a track per tensor compared in every checkpoint, and what was left out.
+struct RunPlan<'s> {
+    tracks: Vec<Track<'s>>,
+    /// (name, checkpoints missing it).
+    incomplete: Vec<(String, Vec<usize>)>,
+    skipped: Vec<crate::diff::Skipped>,
+}
+
+/// Pairs the base's tensors with every checkpoint's (and the previous checkpoint's, for a
+/// segment), as a diff pairs two: the first stage of [`trajectory`].
+fn plan_run<'s>(
     base: &Checkpoint,
-    ckpts: &[&Checkpoint],
+    checkpoints: usize,
+    base_side: &'s Side<'s>,
+    sides: &'s [Side<'s>],
+    previous_side: Option<&'s Side<'s>>,
     opts: &TrajectoryOptions,
-    segment: &Segment,
-    progress: &Progress,
-) -> Result<TrajectoryResult> {
-    if ckpts.is_empty() {
-        return Err(Error::InvalidArgument(
-            "a trajectory needs at least one checkpoint after the base".into(),
-        ));
-    }
-    if opts.criterion.thresholds() != 1 {
-        return Err(Error::InvalidArgument(
-            "a trajectory is computed at exactly one threshold".into(),
-        ));
-    }
-    opts.criterion.check()?;
-    if let Some(files) = &opts.mask_files {
-        if files.len() != ckpts.len() {
-            return Err(Error::InvalidArgument(format!(
-                "{} mask files for {} checkpoints",
-                files.len(),
-                ckpts.len()
-            )));
-        }
-    }
-    let base_side = Side::new(base, "base", &opts.name_map)?;
-    let previous_side = segment
-        .previous
-        .map(|c| Side::new(c, "previous checkpoint", &opts.name_map))
-        .transpose()?;
-    let sides = ckpts
-        .iter()
-        .enumerate()
-        .map(|(k, c)| Side::new(c, &format!("checkpoint {}", k + 1), &opts.name_map))
-        .collect::<Result<Vec<_>>>()?;
+    segment: &Segment<'s>,
+) -> Result<RunPlan<'s>> {
     let selected: Option<BTreeSet<&str>> = opts
         .select
         .as_ref()
         .map(|v| v.iter().map(String::as_str).collect());
     let keep = |n: &str| selected.as_ref().is_none_or(|s| s.contains(n));
     // Scaled FP8 weights of every checkpoint; their scale tensors are compared through them.
-    let base_scales = scales_of(&base_side, &keep, opts.block)?;
+    let base_scales = scales_of(base_side, &keep, opts.block)?;
     let step_scales = sides
         .iter()
         .map(|s| scales_of(s, &keep, opts.block))
@@ -164,7 +145,7 @@ pub fn trajectory(
     };
 
     // Each checkpoint must pair with the base as a diff would: mostly unpaired is an error.
-    for side in &sides {
+    for side in sides {
         let only = |x: &Side, y: &Side| -> Vec<String> {
             x.names
                 .keys()
@@ -173,11 +154,11 @@ pub fn trajectory(
                 .collect()
         };
         check_paired(
-            &base_side,
+            base_side,
             side,
             &keep,
-            &only(&base_side, side),
-            &only(side, &base_side),
+            &only(base_side, side),
+            &only(side, base_side),
         )?;
     }
 
@@ -210,7 +191,7 @@ pub fn trajectory(
             continue;
         }
         let mut steps = Vec::with_capacity(sides.len());
-        for side in &sides {
+        for side in sides {
             let s = side.get(name).expect("present");
             let pair = Pair {
                 name,
@@ -300,7 +281,7 @@ pub fn trajectory(
                  all {} checkpoints ({} tensors missing from some checkpoint, {} skipped{}); a \
                  sparsity over no elements would mean nothing",
                 base.path.display(),
-                ckpts.len(),
+                checkpoints,
                 incomplete.len(),
                 skipped.len(),
                 if selected.is_some() {
@@ -311,6 +292,64 @@ pub fn trajectory(
             ),
         });
     }
+    Ok(RunPlan {
+        tracks,
+        incomplete,
+        skipped,
+    })
+}
+
+/// Compares every checkpoint of `ckpts` with `base` and with its predecessor, in one pass.
+pub fn trajectory(
+    base: &Checkpoint,
+    ckpts: &[&Checkpoint],
+    opts: &TrajectoryOptions,
+    segment: &Segment,
+    progress: &Progress,
+) -> Result<TrajectoryResult> {
+    if ckpts.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a trajectory needs at least one checkpoint after the base".into(),
+        ));
+    }
+    if opts.criterion.thresholds() != 1 {
+        return Err(Error::InvalidArgument(
+            "a trajectory is computed at exactly one threshold".into(),
+        ));
+    }
+    opts.criterion.check()?;
+    if let Some(files) = &opts.mask_files {
+        if files.len() != ckpts.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} mask files for {} checkpoints",
+                files.len(),
+                ckpts.len()
+            )));
+        }
+    }
+    let base_side = Side::new(base, "base", &opts.name_map)?;
+    let previous_side = segment
+        .previous
+        .map(|c| Side::new(c, "previous checkpoint", &opts.name_map))
+        .transpose()?;
+    let sides = ckpts
+        .iter()
+        .enumerate()
+        .map(|(k, c)| Side::new(c, &format!("checkpoint {}", k + 1), &opts.name_map))
+        .collect::<Result<Vec<_>>>()?;
+    let RunPlan {
+        tracks,
+        incomplete,
+        skipped,
+    } = plan_run(
+        base,
+        ckpts.len(),
+        &base_side,
+        &sides,
+        previous_side.as_ref(),
+        opts,
+        segment,
+    )?;
 
     let k = ckpts.len();
     let total: u64 = tracks
