@@ -173,20 +173,14 @@ struct Job<'a> {
     b: (&'a Shard, &'a TensorInfo),
 }
 
-/// Writes the patch that turns `base` into `tuned` to `out`, atomically. Names pair as in
-/// [`crate::diff()`] (wrappers removed, `name_map` applied); both checkpoints must hold the same
-/// tensors with the same shapes and dtypes. `provenance` joins the file's metadata.
-pub fn create(
+/// The plan of a patch: one job per tensor, both sides holding the same tensors with the same
+/// shapes and dtypes (a patch keeps them all), as stored (bytes, not values).
+fn plan_patch<'s>(
     base: &Checkpoint,
     tuned: &Checkpoint,
-    out: &Path,
-    name_map: &[(String, String)],
-    codec: Codec,
-    provenance: &BTreeMap<String, String>,
-    progress: &Progress,
-) -> Result<Created> {
-    let sa = Side::stored(base, "base", name_map)?;
-    let sb = Side::stored(tuned, "tuned", name_map)?;
+    sa: &'s Side<'s>,
+    sb: &'s Side<'s>,
+) -> Result<Vec<Job<'s>>> {
     let only_a: Vec<&String> = sa.names.keys().filter(|n| !sb.contains(n)).collect();
     let only_b: Vec<&String> = sb.names.keys().filter(|n| !sa.contains(n)).collect();
     if !only_a.is_empty() || !only_b.is_empty() {
@@ -242,6 +236,24 @@ pub fn create(
         }
         jobs.push(Job { name: stored, a, b });
     }
+    Ok(jobs)
+}
+
+/// Writes the patch that turns `base` into `tuned` to `out`, atomically. Names pair as in
+/// [`crate::diff()`] (wrappers removed, `name_map` applied); both checkpoints must hold the same
+/// tensors with the same shapes and dtypes. `provenance` joins the file's metadata.
+pub fn create(
+    base: &Checkpoint,
+    tuned: &Checkpoint,
+    out: &Path,
+    name_map: &[(String, String)],
+    codec: Codec,
+    provenance: &BTreeMap<String, String>,
+    progress: &Progress,
+) -> Result<Created> {
+    let sa = Side::stored(base, "base", name_map)?;
+    let sb = Side::stored(tuned, "tuned", name_map)?;
+    let jobs = plan_patch(base, tuned, &sa, &sb)?;
     // Before the pass: every tensor's description in the metadata (its name, two 64-hex
     // fingerprints, shape, dtype, count, form) is at least this long, so a header past the
     // readers' limit is known now, not after minutes of reading; the exact check follows the
@@ -392,6 +404,32 @@ pub fn create(
         );
     }
 
+    let file = write_file(
+        out,
+        &jobs,
+        &spans,
+        &entries,
+        codec,
+        provenance,
+        [&idx_file, &val_file],
+    )?;
+    check_all_unchanged(jobs.iter().map(|j| j.b.0))?;
+    progress.check()?; // the last moment a cancel leaves nothing behind
+    let bytes = file.finish()?;
+    Ok(Created { entries, bytes })
+}
+
+/// Assembles the patch file from the pass's spans and scratch files (stage three of
+/// [`create`]), under its temporary name: the caller puts it in place.
+fn write_file(
+    out: &Path,
+    jobs: &[Job],
+    spans: &[Span],
+    entries: &BTreeMap<String, Entry>,
+    codec: Codec,
+    provenance: &BTreeMap<String, String>,
+    [idx_file, val_file]: [&Scratch; 2],
+) -> Result<AtomicFile> {
     // The file: stored tensors ordered by alignment (8, 4, 2, 1 bytes), so that each stays
     // aligned to its element size behind the 8-byte-padded header.
     enum Source {
@@ -402,7 +440,7 @@ pub fn create(
         Table(Vec<u8>),
     }
     let mut stored: Vec<(String, Dtype, Vec<u64>, u64, Source)> = Vec::new();
-    for (k, (job, span)) in jobs.iter().zip(&spans).enumerate() {
+    for (k, (job, span)) in jobs.iter().zip(spans).enumerate() {
         let e = &entries[job.name];
         let (dtype, size, changed) = (job.a.1.dtype, job.a.1.dtype.size() as u64, span.changed);
         match (e.form, codec) {
@@ -428,7 +466,7 @@ pub fn create(
                 } else {
                     // Frames larger than plain indices and values (few changes): decoded
                     // from the scratch file and stored plain.
-                    let (idx, vals) = span.decode(&val_file, out, size as usize, job.a.1.numel)?;
+                    let (idx, vals) = span.decode(val_file, out, size as usize, job.a.1.numel)?;
                     let idx = idx
                         .iter()
                         .flat_map(|&i| i.to_le_bytes()[..iw as usize].to_vec())
@@ -513,8 +551,5 @@ pub fn create(
             Source::Table(bytes) => file.write(bytes)?,
         }
     }
-    check_all_unchanged(jobs.iter().map(|j| j.b.0))?;
-    progress.check()?; // the last moment a cancel leaves nothing behind
-    let bytes = file.finish()?;
-    Ok(Created { entries, bytes })
+    Ok(file)
 }
