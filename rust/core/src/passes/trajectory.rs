@@ -9,7 +9,6 @@
 //! memory is a few chunk buffers per thread, whatever the model size and the number of
 //! checkpoints. Masks per checkpoint, when asked for, stream into memory-mapped `.rlmask` files.
 
-use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
 use crate::checkpoint::Checkpoint;
@@ -19,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::fp8;
 use crate::kernel::{compare_run, Criterion, Run};
 use crate::maskfile::{self, MaskEntry, MaskFile};
+use crate::plan::Selection;
 use crate::readahead;
 use crate::safetensors::{check_all_unchanged, Shard, TensorInfo, U8FileWriter};
 
@@ -121,11 +121,8 @@ fn plan_run<'s>(
     opts: &TrajectoryOptions,
     segment: &Segment<'s>,
 ) -> Result<RunPlan<'s>> {
-    let selected: Option<BTreeSet<&str>> = opts
-        .select
-        .as_ref()
-        .map(|v| v.iter().map(String::as_str).collect());
-    let keep = |n: &str| selected.as_ref().is_none_or(|s| s.contains(n));
+    let selected = Selection::new(&opts.select);
+    let keep = |n: &str| selected.keeps(n);
     // Scaled FP8 weights of every checkpoint; their scale tensors are compared through them.
     let base_scales = scales_of(base_side, &keep, opts.block)?;
     let step_scales = sides
@@ -284,7 +281,7 @@ fn plan_run<'s>(
                 checkpoints,
                 incomplete.len(),
                 skipped.len(),
-                if selected.is_some() {
+                if selected.is_active() {
                     ", after include/exclude"
                 } else {
                     ""

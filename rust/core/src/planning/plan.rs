@@ -28,6 +28,29 @@ pub struct PlanOptions {
     pub block_tuned: Option<[u64; 2]>,
 }
 
+/// The names a pass considers: those of `select` (as paired), or every name.
+pub(crate) struct Selection<'o>(Option<BTreeSet<&'o str>>);
+
+impl<'o> Selection<'o> {
+    pub(crate) fn new(select: &'o Option<Vec<String>>) -> Selection<'o> {
+        Selection(
+            select
+                .as_ref()
+                .map(|v| v.iter().map(String::as_str).collect()),
+        )
+    }
+
+    /// Whether the pass considers `name`.
+    pub(crate) fn keeps(&self, name: &str) -> bool {
+        self.0.as_ref().is_none_or(|s| s.contains(name))
+    }
+
+    /// Whether a selection was given (for messages: "after include/exclude").
+    pub(crate) fn is_active(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
 /// The plan: pairs in name order, and everything left out with the reason.
 pub(crate) struct Plan<'s> {
     pub(crate) pairs: Vec<Pair<'s>>,
@@ -51,11 +74,8 @@ pub(crate) fn plan<'s>(
     tuned_side: &'s Side<'s>,
     opts: &PlanOptions,
 ) -> Result<Plan<'s>> {
-    let selected: Option<BTreeSet<&str>> = opts
-        .select
-        .as_ref()
-        .map(|v| v.iter().map(String::as_str).collect());
-    let keep = |n: &str| selected.as_ref().is_none_or(|s| s.contains(n));
+    let selected = Selection::new(&opts.select);
+    let keep = |n: &str| selected.keeps(n);
 
     // Tied: both sides store the embeddings and neither an output head of its own. A head
     // missing on one side only is a one-sided name like any other.
@@ -172,7 +192,7 @@ pub(crate) fn plan<'s>(
                 tuned_side.ckpt.path.display(),
                 pairs.len(),
                 skipped.len(),
-                if selected.is_some() {
+                if selected.is_active() {
                     ", after include/exclude"
                 } else {
                     ""
