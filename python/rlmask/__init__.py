@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from rlmask._mask import Mask, combine, consensus, load_mask
     from rlmask._overlap import OverlapMatrix, OverlapReport, overlap, overlap_matrix
     from rlmask._rank import RankReport, rank
+    from rlmask._spectrum import SpectrumReport, spectrum
     from rlmask._survey import SurveyReport, load_manifest, survey
     from rlmask._trajectory import TrajectoryReport, trajectory
 
@@ -51,6 +52,7 @@ _LAZY = {
     "rlmask._mask": ("Mask", "combine", "consensus", "load_mask"),
     "rlmask._overlap": ("OverlapMatrix", "OverlapReport", "overlap", "overlap_matrix"),
     "rlmask._rank": ("RankReport", "rank"),
+    "rlmask._spectrum": ("SpectrumReport", "spectrum"),
     "rlmask._survey": ("SurveyReport", "load_manifest", "survey"),
     "rlmask._trajectory": ("TrajectoryReport", "trajectory"),
 }
@@ -95,6 +97,7 @@ __all__ = [
     "RankReport",
     "RlmaskError",
     "RlmaskWarning",
+    "SpectrumReport",
     "SurveyReport",
     "TensorMismatchError",
     "TrajectoryReport",
@@ -107,6 +110,7 @@ __all__ = [
     "overlap",
     "overlap_matrix",
     "rank",
+    "spectrum",
     "survey",
     "trajectory",
 ]

@@ -27,7 +27,17 @@ if TYPE_CHECKING:
 # `rlmask --help` lists it): a run builds its own command and options, not all sixteen. The API
 # (polars, numpy) is imported inside the commands, so that `rlmask --help` and `rlmask
 # --version` start at the speed of click alone.
-COMMANDS = ("demo", "diff", "mask", "overlap", "patch", "rank", "survey", "trajectory")
+COMMANDS = (
+    "demo",
+    "diff",
+    "mask",
+    "overlap",
+    "patch",
+    "rank",
+    "spectrum",
+    "survey",
+    "trajectory",
+)
 
 
 class _Commands(click.Group):

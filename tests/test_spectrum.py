@@ -1,0 +1,186 @@
+"""The geometry of an update (issue 29) against an independent numpy oracle, on float32
+checkpoints of matrices with known structure: a planted rank-1 update, an update confined to
+the base's top subspace, a rescaled spectrum, a rotation, no update at all, a 1 x n matrix."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import rlmask
+from rlmask.cli import cli
+
+RATIOS = (0.01, 0.05, 0.1, 0.2)
+
+
+def oracle(w: np.ndarray, wt: np.ndarray) -> dict:
+    """Every measure from the definitions (design §13), in numpy float64."""
+    d = (wt.astype(np.float32) - w.astype(np.float32)).astype(np.float64)
+    w64, wt64 = w.astype(np.float64), wt.astype(np.float64)
+    m, n = d.shape
+    min_dim = min(m, n)
+    dsq, wsq = float((d**2).sum()), float((w64**2).sum())
+
+    def share(a: float, b: float) -> float | None:
+        return a / b if b > 0 else None
+
+    s_d = np.linalg.svd(d, compute_uv=False)
+    out: dict = {
+        "delta_fro": math.sqrt(dsq),
+        "base_fro": math.sqrt(wsq),
+        "relative_fro": share(math.sqrt(dsq), math.sqrt(wsq)),
+        "spectral_norm": float(s_d[0]),
+        "stable_rank": share(dsq, float(s_d[0]) ** 2),
+        "energy_top_k": {str(k): share(float((s_d[:k] ** 2).sum()), dsq) for k in (1, 2, 4, 8)},
+    }
+    u, s, vh = np.linalg.svd(w64, full_matrices=False)
+    ut, st, _ = np.linalg.svd(wt64, full_matrices=False)
+    out["spectral_drift"] = share(float(np.linalg.norm(st - s)), float(np.linalg.norm(s)))
+    for key in ("principal_energy", "left_principal_energy", "right_principal_energy", "rotation"):
+        out[key] = {}
+    for r in RATIOS:
+        k = max(1, math.floor(r * min_dim))
+        uk, vk = u[:, :k], vh[:k].T
+        out["principal_energy"][str(r)] = share(float(((uk.T @ d @ vk) ** 2).sum()), dsq)
+        out["left_principal_energy"][str(r)] = share(float(((uk.T @ d) ** 2).sum()), dsq)
+        out["right_principal_energy"][str(r)] = share(float(((d @ vk) ** 2).sum()), dsq)
+        out.setdefault("principal_energy_uniform", {})[str(r)] = (k / m) * (k / n)
+        cos = np.clip(np.linalg.svd(uk.T @ ut[:, :k], compute_uv=False), 0, 1)
+        out["rotation"][str(r)] = float(np.sqrt(np.clip(1 - cos**2, 0, None)).mean())
+    flat = np.sort((d**2).reshape(-1))[::-1]
+    out["coord_energy_top"] = {
+        str(p): share(float(flat[: math.ceil(p * d.size)].sum()), dsq) for p in (0.001, 0.01, 0.05)
+    }
+    changed = (d != 0).reshape(-1)
+    size = math.ceil(0.1 * d.size)
+    k = max(1, math.floor(0.1 * min_dim))
+    principal = np.abs((u[:, :k] * s[:k]) @ vh[:k]).reshape(-1)
+    masks = {
+        "principal": np.argsort(-principal, kind="stable")[:size],
+        "low_magnitude": np.argsort(np.abs(w64).reshape(-1), kind="stable")[:size],
+    }
+    out["enrichment"] = {
+        f"{name}_0.1": (changed[idx].sum() / changed.sum()) / (size / d.size)
+        if changed.sum()
+        else None
+        for name, idx in masks.items()
+    }
+    return out
+
+
+def _close(got: object, want: object, where: str) -> None:
+    if isinstance(want, dict):
+        assert isinstance(got, dict)
+        for k, v in want.items():
+            _close(got[k], v, f"{where}.{k}")
+    elif want is None:
+        assert got is None, where
+    else:
+        # abs: a sine near 0 is sqrt(1 - cos^2), where rounding of cos ~ 1e-16 shows as 1e-8.
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-7), where
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    rng = np.random.default_rng(0)
+    w: dict[str, np.ndarray] = {}
+    wt: dict[str, np.ndarray] = {}
+
+    def base(name: str, shape: tuple[int, int]) -> np.ndarray:
+        w[name] = rng.standard_normal(shape).astype(np.float32)
+        return w[name]
+
+    b = base("model.layers.0.self_attn.q_proj.weight", (40, 30))
+    wt["model.layers.0.self_attn.q_proj.weight"] = b + 0.01 * np.outer(
+        rng.standard_normal(40), rng.standard_normal(30)
+    ).astype(np.float32)  # planted rank 1
+    b = base("model.layers.0.mlp.up_proj.weight", (40, 30))
+    u, _, vh = np.linalg.svd(b.astype(np.float64), full_matrices=False)
+    inside = u[:, :3] @ rng.standard_normal((3, 3)) @ vh[:3]  # in the base's top-10% subspace
+    wt["model.layers.0.mlp.up_proj.weight"] = (b + 0.05 * inside).astype(np.float32)
+    b = base("model.layers.0.mlp.down_proj.weight", (30, 40))
+    wt["model.layers.0.mlp.down_proj.weight"] = 1.5 * b  # the spectrum rescaled
+    b = base("model.layers.1.self_attn.o_proj.weight", (32, 32))
+    angle = 0.3
+    rot = np.eye(32)
+    rot[:2, :2] = [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
+    u, _, _ = np.linalg.svd(b.astype(np.float64))
+    wt["model.layers.1.self_attn.o_proj.weight"] = (u @ rot @ u.T @ b).astype(np.float32)
+    b = base("model.layers.1.mlp.gate_proj.weight", (16, 16))
+    wt["model.layers.1.mlp.gate_proj.weight"] = b.copy()  # no update
+    b = base("lm_head.weight", (1, 50))
+    wt["lm_head.weight"] = b + rng.standard_normal((1, 50)).astype(np.float32) * 0.1
+    w["model.norm.weight"] = np.ones(16, np.float32)
+    wt["model.norm.weight"] = np.full(16, 1.5, np.float32)
+    paths = []
+    for side, tensors in (("base", w), ("tuned", wt)):
+        (tmp_path_factory.getbasetemp() / side).mkdir(exist_ok=True)
+        path = tmp_path_factory.getbasetemp() / side / "model.safetensors"
+        save_file({k: torch.from_numpy(v) for k, v in tensors.items()}, path)
+        paths.append(path.parent)
+    return paths[0], paths[1], {n: oracle(w[n], wt[n]) for n in w if w[n].ndim == 2}
+
+
+def test_every_measure_against_the_oracle(pair: tuple[Path, Path, dict]) -> None:
+    base, tuned, want = pair
+    r = rlmask.spectrum(base, tuned, device="cpu", progress=False)
+    rows = {row["name"]: row for row in r.rows}
+    assert set(rows) == set(want)
+    for name, expected in want.items():
+        for key, value in expected.items():
+            _close(rows[name][key], value, f"{name}:{key}")
+    assert ("model.norm.weight", "1-D") in r.skipped
+    # The structures show: a planted rank-1 update is all rank 1; an update inside the base's
+    # top 10% subspace has all its energy there; a rescaled spectrum drifts by the factor and
+    # does not rotate; no update gives zeros and no shares.
+    q = rows["model.layers.0.self_attn.q_proj.weight"]
+    assert q["energy_top_k"]["1"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["model.layers.0.mlp.up_proj.weight"]["principal_energy"]["0.1"] == pytest.approx(
+        1.0
+    )
+    down = rows["model.layers.0.mlp.down_proj.weight"]
+    assert down["spectral_drift"] == pytest.approx(0.5) and down["rotation"]["0.1"] < 1e-6
+    still = rows["model.layers.1.mlp.gate_proj.weight"]
+    assert still["delta_fro"] == 0 and still["energy_top_k"]["1"] is None
+    assert still["enrichment"]["principal_0.1"] is None and still["rank"] == 0
+    assert rows["model.layers.1.self_attn.o_proj.weight"]["rotation"]["0.01"] > 0.05
+
+
+def test_breakdowns_json_and_the_command(pair: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    base, tuned, want = pair
+    r = rlmask.spectrum(base, tuned, device="cpu", progress=False)
+    # Energy shares pooled by each matrix's ||D||_F^2; relative_fro pooled as a ratio of sums.
+    m = r.by_module()
+    up = m.filter(m["module"] == "up_proj").row(0, named=True)
+    assert up["principal_energy@0.1"] == pytest.approx(1.0)
+    total = r.total_frame().row(0, named=True)
+    d2 = {n: v["delta_fro"] ** 2 for n, v in want.items()}
+    pooled = sum(d2[n] * (want[n]["energy_top_k"]["1"] or 0) for n in want) / sum(
+        d2[n] for n in want if want[n]["energy_top_k"]["1"] is not None
+    )
+    assert total["energy_top_k@1"] == pytest.approx(pooled)
+    assert total["relative_fro"] == pytest.approx(
+        math.sqrt(sum(d2.values()) / sum(v["base_fro"] ** 2 for v in want.values()))
+    )
+    res = CliRunner().invoke(cli, ["spectrum", str(base), str(tuned), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "rank-1 share" in res.stdout and "principal directions" in res.stdout
+    res = CliRunner().invoke(
+        cli, ["spectrum", str(base), str(tuned), "--device", "cpu", "--format", "json"]
+    )
+    doc = json.loads(res.stdout)
+    assert {m["name"] for m in doc["matrices"]} == set(want)
+    assert doc["matrices"][0]["principal_energy"].keys() == {"0.01", "0.05", "0.1", "0.2"}
+    assert {s["name"] for s in doc["skipped"]} == {"model.norm.weight"}
+    res = CliRunner().invoke(
+        cli,
+        ["spectrum", str(base), str(tuned), "--device", "cpu", "--include", "norm"],
+    )
+    assert res.exit_code == 1 and "no 2-D floating update matrix" in res.stderr
