@@ -2,7 +2,7 @@
 trajectory, overlap, survey, rank, mask info and patch info on the bundled Finding 1 example,
 compared with the files in tests/golden/. A refactor that changes a key or a figure fails here.
 
-Floats compare to 1e-9 relative (rank's singular values to 1e-5: BLAS libraries differ in the
+Floats compare to 1e-9 relative (rank's and spectrum's to 1e-5: BLAS libraries differ in the
 last bits); everything else exactly. Run with ``RLMASK_UPDATE_GOLDEN=1`` to rewrite the files
 after a deliberate change, and review the diff before committing it."""
 
@@ -78,12 +78,14 @@ CASES = {
     "trajectory": ["trajectory", "base", "run-seed1", "--format", "json"],
     "survey": ["survey", "survey.csv", "--no-cache", "--format", "json"],
     "rank": ["rank", "base", "rl-seed1", "--device", "cpu", "--format", "json"],
+    "spectrum": ["spectrum", "base", "sft", "--device", "cpu", "--format", "json"],
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_command_json_is_the_golden_file(example: Path, case: str) -> None:
-    _check(case, _run(example, CASES[case]), rel=1e-5 if case == "rank" else 1e-9)
+    # Singular values and vectors: BLAS libraries differ in the last bits.
+    _check(case, _run(example, CASES[case]), rel=1e-5 if case in ("rank", "spectrum") else 1e-9)
 
 
 def test_mask_overlap_and_patch_json_are_the_golden_files(example: Path) -> None:

@@ -184,3 +184,27 @@ def test_breakdowns_json_and_the_command(pair: tuple[Path, Path, dict], tmp_path
         ["spectrum", str(base), str(tuned), "--device", "cpu", "--include", "norm"],
     )
     assert res.exit_code == 1 and "no 2-D floating update matrix" in res.stderr
+
+
+def test_the_figure_shows_the_breakdown(pair: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    base, tuned, _ = pair
+    r = rlmask.spectrum(base, tuned, device="cpu", progress=False)
+    fig = r.plot()
+    a1, a2, a3 = fig.axes
+    per = r.by_module()
+    bars = [p.get_height() for p in a1.patches][: per.height]
+    np.testing.assert_allclose(bars, 100 * per["principal_energy@0.1"].fill_null(0).to_numpy())
+    np.testing.assert_allclose(
+        [p.get_height() for p in a2.patches], per["rotation@0.1"].fill_null(0).to_numpy()
+    )
+    np.testing.assert_allclose(
+        [p.get_height() for p in a3.patches], 100 * per["energy_top_k@1"].fill_null(0).to_numpy()
+    )
+    png = tmp_path / "g.png"
+    res = CliRunner().invoke(
+        cli, ["spectrum", str(base), str(tuned), "--device", "cpu", "--plot", str(png)]
+    )
+    assert res.exit_code == 0 and png.stat().st_size > 0, res.output

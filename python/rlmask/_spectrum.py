@@ -238,6 +238,13 @@ class SpectrumReport(Report):
             return self.tensors
         return super().by(level)
 
+    def plot(self, path: PathArg | None = None, *, dpi: int = 150) -> Any:
+        """The figure of :func:`rlmask.plot.spectrum_figure` (needs matplotlib), written
+        atomically to ``path`` when given."""
+        from rlmask.plot import spectrum_figure
+
+        return spectrum_figure(self, path, dpi=dpi)
+
     def to_dict(self) -> dict[str, Any]:
         """``{"base", "tuned", "device", "matrices", "by_module", "by_layer", "skipped"}``
         (design §13)."""

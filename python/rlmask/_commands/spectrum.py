@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from rlmask._commands.common import (
+    FILE,
     by_option,
     check_outputs,
     format_option,
@@ -32,6 +33,12 @@ from rlmask._commands.common import (
 @by_option("module", "Breakdown to print under the summary.")
 @format_option(["table", "json", "csv", "parquet"])
 @output_option
+@click.option(
+    "--plot",
+    type=FILE,
+    help="Also draw, per module type, the energy in the base's top 10% directions against "
+    "the random-direction expectation, that subspace's rotation, and the rank-1 share.",
+)
 @quiet_option
 @user_errors
 def spectrum_cmd(
@@ -46,6 +53,7 @@ def spectrum_cmd(
     by: str,
     fmt: str,
     output: str | None,
+    plot: str | None,
     quiet: bool,
 ) -> None:
     """The geometry of every update matrix TUNED - BASE: how the update sits relative to the
@@ -64,10 +72,11 @@ def spectrum_cmd(
       rlmask spectrum base/ grpo/
       rlmask spectrum base/ sft/ --by module --format csv -o sft.csv
       rlmask spectrum base/ grpo/ --format json -o spectrum.json
+      rlmask spectrum base/ grpo/ --plot geometry.png
     """
     from rlmask._spectrum import spectrum
 
-    check_outputs(fmt, output, None, inputs=[base, tuned])
+    check_outputs(fmt, output, plot, inputs=[base, tuned])
     report = spectrum(
         base,
         tuned,
@@ -80,6 +89,8 @@ def spectrum_cmd(
         progress=not quiet,
     )
     render(report, by, fmt, output)
+    if plot:
+        report.plot(plot)
 
 
 command = spectrum_cmd
