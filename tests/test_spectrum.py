@@ -80,8 +80,8 @@ def _close(got: object, want: object, where: str) -> None:
         assert isinstance(got, dict)
         for k, v in want.items():
             _close(got[k], v, f"{where}.{k}")
-    elif want is None:
-        assert got is None, where
+    elif want is None or isinstance(want, (str, list)):
+        assert got == want, where
     else:
         # abs: a sine near 0 is sqrt(1 - cos^2), where rounding of cos ~ 1e-16 shows as 1e-8.
         assert got == pytest.approx(want, rel=1e-6, abs=1e-7), where
@@ -208,3 +208,55 @@ def test_the_figure_shows_the_breakdown(pair: tuple[Path, Path, dict], tmp_path:
         cli, ["spectrum", str(base), str(tuned), "--device", "cpu", "--plot", str(png)]
     )
     assert res.exit_code == 0 and png.stat().st_size > 0, res.output
+
+
+def test_a_run_shares_the_base_svd_and_aligns_the_top_direction() -> None:
+    """The bundled run (four checkpoints): each checkpoint's rows are the pair's, the last one's
+    top direction is aligned with itself, and the alignment of an earlier one is numpy's."""
+    from safetensors.torch import load_file
+
+    from rlmask.examples import trained_path
+
+    base, run = trained_path("base"), trained_path("run-seed1")
+    r = rlmask.spectrum(base, run, device="cpu", progress=False)
+    ckpts = sorted(run.iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    assert r.checkpoints == [str(c) for c in ckpts]
+    total = r.total_frame()
+    assert total["step"].to_list() == [25, 50, 75, 100]
+    last = rlmask.spectrum(base, ckpts[-1], device="cpu", progress=False)
+    pair = {row["name"]: row for row in last.rows}
+    for row in r.rows:
+        if row["step"] == 100:
+            for key, value in pair[row["name"]].items():
+                _close(row[key], value, f"{row['name']}:{key}")
+            assert row["rank1_alignment"] == pytest.approx(1.0, abs=1e-9)
+
+    def bf16(path: Path, name: str) -> np.ndarray:
+        raw = load_file(str(path / "model.safetensors"))[name].view(torch.int16).numpy()
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    w = bf16(base, name).astype(np.float64)
+    d_t = bf16(ckpts[0], name).astype(np.float64) - w
+    d_final = bf16(ckpts[-1], name).astype(np.float64) - w
+    u, _, vh = np.linalg.svd(d_t)
+    uf, _, vhf = np.linalg.svd(d_final)
+    want = abs(u[:, 0] @ uf[:, 0]) * abs(vh[0] @ vhf[0])
+    (got,) = [x["rank1_alignment"] for x in r.rows if x["name"] == name and x["step"] == 25]
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_the_command_over_a_run(tmp_path: Path) -> None:
+    from rlmask.examples import trained_path
+
+    run = trained_path("run-seed1")
+    ckpts = [str(c) for c in sorted(run.iterdir(), key=lambda p: int(p.name.split("-")[1]))]
+    args = ["spectrum", str(trained_path("base")), *ckpts[:2], "--device", "cpu"]
+    res = CliRunner().invoke(cli, [*args, "--format", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["checkpoints"] == ckpts[:2] and {m["checkpoint"] for m in doc["matrices"]} == set(
+        ckpts[:2]
+    )
+    res = CliRunner().invoke(cli, ["spectrum", str(trained_path("base")), str(run), "-q"])
+    assert res.exit_code == 0 and "per checkpoint" in res.stdout and "step    100" in res.stdout

@@ -27,10 +27,11 @@ float32 from the stored values; the SVDs and sums run in float64.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -84,9 +85,31 @@ def _share(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
 
-def matrix_measures(w: torch.Tensor, w_tuned: torch.Tensor) -> dict[str, Any]:
+Factors = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]
+
+
+def base_factors(w: torch.Tensor) -> Factors:
+    """The base's thin SVD (float64): computed once per matrix, shared by every measure and
+    by every checkpoint of a run."""
+    import torch
+
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return u, s, vh
+
+
+def top_pair(w: torch.Tensor, w_tuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update's top singular vectors (u1, v1), for the rank-1 alignment over a run."""
+    import torch
+
+    u, _, vh = torch.linalg.svd((w_tuned - w).double(), full_matrices=False)
+    return u[:, 0], vh[0]
+
+
+def matrix_measures(
+    w: torch.Tensor, w_tuned: torch.Tensor, factors: Factors | None = None
+) -> dict[str, Any]:
     """Every measure of one matrix (see the module), from the base and tuned values (float32,
-    on the device where the SVDs run)."""
+    on the device where the SVDs run) and the base's SVD (computed here when not given)."""
     import torch
 
     d = w_tuned - w  # float32, from the stored values
@@ -109,7 +132,7 @@ def matrix_measures(w: torch.Tensor, w_tuned: torch.Tensor) -> dict[str, Any]:
     energy = s_d.square()
     out["energy_top_k"] = {str(k): _share(float(energy[:k].sum()), delta_sq) for k in TOP_K}
 
-    u, s, vh = torch.linalg.svd(wd, full_matrices=False)
+    u, s, vh = factors if factors is not None else base_factors(w)
     u_t, s_t, _ = torch.linalg.svd(wt, full_matrices=False)
     out["spectral_drift"] = _share(float((s_t - s).norm()), float(s.norm()))
     keys = ("principal_energy", "principal_energy_uniform", "left_principal_energy")
@@ -154,6 +177,10 @@ def matrix_measures(w: torch.Tensor, w_tuned: torch.Tensor) -> dict[str, Any]:
     return out
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.3g}%"
+
+
 def _flatten(row: Mapping[str, Any]) -> dict[str, Any]:
     """One matrix's measures as flat columns: ``energy_top_k@1``, ``enrichment@principal_0.1``."""
     flat: dict[str, Any] = {}
@@ -184,6 +211,8 @@ class SpectrumReport(Report):
     device: str
     rows: list[dict[str, Any]] = field(repr=False)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    #: A run's checkpoints, in run order (empty for a pair): rows carry ``checkpoint``/``step``.
+    checkpoints: list[str] = field(default_factory=list)
 
     @property
     def tensors(self) -> pl.DataFrame:  # type: ignore[override]
@@ -199,7 +228,7 @@ class SpectrumReport(Report):
         df = self.tensors
         if df.is_empty():
             return df
-        keys = [key] if key else []
+        keys = (["checkpoint", "step"] if self.checkpoints else []) + ([key] if key else [])
         if key:
             df = df.filter(pl.col(key).is_not_null())
         w = pl.col("delta_fro").pow(2)
@@ -215,22 +244,26 @@ class SpectrumReport(Report):
                 aggs.append(
                     ((pl.col(c) * w).sum() / w.filter(pl.col(c).is_not_null()).sum()).alias(c)
                 )
-            elif stem in PLAIN or stem == "enrichment":
+            elif stem in PLAIN or stem in ("enrichment", "rank1_alignment"):
                 aggs.append(pl.col(c).mean().alias(c))
-        out = df.group_by(keys).agg(aggs) if keys else df.select(aggs)
+        out = df.group_by(keys, maintain_order=True).agg(aggs) if keys else df.select(aggs)
         return out
 
     def total_frame(self) -> pl.DataFrame:
-        """The whole model, pooled (design §13)."""
+        """The whole model, pooled (design §13); one row per checkpoint for a run."""
         return self._pool(None)
 
     def by_layer(self) -> pl.DataFrame:
-        """Per transformer layer, pooled."""
-        return self._pool("layer").sort("layer")
+        """Per transformer layer, pooled (and per checkpoint for a run)."""
+        return self._pool("layer").sort([*self._run_keys, "layer"])
 
     def by_module(self) -> pl.DataFrame:
-        """Per module type, pooled."""
-        return sort_modules(self._pool("module"))
+        """Per module type, pooled (and per checkpoint for a run)."""
+        return sort_modules(self._pool("module"), then=self._run_keys)
+
+    @property
+    def _run_keys(self) -> list[str]:
+        return ["step"] if self.checkpoints else []
 
     def by(self, level: Any) -> pl.DataFrame:
         """``total``, ``layer``, ``module`` or ``tensor`` (one row per matrix)."""
@@ -252,6 +285,7 @@ class SpectrumReport(Report):
             "base": self.base,
             "tuned": self.tuned,
             "device": self.device,
+            "checkpoints": list(self.checkpoints),
             "matrices": self.rows,
             "by_module": self.by_module().to_dicts() if self.rows else [],
             "by_layer": self.by_layer().to_dicts() if self.rows else [],
@@ -265,6 +299,17 @@ class SpectrumReport(Report):
             f"{len(self.rows)} update matrices measured on {self.device}; "
             f"{len(self.skipped)} tensors left out (norms, vectors, ...)"
         )
+        if self.rows and self.checkpoints:
+            lines.append("per checkpoint (rank-1 share, energy in the base's top 10% directions,")
+            lines.append("  rotation of that subspace, rank-1 alignment with the last checkpoint):")
+            for t in self.total_frame().iter_rows(named=True):
+                align = t.get("rank1_alignment")
+                lines.append(
+                    f"  step {t['step'] if t['step'] is not None else '-':>6}: "
+                    f"{_pct(t.get('energy_top_k@1'))}, {_pct(t.get('principal_energy@0.1'))}, "
+                    f"{t['rotation@0.1']:.3g}, {'-' if align is None else f'{align:.3f}'}"
+                )
+            return printable_lines(lines)
         if self.rows:
             t = self.total_frame().row(0, named=True)
 
@@ -287,7 +332,7 @@ class SpectrumReport(Report):
 
 def spectrum(
     base: PathArg,
-    tuned: PathArg,
+    tuned: PathArg | Sequence[PathArg],
     *,
     device: str = "auto",
     include: str | Iterable[str] | None = None,
@@ -305,35 +350,62 @@ def spectrum(
     (zero-copy from the mapped files) and decomposed at a time: peak memory is about 8 bytes per
     element of the largest matrix, times four (D, W, W' in float64, and one SVD's factors).
 
+    ``tuned`` may also be a run: several checkpoints, glob patterns or a run directory, as
+    :func:`rlmask.trajectory` takes them. Each row then carries its ``checkpoint`` and
+    ``step``, the base's SVD is computed once per matrix for the whole run, and
+    ``rank1_alignment`` (``|u1(D_t) . u1(D_T)| |v1(D_t) . v1(D_T)|``) measures how stable the
+    update's top direction is against the run's last checkpoint T.
+
     Example:
         >>> r = rlmask.spectrum("base/", "grpo/")
         >>> r.by_module()[["module", "principal_energy@0.01", "rotation@0.1"]]
+        >>> rlmask.spectrum("base/", "runs/grpo/").total_frame()   # per checkpoint
     """
     try:
         import torch
     except ImportError:
         raise ImportError("rlmask.spectrum needs torch: pip install 'rlmask[torch]'") from None
+    from rlmask._trajectory import discover, step_of
+
     dev = resolve_device(device)
+    paths: list[str]
+    if isinstance(tuned, (str, os.PathLike)):
+        one = os.fspath(tuned)
+        # A run directory or a glob pattern is a run; anything else one checkpoint (a file, a
+        # checkpoint folder, a hub id).
+        expand = os.path.isdir(one) or (glob.has_magic(one) and not os.path.exists(one))
+        paths = [os.fspath(p) for p in discover([one])] if expand else [one]
+        run = paths != [one]
+    else:
+        paths = [os.fspath(p) for p in discover(list(tuned))]
+        run = True
     a = _rlmask.Checkpoint(resolve_checkpoint(base))
-    b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
-    plan = pairing(
-        a,
-        b,
-        include=include,
-        exclude=exclude,
-        name_map=name_map,
-        skip_mismatched=skip_mismatched,
-        shared_rows=shared_rows,
-    )
-    skipped: list[tuple[str, str]] = [
-        *((n, "only in base") for n in plan.only_in_base),
-        *((n, "only in tuned") for n in plan.only_in_tuned),
-        *plan.skipped,
+    cs = [_rlmask.Checkpoint(resolve_checkpoint(p)) for p in paths]
+    plans = [
+        pairing(
+            a,
+            c,
+            include=include,
+            exclude=exclude,
+            name_map=name_map,
+            skip_mismatched=skip_mismatched,
+            shared_rows=shared_rows,
+        )
+        for c in cs
     ]
+    # What every checkpoint pairs: name -> (stored in base, stored in each checkpoint, rows).
+    stored = [{p[0]: p for p in plan.pairs} for plan in plans]
+    skipped: list[tuple[str, str]] = []
+    for plan in plans[-1:]:
+        skipped += [(n, "only in base") for n in plan.only_in_base]
+        skipped += [(n, "only in tuned") for n in plan.only_in_tuned]
+        skipped += list(plan.skipped)
     jobs = []
-    for n, stored_a, stored_b, rows_, floating in plan.pairs:
-        ia, ib = a.tensor_info(stored_a), b.tensor_info(stored_b)
-        if len(ia.shape) != 2:
+    for n, stored_a, stored_b, rows_, floating in plans[-1].pairs:
+        ia, ib = a.tensor_info(stored_a), cs[-1].tensor_info(stored_b)
+        if any(n not in st for st in stored):
+            skipped.append((n, "missing from some checkpoint of the run"))
+        elif len(ia.shape) != 2:
             skipped.append((n, f"{len(ia.shape)}-D"))
         elif module_of(n) in NORMS:
             skipped.append((n, "norm"))
@@ -342,18 +414,18 @@ def spectrum(
         elif not floating or ia.dtype not in _NP_VIEW or ib.dtype not in _NP_VIEW:
             skipped.append((n, f"not floating ({ia.dtype})"))
         else:
-            jobs.append((n, stored_a, stored_b, rows_ or ia.shape[0]))
+            jobs.append((n, stored_a, [st[n][2] for st in stored], rows_ or ia.shape[0]))
     if not jobs:
         raise PairingError(
             f"no 2-D floating update matrix to measure between {base} and {tuned} "
-            f"({len(plan.pairs)} tensors paired)"
+            f"({len(plans[-1].pairs)} tensors paired)"
         )
     bar = None
     if progress_wanted(progress):
         from tqdm import tqdm
 
         bar = tqdm(
-            total=len(jobs),
+            total=len(jobs) * len(cs),
             desc=f"spectrum on {dev.type}",
             unit="matrix",
             file=sys.stderr,
@@ -361,28 +433,50 @@ def spectrum(
             ncols=bar_width(),
             leave=False,
         )
-    rows = []
+    labels = list(paths)
+    steps = [step_of(p) for p in paths]
+    rows: list[dict[str, Any]] = []
     try:
-        for n, stored_a, stored_b, nrows in jobs:
-            ia, ib = a.tensor_info(stored_a), b.tensor_info(stored_b)
+        for n, stored_a, stored_bs, nrows in jobs:
+            ia = a.tensor_info(stored_a)
             w = _to_torch(a.raw(stored_a), ia.dtype, ia.shape)[:nrows].to(dev, torch.float32)
-            wt = _to_torch(b.raw(stored_b), ib.dtype, ib.shape)[:nrows].to(dev, torch.float32)
+            factors = base_factors(w)
+
+            def tuned_of(k: int, names: list[str] = stored_bs, rows: int = nrows) -> torch.Tensor:
+                info = cs[k].tensor_info(names[k])
+                raw = _to_torch(cs[k].raw(names[k]), info.dtype, info.shape)
+                return raw[:rows].to(dev, torch.float32)
+
+            final = top_pair(w, tuned_of(len(cs) - 1)) if run else None
             component, layer, module, _ = place(n)
-            rows.append(
-                {
+            for k in range(len(cs)):
+                wt = tuned_of(k)
+                row: dict[str, Any] = {
+                    **({"checkpoint": labels[k], "step": steps[k]} if run else {}),
                     "name": n,
                     "shape": [int(nrows), int(ia.shape[1])],
                     "component": component,
                     "layer": layer,
                     "module": module,
-                    **matrix_measures(w, wt),
+                    **matrix_measures(w, wt, factors),
                 }
-            )
-            if bar is not None:
-                bar.update(1)
+                if final is not None:
+                    row["rank1_alignment"] = None
+                    if row["delta_fro"] > 0 and bool((final[0] != 0).any()):
+                        u1, v1 = top_pair(w, wt)
+                        row["rank1_alignment"] = float(
+                            (u1 @ final[0]).abs() * (v1 @ final[1]).abs()
+                        )
+                rows.append(row)
+                if bar is not None:
+                    bar.update(1)
         a.verify()
-        b.verify()
+        for c in cs:
+            c.verify()
     finally:
         if bar is not None:
             bar.close()
-    return SpectrumReport(os.fspath(base), os.fspath(tuned), dev.type, rows, skipped)
+    tuned_label = ", ".join(labels) if run else labels[0]
+    return SpectrumReport(
+        os.fspath(base), tuned_label, dev.type, rows, skipped, labels if run else []
+    )

@@ -21,7 +21,7 @@ from rlmask._commands.common import (
 
 @click.command("spectrum")
 @click.argument("base")
-@click.argument("tuned")
+@click.argument("tuned", nargs=-1, required=True)
 @click.option(
     "--device",
     default="auto",
@@ -43,7 +43,7 @@ from rlmask._commands.common import (
 @user_errors
 def spectrum_cmd(
     base: str,
-    tuned: str,
+    tuned: tuple[str, ...],
     device: str,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
@@ -57,7 +57,10 @@ def spectrum_cmd(
     quiet: bool,
 ) -> None:
     """The geometry of every update matrix TUNED - BASE: how the update sits relative to the
-    base. Needs torch.
+    base. Needs torch. TUNED may be several checkpoints, glob patterns or a run directory (as
+    `rlmask trajectory` takes them): one row per checkpoint and matrix, the base's SVD once per
+    matrix, and rank1_alignment, the stability of the update's top direction against the last
+    checkpoint.
 
     Per 2-D matrix D = W' - W: its norm against the base's, spectral norm, stable and
     effective rank, the energy share of its top 1..64 singular directions (the rank-1 share),
@@ -73,13 +76,14 @@ def spectrum_cmd(
       rlmask spectrum base/ sft/ --by module --format csv -o sft.csv
       rlmask spectrum base/ grpo/ --format json -o spectrum.json
       rlmask spectrum base/ grpo/ --plot geometry.png
+      rlmask spectrum base/ runs/grpo/ --format csv -o over-the-run.csv
     """
     from rlmask._spectrum import spectrum
 
-    check_outputs(fmt, output, plot, inputs=[base, tuned])
+    check_outputs(fmt, output, plot, inputs=[base, *tuned])
     report = spectrum(
         base,
-        tuned,
+        tuned[0] if len(tuned) == 1 else list(tuned),
         device=device,
         include=include or None,
         exclude=exclude or None,
