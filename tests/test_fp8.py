@@ -282,3 +282,22 @@ def test_trajectory_of_scaled_checkpoints_agrees_with_diff(tmp_path: Path, crite
     scales = sorted(n + spec[2] for n, spec in oracle.items())
     assert sorted(n for n, _ in r.skipped) == scales
     assert set(frame) == set(oracle) | {"model.norm.weight"}
+
+
+def test_rank_and_spectrum_read_scaled_weights_dequantised(tmp_path: Path) -> None:
+    """rank and spectrum decompose the dequantised update of a scaled FP8 weight (the block
+    size from config.json), never its raw codes; the scale tensors are not matrices of the
+    model."""
+    base, tuned, oracle = _fixture(tmp_path, np.random.default_rng(13))
+    spec = {r["name"]: r for r in rlmask.spectrum(base, tuned, device="cpu", progress=False).rows}
+    ranked = rlmask.rank(base, tuned, device="cpu", progress=False).tensors
+    sigma = dict(zip(ranked["name"], ranked["sigma_max"], strict=True))
+    for name, (dtype, layout, _, code, scale, new, new_scale) in oracle.items():
+        a = _dequant(code, dtype, scale, layout)
+        b = _dequant(new, dtype, new_scale, layout)
+        d = (b - a).astype(np.float64)  # subtracted in float32, as rlmask does
+        s = np.linalg.svd(d, compute_uv=False)
+        assert spec[name]["delta_fro"] == pytest.approx(np.linalg.norm(d), rel=1e-9), name
+        assert spec[name]["spectral_norm"] == pytest.approx(s[0], rel=1e-9), name
+        assert sigma[name] == pytest.approx(s[0], rel=1e-5), name
+    assert not any(n.endswith(("_scale_inv", "_scale")) for n in spec)

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from rlmask import _rlmask
 from rlmask._names import select_names
+from rlmask._options import declared_block
 from rlmask._report import few
 from rlmask.errors import PairingError
 
@@ -47,8 +48,10 @@ def pairing(
     name_map: Mapping[str, str] | None = None,
     skip_mismatched: bool = False,
     shared_rows: bool = False,
+    block_size: tuple[int, int] | None = None,
 ) -> _rlmask.Pairing:
-    """The pairs of ``a`` (base) and ``b`` (tuned) as :func:`rlmask.diff` pairs them.
+    """The pairs of ``a`` (base) and ``b`` (tuned) as :func:`rlmask.diff` pairs them (FP8
+    block sizes as given, else as each side's config.json declares them).
 
     Raises:
         PairingError: nothing selected or nothing to compare, or mostly unpaired models.
@@ -61,4 +64,6 @@ def pairing(
         name_map=list((name_map or {}).items()),
         skip_mismatched=skip_mismatched,
         shared_rows=shared_rows,
+        block_base=block_size or declared_block(a.path),
+        block_tuned=block_size or declared_block(b.path),
     )

@@ -36,6 +36,7 @@ import polars as pl
 from rlmask import _rlmask
 from rlmask._io import PathArg
 from rlmask._names import NORMS, layer_of, module_of, natural_key
+from rlmask._options import declared_block
 from rlmask._plan import pairing
 from rlmask._progress import bar_width, progress_wanted, run_in_worker
 from rlmask._report import Report, few, printable_lines, sort_modules
@@ -57,7 +58,32 @@ _NP_VIEW = {
     "F8_E5M2": np.uint8,
     "F8_E4M3FNUZ": np.uint8,
     "F8_E5M2FNUZ": np.uint8,
+    "F4": np.uint8,  # read through Checkpoint.values (dequantised), never viewed
 }
+
+
+#: Weights read dequantised with their scales (``Checkpoint.values``), never as raw codes.
+_SCALED = frozenset(("F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4"))
+
+
+def load_matrix(
+    ckpt: _rlmask.Checkpoint,
+    name: str,
+    rows: int,
+    device: torch.device,
+    block: tuple[int, int] | None,
+) -> torch.Tensor:
+    """The first ``rows`` rows of matrix ``name`` as float32 on ``device``: FP8 and MXFP4
+    weights dequantised with their scales (``block``: the FP8 block size), other floating
+    dtypes viewed zero-copy from the map and converted."""
+    import torch
+
+    info = ckpt.tensor_info(name)
+    if info.dtype in _SCALED:
+        values = torch.from_numpy(ckpt.values(name, block)).reshape(info.shape)
+    else:
+        values = _to_torch(ckpt.raw(name), info.dtype, info.shape)
+    return values[:rows].to(device, torch.float32)
 
 
 def _to_torch(raw: np.ndarray, dtype: str, shape: list[int]) -> torch.Tensor:
@@ -334,6 +360,8 @@ def rank(
     dev = resolve_device(device)
     a = _rlmask.Checkpoint(resolve_checkpoint(base))
     b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
+    # FP8 weights with block scales are dequantised with the block each config.json declares.
+    blocks = (declared_block(a.path), declared_block(b.path))
     plan = pairing(
         a,
         b,
@@ -402,16 +430,11 @@ def rank(
             deltas = []
             for n in group:
                 stored_a, stored_b, shape = where[n]
-                ia, ib = a.tensor_info(stored_a), b.tensor_info(stored_b)
                 rows_ = shape[0]  # fewer than stored with shared_rows
-                # copy=True: a float32 tensor on the CPU would otherwise stay a view of the
+                # clone: a float32 tensor on the CPU would otherwise stay a view of the
                 # read-only map, and the subtraction below works in place.
-                delta = _to_torch(b.raw(stored_b), ib.dtype, ib.shape)[:rows_].to(
-                    dev, torch.float32, copy=True
-                )
-                delta.sub_(
-                    _to_torch(a.raw(stored_a), ia.dtype, ia.shape)[:rows_].to(dev, torch.float32)
-                )
+                delta = load_matrix(b, stored_b, rows_, dev, blocks[1]).clone()
+                delta.sub_(load_matrix(a, stored_a, rows_, dev, blocks[0]))
                 deltas.append(delta)
             stacked = torch.stack(deltas) if len(deltas) > 1 else deltas[0].unsqueeze(0)
             del deltas

@@ -40,9 +40,10 @@ import polars as pl
 from rlmask import _rlmask
 from rlmask._io import PathArg
 from rlmask._names import NORMS, module_of, place
+from rlmask._options import declared_block
 from rlmask._plan import pairing
 from rlmask._progress import bar_width, progress_wanted
-from rlmask._rank import _NP_VIEW, _to_torch, resolve_device, spectrum_figures
+from rlmask._rank import _NP_VIEW, load_matrix, resolve_device, spectrum_figures
 from rlmask._report import Report, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask.errors import PairingError
@@ -362,7 +363,7 @@ def spectrum(
         >>> rlmask.spectrum("base/", "runs/grpo/").total_frame()   # per checkpoint
     """
     try:
-        import torch
+        import torch  # noqa: F401 - needed by every decomposition below
     except ImportError:
         raise ImportError("rlmask.spectrum needs torch: pip install 'rlmask[torch]'") from None
     from rlmask._trajectory import discover, step_of
@@ -409,8 +410,6 @@ def spectrum(
             skipped.append((n, f"{len(ia.shape)}-D"))
         elif module_of(n) in NORMS:
             skipped.append((n, "norm"))
-        elif ia.dtype.startswith("F8") or ib.dtype.startswith("F8"):
-            skipped.append((n, "FP8 (its spectrum needs the dequantised values: not yet)"))
         elif not floating or ia.dtype not in _NP_VIEW or ib.dtype not in _NP_VIEW:
             skipped.append((n, f"not floating ({ia.dtype})"))
         else:
@@ -434,18 +433,19 @@ def spectrum(
             leave=False,
         )
     labels = list(paths)
+    # FP8 weights with block scales: dequantised with the block each config.json declares.
+    base_block = declared_block(a.path)
+    blocks = [declared_block(c.path) for c in cs]
     steps = [step_of(p) for p in paths]
     rows: list[dict[str, Any]] = []
     try:
         for n, stored_a, stored_bs, nrows in jobs:
             ia = a.tensor_info(stored_a)
-            w = _to_torch(a.raw(stored_a), ia.dtype, ia.shape)[:nrows].to(dev, torch.float32)
+            w = load_matrix(a, stored_a, nrows, dev, base_block)
             factors = base_factors(w)
 
             def tuned_of(k: int, names: list[str] = stored_bs, rows: int = nrows) -> torch.Tensor:
-                info = cs[k].tensor_info(names[k])
-                raw = _to_torch(cs[k].raw(names[k]), info.dtype, info.shape)
-                return raw[:rows].to(dev, torch.float32)
+                return load_matrix(cs[k], names[k], rows, dev, blocks[k])
 
             final = top_pair(w, tuned_of(len(cs) - 1)) if run else None
             component, layer, module, _ = place(n)

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use numpy::ndarray::ArrayView1;
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1};
+use numpy::{IntoPyArray, PyArray1, PyArrayMethods, PyReadonlyArray1};
 use pyo3::prelude::*;
 use rlmask_core as core;
 
@@ -107,6 +107,23 @@ impl Checkpoint {
         // by an `Arc` inside `slf`'s checkpoint, which is immutable (`frozen`) and never
         // remapped.
         Ok(unsafe { mapped_view(shard.bytes(t), slf.into_any()) })
+    }
+
+    /// The values of tensor `name` as a float32 array (a copy), as a comparison reads them:
+    /// widened, or dequantised with their scales for FP8 and MXFP4 weights (`block`: the FP8
+    /// block size, rows and columns, when the weight has block scales).
+    #[pyo3(signature = (name, block=None))]
+    fn values<'py>(
+        &self,
+        py: Python<'py>,
+        name: &str,
+        block: Option<[u64; 2]>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let inner = self.inner.clone();
+        let out = py
+            .detach(|| rlmask_core::fp8::values(&inner, name, block))
+            .map_err(CoreError)?;
+        Ok(out.into_pyarray(py))
     }
 
     /// Elements of tensor `name` per binade of its values (256 bins: the f32 exponent of

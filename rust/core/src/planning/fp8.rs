@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::checkpoint::Checkpoint;
 use crate::dtype::widen::fp8_value;
 use crate::dtype::{widen, Dtype};
 use crate::error::{Error, Result};
@@ -387,6 +388,71 @@ pub(crate) fn stored_keys(codes: &[u8], dtype: Dtype, start: usize, s: &Scaled, 
             o.copy_from_slice(&(scale | c as u64).to_le_bytes());
         }
     });
+}
+
+/// The values of tensor `name` of `ckpt` as f32, as the comparison reads them: floating
+/// dtypes widened (F64 rounded to f32), FP8 and MXFP4 weights dequantised with their scales
+/// (`block`: the FP8 block size, as config.json declares it), an FP8 weight without scales as
+/// its codes' values. For passes that need a whole matrix's values (`spectrum`, `rank`).
+pub fn values(ckpt: &Checkpoint, name: &str, block: Option<[u64; 2]>) -> Result<Vec<f32>> {
+    let (shard, t) = ckpt.get_value(name).ok_or_else(|| Error::Tensor {
+        path: ckpt.path.clone(),
+        tensor: name.to_string(),
+        reason: "no such tensor".into(),
+    })?;
+    let raw = shard.bytes(t);
+    let n = t.numel as usize;
+    let floats = |bytes: Vec<u8>| {
+        bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect::<Vec<f32>>()
+    };
+    let scaled = if t.dtype.is_fp8() || t.dtype == Dtype::F4 {
+        let names: BTreeMap<String, &str> = [(name.to_string(), name)].into_iter().collect();
+        let keep = |n: &str| n == name;
+        let found = find(&names, &keep, |n| ckpt.get_value(n), block)?;
+        found.of.get(name).map(|(_, s)| *s)
+    } else {
+        None
+    };
+    let out = match (scaled, t.dtype) {
+        (Some(s), d) => {
+            let mut bytes = vec![0u8; 4 * n];
+            dequantise(raw, d, 0, &s, &mut bytes);
+            floats(bytes)
+        }
+        (None, Dtype::F32) => floats(raw.to_vec()),
+        (None, Dtype::F64) => raw
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        (None, Dtype::BF16) => raw
+            .chunks_exact(2)
+            .map(|c| f32::from_bits(widen::bf16(u16::from_le_bytes([c[0], c[1]]))))
+            .collect(),
+        (None, Dtype::F16) => {
+            let table = widen::f16_table();
+            raw.chunks_exact(2)
+                .map(|c| f32::from_bits(table[u16::from_le_bytes([c[0], c[1]]) as usize]))
+                .collect()
+        }
+        (None, d) if d.is_fp8() || d == Dtype::F8E8M0 => {
+            let table = widen::f8_table(d);
+            raw.iter()
+                .map(|&c| f32::from_bits(table[c as usize]))
+                .collect()
+        }
+        (None, d) => {
+            return Err(Error::Tensor {
+                path: shard.path.clone(),
+                tensor: name.to_string(),
+                reason: format!("{d} holds no floating values"),
+            })
+        }
+    };
+    shard.check_faults()?;
+    Ok(out)
 }
 
 #[cfg(test)]
