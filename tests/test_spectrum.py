@@ -45,14 +45,24 @@ def oracle(w: np.ndarray, wt: np.ndarray) -> dict:
     out["spectral_drift"] = share(float(np.linalg.norm(st - s)), float(np.linalg.norm(s)))
     for key in ("principal_energy", "left_principal_energy", "right_principal_energy", "rotation"):
         out[key] = {}
+
+    def rank(v: np.ndarray) -> int:
+        return 0 if v[0] == 0 else int((v > v[0] * max(m, n) * np.finfo(np.float64).eps).sum())
+
     for r in RATIOS:
-        k = max(1, math.floor(r * min_dim))
+        k = min(max(1, math.floor(r * min_dim)), rank(s))
+        out.setdefault("principal_energy_uniform", {})[str(r)] = (k / m) * (k / n)
+        if k == 0:
+            for key in ("principal_energy", "left_principal_energy", "right_principal_energy"):
+                out[key][str(r)] = None
+            out["rotation"][str(r)] = None
+            continue
         uk, vk = u[:, :k], vh[:k].T
         out["principal_energy"][str(r)] = share(float(((uk.T @ d @ vk) ** 2).sum()), dsq)
         out["left_principal_energy"][str(r)] = share(float(((uk.T @ d) ** 2).sum()), dsq)
         out["right_principal_energy"][str(r)] = share(float(((d @ vk) ** 2).sum()), dsq)
-        out.setdefault("principal_energy_uniform", {})[str(r)] = (k / m) * (k / n)
-        cos = np.clip(np.linalg.svd(uk.T @ ut[:, :k], compute_uv=False), 0, 1)
+        kt = min(k, rank(st))
+        cos = np.clip(np.linalg.svd(uk[:, :kt].T @ ut[:, :kt], compute_uv=False), 0, 1)
         out["rotation"][str(r)] = float(np.sqrt(np.clip(1 - cos**2, 0, None)).mean())
     flat = np.sort((d**2).reshape(-1))[::-1]
     out["coord_energy_top"] = {
@@ -115,6 +125,15 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     wt["model.layers.1.self_attn.o_proj.weight"] = (u @ rot @ u.T @ b).astype(np.float32)
     b = base("model.layers.1.mlp.gate_proj.weight", (16, 16))
     wt["model.layers.1.mlp.gate_proj.weight"] = b.copy()  # no update
+    # A rank-2 base: past its rank the principal subspace stops (k is capped at the rank).
+    low = (rng.standard_normal((24, 2)) @ rng.standard_normal((2, 20))).astype(np.float32)
+    w["model.layers.1.mlp.up_proj.weight"] = low
+    wt["model.layers.1.mlp.up_proj.weight"] = low + 0.01 * rng.standard_normal((24, 20)).astype(
+        np.float32
+    )
+    # A zero base: no principal directions at all.
+    w["model.layers.1.mlp.down_proj.weight"] = np.zeros((20, 24), np.float32)
+    wt["model.layers.1.mlp.down_proj.weight"] = rng.standard_normal((20, 24)).astype(np.float32)
     b = base("lm_head.weight", (1, 50))
     wt["lm_head.weight"] = b + rng.standard_normal((1, 50)).astype(np.float32) * 0.1
     w["model.norm.weight"] = np.ones(16, np.float32)
@@ -151,6 +170,8 @@ def test_every_measure_against_the_oracle(pair: tuple[Path, Path, dict]) -> None
     assert still["delta_fro"] == 0 and still["energy_top_k"]["1"] is None
     assert still["enrichment"]["principal_0.1"] is None and still["rank"] == 0
     assert rows["model.layers.1.self_attn.o_proj.weight"]["rotation"]["0.01"] > 0.05
+    zero = rows["model.layers.1.mlp.down_proj.weight"]
+    assert zero["principal_energy"]["0.1"] is None and zero["relative_fro"] is None
 
 
 def test_breakdowns_json_and_the_command(pair: tuple[Path, Path, dict], tmp_path: Path) -> None:
@@ -159,7 +180,10 @@ def test_breakdowns_json_and_the_command(pair: tuple[Path, Path, dict], tmp_path
     # Energy shares pooled by each matrix's ||D||_F^2; relative_fro pooled as a ratio of sums.
     m = r.by_module()
     up = m.filter(m["module"] == "up_proj").row(0, named=True)
-    assert up["principal_energy@0.1"] == pytest.approx(1.0)
+    ups = [n for n in want if n.endswith("up_proj.weight")]
+    d2_up = {n: want[n]["delta_fro"] ** 2 for n in ups}
+    expected = sum(d2_up[n] * want[n]["principal_energy"]["0.1"] for n in ups) / sum(d2_up.values())
+    assert up["principal_energy@0.1"] == pytest.approx(expected)
     total = r.total_frame().row(0, named=True)
     d2 = {n: v["delta_fro"] ** 2 for n, v in want.items()}
     pooled = sum(d2[n] * (want[n]["energy_top_k"]["1"] or 0) for n in want) / sum(

@@ -82,6 +82,15 @@ def _k_of(r: float, min_dim: int) -> int:
     return max(1, math.floor(r * min_dim))
 
 
+def _numerical_rank(s: torch.Tensor, m: int, n: int) -> int:
+    """The singular values above ``s1 * max(m, n) * eps(float64)`` (numpy's rule)."""
+    import torch
+
+    if not s.numel() or float(s[0]) == 0.0:
+        return 0
+    return int((s > s[0] * max(m, n) * torch.finfo(torch.float64).eps).sum())
+
+
 def _share(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
@@ -139,16 +148,28 @@ def matrix_measures(
     keys = ("principal_energy", "principal_energy_uniform", "left_principal_energy")
     for key in (*keys, "right_principal_energy", "rotation"):
         out[key] = {}
+    # Only directions the base (or the tuned matrix) actually has: beyond its numerical rank
+    # the singular vectors are an arbitrary basis of the null space, so k stops at the rank.
+    rank_w, rank_t = _numerical_rank(s, m, n), _numerical_rank(s_t, m, n)
     for r in RATIOS:
-        k = _k_of(r, min_dim)
-        uk, vk = u[:, :k], vh[:k].T
+        k = min(_k_of(r, min_dim), rank_w)
         # What an update of random direction puts there, in expectation: (k / m) (k / n).
         out["principal_energy_uniform"][str(r)] = (k / m) * (k / n)
+        if k == 0:  # a zero base has no principal directions
+            for key in ("principal_energy", "left_principal_energy", "right_principal_energy"):
+                out[key][str(r)] = None
+            out["rotation"][str(r)] = None
+            continue
+        uk, vk = u[:, :k], vh[:k].T
         left = uk.T @ dd
         out["principal_energy"][str(r)] = _share(float((left @ vk).square().sum()), delta_sq)
         out["left_principal_energy"][str(r)] = _share(float(left.square().sum()), delta_sq)
         out["right_principal_energy"][str(r)] = _share(float((dd @ vk).square().sum()), delta_sq)
-        cos = torch.linalg.svdvals(uk.T @ u_t[:, :k]).clamp(0.0, 1.0)
+        kt = min(k, rank_t)
+        if kt == 0:
+            out["rotation"][str(r)] = None
+            continue
+        cos = torch.linalg.svdvals(uk[:, :kt].T @ u_t[:, :kt]).clamp(0.0, 1.0)
         out["rotation"][str(r)] = float((1.0 - cos.square()).clamp(min=0.0).sqrt().mean())
 
     numel = d.numel()
