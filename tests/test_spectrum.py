@@ -284,3 +284,21 @@ def test_the_command_over_a_run(tmp_path: Path) -> None:
     )
     res = CliRunner().invoke(cli, ["spectrum", str(trained_path("base")), str(run), "-q"])
     assert res.exit_code == 0 and "per checkpoint" in res.stdout and "step    100" in res.stdout
+
+
+def test_resized_rows_are_measured_on_the_rows_both_share(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((10, 8)).astype(np.float32)
+    wt = np.concatenate([w + 0.01 * rng.standard_normal((10, 8)), rng.standard_normal((3, 8))])
+    wt = wt.astype(np.float32)
+    name = "model.embed_tokens.weight"
+    for side, t in (("a", w), ("b", wt)):
+        save_file({name: torch.from_numpy(t)}, tmp_path / f"{side}.safetensors")
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    with pytest.raises(rlmask.TensorMismatchError):
+        rlmask.spectrum(a, b, device="cpu", progress=False)
+    r = rlmask.spectrum(a, b, device="cpu", shared_rows=True, progress=False)
+    (row,) = r.rows
+    assert row["shape"] == [10, 8]
+    for key, value in oracle(w, wt[:10]).items():
+        _close(row[key], value, key)
