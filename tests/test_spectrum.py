@@ -268,6 +268,14 @@ def test_a_run_shares_the_base_svd_and_aligns_the_top_direction() -> None:
     want = abs(u[:, 0] @ uf[:, 0]) * abs(vh[0] @ vhf[0])
     (got,) = [x["rank1_alignment"] for x in r.rows if x["name"] == name and x["step"] == 25]
     assert got == pytest.approx(want, rel=1e-6)
+    # The run's figure: one panel per question, over the steps.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = r.plot()
+    first = fig.axes[0].get_lines()[0]
+    assert list(first.get_xdata()) == [25, 50, 75, 100]
+    np.testing.assert_allclose(first.get_ydata(), 100 * total["principal_energy@0.1"].to_numpy())
 
 
 def test_the_command_over_a_run(tmp_path: Path) -> None:

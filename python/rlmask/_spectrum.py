@@ -294,11 +294,13 @@ class SpectrumReport(Report):
         return super().by(level)
 
     def plot(self, path: PathArg | None = None, *, dpi: int = 150) -> Any:
-        """The figure of :func:`rlmask.plot.spectrum_figure` (needs matplotlib), written
-        atomically to ``path`` when given."""
-        from rlmask.plot import spectrum_figure
+        """The figure of :func:`rlmask.plot.spectrum_figure` for a pair, or of
+        :func:`rlmask.plot.spectrum_run_figure` over a run's checkpoints (needs matplotlib),
+        written atomically to ``path`` when given."""
+        from rlmask.plot import spectrum_figure, spectrum_run_figure
 
-        return spectrum_figure(self, path, dpi=dpi)
+        draw = spectrum_run_figure if self.checkpoints else spectrum_figure
+        return draw(self, path, dpi=dpi)
 
     def to_dict(self) -> dict[str, Any]:
         """``{"base", "tuned", "device", "matrices", "by_module", "by_layer", "skipped"}``

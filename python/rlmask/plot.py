@@ -496,6 +496,59 @@ def spectrum_figure(report: SpectrumReport, path: PathArg | None = None, *, dpi:
     return fig
 
 
+def spectrum_run_figure(
+    report: SpectrumReport, path: PathArg | None = None, *, dpi: int = 150
+) -> Any:
+    """A run's geometry over its checkpoints (design §13), one panel per question: the share of
+    the update's energy in the base's top 10% directions against the random-direction
+    expectation, that subspace's rotation, the spectral drift, and the rank-1 share with the
+    alignment of the update's top direction to the last checkpoint's. Pooled over matrices as
+    the breakdowns pool them; the x axis is the step (the checkpoint's position without one).
+
+    Returns:
+        The matplotlib Figure (written atomically to ``path`` if given).
+    """
+    import matplotlib
+
+    if path is not None:
+        check_figure_path(path)
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    total = report.total_frame()
+    if total.is_empty() or "step" not in total.columns:
+        raise ValueError("not a run: spectrum_figure draws a pair")
+    steps = total["step"].to_list()
+    x = steps if all(s is not None for s in steps) else list(range(1, len(steps) + 1))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    panels = [
+        (
+            [("principal_energy@0.1", "update"), ("principal_energy_uniform@0.1", "random")],
+            100,
+            "energy in the base's top 10% directions (%)",
+        ),
+        ([("rotation@0.1", "rotation")], 1, "mean sine, top-10% subspace"),
+        ([("spectral_drift", "drift")], 1, "||S' - S|| / ||S||"),
+        (
+            [("energy_top_k@1", "rank-1 share"), ("rank1_alignment", "alignment with the last")],
+            100,
+            "%",
+        ),
+    ]
+    for ax, (series, scale, ylabel) in zip(axes, panels, strict=True):
+        for column, label in series:
+            values = [None if v is None else scale * v for v in total[column].to_list()]
+            ax.plot(x, values, marker="o", ms=3, label=label)
+        ax.set_xlabel("step" if x is steps else "checkpoint")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path, dpi)
+    return fig
+
+
 def magnitude_figure(report: DiffReport, path: PathArg | None = None, *, dpi: int = 150) -> Any:
     """The magnitude lens (design §8): the share of elements changed per binade of the base
     value (bars, at the primary tolerance, with 95% Wilson intervals for the binade's element
