@@ -319,8 +319,10 @@ class SpectrumReport(Report):
     def summary(self) -> str:
         """The whole model's pooled measures, and what was left out."""
         lines = [f"base:  {self.base}", f"tuned: {self.tuned}"]
+        per = len(self.rows) // max(1, len(self.checkpoints))
+        over = f" in each of {len(self.checkpoints)} checkpoints" if self.checkpoints else ""
         lines.append(
-            f"{len(self.rows)} update matrices measured on {self.device}; "
+            f"{per} update matrices measured{over} on {self.device}; "
             f"{len(self.skipped)} tensors left out (norms, vectors, ...)"
         )
         if self.rows and self.checkpoints:
