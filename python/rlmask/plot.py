@@ -77,6 +77,19 @@ def check_figure_path(path: PathArg) -> None:
         raise ImportError("plots need matplotlib: pip install 'rlmask[plot]'") from None
 
 
+def _pyplot(path: PathArg | None) -> Any:
+    """matplotlib's pyplot, with the output path checked first and, when a file is asked for,
+    the non-interactive backend (no window, no display needed)."""
+    import matplotlib
+
+    if path is not None:
+        check_figure_path(path)
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig: Any, path: PathArg | None, dpi: int, *, own: bool = True) -> None:
     """Writes ``fig`` to ``path`` (when given) atomically, in the format its extension names.
     A figure this module made (``own``) is then closed in pyplot: the caller gets the Figure
@@ -172,12 +185,7 @@ def trajectory_figure(
     Returns:
         The matplotlib Figure (written atomically to ``path`` if given).
     """
-    import matplotlib
-
-    if path is not None:
-        check_figure_path(path)
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
 
     total = report.total_frame()
     steps = total["step"].to_list()
@@ -259,12 +267,7 @@ def survey_figure(report: SurveyReport, path: PathArg | None = None, *, dpi: int
     Returns:
         The matplotlib Figure (written atomically to ``path`` if given).
     """
-    import matplotlib
-
-    if path is not None:
-        check_figure_path(path)
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
 
     rows = report.tensors.filter(pl.col("status") != "error")
     if rows.is_empty():
@@ -305,12 +308,7 @@ def overlap_heatmap(matrix: OverlapMatrix, path: PathArg | None = None, *, dpi: 
     Returns:
         The matplotlib Figure (written atomically to ``path`` if given).
     """
-    import matplotlib
-
-    if path is not None:
-        check_figure_path(path)
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
 
     o1 = matrix.matrices()["o1"]
     labels = matrix.labels
@@ -352,12 +350,7 @@ def overlap_figure(report: OverlapReport, path: PathArg | None = None, *, dpi: i
     Returns:
         The matplotlib Figure (written atomically to ``path`` if given).
     """
-    import matplotlib
-
-    if path is not None:
-        check_figure_path(path)
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
 
     frame = pl.concat(
         [
@@ -398,12 +391,7 @@ def rank_figure(report: RankReport, path: PathArg | None = None, *, dpi: int = 1
     Returns:
         The matplotlib Figure (written atomically to ``path`` if given).
     """
-    import matplotlib
-
-    if path is not None:
-        check_figure_path(path)
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
     import numpy as np
 
     per = report.by_module()
@@ -457,12 +445,7 @@ def spectrum_figure(report: SpectrumReport, path: PathArg | None = None, *, dpi:
     Returns:
         The matplotlib Figure (written atomically to ``path`` if given).
     """
-    import matplotlib
-
-    if path is not None:
-        check_figure_path(path)
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
     import numpy as np
 
     per = report.by_module()
@@ -508,12 +491,7 @@ def spectrum_run_figure(
     Returns:
         The matplotlib Figure (written atomically to ``path`` if given).
     """
-    import matplotlib
-
-    if path is not None:
-        check_figure_path(path)
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
 
     total = report.total_frame()
     if total.is_empty() or "step" not in total.columns:
@@ -561,12 +539,7 @@ def magnitude_figure(report: DiffReport, path: PathArg | None = None, *, dpi: in
     Returns:
         The matplotlib Figure (written atomically to ``path`` if given).
     """
-    import matplotlib
-
-    if path is not None:
-        check_figure_path(path)
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
 
     lens = report.by_magnitude().filter((pl.col("exponent") > 0) & (pl.col("exponent") < 255))
     if lens.is_empty():
