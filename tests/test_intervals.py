@@ -142,3 +142,19 @@ def test_bootstrap_diff_coverage() -> None:
         hits += ci[0] <= 0.5 <= ci[1]
     assert 0.88 <= hits / 200 <= 0.99
     assert bootstrap_diff([1.0], [0.0, 1.0]) == (0.5, None)
+
+
+def test_no_excess_over_empty_masks(tmp_path: Path) -> None:
+    """Masks that changed nothing have no o1: no mean, no interval, valid JSON (no NaN), and
+    the summary says so instead of printing a figure."""
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"m{k}.rlmask")
+        rlmask.Mask.from_dict({"w": np.zeros(16, bool)}).save(paths[-1])
+    m = rlmask.overlap_matrix(paths)
+    e = m.excess("random")
+    assert e["mean"] is None and e["ci95"] is None and e["pairs"] == 0
+    assert "no pair has one" in m.summary()
+    json.loads(m.to_json(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    res = CliRunner().invoke(cli, ["overlap", *map(str, paths), "--format", "json"])
+    assert res.exit_code == 0 and "NaN" not in res.stdout

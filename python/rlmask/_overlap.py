@@ -10,6 +10,7 @@ independent random masks of the same densities would have in expectation:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -397,15 +398,24 @@ class OverlapMatrix(Report):
 
         n = len(self.labels)
         mean, ci = pair_bootstrap(n, value, seed=seed)
+        defined = sum(
+            1 for i in range(n) for j in range(n) if i != j and not math.isnan(value(i, j))
+        )
+        if mean is None:
+            interval = "none: no pair has an o1 (every mask is empty)"
+        elif ci is None:
+            interval = "none: two masks give one pair"
+        else:
+            interval = (
+                "95% percentile bootstrap over masks (resampled with replacement, 10,000 "
+                "draws, seed 0)"
+            )
         return {
             "baseline": baseline,
             "mean": mean,
             "ci95": None if ci is None else list(ci),
-            "pairs": n * (n - 1),
-            "interval": "95% percentile bootstrap over masks (resampled with replacement, "
-            "10,000 draws, seed 0)"
-            if ci is not None
-            else "none: two masks give one pair",
+            "pairs": defined,
+            "interval": interval,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -449,12 +459,15 @@ class OverlapMatrix(Report):
         for b in self._baselines:
             e = self.excess(b)
             ci = e["ci95"]
+            what = "uniform random" if b == "random" else "magnitude-matched"
+            if e["mean"] is None:
+                lines.append(f"o1 over the {what} baseline: no pair has one (empty masks)")
+                continue
             interval = (
                 f"95% interval {100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}, masks resampled"
                 if ci is not None
                 else "no interval from two masks"
             )
-            what = "uniform random" if b == "random" else "magnitude-matched"
             lines.append(
                 f"o1 over the {what} baseline, mean of {e['pairs']} ordered pairs: "
                 f"{100 * e['mean']:+.1f} points ({interval})"

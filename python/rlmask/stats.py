@@ -120,11 +120,12 @@ def pair_bootstrap(
     level: float = 0.95,
     resamples: int = RESAMPLES,
     seed: int = 0,
-) -> tuple[float, tuple[float, float] | None]:
+) -> tuple[float | None, tuple[float, float] | None]:
     """The mean of ``value(i, j)`` over the ordered pairs of ``n`` runs (``i != j``) and its
     ``level`` interval from resampling the runs: each resample draws ``n`` runs with
-    replacement and averages ``value`` over its pairs of different runs. None for the interval
-    when ``n < 3`` (two runs give one pair, and no spread to resample).
+    replacement and averages ``value`` over its pairs of different runs; pairs whose value is
+    NaN (undefined) are left out. None for the interval when ``n < 3`` (two runs give one pair,
+    and no spread to resample), and for both when no pair has a value.
 
     Example:
         >>> m = rlmask.overlap_matrix(seed_masks, base="base/")
@@ -137,6 +138,8 @@ def pair_bootstrap(
         for j in range(n):
             if i != j:
                 grid[i, j] = value(i, j)
+    if not np.isfinite(grid).any():  # no pair has a value (every mask empty): no figure at all
+        return None, None
     mean = float(np.nanmean(grid))
     if n < 3:
         return mean, None
