@@ -116,7 +116,9 @@ def test_a_wrong_master_is_flagged_and_bad_ones_refused(tmp_path: Path) -> None:
     # A master of other shapes, or missing a tensor.
     (tmp_path / "bad").mkdir()
     save_file({n: torch.zeros(3) for n in SHAPES}, tmp_path / "bad" / "model.safetensors")
-    with pytest.raises(rlmask.TensorMismatchError, match="fp32 weights, of the base's shapes"):
+    with pytest.raises(
+        rlmask.TensorMismatchError, match=r"fp32 weights \(F32 or F64\) of the base's shapes"
+    ):
         rlmask.diff(base, tuned, null=True, master=tmp_path / "bad", progress=False)
     # The master is an input: no output may overwrite it.
     shard = master / "model.safetensors"

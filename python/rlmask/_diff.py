@@ -929,6 +929,8 @@ def diff(
         raise ValueError("the precision null rounds as TUNED is stored; drop as_dtype")
     where_a, where_b = resolve_checkpoint(base), resolve_checkpoint(tuned)
     a, b = _rlmask.Checkpoint(where_a), _rlmask.Checkpoint(where_b)
+    # The master is opened (and its headers checked) before the pass, not after it.
+    m = None if master is None else _rlmask.Checkpoint(resolve_checkpoint(master))
     select = selection([a, b], include, exclude, name_map)
     raw = run_with_progress(
         lambda watch: _rlmask.diff(
@@ -955,7 +957,6 @@ def diff(
     if null or displacement or master is not None:
         from rlmask._null import measure
 
-        m = None if master is None else _rlmask.Checkpoint(resolve_checkpoint(master))
         null_model, disp = measure(
             a,
             b,

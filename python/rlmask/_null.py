@@ -262,9 +262,9 @@ def measure(
             im = master.tensor_info(sm)
             if im.dtype not in _MASTERS or im.shape != ia.shape:
                 raise TensorMismatchError(
-                    f"tensor '{name}': {im.dtype} {im.shape} in the master ({im.shard}) but "
-                    f"{da} {ia.shape} in base: the master holds the run's fp32 weights, of the "
-                    "base's shapes",
+                    f"tensor '{name}': {im.dtype} {im.shape} in the master ({im.shard}); the "
+                    f"master holds the run's fp32 weights (F32 or F64) of the base's shapes "
+                    f"({ia.shape} here)",
                     str(im.shard),
                     name,
                 )
