@@ -111,8 +111,9 @@ def demo() -> None:
     click.echo(
         f"\nOn these checkpoints, rounding alone predicts RL's sparsity to {gap:+.2f} points, and\n"
         f"the seeds' overlap exceeds what their magnitudes predict by {excess:+.1f} points (one\n"
-        "pair; examples/finding1/RESULTS.md gives the study's five seeds with intervals, RL\n"
-        "against SFT at matched KL, and Conjecture 1 against random masks of the same counts).\n"
+        "pair; the Finding 1 study that made these checkpoints reports five seeds with\n"
+        "intervals, RL against SFT at matched KL, and Conjecture 1 against random masks of the\n"
+        "same counts).\n"
         "How each checkpoint was made is in its safetensors metadata\n"
         '(python -c "from safetensors import safe_open; ...metadata()").'
     )
