@@ -107,19 +107,19 @@ def base_factors(w: torch.Tensor) -> Factors:
     return u, s, vh
 
 
-def top_pair(w: torch.Tensor, w_tuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The update's top singular vectors (u1, v1), for the rank-1 alignment over a run."""
-    import torch
-
-    u, _, vh = torch.linalg.svd((w_tuned - w).double(), full_matrices=False)
-    return u[:, 0], vh[0]
-
-
 def matrix_measures(
     w: torch.Tensor, w_tuned: torch.Tensor, factors: Factors | None = None
 ) -> dict[str, Any]:
     """Every measure of one matrix (see the module), from the base and tuned values (float32,
     on the device where the SVDs run) and the base's SVD (computed here when not given)."""
+    return _measures(w, w_tuned, factors, top=False)[0]
+
+
+def _measures(
+    w: torch.Tensor, w_tuned: torch.Tensor, factors: Factors | None, *, top: bool
+) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor] | None]:
+    """:func:`matrix_measures`, and with ``top`` the update's top singular vectors (u1, v1)
+    from the same decomposition of D (for the rank-1 alignment over a run)."""
     import torch
 
     d = w_tuned - w  # float32, from the stored values
@@ -133,7 +133,12 @@ def matrix_measures(
         "base_fro": math.sqrt(base_sq),
         "relative_fro": _share(math.sqrt(delta_sq), math.sqrt(base_sq)),
     }
-    s_d = torch.linalg.svdvals(dd)
+    pair = None
+    if top:
+        u_d, s_d, vh_d = torch.linalg.svd(dd, full_matrices=False)
+        pair = (u_d[:, 0], vh_d[0])
+    else:
+        s_d = torch.linalg.svdvals(dd)
     fig = spectrum_figures(s_d, m, n, None, None, 1)
     out["spectral_norm"] = float(s_d[0]) if s_d.numel() else 0.0
     out["stable_rank"] = fig["stable_rank"]
@@ -174,9 +179,9 @@ def matrix_measures(
 
     numel = d.numel()
     sq = dd.square().reshape(-1)
-    top = torch.sort(sq, descending=True).values
+    largest = torch.sort(sq, descending=True).values
     out["coord_energy_top"] = {
-        str(p): _share(float(top[: math.ceil(p * numel)].sum()), delta_sq) for p in COORDS
+        str(p): _share(float(largest[: math.ceil(p * numel)].sum()), delta_sq) for p in COORDS
     }
 
     changed = (d != 0).reshape(-1)
@@ -196,7 +201,7 @@ def matrix_measures(
         out["enrichment"][f"{name}_{ENRICH}"] = (
             (inside / n_changed) / density if n_changed else None
         )
-    return out
+    return out, pair
 
 
 def _pct(v: float | None) -> str:
@@ -472,10 +477,17 @@ def spectrum(
             def tuned_of(k: int, names: list[str] = stored_bs, rows: int = nrows) -> torch.Tensor:
                 return load_matrix(cs[k], names[k], rows, dev, blocks[k])
 
-            final = top_pair(w, tuned_of(len(cs) - 1)) if run else None
             component, layer, module, _ = place(n)
+            # The last checkpoint first: its update's top direction is what the others align to.
+            # Each D is decomposed once, its top singular vectors kept for the alignment.
+            measured: dict[int, tuple[dict[str, Any], Any]] = {}
+            for k in [len(cs) - 1, *range(len(cs) - 1)]:
+                measured[k] = _measures(w, tuned_of(k), factors, top=run)
+                if bar is not None:
+                    bar.update(1)
+            final = measured[len(cs) - 1]
             for k in range(len(cs)):
-                wt = tuned_of(k)
+                figures, pair = measured[k]
                 row: dict[str, Any] = {
                     **({"checkpoint": labels[k], "step": steps[k]} if run else {}),
                     "name": n,
@@ -483,18 +495,16 @@ def spectrum(
                     "component": component,
                     "layer": layer,
                     "module": module,
-                    **matrix_measures(w, wt, factors),
+                    **figures,
                 }
-                if final is not None:
-                    row["rank1_alignment"] = None
-                    if row["delta_fro"] > 0 and bool((final[0] != 0).any()):
-                        u1, v1 = top_pair(w, wt)
-                        row["rank1_alignment"] = float(
-                            (u1 @ final[0]).abs() * (v1 @ final[1]).abs()
-                        )
+                if run:
+                    zero = row["delta_fro"] == 0 or final[0]["delta_fro"] == 0
+                    u1, v1 = pair
+                    uf, vf = final[1]
+                    row["rank1_alignment"] = (
+                        None if zero else float((u1 @ uf).abs() * (v1 @ vf).abs())
+                    )
                 rows.append(row)
-                if bar is not None:
-                    bar.update(1)
         a.verify()
         for c in cs:
             c.verify()
