@@ -20,13 +20,14 @@ pub use kernels as kernel;
 use kernels::simd;
 pub use masks::{bits, maskfile};
 pub use passes::{codec, diff, patch, trajectory};
-pub use planning::{fp8, names, plan};
+pub use planning::{fp8, names, plan, sides};
 pub use reading::{atomic, checkpoint, guard, readahead, safetensors};
 
 pub use checkpoint::Checkpoint;
-pub use diff::{diff, DiffOptions, DiffResult, MaskFileSpec, Progress, Skipped, TensorDiff};
+pub use diff::{diff, DiffOptions, DiffResult, MaskFileSpec, Progress, TensorDiff};
 pub use dtype::Dtype;
 pub use error::{Error, Result};
 pub use kernel::Criterion;
 pub use plan::{pairing, Pairing, PlanOptions, PlannedPair};
 pub use safetensors::{Shard, TensorInfo};
+pub use sides::Skipped;

@@ -1,6 +1,6 @@
-//! Pairing two checkpoints' tensors and comparing them in parallel, across and within tensors.
+//! Comparing two checkpoints' paired tensors (their [`crate::plan`]) in parallel, across and
+//! within tensors.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::bits::padded_len;
@@ -14,6 +14,7 @@ use crate::names;
 use crate::plan::{plan, Plan, PlanOptions};
 use crate::readahead;
 use crate::safetensors::{check_all_unchanged, Shard, TensorInfo};
+use crate::sides::{Pair, Side, Sides, Skipped};
 
 /// Elements per unit of parallel work (a multiple of the mask word width).
 pub const CHUNK: usize = 1 << 18;
@@ -102,13 +103,6 @@ pub struct TensorDiff {
     pub by_magnitude: Option<Hist>,
 }
 
-/// A tensor left out of the comparison, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Skipped {
-    pub name: String,
-    pub reason: String,
-}
-
 /// Everything a comparison found.
 #[derive(Debug, Clone)]
 pub struct DiffResult {
@@ -133,191 +127,6 @@ pub struct DiffResult {
     /// rewrote, per side.
     pub renamed_base: Vec<(String, String)>,
     pub renamed_tuned: Vec<(String, String)>,
-}
-
-/// Share of one side's floating elements that may lack a partner before the comparison is
-/// refused as mostly unpaired.
-pub const MAX_UNPAIRED: f64 = 0.5;
-
-pub(crate) const TIED: [(&str, &str); 1] = [("lm_head.weight", "model.embed_tokens.weight")];
-
-pub(crate) struct Pair<'a> {
-    pub(crate) name: &'a str,
-    pub(crate) a: (&'a Shard, &'a TensorInfo),
-    pub(crate) b: (&'a Shard, &'a TensorInfo),
-    /// Compare only the first this many rows (shapes that differ in rows only, with
-    /// [`DiffOptions::shared_rows`]); `None`: the whole tensor.
-    pub(crate) rows: Option<u64>,
-}
-
-impl Pair<'_> {
-    /// The shape compared: the base's, cut to the shared rows.
-    pub(crate) fn shape(&self) -> Vec<u64> {
-        let mut shape = self.a.1.shape.clone();
-        if let Some(r) = self.rows {
-            shape[0] = r;
-        }
-        shape
-    }
-
-    /// Elements compared: a prefix of both tensors (rows are contiguous, row-major).
-    pub(crate) fn numel(&self) -> u64 {
-        self.shape().iter().product()
-    }
-}
-
-/// The rows two tensors share when their shapes differ in the number of rows only (a
-/// resized vocabulary): `Some(min rows)`, else `None`.
-pub(crate) fn shared_rows(ta: &TensorInfo, tb: &TensorInfo) -> Option<u64> {
-    let (sa, sb) = (&ta.shape, &tb.shape);
-    (sa.len() == sb.len() && !sa.is_empty() && sa[1..] == sb[1..] && sa[0] != sb[0])
-        .then(|| sa[0].min(sb[0]))
-}
-
-/// One side's tensors under the names they are paired by.
-pub(crate) struct Side<'a> {
-    pub(crate) ckpt: &'a Checkpoint,
-    /// Paired name -> stored name.
-    pub(crate) names: BTreeMap<String, &'a str>,
-    pub(crate) renamed: Vec<(String, String)>,
-    /// Tensors as their values are read ([`Checkpoint::get_value`]: MXFP4 blocks as F4
-    /// elements), or as stored, byte for byte (patches).
-    values: bool,
-}
-
-impl<'a> Side<'a> {
-    /// One side's tensors as their values are read (diffs and trajectories).
-    pub(crate) fn new(
-        ckpt: &'a Checkpoint,
-        what: &str,
-        map: &[(String, String)],
-    ) -> Result<Side<'a>> {
-        Ok(Side {
-            values: true,
-            ..Self::stored(ckpt, what, map)?
-        })
-    }
-
-    /// One side's tensors as stored, every one its bytes (patches).
-    pub(crate) fn stored(
-        ckpt: &'a Checkpoint,
-        what: &str,
-        map: &[(String, String)],
-    ) -> Result<Side<'a>> {
-        let mut names = BTreeMap::new();
-        let mut renamed = Vec::new();
-        for stored in ckpt.names() {
-            let paired = names::canonical(stored, map);
-            if paired != stored {
-                renamed.push((stored.to_string(), paired.clone()));
-            }
-            if let Some(other) = names.insert(paired.clone(), stored) {
-                return Err(Error::Pairing {
-                    reason: format!(
-                        "{what} ({}): '{other}' and '{stored}' both pair as '{paired}' once \
-                         wrapper segments are removed and the name map applied",
-                        ckpt.path.display()
-                    ),
-                });
-            }
-        }
-        Ok(Side {
-            ckpt,
-            names,
-            renamed,
-            values: false,
-        })
-    }
-
-    pub(crate) fn contains(&self, name: &str) -> bool {
-        self.names.contains_key(name)
-    }
-
-    pub(crate) fn get(&self, name: &str) -> Option<(&'a Shard, &'a TensorInfo)> {
-        let stored = self.names.get(name)?;
-        if self.values {
-            self.ckpt.get_value(stored)
-        } else {
-            self.ckpt.get(stored)
-        }
-    }
-
-    /// Elements of the floating tensors among `names`.
-    fn floating_numel<'n>(&self, names: impl Iterator<Item = &'n String>) -> u64 {
-        names
-            .filter_map(|n| self.get(n))
-            .filter(|(_, t)| t.dtype.is_float())
-            .map(|(_, t)| t.numel)
-            .sum()
-    }
-}
-
-/// Refuses a comparison in which more than [`MAX_UNPAIRED`] of either side's floating
-/// elements have no partner: its figures would describe a small, arbitrary part of the model.
-pub(crate) fn check_paired(
-    base: &Side,
-    tuned: &Side,
-    keep: &dyn Fn(&str) -> bool,
-    only_in_base: &[String],
-    only_in_tuned: &[String],
-) -> Result<()> {
-    for (what, side, only) in [
-        ("base", base, only_in_base),
-        ("tuned", tuned, only_in_tuned),
-    ] {
-        let all = side.floating_numel(side.names.keys().filter(|n| keep(n)));
-        let unpaired = side.floating_numel(only.iter());
-        if all > 0 && unpaired as f64 > MAX_UNPAIRED * all as f64 {
-            let floating: Vec<&str> = only
-                .iter()
-                .filter(|n| side.get(n).is_some_and(|(_, t)| t.dtype.is_float()))
-                .map(String::as_str)
-                .collect();
-            let few = floating
-                .iter()
-                .take(3)
-                .copied()
-                .collect::<Vec<_>>()
-                .join("', '");
-            return Err(Error::Pairing {
-                reason: format!(
-                    "{unpaired} of the {all} floating elements of {what} ({}) have no tensor of \
-                     the same name on the other side ({} tensors, e.g. '{few}'); these are not \
-                     two versions of one model, or their names differ: select what they share \
-                     with include (--include) or translate names with name_map (--name-map)",
-                    side.ckpt.path.display(),
-                    floating.len(),
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Why the two sides of a pair cannot be compared; `None` when they can.
-pub(crate) fn mismatch(p: &Pair) -> Option<String> {
-    let (ta, tb) = (p.a.1, p.b.1);
-    let (pa, pb) = (p.a.0.path.display(), p.b.0.path.display());
-    let detail = if ta.shape != tb.shape {
-        let hint = if shared_rows(ta, tb).is_some() {
-            " (a resized vocabulary? diff with shared_rows / --compare-shared-rows compares the \
-             rows both share)"
-        } else {
-            ""
-        };
-        format!(
-            "shape {:?} in base ({pa}) but {:?} in tuned ({pb}){hint}",
-            ta.shape, tb.shape
-        )
-    } else if !((ta.dtype.is_float() && tb.dtype.is_float()) || ta.dtype == tb.dtype) {
-        format!(
-            "dtype {} in base ({pa}) cannot be compared with {} in tuned ({pb})",
-            ta.dtype, tb.dtype
-        )
-    } else {
-        return None;
-    };
-    Some(detail)
 }
 
 fn validate(opts: &DiffOptions) -> Result<()> {
@@ -359,6 +168,7 @@ pub fn diff(
         scaled,
         dequantised,
         scales: scale_names,
+        ..
     } = plan(&base_side, &tuned_side, &opts.plan)?;
     let nthr = opts.criterion.thresholds();
     // Mask bits go straight into a mapped mask file, or into memory, or nowhere.
@@ -571,9 +381,6 @@ impl Stretch {
         }
     }
 }
-
-/// Each side's scale of a pair's weight, when it is a scaled FP8 weight.
-pub(crate) type Sides<'a> = (Option<fp8::Scaled<'a>>, Option<fp8::Scaled<'a>>);
 
 /// What one chunk of one pair gives: the pair, its changed counts per threshold, and its
 /// binade counts when the magnitude lens was asked for.

@@ -9,18 +9,21 @@
 //! memory is a few chunk buffers per thread, whatever the model size and the number of
 //! checkpoints. Masks per checkpoint, when asked for, stream into memory-mapped `.rlmask` files.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use crate::checkpoint::Checkpoint;
-use crate::diff::{check_paired, mismatch, Pair, Progress, Side, CHUNK};
+use crate::diff::{Progress, CHUNK};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::fp8;
 use crate::kernel::{compare_run, Criterion, Run};
 use crate::maskfile::{self, MaskEntry, MaskFile};
 use crate::plan::Selection;
+use crate::plan::{plan, Plan, PlanOptions};
 use crate::readahead;
 use crate::safetensors::{check_all_unchanged, Shard, TensorInfo, U8FileWriter};
+use crate::sides::{Side, Skipped};
 
 /// What to compare and how.
 #[derive(Debug, Clone)]
@@ -82,7 +85,7 @@ pub struct TrajectoryResult {
     pub incomplete: Vec<(String, Vec<usize>)>,
     /// Tensors left out, and why (not floating; shape or dtype differs somewhere, when
     /// skipping mismatches).
-    pub skipped: Vec<crate::diff::Skipped>,
+    pub skipped: Vec<Skipped>,
     /// Per checkpoint (base first): `(stored name, paired name)` of every rewritten name.
     pub renamed: Vec<Vec<(String, String)>>,
 }
@@ -107,76 +110,77 @@ struct RunPlan<'s> {
     tracks: Vec<Track<'s>>,
     /// (name, checkpoints missing it).
     incomplete: Vec<(String, Vec<usize>)>,
-    skipped: Vec<crate::diff::Skipped>,
+    skipped: Vec<Skipped>,
 }
 
-/// Pairs the base's tensors with every checkpoint's (and the previous checkpoint's, for a
-/// segment), as a diff pairs two: the first stage of [`trajectory`].
+/// Plans every checkpoint (and, for a segment, the one before it) against the base as a diff
+/// plans two ([`plan`]: the same pairing, refusals and scales), and keeps the tensors that pair
+/// in all of them: the first stage of [`trajectory`].
 fn plan_run<'s>(
     base: &Checkpoint,
-    checkpoints: usize,
     base_side: &'s Side<'s>,
     sides: &'s [Side<'s>],
     previous_side: Option<&'s Side<'s>>,
     opts: &TrajectoryOptions,
     segment: &Segment<'s>,
 ) -> Result<RunPlan<'s>> {
-    let selected = Selection::new(&opts.select);
-    let keep = |n: &str| selected.keeps(n);
-    // Scaled FP8 weights of every checkpoint; their scale tensors are compared through them.
-    let base_scales = scales_of(base_side, &keep, opts.block)?;
-    let step_scales = sides
+    let options = PlanOptions {
+        select: opts.select.clone(),
+        name_map: opts.name_map.clone(),
+        skip_mismatched: opts.skip_mismatched,
+        shared_rows: false,
+        block_base: opts.block,
+        block_tuned: opts.block,
+    };
+    let plans = sides
         .iter()
-        .map(|s| scales_of(s, &keep, opts.block))
+        .map(|side| plan(base_side, side, &options))
         .collect::<Result<Vec<_>>>()?;
-    let previous_scales = previous_side
-        .as_ref()
-        .map(|s| scales_of(s, &keep, opts.block))
+    let previous = previous_side
+        .map(|side| plan(base_side, side, &options))
         .transpose()?;
-    let is_scale = |n: &str| {
-        base_scales.names.contains(n)
-            || step_scales
+    // Per plan: where each name pairs, and why each left-out name was left out.
+    type Index<'p> = (HashMap<&'p str, usize>, HashMap<&'p str, &'p str>);
+    fn index<'p>(p: &'p Plan) -> Index<'p> {
+        (
+            p.pairs
                 .iter()
-                .chain(&previous_scales)
-                .any(|s| s.names.contains(n))
+                .enumerate()
+                .map(|(i, q)| (q.name, i))
+                .collect(),
+            p.skipped
+                .iter()
+                .map(|x| (x.name.as_str(), x.reason.as_str()))
+                .collect(),
+        )
+    }
+    let previous = previous.as_ref();
+    let indices: Vec<Index> = plans.iter().map(index).collect();
+    let previous_index = previous.map(index);
+    let is_scale = |n: &str| {
+        plans
+            .iter()
+            .chain(previous)
+            .any(|p| p.scale_names.contains(n))
     };
 
-    // Each checkpoint must pair with the base as a diff would: mostly unpaired is an error.
-    for side in sides {
-        let only = |x: &Side, y: &Side| -> Vec<String> {
-            x.names
-                .keys()
-                .filter(|n| keep(n) && !y.contains(n) && !is_scale(n))
-                .cloned()
-                .collect()
-        };
-        check_paired(
-            base_side,
-            side,
-            &keep,
-            &only(base_side, side),
-            &only(side, base_side),
-        )?;
-    }
-
-    let mut tracks = Vec::new();
-    let mut incomplete = Vec::new();
-    let mut skipped = Vec::new();
-    'names: for name in base_side.names.keys().filter(|n| keep(n)) {
+    let selected = Selection::new(&opts.select);
+    let (mut tracks, mut incomplete, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    for name in base_side.names.keys().filter(|n| selected.keeps(n)) {
         let Some(b) = base_side.get(name) else {
             continue;
         };
-        if is_scale(name) {
-            skipped.push(crate::diff::Skipped {
+        let reason = if is_scale(name) {
+            Some("scale of an FP8 weight (compared through its weight)".to_string())
+        } else if !b.1.dtype.is_float() {
+            Some(format!("not floating ({})", b.1.dtype))
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            skipped.push(Skipped {
                 name: name.clone(),
-                reason: "scale of an FP8 weight (compared through its weight)".into(),
-            });
-            continue;
-        }
-        if !b.1.dtype.is_float() {
-            skipped.push(crate::diff::Skipped {
-                name: name.clone(),
-                reason: format!("not floating ({})", b.1.dtype),
+                reason,
             });
             continue;
         }
@@ -187,61 +191,32 @@ fn plan_run<'s>(
             incomplete.push((name.clone(), missing));
             continue;
         }
-        let mut steps = Vec::with_capacity(sides.len());
-        for side in sides {
-            let s = side.get(name).expect("present");
-            let pair = Pair {
-                name,
-                a: b,
-                b: s,
-                rows: None,
-            };
-            let problem = mismatch(&pair).or_else(|| {
-                (!s.1.dtype.is_float()).then(|| {
-                    format!(
-                        "dtype {} is not floating in {}",
-                        s.1.dtype,
-                        side.ckpt.path.display()
-                    )
-                })
+        // Mismatched in some checkpoint, when mismatches are skipped (else the plan refused).
+        let mismatched = indices
+            .iter()
+            .chain(&previous_index)
+            .find_map(|(_, why)| why.get(name.as_str()));
+        if let Some(reason) = mismatched {
+            skipped.push(Skipped {
+                name: name.clone(),
+                reason: reason.to_string(),
             });
-            if let Some(detail) = problem {
-                if opts.skip_mismatched {
-                    skipped.push(crate::diff::Skipped {
-                        name: name.clone(),
-                        reason: detail,
-                    });
-                    continue 'names;
-                }
-                return Err(Error::Mismatch {
-                    tensor: name.clone(),
-                    detail,
-                });
-            }
-            steps.push(s);
+            continue;
         }
-        let previous = match &previous_side {
-            None => None,
-            Some(side) => {
-                let p = side.get(name).ok_or_else(|| Error::Pairing {
-                    reason: format!(
-                        "tensor '{name}' of the base is missing from the previous checkpoint {}",
-                        side.ckpt.path.display()
-                    ),
-                })?;
-                if let Some(detail) = mismatch(&Pair {
-                    name,
-                    a: b,
-                    b: p,
-                    rows: None,
-                }) {
-                    return Err(Error::Mismatch {
-                        tensor: name.clone(),
-                        detail,
-                    });
-                }
-                Some(p)
-            }
+        let at = |p, (pairs, _): &Index| pairs.get(name.as_str()).map(|&i| (p, i));
+        let steps: Vec<(&Plan, usize)> = plans
+            .iter()
+            .zip(&indices)
+            .map(|(p, ix)| at(p, ix).expect("paired in every checkpoint"))
+            .collect();
+        let previous = match (previous, &previous_index, previous_side) {
+            (Some(p), Some(ix), Some(side)) => Some(at(p, ix).ok_or_else(|| Error::Pairing {
+                reason: format!(
+                    "tensor '{name}' of the base is missing from the previous checkpoint {}",
+                    side.ckpt.path.display()
+                ),
+            })?),
+            _ => None,
         };
         let final_bits = match segment.final_mask {
             None => None,
@@ -260,15 +235,16 @@ fn plan_run<'s>(
                 Some(bits)
             }
         };
+        let (first, i) = steps[0];
         tracks.push(Track {
             name,
             base: b,
-            steps,
-            previous,
+            steps: steps.iter().map(|&(p, i)| p.pairs[i].b).collect(),
+            previous: previous.map(|(p, i)| p.pairs[i].b),
             final_bits,
-            base_scale: scale_of(&base_scales, name),
-            step_scales: step_scales.iter().map(|s| scale_of(s, name)).collect(),
-            previous_scale: previous_scales.as_ref().and_then(|s| scale_of(s, name)),
+            base_scale: first.scaled[i].0,
+            step_scales: steps.iter().map(|&(p, i)| p.scaled[i].1).collect(),
+            previous_scale: previous.and_then(|(p, i)| p.scaled[i].1),
         });
     }
     if tracks.iter().all(|t| t.base.1.numel == 0) {
@@ -278,7 +254,7 @@ fn plan_run<'s>(
                  all {} checkpoints ({} tensors missing from some checkpoint, {} skipped{}); a \
                  sparsity over no elements would mean nothing",
                 base.path.display(),
-                checkpoints,
+                sides.len(),
                 incomplete.len(),
                 skipped.len(),
                 if selected.is_active() {
@@ -340,7 +316,6 @@ pub fn trajectory(
         skipped,
     } = plan_run(
         base,
-        ckpts.len(),
         &base_side,
         &sides,
         previous_side.as_ref(),
@@ -477,20 +452,6 @@ pub fn trajectory(
         skipped,
         renamed,
     })
-}
-
-/// The scaled FP8 weights of one checkpoint side among the names `keep` selects.
-fn scales_of<'c>(
-    side: &Side<'c>,
-    keep: &dyn Fn(&str) -> bool,
-    block: Option<[u64; 2]>,
-) -> Result<fp8::Scales<'c>> {
-    fp8::find(&side.names, keep, |n| side.get(n), block)
-}
-
-/// The scale of weight `name` in one side's scales.
-fn scale_of<'c>(s: &fp8::Scales<'c>, name: &str) -> Option<fp8::Scaled<'c>> {
-    s.of.get(name).map(|(_, q)| *q)
 }
 
 /// The counts of one chunk.

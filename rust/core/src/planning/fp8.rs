@@ -58,6 +58,7 @@ pub(crate) struct Scaled<'a> {
 
 /// The scale tensors of one checkpoint side, by the paired names of the weights they scale,
 /// and every tensor name (paired) that is a scale rather than a weight.
+#[derive(Default)]
 pub(crate) struct Scales<'a> {
     pub(crate) of: BTreeMap<String, (String, Scaled<'a>)>,
     pub(crate) names: std::collections::BTreeSet<String>,

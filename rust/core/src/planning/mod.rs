@@ -4,3 +4,4 @@
 pub mod fp8;
 pub mod names;
 pub mod plan;
+pub mod sides;

@@ -7,10 +7,16 @@
 use std::collections::BTreeSet;
 
 use crate::checkpoint::Checkpoint;
-use crate::diff::{check_paired, mismatch, shared_rows, Pair, Side, Sides, Skipped, TIED};
 use crate::error::{Error, Result};
 use crate::fp8::{self, Layout};
 use crate::safetensors::TensorInfo;
+use crate::sides::{shared_rows, Pair, Side, Sides, Skipped};
+
+/// Share of one side's floating elements that may lack a partner before the comparison is
+/// refused as mostly unpaired.
+pub const MAX_UNPAIRED: f64 = 0.5;
+
+pub(crate) const TIED: [(&str, &str); 1] = [("lm_head.weight", "model.embed_tokens.weight")];
 
 /// What pairs with what: the options every pass over two checkpoints shares.
 #[derive(Debug, Clone, Default)]
@@ -66,6 +72,8 @@ pub(crate) struct Plan<'s> {
     pub(crate) dequantised: Vec<(String, Option<Layout>, Option<Layout>)>,
     /// The scale tensors among the pairs: compared, not counted.
     pub(crate) scales: Vec<String>,
+    /// Every scale tensor of either side, paired or not.
+    pub(crate) scale_names: BTreeSet<String>,
 }
 
 /// The plan of a comparison of `base_side` against `tuned_side`.
@@ -86,18 +94,15 @@ pub(crate) fn plan<'s>(
             tied.push(head.to_string());
         }
     }
-    let scales_a = fp8::find(
-        &base_side.names,
-        &keep,
-        |n| base_side.get(n),
-        opts.block_base,
-    )?;
-    let scales_b = fp8::find(
-        &tuned_side.names,
-        &keep,
-        |n| tuned_side.get(n),
-        opts.block_tuned,
-    )?;
+    // Scales are a property of values: sides read as stored bytes (patches) have none.
+    let scales_of = |side: &'s Side<'s>, block| -> Result<fp8::Scales<'s>> {
+        if !side.values {
+            return Ok(fp8::Scales::default());
+        }
+        fp8::find(&side.names, &keep, |n| side.get(n), block)
+    };
+    let scales_a = scales_of(base_side, opts.block_base)?;
+    let scales_b = scales_of(tuned_side, opts.block_tuned)?;
     let is_scale = |n: &str| scales_a.names.contains(n) || scales_b.names.contains(n);
     // A scale on one side only (FP8 against its BF16 export) is part of its weight's
     // dequantisation, not a one-sided tensor.
@@ -182,7 +187,9 @@ pub(crate) fn plan<'s>(
         .filter(|p| p.a.1.dtype.is_float() && p.b.1.dtype.is_float())
         .map(Pair::numel)
         .sum();
-    if compared == 0 {
+    // Values compared over nothing mean nothing; bytes copied (patches) refuse empty
+    // checkpoints themselves.
+    if compared == 0 && base_side.values {
         return Err(Error::Pairing {
             reason: format!(
                 "nothing to compare: no floating element is stored under the same name in both \
@@ -237,6 +244,7 @@ pub(crate) fn plan<'s>(
         scaled,
         dequantised,
         scales: scale_names,
+        scale_names: scales_a.names.into_iter().chain(scales_b.names).collect(),
     })
 }
 
@@ -298,4 +306,72 @@ pub fn pairing(base: &Checkpoint, tuned: &Checkpoint, opts: &PlanOptions) -> Res
         renamed_base: base_side.renamed.clone(),
         renamed_tuned: tuned_side.renamed.clone(),
     })
+}
+
+/// Refuses a comparison in which more than [`MAX_UNPAIRED`] of either side's floating
+/// elements have no partner: its figures would describe a small, arbitrary part of the model.
+pub(crate) fn check_paired(
+    base: &Side,
+    tuned: &Side,
+    keep: &dyn Fn(&str) -> bool,
+    only_in_base: &[String],
+    only_in_tuned: &[String],
+) -> Result<()> {
+    for (what, side, only) in [
+        ("base", base, only_in_base),
+        ("tuned", tuned, only_in_tuned),
+    ] {
+        let all = side.floating_numel(side.names.keys().filter(|n| keep(n)));
+        let unpaired = side.floating_numel(only.iter());
+        if all > 0 && unpaired as f64 > MAX_UNPAIRED * all as f64 {
+            let floating: Vec<&str> = only
+                .iter()
+                .filter(|n| side.get(n).is_some_and(|(_, t)| t.dtype.is_float()))
+                .map(String::as_str)
+                .collect();
+            let few = floating
+                .iter()
+                .take(3)
+                .copied()
+                .collect::<Vec<_>>()
+                .join("', '");
+            return Err(Error::Pairing {
+                reason: format!(
+                    "{unpaired} of the {all} floating elements of {what} ({}) have no tensor of \
+                     the same name on the other side ({} tensors, e.g. '{few}'); these are not \
+                     two versions of one model, or their names differ: select what they share \
+                     with include (--include) or translate names with name_map (--name-map)",
+                    side.ckpt.path.display(),
+                    floating.len(),
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Why the two sides of a pair cannot be compared; `None` when they can.
+pub(crate) fn mismatch(p: &Pair) -> Option<String> {
+    let (ta, tb) = (p.a.1, p.b.1);
+    let (pa, pb) = (p.a.0.path.display(), p.b.0.path.display());
+    let detail = if ta.shape != tb.shape {
+        let hint = if shared_rows(ta, tb).is_some() {
+            " (a resized vocabulary? diff with shared_rows / --compare-shared-rows compares the \
+             rows both share)"
+        } else {
+            ""
+        };
+        format!(
+            "shape {:?} in base ({pa}) but {:?} in tuned ({pb}){hint}",
+            ta.shape, tb.shape
+        )
+    } else if !((ta.dtype.is_float() && tb.dtype.is_float()) || ta.dtype == tb.dtype) {
+        format!(
+            "dtype {} in base ({pa}) cannot be compared with {} in tuned ({pb})",
+            ta.dtype, tb.dtype
+        )
+    } else {
+        return None;
+    };
+    Some(detail)
 }

@@ -4,6 +4,7 @@
 use super::apply::AtomicFile;
 use super::fingerprint::{merged_fingerprint, piece_print};
 use super::*;
+use crate::plan::{plan, PlanOptions};
 
 /// Appends the flat indices (`wide`: i64, else i32, little-endian) and `b`'s values of the
 /// elements of `size` bytes whose bits differ between `a` and `b`, the first at index `first`.
@@ -173,54 +174,43 @@ struct Job<'a> {
     b: (&'a Shard, &'a TensorInfo),
 }
 
-/// The plan of a patch: one job per tensor, both sides holding the same tensors with the same
-/// shapes and dtypes (a patch keeps them all), as stored (bytes, not values).
+/// The plan of a patch: the shared [`plan`] of two sides read as stored (bytes, not values),
+/// with a patch's stricter demands: both sides hold the same tensors with the same shapes and
+/// dtypes (a patch keeps them all). One job per tensor.
 fn plan_patch<'s>(
     base: &Checkpoint,
     tuned: &Checkpoint,
     sa: &'s Side<'s>,
     sb: &'s Side<'s>,
 ) -> Result<Vec<Job<'s>>> {
-    let only_a: Vec<&String> = sa.names.keys().filter(|n| !sb.contains(n)).collect();
-    let only_b: Vec<&String> = sb.names.keys().filter(|n| !sa.contains(n)).collect();
-    if !only_a.is_empty() || !only_b.is_empty() {
-        let few = |v: &[&String]| {
-            v.iter()
-                .take(3)
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join("', '")
-        };
+    let p = plan(sa, sb, &PlanOptions::default())?;
+    if !p.only_in_base.is_empty() || !p.only_in_tuned.is_empty() {
+        let few = |v: &[String]| v.iter().take(3).cloned().collect::<Vec<_>>().join("', '");
         return Err(Error::Pairing {
             reason: format!(
                 "a patch needs the same tensors on both sides: {} only in base ({}, e.g. '{}'), \
                  {} only in tuned ({}, e.g. '{}')",
-                only_a.len(),
+                p.only_in_base.len(),
                 base.path.display(),
-                few(&only_a),
-                only_b.len(),
+                few(&p.only_in_base),
+                p.only_in_tuned.len(),
                 tuned.path.display(),
-                few(&only_b)
+                few(&p.only_in_tuned)
             ),
         });
     }
     let mut jobs = Vec::new();
-    for (paired, stored) in &sa.names {
-        let (a, b) = (
-            sa.get(paired).expect("present"),
-            sb.get(paired).expect("present"),
-        );
-        if a.1.shape != b.1.shape || a.1.dtype != b.1.dtype {
+    for pair in p.pairs {
+        let (a, b) = (pair.a, pair.b);
+        let stored = sa.names[pair.name];
+        if a.1.dtype != b.1.dtype {
             return Err(Error::Mismatch {
                 tensor: stored.to_string(),
                 detail: format!(
-                    "{} {:?} in base ({}) but {} {:?} in tuned ({}): a patch keeps every \
-                     tensor's shape and dtype",
+                    "{} in base ({}) but {} in tuned ({}): a patch keeps every tensor's dtype",
                     a.1.dtype,
-                    a.1.shape,
                     a.0.path.display(),
                     b.1.dtype,
-                    b.1.shape,
                     b.0.path.display()
                 ),
             });

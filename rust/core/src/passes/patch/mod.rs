@@ -28,11 +28,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::Checkpoint;
 use crate::codec::Frame;
-use crate::diff::{Progress, Side};
+use crate::diff::Progress;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::readahead;
 use crate::safetensors::{check_all_unchanged, check_header_len, Shard, TensorInfo};
+use crate::sides::Side;
 
 /// The `format` of a patch file.
 pub const FORMAT: &str = "rlmask-patch";
