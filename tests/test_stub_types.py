@@ -150,8 +150,17 @@ def test_main_calls_return_what_the_stub_says(pair: tuple[Path, Path], tmp_path:
     crit = _rlmask.Criterion("absolute", tol=1e-5, tolerances=[0.0, 1e-3])
     assert check_properties(crit) == 4
     assert check_properties(pickle.loads(pickle.dumps(crit))) == 4
+    plan = _rlmask.PlanOptions(name_map=[("x.", "y.")], block_base=(128, 128))
+    assert check_properties(plan) == 6
+    again = pickle.loads(pickle.dumps(plan))
+    assert (again.name_map, again.block_base, again.select) == ([("x.", "y.")], (128, 128), None)
+    plan = _rlmask.PlanOptions()
     result = check_call(
-        _rlmask.diff(a, b, criterion=crit, mask_at=crit.primary_index, magnitude=True),
+        _rlmask.diff(
+            a,
+            b,
+            _rlmask.DiffOptions(crit, plan, mask_at=crit.primary_index, magnitude=True),
+        ),
         None,
         "diff",
     )
@@ -171,7 +180,11 @@ def test_main_calls_return_what_the_stub_says(pair: tuple[Path, Path], tmp_path:
     mask_path = tmp_path / "m.rlmask"
     traj = check_call(
         _rlmask.trajectory(
-            a, [b, b], criterion=_rlmask.Criterion("exact"), mask_files=[mask_path, tmp_path / "n"]
+            a,
+            [b, b],
+            _rlmask.TrajectoryOptions(
+                _rlmask.Criterion("exact"), plan, mask_files=[mask_path, tmp_path / "n"]
+            ),
         ),
         None,
         "trajectory",

@@ -237,3 +237,37 @@ def test_ctrl_c_stops_a_parallel_survey(tmp_path: Path) -> None:
     _, err = p.communicate(timeout=30)
     assert p.returncode == 130 and time.monotonic() - sent < 2.0, err
     assert not any(Path(f"{manifest}.cache").glob("*.json"))
+
+
+def test_options_are_built_and_parsed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One criterion parse per command, whatever the number of pairs (issue 28): the command
+    builds the options once, and every pair (and its cache key) reuses them."""
+    import rlmask._diff
+    import rlmask._options
+    import rlmask._trajectory
+
+    manifest, want, _ = _study(tmp_path)
+    parsed: list[str] = []
+    real = rlmask._diff.parse_criterion
+
+    def counting(criterion: str, *args: object, **kwargs: object) -> object:
+        parsed.append(criterion)
+        return real(criterion, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rlmask._diff, "parse_criterion", counting)
+    monkeypatch.setattr(rlmask._trajectory, "parse_criterion", counting)
+    monkeypatch.setattr(rlmask._options, "parse_criterion", counting)
+    r = CliRunner().invoke(cli, ["survey", str(manifest), "--sweep", "--format", "json", "-q"])
+    assert r.exit_code == 0, r.stderr
+    assert parsed == ["absolute"]
+    got = json.loads(r.stdout)
+    for name, counts in want.items():
+        rows = [row for row in got["rows"] if row["name"] == name]
+        assert [row["changed"] for row in rows] == counts["changed"]
+    models = tmp_path / "models"
+    for command in (["diff"], ["trajectory"]):
+        parsed.clear()
+        args = [str(models / "base.safetensors"), str(models / "grpo-a.safetensors")]
+        r = CliRunner().invoke(cli, [*command, *args, "--format", "json", "-q"])
+        assert r.exit_code == 0, r.stderr
+        assert parsed == ["absolute"], command

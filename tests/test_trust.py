@@ -191,7 +191,7 @@ a, b = _rlmask.Checkpoint(sys.argv[1]), _rlmask.Checkpoint(sys.argv[2])
 with open(sys.argv[2], "r+b") as f:
     f.truncate(4096)
 try:
-    _rlmask.diff(a, b, criterion=_rlmask.Criterion("exact"))
+    _rlmask.diff(a, b, _rlmask.DiffOptions(_rlmask.Criterion("exact"), _rlmask.PlanOptions()))
 except CheckpointChangedError as e:
     print("error:", e)
     sys.exit(0)

@@ -157,16 +157,17 @@ def test_checkpoint_forms(tmp_path: Path) -> None:
 
 
 def test_cancelled_comparison_raises_keyboard_interrupt(tmp_path: Path) -> None:
-    from rlmask._rlmask import Criterion, Progress, diff
+    from rlmask._rlmask import Criterion, DiffOptions, PlanOptions, Progress, diff
 
     save_file({"w": torch.zeros(1000)}, tmp_path / "a.safetensors")
     a = Checkpoint(tmp_path / "a.safetensors")
     watch = Progress()
     watch.cancel()
+    options = DiffOptions(Criterion("absolute"), PlanOptions())
     with pytest.raises(KeyboardInterrupt):
-        diff(a, a, criterion=Criterion("absolute"), progress=watch)
+        diff(a, a, options, progress=watch)
     done = Progress()
-    diff(a, a, criterion=Criterion("absolute"), progress=done)
+    diff(a, a, options, progress=done)
     assert done.total == done.done == 8000
 
 

@@ -16,16 +16,13 @@ from rlmask._names import (
     COMPONENTS,
     natural_key,
     place,
-    select_names,
 )
 from rlmask._options import (
     Criterion,
-    check_block,
-    declared_block,
     parse_criterion,
     threshold_label,
 )
-from rlmask._plan import selection
+from rlmask._plan import PairOptions
 from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import LazyRecords, Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
@@ -906,55 +903,161 @@ def diff(
         >>> report = rlmask.diff("base/", "grpo/", tolerances=rlmask.DEFAULT_SWEEP)
         >>> report.sparsity, report.by_module()
     """
-    crit = parse_criterion(criterion, tol, tolerances, eta)
+    options = DiffOptions.build(
+        tol=tol,
+        tolerances=tolerances,
+        criterion=criterion,
+        eta=eta,
+        include=include,
+        exclude=exclude,
+        name_map=name_map,
+        skip_mismatched=skip_mismatched,
+        shared_rows=shared_rows,
+        block_size=block_size,
+        mask=mask,
+        save_mask=save_mask,
+        magnitude=magnitude,
+        as_dtype=as_dtype,
+        null=null,
+        master=master,
+        displacement=displacement,
+    )
+    return run_diff(base, tuned, options, progress=progress)
+
+
+@dataclass(frozen=True)
+class DiffOptions:
+    """How one diff runs (the arguments of :func:`diff`), built once by the API or the CLI and
+    checked when built: the criterion parsed, the patterns compiled, the block size and the
+    combinations of options checked, before any file is opened."""
+
+    criterion: _rlmask.Criterion
+    pairs: PairOptions
+    mask: bool = False
+    save_mask: PathArg | None = None
+    magnitude: bool = False
+    #: ``"bf16"`` or None.
+    as_dtype: str | None = None
+    null: bool = False
+    master: PathArg | None = None
+    displacement: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        tol: float | None = None,
+        tolerances: Sequence[float] | None = None,
+        criterion: Criterion = "absolute",
+        eta: float | None = None,
+        include: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        name_map: Mapping[str, str] | None = None,
+        skip_mismatched: bool = False,
+        shared_rows: bool = False,
+        block_size: tuple[int, int] | None = None,
+        mask: bool = False,
+        save_mask: PathArg | None = None,
+        magnitude: bool = False,
+        as_dtype: str | None = None,
+        null: bool = False,
+        master: PathArg | None = None,
+        displacement: bool = False,
+    ) -> DiffOptions:
+        """The options of :func:`diff` (see there), checked.
+
+        Raises:
+            ValueError: an argument the criterion does not take, a bad threshold, pattern or
+                block size, or options that do not go together.
+        """
+        crit = parse_criterion(criterion, tol, tolerances, eta)
+        pairs = PairOptions.build(
+            include=include,
+            exclude=exclude,
+            name_map=name_map,
+            skip_mismatched=skip_mismatched,
+            shared_rows=shared_rows,
+            block_size=block_size,
+        )
+        if as_dtype not in (None, "bf16", "bfloat16"):
+            raise ValueError(f"as_dtype compares as 'bf16' (or None), not {as_dtype!r}")
+        if null and crit.name == "relative":
+            raise ValueError("the precision null models the absolute and exact criteria")
+        if null and as_dtype is not None:
+            raise ValueError("the precision null rounds as TUNED is stored; drop as_dtype")
+        return cls(
+            criterion=crit,
+            pairs=pairs,
+            mask=mask,
+            save_mask=save_mask,
+            magnitude=magnitude,
+            as_dtype=None if as_dtype is None else "bf16",
+            null=null,
+            master=master,
+            displacement=displacement,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The options as JSON values (a survey's cache key): everything that changes a
+        report."""
+        p = self.pairs
+        return {
+            "criterion": self.criterion.name,
+            "thresholds": self.criterion.values,
+            "primary": self.criterion.primary,
+            "include": p.include,
+            "exclude": p.exclude,
+            "name_map": p.name_map,
+            "skip_mismatched": p.skip_mismatched,
+            "shared_rows": p.shared_rows,
+            "block_size": p.block_size,
+            "magnitude": self.magnitude,
+            "as_dtype": self.as_dtype,
+            "null": self.null,
+            "master": None if self.master is None else os.fspath(self.master),
+            "displacement": self.displacement,
+        }
+
+
+def run_diff(
+    base: PathArg, tuned: PathArg, options: DiffOptions, *, progress: bool = True
+) -> DiffReport:
+    """:func:`diff` with its options built (by :meth:`DiffOptions.build`)."""
+    o = options
+    crit = o.criterion
     # Where every mask of this diff says it came from.
     provenance = {
         "source": "diff",
         "base": os.fspath(base),
         "tuned": os.fspath(tuned),
-        "criterion": criterion,
+        "criterion": crit.name,
         "tolerance": repr(crit.primary),
         "rlmask_version": __version__,
     }
-    select_names([], include, exclude)  # bad patterns fail before any file is opened
-    if save_mask is not None:
-        check_output(save_mask)
-        check_not_input(save_mask, [base, tuned, *([] if master is None else [master])])
-    block = None if block_size is None else check_block(block_size, "block_size")
-    if as_dtype not in (None, "bf16", "bfloat16"):
-        raise ValueError(f"as_dtype compares as 'bf16' (or None), not {as_dtype!r}")
-    if null and crit.name == "relative":
-        raise ValueError("the precision null models the absolute and exact criteria")
-    if null and as_dtype is not None:
-        raise ValueError("the precision null rounds as TUNED is stored; drop as_dtype")
+    if o.save_mask is not None:
+        check_output(o.save_mask)
+        check_not_input(o.save_mask, [base, tuned, *([] if o.master is None else [o.master])])
     where_a, where_b = resolve_checkpoint(base), resolve_checkpoint(tuned)
     a, b = _rlmask.Checkpoint(where_a), _rlmask.Checkpoint(where_b)
     # The master is opened (and its headers checked) before the pass, not after it.
-    m = None if master is None else _rlmask.Checkpoint(resolve_checkpoint(master))
-    select = selection([a, b], include, exclude, name_map)
+    m = None if o.master is None else _rlmask.Checkpoint(resolve_checkpoint(o.master))
+    keep_mask = o.mask or o.save_mask is not None
+    core_options = _rlmask.DiffOptions(
+        crit,
+        o.pairs.plan(a, [b], b.path),
+        mask_at=crit.primary_index if keep_mask else None,
+        mask_file=None if (o.mask or o.save_mask is None) else os.fspath(o.save_mask),
+        mask_provenance=provenance,
+        magnitude=o.magnitude or o.null,
+        as_bf16=o.as_dtype is not None,
+    )
     raw = run_with_progress(
-        lambda watch: _rlmask.diff(
-            a,
-            b,
-            criterion=crit,
-            select=select,
-            name_map=list((name_map or {}).items()),
-            skip_mismatched=skip_mismatched,
-            shared_rows=shared_rows,
-            block_base=block or declared_block(where_a),
-            block_tuned=block or declared_block(where_b),
-            mask_at=crit.primary_index if (mask or save_mask is not None) else None,
-            mask_file=None if (mask or save_mask is None) else os.fspath(save_mask),
-            mask_provenance=provenance,
-            magnitude=magnitude or null,
-            as_bf16=as_dtype is not None,
-            progress=watch,
-        ),
+        lambda watch: _rlmask.diff(a, b, core_options, progress=watch),
         show=progress_wanted(progress),
     )
     notes = [n for side, w in (("BASE", where_a), ("TUNED", where_b)) if (n := _one_shard(side, w))]
     null_model, disp = None, None
-    if null or displacement or master is not None:
+    if o.null or o.displacement or o.master is not None:
         from rlmask._null import measure
 
         null_model, disp = measure(
@@ -973,22 +1076,22 @@ def diff(
                 if f
             ],
             tol=None if crit.name == "exact" else crit.primary,
-            null=null,
-            displacement=displacement or master is not None,
-            name_map=dict(name_map or {}),
-            master_label=None if master is None else os.fspath(master),
+            null=o.null,
+            displacement=o.displacement or o.master is not None,
+            name_map=dict(o.pairs.name_map),
+            master_label=None if o.master is None else os.fspath(o.master),
         )
     report = _report(
         raw,
         crit,
         provenance,
         notes,
-        None if as_dtype is None else "bf16",
+        o.as_dtype,
         null=null_model,
         displacement=disp,
     )
-    if save_mask is not None and mask:
-        report.save_mask(save_mask)
+    if o.save_mask is not None and o.mask:
+        report.save_mask(o.save_mask)
     return report
 
 

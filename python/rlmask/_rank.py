@@ -37,7 +37,7 @@ from rlmask import _rlmask
 from rlmask._io import PathArg
 from rlmask._names import NORMS, layer_of, module_of, natural_key
 from rlmask._options import declared_block
-from rlmask._plan import pairing
+from rlmask._plan import PairOptions, pairing
 from rlmask._progress import bar_width, progress_wanted, run_in_worker
 from rlmask._report import Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
@@ -365,11 +365,13 @@ def rank(
     plan = pairing(
         a,
         b,
-        include=include,
-        exclude=exclude,
-        name_map=name_map,
-        skip_mismatched=skip_mismatched,
-        shared_rows=shared_rows,
+        PairOptions.build(
+            include=include,
+            exclude=exclude,
+            name_map=name_map,
+            skip_mismatched=skip_mismatched,
+            shared_rows=shared_rows,
+        ),
     )
     skipped: list[tuple[str, str]] = [
         *((n, "only in base") for n in plan.only_in_base),

@@ -16,14 +16,17 @@ __all__ = [
     "Checkpoint",
     "CombineOp",
     "Criterion",
+    "DiffOptions",
     "DiffResult",
     "MaskFile",
     "MaskTensor",
     "Pairing",
     "PatchEntry",
     "PatchFile",
+    "PlanOptions",
     "Progress",
     "TensorInfo",
+    "TrajectoryOptions",
     "TrajectoryResult",
     "__version__",
     "canonical_name",
@@ -138,22 +141,51 @@ class DiffResult:
     @property
     def renamed_tuned(self) -> list[tuple[str, str]]: ...
 
+@final
+class PlanOptions:
+    def __new__(
+        cls,
+        *,
+        select: list[str] | None = None,
+        name_map: list[tuple[str, str]] = ...,
+        skip_mismatched: bool = False,
+        shared_rows: bool = False,
+        block_base: tuple[int, int] | None = None,
+        block_tuned: tuple[int, int] | None = None,
+    ) -> PlanOptions: ...
+    @property
+    def select(self) -> list[str] | None: ...
+    @property
+    def name_map(self) -> list[tuple[str, str]]: ...
+    @property
+    def skip_mismatched(self) -> bool: ...
+    @property
+    def shared_rows(self) -> bool: ...
+    @property
+    def block_base(self) -> tuple[int, int] | None: ...
+    @property
+    def block_tuned(self) -> tuple[int, int] | None: ...
+    def __getnewargs_ex__(self) -> tuple[tuple[()], dict[str, Any]]: ...
+
+@final
+class DiffOptions:
+    def __new__(
+        cls,
+        criterion: Criterion,
+        plan: PlanOptions,
+        *,
+        mask_at: int | None = None,
+        mask_file: str | PathLike[str] | None = None,
+        mask_provenance: dict[str, str] | None = None,
+        magnitude: bool = False,
+        as_bf16: bool = False,
+    ) -> DiffOptions: ...
+
 def diff(
     base: Checkpoint,
     tuned: Checkpoint,
+    options: DiffOptions,
     *,
-    criterion: Criterion,
-    select: list[str] | None = None,
-    name_map: list[tuple[str, str]] = ...,
-    skip_mismatched: bool = False,
-    shared_rows: bool = False,
-    block_base: tuple[int, int] | None = None,
-    block_tuned: tuple[int, int] | None = None,
-    mask_at: int | None = None,
-    mask_file: str | PathLike[str] | None = None,
-    mask_provenance: dict[str, str] | None = None,
-    magnitude: bool = False,
-    as_bf16: bool = False,
     progress: Progress | None = None,
 ) -> DiffResult: ...
 
@@ -176,17 +208,7 @@ class Pairing:
     @property
     def renamed_tuned(self) -> list[tuple[str, str]]: ...
 
-def pairing(
-    base: Checkpoint,
-    tuned: Checkpoint,
-    *,
-    select: list[str] | None = None,
-    name_map: list[tuple[str, str]] = ...,
-    skip_mismatched: bool = False,
-    shared_rows: bool = False,
-    block_base: tuple[int, int] | None = None,
-    block_tuned: tuple[int, int] | None = None,
-) -> Pairing: ...
+def pairing(base: Checkpoint, tuned: Checkpoint, options: PlanOptions) -> Pairing: ...
 def clean_leftovers(target: str | PathLike[str]) -> None: ...
 def write_mask(
     path: str | PathLike[str],
@@ -282,20 +304,25 @@ class TrajectoryResult:
     def renamed(self) -> list[list[tuple[str, str]]]: ...
     def __getnewargs_ex__(self) -> tuple[tuple[()], dict[str, Any]]: ...
 
+@final
+class TrajectoryOptions:
+    def __new__(
+        cls,
+        criterion: Criterion,
+        plan: PlanOptions,
+        *,
+        mask_files: list[str | PathLike[str]] | None = None,
+        mask_provenance: list[dict[str, str]] | None = None,
+        ever_file: str | PathLike[str] | None = None,
+    ) -> TrajectoryOptions: ...
+
 def trajectory(
     base: Checkpoint,
     ckpts: list[Checkpoint],
+    options: TrajectoryOptions,
     *,
-    criterion: Criterion,
-    select: list[str] | None = None,
-    name_map: list[tuple[str, str]] = ...,
-    skip_mismatched: bool = False,
-    block: tuple[int, int] | None = None,
-    mask_files: list[str | PathLike[str]] | None = None,
-    mask_provenance: list[dict[str, str]] | None = None,
     previous: Checkpoint | None = None,
     final_mask: MaskFile | None = None,
-    ever_file: str | PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> TrajectoryResult: ...
 

@@ -41,7 +41,7 @@ from rlmask import _rlmask
 from rlmask._io import PathArg
 from rlmask._names import NORMS, module_of, place
 from rlmask._options import declared_block
-from rlmask._plan import pairing
+from rlmask._plan import PairOptions, pairing
 from rlmask._progress import bar_width, progress_wanted
 from rlmask._rank import _NP_VIEW, load_matrix, resolve_device, spectrum_figures
 from rlmask._report import Report, printable_lines, sort_modules
@@ -412,18 +412,14 @@ def spectrum(
         run = True
     a = _rlmask.Checkpoint(resolve_checkpoint(base))
     cs = [_rlmask.Checkpoint(resolve_checkpoint(p)) for p in paths]
-    plans = [
-        pairing(
-            a,
-            c,
-            include=include,
-            exclude=exclude,
-            name_map=name_map,
-            skip_mismatched=skip_mismatched,
-            shared_rows=shared_rows,
-        )
-        for c in cs
-    ]
+    options = PairOptions.build(
+        include=include,
+        exclude=exclude,
+        name_map=name_map,
+        skip_mismatched=skip_mismatched,
+        shared_rows=shared_rows,
+    )
+    plans = [pairing(a, c, options) for c in cs]
     # What every checkpoint pairs: name -> (stored in base, stored in each checkpoint, rows).
     stored = [{p[0]: p for p in plan.pairs} for plan in plans]
     skipped: list[tuple[str, str]] = []

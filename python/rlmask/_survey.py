@@ -24,16 +24,16 @@ import threading
 import warnings
 from collections.abc import Callable, Generator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 
 from rlmask import _rlmask
-from rlmask._diff import diff
+from rlmask._diff import DiffOptions, run_diff
 from rlmask._io import PathArg, read_side_file, write_text_atomic
-from rlmask._options import Criterion, parse_criterion
+from rlmask._options import Criterion
 from rlmask._progress import cancel_all
 from rlmask._ray import run_tasks, session
 from rlmask._report import Report, printable_lines
@@ -198,10 +198,10 @@ def _fingerprint(spec: str) -> list[list[Any]]:
     return out
 
 
-def _cache_key(pair: Pair, options: Mapping[str, Any]) -> str:
+def _cache_key(pair: Pair, options: DiffOptions) -> str:
     data = {
         "rlmask": __version__,
-        "options": dict(options),
+        "options": options.describe(),
         "include": pair.include,
         "exclude": pair.exclude,
         "base": _fingerprint(pair.base),
@@ -210,16 +210,11 @@ def _cache_key(pair: Pair, options: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def run_pair(pair: Pair, options: Mapping[str, Any]) -> dict[str, Any]:
-    """One pair's diff as its JSON report (what a Ray task returns)."""
-    report = diff(
-        pair.base,
-        pair.tuned,
-        include=list(pair.include) or None,
-        exclude=list(pair.exclude) or None,
-        progress=False,
-        **options,
-    )
+def run_pair(pair: Pair, options: DiffOptions) -> dict[str, Any]:
+    """One pair's diff (with the pair's own include/exclude) as its JSON report (what a Ray
+    task returns)."""
+    pairs = options.pairs.with_patterns(pair.include or None, pair.exclude or None)
+    report = run_diff(pair.base, pair.tuned, replace(options, pairs=pairs), progress=False)
     return report.to_dict()
 
 
@@ -319,14 +314,14 @@ class SurveyReport(Report):
 
 
 def _executor_ray(
-    todo: list[Pair], options: Mapping[str, Any], address: str | None, cpus: float
+    todo: list[Pair], options: DiffOptions, address: str | None, cpus: float
 ) -> Generator[tuple[Pair, dict[str, Any] | str], None, None]:
     with session(address) as ray:
-        for i, out in run_tasks(ray, _ray_task, [(p, dict(options)) for p in todo], cpus):
+        for i, out in run_tasks(ray, _ray_task, [(p, options) for p in todo], cpus):
             yield todo[i], out
 
 
-def _ray_task(pair: Pair, options: dict[str, Any]) -> dict[str, Any] | str:
+def _ray_task(pair: Pair, options: DiffOptions) -> dict[str, Any] | str:
     """Runs on a Ray worker: the pair's report, or its error message."""
     try:
         return run_pair(pair, options)
@@ -335,7 +330,7 @@ def _ray_task(pair: Pair, options: dict[str, Any]) -> dict[str, Any] | str:
 
 
 def _executor_local(
-    todo: list[Pair], options: Mapping[str, Any], jobs: int
+    todo: list[Pair], options: DiffOptions, jobs: int
 ) -> Generator[tuple[Pair, dict[str, Any] | str], None, None]:
     """Yields each pair's report (or error message) as it finishes. Finished futures are
     handed over through a queue (linear in the number of pairs). Closed early (an exception
@@ -478,18 +473,41 @@ def survey(
     Returns:
         A :class:`SurveyReport`; failed pairs have ``status == "error"`` and their message.
     """
+    options = DiffOptions.build(
+        tol=tol,
+        tolerances=tolerances,
+        criterion=criterion,
+        eta=eta,
+        name_map=name_map,
+        skip_mismatched=skip_mismatched,
+    )
+    return run_survey(
+        manifest,
+        options,
+        jobs=jobs,
+        executor=executor,
+        ray_address=ray_address,
+        ray_cpus_per_pair=ray_cpus_per_pair,
+        cache=cache,
+        on_result=on_result,
+    )
+
+
+def run_survey(
+    manifest: PathArg,
+    options: DiffOptions,
+    *,
+    jobs: int = 1,
+    executor: str = "local",
+    ray_address: str | None = None,
+    ray_cpus_per_pair: float = 1.0,
+    cache: PathArg | None = None,
+    on_result: Callable[[Pair, str], None] | None = None,
+) -> SurveyReport:
+    """:func:`survey` with the pairs' diff options built (by :meth:`DiffOptions.build`)."""
     pairs = load_manifest(manifest)
-    crit = parse_criterion(criterion, tol, tolerances, eta)
+    crit = options.criterion
     values, primary = crit.values, crit.primary
-    options: dict[str, Any] = {"criterion": criterion}
-    if criterion == "absolute":
-        options |= {"tol": primary, "tolerances": values}
-    elif criterion == "relative":
-        options["eta"] = primary
-    if name_map:
-        options["name_map"] = dict(name_map)
-    if skip_mismatched:
-        options["skip_mismatched"] = True
     if executor not in ("local", "ray"):
         raise ValueError(f"unknown executor '{executor}' (local or ray)")
     folder = Path(cache) if cache is not None else Path(f"{os.fspath(manifest)}.cache")
@@ -574,7 +592,7 @@ def survey(
             "error": pl.Utf8,
         },
     )
-    return SurveyReport(os.fspath(manifest), criterion, df, primary, results)
+    return SurveyReport(os.fspath(manifest), cast(Criterion, crit.name), df, primary, results)
 
 
 __all__ = ["Pair", "SurveyReport", "load_manifest", "survey"]

@@ -29,21 +29,15 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import polars as pl
 
 from rlmask import _rlmask
 from rlmask._io import PathArg, check_output
 from rlmask._names import layer_of, module_of, natural_key
-from rlmask._options import (
-    Criterion,
-    check_block,
-    declared_block,
-    parse_criterion,
-    threshold_label,
-)
-from rlmask._plan import selection
+from rlmask._options import Criterion, parse_criterion, threshold_label
+from rlmask._plan import PairOptions
 from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import Report, few, printable_lines, ratio, sort_modules
 from rlmask._resolve import resolve_checkpoint
@@ -389,7 +383,84 @@ def trajectory(
         >>> r.total_frame()                                    # per checkpoint
         >>> r.categories                                       # Figure 2
     """
-    crit = parse_criterion(criterion, tol, None, eta)
+    options = TrajectoryOptions.build(
+        tol=tol,
+        criterion=criterion,
+        eta=eta,
+        include=include,
+        exclude=exclude,
+        name_map=name_map,
+        skip_mismatched=skip_mismatched,
+        block_size=block_size,
+    )
+    return run_trajectory(
+        base,
+        checkpoints,
+        options,
+        save_masks=save_masks,
+        progress=progress,
+        executor=executor,
+        segments=segments,
+        shared_dir=shared_dir,
+        ray_address=ray_address,
+        ray_cpus_per_segment=ray_cpus_per_segment,
+    )
+
+
+@dataclass(frozen=True)
+class TrajectoryOptions:
+    """What a trajectory compares (the criterion and pairing arguments of :func:`trajectory`),
+    built once by the API or the CLI and checked when built."""
+
+    criterion: _rlmask.Criterion
+    pairs: PairOptions
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        tol: float | None = None,
+        criterion: Criterion = "absolute",
+        eta: float | None = None,
+        include: str | Iterable[str] | None = None,
+        exclude: str | Iterable[str] | None = None,
+        name_map: Mapping[str, str] | None = None,
+        skip_mismatched: bool = False,
+        block_size: tuple[int, int] | None = None,
+    ) -> TrajectoryOptions:
+        """The options, checked (see :func:`trajectory`).
+
+        Raises:
+            ValueError: an argument the criterion does not take, a bad threshold, pattern or
+                block size.
+        """
+        return cls(
+            criterion=parse_criterion(criterion, tol, None, eta),
+            pairs=PairOptions.build(
+                include=include,
+                exclude=exclude,
+                name_map=name_map,
+                skip_mismatched=skip_mismatched,
+                block_size=block_size,
+            ),
+        )
+
+
+def run_trajectory(
+    base: PathArg,
+    checkpoints: PathArg | Sequence[PathArg],
+    options: TrajectoryOptions,
+    *,
+    save_masks: PathArg | None = None,
+    progress: bool = True,
+    executor: str = "local",
+    segments: int | None = None,
+    shared_dir: PathArg | None = None,
+    ray_address: str | None = None,
+    ray_cpus_per_segment: float = 1.0,
+) -> TrajectoryReport:
+    """:func:`trajectory` with its options built (by :meth:`TrajectoryOptions.build`)."""
+    crit = options.criterion
     if executor not in ("local", "ray"):
         raise ValueError(f"unknown executor '{executor}' (local or ray)")
     args = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
@@ -409,32 +480,25 @@ def trajectory(
             check_output(f)
     b = _rlmask.Checkpoint(resolve_checkpoint(base))
     cs = [_rlmask.Checkpoint(p) for p in paths]
-    select = selection([b, *cs], include, exclude, name_map)
     provenance = [
         {
             "source": "trajectory",
             "base": os.fspath(base),
             "tuned": os.fspath(p),
-            "criterion": criterion,
+            "criterion": crit.name,
             "tolerance": repr(crit.primary),
             "rlmask_version": __version__,
         }
         for p in paths
     ]
-    options: dict[str, Any] = {
-        "criterion": crit,
-        "select": select,
-        "name_map": list((name_map or {}).items()),
-        "skip_mismatched": skip_mismatched,
-        "block": (None if block_size is None else check_block(block_size, "block_size"))
-        or declared_block(b.path),
-    }
+    # The run's FP8 block size is the base's (given, or declared by its config.json).
+    plan = options.pairs.plan(b, cs, b.path)
     masks: list[PathArg] | None = list(mask_files) if mask_files else None
     if executor == "ray":
         raw = _ray_raw(
             os.fspath(resolve_checkpoint(base)),
             [os.fspath(p) for p in paths],
-            options,
+            (crit, plan),
             masks,
             provenance,
             segments=segments or max(1, math.ceil(len(paths) / 8)),
@@ -442,20 +506,17 @@ def trajectory(
             address=ray_address,
             cpus=ray_cpus_per_segment,
         )
-    elif executor == "local":
+    else:
+        core_options = _rlmask.TrajectoryOptions(
+            crit,
+            plan,
+            mask_files=masks,
+            mask_provenance=provenance if masks else None,
+        )
         raw = run_with_progress(
-            lambda watch: _rlmask.trajectory(
-                b,
-                cs,
-                **options,
-                mask_files=masks,
-                mask_provenance=provenance if masks else None,
-                progress=watch,
-            ),
+            lambda watch: _rlmask.trajectory(b, cs, core_options, progress=watch),
             show=progress_wanted(progress),
         )
-    else:
-        raise ValueError(f"unknown executor '{executor}' (local or ray)")
     df = pl.DataFrame(
         {
             "name": raw.name,
@@ -495,7 +556,7 @@ def trajectory(
         base=os.fspath(base),
         checkpoint_paths=[os.fspath(p) for p in paths],
         steps=steps,
-        criterion=criterion,
+        criterion=cast(Criterion, crit.name),
         tolerance=crit.primary,
         tensors=df,
         incomplete=[(n, [i + 1 for i in m]) for n, m in raw.incomplete],
@@ -504,41 +565,44 @@ def trajectory(
     )
 
 
+#: What every Ray task of a trajectory compares with: the criterion and the core's plan options.
+_Compare = tuple[_rlmask.Criterion, _rlmask.PlanOptions]
+
+
 def _segment_task(
     base: str,
     paths: list[str],
     previous: str | None,
     final: str,
     ever: str,
-    options: dict[str, Any],
+    compare: _Compare,
     masks: list[PathArg] | None,
     provenance: list[dict[str, str]] | None,
 ) -> _rlmask.TrajectoryResult:
     """One segment of a run, on a Ray worker: the core's trajectory of ``paths`` after
     ``previous``, against the run's final mask, writing the segment's ever-changed bits."""
+    options = _rlmask.TrajectoryOptions(
+        *compare, mask_files=masks, mask_provenance=provenance, ever_file=ever
+    )
     return _rlmask.trajectory(
         _rlmask.Checkpoint(base),
         [_rlmask.Checkpoint(p) for p in paths],
-        **options,
-        mask_files=masks,
-        mask_provenance=provenance,
+        options,
         previous=_rlmask.Checkpoint(previous) if previous else None,
         final_mask=_rlmask.MaskFile(final),
-        ever_file=ever,
     )
 
 
-def _last_mask_task(base: str, last: str, options: dict[str, Any], out: str) -> None:
+def _last_mask_task(base: str, last: str, compare: _Compare, out: str) -> None:
     """The run's final mask (its last checkpoint against the base), on a Ray worker."""
-    _rlmask.trajectory(
-        _rlmask.Checkpoint(base), [_rlmask.Checkpoint(last)], **options, mask_files=[out]
-    )
+    options = _rlmask.TrajectoryOptions(*compare, mask_files=[out])
+    _rlmask.trajectory(_rlmask.Checkpoint(base), [_rlmask.Checkpoint(last)], options)
 
 
 def _ray_raw(
     base: str,
     paths: list[str],
-    options: dict[str, Any],
+    compare: _Compare,
     masks: list[PathArg] | None,
     provenance: list[dict[str, str]],
     *,
@@ -568,7 +632,7 @@ def _ray_raw(
         for f in [final, *evers]:
             stack.callback(Path(f).unlink, missing_ok=True)
         ray = stack.enter_context(session(address))
-        list(run_tasks(ray, _last_mask_task, [(base, paths[-1], options, final)], cpus))
+        list(run_tasks(ray, _last_mask_task, [(base, paths[-1], compare, final)], cpus))
         calls = [
             (
                 base,
@@ -576,7 +640,7 @@ def _ray_raw(
                 paths[a - 1] if a else None,
                 final,
                 evers[i],
-                options,
+                compare,
                 masks[a:z] if masks else None,
                 provenance[a:z] if masks else None,
             )

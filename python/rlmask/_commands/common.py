@@ -167,19 +167,6 @@ pairing_options = options(
 )
 
 
-def check_criterion(
-    criterion: str, tol: float | None, eta: float | None, tolerances: list[float]
-) -> None:
-    """Options the criterion would ignore are usage errors (the core's rules, checked before
-    any file is opened)."""
-    try:
-        from rlmask._options import parse_criterion
-
-        parse_criterion(criterion, tol, tolerances, eta)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
-
-
 def parse_block(text: str | None) -> tuple[int, int] | None:
     """``128x128`` as (128, 128)."""
     if text is None:

@@ -9,7 +9,6 @@ from rlmask._commands.common import (
     LEVELS,
     block_option,
     by_option,
-    check_criterion,
     check_outputs,
     criterion_options,
     format_option,
@@ -143,15 +142,10 @@ def diff_cmd(
       rlmask diff base/ tuned/ --by magnitude --plot lens.png
       rlmask diff base/ tuned/ --null --master tuned-fp32/ --by magnitude
     """
-    from rlmask._diff import DEFAULT_SWEEP, diff
+    from rlmask._diff import DEFAULT_SWEEP, DiffOptions, run_diff
 
     extra = parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
-    check_criterion(criterion, tol, eta, extra)
-    inputs = [base, tuned, *([master] if master else [])]
-    check_outputs(fmt, output, plot, inputs=inputs, others=[save_mask])
-    report = diff(
-        base,
-        tuned,
+    options = DiffOptions.build(
         tol=tol,
         tolerances=extra or None,
         criterion=criterion,  # type: ignore[arg-type]
@@ -168,8 +162,10 @@ def diff_cmd(
         null=null,
         master=master,
         displacement=displacement,
-        progress=not quiet,
     )
+    inputs = [base, tuned, *([master] if master else [])]
+    check_outputs(fmt, output, plot, inputs=inputs, others=[save_mask])
+    report = run_diff(base, tuned, options, progress=not quiet)
     render(report, by, fmt, output)
     if plot:
         from rlmask.plot import magnitude_figure, sparsity_by_layer

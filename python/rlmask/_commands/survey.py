@@ -9,7 +9,6 @@ import click
 from rlmask._commands.common import (
     DIRECTORY,
     FILE,
-    check_criterion,
     check_outputs,
     criterion_options,
     format_option,
@@ -124,11 +123,18 @@ def survey_cmd(
       rlmask survey survey.toml --by group --format csv -o groups.csv --plot figure1.png
       rlmask survey survey.toml --executor ray --ray-address auto
     """
-    from rlmask._diff import DEFAULT_SWEEP
-    from rlmask._survey import load_manifest, survey
+    from rlmask._diff import DEFAULT_SWEEP, DiffOptions
+    from rlmask._survey import load_manifest, run_survey
 
     extra = parse_tolerances(tolerances) + (list(DEFAULT_SWEEP) if sweep else [])
-    check_criterion(criterion, tol, eta, extra)
+    options = DiffOptions.build(
+        tol=tol,
+        tolerances=extra or None,
+        criterion=criterion,  # type: ignore[arg-type]
+        eta=eta,
+        name_map=parse_name_map(name_map),
+        skip_mismatched=skip_mismatched,
+    )
     # Every pair's checkpoints are inputs too: no output, figure or cache may land in one.
     sides = [side for pair in load_manifest(manifest) for side in (pair.base, pair.tuned)]
     check_outputs(fmt, output, plot, inputs=[manifest, *sides], others=[cache])
@@ -139,18 +145,13 @@ def survey_cmd(
         if not quiet:
             click.echo(f"  {pair.name}: {status}", err=True)
 
-    report = survey(
+    report = run_survey(
         manifest,
-        tol=tol,
-        tolerances=extra or None,
-        criterion=criterion,  # type: ignore[arg-type]
-        eta=eta,
+        options,
         jobs=jobs,
         executor=executor,
         ray_address=ray_address,
         cache="" if no_cache else cache,
-        name_map=parse_name_map(name_map),
-        skip_mismatched=skip_mismatched,
         on_result=note,
     )
     render(report, by, fmt, output)

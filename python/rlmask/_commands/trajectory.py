@@ -9,7 +9,6 @@ from rlmask._commands.common import (
     FILE,
     block_option,
     by_option,
-    check_criterion,
     check_outputs,
     criterion_options,
     format_option,
@@ -104,13 +103,9 @@ def trajectory_cmd(
       rlmask trajectory base/ /shared/runs/grpo/ --executor ray --ray-address auto \\
           --shared-dir /shared/tmp
     """
-    from rlmask._trajectory import trajectory
+    from rlmask._trajectory import TrajectoryOptions, run_trajectory
 
-    check_criterion(criterion, tol, eta, [])
-    check_outputs(fmt, output, plot, inputs=[base, *checkpoints], others=[save_masks])
-    report = trajectory(
-        base,
-        list(checkpoints),
+    options = TrajectoryOptions.build(
         tol=tol,
         criterion=criterion,  # type: ignore[arg-type]
         eta=eta,
@@ -119,6 +114,12 @@ def trajectory_cmd(
         name_map=parse_name_map(name_map),
         skip_mismatched=skip_mismatched,
         block_size=parse_block(block_size),
+    )
+    check_outputs(fmt, output, plot, inputs=[base, *checkpoints], others=[save_masks])
+    report = run_trajectory(
+        base,
+        list(checkpoints),
+        options,
         save_masks=save_masks,
         progress=not quiet,
         executor=executor,

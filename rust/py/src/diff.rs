@@ -10,6 +10,7 @@ use rlmask_core as core;
 
 use crate::checkpoint::Checkpoint;
 use crate::errors::CoreError;
+use crate::plan::PlanOptions;
 
 /// Counters of a running comparison, safe to read from another thread while it runs.
 #[pyclass(module = "rlmask._rlmask", frozen)]
@@ -174,55 +175,60 @@ pub struct DiffResult {
     renamed_tuned: Vec<(String, String)>,
 }
 
-/// Compares two checkpoints (see `rlmask.diff` for the public interface). Names pair after
-/// wrapper segments are removed and `name_map` (prefix pairs) applied. With `mask_at` (an index
-/// into the criterion's thresholds), the mask bits are returned per tensor, or written to
-/// `mask_file` (with `mask_provenance` in its metadata) without being held in memory.
-/// `block_base`/`block_tuned`: the block size of each side's block-scaled FP8 weights.
+/// How one diff runs (the core's `DiffOptions`): its criterion, its plan, and what the pass
+/// emits besides counts. With `mask_at` (an index into the criterion's thresholds), the mask
+/// bits are returned per tensor, or written to `mask_file` (with `mask_provenance` in its
+/// metadata) without being held in memory; `magnitude`: counts per binade of the base value;
 /// `as_bf16`: sides stored wider than BF16 are rounded to BF16 before the comparison.
+#[pyclass(module = "rlmask._rlmask", frozen)]
+pub struct DiffOptions {
+    inner: core::DiffOptions,
+}
+
+#[pymethods]
+impl DiffOptions {
+    #[new]
+    #[pyo3(signature = (criterion, plan, *, mask_at=None, mask_file=None, mask_provenance=None, magnitude=false, as_bf16=false))]
+    fn new(
+        criterion: &Criterion,
+        plan: &PlanOptions,
+        mask_at: Option<usize>,
+        mask_file: Option<std::path::PathBuf>,
+        mask_provenance: Option<std::collections::BTreeMap<String, String>>,
+        magnitude: bool,
+        as_bf16: bool,
+    ) -> Self {
+        DiffOptions {
+            inner: core::DiffOptions {
+                criterion: criterion.inner.clone(),
+                plan: plan.inner.clone(),
+                mask_at,
+                mask_file: mask_file.map(|path| core::MaskFileSpec {
+                    path,
+                    provenance: mask_provenance.unwrap_or_default(),
+                }),
+                magnitude,
+                as_bf16,
+            },
+        }
+    }
+}
+
+/// Compares two checkpoints (see `rlmask.diff` for the public interface) as `options` says.
 #[pyfunction]
-#[pyo3(signature = (base, tuned, *, criterion, select=None, name_map=Vec::new(), skip_mismatched=false, shared_rows=false, block_base=None, block_tuned=None, mask_at=None, mask_file=None, mask_provenance=None, magnitude=false, as_bf16=false, progress=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (base, tuned, options, *, progress=None))]
 pub fn diff<'py>(
     py: Python<'py>,
     base: &Checkpoint,
     tuned: &Checkpoint,
-    criterion: &Criterion,
-    select: Option<Vec<String>>,
-    name_map: Vec<(String, String)>,
-    skip_mismatched: bool,
-    shared_rows: bool,
-    block_base: Option<[u64; 2]>,
-    block_tuned: Option<[u64; 2]>,
-    mask_at: Option<usize>,
-    mask_file: Option<std::path::PathBuf>,
-    mask_provenance: Option<std::collections::BTreeMap<String, String>>,
-    magnitude: bool,
-    as_bf16: bool,
+    options: &DiffOptions,
     progress: Option<&Progress>,
 ) -> PyResult<DiffResult> {
-    let opts = core::DiffOptions {
-        criterion: criterion.inner.clone(),
-        plan: core::PlanOptions {
-            select,
-            name_map,
-            skip_mismatched,
-            shared_rows,
-            block_base,
-            block_tuned,
-        },
-        mask_at,
-        mask_file: mask_file.map(|path| core::MaskFileSpec {
-            path,
-            provenance: mask_provenance.unwrap_or_default(),
-        }),
-        magnitude,
-        as_bf16,
-    };
+    let opts = &options.inner;
     let watch = progress.map(Progress::shared).unwrap_or_default();
     let (a, b) = (base.inner.clone(), tuned.inner.clone());
     let result = py
-        .detach(|| core::diff(&a, &b, &opts, &watch))
+        .detach(|| core::diff(&a, &b, opts, &watch))
         .map_err(CoreError)?;
 
     let n = result.tensors.len();

@@ -22,7 +22,7 @@ mod _rlmask {
     #[pymodule_export]
     use super::checkpoint::{Checkpoint, TensorInfo};
     #[pymodule_export]
-    use super::diff::{diff, Criterion, DiffResult, Progress};
+    use super::diff::{diff, Criterion, DiffOptions, DiffResult, Progress};
     #[pymodule_export]
     use super::mask::{
         mask_combine, mask_count, mask_overlap, write_mask, CombineOp, MaskFile, MaskTensor,
@@ -34,9 +34,9 @@ mod _rlmask {
         compact_bytes, fingerprint, patch_apply, patch_create, patch_verify, PatchEntry, PatchFile,
     };
     #[pymodule_export]
-    use super::plan::{pairing, Pairing};
+    use super::plan::{pairing, Pairing, PlanOptions};
     #[pymodule_export]
-    use super::trajectory::{trajectory, TrajectoryResult};
+    use super::trajectory::{trajectory, TrajectoryOptions, TrajectoryResult};
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -2,6 +2,7 @@
 //! what is left out and why), for the passes written in Python (`rank`).
 
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use rlmask_core as core;
 
 use crate::checkpoint::Checkpoint;
@@ -25,35 +26,97 @@ pub struct Pairing {
     renamed_tuned: Vec<(String, String)>,
 }
 
-/// Pairs `base` with `tuned` as `diff` does: names after wrapper segments are removed and
-/// `name_map` applied, `select` (names as paired) when given; refuses a comparison over no
+/// What pairs with what (the core's `PlanOptions`), shared by every pass over two checkpoints:
+/// `select` (names as paired; all when None), `name_map` (prefix pairs applied after wrapper
+/// segments are removed), `skip_mismatched`, `shared_rows`, and each side's FP8 block size.
+/// Built once per pass and handed to it as a value.
+#[pyclass(module = "rlmask._rlmask", frozen)]
+#[derive(Clone)]
+pub struct PlanOptions {
+    pub(crate) inner: core::PlanOptions,
+}
+
+#[pymethods]
+impl PlanOptions {
+    #[new]
+    #[pyo3(signature = (*, select=None, name_map=Vec::new(), skip_mismatched=false, shared_rows=false, block_base=None, block_tuned=None))]
+    fn new(
+        select: Option<Vec<String>>,
+        name_map: Vec<(String, String)>,
+        skip_mismatched: bool,
+        shared_rows: bool,
+        block_base: Option<[u64; 2]>,
+        block_tuned: Option<[u64; 2]>,
+    ) -> Self {
+        PlanOptions {
+            inner: core::PlanOptions {
+                select,
+                name_map,
+                skip_mismatched,
+                shared_rows,
+                block_base,
+                block_tuned,
+            },
+        }
+    }
+
+    #[getter]
+    fn select(&self) -> Option<Vec<String>> {
+        self.inner.select.clone()
+    }
+
+    #[getter]
+    fn name_map(&self) -> Vec<(String, String)> {
+        self.inner.name_map.clone()
+    }
+
+    #[getter]
+    fn skip_mismatched(&self) -> bool {
+        self.inner.skip_mismatched
+    }
+
+    #[getter]
+    fn shared_rows(&self) -> bool {
+        self.inner.shared_rows
+    }
+
+    #[getter]
+    fn block_base(&self) -> Option<(u64, u64)> {
+        self.inner.block_base.map(|[r, c]| (r, c))
+    }
+
+    #[getter]
+    fn block_tuned(&self) -> Option<(u64, u64)> {
+        self.inner.block_tuned.map(|[r, c]| (r, c))
+    }
+
+    /// The arguments that rebuild it (so that it pickles, e.g. into Ray tasks).
+    fn __getnewargs_ex__<'py>(&self, py: Python<'py>) -> PyResult<((), Bound<'py, PyDict>)> {
+        let kwargs = PyDict::new(py);
+        kwargs.set_item("select", self.select())?;
+        kwargs.set_item("name_map", self.name_map())?;
+        kwargs.set_item("skip_mismatched", self.inner.skip_mismatched)?;
+        kwargs.set_item("shared_rows", self.inner.shared_rows)?;
+        kwargs.set_item("block_base", self.block_base())?;
+        kwargs.set_item("block_tuned", self.block_tuned())?;
+        Ok(((), kwargs))
+    }
+}
+
+/// Pairs `base` with `tuned` as `diff` does (see `PlanOptions`); refuses a comparison over no
 /// floating element or over mostly unpaired models (`PairingError`), and a shape or dtype
-/// mismatch unless `skip_mismatched` (or, for rows only, `shared_rows`).
+/// mismatch unless skipped (or, for rows only, compared on the shared rows).
 #[pyfunction]
-#[pyo3(signature = (base, tuned, *, select=None, name_map=Vec::new(), skip_mismatched=false, shared_rows=false, block_base=None, block_tuned=None))]
-#[allow(clippy::too_many_arguments)]
 pub fn pairing(
     py: Python<'_>,
     base: &Checkpoint,
     tuned: &Checkpoint,
-    select: Option<Vec<String>>,
-    name_map: Vec<(String, String)>,
-    skip_mismatched: bool,
-    shared_rows: bool,
-    block_base: Option<[u64; 2]>,
-    block_tuned: Option<[u64; 2]>,
+    options: &PlanOptions,
 ) -> PyResult<Pairing> {
-    let opts = core::PlanOptions {
-        select,
-        name_map,
-        skip_mismatched,
-        shared_rows,
-        block_base,
-        block_tuned,
-    };
+    let opts = &options.inner;
     let (a, b) = (base.inner.clone(), tuned.inner.clone());
     let p = py
-        .detach(|| core::pairing(&a, &b, &opts))
+        .detach(|| core::pairing(&a, &b, opts))
         .map_err(CoreError)?;
     Ok(Pairing {
         pairs: p

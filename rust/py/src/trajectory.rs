@@ -12,6 +12,7 @@ use crate::checkpoint::Checkpoint;
 use crate::diff::{skipped_pairs, Criterion, Progress};
 use crate::errors::CoreError;
 use crate::mask::MaskFile;
+use crate::plan::PlanOptions;
 
 /// The result of `trajectory`: one entry per tensor in each per-tensor field (counts are
 /// lists with one entry per checkpoint, in run order).
@@ -110,57 +111,73 @@ impl TrajectoryResult {
     }
 }
 
+/// How one trajectory runs (the core's `TrajectoryOptions`): its criterion (one threshold), its
+/// plan (every checkpoint against the base; `block_base` for the base's FP8 weights,
+/// `block_tuned` for the run's), `mask_files` (one path per checkpoint: its changed-bits
+/// against the base, with `mask_provenance`), and, for a segment of a longer run, `ever_file`
+/// (written with the segment's ever-changed bits).
+#[pyclass(module = "rlmask._rlmask", frozen)]
+pub struct TrajectoryOptions {
+    inner: core::trajectory::TrajectoryOptions,
+    ever_file: Option<PathBuf>,
+}
+
+#[pymethods]
+impl TrajectoryOptions {
+    #[new]
+    #[pyo3(signature = (criterion, plan, *, mask_files=None, mask_provenance=None, ever_file=None))]
+    fn new(
+        criterion: &Criterion,
+        plan: &PlanOptions,
+        mask_files: Option<Vec<PathBuf>>,
+        mask_provenance: Option<Vec<BTreeMap<String, String>>>,
+        ever_file: Option<PathBuf>,
+    ) -> PyResult<Self> {
+        let mask_files = match (mask_files, mask_provenance) {
+            (None, _) => None,
+            (Some(paths), prov) => {
+                let prov = prov.unwrap_or_else(|| vec![BTreeMap::new(); paths.len()]);
+                if prov.len() != paths.len() {
+                    return Err(PyValueError::new_err(
+                        "mask_files and mask_provenance differ in length",
+                    ));
+                }
+                Some(
+                    paths
+                        .into_iter()
+                        .zip(prov)
+                        .map(|(path, provenance)| core::MaskFileSpec { path, provenance })
+                        .collect(),
+                )
+            }
+        };
+        Ok(TrajectoryOptions {
+            inner: core::trajectory::TrajectoryOptions {
+                criterion: criterion.inner.clone(),
+                plan: plan.inner.clone(),
+                mask_files,
+            },
+            ever_file,
+        })
+    }
+}
+
 /// Compares checkpoints `ckpts` (in run order) with `base` and each with its predecessor (see
-/// `rlmask.trajectory`) at the criterion's one threshold; `block` is the block size of
-/// block-scaled FP8 weights. With `mask_files` (one path per checkpoint), each checkpoint's changed-bits
-/// against the base are written to its file. A segment of a longer run passes `previous` (the
-/// checkpoint before its first), `final_mask` (the run's final mask, so `outside_final` and
-/// `last` are the run's) and `ever_file` (written with the segment's ever-changed bits).
+/// `rlmask.trajectory`) as `options` says. A segment of a longer run passes `previous` (the
+/// checkpoint before its first) and `final_mask` (the run's final mask, so `outside_final` and
+/// `last` are the run's).
 #[pyfunction]
-#[pyo3(signature = (base, ckpts, *, criterion, select=None, name_map=Vec::new(), skip_mismatched=false, block=None, mask_files=None, mask_provenance=None, previous=None, final_mask=None, ever_file=None, progress=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (base, ckpts, options, *, previous=None, final_mask=None, progress=None))]
 pub fn trajectory<'py>(
     py: Python<'py>,
     base: &Checkpoint,
     ckpts: Vec<PyRef<'py, Checkpoint>>,
-    criterion: &Criterion,
-    select: Option<Vec<String>>,
-    name_map: Vec<(String, String)>,
-    skip_mismatched: bool,
-    block: Option<[u64; 2]>,
-    mask_files: Option<Vec<PathBuf>>,
-    mask_provenance: Option<Vec<BTreeMap<String, String>>>,
+    options: &TrajectoryOptions,
     previous: Option<PyRef<'py, Checkpoint>>,
     final_mask: Option<PyRef<'py, MaskFile>>,
-    ever_file: Option<PathBuf>,
     progress: Option<&Progress>,
 ) -> PyResult<TrajectoryResult> {
-    let mask_files = match (mask_files, mask_provenance) {
-        (None, _) => None,
-        (Some(paths), prov) => {
-            let prov = prov.unwrap_or_else(|| vec![BTreeMap::new(); paths.len()]);
-            if prov.len() != paths.len() {
-                return Err(PyValueError::new_err(
-                    "mask_files and mask_provenance differ in length",
-                ));
-            }
-            Some(
-                paths
-                    .into_iter()
-                    .zip(prov)
-                    .map(|(path, provenance)| core::MaskFileSpec { path, provenance })
-                    .collect(),
-            )
-        }
-    };
-    let opts = core::trajectory::TrajectoryOptions {
-        criterion: criterion.inner.clone(),
-        select,
-        name_map,
-        skip_mismatched,
-        mask_files,
-        block,
-    };
+    let (opts, ever_file) = (&options.inner, options.ever_file.clone());
     let watch = progress.map(Progress::shared).unwrap_or_default();
     let a = base.inner.clone();
     let cs: Vec<_> = ckpts.iter().map(|c| c.inner.clone()).collect();
@@ -177,7 +194,7 @@ pub fn trajectory<'py>(
                     provenance: BTreeMap::from([("source".into(), "trajectory segment".into())]),
                 }),
             };
-            core::trajectory::trajectory(&a, &refs, &opts, &segment, &watch)
+            core::trajectory::trajectory(&a, &refs, opts, &segment, &watch)
         })
         .map_err(CoreError)?;
 

@@ -30,16 +30,12 @@ use crate::sides::{Side, Skipped};
 pub struct TrajectoryOptions {
     /// One threshold: `Absolute` with one tolerance, `Exact`, or `Relative`.
     pub criterion: Criterion,
-    /// Only these names (as paired) are considered (all when `None`).
-    pub select: Option<Vec<String>>,
-    /// Prefix translations applied to every checkpoint's names (see [`crate::names`]).
-    pub name_map: Vec<(String, String)>,
-    /// Leave out tensors whose shape or dtype differs in some checkpoint instead of failing.
-    pub skip_mismatched: bool,
+    /// What pairs with what, every checkpoint against the base (selection, name map,
+    /// mismatches, FP8 block sizes: `block_base` for the base, `block_tuned` for the run's
+    /// checkpoints). A run compares whole tensors: `shared_rows` is not taken.
+    pub plan: PlanOptions,
     /// One mask file per checkpoint (its changed-bits against the base), with provenance.
     pub mask_files: Option<Vec<crate::diff::MaskFileSpec>>,
-    /// Block size of the run's block-scaled FP8 weights (see [`crate::fp8`]).
-    pub block: Option<[u64; 2]>,
 }
 
 /// What makes a trajectory one segment of a longer run (run segment by segment, on several
@@ -124,20 +120,18 @@ fn plan_run<'s>(
     opts: &TrajectoryOptions,
     segment: &Segment<'s>,
 ) -> Result<RunPlan<'s>> {
-    let options = PlanOptions {
-        select: opts.select.clone(),
-        name_map: opts.name_map.clone(),
-        skip_mismatched: opts.skip_mismatched,
-        shared_rows: false,
-        block_base: opts.block,
-        block_tuned: opts.block,
-    };
+    if opts.plan.shared_rows {
+        return Err(Error::InvalidArgument(
+            "a trajectory compares whole tensors (no shared rows)".into(),
+        ));
+    }
+    let options = &opts.plan;
     let plans = sides
         .iter()
-        .map(|side| plan(base_side, side, &options))
+        .map(|side| plan(base_side, side, options))
         .collect::<Result<Vec<_>>>()?;
     let previous = previous_side
-        .map(|side| plan(base_side, side, &options))
+        .map(|side| plan(base_side, side, options))
         .transpose()?;
     // Per plan: where each name pairs, and why each left-out name was left out.
     type Index<'p> = (HashMap<&'p str, usize>, HashMap<&'p str, &'p str>);
@@ -164,7 +158,7 @@ fn plan_run<'s>(
             .any(|p| p.scale_names.contains(n))
     };
 
-    let selected = Selection::new(&opts.select);
+    let selected = Selection::new(&opts.plan.select);
     let (mut tracks, mut incomplete, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     for name in base_side.names.keys().filter(|n| selected.keeps(n)) {
         let Some(b) = base_side.get(name) else {
@@ -300,15 +294,15 @@ pub fn trajectory(
             )));
         }
     }
-    let base_side = Side::new(base, "base", &opts.name_map)?;
+    let base_side = Side::new(base, "base", &opts.plan.name_map)?;
     let previous_side = segment
         .previous
-        .map(|c| Side::new(c, "previous checkpoint", &opts.name_map))
+        .map(|c| Side::new(c, "previous checkpoint", &opts.plan.name_map))
         .transpose()?;
     let sides = ckpts
         .iter()
         .enumerate()
-        .map(|(k, c)| Side::new(c, &format!("checkpoint {}", k + 1), &opts.name_map))
+        .map(|(k, c)| Side::new(c, &format!("checkpoint {}", k + 1), &opts.plan.name_map))
         .collect::<Result<Vec<_>>>()?;
     let RunPlan {
         tracks,
