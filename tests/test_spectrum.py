@@ -310,3 +310,90 @@ def test_resized_rows_are_measured_on_the_rows_both_share(tmp_path: Path) -> Non
     assert row["shape"] == [10, 8]
     for key, value in oracle(w, wt[:10]).items():
         _close(row[key], value, key)
+
+
+def _llm_like(rng: np.random.Generator, m: int, n: int, decay: float) -> np.ndarray:
+    """A base with an LLM-like spectrum: a head decaying as i^-decay over a noise floor."""
+    u, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    k = min(m, n)
+    head = (u[:, :k] * (1.0 + np.arange(k)) ** -decay) @ v[:, :k].T
+    return (10 * head + 0.01 * rng.standard_normal((m, n))).astype(np.float32)
+
+
+def test_the_randomised_path_against_the_exact_one(tmp_path: Path) -> None:
+    """The randomised path (design §13) on LLM-like bases with an RL-like update (5% of the
+    entries moved a little, plus a rank-1 part): its error against the exact oracle, measure
+    by measure, within the bounds design §13 states; nulls where a whole spectrum is needed;
+    the figures that need no SVD exact; the same seed the same rows."""
+    rng = np.random.default_rng(1)
+    w: dict[str, np.ndarray] = {}
+    wt: dict[str, np.ndarray] = {}
+    for i, (m, n, decay) in enumerate([(300, 200, 0.5), (200, 360, 1.0), (256, 256, 0.3)]):
+        b = _llm_like(rng, m, n, decay)
+        d = np.where(rng.random(b.shape) < 0.05, 0.01 * rng.standard_normal(b.shape), 0.0)
+        d += 0.02 * np.outer(rng.standard_normal(m), rng.standard_normal(n))
+        name = f"model.layers.{i}.mlp.up_proj.weight"
+        w[name], wt[name] = b, (b + d).astype(np.float32)
+    # A matrix at the threshold stays exact.
+    w["model.layers.3.mlp.up_proj.weight"] = _llm_like(rng, 10, 10, 1.0)
+    wt["model.layers.3.mlp.up_proj.weight"] = w["model.layers.3.mlp.up_proj.weight"] * 1.01
+    for side, tensors in (("base", w), ("tuned", wt)):
+        (tmp_path / side).mkdir()
+        save_file(
+            {k: torch.from_numpy(v) for k, v in tensors.items()}, tmp_path / side / "m.safetensors"
+        )
+    kw = {"device": "cpu", "progress": False, "randomized_above": 100}
+    bounds = {  # the largest error allowed (absolute; relative for the norm), design §13
+        "energy_top_k": 1e-4,
+        "spectral_norm": 1e-9,
+        "stable_rank": 1e-9,
+        "principal_energy": 2e-2,
+        "left_principal_energy": 6e-2,
+        "right_principal_energy": 6e-2,
+        "rotation": 3e-2,
+        "enrichment": 1e-2,
+    }
+    want = {n: oracle(w[n], wt[n]) for n in w}
+    worst: dict[str, float] = {}
+    for seed in range(5):  # the error over sketches, not one lucky draw
+        r = rlmask.spectrum(tmp_path / "base", tmp_path / "tuned", seed=seed, **kw)  # type: ignore[arg-type]
+        rows = {row["name"]: row for row in r.rows}
+        assert rows["model.layers.3.mlp.up_proj.weight"]["svd"] == "exact"
+        for name, row in rows.items():
+            if row["svd"] == "exact":
+                continue
+            exact = want[name]
+            for key in ("effective_rank", "rank", "spectral_drift"):
+                assert row[key] is None, key
+            for key in ("delta_fro", "base_fro", "relative_fro", "coord_energy_top"):
+                _close(row[key], exact[key], f"{name}:{key}")  # no SVD: exact
+            for key in bounds:
+                got, exp = row[key], exact[key]
+                pairs = (
+                    [(got[k], v) for k, v in exp.items()] if isinstance(exp, dict) else [(got, exp)]
+                )
+                for g, e in pairs:
+                    err = abs(g - e) / (abs(e) if key == "spectral_norm" else 1.0)
+                    worst[key] = max(worst.get(key, 0.0), err)
+            # r <= 0.05: the top directions, which the range finder gets best.
+            for key in ("principal_energy", "left_principal_energy", "right_principal_energy"):
+                for ratio in ("0.01", "0.05"):
+                    assert row[key][ratio] == pytest.approx(exact[key][ratio], abs=5e-3)
+    print("randomised path, largest error against the exact oracle:", worst)
+    for key, bound in bounds.items():
+        assert worst[key] <= bound, (key, worst[key])
+    again = rlmask.spectrum(tmp_path / "base", tmp_path / "tuned", seed=4, **kw)  # type: ignore[arg-type]
+    for x, y in zip(again.rows, r.rows, strict=True):
+        assert {k: v for k, v in x.items() if v != y[k]} == {}, x["name"]
+    other = rlmask.spectrum(tmp_path / "base", tmp_path / "tuned", seed=3, **kw)  # type: ignore[arg-type]
+    assert other.rows != r.rows
+    # The command takes the same options; a negative size is a usage error.
+    args = ["spectrum", str(tmp_path / "base"), str(tmp_path / "tuned"), "-q"]
+    out = CliRunner().invoke(cli, [*args, "--randomized-above", "100", "--format", "json"])
+    assert out.exit_code == 0, out.stderr
+    assert [m["svd"] for m in json.loads(out.stdout)["matrices"]] == [x["svd"] for x in r.rows]
+    table = CliRunner().invoke(cli, [*args, "--randomized-above", "100"])
+    assert table.exit_code == 0, table.stderr
+    assert "3 of them on the randomised path" in table.stdout
+    assert CliRunner().invoke(cli, [*args, "--randomized-above", "-1"]).exit_code == 2

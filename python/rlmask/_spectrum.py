@@ -31,6 +31,7 @@ import glob
 import math
 import os
 import sys
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -91,19 +92,89 @@ def _numerical_rank(s: torch.Tensor, m: int, n: int) -> int:
     return int((s > s[0] * max(m, n) * torch.finfo(torch.float64).eps).sum())
 
 
+def _largest_sum(values: torch.Tensor, count: int) -> float:
+    """The sum of the ``count`` largest ``values`` (a selection, not a sort: ties at the edge
+    add the same whichever is taken)."""
+    import torch
+
+    if count <= 0:
+        return 0.0
+    if count >= values.numel():
+        return float(values.sum())
+    edge = torch.kthvalue(values, values.numel() - count + 1).values
+    above = values > edge
+    return float(values[above].sum()) + (count - int(above.sum())) * float(edge)
+
+
+def _smallest_first(values: torch.Tensor, count: int) -> torch.Tensor:
+    """The positions of the ``count`` smallest ``values``, ties broken by position (the earlier
+    first): the first ``count`` of a stable ascending sort, as a set, found by selection."""
+    import torch
+
+    if count >= values.numel():
+        return torch.arange(values.numel(), device=values.device)
+    edge = torch.kthvalue(values, count).values
+    below = (values < edge).nonzero().squeeze(1)
+    ties = (values == edge).nonzero().squeeze(1)[: count - below.numel()]
+    return torch.cat([below, ties])
+
+
 def _share(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
 
 Factors = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]
 
+#: The randomised path (design §13): columns sampled past the rank asked for, and power
+#: iterations (each re-orthonormalised), as Halko, Martinsson and Tropp (2011) recommend.
+OVERSAMPLE = 10
+POWER_ITERATIONS = 2
 
-def base_factors(w: torch.Tensor) -> Factors:
-    """The base's thin SVD (float64): computed once per matrix, shared by every measure and
-    by every checkpoint of a run."""
+
+def sketch_of(
+    shape: tuple[int, int], generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """The Gaussian test matrix of a matrix of ``shape`` on the randomised path: one per
+    matrix, its columns enough for every decomposition :func:`top_svd` makes of D, W and W'
+    (the largest rank used, plus ``OVERSAMPLE``; at most ``min(m, n)``)."""
     import torch
 
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    m, n = shape
+    width = min(max(_randomised_rank(min(m, n)), max(TOP_K)) + OVERSAMPLE, m, n)
+    return torch.randn(n, width, generator=generator, dtype=torch.float64, device=device)
+
+
+def top_svd(x: torch.Tensor, k: int, sketch: torch.Tensor) -> Factors:
+    """The top ``k`` singular triplets of ``x`` (float64) by randomised range finding from the
+    Gaussian ``sketch`` (:func:`sketch_of`): ``POWER_ITERATIONS`` power iterations with QR
+    between them, then the exact SVD of the small projected matrix. W and W' are decomposed
+    from the same sketch, so that the approximation's own error does not read as a rotation
+    between them."""
+    import torch
+
+    q, _ = torch.linalg.qr(x @ sketch[:, : k + OVERSAMPLE])
+    for _ in range(POWER_ITERATIONS):
+        q, _ = torch.linalg.qr(x.T @ q)
+        q, _ = torch.linalg.qr(x @ q)
+    ub, s, vh = torch.linalg.svd(q.T @ x, full_matrices=False)
+    return (q @ ub)[:, :k], s[:k], vh[:k]
+
+
+def _randomised_rank(min_dim: int) -> int:
+    """The rank the randomised path decomposes W and W' to: the largest k a measure uses."""
+    return _k_of(max(RATIOS), min_dim)
+
+
+def base_factors(w: torch.Tensor, sketch: torch.Tensor | None = None) -> Factors:
+    """The base's SVD (float64): exact and thin, or with a ``sketch`` (:func:`sketch_of`) its
+    top ``floor(0.2 min_dim)`` triplets by :func:`top_svd`. Computed once per matrix, shared by
+    every measure and by every checkpoint of a run."""
+    import torch
+
+    wd = w.double()
+    if sketch is not None:
+        return top_svd(wd, _randomised_rank(min(wd.shape)), sketch)
+    u, s, vh = torch.linalg.svd(wd, full_matrices=False)
     return u, s, vh
 
 
@@ -116,10 +187,19 @@ def matrix_measures(
 
 
 def _measures(
-    w: torch.Tensor, w_tuned: torch.Tensor, factors: Factors | None, *, top: bool
+    w: torch.Tensor,
+    w_tuned: torch.Tensor,
+    factors: Factors | None,
+    *,
+    top: bool,
+    sketch: torch.Tensor | None = None,
 ) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor] | None]:
     """:func:`matrix_measures`, and with ``top`` the update's top singular vectors (u1, v1)
-    from the same decomposition of D (for the rank-1 alignment over a run)."""
+    from the same decomposition of D (for the rank-1 alignment over a run). With a
+    ``sketch``, the randomised path (design §13): D, W and W' decomposed to their top
+    triplets by :func:`top_svd` (``factors`` must then be the base's, from the same sketch); the
+    measures that need a whole spectrum (``effective_rank``, ``rank``, ``spectral_drift``) are
+    null."""
     import torch
 
     d = w_tuned - w  # float32, from the stored values
@@ -133,23 +213,37 @@ def _measures(
         "base_fro": math.sqrt(base_sq),
         "relative_fro": _share(math.sqrt(delta_sq), math.sqrt(base_sq)),
     }
+    out["svd"] = "exact" if sketch is None else "randomized"
     pair = None
-    if top:
-        u_d, s_d, vh_d = torch.linalg.svd(dd, full_matrices=False)
+    if sketch is not None:
+        u_d, s_d, vh_d = top_svd(dd, min(max(TOP_K), min_dim), sketch)
         pair = (u_d[:, 0], vh_d[0])
+        s1 = float(s_d[0])
+        out["spectral_norm"] = s1
+        out["stable_rank"] = delta_sq / s1**2 if s1 > 0 else None
+        out["effective_rank"] = None  # needs every singular value
+        out["rank"] = None
     else:
-        s_d = torch.linalg.svdvals(dd)
-    fig = spectrum_figures(s_d, m, n, None, None, 1)
-    out["spectral_norm"] = float(s_d[0]) if s_d.numel() else 0.0
-    out["stable_rank"] = fig["stable_rank"]
-    out["effective_rank"] = fig["effective_rank"]
-    out["rank"] = fig["rank"]
+        if top:
+            u_d, s_d, vh_d = torch.linalg.svd(dd, full_matrices=False)
+            pair = (u_d[:, 0], vh_d[0])
+        else:
+            s_d = torch.linalg.svdvals(dd)
+        fig = spectrum_figures(s_d, m, n, None, None, 1)
+        out["spectral_norm"] = float(s_d[0]) if s_d.numel() else 0.0
+        out["stable_rank"] = fig["stable_rank"]
+        out["effective_rank"] = fig["effective_rank"]
+        out["rank"] = fig["rank"]
     energy = s_d.square()
     out["energy_top_k"] = {str(k): _share(float(energy[:k].sum()), delta_sq) for k in TOP_K}
 
-    u, s, vh = factors if factors is not None else base_factors(w)
-    u_t, s_t, _ = torch.linalg.svd(wt, full_matrices=False)
-    out["spectral_drift"] = _share(float((s_t - s).norm()), float(s.norm()))
+    u, s, vh = factors if factors is not None else base_factors(w, sketch)
+    if sketch is None:
+        u_t, s_t, _ = torch.linalg.svd(wt, full_matrices=False)
+        out["spectral_drift"] = _share(float((s_t - s).norm()), float(s.norm()))
+    else:
+        u_t, s_t, _ = top_svd(wt, _randomised_rank(min_dim), sketch)
+        out["spectral_drift"] = None  # needs every singular value of W and W'
     keys = ("principal_energy", "principal_energy_uniform", "left_principal_energy")
     for key in (*keys, "right_principal_energy", "rotation"):
         out[key] = {}
@@ -179,9 +273,8 @@ def _measures(
 
     numel = d.numel()
     sq = dd.square().reshape(-1)
-    largest = torch.sort(sq, descending=True).values
     out["coord_energy_top"] = {
-        str(p): _share(float(largest[: math.ceil(p * numel)].sum()), delta_sq) for p in COORDS
+        str(p): _share(_largest_sum(sq, math.ceil(p * numel)), delta_sq) for p in COORDS
     }
 
     changed = (d != 0).reshape(-1)
@@ -190,9 +283,8 @@ def _measures(
     k = _k_of(ENRICH, min_dim)
     principal = ((u[:, :k] * s[:k]) @ vh[:k]).abs().reshape(-1)
     masks = {
-        # Largest first; ties by position (a stable sort keeps the earlier entry first).
-        "principal": torch.sort(-principal, stable=True).indices[:size],
-        "low_magnitude": torch.sort(wd.abs().reshape(-1), stable=True).indices[:size],
+        "principal": _smallest_first(-principal, size),  # the largest entries
+        "low_magnitude": _smallest_first(wd.abs().reshape(-1), size),
     }
     out["enrichment"] = {}
     for name, idx in masks.items():
@@ -202,6 +294,10 @@ def _measures(
             (inside / n_changed) / density if n_changed else None
         )
     return out, pair
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
 
 
 def _pct(v: float | None) -> str:
@@ -330,6 +426,12 @@ class SpectrumReport(Report):
             f"{per} update matrices measured{over} on {self.device}; "
             f"{len(self.skipped)} tensors left out (norms, vectors, ...)"
         )
+        randomised = len({r["name"] for r in self.rows if r["svd"] == "randomized"})
+        if randomised:
+            lines.append(
+                f"{randomised} of them on the randomised path (top directions only: no rank, "
+                "effective rank or drift; its error in design §13)"
+            )
         if self.rows and self.checkpoints:
             lines.append("per checkpoint (rank-1 share, energy in the base's top 10% directions,")
             lines.append("  rotation of that subspace, rank-1 alignment with the last checkpoint):")
@@ -338,7 +440,7 @@ class SpectrumReport(Report):
                 lines.append(
                     f"  step {t['step'] if t['step'] is not None else '-':>6}: "
                     f"{_pct(t.get('energy_top_k@1'))}, {_pct(t.get('principal_energy@0.1'))}, "
-                    f"{t['rotation@0.1']:.3g}, {'-' if align is None else f'{align:.3f}'}"
+                    f"{_num(t['rotation@0.1'])}, {'-' if align is None else f'{align:.3f}'}"
                 )
             return printable_lines(lines)
         if self.rows:
@@ -355,8 +457,8 @@ class SpectrumReport(Report):
                 f"{pct('principal_energy@0.01')} / {pct('principal_energy@0.1')} "
                 f"(an update of random direction: {pct('principal_energy_uniform@0.01')} / "
                 f"{pct('principal_energy_uniform@0.1')})",
-                f"rotation of the base's top-10% subspace (mean sine): {t['rotation@0.1']:.3g}",
-                f"spectral drift ||S'-S||/||S||: {t['spectral_drift']:.3g}",
+                f"rotation of the base's top-10% subspace (mean sine): {_num(t['rotation@0.1'])}",
+                f"spectral drift ||S'-S||/||S||: {_num(t['spectral_drift'])}",
             ]
         return printable_lines(lines)
 
@@ -371,6 +473,8 @@ def spectrum(
     name_map: Mapping[str, str] | None = None,
     skip_mismatched: bool = False,
     shared_rows: bool = False,
+    randomized_above: int | None = None,
+    seed: int = 0,
     progress: bool = True,
 ) -> SpectrumReport:
     """The geometry of every update matrix ``W' - W`` (see the module for each measure).
@@ -387,17 +491,31 @@ def spectrum(
     ``rank1_alignment`` (``|u1(D_t) . u1(D_T)| |v1(D_t) . v1(D_T)|``) measures how stable the
     update's top direction is against the run's last checkpoint T.
 
+    ``randomized_above``: matrices of more elements than this take the randomised path
+    (design §13): D, W and W' decomposed to the top singular triplets the measures use (64 for
+    D, ``floor(0.2 min_dim)`` for W and W') by randomised range finding (10 columns of
+    oversampling, 2 power iterations), from a Gaussian sketch seeded by ``seed`` and the
+    matrix's name; the measures that need a whole spectrum (``effective_rank``, ``rank``,
+    ``spectral_drift``) are then null, and the row's ``svd`` says ``randomized``. None (the
+    default): every matrix exactly.
+
     Example:
         >>> r = rlmask.spectrum("base/", "grpo/")
         >>> r.by_module()[["module", "principal_energy@0.01", "rotation@0.1"]]
         >>> rlmask.spectrum("base/", "runs/grpo/").total_frame()   # per checkpoint
     """
     try:
-        import torch  # noqa: F401 - needed by every decomposition below
+        import torch
     except ImportError:
         raise ImportError("rlmask.spectrum needs torch: pip install 'rlmask[torch]'") from None
     from rlmask._trajectory import discover, step_of
 
+    if randomized_above is not None and (type(randomized_above) is not int or randomized_above < 0):
+        raise ValueError(
+            f"randomized_above is a number of elements (0 or more), not {randomized_above!r}"
+        )
+    if type(seed) is not int or not 0 <= seed < 2**32:
+        raise ValueError(f"seed is a whole number from 0 to 2^32 - 1, not {seed!r}")
     dev = resolve_device(device)
     paths: list[str]
     if isinstance(tuned, (str, os.PathLike)):
@@ -468,7 +586,13 @@ def spectrum(
         for n, stored_a, stored_bs, nrows in jobs:
             ia = a.tensor_info(stored_a)
             w = load_matrix(a, stored_a, nrows, dev, base_block)
-            factors = base_factors(w)
+            sketch = None
+            if randomized_above is not None and w.numel() > randomized_above:
+                generator = torch.Generator(device=dev)
+                # 32 bits: the CPU generator (mt19937) keeps no more of a seed.
+                generator.manual_seed(zlib.crc32(f"{seed}:{n}".encode()))
+                sketch = sketch_of((w.shape[0], w.shape[1]), generator, dev)
+            factors = base_factors(w, sketch)
 
             def tuned_of(k: int, names: list[str] = stored_bs, rows: int = nrows) -> torch.Tensor:
                 return load_matrix(cs[k], names[k], rows, dev, blocks[k])
@@ -478,7 +602,7 @@ def spectrum(
             # Each D is decomposed once, its top singular vectors kept for the alignment.
             measured: dict[int, tuple[dict[str, Any], Any]] = {}
             for k in [len(cs) - 1, *range(len(cs) - 1)]:
-                measured[k] = _measures(w, tuned_of(k), factors, top=run)
+                measured[k] = _measures(w, tuned_of(k), factors, top=run, sketch=sketch)
                 if bar is not None:
                     bar.update(1)
             final = measured[len(cs) - 1]

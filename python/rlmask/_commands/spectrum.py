@@ -28,6 +28,23 @@ from rlmask._commands.common import (
     show_default=True,
     help="auto (CUDA when available), cpu, cuda, cuda:1, ...",
 )
+@click.option(
+    "--randomized-above",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Matrices of more than N elements take the randomised path: D, W and W' decomposed "
+    "to the top singular directions the measures use, by randomised range finding (much "
+    "faster on large matrices; effective_rank, rank and spectral_drift are then null and the "
+    "row's svd column says randomized; design §13 states the error). Default: every matrix "
+    "exactly.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=0,
+    show_default=True,
+    help="Seed of the randomised path's sketches (with each matrix's name).",
+)
 @pairing_options
 @shared_rows_option
 @by_option("module", "Breakdown to print under the summary.")
@@ -45,6 +62,8 @@ def spectrum_cmd(
     base: str,
     tuned: tuple[str, ...],
     device: str,
+    randomized_above: int | None,
+    seed: int,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     skip_mismatched: bool,
@@ -77,6 +96,7 @@ def spectrum_cmd(
       rlmask spectrum base/ grpo/ --format json -o spectrum.json
       rlmask spectrum base/ grpo/ --plot geometry.png
       rlmask spectrum base/ runs/grpo/ --format csv -o over-the-run.csv
+      rlmask spectrum base/ grpo/ --randomized-above 4000000
     """
     from rlmask._spectrum import spectrum
 
@@ -90,6 +110,8 @@ def spectrum_cmd(
         name_map=parse_name_map(name_map),
         skip_mismatched=skip_mismatched,
         shared_rows=shared_rows,
+        randomized_above=randomized_above,
+        seed=seed,
         progress=not quiet,
     )
     render(report, by, fmt, output)
