@@ -301,3 +301,20 @@ def test_rank_and_spectrum_read_scaled_weights_dequantised(tmp_path: Path) -> No
         assert spec[name]["spectral_norm"] == pytest.approx(s[0], rel=1e-9), name
         assert sigma[name] == pytest.approx(s[0], rel=1e-5), name
     assert not any(n.endswith(("_scale_inv", "_scale")) for n in spec)
+
+
+def test_a_sample_of_everything_reads_scaled_weights_as_the_full_pass(tmp_path: Path) -> None:
+    """A sampled diff reads FP8 blocks at the block's first element (the scales' offset
+    follows it): with blocks of 64 from a fraction of 1, every block is read, and the
+    counts are the full pass's, per tensor; a smaller sample estimates them within its
+    interval."""
+    base, tuned, _ = _fixture(tmp_path, np.random.default_rng(5))
+    full = rlmask.diff(base, tuned, tol=1e-5, progress=False)
+    whole = rlmask.diff(
+        base, tuned, tol=1e-5, sample=rlmask.Sample(fraction=1.0, block=64), progress=False
+    )
+    assert whole.columns["changed"] == full.columns["changed"]
+    part = rlmask.diff(base, tuned, tol=1e-5, sample=0.3, seed=1, progress=False)
+    [(low, high)] = part.ci95_per_threshold() or []
+    assert part.sample is not None and part.sample["elements"] < 0.5 * full.numel
+    assert low - 0.05 <= full.sparsity <= high + 0.05

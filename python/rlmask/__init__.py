@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from rlmask._mask import Mask, combine, consensus, load_mask
     from rlmask._overlap import OverlapMatrix, OverlapReport, overlap, overlap_matrix
     from rlmask._rank import RankReport, rank
+    from rlmask._sample import Sample
     from rlmask._spectrum import SpectrumReport, spectrum
     from rlmask._survey import SurveyReport, load_manifest, survey
     from rlmask._trajectory import TrajectoryReport, trajectory
@@ -52,6 +53,7 @@ _LAZY = {
     "rlmask._mask": ("Mask", "combine", "consensus", "load_mask"),
     "rlmask._overlap": ("OverlapMatrix", "OverlapReport", "overlap", "overlap_matrix"),
     "rlmask._rank": ("RankReport", "rank"),
+    "rlmask._sample": ("Sample",),
     "rlmask._spectrum": ("SpectrumReport", "spectrum"),
     "rlmask._survey": ("SurveyReport", "load_manifest", "survey"),
     "rlmask._trajectory": ("TrajectoryReport", "trajectory"),
@@ -97,6 +99,7 @@ __all__ = [
     "RankReport",
     "RlmaskError",
     "RlmaskWarning",
+    "Sample",
     "SpectrumReport",
     "SurveyReport",
     "TensorMismatchError",

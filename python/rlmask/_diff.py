@@ -27,6 +27,7 @@ from rlmask._progress import progress_wanted, run_with_progress
 from rlmask._report import LazyRecords, Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
+from rlmask._sample import Z95, Sample, estimates, sparsity_interval
 from rlmask.errors import RlmaskError
 
 if TYPE_CHECKING:
@@ -136,6 +137,10 @@ class DiffReport(Report):
     null: NullModel | None = field(default=None, repr=False)
     #: The distribution of ``|update|`` (``displacement=True``, or with a master).
     displacement: Displacement | None = field(default=None, repr=False)
+    #: A sampled diff (``sample=``): what was read (``fraction``, ``seed``, ``block``,
+    #: ``elements``, ``bytes_read``). Every ``changed`` count is then an estimate (rounded
+    #: to whole elements) and ``columns["changed_var"]`` holds its variance (design §14).
+    sample: dict[str, Any] | None = None
 
     # ----- labels of the per-threshold columns -------------------------------------------
 
@@ -190,6 +195,12 @@ class DiffReport(Report):
             },
         )
         df = df.with_columns(_sparsity_expr("changed").alias("sparsity"))
+        if self.sample is not None:
+            var = c["changed_var"]
+            df = df.with_columns(
+                pl.Series(name, [v[j] for v in var], dtype=pl.Float64)
+                for j, name in enumerate(self._columns("changed_var"))
+            )
         if self.null is not None:
             predicted = self.null.predicted
             df = df.with_columns(
@@ -254,6 +265,18 @@ class DiffReport(Report):
         """Update sparsity, one value per entry of :attr:`tolerances`."""
         n = self.numel
         return [_sparsity(c, n) for c in self.changed_per_threshold()]
+
+    def ci95_per_threshold(self) -> list[tuple[float, float]] | None:
+        """For a sampled diff, the 95% interval of the sparsity at each threshold (design
+        §14); None for a diff that read every element (its figures are exact)."""
+        if self.sample is None:
+            return None
+        c = self.columns
+        var = [v for v, f in zip(c["changed_var"], c["floating"], strict=True) if f]
+        return [
+            sparsity_interval(changed, sum(v[j] for v in var), self.numel)
+            for j, changed in enumerate(self.changed_per_threshold())
+        ]
 
     @property
     def sweep(self) -> pl.DataFrame:
@@ -334,14 +357,25 @@ class DiffReport(Report):
                 pl.col("predicted_changed").sum(),
                 pl.col("numel").filter(pl.col("predicted_changed").is_not_null()).sum().alias("m"),
             ]
+        sampled = self.sample is not None
+        var_cols = self._columns("changed_var") if sampled else []
+        aggs += [pl.col(v).sum() for v in var_cols]
         g = frame.group_by(key).agg(aggs)
         sparsity_cols = self._columns("sparsity")
         g = g.with_columns(
             _sparsity_expr(c).alias(s) for c, s in zip(changed_cols, sparsity_cols, strict=True)
         )
+        lows, highs = self._columns("sparsity_low"), self._columns("sparsity_high")
+        for c, v, low, high in zip(changed_cols, var_cols, lows, highs, strict=False):
+            half = Z95 * pl.col(v).sqrt()
+            n = pl.col("numel").cast(pl.Float64)
+            g = g.with_columns(
+                (1.0 - pl.min_horizontal(n, pl.col(c) + half) / n).alias(low),
+                (1.0 - pl.max_horizontal(0.0, pl.col(c) - half) / n).alias(high),
+            )
         order = [*([key] if isinstance(key, str) else key), "tensors", "numel"]
-        for c, s in zip(changed_cols, sparsity_cols, strict=True):
-            order += [c, s]
+        for j, (c, s) in enumerate(zip(changed_cols, sparsity_cols, strict=True)):
+            order += [c, s, *((lows[j], highs[j]) if sampled else ())]
         order.append("sparsity_unweighted_mean")
         if null:
             g = g.with_columns(_predicted_expr("m"))
@@ -595,6 +629,16 @@ class DiffReport(Report):
             "numel": self.numel,
             "changed": self.changed_per_threshold(),
             "sparsity": self.sparsity_per_threshold(),
+            **(
+                {}
+                if self.sample is None
+                else {
+                    "sample": {
+                        **self.sample,
+                        "ci95": [list(ci) for ci in self.ci95_per_threshold() or ()],
+                    }
+                }
+            ),
             "tensors": tensors,
             "only_in_base": list(self.only_in_base),
             "only_in_tuned": list(self.only_in_tuned),
@@ -689,6 +733,19 @@ class DiffReport(Report):
             strict=True,
         ):
             lines.append(f"  {self.label(t):>10}: {c:>15,} changed   sparsity {100 * s:7.3f}%")
+        if self.sample is not None:
+            cis = self.ci95_per_threshold() or []
+            smp = self.sample
+            lines.insert(-len(cis), "  estimated from a sample (design §14), with 95% intervals:")
+            for t, (low, high) in zip(self.tolerances, cis, strict=True):
+                lines.append(
+                    f"  {self.label(t):>10}: sparsity in [{100 * low:.3f}%, {100 * high:.3f}%]"
+                )
+            lines.append(
+                f"  sample: {100 * smp['fraction']:.3g}% of the elements (seed {smp['seed']}, "
+                f"blocks of {smp['block']:,}), {smp['elements']:,} elements, "
+                f"{smp['bytes_read']:,} bytes of tensors read"
+            )
         for what, names in (
             ("only in base", self.only_in_base),
             ("only in tuned", self.only_in_tuned),
@@ -816,6 +873,8 @@ def diff(
     null: bool = False,
     master: PathArg | None = None,
     displacement: bool = False,
+    sample: str | float | Sample | None = None,
+    seed: int = 0,
     progress: bool = True,
 ) -> DiffReport:
     """Update sparsity of ``tuned`` against ``base`` (paper §2.2), in one pass over the data.
@@ -885,6 +944,14 @@ def diff(
             percentiles, mean, maximum; :attr:`DiffReport.displacement`): ``|master - base|``
             when ``master`` is given, else ``|tuned - base|``, over the BF16, F16 and F32
             tensors; for comparing runs at equal displacement rather than equal steps.
+        sample: estimate from a random sample instead of reading every element (design
+            §14): a fraction (``0.01``, ``"1%"``) of each tensor's elements, or a byte budget
+            (``"2GB"``) of both checkpoints' files, read in contiguous blocks drawn per tensor
+            with ``seed``. Every count is then an estimate, with a 95% interval
+            (:meth:`DiffReport.ci95_per_threshold`, ``sparsity_low``/``sparsity_high`` in every
+            breakdown, ``sample`` in the JSON) that accounts for changes clustered within
+            tensors. Not with masks, the magnitude lens, the null or displacements.
+        seed: the sample's seed (the same seed reads the same blocks).
         progress: draw a progress bar on stderr when it is a terminal.
 
     Returns:
@@ -921,6 +988,8 @@ def diff(
         null=null,
         master=master,
         displacement=displacement,
+        sample=sample,
+        seed=seed,
     )
     return run_diff(base, tuned, options, progress=progress)
 
@@ -941,6 +1010,7 @@ class DiffOptions:
     null: bool = False
     master: PathArg | None = None
     displacement: bool = False
+    sample: Sample | None = None
 
     @classmethod
     def build(
@@ -963,6 +1033,8 @@ class DiffOptions:
         null: bool = False,
         master: PathArg | None = None,
         displacement: bool = False,
+        sample: str | float | Sample | None = None,
+        seed: int = 0,
     ) -> DiffOptions:
         """The options of :func:`diff` (see there), checked.
 
@@ -985,6 +1057,20 @@ class DiffOptions:
             raise ValueError("the precision null models the absolute and exact criteria")
         if null and as_dtype is not None:
             raise ValueError("the precision null rounds as TUNED is stored; drop as_dtype")
+        drawn = None
+        if isinstance(sample, Sample):
+            drawn = sample.checked()
+        elif isinstance(sample, str):
+            drawn = Sample.parse(sample, seed)
+        elif sample is not None:
+            drawn = Sample(fraction=float(sample), seed=seed).checked()
+        if drawn is not None and (mask or save_mask is not None or magnitude or null):
+            raise ValueError(
+                "a sampled diff estimates counts: a mask, the magnitude lens and the precision "
+                "null need every element (drop sample)"
+            )
+        if drawn is not None and (displacement or master is not None):
+            raise ValueError("a sampled diff does not measure displacements (drop sample)")
         return cls(
             criterion=crit,
             pairs=pairs,
@@ -995,6 +1081,7 @@ class DiffOptions:
             null=null,
             master=master,
             displacement=displacement,
+            sample=drawn,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -1016,7 +1103,20 @@ class DiffOptions:
             "null": self.null,
             "master": None if self.master is None else os.fspath(self.master),
             "displacement": self.displacement,
+            "sample": None
+            if self.sample is None
+            else [self.sample.fraction, self.sample.budget, self.sample.seed, self.sample.block],
         }
+
+
+#: Bytes per element of the stored dtypes, by their first letters (F4 apart).
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF1": 2}
+_DTYPE_BYTES |= {"I16": 2, "U16": 2}
+
+
+def _dtype_bytes(dtype: str) -> float:
+    """Bytes per element of a stored dtype (F4: half a byte; one byte for the rest)."""
+    return 0.5 if dtype == "F4" else _DTYPE_BYTES.get(dtype[:3], 1)
 
 
 def run_diff(
@@ -1042,14 +1142,18 @@ def run_diff(
     # The master is opened (and its headers checked) before the pass, not after it.
     m = None if o.master is None else _rlmask.Checkpoint(resolve_checkpoint(o.master))
     keep_mask = o.mask or o.save_mask is not None
+    sample = None
+    if o.sample is not None:
+        fraction = o.sample.fraction_of([*a.shards, *b.shards])
+        sample = {"fraction": fraction, "seed": o.sample.seed, "block": o.sample.block}
     core_options = _rlmask.DiffOptions(
         crit,
         o.pairs.plan(a, [b], b.path),
         mask_at=crit.primary_index if keep_mask else None,
-        mask_file=None if (o.mask or o.save_mask is None) else os.fspath(o.save_mask),
-        mask_provenance=provenance,
+        mask_file=None if (o.mask or o.save_mask is None) else (os.fspath(o.save_mask), provenance),
         magnitude=o.magnitude or o.null,
         as_bf16=o.as_dtype is not None,
+        sample=None if o.sample is None else (fraction, o.sample.seed, o.sample.block),
     )
     raw = run_with_progress(
         lambda watch: _rlmask.diff(a, b, core_options, progress=watch),
@@ -1089,6 +1193,7 @@ def run_diff(
         o.as_dtype,
         null=null_model,
         displacement=disp,
+        sample=sample,
     )
     if o.save_mask is not None and o.mask:
         report.save_mask(o.save_mask)
@@ -1104,6 +1209,7 @@ def _report(
     *,
     null: NullModel | None = None,
     displacement: Displacement | None = None,
+    sample: dict[str, Any] | None = None,
 ) -> DiffReport:
     criterion = cast(Criterion, crit.name)
     values = crit.values
@@ -1113,6 +1219,26 @@ def _report(
     if not all(n.isascii() for n in columns["name"]):
         order = sorted(range(len(columns["name"])), key=lambda i: natural_key(columns["name"][i]))
         columns = {k: [v[i] for i in order] for k, v in columns.items()}
+    info = None
+    if "sample" in columns and sample is not None:
+        # The sample's counts become estimates (rounded to whole elements) with variances.
+        read = columns.pop("sample")
+        est, var = estimates(columns["changed"], read)
+        columns["changed"] = [[round(x) for x in e] for e in est]
+        columns["changed_var"] = var
+        info = {
+            **sample,
+            "block": max((r[3] for r in read), default=sample["block"]),
+            "elements": sum(r[0] for r in read),
+            "bytes_read": round(
+                sum(
+                    (_dtype_bytes(da) + _dtype_bytes(db)) * r[0]
+                    for r, da, db in zip(
+                        read, columns["dtype"], columns["tuned_dtype"], strict=True
+                    )
+                )
+            ),
+        }
     bits = raw.bits
     mask = None
     if bits:  # imported only when a mask was asked for: the plain diff starts faster
@@ -1168,4 +1294,5 @@ def _report(
         notes=notes,
         null=null,
         displacement=displacement,
+        sample=info,
     )

@@ -175,10 +175,10 @@ class DiffOptions:
         plan: PlanOptions,
         *,
         mask_at: int | None = None,
-        mask_file: str | PathLike[str] | None = None,
-        mask_provenance: dict[str, str] | None = None,
+        mask_file: tuple[str | PathLike[str], dict[str, str]] | None = None,
         magnitude: bool = False,
         as_bf16: bool = False,
+        sample: tuple[float, int, int] | None = None,
     ) -> DiffOptions: ...
 
 def diff(

@@ -99,6 +99,20 @@ from rlmask._commands.common import (
     help="Also draw sparsity per layer and module type (paper Figure 3) to this image file "
     "(PNG, PDF, SVG by extension; needs matplotlib).",
 )
+@click.option(
+    "--sample",
+    metavar="F",
+    help="Estimate from a random sample instead of reading every element: a fraction of each "
+    "tensor (1%, 0.01) or a byte budget of both checkpoints (2GB), read in contiguous blocks; "
+    "every figure then comes with a 95% interval (design §14).",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**64 - 1),
+    default=0,
+    show_default=True,
+    help="Seed of --sample (the same seed reads the same blocks).",
+)
 @quiet_option
 @user_errors
 def diff_cmd(
@@ -124,6 +138,8 @@ def diff_cmd(
     master: str | None,
     displacement: bool,
     plot: str | None,
+    sample: str | None,
+    seed: int,
     quiet: bool,
 ) -> None:
     """Update sparsity of TUNED against BASE (paper §2.2).
@@ -141,6 +157,7 @@ def diff_cmd(
       rlmask diff base/ tuned/ --save-mask grpo.rlmask
       rlmask diff base/ tuned/ --by magnitude --plot lens.png
       rlmask diff base/ tuned/ --null --master tuned-fp32/ --by magnitude
+      rlmask diff base/ tuned/ --sample 1% --by module
     """
     from rlmask._diff import DEFAULT_SWEEP, DiffOptions, run_diff
 
@@ -162,6 +179,8 @@ def diff_cmd(
         null=null,
         master=master,
         displacement=displacement,
+        sample=sample,
+        seed=seed,
     )
     inputs = [base, tuned, *([master] if master else [])]
     check_outputs(fmt, output, plot, inputs=inputs, others=[save_mask])

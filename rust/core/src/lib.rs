@@ -20,7 +20,7 @@ pub use kernels as kernel;
 use kernels::simd;
 pub use masks::{bits, maskfile};
 pub use passes::{codec, diff, patch, trajectory};
-pub use planning::{fp8, names, plan, sides};
+pub use planning::{fp8, names, plan, sample, sides};
 pub use reading::{atomic, checkpoint, guard, readahead, safetensors};
 
 pub use checkpoint::Checkpoint;

@@ -177,9 +177,11 @@ pub struct DiffResult {
 
 /// How one diff runs (the core's `DiffOptions`): its criterion, its plan, and what the pass
 /// emits besides counts. With `mask_at` (an index into the criterion's thresholds), the mask
-/// bits are returned per tensor, or written to `mask_file` (with `mask_provenance` in its
-/// metadata) without being held in memory; `magnitude`: counts per binade of the base value;
-/// `as_bf16`: sides stored wider than BF16 are rounded to BF16 before the comparison.
+/// bits are returned per tensor, or written to `mask_file` (a path and the provenance for
+/// its metadata) without being held in memory; `magnitude`: counts per binade of the base value;
+/// `as_bf16`: sides stored wider than BF16 are rounded to BF16 before the comparison;
+/// `sample`: `(fraction, seed, block)` reads a random sample of each tensor's blocks (block 0:
+/// sized from the budget), and the result's `sample` column says what was read.
 #[pyclass(module = "rlmask._rlmask", frozen)]
 pub struct DiffOptions {
     inner: core::DiffOptions,
@@ -188,27 +190,33 @@ pub struct DiffOptions {
 #[pymethods]
 impl DiffOptions {
     #[new]
-    #[pyo3(signature = (criterion, plan, *, mask_at=None, mask_file=None, mask_provenance=None, magnitude=false, as_bf16=false))]
+    #[pyo3(signature = (criterion, plan, *, mask_at=None, mask_file=None, magnitude=false, as_bf16=false, sample=None))]
     fn new(
         criterion: &Criterion,
         plan: &PlanOptions,
         mask_at: Option<usize>,
-        mask_file: Option<std::path::PathBuf>,
-        mask_provenance: Option<std::collections::BTreeMap<String, String>>,
+        mask_file: Option<(
+            std::path::PathBuf,
+            std::collections::BTreeMap<String, String>,
+        )>,
         magnitude: bool,
         as_bf16: bool,
+        sample: Option<(f64, u64, usize)>,
     ) -> Self {
         DiffOptions {
             inner: core::DiffOptions {
                 criterion: criterion.inner.clone(),
                 plan: plan.inner.clone(),
                 mask_at,
-                mask_file: mask_file.map(|path| core::MaskFileSpec {
-                    path,
-                    provenance: mask_provenance.unwrap_or_default(),
-                }),
+                mask_file: mask_file
+                    .map(|(path, provenance)| core::MaskFileSpec { path, provenance }),
                 magnitude,
                 as_bf16,
+                sample: sample.map(|(fraction, seed, block)| core::sample::SampleOptions {
+                    fraction,
+                    seed,
+                    block,
+                }),
             },
         }
     }
@@ -253,7 +261,16 @@ pub fn diff<'py>(
     );
     let bits = PyDict::new(py);
     let mut magnitude: Option<Vec<Binade>> = None;
+    // (elements, blocks, total blocks, block, sum of squared block counts per threshold).
+    type Sampled = (u64, u64, u64, u64, Vec<f64>);
+    let mut samples: Option<Vec<Option<Sampled>>> = opts.sample.map(|_| Vec::with_capacity(n));
     for t in result.tensors {
+        if let Some(s) = samples.as_mut() {
+            s.push(
+                t.sample
+                    .map(|x| (x.elements, x.blocks, x.total_blocks, x.block, x.sum_sq)),
+            );
+        }
         if let Some(h) = &t.by_magnitude {
             // The non-empty binades: (name, exponent, numel, changed per threshold).
             magnitude.get_or_insert_with(Vec::new).extend(
@@ -286,6 +303,9 @@ pub fn diff<'py>(
     columns.set_item("numel", numels)?;
     columns.set_item("floating", floating)?;
     columns.set_item("changed", changed)?;
+    if let Some(s) = samples {
+        columns.set_item("sample", s)?;
+    }
     Ok(DiffResult {
         columns: columns.unbind(),
         bits: bits.unbind(),

@@ -14,6 +14,7 @@ use crate::names;
 use crate::plan::{plan, Plan, PlanOptions};
 use crate::readahead;
 use crate::safetensors::{check_all_unchanged, Shard, TensorInfo};
+use crate::sample::{self, Drawn, SampleOptions};
 use crate::sides::{Pair, Side, Sides, Skipped};
 
 /// Elements per unit of parallel work (a multiple of the mask word width).
@@ -61,6 +62,10 @@ pub struct DiffOptions {
     /// value to BF16 (round to nearest, ties to even; F64 through F32, as torch converts), as
     /// an engine that loads the checkpoint in BF16 sees it. Scaled FP8 sides are unaffected.
     pub as_bf16: bool,
+    /// Read a random sample of each tensor's blocks instead of every element (design §14):
+    /// each tensor's [`TensorDiff::sample`] then says what was read, and its `changed` counts
+    /// are the sample's.
+    pub sample: Option<SampleOptions>,
 }
 
 impl DiffOptions {
@@ -73,6 +78,7 @@ impl DiffOptions {
             mask_file: None,
             magnitude: false,
             as_bf16: false,
+            sample: None,
         }
     }
 }
@@ -101,6 +107,24 @@ pub struct TensorDiff {
     pub bits: Option<Vec<u8>>,
     /// Per binade of the base value, when the magnitude lens was asked for (floating only).
     pub by_magnitude: Option<Hist>,
+    /// What a sampled diff read of this tensor (`changed` then counts the sample's changes).
+    pub sample: Option<TensorSample>,
+}
+
+/// What a sampled diff read of one tensor: the blocks (its stratum's sample) and, per
+/// threshold, the sum of the squared changed counts of the blocks (with `changed`, their
+/// sum, the block totals' variance follows).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSample {
+    /// Elements read.
+    pub elements: u64,
+    /// Blocks read, and blocks the tensor has.
+    pub blocks: u64,
+    pub total_blocks: u64,
+    /// Elements per block (the last block of a tensor may be short).
+    pub block: u64,
+    /// Per threshold: the sum over the blocks read of (changed in the block)^2.
+    pub sum_sq: Vec<f64>,
 }
 
 /// Everything a comparison found.
@@ -142,6 +166,16 @@ fn validate(opts: &DiffOptions) -> Result<()> {
             return Err(Error::InvalidArgument(format!(
                 "mask_at {k} is out of range for {n} thresholds"
             )));
+        }
+    }
+    if let Some(sample) = &opts.sample {
+        sample.check()?;
+        if opts.mask_at.is_some() || opts.magnitude {
+            return Err(Error::InvalidArgument(
+                "a sampled diff estimates counts; a mask or the magnitude lens needs every \
+                 element (drop the sample)"
+                    .into(),
+            ));
         }
     }
     Ok(())
@@ -189,6 +223,21 @@ pub fn diff(
         }
         None => None,
     };
+    // A sample's blocks per pair (None: every element).
+    let block = opts
+        .sample
+        .map(|s| s.block_size(pairs.iter().map(Pair::numel).sum()));
+    let drawn: Vec<Option<Drawn>> = pairs
+        .iter()
+        .map(|p| {
+            Some(sample::draw(
+                opts.sample.as_ref()?,
+                p.name,
+                p.numel() as usize,
+                block?,
+            ))
+        })
+        .collect();
     let in_memory = opts.mask_at.is_some() && writer.is_none();
     let mut bits: Vec<Option<Vec<u8>>> = pairs
         .iter()
@@ -197,8 +246,12 @@ pub fn diff(
         .collect();
     let total: u64 = pairs
         .iter()
-        .map(|p| {
-            let n = p.numel() as usize;
+        .zip(&drawn)
+        .map(|(p, d)| {
+            let n = match (d, block) {
+                (Some(d), Some(b)) => (d.starts.len() * b).min(p.numel() as usize),
+                _ => p.numel() as usize,
+            };
             (p.a.1.dtype.bytes(n) + p.b.1.dtype.bytes(n)) as u64
         })
         .sum();
@@ -214,7 +267,11 @@ pub fn diff(
                 _ => mem.as_deref_mut(),
             })
             .collect();
-        compare_pairs(&pairs, &floating, &scaled, outs, opts, progress)?
+        let ranges = Ranges {
+            drawn: &drawn,
+            block: block.unwrap_or(CHUNK),
+        };
+        compare_pairs(&pairs, &floating, &scaled, outs, ranges, opts, progress)?
     };
     // Nothing is reported, and no mask committed, from a file that changed under the pass.
     check_all_unchanged(pairs.iter().flat_map(|p| [p.a.0, p.b.0]))?;
@@ -224,7 +281,29 @@ pub fn diff(
 
     let mut changed = vec![vec![0u64; nthr]; pairs.len()];
     let mut hists: Vec<Option<Hist>> = vec![None; pairs.len()];
+    let mut samples: Vec<Option<TensorSample>> = pairs
+        .iter()
+        .zip(&drawn)
+        .map(|(p, d)| {
+            let (d, block) = (d.as_ref()?, block? as u64);
+            let n = p.numel();
+            let elements = d.starts.iter().map(|&s| block.min(n - s as u64)).sum();
+            Some(TensorSample {
+                elements,
+                blocks: d.starts.len() as u64,
+                total_blocks: d.blocks,
+                block,
+                sum_sq: vec![0.0; nthr],
+            })
+        })
+        .collect();
     for (pi, counts, hist) in partial {
+        if let Some(s) = samples[pi].as_mut() {
+            // In a sample every work item is one block.
+            for (acc, &c) in s.sum_sq.iter_mut().zip(&counts) {
+                *acc += (c as f64) * (c as f64);
+            }
+        }
         for (acc, c) in changed[pi].iter_mut().zip(counts) {
             *acc += c;
         }
@@ -238,8 +317,9 @@ pub fn diff(
         .zip(changed)
         .zip(bits)
         .zip(hists)
+        .zip(samples)
         .map(
-            |((((p, &floating), changed), bits), by_magnitude)| TensorDiff {
+            |(((((p, &floating), changed), bits), by_magnitude), sample)| TensorDiff {
                 name: p.name.to_string(),
                 base_dtype: p.a.1.dtype,
                 tuned_dtype: p.b.1.dtype,
@@ -249,6 +329,7 @@ pub fn diff(
                 changed,
                 bits,
                 by_magnitude,
+                sample,
             },
         )
         .collect();
@@ -382,6 +463,13 @@ impl Stretch {
     }
 }
 
+/// What a pass reads of each pair: every chunk, or a sample's blocks of `block` elements.
+#[derive(Clone, Copy)]
+struct Ranges<'d> {
+    drawn: &'d [Option<Drawn>],
+    block: usize,
+}
+
 /// What one chunk of one pair gives: the pair, its changed counts per threshold, and its
 /// binade counts when the magnitude lens was asked for.
 type ChunkResult = (usize, Vec<u64>, Option<Hist>);
@@ -394,6 +482,7 @@ fn compare_pairs<'a>(
     floating: &[bool],
     scaled: &[Sides],
     outs: Vec<Option<&mut [u8]>>,
+    ranges: Ranges,
     opts: &DiffOptions,
     progress: &Progress,
 ) -> Result<Vec<ChunkResult>> {
@@ -408,6 +497,18 @@ fn compare_pairs<'a>(
     let mut items = Vec::new();
     for (pi, (p, words)) in pairs.iter().zip(outs).enumerate() {
         let n = p.numel() as usize;
+        if let Some(d) = &ranges.drawn[pi] {
+            // A sample: one item per block drawn (no mask words: validated).
+            for &start in &d.starts {
+                items.push(Item {
+                    pair: pi,
+                    start,
+                    len: ranges.block.min(n - start),
+                    words: None,
+                });
+            }
+            continue;
+        }
         let mut words = words.map(|w| w.chunks_mut(CHUNK / 8));
         for start in (0..n).step_by(CHUNK) {
             items.push(Item {

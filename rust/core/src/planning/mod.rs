@@ -4,4 +4,5 @@
 pub mod fp8;
 pub mod names;
 pub mod plan;
+pub mod sample;
 pub mod sides;
