@@ -10,6 +10,7 @@ all in parallel, two parallel ``dd`` per file with 4 MiB reads (each file in two
     python bench/bench_cold.py BASE.safetensors TUNED.safetensors [--repeat 5] [--before DIR]
     python bench/bench_cold.py --trajectory BASE STEP1 STEP2 ...   # rlmask.trajectory instead
     python bench/bench_cold.py --patch BASE TUNED --memory-mb 1024     # a laptop's share of RAM
+    python bench/bench_cold.py BASE TUNED --sample 1%                  # a sampled diff
 
 ``--patch`` times ``rlmask.patch.create`` (the patch written to a scratch folder beside BASE,
 then deleted). ``--memory-mb N`` runs the rlmask programs in a memory cgroup of N MiB (cgroup
@@ -39,8 +40,9 @@ DIFF = """
 import sys, time
 import rlmask
 rlmask.diff  # the API loads on first use: before the clock
+sample = sys.argv[3] if len(sys.argv) > 3 else None
 t = time.perf_counter()
-rlmask.diff(sys.argv[1], sys.argv[2], progress=False)
+rlmask.diff(sys.argv[1], sys.argv[2], sample=sample, progress=False)
 print(time.perf_counter() - t, read_bytes())
 """
 
@@ -111,6 +113,9 @@ def main() -> None:
     ap.add_argument(
         "--memory-mb", type=int, help="run the rlmask programs in a memory cgroup of this size"
     )
+    ap.add_argument(
+        "--sample", help="time a sampled diff (rlmask diff --sample F, e.g. 1%%) instead"
+    )
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--before", help="a python/ folder holding another build of rlmask")
     ap.add_argument(
@@ -125,6 +130,11 @@ def main() -> None:
     what = "trajectory" if args.trajectory else "patch" if args.patch else "diff"
     code = READ_BYTES + {"trajectory": TRAJECTORY, "patch": PATCH, "diff": DIFF}[what]
     run: list[str] = [sys.executable, "-c", code, *files]
+    if args.sample:
+        if what != "diff" or args.before:
+            ap.error("--sample times a diff, of this build only")
+        run.append(args.sample)
+        what = "sampled diff"
     if args.memory_mb:
         procs = memory_cgroup(args.memory_mb)
         run = ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *run]

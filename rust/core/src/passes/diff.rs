@@ -267,11 +267,21 @@ pub fn diff(
                 _ => mem.as_deref_mut(),
             })
             .collect();
+        // A sample reads scattered blocks: no read-ahead around them while it runs.
+        let mut shards: Vec<&Shard> = match opts.sample {
+            Some(_) => pairs.iter().flat_map(|p| [p.a.0, p.b.0]).collect(),
+            None => Vec::new(),
+        };
+        shards.sort_by_key(|s| std::ptr::from_ref(*s) as usize);
+        shards.dedup_by_key(|s| std::ptr::from_ref(*s) as usize);
+        shards.iter().for_each(|s| s.set_sequential(false));
         let ranges = Ranges {
             drawn: &drawn,
             block: block.unwrap_or(CHUNK),
         };
-        compare_pairs(&pairs, &floating, &scaled, outs, ranges, opts, progress)?
+        let partial = compare_pairs(&pairs, &floating, &scaled, outs, ranges, opts, progress);
+        shards.iter().for_each(|s| s.set_sequential(true));
+        partial?
     };
     // Nothing is reported, and no mask committed, from a file that changed under the pass.
     check_all_unchanged(pairs.iter().flat_map(|p| [p.a.0, p.b.0]))?;

@@ -248,6 +248,21 @@ impl Shard {
         &self.mmap[t.offset..t.offset + t.len]
     }
 
+    /// How the kernel reads this file ahead of page faults: generously for a pass that reads
+    /// it front to back (`sequential`, the default), not at all for one that reads scattered
+    /// blocks (a sampled diff), which would otherwise read most of the file to use 1% of it.
+    /// A hint: failures are ignored.
+    pub fn set_sequential(&self, sequential: bool) {
+        #[cfg(unix)]
+        let _ = self.mmap.advise(if sequential {
+            memmap2::Advice::Sequential
+        } else {
+            memmap2::Advice::Random
+        });
+        #[cfg(not(unix))]
+        let _ = sequential;
+    }
+
     /// Brings `len` bytes of the file from `offset` into the page cache and this process's
     /// page tables before a pass gets there, for [`crate::readahead`]: on Linux one
     /// synchronous `MADV_POPULATE_READ`, elsewhere an asynchronous `MADV_WILLNEED`. A hint:
