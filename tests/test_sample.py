@@ -157,3 +157,22 @@ def test_the_command_and_its_refusals(pair: tuple[Path, Path, dict[str, int], in
         assert out.exit_code == 2 and "sample" in out.stderr, bad
     mask = CliRunner().invoke(cli, [*args, "--sample", "5%", "--save-mask", str(base / "m.rlmask")])
     assert mask.exit_code == 2 and "every element" in mask.stderr
+
+
+def test_the_figure_shades_the_layer_interval(
+    pair: tuple[Path, Path, dict[str, int], int], tmp_path: Path
+) -> None:
+    """--plot on a sampled diff draws each layer's 95% interval around the weighted line,
+    from the by_layer bounds."""
+    from rlmask.plot import sparsity_by_layer
+
+    base, tuned, _, _ = pair
+    r = rlmask.diff(base, tuned, criterion="exact", sample=0.05, seed=2, progress=False)
+    fig = sparsity_by_layer(r, tmp_path / "layers.png")
+    assert (tmp_path / "layers.png").stat().st_size > 0
+    [band] = fig.axes[0].collections
+    low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
+    layers = r.by_layer()
+    assert low == pytest.approx(100 * layers["sparsity_low"].min())
+    assert high == pytest.approx(100 * layers["sparsity_high"].max())
+    assert "95% interval (5% sample)" in [t.get_text() for t in fig.axes[0].get_legend().texts]

@@ -271,3 +271,25 @@ def test_options_are_built_and_parsed_once(tmp_path: Path, monkeypatch: pytest.M
         r = CliRunner().invoke(cli, [*command, *args, "--format", "json", "-q"])
         assert r.exit_code == 0, r.stderr
         assert parsed == ["absolute"], command
+
+
+def test_a_sampled_survey_carries_each_pair_interval(tmp_path: Path) -> None:
+    """--sample on a survey: every pair estimated from its sample, each row with its 95%
+    interval; a sample of everything gives the oracle's counts and intervals of no width; the
+    sample is part of the cache key (a cached full survey is not reused for a sample)."""
+    manifest, want, _ = _study(tmp_path)
+    full = rlmask.survey(manifest, tolerances=SWEEP)
+    whole = rlmask.survey(manifest, tolerances=SWEEP, sample=1.0)
+    assert set(whole.tensors["status"]) == {"ok"}  # not the full survey's cache entries
+    for name, counts in want.items():
+        rows = whole.tensors.filter(pl.col("name") == name)
+        assert rows["changed"].to_list() == counts["changed"]
+        assert (rows["sparsity_low"] == rows["sparsity"]).all()
+        assert (rows["sparsity_high"] == rows["sparsity"]).all()
+    assert "sparsity_low" not in full.tensors.columns
+    r = CliRunner().invoke(
+        cli, ["survey", str(manifest), "--sample", "30%", "--seed", "1", "--format", "json", "-q"]
+    )
+    assert r.exit_code == 0, r.stderr
+    for row in json.loads(r.stdout)["rows"]:
+        assert row["sparsity_low"] <= row["sparsity"] <= row["sparsity_high"]

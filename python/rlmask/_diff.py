@@ -151,9 +151,10 @@ class DiffReport(Report):
     def _columns(self, kind: str) -> list[str]:
         return _columns(kind, self.criterion, self.tolerances)
 
-    def column(self, kind: Literal["changed", "sparsity"]) -> str:
+    def column(self, kind: Literal["changed", "sparsity", "sparsity_low", "sparsity_high"]) -> str:
         """The name of the breakdowns' ``kind`` column at the primary threshold :attr:`tol`
-        (``sparsity``, or ``sparsity@1e-05`` in a sweep)."""
+        (``sparsity``, or ``sparsity@1e-05`` in a sweep; the interval's bounds for a sampled
+        diff)."""
         return self._columns(kind)[self.tolerances.index(self.tol)]
 
     @cached_property

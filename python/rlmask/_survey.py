@@ -449,6 +449,8 @@ def survey(
     cache: PathArg | None = None,
     name_map: Mapping[str, str] | None = None,
     skip_mismatched: bool = False,
+    sample: str | float | None = None,
+    seed: int = 0,
     on_result: Callable[[Pair, str], None] | None = None,
 ) -> SurveyReport:
     """Update sparsity of every pair of a manifest (paper Table 1, Table 6, Figure 1).
@@ -467,6 +469,8 @@ def survey(
             manifest); ``False``-like empty string disables it.
         name_map, skip_mismatched: as in :func:`rlmask.diff`, for every pair (and in the
             cache key).
+        sample, seed: estimate every pair from a sample, as :func:`rlmask.diff` does (each
+            row then carries ``sparsity_low`` and ``sparsity_high``, its 95% interval).
         on_result: called with each pair and its status (``ok``, ``cached``, ``error``) as it
             finishes.
 
@@ -480,6 +484,8 @@ def survey(
         eta=eta,
         name_map=name_map,
         skip_mismatched=skip_mismatched,
+        sample=sample,
+        seed=seed,
     )
     return run_survey(
         manifest,
@@ -566,6 +572,13 @@ def run_survey(
         else:
             for t in values:
                 rows.append((pair, t, None, None, None, "error", errors[pair.name]))
+    # A sampled survey: each pair's 95% interval of the sparsity, per tolerance.
+    if options.sample is not None:
+        bounds = {
+            name: dict(zip(r["tolerances"], r["sample"]["ci95"], strict=True))
+            for name, r in results.items()
+        }
+        interval = [bounds.get(p.name, {}).get(t, (None, None)) for p, t, *_ in rows]
     df = pl.DataFrame(
         {
             "name": [p.name for p, *_ in rows],
@@ -592,6 +605,11 @@ def run_survey(
             "error": pl.Utf8,
         },
     )
+    if options.sample is not None:
+        df = df.with_columns(
+            pl.Series("sparsity_low", [x[0] for x in interval], dtype=pl.Float64),
+            pl.Series("sparsity_high", [x[1] for x in interval], dtype=pl.Float64),
+        )
     return SurveyReport(os.fspath(manifest), cast(Criterion, crit.name), df, primary, results)
 
 

@@ -156,6 +156,16 @@ def sparsity_by_layer(
         lw=2.5,
         label="layer (weighted)",
     )
+    if report.sample is not None:  # a sampled diff: the layer figure's 95% interval
+        ax.fill_between(
+            total["layer"],
+            100 * total[report.column("sparsity_low")],
+            100 * total[report.column("sparsity_high")],
+            color="black",
+            alpha=0.15,
+            lw=0,
+            label=f"95% interval ({100 * report.sample['fraction']:.3g}% sample)",
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("update sparsity (%)")

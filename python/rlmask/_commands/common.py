@@ -152,6 +152,22 @@ block_option = click.option(
     "(quantization_config.weight_block_size) gives it. MXFP4 weights need none (32 codes "
     "per E8M0 scale).",
 )
+sample_options = options(
+    click.option(
+        "--sample",
+        metavar="F",
+        help="Estimate from a random sample instead of reading every element: a fraction of "
+        "each tensor (1%, 0.01) or a byte budget of both checkpoints (2GB), read in contiguous "
+        "blocks; every figure then comes with a 95% interval (design §14).",
+    ),
+    click.option(
+        "--seed",
+        type=click.IntRange(0, 2**64 - 1),
+        default=0,
+        show_default=True,
+        help="Seed of --sample (the same seed reads the same blocks).",
+    ),
+)
 pairing_options = options(
     select_options,
     skip_option,

@@ -19,6 +19,7 @@ from rlmask._commands.common import (
     parse_tolerances,
     quiet_option,
     render,
+    sample_options,
     shared_rows_option,
     tol_option,
     user_errors,
@@ -99,20 +100,7 @@ from rlmask._commands.common import (
     help="Also draw sparsity per layer and module type (paper Figure 3) to this image file "
     "(PNG, PDF, SVG by extension; needs matplotlib).",
 )
-@click.option(
-    "--sample",
-    metavar="F",
-    help="Estimate from a random sample instead of reading every element: a fraction of each "
-    "tensor (1%, 0.01) or a byte budget of both checkpoints (2GB), read in contiguous blocks; "
-    "every figure then comes with a 95% interval (design §14).",
-)
-@click.option(
-    "--seed",
-    type=click.IntRange(0, 2**64 - 1),
-    default=0,
-    show_default=True,
-    help="Seed of --sample (the same seed reads the same blocks).",
-)
+@sample_options
 @quiet_option
 @user_errors
 def diff_cmd(

@@ -17,6 +17,7 @@ from rlmask._commands.common import (
     parse_tolerances,
     quiet_option,
     render,
+    sample_options,
     tol_option,
     user_errors,
 )
@@ -79,6 +80,7 @@ from rlmask._commands.common import (
     type=FILE,
     help="Also draw sparsity per pair, coloured by group (paper Figure 1), to this image file.",
 )
+@sample_options
 @quiet_option
 @user_errors
 def survey_cmd(
@@ -99,6 +101,8 @@ def survey_cmd(
     name_map: tuple[str, ...],
     skip_mismatched: bool,
     plot: str | None,
+    sample: str | None,
+    seed: int,
     quiet: bool,
 ) -> None:
     """Update sparsity of many pairs (paper Table 1, Table 6, Figure 1).
@@ -134,6 +138,8 @@ def survey_cmd(
         eta=eta,
         name_map=parse_name_map(name_map),
         skip_mismatched=skip_mismatched,
+        sample=sample,
+        seed=seed,
     )
     # Every pair's checkpoints are inputs too: no output, figure or cache may land in one.
     sides = [side for pair in load_manifest(manifest) for side in (pair.base, pair.tuned)]
