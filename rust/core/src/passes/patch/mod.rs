@@ -14,7 +14,7 @@
 //! after; patches chain by fingerprint, so a missing, repeated or reordered patch is refused
 //! before anything is written.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -124,6 +124,9 @@ pub struct Patch {
     pub codec: Codec,
     /// The frames of each compact sparse tensor, validated against its entry.
     frames: BTreeMap<String, Vec<Frame>>,
+    /// Where each stored key (`NAME.indices`, `NAME.values`, ...) is in the shard's tensors:
+    /// looked up once per tensor, so applying is linear in the number of tensors.
+    index: HashMap<String, usize>,
 }
 
 fn corrupt(path: &Path, tensor: Option<&str>, reason: impl Into<String>) -> Error {
@@ -246,9 +249,16 @@ impl Patch {
                 "stored in the patch but not described",
             ));
         }
+        let index: HashMap<String, usize> = shard
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         let mut frames = BTreeMap::new();
         for (name, e) in entries.iter().filter(|(_, e)| e.form == Form::Compact) {
-            frames.insert(name.clone(), read_frames(path, &shard, name, e)?);
+            let find = |key: String| &shard.tensors[index[&key]];
+            frames.insert(name.clone(), read_frames(path, &shard, find, name, e)?);
         }
         let metadata = shard.metadata.clone();
         Ok(Patch {
@@ -258,11 +268,12 @@ impl Patch {
             metadata,
             codec,
             frames,
+            index,
         })
     }
 
     fn stored(&self, key: &str) -> Option<(&TensorInfo, &[u8])> {
-        let t = self.shard.tensors.iter().find(|t| t.name == key)?;
+        let t = &self.shard.tensors[*self.index.get(key)?];
         Some((t, self.shard.bytes(t)))
     }
 
@@ -394,14 +405,15 @@ fn index_width(numel: u64) -> usize {
 
 /// Reads and checks the frame table of compact tensor `name`: frames in order, each inside
 /// the tensor with at least one change, counts summing to the entry's and bytes to the blob's.
-fn read_frames(path: &Path, shard: &Shard, name: &str, e: &Entry) -> Result<Vec<Frame>> {
-    let find = |key: String| {
-        shard
-            .tensors
-            .iter()
-            .find(|t| t.name == key)
-            .expect("checked")
-    };
+/// The frames of the compact tensor `name`, validated; `find` gives a stored key's tensor
+/// (present: checked before).
+fn read_frames<'s>(
+    path: &Path,
+    shard: &'s Shard,
+    find: impl Fn(String) -> &'s TensorInfo,
+    name: &str,
+    e: &Entry,
+) -> Result<Vec<Frame>> {
     let (table, blob) = (
         find(format!("{name}.frames")),
         find(format!("{name}.compact")),
