@@ -176,3 +176,19 @@ def test_the_figure_shades_the_layer_interval(
     assert low == pytest.approx(100 * layers["sparsity_low"].min())
     assert high == pytest.approx(100 * layers["sparsity_high"].max())
     assert "95% interval (5% sample)" in [t.get_text() for t in fig.axes[0].get_legend().texts]
+
+
+def test_no_change_in_a_sample_is_not_called_identical(tmp_path: Path) -> None:
+    """A sample that sees no change says so, and does not claim the checkpoints identical."""
+    rng = np.random.default_rng(4)
+    a = rng.integers(0x3C00, 0x3F80, size=(256, 256), dtype=np.uint16)
+    b = a.copy()
+    b[17, 3] += 1  # one change in 65,536 elements
+    for side, bits in (("base", a), ("tuned", b)):
+        (tmp_path / side).mkdir()
+        tensor = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+        save_file({"model.layers.0.mlp.up_proj.weight": tensor}, tmp_path / side / "m.safetensors")
+    r = rlmask.diff(tmp_path / "base", tmp_path / "tuned", criterion="exact", sample=0.01)
+    assert r.changed == 0
+    assert any("no element of the sample changed" in w for w in r.warnings)
+    assert not any("bit-identical" in w for w in r.warnings)

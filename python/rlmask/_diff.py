@@ -309,7 +309,12 @@ class DiffReport(Report):
             return out
         c = self.columns
         label = self.label(self.tol)
-        if self.changed == 0:
+        if self.changed == 0 and self.sample is not None:
+            out.append(
+                "no element of the sample changed: read every element (drop --sample) to know "
+                "whether TUNED differs from BASE at all"
+            )
+        elif self.changed == 0:
             same = "bit-identical to" if self.criterion == "exact" else f"within {label} of"
             out.append(
                 f"no element changed: TUNED is {same} BASE (the same checkpoint twice, or a "
@@ -1110,16 +1115,6 @@ class DiffOptions:
         }
 
 
-#: Bytes per element of the stored dtypes, by their first letters (F4 apart).
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF1": 2}
-_DTYPE_BYTES |= {"I16": 2, "U16": 2}
-
-
-def _dtype_bytes(dtype: str) -> float:
-    """Bytes per element of a stored dtype (F4: half a byte; one byte for the rest)."""
-    return 0.5 if dtype == "F4" else _DTYPE_BYTES.get(dtype[:3], 1)
-
-
 def run_diff(
     base: PathArg, tuned: PathArg, options: DiffOptions, *, progress: bool = True
 ) -> DiffReport:
@@ -1229,16 +1224,9 @@ def _report(
         columns["changed_var"] = var
         info = {
             **sample,
-            "block": max((r[3] for r in read), default=sample["block"]),
+            "block": max((r[4] for r in read), default=sample["block"]),
             "elements": sum(r[0] for r in read),
-            "bytes_read": round(
-                sum(
-                    (_dtype_bytes(da) + _dtype_bytes(db)) * r[0]
-                    for r, da, db in zip(
-                        read, columns["dtype"], columns["tuned_dtype"], strict=True
-                    )
-                )
-            ),
+            "bytes_read": sum(r[1] for r in read),
         }
     bits = raw.bits
     mask = None

@@ -97,11 +97,11 @@ def estimates(
 ) -> tuple[list[list[float]], list[list[float]]]:
     """Per tensor and threshold, the estimated changed count and its variance, from the
     sample's counts (``changed``) and what was read (``samples``: the core's ``(elements,
-    blocks, total_blocks, block, sum of squared block counts per threshold)``)."""
+    bytes, blocks, total_blocks, block, sum of squared block counts per threshold)``)."""
     est: list[list[float]] = []
     var: list[list[float]] = []
     for counts, s in zip(changed, samples, strict=True):
-        _, m, n, _, sum_sq = s
+        _, _, m, n, _, sum_sq = s
         if m >= n:  # read whole: exact
             est.append([float(c) for c in counts])
             var.append([0.0] * len(counts))

@@ -261,15 +261,22 @@ pub fn diff<'py>(
     );
     let bits = PyDict::new(py);
     let mut magnitude: Option<Vec<Binade>> = None;
-    // (elements, blocks, total blocks, block, sum of squared block counts per threshold).
-    type Sampled = (u64, u64, u64, u64, Vec<f64>);
+    // (elements, bytes read, blocks, total blocks, block, sum of squared block counts per
+    // threshold).
+    type Sampled = (u64, u64, u64, u64, u64, Vec<f64>);
     let mut samples: Option<Vec<Option<Sampled>>> = opts.sample.map(|_| Vec::with_capacity(n));
     for t in result.tensors {
         if let Some(s) = samples.as_mut() {
-            s.push(
-                t.sample
-                    .map(|x| (x.elements, x.blocks, x.total_blocks, x.block, x.sum_sq)),
-            );
+            s.push(t.sample.map(|x| {
+                (
+                    x.elements,
+                    x.bytes,
+                    x.blocks,
+                    x.total_blocks,
+                    x.block,
+                    x.sum_sq,
+                )
+            }));
         }
         if let Some(h) = &t.by_magnitude {
             // The non-empty binades: (name, exponent, numel, changed per threshold).

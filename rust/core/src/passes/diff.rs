@@ -116,8 +116,9 @@ pub struct TensorDiff {
 /// sum, the block totals' variance follows).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorSample {
-    /// Elements read.
+    /// Elements read, and the bytes they take in both checkpoints.
     pub elements: u64,
+    pub bytes: u64,
     /// Blocks read, and blocks the tensor has.
     pub blocks: u64,
     pub total_blocks: u64,
@@ -297,9 +298,11 @@ pub fn diff(
         .map(|(p, d)| {
             let (d, block) = (d.as_ref()?, block? as u64);
             let n = p.numel();
-            let elements = d.starts.iter().map(|&s| block.min(n - s as u64)).sum();
+            let elements: u64 = d.starts.iter().map(|&s| block.min(n - s as u64)).sum();
+            let side = |t: &TensorInfo| t.dtype.bytes(elements as usize) as u64;
             Some(TensorSample {
                 elements,
+                bytes: side(p.a.1) + side(p.b.1),
                 blocks: d.starts.len() as u64,
                 total_blocks: d.blocks,
                 block,
