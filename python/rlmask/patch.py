@@ -416,23 +416,125 @@ def _sparse(path: PathArg) -> Iterator[tuple[str, list[int], str, Any, Any]]:
         yield e.name, list(e.shape), e.dtype, indices, values
 
 
-def records(path: PathArg) -> Iterator[dict[str, Any]]:
+#: How engines stack a mixture-of-experts layer (vLLM's ``FusedMoE``, design §9): a checkpoint's
+#: ``PREFIX.experts.E.PART.weight`` (``[rows, cols]``) is slot ``SLOT`` of ``SLOTS`` in expert
+#: ``E`` of ``PREFIX.experts.FUSED`` (``[experts, SLOTS * rows, cols]``). Mixtral's w1/w3/w2,
+#: and the gate/up/down projections of Qwen2/3-MoE, DeepSeek-V2/V3 and OLMoE; shared experts
+#: (``shared_expert(s).*``, not numbered) stay as they are.
+FUSED_EXPERTS: dict[str, tuple[str, int, int]] = {
+    "w1": ("w13_weight", 0, 2),
+    "gate_proj": ("w13_weight", 0, 2),
+    "w3": ("w13_weight", 1, 2),
+    "up_proj": ("w13_weight", 1, 2),
+    "w2": ("w2_weight", 0, 1),
+    "down_proj": ("w2_weight", 0, 1),
+}
+
+
+def fused_place(name: str) -> tuple[str, int, int, int] | None:
+    """Where a per-expert tensor goes in the engine's stacked one: ``(fused name, expert,
+    slot, slots)``, or None for a tensor that is not one expert's projection."""
+    parts = name.split(".")
+    if len(parts) < 5 or parts[-1] != "weight" or not parts[-3].isdigit():
+        return None
+    if parts[-4] != "experts" or parts[-2] not in FUSED_EXPERTS:
+        return None
+    fused, slot, slots = FUSED_EXPERTS[parts[-2]]
+    return ".".join([*parts[:-3], fused]), int(parts[-3]), slot, slots
+
+
+def _fused_shapes(entries: Sequence[_rlmask.PatchEntry]) -> dict[str, list[int]]:
+    """The shape of every stacked expert tensor the patch's tensors make: every expert from 0
+    to the largest present, every slot, one shape.
+
+    Raises:
+        ValueError: a layer's experts that do not stack (one missing, shapes that differ).
+    """
+    seen: dict[str, dict[tuple[int, int], list[int]]] = {}
+    slots_of: dict[str, int] = {}
+    for e in entries:
+        place = fused_place(e.name)
+        if place is None:
+            continue
+        fused, expert, slot, slots = place
+        seen.setdefault(fused, {})[(expert, slot)] = list(e.shape)
+        slots_of[fused] = slots
+    out = {}
+    for fused, parts in seen.items():
+        experts, slots = 1 + max(x for x, _ in parts), slots_of[fused]
+        shapes = {tuple(s) for s in parts.values()}
+        if len(parts) != experts * slots or len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(
+                f"the experts of '{fused}' do not stack: {len(parts)} tensors for {experts} "
+                f"experts x {slots} slots, shapes {sorted(shapes)}"
+            )
+        rows, cols = next(iter(shapes))
+        out[fused] = [experts, slots * rows, cols]
+    return out
+
+
+def _fuse(path: PathArg) -> Iterator[tuple[str, list[int], str, Any, Any]]:
+    """:func:`_sparse`'s changes with every expert's projections moved into the engine's
+    stacked tensor (one record per stacked tensor, its experts' changes in index order). A
+    layer's experts are contiguous in the patch's name order: each stacked tensor is yielded
+    as soon as the next layer begins, so memory holds one layer's expert changes."""
+    import torch
+
+    shapes = _fused_shapes(_rlmask.PatchFile(os.fspath(path)).entries())
+    pending: dict[str, list[tuple[int, Any, Any]]] = {}
+    dtypes: dict[str, str] = {}
+    done: set[str] = set()
+
+    def flush() -> Iterator[tuple[str, list[int], str, Any, Any]]:
+        for fused, parts in sorted(pending.items()):
+            parts.sort(key=lambda p: p[0])
+            indices = torch.cat([off + idx for off, idx, _ in parts])
+            values = torch.cat([v for _, _, v in parts])
+            done.add(fused)
+            yield fused, shapes[fused], dtypes[fused], indices, values
+        pending.clear()
+
+    for name, shape, dtype, indices, values in _sparse(path):
+        place = fused_place(name)
+        if place is None:
+            yield from flush()
+            yield name, shape, dtype, indices, values
+            continue
+        fused, expert, slot, slots = place
+        if fused in done:
+            raise ValueError(f"{path}: the experts of '{fused}' are not contiguous in the patch")
+        if any(f.rsplit(".", 1)[0] != fused.rsplit(".", 1)[0] for f in pending):
+            yield from flush()  # the next layer's experts
+        rows, cols = shape
+        offset = (expert * slots + slot) * rows * cols
+        pending.setdefault(fused, []).append((offset, indices, values))
+        dtypes[fused] = dtype
+    yield from flush()
+
+
+def records(path: PathArg, *, fuse_experts: bool = False) -> Iterator[dict[str, Any]]:
     """The records vLLM's sparse checkpoint-update API takes, one per changed tensor:
     ``name`` (the checkpoint's own name, one per expert for MoE), full ``shape``, ``dtype``
     (safetensors name), 1-D absolute ``values`` and 1-D flat ``indices`` (int32; int64 for a
     tensor past 2^31 - 1 elements, with ``int64_indices: True``, since NCCL paths need int32).
     Indices are checked ascending, unique and in range, values free of NaN.
 
+    With ``fuse_experts``, the experts' projections come as the engine holds them
+    (:data:`FUSED_EXPERTS`): one record per stacked tensor (``...experts.w13_weight``,
+    ``...experts.w2_weight``), indices into it, so that an engine applies a layer's expert
+    changes in one update instead of one per expert.
+
     Example:
-        >>> for r in rlmask.patch.records("200.rlpatch"):
+        >>> for r in rlmask.patch.records("200.rlpatch", fuse_experts=True):
         ...     engine.update_sparse(r["name"], r["indices"], r["values"], r["shape"])
 
     Raises:
-        ValueError: an index out of order or range, or a NaN value (named).
+        ValueError: an index out of order or range, or a NaN value (named); with
+            ``fuse_experts``, a layer whose experts do not stack.
     """
     import torch
 
-    for name, shape, dtype, indices, values in _sparse(path):
+    for name, shape, dtype, indices, values in _fuse(path) if fuse_experts else _sparse(path):
         numel = math.prod(shape)
         if indices.numel() and (
             bool((indices[1:] <= indices[:-1]).any()) or int(indices[-1]) >= numel
