@@ -95,3 +95,36 @@ def test_fused_records_update_the_stacked_experts(tmp_path: Path, family: str) -
     assert seen == {k for k in tuned if not torch.equal(tuned[k], base[k])}
     assert not any(".experts.0." in r["name"] for r in fused)
     assert any(".experts.0." in n for n in plain)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_stacked_records_split_back_into_the_checkpoint_names(tmp_path: Path, family: str) -> None:
+    """unfuse_records undoes fuse_experts: the per-expert records rlmask reads from the patch
+    itself, name for name and index for index."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family]).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            moved = torch.rand(p.shape, generator=g) < 0.05
+            p[moved] += (torch.randn(p.shape, generator=g)[moved] * 0.05).to(p.dtype)
+    model.save_pretrained(tmp_path / "tuned")
+    patch = tmp_path / "p.rlpatch"
+    rlmask.patch.create(tmp_path / "base", tmp_path / "tuned", patch, progress=False)
+    names = rlmask._rlmask.Checkpoint(tmp_path / "base" / "model.safetensors").names()
+    back = rlmask.patch.unfuse_records(rlmask.patch.records(patch, fuse_experts=True), names)
+    got = {r["name"]: r for r in back}
+    want = {r["name"]: r for r in rlmask.patch.records(patch)}
+    assert set(got) == set(want)
+    for name, r in want.items():
+        assert got[name]["shape"] == r["shape"], name
+        assert torch.equal(got[name]["indices"], r["indices"]), name
+        assert torch.equal(got[name]["values"].view(torch.int16), r["values"].view(torch.int16))
+    with pytest.raises(ValueError, match="no tensor for expert"):
+        list(
+            rlmask.patch.unfuse_records(
+                rlmask.patch.records(patch, fuse_experts=True),
+                [n for n in names if ".experts.0." not in n],
+            )
+        )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -510,6 +510,53 @@ def _fuse(path: PathArg) -> Iterator[tuple[str, list[int], str, Any, Any]]:
         pending.setdefault(fused, []).append((offset, indices, values))
         dtypes[fused] = dtype
     yield from flush()
+
+
+def unfuse_records(
+    records: Iterable[dict[str, Any]], names: Iterable[str]
+) -> Iterator[dict[str, Any]]:
+    """The other way of :func:`records` with ``fuse_experts``: records of the engine's stacked
+    expert tensors (``...experts.w13_weight``, ``...experts.w2_weight``) split into records of
+    the checkpoint's per-expert tensors, named as ``names`` (the checkpoint's tensor names,
+    e.g. ``Checkpoint(path).names()``) name them; other records pass through unchanged.
+
+    Raises:
+        ValueError: a stacked record whose experts ``names`` does not hold.
+    """
+    import torch
+
+    home: dict[tuple[str, int, int], str] = {}
+    for n in names:
+        place = fused_place(n)
+        if place is not None:
+            home[place[:3]] = n
+    for r in records:
+        stem, _, last = r["name"].rpartition(".")
+        slots = {f: k for f, _, k in FUSED_EXPERTS.values()}.get(last)
+        if slots is None or not stem.endswith(".experts"):
+            yield r
+            continue
+        _, rows, cols = r["shape"]
+        part = rows // slots * cols
+        indices = r["indices"].long()
+        which = indices // part  # expert * slots + slot
+        for k in torch.unique(which).tolist():
+            expert, slot = divmod(int(k), slots)
+            name = home.get((r["name"], expert, slot))
+            if name is None:
+                raise ValueError(
+                    f"'{r['name']}': the checkpoint has no tensor for expert {expert}, slot {slot}"
+                )
+            inside = which == k
+            local = indices[inside] - k * part
+            yield {
+                **r,
+                "name": name,
+                "shape": [rows // slots, cols],
+                "values": r["values"][inside],
+                "indices": local.to(torch.int32),
+                "int64_indices": False,
+            }
 
 
 def records(path: PathArg, *, fuse_experts: bool = False) -> Iterator[dict[str, Any]]:
