@@ -58,20 +58,27 @@ def _fused_state(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k.endswith(tuple(THEIRS.values()))}
 
 
-@pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_fused_records_update_the_stacked_experts(tmp_path: Path, family: str) -> None:
+def _patched(tmp_path: Path, family: str, share: float, seed: int) -> Path:
+    """A tiny model of ``family`` saved as ``base``, an RL-like step on ``share`` of every
+    parameter's entries (experts, shared experts, attention) saved as ``tuned``, and the patch
+    between them."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(CONFIGS[family]).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "base")
-    # An RL-like step on some experts' entries (and on a shared expert or attention weight).
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            moved = torch.rand(p.shape, generator=g) < 0.1
+            moved = torch.rand(p.shape, generator=g) < share
             p[moved] += (torch.randn(p.shape, generator=g)[moved] * 0.05).to(p.dtype)
     model.save_pretrained(tmp_path / "tuned")
     patch = tmp_path / "p.rlpatch"
     rlmask.patch.create(tmp_path / "base", tmp_path / "tuned", patch, progress=False)
+    return patch
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_fused_records_update_the_stacked_experts(tmp_path: Path, family: str) -> None:
+    patch = _patched(tmp_path, family, 0.1, seed=1)
 
     base, tuned = _fused_state(tmp_path / "base"), _fused_state(tmp_path / "tuned")
     plain = {r["name"] for r in rlmask.patch.records(patch)}
@@ -101,17 +108,7 @@ def test_fused_records_update_the_stacked_experts(tmp_path: Path, family: str) -
 def test_stacked_records_split_back_into_the_checkpoint_names(tmp_path: Path, family: str) -> None:
     """unfuse_records undoes fuse_experts: the per-expert records rlmask reads from the patch
     itself, name for name and index for index."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[family]).to(torch.bfloat16)
-    model.save_pretrained(tmp_path / "base")
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            moved = torch.rand(p.shape, generator=g) < 0.05
-            p[moved] += (torch.randn(p.shape, generator=g)[moved] * 0.05).to(p.dtype)
-    model.save_pretrained(tmp_path / "tuned")
-    patch = tmp_path / "p.rlpatch"
-    rlmask.patch.create(tmp_path / "base", tmp_path / "tuned", patch, progress=False)
+    patch = _patched(tmp_path, family, 0.05, seed=2)
     names = rlmask._rlmask.Checkpoint(tmp_path / "base" / "model.safetensors").names()
     back = rlmask.patch.unfuse_records(rlmask.patch.records(patch, fuse_experts=True), names)
     got = {r["name"]: r for r in back}
