@@ -163,6 +163,7 @@ sample_options = options(
     click.option(
         "--seed",
         type=click.IntRange(0, 2**64 - 1),
+        metavar="S",
         default=0,
         show_default=True,
         help="Seed of --sample (the same seed reads the same blocks).",

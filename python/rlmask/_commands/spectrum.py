@@ -41,6 +41,7 @@ from rlmask._commands.common import (
 @click.option(
     "--seed",
     type=click.IntRange(0, 2**32 - 1),
+    metavar="S",
     default=0,
     show_default=True,
     help="Seed of the randomised path's sketches (with each matrix's name).",
