@@ -176,6 +176,14 @@ def test_main_calls_return_what_the_stub_says(pair: tuple[Path, Path], tmp_path:
     # Bits only for the floating tensors: both arms of "a mask or not" exercised.
     assert 0 < len(result.bits) < len(cols["name"])
     assert result.magnitude is not None and all(len(row) == 4 for row in result.magnitude)
+    # A sampled diff adds one column: (elements, bytes, blocks, total blocks, block, sums of
+    # squared block counts per threshold) per tensor.
+    sampled = _rlmask.diff(a, b, _rlmask.DiffOptions(crit, plan, sample=(0.5, 1, 64))).columns
+    assert set(sampled) == {*kinds, "shape", "changed", "sample"}
+    for row in sampled["sample"]:
+        *counts, sums = row
+        assert len(counts) == 5 and all(type(i) is int for i in counts), row
+        assert isinstance(sums, list) and all(type(x) is float for x in sums), row
 
     mask_path = tmp_path / "m.rlmask"
     traj = check_call(
