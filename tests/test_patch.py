@@ -409,6 +409,44 @@ def test_live_patches_keep_an_inference_copy_bit_identical(tmp_path: Path) -> No
         rt.apply_patch(server, tmp_path / "3.rlpatch")
 
 
+def test_live_records_keep_a_server_copy_bit_identical() -> None:
+    """A live sync loop without files: after every step of a bf16 model, live_records' records
+    scattered into a second copy keep it bit-identical; each record holds exactly the elements
+    whose bits changed (the oracle: the two states compared here), ascending, int32; the
+    snapshot follows what was taken (a loop stopped after one record leaves the rest)."""
+    import rlmask.torch as rt
+
+    torch.manual_seed(0)
+    trainer = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)).bfloat16()
+    server = {k: v.clone() for k, v in trainer.state_dict().items()}
+    synced = rt.snapshot(trainer)
+    opt = torch.optim.AdamW(trainer.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        trainer(torch.randn(8, 16, generator=g).bfloat16()).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        before = {k: v.clone() for k, v in synced.items()}
+        seen = set()
+        for r in rt.live_records(trainer, synced):
+            now = trainer.state_dict()[r["name"]]
+            moved = (now.view(torch.int16) != before[r["name"]].view(torch.int16)).reshape(-1)
+            assert torch.equal(r["indices"].long(), moved.nonzero().reshape(-1))
+            assert r["indices"].dtype == torch.int32 and r["shape"] == list(now.shape)
+            server[r["name"]].view(-1)[r["indices"].long()] = r["values"]
+            seen.add(r["name"])
+        assert seen
+        for k, v in trainer.state_dict().items():
+            assert v.view(torch.int16).equal(server[k].view(torch.int16)), k
+            assert v.view(torch.int16).equal(synced[k].view(torch.int16)), k
+    trainer(torch.randn(8, 16, generator=g).bfloat16()).float().square().mean().backward()
+    opt.step()
+    first = next(rt.live_records(trainer, synced))
+    state = trainer.state_dict()
+    assert synced[first["name"]].view(torch.int16).equal(state[first["name"]].view(torch.int16))
+    assert any(not synced[k].equal(v) for k, v in state.items() if k != first["name"])
+
+
 def test_trl_files_and_vllm_records(chain: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """Our patches as TRL delta-sync files (raw and gap_delta, read back by hand with
     safetensors) and back, and as vLLM's sparse-update records."""

@@ -579,25 +579,37 @@ def records(path: PathArg, *, fuse_experts: bool = False) -> Iterator[dict[str, 
         ValueError: an index out of order or range, or a NaN value (named); with
             ``fuse_experts``, a layer whose experts do not stack.
     """
+    source = _fuse(path) if fuse_experts else _sparse(path)
+    for name, shape, dtype, indices, values in source:
+        yield vllm_record(name, shape, dtype, indices, values, where=os.fspath(path))
+
+
+def vllm_record(
+    name: str, shape: list[int], dtype: str, indices: Any, values: Any, *, where: str
+) -> dict[str, Any]:
+    """One record in the shape of vLLM's sparse checkpoint updates (see :func:`records`) from
+    a tensor's flat indices and values (torch tensors, on any device), checked: indices
+    ascending, unique and in range, values free of NaN.
+
+    Raises:
+        ValueError: naming ``where`` and the tensor.
+    """
     import torch
 
-    for name, shape, dtype, indices, values in _fuse(path) if fuse_experts else _sparse(path):
-        numel = math.prod(shape)
-        if indices.numel() and (
-            bool((indices[1:] <= indices[:-1]).any()) or int(indices[-1]) >= numel
-        ):
-            raise ValueError(f"{path}: tensor '{name}': indices not ascending or out of range")
-        if values.is_floating_point() and bool(torch.isnan(values.float()).any()):
-            raise ValueError(f"{path}: tensor '{name}': a NaN value, which vLLM refuses")
-        wide = numel > 2**31 - 1
-        yield {
-            "name": name,
-            "shape": shape,
-            "dtype": dtype,
-            "values": values,
-            "indices": indices if wide else indices.to(torch.int32),
-            "int64_indices": wide,
-        }
+    numel = math.prod(shape)
+    if indices.numel() and (bool((indices[1:] <= indices[:-1]).any()) or int(indices[-1]) >= numel):
+        raise ValueError(f"{where}: tensor '{name}': indices not ascending or out of range")
+    if values.is_floating_point() and bool(torch.isnan(values.float()).any()):
+        raise ValueError(f"{where}: tensor '{name}': a NaN value, which vLLM refuses")
+    wide = numel > 2**31 - 1
+    return {
+        "name": name,
+        "shape": shape,
+        "dtype": dtype,
+        "values": values,
+        "indices": indices if wide else indices.to(torch.int32),
+        "int64_indices": wide,
+    }
 
 
 #: TRL's delta-sync index encodings.

@@ -54,7 +54,7 @@ from rlmask.torch._common import (
 )
 from rlmask.torch.dtypes import torch_dtype
 from rlmask.torch.masking import MOVES_FROZEN, MaskHandle, attach_mask
-from rlmask.torch.patches import apply_patch, make_patch, snapshot
+from rlmask.torch.patches import apply_patch, live_records, make_patch, snapshot
 from rlmask.torch.tracking import TrackerReport, UpdateTracker
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "apply_patch",
     "attach_mask",
     "canonical_name",
+    "live_records",
     "make_patch",
     "match_parameters",
     "pack_bits",

@@ -4,7 +4,7 @@ one, writing it and applying one to a model; and the torch side of the patch for
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -13,9 +13,10 @@ from rlmask import _rlmask
 from rlmask._io import PathArg
 from rlmask._report import few
 from rlmask.errors import CheckpointFormatError, MaskError, PairingError
-from rlmask.patch import _fingerprint, changes, tensor_entry, write_plain
+from rlmask.patch import _fingerprint, changes, tensor_entry, vllm_record, write_plain
 from rlmask.torch._common import (
     NameMap,
+    _bits_view,
     canonical_name,
     refuse_sharded,
 )
@@ -26,6 +27,20 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy of every parameter and buffer as it is now, on its own device: the "last synced"
     state that :func:`make_patch` compares the model with."""
     return {n: t.detach().clone() for n, t in model.state_dict(keep_vars=False).items()}
+
+
+def _synced_state(
+    model: torch.nn.Module, synced: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The model's state, checked to be whole (not sharded) and to match ``synced``'s names."""
+    state = model.state_dict()
+    refuse_sharded(state.items(), "live patches")
+    if set(state) != set(synced):
+        raise MaskError(
+            "the snapshot does not hold the model's tensors: "
+            + few(sorted(set(state) ^ set(synced)), 4)
+        )
+    return state
 
 
 def make_patch(
@@ -43,13 +58,7 @@ def make_patch(
     fingerprint. Names are stored as ``canonical_name`` gives them (wrappers removed,
     ``name_map`` applied), as :func:`attach_mask` matches them. Returns the elements changed.
     """
-    state = model.state_dict()
-    refuse_sharded(state.items(), "live patches")
-    if set(state) != set(synced):
-        raise MaskError(
-            "the snapshot does not hold the model's tensors: "
-            + few(sorted(set(state) ^ set(synced)), 4)
-        )
+    state = _synced_state(model, synced)
     entries: dict[str, Any] = {}
     stored: dict[str, torch.Tensor] = {}
     total = 0
@@ -62,6 +71,41 @@ def make_patch(
         for name, t in state.items():
             synced[name].copy_(t)
     return total
+
+
+def live_records(
+    model: torch.nn.Module, synced: Mapping[str, torch.Tensor], *, name_map: NameMap = None
+) -> Iterator[dict[str, Any]]:
+    """The changes since ``synced`` (a :func:`snapshot`) as vLLM-shaped records
+    (:func:`rlmask.patch.records`), one per changed tensor, for a live sync loop without a
+    file: found on the parameters' device (bits compared), indices and values left there (an
+    engine's NCCL path takes them as they are), names as ``canonical_name`` gives them. Each
+    tensor's snapshot is brought up to date as its record is taken: a loop that stops early
+    leaves ``synced`` at what it sent.
+
+    Example:
+        >>> synced = rlmask.torch.snapshot(model)
+        >>> ...  # a training step
+        >>> for r in rlmask.torch.live_records(model, synced):
+        ...     engine.update_sparse(r["name"], r["indices"], r["values"], r["shape"])
+
+    Raises:
+        MaskError: the snapshot does not hold the model's tensors.
+        ValueError: a NaN value (vLLM refuses them), naming the tensor.
+    """
+    state = _synced_state(model, synced)
+    for name, t in state.items():
+        new, old = t.detach(), synced[name]
+        flat = new.reshape(-1)
+        indices = torch.nonzero(_bits_view(flat) != _bits_view(old.reshape(-1))).reshape(-1)
+        if not indices.numel():
+            continue
+        key = canonical_name(name, name_map)
+        dtype = _SAFETENSORS_DTYPE[new.dtype]
+        record = vllm_record(key, list(new.shape), dtype, indices, flat[indices], where="model")
+        with torch.no_grad():
+            old.copy_(new)
+        yield record
 
 
 def apply_patch(model: torch.nn.Module, path: PathArg, *, name_map: NameMap = None) -> None:
