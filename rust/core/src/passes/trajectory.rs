@@ -9,7 +9,7 @@
 //! memory is a few chunk buffers per thread, whatever the model size and the number of
 //! checkpoints. Masks per checkpoint, when asked for, stream into memory-mapped `.rlmask` files.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 
 use crate::checkpoint::Checkpoint;
@@ -20,7 +20,7 @@ use crate::fp8;
 use crate::kernel::{compare_run, Criterion, Run};
 use crate::maskfile::{self, MaskEntry, MaskFile};
 use crate::plan::Selection;
-use crate::plan::{plan, Plan, PlanOptions};
+use crate::plan::{plan, PlanOptions};
 use crate::readahead;
 use crate::safetensors::{check_all_unchanged, Shard, TensorInfo, U8FileWriter};
 use crate::sides::{Side, Skipped};
@@ -125,38 +125,31 @@ fn plan_run<'s>(
             "a trajectory compares whole tensors (no shared rows)".into(),
         ));
     }
-    let options = &opts.plan;
-    let plans = sides
-        .iter()
-        .map(|side| plan(base_side, side, options))
-        .collect::<Result<Vec<_>>>()?;
-    let previous = previous_side
-        .map(|side| plan(base_side, side, options))
-        .transpose()?;
-    // Per plan: where each name pairs, and why each left-out name was left out.
-    type Index<'p> = (HashMap<&'p str, usize>, HashMap<&'p str, &'p str>);
-    fn index<'p>(p: &'p Plan) -> Index<'p> {
-        (
-            p.pairs
-                .iter()
-                .enumerate()
-                .map(|(i, q)| (q.name, i))
-                .collect(),
-            p.skipped
-                .iter()
-                .map(|x| (x.name.as_str(), x.reason.as_str()))
-                .collect(),
-        )
+    // One plan at a time (a plan holds a record per tensor: all of them at once would grow
+    // with tensors x checkpoints), keeping per base name what the tracks need.
+    type Found<'a> = ((&'a Shard, &'a TensorInfo), Option<fp8::Scaled<'a>>);
+    let mut found: HashMap<&'s str, Vec<Found<'s>>> = HashMap::new();
+    let mut previous: HashMap<&'s str, Found<'s>> = HashMap::new();
+    let mut base_scales: HashMap<&'s str, Option<fp8::Scaled<'s>>> = HashMap::new();
+    // Why a name was left out as mismatched (the first checkpoint's reason).
+    let mut mismatched: HashMap<String, String> = HashMap::new();
+    let mut scale_names = BTreeSet::new();
+    let previous_side_iter = previous_side.into_iter().map(|s| (s, true));
+    for (side, is_previous) in sides.iter().map(|s| (s, false)).chain(previous_side_iter) {
+        let p = plan(base_side, side, &opts.plan)?;
+        for (pair, &(a, b)) in p.pairs.iter().zip(&p.scaled) {
+            base_scales.entry(pair.name).or_insert(a);
+            if is_previous {
+                previous.insert(pair.name, (pair.b, b));
+            } else {
+                found.entry(pair.name).or_default().push((pair.b, b));
+            }
+        }
+        for x in p.skipped {
+            mismatched.entry(x.name).or_insert(x.reason);
+        }
+        scale_names.extend(p.scale_names);
     }
-    let previous = previous.as_ref();
-    let indices: Vec<Index> = plans.iter().map(index).collect();
-    let previous_index = previous.map(index);
-    let is_scale = |n: &str| {
-        plans
-            .iter()
-            .chain(previous)
-            .any(|p| p.scale_names.contains(n))
-    };
 
     let selected = Selection::new(&opts.plan.select);
     let (mut tracks, mut incomplete, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
@@ -164,7 +157,7 @@ fn plan_run<'s>(
         let Some(b) = base_side.get(name) else {
             continue;
         };
-        let reason = if is_scale(name) {
+        let reason = if scale_names.contains(name) {
             Some("scale of an FP8 weight (compared through its weight)".to_string())
         } else if !b.1.dtype.is_float() {
             Some(format!("not floating ({})", b.1.dtype))
@@ -186,31 +179,35 @@ fn plan_run<'s>(
             continue;
         }
         // Mismatched in some checkpoint, when mismatches are skipped (else the plan refused).
-        let mismatched = indices
-            .iter()
-            .chain(&previous_index)
-            .find_map(|(_, why)| why.get(name.as_str()));
-        if let Some(reason) = mismatched {
+        if let Some(reason) = mismatched.get(name) {
             skipped.push(Skipped {
                 name: name.clone(),
-                reason: reason.to_string(),
+                reason: reason.clone(),
             });
             continue;
         }
-        let at = |p, (pairs, _): &Index| pairs.get(name.as_str()).map(|&i| (p, i));
-        let steps: Vec<(&Plan, usize)> = plans
-            .iter()
-            .zip(&indices)
-            .map(|(p, ix)| at(p, ix).expect("paired in every checkpoint"))
-            .collect();
-        let previous = match (previous, &previous_index, previous_side) {
-            (Some(p), Some(ix), Some(side)) => Some(at(p, ix).ok_or_else(|| Error::Pairing {
-                reason: format!(
-                    "tensor '{name}' of the base is missing from the previous checkpoint {}",
-                    side.ckpt.path.display()
-                ),
-            })?),
-            _ => None,
+        let Some(steps) = found.get(name.as_str()).filter(|v| v.len() == sides.len()) else {
+            skipped.push(Skipped {
+                name: name.clone(),
+                reason: "not paired in every checkpoint".into(),
+            });
+            continue;
+        };
+        let previous = match previous_side {
+            None => None,
+            Some(side) => {
+                Some(
+                    previous
+                        .get(name.as_str())
+                        .copied()
+                        .ok_or_else(|| Error::Pairing {
+                            reason: format!(
+                        "tensor '{name}' of the base is missing from the previous checkpoint {}",
+                        side.ckpt.path.display()
+                    ),
+                        })?,
+                )
+            }
         };
         let final_bits = match segment.final_mask {
             None => None,
@@ -229,16 +226,15 @@ fn plan_run<'s>(
                 Some(bits)
             }
         };
-        let (first, i) = steps[0];
         tracks.push(Track {
             name,
             base: b,
-            steps: steps.iter().map(|&(p, i)| p.pairs[i].b).collect(),
-            previous: previous.map(|(p, i)| p.pairs[i].b),
+            steps: steps.iter().map(|&(t, _)| t).collect(),
+            previous: previous.map(|(t, _)| t),
             final_bits,
-            base_scale: first.scaled[i].0,
-            step_scales: steps.iter().map(|&(p, i)| p.scaled[i].1).collect(),
-            previous_scale: previous.and_then(|(p, i)| p.scaled[i].1),
+            base_scale: base_scales.get(name.as_str()).copied().flatten(),
+            step_scales: steps.iter().map(|&(_, q)| q).collect(),
+            previous_scale: previous.and_then(|(_, q)| q),
         });
     }
     if tracks.iter().all(|t| t.base.1.numel == 0) {
