@@ -28,6 +28,7 @@ SCALARS: dict[str, type | tuple[type, ...]] = {
     "bool": bool,
     "Path": Path,
     "PathLike": os.PathLike,
+    "bytes": bytes,
 }
 
 
@@ -137,7 +138,10 @@ def pair(tmp_path: Path) -> tuple[Path, Path]:
 def test_main_calls_return_what_the_stub_says(pair: tuple[Path, Path], tmp_path: Path) -> None:
     base, tuned = pair
     a, b = _rlmask.Checkpoint(base), _rlmask.Checkpoint(tuned)
-    assert check_properties(a) == 2  # path, shards
+    assert check_properties(a) == 8  # path, shards, location, remote, fetched, config, ...
+    assert (a.location, a.remote, a.fetched, a.config) == (str(a.path), False, 0, None)
+    assert a.shard_sizes == [os.path.getsize(s) for s in a.shards]
+    assert a.shard_etags == [None]
     names = check_call(a.names(), "Checkpoint", "names")
     info = check_call(a.tensor_info(names[0]), "Checkpoint", "tensor_info")
     assert check_properties(info) == 4

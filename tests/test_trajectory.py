@@ -145,7 +145,7 @@ def test_breakdowns_sum_to_the_totals(tmp_path: Path) -> None:
 def test_discovery_orders_runs_naturally(tmp_path: Path) -> None:
     _run(tmp_path)
     run = tmp_path / "run"
-    want = [run / f"checkpoint-{s}" for s in sorted(STEPS)]
+    want = [str(run / f"checkpoint-{s}") for s in sorted(STEPS)]
     assert discover([run]) == want
     assert discover([str(run / "checkpoint-*")]) == want
     assert discover([run / "checkpoint-100", run / "checkpoint-5"]) == [want[0], want[-1]]

@@ -24,6 +24,7 @@ from rlmask._options import (
 )
 from rlmask._plan import PairOptions
 from rlmask._progress import progress_wanted, run_with_progress
+from rlmask._remote import open_checkpoint
 from rlmask._report import LazyRecords, Report, few, printable_lines, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
@@ -1133,18 +1134,17 @@ def run_diff(
     if o.save_mask is not None:
         check_output(o.save_mask)
         check_not_input(o.save_mask, [base, tuned, *([] if o.master is None else [o.master])])
-    where_a, where_b = resolve_checkpoint(base), resolve_checkpoint(tuned)
-    a, b = _rlmask.Checkpoint(where_a), _rlmask.Checkpoint(where_b)
+    a, b = open_checkpoint(base), open_checkpoint(tuned)
     # The master is opened (and its headers checked) before the pass, not after it.
     m = None if o.master is None else _rlmask.Checkpoint(resolve_checkpoint(o.master))
     keep_mask = o.mask or o.save_mask is not None
     sample = None
     if o.sample is not None:
-        fraction = o.sample.fraction_of([*a.shards, *b.shards])
+        fraction = o.sample.fraction_of([*a.shard_sizes, *b.shard_sizes])
         sample = {"fraction": fraction, "seed": o.sample.seed, "block": o.sample.block}
     core_options = _rlmask.DiffOptions(
         crit,
-        o.pairs.plan(a, [b], b.path),
+        o.pairs.plan(a, [b], b),
         mask_at=crit.primary_index if keep_mask else None,
         mask_file=None if (o.mask or o.save_mask is None) else (os.fspath(o.save_mask), provenance),
         magnitude=o.magnitude or o.null,
@@ -1154,8 +1154,9 @@ def run_diff(
     raw = run_with_progress(
         lambda watch: _rlmask.diff(a, b, core_options, progress=watch),
         show=progress_wanted(progress),
+        fetched=(lambda: a.fetched + b.fetched) if a.remote or b.remote else None,
     )
-    notes = [n for side, w in (("BASE", where_a), ("TUNED", where_b)) if (n := _one_shard(side, w))]
+    notes = [n for side, c in (("BASE", a), ("TUNED", b)) if (n := _one_shard(side, c.location))]
     null_model, disp = None, None
     if o.null or o.displacement or o.master is not None:
         from rlmask._null import measure

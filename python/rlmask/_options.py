@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from rlmask import _rlmask
-from rlmask._io import PathArg, read_side_file
+from rlmask._io import read_side_file
 from rlmask.errors import CheckpointFormatError
 
 Criterion = Literal["absolute", "exact", "relative"]
@@ -46,19 +46,23 @@ def check_block(value: Any, where: str) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def declared_block(checkpoint: PathArg) -> tuple[int, int] | None:
-    """The FP8 block size that the ``config.json`` beside the checkpoint (a directory, or a
-    file whose folder holds it) declares (``quantization_config.weight_block_size``), or None
-    (no config, not JSON, no block size).
+def declared_block(checkpoint: _rlmask.Checkpoint) -> tuple[int, int] | None:
+    """The FP8 block size that the ``config.json`` beside the checkpoint (in its directory, or
+    the folder of its file; for a remote checkpoint, the one its server gave) declares
+    (``quantization_config.weight_block_size``), or None (no config, not JSON, no block size).
 
     Raises:
         CheckpointFormatError: config.json is not a regular file, is too large, or declares a
             block size that is not two whole numbers from 1 to 2^32.
     """
-    where = os.fspath(checkpoint)
-    folder = where if os.path.isdir(where) else os.path.dirname(where)
-    config = os.path.join(folder, "config.json")
-    data = read_side_file(config)
+    if checkpoint.remote:
+        config = checkpoint.location.rsplit("/", 1)[0] + "/config.json"
+        data = checkpoint.config
+    else:
+        where = os.fspath(checkpoint.path)
+        folder = where if os.path.isdir(where) else os.path.dirname(where)
+        config = os.path.join(folder, "config.json")
+        data = read_side_file(config)
     if data is None:
         return None
     try:

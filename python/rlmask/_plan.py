@@ -9,7 +9,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from rlmask import _rlmask
-from rlmask._io import PathArg
 from rlmask._names import select_names
 from rlmask._options import check_block, declared_block
 from rlmask._report import few
@@ -34,7 +33,7 @@ def selection(
     paired = sorted({_rlmask.canonical_name(n, pairs) for c in ckpts for n in c.names()})
     chosen = select_names(paired, include, exclude)
     if not chosen:
-        where = few([str(c.path) for c in ckpts], 3)
+        where = few([c.location for c in ckpts], 3)
         raise PairingError(
             f"no tensor name of {where} matches the include/exclude patterns: nothing to compare"
         )
@@ -101,7 +100,10 @@ class PairOptions:
         )
 
     def plan(
-        self, base: _rlmask.Checkpoint, tuned: Sequence[_rlmask.Checkpoint], block_of: PathArg
+        self,
+        base: _rlmask.Checkpoint,
+        tuned: Sequence[_rlmask.Checkpoint],
+        block_of: _rlmask.Checkpoint,
     ) -> _rlmask.PlanOptions:
         """The core's plan options of ``base`` against ``tuned`` (one checkpoint, or a run's):
         the names the patterns select among all of them, and the FP8 block size given, else
@@ -117,7 +119,7 @@ class PairOptions:
             name_map=list(self.name_map),
             skip_mismatched=self.skip_mismatched,
             shared_rows=self.shared_rows,
-            block_base=self.block_size or declared_block(base.path),
+            block_base=self.block_size or declared_block(base),
             block_tuned=self.block_size or declared_block(block_of),
         )
 
@@ -129,4 +131,4 @@ def pairing(a: _rlmask.Checkpoint, b: _rlmask.Checkpoint, options: PairOptions) 
         PairingError: nothing selected or nothing to compare, or mostly unpaired models.
         TensorMismatchError: a shape or dtype mismatch, unless skipped.
     """
-    return _rlmask.pairing(a, b, options.plan(a, [b], b.path))
+    return _rlmask.pairing(a, b, options.plan(a, [b], b))

@@ -93,10 +93,17 @@ def run_in_worker(
     return box["value"]  # type: ignore[return-value]
 
 
-def run_with_progress(call: Callable[[Progress], T], *, show: bool, desc: str = "comparing") -> T:
+def run_with_progress(
+    call: Callable[[Progress], T],
+    *,
+    show: bool,
+    desc: str = "comparing",
+    fetched: Callable[[], int] | None = None,
+) -> T:
     """Runs a core call ``call(progress)`` (which releases the GIL) with :func:`run_in_worker`,
-    drawing a bar of bytes done and rate if ``show``. Ctrl-C cancels the core, which stops
-    within one chunk of work, and the worker is joined before the interrupt propagates."""
+    drawing a bar of bytes done and rate if ``show`` (for remote checkpoints, with the bytes
+    ``fetched`` so far beside it). Ctrl-C cancels the core, which stops within one chunk of
+    work, and the worker is joined before the interrupt propagates."""
     watch = Progress()
     if not show:
         return run_in_worker(lambda: call(watch), on_interrupt=watch.cancel)
@@ -116,6 +123,8 @@ def run_with_progress(call: Callable[[Progress], T], *, show: bool, desc: str = 
 
         def tick() -> None:
             bar.total = watch.total
+            if fetched is not None:
+                bar.set_postfix_str(f"{fetched() / 2**20:,.0f} MiB fetched", refresh=False)
             # update(), not refresh(): it honours the delay and records what was drawn, so
             # that closing the bar erases it.
             bar.update(watch.done - bar.n)

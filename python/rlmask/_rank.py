@@ -361,7 +361,7 @@ def rank(
     a = _rlmask.Checkpoint(resolve_checkpoint(base))
     b = _rlmask.Checkpoint(resolve_checkpoint(tuned))
     # FP8 weights with block scales are dequantised with the block each config.json declares.
-    blocks = (declared_block(a.path), declared_block(b.path))
+    blocks = (declared_block(a), declared_block(b))
     plan = pairing(
         a,
         b,

@@ -59,6 +59,12 @@ def resolve_checkpoint(spec: PathArg) -> str:
         CheckpointNotFoundError: with one line saying everything that was tried.
     """
     text = os.fspath(spec)
+    if text.startswith(("hf://", "https://", "http://")):
+        raise CheckpointNotFoundError(
+            f"{text}: remote checkpoints are read by diff, trajectory, survey and spectrum; this "
+            "command reads local ones only: download it first, e.g. with `hf download`",
+            text,
+        )
     path = os.path.expanduser(text)
     if os.path.exists(path):
         return path

@@ -15,7 +15,6 @@ possible counts.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,13 +81,13 @@ class Sample:
             raise ValueError(f"a sample's block is a multiple of 64 up to 2^18, not {self.block}")
         return self
 
-    def fraction_of(self, shards: Sequence[os.PathLike[str] | str]) -> float:
-        """The fraction to read: the one given, or the budget's share of the ``shards``'
-        bytes (at most 1)."""
+    def fraction_of(self, sizes: Sequence[int]) -> float:
+        """The fraction to read: the one given, or the budget's share of the shards' bytes
+        (``sizes``: each shard's, both checkpoints), at most 1."""
         if self.fraction is not None:
             return self.fraction
         assert self.budget is not None
-        total = sum(os.path.getsize(s) for s in shards)
+        total = sum(sizes)
         return min(1.0, self.budget / total) if total else 1.0
 
 

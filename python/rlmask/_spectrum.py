@@ -38,15 +38,14 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from rlmask import _rlmask
 from rlmask._io import PathArg
 from rlmask._names import NORMS, module_of, place
 from rlmask._options import declared_block
 from rlmask._plan import PairOptions, pairing
 from rlmask._progress import bar_width, progress_wanted
 from rlmask._rank import _NP_VIEW, load_matrix, resolve_device, spectrum_figures
+from rlmask._remote import open_checkpoint
 from rlmask._report import Report, printable_lines, sort_modules
-from rlmask._resolve import resolve_checkpoint
 from rlmask.errors import PairingError
 
 if TYPE_CHECKING:
@@ -523,13 +522,13 @@ def spectrum(
         # A run directory or a glob pattern is a run; anything else one checkpoint (a file, a
         # checkpoint folder, a hub id).
         expand = os.path.isdir(one) or (glob.has_magic(one) and not os.path.exists(one))
-        paths = [os.fspath(p) for p in discover([one])] if expand else [one]
+        paths = discover([one]) if expand else [one]
         run = paths != [one]
     else:
-        paths = [os.fspath(p) for p in discover(list(tuned))]
+        paths = discover(list(tuned))
         run = True
-    a = _rlmask.Checkpoint(resolve_checkpoint(base))
-    cs = [_rlmask.Checkpoint(resolve_checkpoint(p)) for p in paths]
+    a = open_checkpoint(base)
+    cs = [open_checkpoint(p) for p in paths]
     options = PairOptions.build(
         include=include,
         exclude=exclude,
@@ -578,8 +577,8 @@ def spectrum(
         )
     labels = list(paths)
     # FP8 weights with block scales: dequantised with the block each config.json declares.
-    base_block = declared_block(a.path)
-    blocks = [declared_block(c.path) for c in cs]
+    base_block = declared_block(a)
+    blocks = [declared_block(c) for c in cs]
     steps = [step_of(p) for p in paths]
     rows: list[dict[str, Any]] = []
     try:

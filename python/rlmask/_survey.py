@@ -36,6 +36,7 @@ from rlmask._io import PathArg, read_side_file, write_text_atomic
 from rlmask._options import Criterion
 from rlmask._progress import cancel_all
 from rlmask._ray import run_tasks, session
+from rlmask._remote import is_remote, open_checkpoint
 from rlmask._report import Report, printable_lines
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
@@ -179,7 +180,25 @@ _ENTRY_LIMIT = 1 << 30
 def _fingerprint(spec: str) -> list[list[Any]]:
     """Everything of a checkpoint that a figure depends on: (path, size, mtime, sha256 of the
     header) of every shard, and the SHA-256 of the side files the pass reads (``config.json``
-    gives the FP8 block size; the index maps names to shards)."""
+    gives the FP8 block size; the index maps names to shards). For a remote checkpoint: its
+    URL, and every shard's URL, size and ETag as the server gives them (the hub's ETag of a
+    weight file is its SHA-256), with the config's SHA-256."""
+    if is_remote(spec):
+        remote = open_checkpoint(spec)
+        config = remote.config
+        return [
+            ["config.json", None if config is None else hashlib.sha256(config).hexdigest()],
+            [remote.location],
+            *[
+                [s, n, e]
+                for s, n, e in zip(
+                    [str(x) for x in remote.shards],
+                    remote.shard_sizes,
+                    remote.shard_etags,
+                    strict=True,
+                )
+            ],
+        ]
     path = resolve_checkpoint(spec)
     ckpt = _rlmask.Checkpoint(path)
     folder = path if os.path.isdir(path) else os.path.dirname(path)

@@ -39,6 +39,7 @@ from rlmask._names import layer_of, module_of, natural_key
 from rlmask._options import Criterion, parse_criterion, threshold_label
 from rlmask._plan import PairOptions
 from rlmask._progress import progress_wanted, run_with_progress
+from rlmask._remote import is_remote, open_checkpoint
 from rlmask._report import Report, few, printable_lines, ratio, sort_modules
 from rlmask._resolve import resolve_checkpoint
 from rlmask._rlmask import __version__
@@ -67,7 +68,7 @@ def _holds_checkpoint(d: Path) -> bool:
     return any(d.glob("*.safetensors")) or any(d.glob("*.safetensors.index.json"))
 
 
-def discover(args: Sequence[PathArg]) -> list[Path]:
+def discover(args: Sequence[PathArg]) -> list[str]:
     """The checkpoints that ``args`` name, in run order.
 
     Each argument is a checkpoint (any form :func:`rlmask.diff` accepts), a glob pattern, or a
@@ -80,9 +81,12 @@ def discover(args: Sequence[PathArg]) -> list[Path]:
         CheckpointNotFoundError: an argument names nothing, or a pattern matches nothing.
         ValueError: the same checkpoint is named twice.
     """
-    found: list[Path] = []
+    found: list[str] = []
     for arg in args:
         text = os.fspath(arg)
+        if is_remote(text):
+            found.append(text)
+            continue
         if glob.has_magic(text) and not Path(text).exists():
             matches = sorted(glob.glob(text), key=natural_key)
             if not matches:
@@ -97,15 +101,15 @@ def discover(args: Sequence[PathArg]) -> list[Path]:
                     key=lambda c: natural_key(c.name),
                 )
                 if runs:
-                    found += runs
+                    found += [os.fspath(r) for r in runs]
                     continue
-            found.append(Path(resolve_checkpoint(m)))
-    seen: dict[Path, Path] = {}
-    for p in found:
-        real = p.resolve()
+            found.append(resolve_checkpoint(m))
+    seen: dict[str, str] = {}
+    for f in found:
+        real = f if is_remote(f) else os.fspath(Path(f).resolve())
         if real in seen:
-            raise ValueError(f"checkpoint {p} is given twice")
-        seen[real] = p
+            raise ValueError(f"checkpoint {f} is given twice")
+        seen[real] = f
     steps = [step_of(p) for p in found]
     known = [s for s in steps if s is not None]
     if found and len(known) == len(found):
@@ -319,10 +323,10 @@ class TrajectoryReport(Report):
         return printable_lines(lines)
 
 
-def _mask_name(path: Path, step: int | None, k: int) -> str:
+def _mask_name(path: str, step: int | None, k: int) -> str:
     if step is not None:
         return f"step-{step}.rlmask"
-    return f"{k:03d}-{path.name.removesuffix('.safetensors')}.rlmask"
+    return f"{k:03d}-{Path(path).name.removesuffix('.safetensors')}.rlmask"
 
 
 def trajectory(
@@ -478,8 +482,8 @@ def run_trajectory(
         ]
         for f in mask_files:
             check_output(f)
-    b = _rlmask.Checkpoint(resolve_checkpoint(base))
-    cs = [_rlmask.Checkpoint(p) for p in paths]
+    b = open_checkpoint(base)
+    cs = [open_checkpoint(p) for p in paths]
     provenance = [
         {
             "source": "trajectory",
@@ -492,12 +496,12 @@ def run_trajectory(
         for p in paths
     ]
     # The run's FP8 block size is the base's (given, or declared by its config.json).
-    plan = options.pairs.plan(b, cs, b.path)
+    plan = options.pairs.plan(b, cs, b)
     masks: list[PathArg] | None = list(mask_files) if mask_files else None
     if executor == "ray":
         raw = _ray_raw(
-            os.fspath(resolve_checkpoint(base)),
-            [os.fspath(p) for p in paths],
+            os.fspath(base) if is_remote(base) else resolve_checkpoint(base),
+            paths,
             (crit, plan),
             masks,
             provenance,
@@ -554,7 +558,7 @@ def run_trajectory(
     ).drop("ever", "last")
     return TrajectoryReport(
         base=os.fspath(base),
-        checkpoint_paths=[os.fspath(p) for p in paths],
+        checkpoint_paths=paths,
         steps=steps,
         criterion=cast(Criterion, crit.name),
         tolerance=crit.primary,
@@ -585,10 +589,10 @@ def _segment_task(
         *compare, mask_files=masks, mask_provenance=provenance, ever_file=ever
     )
     return _rlmask.trajectory(
-        _rlmask.Checkpoint(base),
-        [_rlmask.Checkpoint(p) for p in paths],
+        open_checkpoint(base),
+        [open_checkpoint(p) for p in paths],
         options,
-        previous=_rlmask.Checkpoint(previous) if previous else None,
+        previous=open_checkpoint(previous) if previous else None,
         final_mask=_rlmask.MaskFile(final),
     )
 
@@ -596,7 +600,7 @@ def _segment_task(
 def _last_mask_task(base: str, last: str, compare: _Compare, out: str) -> None:
     """The run's final mask (its last checkpoint against the base), on a Ray worker."""
     options = _rlmask.TrajectoryOptions(*compare, mask_files=[out])
-    _rlmask.trajectory(_rlmask.Checkpoint(base), [_rlmask.Checkpoint(last)], options)
+    _rlmask.trajectory(open_checkpoint(base), [open_checkpoint(last)], options)
 
 
 def _ray_raw(

@@ -6,7 +6,8 @@ Every error about the user's inputs or outputs derives from :class:`RlmaskError`
     ├── CheckpointError               a checkpoint could not be read
     │   ├── CheckpointNotFoundError   no checkpoint at that path or repo id
     │   ├── CheckpointFormatError     malformed safetensors header or index, or not a checkpoint
-    │   └── CheckpointChangedError    a file was truncated or rewritten while it was read
+    │   ├── CheckpointChangedError    a file was truncated or rewritten while it was read
+    │   └── RemoteError               a remote file could not be read (access, server, network)
     ├── TensorMismatchError           shapes or dtypes that cannot be compared
     ├── PairingError                  nothing to compare, or mostly unpaired tensor names
     ├── MaskError                     an invalid .rlmask file, or masks that do not fit together
@@ -51,6 +52,12 @@ class CheckpointChangedError(CheckpointError):
     """A file was truncated or rewritten while it was being read; nothing from it is reported."""
 
 
+class RemoteError(CheckpointError):
+    """A remote checkpoint file could not be read: access denied, a server that ignores range
+    requests, or a network failure that outlasted the retries. ``e.path`` is the URL without
+    its credentials or query."""
+
+
 class TensorMismatchError(RlmaskError):
     """A tensor has shapes or dtypes in the two checkpoints that cannot be compared."""
 
@@ -82,6 +89,7 @@ __all__ = [
     "MaskError",
     "OutputError",
     "PairingError",
+    "RemoteError",
     "RlmaskError",
     "RlmaskWarning",
     "TensorMismatchError",

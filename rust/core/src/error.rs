@@ -73,6 +73,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A remote file could not be read (access denied, a server that ignores ranges, a
+    /// network failure that outlasted the retries). The path is the URL as shown.
+    #[error("{}: {reason}", printable_path(path))]
+    Remote { path: PathBuf, reason: String },
+
     /// A caller passed an argument the core cannot act on.
     #[error("{}", printable(.0))]
     InvalidArgument(String),
@@ -144,7 +149,8 @@ impl Error {
             | Error::Index { path, .. }
             | Error::Changed { path, .. }
             | Error::Mask { path, .. }
-            | Error::Output { path, .. } => Some(path),
+            | Error::Output { path, .. }
+            | Error::Remote { path, .. } => Some(path),
             _ => None,
         }
     }

@@ -21,7 +21,7 @@ use kernels::simd;
 pub use masks::{bits, maskfile};
 pub use passes::{codec, diff, patch, trajectory};
 pub use planning::{fp8, names, plan, sample, sides};
-pub use reading::{atomic, checkpoint, guard, readahead, safetensors};
+pub use reading::{atomic, checkpoint, guard, readahead, remote, safetensors};
 
 pub use checkpoint::Checkpoint;
 pub use diff::{diff, DiffOptions, DiffResult, MaskFileSpec, Progress, TensorDiff};

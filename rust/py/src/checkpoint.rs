@@ -55,6 +55,72 @@ impl Checkpoint {
         })
     }
 
+    /// The checkpoint at an `http://` or `https://` URL (a folder, an index or a
+    /// `.safetensors` file), read by range requests carrying `headers`; every header is
+    /// fetched and validated, no tensor data until a pass reads it.
+    #[staticmethod]
+    #[pyo3(signature = (url, headers=Vec::new()))]
+    fn open_url(
+        py: Python<'_>,
+        url: String,
+        headers: Vec<(String, String)>,
+    ) -> Result<Self, CoreError> {
+        let inner = py.detach(|| core::Checkpoint::open_url(&url, headers))?;
+        Ok(Checkpoint {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// What the checkpoint is known by, as text: `path`, or for a remote checkpoint its URL
+    /// without credentials or query (`path` would fold its `//`).
+    #[getter]
+    fn location(&self) -> String {
+        self.inner.path.to_string_lossy().into_owned()
+    }
+
+    /// Whether the checkpoint is read over HTTP.
+    #[getter]
+    fn remote(&self) -> bool {
+        self.inner.shards.iter().any(|s| s.is_remote())
+    }
+
+    /// Bytes fetched over HTTP so far, all shards (0 for a local checkpoint).
+    #[getter]
+    fn fetched(&self) -> u64 {
+        self.inner.fetched()
+    }
+
+    /// For a remote checkpoint, the `config.json` beside it as the server gave it (None when
+    /// it has none, and for a local checkpoint).
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> Option<Bound<'py, pyo3::types::PyBytes>> {
+        self.inner
+            .config
+            .as_deref()
+            .map(|c| pyo3::types::PyBytes::new(py, c))
+    }
+
+    /// Each remote shard's `ETag`, in the order of `shards` (None for a local file or a
+    /// server that gives none).
+    #[getter]
+    fn shard_etags(&self) -> Vec<Option<String>> {
+        self.inner
+            .shards
+            .iter()
+            .map(|s| s.etag().map(str::to_string))
+            .collect()
+    }
+
+    /// Each shard's size in bytes, in the order of `shards`.
+    #[getter]
+    fn shard_sizes(&self) -> Vec<u64> {
+        self.inner
+            .shards
+            .iter()
+            .map(|s| s.file_bytes().len() as u64)
+            .collect()
+    }
+
     /// What the checkpoint is known by: the `.safetensors` or index file it was opened from;
     /// for a directory, its index file when it has one, else the directory itself.
     #[getter]
@@ -106,7 +172,8 @@ impl Checkpoint {
         // SAFETY (of `mapped_view`'s contract): the bytes live in a read-only memory map owned
         // by an `Arc` inside `slf`'s checkpoint, which is immutable (`frozen`) and never
         // remapped.
-        Ok(unsafe { mapped_view(shard.bytes(t), slf.into_any()) })
+        let bytes = slf.py().detach(|| shard.pinned(t)).map_err(CoreError)?;
+        Ok(unsafe { mapped_view(bytes, slf.into_any()) })
     }
 
     /// The values of tensor `name` as a float32 array (a copy), as a comparison reads them:
@@ -144,7 +211,7 @@ impl Checkpoint {
             .map(|m| m.as_slice())
             .collect::<Result<_, _>>()
             .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
-        let bytes = shard.bytes(t);
+        let bytes = py.detach(|| shard.read(t)).map_err(CoreError)?;
         let out =
             py.detach(|| core::kernel::binade_counts(bytes, t.dtype, &data, t.numel as usize));
         Ok(out.map_err(CoreError)?)

@@ -14,6 +14,7 @@ import_exception!(rlmask.errors, TensorMismatchError);
 import_exception!(rlmask.errors, PairingError);
 import_exception!(rlmask.errors, MaskError);
 import_exception!(rlmask.errors, OutputError);
+import_exception!(rlmask.errors, RemoteError);
 
 /// Wrapper that lets core errors convert into `PyErr` (both types are foreign to this crate).
 pub struct CoreError(pub Error);
@@ -45,6 +46,7 @@ impl From<CoreError> for PyErr {
             Error::Pairing { .. } => PairingError::new_err(args),
             Error::Mask { .. } => MaskError::new_err(args),
             Error::Output { .. } => OutputError::new_err(args),
+            Error::Remote { .. } => RemoteError::new_err(args),
             Error::InvalidArgument(_) => PyValueError::new_err(msg),
             Error::Cancelled => PyKeyboardInterrupt::new_err(msg),
         }

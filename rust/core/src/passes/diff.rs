@@ -556,6 +556,7 @@ fn compare_pairs<'a>(
     };
     readahead::in_order(
         items,
+        &progress.cancel,
         stretch,
         // Each worker reuses its buffers for dequantised FP8 stretches (a fresh megabyte per
         // chunk would cost its page faults every time).

@@ -386,6 +386,7 @@ pub fn trajectory(
         };
         readahead::in_order(
             items,
+            &progress.cancel,
             stretches,
             || (),
             |_, item| {

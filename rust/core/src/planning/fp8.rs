@@ -205,6 +205,9 @@ pub(crate) fn find<'a>(
                 },
                 other => other,
             })?;
+            // Scales are read all through the pass, by every worker: a remote file's are
+            // fetched here, once, and kept.
+            scale.0.pinned(scale.1)?;
             let cols = w.shape.last().copied().unwrap_or(1).max(1);
             of.insert(
                 weight.clone(),
@@ -401,7 +404,7 @@ pub fn values(ckpt: &Checkpoint, name: &str, block: Option<[u64; 2]>) -> Result<
         tensor: name.to_string(),
         reason: "no such tensor".into(),
     })?;
-    let raw = shard.bytes(t);
+    let raw = shard.read(t)?;
     let n = t.numel as usize;
     let floats = |bytes: Vec<u8>| {
         bytes

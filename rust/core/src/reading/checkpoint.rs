@@ -26,6 +26,9 @@ pub struct Checkpoint {
     /// MXFP4 weights stored as raw bytes (gpt-oss: `X_blocks`), by stored name: the same
     /// bytes seen as F4 elements ([`Checkpoint::get_value`]).
     mxfp4: BTreeMap<String, (usize, TensorInfo)>,
+    /// For a remote checkpoint, the `config.json` beside it, when the server has one (a local
+    /// checkpoint's is read from its folder by whoever needs it).
+    pub config: Option<Vec<u8>>,
 }
 
 /// The F4 view of `blocks` when it is an MXFP4 weight stored as gpt-oss stores it: U8
@@ -72,6 +75,18 @@ fn pickle_files(dir: &Path) -> Vec<String> {
     found.sort();
     found.truncate(3);
     found
+}
+
+/// `name` as a URL path segment: every byte but unreserved characters percent-encoded.
+fn url_escape(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// Fails unless `path` is (or links to) a regular file that can be statted.
@@ -233,12 +248,89 @@ impl Checkpoint {
         Self::from_shards(path, shards)
     }
 
-    /// A checkpoint made of the given shards; a tensor name may appear in one shard only.
+    /// A checkpoint made of the shard files at `paths`.
     fn from_shards(root: &Path, paths: Vec<PathBuf>) -> Result<Checkpoint> {
         let shards = paths
             .iter()
             .map(|p| Shard::open(p))
             .collect::<Result<Vec<_>>>()?;
+        Self::assemble(root, shards)
+    }
+
+    /// The checkpoint at `url`, read over HTTP(S) by range requests ([`crate::remote`]),
+    /// each request carrying `headers`: a `.safetensors` file, an index file, or a folder
+    /// holding `model.safetensors.index.json` or `model.safetensors` (a remote folder cannot
+    /// be listed). Every header is fetched and validated; no tensor data is fetched until a
+    /// pass reads it.
+    pub fn open_url(url: &str, headers: Vec<(String, String)>) -> Result<Checkpoint> {
+        let client = crate::remote::Client::new(headers);
+        let shown = PathBuf::from(crate::remote::shown_url(url));
+        let (path_part, query) = match url.find(['?', '#']) {
+            Some(i) => url.split_at(i),
+            None => (url, ""),
+        };
+        if !(path_part.starts_with("http://") || path_part.starts_with("https://")) {
+            return Err(Error::NotFound {
+                path: shown,
+                reason: "not an http:// or https:// URL".into(),
+            });
+        }
+        let open = |name: &str, folder: &str| {
+            Shard::open_remote(&client, &format!("{folder}{}{query}", url_escape(name)))
+        };
+        let (folder, index) = if path_part.ends_with(".json") || path_part.ends_with(".safetensors")
+        {
+            let cut = path_part.rfind('/').map_or(0, |i| i + 1);
+            (&path_part[..cut], Some(url.to_string()))
+        } else {
+            (path_part.trim_end_matches('/'), None)
+        };
+        let folder = if index.is_some() {
+            folder.to_string()
+        } else {
+            format!("{folder}/")
+        };
+        let index_url = index.unwrap_or_else(|| format!("{folder}{INDEX_NAME}{query}"));
+        let index_shown = PathBuf::from(crate::remote::shown_url(&index_url));
+        let mut ckpt = if path_part.ends_with(".safetensors") {
+            Self::assemble(&shown, vec![Shard::open_remote(&client, url)?])
+        } else {
+            match crate::remote::fetch_small(&client, &index_url)? {
+                Some(text) => Self::indexed(&index_shown, &text, |_| Ok(()), |f| open(f, &folder)),
+                None if path_part.ends_with(".json") => Err(Error::NotFound {
+                    path: index_shown,
+                    reason: "not found (HTTP 404)".into(),
+                }),
+                None => match open(SINGLE_NAME, &folder) {
+                    Ok(shard) => Self::assemble(&shown, vec![shard]),
+                    Err(Error::NotFound { .. }) => Err(Error::NotFound {
+                        path: shown,
+                        reason: format!(
+                        "holds no {INDEX_NAME} and no {SINGLE_NAME} (a remote folder cannot be \
+                         listed: name its index or .safetensors file)"
+                    ),
+                    }),
+                    Err(e) => Err(e),
+                },
+            }
+        }?;
+        // Beside a file named directly (perhaps by a signed URL, whose query is that file's
+        // alone), the config is read if it can be; beside a folder or index it must be.
+        let config = crate::remote::fetch_small(&client, &format!("{folder}config.json{query}"));
+        ckpt.config = match config {
+            Err(_) if path_part.ends_with(".safetensors") => None,
+            other => other?,
+        };
+        Ok(ckpt)
+    }
+
+    /// Bytes fetched over HTTP so far, all shards (0 for a local checkpoint).
+    pub fn fetched(&self) -> u64 {
+        self.shards.iter().map(Shard::fetched).sum()
+    }
+
+    /// A checkpoint made of the given shards; a tensor name may appear in one shard only.
+    fn assemble(root: &Path, shards: Vec<Shard>) -> Result<Checkpoint> {
         for shard in &shards {
             not_an_rlmask_file(shard)?;
         }
@@ -264,6 +356,7 @@ impl Checkpoint {
             shards,
             names,
             mxfp4: BTreeMap::new(),
+            config: None,
         };
         let mut mxfp4 = BTreeMap::new();
         for name in ckpt.names() {
@@ -297,9 +390,26 @@ impl Checkpoint {
             });
         }
         let text = std::fs::read(index_path).map_err(|e| Error::io(index_path, e))?;
-        let index: IndexFile = serde_json::from_slice(&text)
-            .map_err(|e| Error::index(index_path, format!("not a valid index file: {e}")))?;
         let dir = index_path.parent().unwrap_or(Path::new("."));
+        Self::indexed(
+            index_path,
+            &text,
+            |f| regular_file(&dir.join(f)),
+            |f| Shard::open(&dir.join(f)),
+        )
+    }
+
+    /// A checkpoint described by the index file `text` (read from `index_path`), checked
+    /// against its shards both ways: `usable` checks that a shard named by the index can be
+    /// opened (before any is), `open` opens it.
+    fn indexed(
+        index_path: &Path,
+        text: &[u8],
+        usable: impl Fn(&str) -> Result<()>,
+        open: impl Fn(&str) -> Result<Shard> + Sync,
+    ) -> Result<Checkpoint> {
+        let index: IndexFile = serde_json::from_slice(text)
+            .map_err(|e| Error::index(index_path, format!("not a valid index file: {e}")))?;
         let mut files: Vec<&String> = index.weight_map.values().collect();
         files.sort();
         files.dedup();
@@ -313,8 +423,7 @@ impl Checkpoint {
                     format!("shard '{f}' must be a file name inside the checkpoint directory"),
                 ));
             }
-            let shard = dir.join(p);
-            if let Err(e) = regular_file(&shard) {
+            if let Err(e) = usable(f) {
                 let tensor = index
                     .weight_map
                     .iter()
@@ -332,10 +441,15 @@ impl Checkpoint {
                 ));
             }
         }
-        let ckpt = Self::from_shards(
-            index_path,
-            files.iter().map(|f| dir.join(f.as_str())).collect(),
-        )?;
+        // In parallel: a remote shard's header costs a round trip (DeepSeek-V3 has 163 shards).
+        let shards = {
+            use rayon::prelude::*;
+            files
+                .par_iter()
+                .map(|f| open(f.as_str()))
+                .collect::<Result<Vec<_>>>()?
+        };
+        let ckpt = Self::assemble(index_path, shards)?;
         // Every listed tensor is where the index says, and every stored tensor is listed.
         let mut listed: Vec<(&String, &String)> = index.weight_map.iter().collect();
         listed.sort();

@@ -6,4 +6,5 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod guard;
 pub mod readahead;
+pub mod remote;
 pub mod safetensors;

@@ -150,7 +150,19 @@ fn plan<'a>(reads: &mut Vec<Read<'a>>, s: Stretch<'a>, needed_at: u64) {
 /// readers (so the `max` most urgent reads are in flight, whichever sides they are on).
 fn share(mut sides: Vec<Vec<Read<'_>>>, max: usize) -> Vec<(Vec<Read<'_>>, usize)> {
     if sides.len() <= max {
-        return sides.into_iter().map(|reads| (reads, 1)).collect();
+        // A remote side keeps several requests in flight: one at a time leaves a long link
+        // idle for a round trip per read.
+        let threads = |reads: &Vec<Read>| match reads.first() {
+            Some(r) if r.shard.is_remote() => crate::remote::STREAMS,
+            _ => 1,
+        };
+        return sides
+            .into_iter()
+            .map(|reads| {
+                let n = threads(&reads);
+                (reads, n)
+            })
+            .collect();
     }
     let mut all: Vec<Read> = sides.drain(..).flatten().collect();
     all.sort_by_key(|r| r.needed_at); // stable: every side's own reads keep their file order
@@ -223,7 +235,13 @@ impl Pace<'_> {
 
 /// Runs `pass` while the readers read their reads (in order, each when the pass has taken
 /// the bytes of items before it less [`WINDOW`]); they stop when `pass` returns.
-fn with_readers<T>(readers: &[(Vec<Read<'_>>, usize)], pass: impl FnOnce(&Pace) -> T) -> T {
+/// A remote file's readers also stop on `cancel`, and leave a read to the workers once they
+/// have taken the item that needs it first.
+fn with_readers<T>(
+    readers: &[(Vec<Read<'_>>, usize)],
+    cancel: &AtomicBool,
+    pass: impl FnOnce(&Pace) -> T,
+) -> T {
     let taken = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     let next: Vec<AtomicUsize> = readers.iter().map(|_| AtomicUsize::new(0)).collect();
@@ -232,6 +250,7 @@ fn with_readers<T>(readers: &[(Vec<Read<'_>>, usize)], pass: impl FnOnce(&Pace) 
         for ((reads, threads), next) in readers.iter().zip(&next) {
             for _ in 0..*threads {
                 let (taken, stop) = (&taken, &stop);
+                let halt = move || stop.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
                 handles.push(scope.spawn(move || {
                     while let Some(r) = reads.get(next.fetch_add(1, Ordering::Relaxed)) {
                         // Cached already (a warm file): nothing to read, nothing to wait for.
@@ -247,7 +266,11 @@ fn with_readers<T>(readers: &[(Vec<Read<'_>>, usize)], pass: impl FnOnce(&Pace) 
                         if stop.load(Ordering::Relaxed) {
                             return;
                         }
-                        r.shard.read_ahead(r.offset, r.len);
+                        // A remote read whose first item a worker has taken is the worker's
+                        // to fetch (read here too, its bytes could arrive after the pass
+                        // released them, and stay held to the end).
+                        let wanted = || r.needed_at >= taken.load(Ordering::Acquire);
+                        r.shard.read_ahead(r.offset, r.len, &halt, &wanted);
                     }
                 }));
             }
@@ -272,16 +295,20 @@ pub fn ahead<'a, T>(
     pass: impl FnOnce(&dyn Fn(usize)) -> T,
 ) -> T {
     let (readers, sizes) = plan_items(items, |st| st, None);
-    with_readers(&readers, |pace| pass(&|i| pace.took(sizes[i])))
+    let never = AtomicBool::new(false);
+    with_readers(&readers, &never, |pace| pass(&|i| pace.took(sizes[i])))
 }
 
 /// Runs `work` on every item, the items taken in the order given by all of rayon's workers,
 /// while readers keep each item's stretches (`stretches`: one per side, the sides in the same
 /// order for every item) in the page cache up to a window ahead, and the pages behind the
 /// workers are unmapped from the process block by block (`Behind`). Results come back in no
-/// particular order; the first error stops the pass.
+/// particular order; the first error stops the pass. The stretches of a remote shard are
+/// fetched before the item's `work` ([`Shard::ensure`]); `cancel` stops the workers waiting
+/// for them and the readers fetching them.
 pub fn in_order<'a, I, R, S>(
     items: Vec<I>,
+    cancel: &AtomicBool,
     stretches: impl Fn(&I) -> Vec<Stretch<'a>> + Sync,
     init: impl Fn() -> S + Sync,
     work: impl Fn(&mut S, I) -> Result<R> + Sync,
@@ -297,7 +324,8 @@ where
     let results: Mutex<Vec<R>> = Mutex::new(Vec::new());
     let first_error: Mutex<Option<crate::error::Error>> = Mutex::new(None);
 
-    with_readers(&readers, |pace| {
+    let halt = || stop.load(Ordering::Relaxed) || cancel.load(Ordering::Relaxed);
+    with_readers(&readers, cancel, |pace| {
         rayon::broadcast(|_| {
             let mut state = init();
             let mut mine = Vec::new();
@@ -311,7 +339,10 @@ where
                 };
                 pace.took(size);
                 let spans = stretches(&item);
-                match work(&mut state, item) {
+                let fetched = spans
+                    .iter()
+                    .try_for_each(|s| s.shard.ensure(s.offset, s.len, &halt));
+                match fetched.and_then(|()| work(&mut state, item)) {
                     Ok(r) => {
                         mine.push(r);
                         for s in &spans {
@@ -404,6 +435,7 @@ mod tests {
         let n = 5000;
         let got = in_order(
             (0..n).collect(),
+            &AtomicBool::new(false),
             |&i| {
                 let off = (i * 200) % (1 << 20);
                 vec![stretch(&a, off, 200), stretch(&b, off, 100)]
@@ -434,7 +466,7 @@ mod tests {
         let a = shard(dir.path(), "a", 4 << 20);
         evict(&a);
         let len = a.file_bytes().len();
-        a.read_ahead(0, len);
+        a.read_ahead(0, len, &|| false, &|| true);
         assert!(a.resident(0, len));
     }
 
@@ -495,6 +527,7 @@ mod tests {
         // them whole at once).
         let got = in_order(
             (0..12).collect(),
+            &AtomicBool::new(false),
             |&i: &usize| files.iter().map(|f| stretch(f, i << 19, 1 << 19)).collect(),
             || (),
             |_, i| {
@@ -640,6 +673,7 @@ mod tests {
         let start = files[0].tensors[0].offset;
         let sums = in_order(
             (start..n).step_by(1 << 19).collect(),
+            &AtomicBool::new(false),
             |&o: &usize| {
                 files
                     .iter()
@@ -677,6 +711,7 @@ mod tests {
         let n = 100_000;
         let got = in_order(
             (0..n).collect(),
+            &AtomicBool::new(false),
             |_| vec![stretch(&a, 0, 64), stretch(&a, 64, 64)],
             || (),
             |_, i: usize| {

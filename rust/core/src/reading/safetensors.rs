@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::guard;
+use crate::remote::{Client, Halt, Remote};
 
 /// Largest header we accept (the official library's limit).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
@@ -43,6 +44,9 @@ pub struct Shard {
     // Declared before `mmap` so that the range is unregistered before it is unmapped.
     guard: guard::Guard,
     mmap: Mmap,
+    /// For a shard read over HTTP: what of it has been fetched into the in-memory file that
+    /// `mmap` maps (see [`crate::remote`]).
+    remote: Option<Box<Remote>>,
 }
 
 /// Size and modification time of a file when it was opened.
@@ -112,16 +116,23 @@ fn explain_other_format(path: &Path, bytes: &[u8], err: Error) -> Error {
     err
 }
 
-/// [`Shard::check_unchanged`] of every distinct shard in `shards`, in their order: a pass holds
-/// one reference per tensor, and a file needs one `stat` however many of its tensors were read.
+/// [`Shard::check_unchanged`] of every distinct shard in `shards`: a pass holds one reference
+/// per tensor, and a file needs one `stat` however many of its tensors were read. Local files
+/// in their order; remote ones (a request each) all at once.
 pub fn check_all_unchanged<'a>(shards: impl IntoIterator<Item = &'a Shard>) -> Result<()> {
     let mut seen = HashSet::new();
+    let mut remote = Vec::new();
     for shard in shards {
         if seen.insert(std::ptr::from_ref(shard)) {
-            shard.check_unchanged()?;
+            if shard.is_remote() {
+                remote.push(shard);
+            } else {
+                shard.check_unchanged()?;
+            }
         }
     }
-    Ok(())
+    use rayon::prelude::*;
+    remote.par_iter().try_for_each(|s| s.check_unchanged())
 }
 
 impl fmt::Debug for Shard {
@@ -162,6 +173,45 @@ impl Shard {
         // reports anything (see `guard`); a rewrite in place is caught by the size and
         // modification-time check of `check_unchanged`.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::mapped(path.to_path_buf(), mmap, Stamp::of(&meta), None)
+    }
+
+    /// Opens the safetensors file at `url` over HTTP(S) ([`crate::remote`]): fetches and
+    /// validates its whole header, and nothing else, as [`Shard::open`] reads a local one.
+    pub fn open_remote(client: &std::sync::Arc<Client>, url: &str) -> Result<Shard> {
+        let (remote, file) = Remote::open(client, url)?;
+        let path = remote.shown().to_path_buf();
+        // SAFETY: the map is read-only and of an anonymous in-memory file that only this
+        // shard's `Remote` writes to, with `pwrite`, and only in ranges that no reader reads
+        // yet: a pass reads a range only after `Shard::ensure` returned for it, and bytes are
+        // written only into ranges not yet fetched (`Remote::ensure` marks them busy first)
+        // and dropped only once every item reading them is done. Its size is fixed, so no read
+        // of the map can fault; a range not fetched reads as zeros, which is why every reader
+        // ensures its bytes first.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let never = || false;
+        // The header's length, then the header (a length past the limit is refused by the
+        // parse, without fetching it).
+        remote.ensure(0, 8, &never)?;
+        let n = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes"));
+        if n <= MAX_HEADER_LEN {
+            remote.ensure(0, 8 + n as usize, &never)?;
+        }
+        let stamp = Stamp {
+            len: mmap.len() as u64,
+            mtime: None,
+        };
+        Self::mapped(path, mmap, stamp, Some(Box::new(remote)))
+    }
+
+    /// A shard over `mmap`, its header parsed and validated.
+    fn mapped(
+        path: PathBuf,
+        mmap: Mmap,
+        stamp: Stamp,
+        remote: Option<Box<Remote>>,
+    ) -> Result<Shard> {
+        let path = path.as_path();
         let guard = guard::register(mmap.as_ptr(), mmap.len());
         let (tensors, metadata) =
             parse_header(path, &mmap).map_err(|e| explain_other_format(path, &mmap, e))?;
@@ -182,16 +232,64 @@ impl Shard {
                 let _ = unsafe {
                     mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, whole_pages)
                 };
+                if let Some(r) = &remote {
+                    r.release(0, whole_pages);
+                }
             }
         }
         Ok(Shard {
             path: path.to_path_buf(),
             tensors,
             metadata,
-            stamp: Stamp::of(&meta),
+            stamp,
             guard,
             mmap,
+            remote,
         })
+    }
+
+    /// Whether the shard is read over HTTP.
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// For a remote shard, the server's `ETag` of the file (every response is checked
+    /// against it); `None` for a local file or a server that gives none.
+    pub fn etag(&self) -> Option<&str> {
+        self.remote.as_ref().and_then(|r| r.etag())
+    }
+
+    /// Bytes fetched over HTTP so far (0 for a local file).
+    pub fn fetched(&self) -> u64 {
+        self.remote
+            .as_ref()
+            .map_or(0, |r| r.fetched.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Makes `len` bytes from `offset` readable: for a remote shard, fetches them (or waits
+    /// for the thread fetching them); for a local file, nothing. Every reader of a remote
+    /// shard's bytes calls it first (a range not fetched would read as zeros).
+    pub fn ensure(&self, offset: usize, len: usize, halt: Halt) -> Result<()> {
+        match &self.remote {
+            Some(r) => r.ensure(offset, len, halt),
+            None => Ok(()),
+        }
+    }
+
+    /// The bytes of one tensor, fetched first when the shard is remote ([`Shard::ensure`]).
+    pub fn read(&self, t: &TensorInfo) -> Result<&[u8]> {
+        self.ensure(t.offset, t.len, &|| false)?;
+        Ok(self.bytes(t))
+    }
+
+    /// [`Shard::read`], the bytes of a remote shard kept for as long as the shard lives,
+    /// whatever a pass releases around them: for scales that every worker reads, and views
+    /// handed to Python.
+    pub fn pinned(&self, t: &TensorInfo) -> Result<&[u8]> {
+        if let Some(r) = &self.remote {
+            r.pin(t.offset, t.len)?;
+        }
+        Ok(self.bytes(t))
     }
 
     /// Fails when a read of this file's map faulted: the file was truncated while mapped, and
@@ -212,6 +310,12 @@ impl Shard {
     /// from when it was opened: figures read from it may mix two versions of the file.
     pub fn check_unchanged(&self) -> Result<()> {
         self.check_faults()?;
+        if let Some(r) = &self.remote {
+            // Every response was checked against the size and ETag seen on opening; one more
+            // request says whether the file is still that one.
+            r.check()?;
+            return r.revalidate();
+        }
         let changed = |reason: String| Error::Changed {
             path: self.path.clone(),
             reason,
@@ -267,9 +371,16 @@ impl Shard {
     /// page tables before a pass gets there, for [`crate::readahead`]: on Linux one
     /// synchronous `MADV_POPULATE_READ`, elsewhere an asynchronous `MADV_WILLNEED`. A hint:
     /// failures are ignored (a read of a truncated file is reported by the pass's fault check).
-    pub fn read_ahead(&self, offset: usize, len: usize) {
+    /// A remote shard fetches the bytes instead, while `wanted` says they still are (see
+    /// [`Remote::fetch_if`]) and until `halt` says to stop; a failure is kept and reported by
+    /// the next [`Shard::ensure`].
+    pub fn read_ahead(&self, offset: usize, len: usize, halt: Halt, wanted: &dyn Fn() -> bool) {
         let len = len.min(self.mmap.len().saturating_sub(offset));
         if len == 0 {
+            return;
+        }
+        if let Some(r) = &self.remote {
+            let _ = r.fetch_if(offset, len, halt, wanted);
             return;
         }
         #[cfg(target_os = "linux")]
@@ -289,7 +400,12 @@ impl Shard {
     /// spread over the workers, and the pages of a pair larger than memory are no longer held
     /// by this process. A later read of the range faults the same bytes back in. A hint:
     /// failures are ignored.
+    /// A remote shard drops the fetched bytes ([`crate::remote::Remote::release`]).
     pub fn release(&self, offset: usize, len: usize) {
+        if let Some(r) = &self.remote {
+            r.release(offset, len);
+            return;
+        }
         #[cfg(unix)]
         {
             const PAGE: usize = 4096;
@@ -320,6 +436,9 @@ impl Shard {
     /// because asking for every page of a large file costs tens of milliseconds; a stretch
     /// taken for cached that is not is only read by the pass itself.
     pub(crate) fn resident(&self, offset: usize, len: usize) -> bool {
+        if let Some(r) = &self.remote {
+            return r.holds(offset, len);
+        }
         #[cfg(target_os = "linux")]
         {
             const PAGE: usize = 4096;
