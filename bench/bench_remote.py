@@ -11,6 +11,9 @@ interleaved, with the files warm in the page cache (the server's disk is not wha
 - ``rlmask local``: the same diff of the local files, for reference;
 - ``rlmask sampled``: ``rlmask.diff(..., sample=0.01)`` of the URLs.
 
+Each rlmask run also reports its peak resident memory (``ru_maxrss``; fetched bytes live in an
+in-memory file the process maps, so they count).
+
 Bytes are nginx's own count (its access log). With ``--limit-rate R`` (e.g. ``50m``) every
 connection is limited to R bytes/s, like a remote link of many flows.
 
@@ -33,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from servers import nginx
 
 RUN = """
-import sys, time, json, rlmask
+import sys, time, json, resource, rlmask
 t = time.perf_counter()
 kw = json.loads(sys.argv[3])
 r = rlmask.diff(sys.argv[1], sys.argv[2], criterion="exact", progress=False, **kw)
-print(json.dumps({"s": time.perf_counter() - t, "changed": r.changed}))
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"s": time.perf_counter() - t, "changed": r.changed, "rss": rss}))
 """
 
 
@@ -94,6 +98,7 @@ def main() -> None:
                 f.read_bytes()
             rows: dict[str, list[float]] = {"curl": [], "remote": [], "local": [], "sampled": []}
             sent: dict[str, int] = {}
+            rss: dict[str, int] = {"curl": 0}
             for _ in range(args.repeat):
                 srv.clear_log()
                 t = time.perf_counter()
@@ -119,7 +124,9 @@ def main() -> None:
                         text=True,
                         check=True,
                     )
-                    rows[key].append(json.loads(out.stdout)["s"])
+                    got = json.loads(out.stdout)
+                    rows[key].append(got["s"])
+                    rss[key] = max(rss.get(key, 0), got["rss"])
                     sent[key] = srv.sent()
     gb = total / 1e9
     print(f"pair: {gb:.2f} GB in {len(files)} files; best of {args.repeat}")
@@ -129,7 +136,7 @@ def main() -> None:
         rate = (sent[key] or total) / best / 1e9
         print(
             f"{key:8s} {best:7.3f} s  {rate:6.2f} GB/s  server sent {sent[key] / 1e9:6.3f} GB"
-            f"  time/curl {best / curl:5.2f}x"
+            f"  time/curl {best / curl:5.2f}x  peak RSS {rss[key] / 2**20:5.0f} MiB"
         )
 
 

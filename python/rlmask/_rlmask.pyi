@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "APPLY_JOURNAL",
     "COMBINE_OPS",
     "CRITERIA",
     "DEFAULT_PATCH_CODEC",
@@ -39,7 +40,9 @@ __all__ = [
     "mask_overlap",
     "pairing",
     "patch_apply",
+    "patch_apply_in_place",
     "patch_create",
+    "patch_recover",
     "patch_verify",
     "printable",
     "trajectory",
@@ -52,6 +55,7 @@ CRITERIA: tuple[str, ...]
 COMBINE_OPS: tuple[str, ...]
 PATCH_CODECS: tuple[str, ...]
 DEFAULT_PATCH_CODEC: str
+APPLY_JOURNAL: str
 
 @final
 class TensorInfo:
@@ -393,6 +397,13 @@ def patch_apply(
     *,
     progress: Progress | None = None,
 ) -> None: ...
+def patch_apply_in_place(
+    base: Checkpoint,
+    patches: list[PatchFile],
+    *,
+    progress: Progress | None = None,
+) -> None: ...
+def patch_recover(dir: str | PathLike[str]) -> int: ...
 def patch_verify(
     base: Checkpoint,
     patch: PatchFile,

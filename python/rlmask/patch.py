@@ -40,14 +40,18 @@ __all__ = [
     "DEFAULT_CODEC",
     "PatchInfo",
     "apply",
+    "apply_in_place",
     "changes",
     "convert",
     "create",
     "load",
     "read_trl",
+    "read_vllm",
     "records",
+    "recover",
     "tensor_entry",
     "verify",
+    "vllm_patches",
     "write_plain",
 ]
 
@@ -292,6 +296,53 @@ def apply(
         desc="applying",
     )
     return Path(out)
+
+
+def apply_in_place(
+    checkpoint: PathArg, patches: PathArg | Sequence[PathArg], *, progress: bool = True
+) -> Path:
+    """Applies ``patches`` in order to the checkpoint directory ``checkpoint`` where it lies,
+    rewriting only the pieces of its shards that a patch changes (design §9).
+
+    The directory must be exactly the first patch's base (every tensor's fingerprint is
+    checked, and every patch's promise, before anything is written). Crash-safe: the old bytes
+    of every changed element go to an undo journal (``.rlmask-apply.journal`` in the
+    directory, synced) before the first byte of a shard is written; a crash or failure after
+    that leaves the journal, every command refuses the directory until :func:`recover` (``rlmask
+    patch recover``) writes the old bytes back, and the old weights are checked by their
+    fingerprints. A failure while writing rolls back at once. Readers that map the shards while
+    they are updated (a serving engine) see the change as it is written.
+
+    Raises:
+        PairingError: the directory is not the patch's base, or a chain with a patch missing,
+            repeated or out of order.
+        CheckpointFormatError: a corrupt patch.
+        CheckpointChangedError: an interrupted apply's journal is in the directory.
+        OutputError: a shard cannot be written.
+    """
+    paths = [patches] if isinstance(patches, (str, os.PathLike)) else list(patches)
+    files = [_rlmask.PatchFile(os.fspath(p)) for p in paths]
+    a = _rlmask.Checkpoint(resolve_checkpoint(checkpoint))
+    run_with_progress(
+        lambda watch: _rlmask.patch_apply_in_place(a, files, progress=watch),
+        show=progress_wanted(progress),
+        desc="applying in place",
+    )
+    return Path(checkpoint)
+
+
+def recover(checkpoint: PathArg) -> int:
+    """Undoes an interrupted :func:`apply_in_place` of the directory ``checkpoint``: writes
+    back the old bytes its journal holds, checks every restored tensor's fingerprint, removes
+    the journal. Returns the tensors restored (0 when there was no journal: an apply stopped
+    before its journal was in place had written nothing).
+
+    Raises:
+        CheckpointChangedError: a damaged journal, or a tensor without its old fingerprint.
+    """
+    where = os.fspath(checkpoint)
+    folder = where if os.path.isdir(where) else os.path.dirname(where) or "."
+    return _rlmask.patch_recover(folder)
 
 
 def verify(
@@ -612,6 +663,82 @@ def vllm_record(
     }
 
 
+def _vllm_patch_class() -> Any:
+    """vLLM's ``CheckpointWeightPatch``."""
+    from vllm.model_executor.model_loader.checkpoint_weight_patch import CheckpointWeightPatch
+
+    return CheckpointWeightPatch
+
+
+def vllm_patches(
+    path: PathArg, *, fuse_experts: bool = False, patch_class: Any = None
+) -> Iterator[Any]:
+    """The patch's changes as vLLM's own ``CheckpointWeightPatch`` objects (from
+    ``vllm.model_executor.model_loader.checkpoint_weight_patch``), ready for vLLM's
+    ``load_checkpoint_weight_patches(model, patches)`` or its sparse NCCL weight transfer:
+    :func:`records` with the shape as a tuple and the dtype as a torch dtype. ``patch_class``
+    replaces vLLM's class (where vLLM is not importable, e.g. its module loaded from a file).
+
+    Example:
+        >>> from vllm.model_executor.model_loader.checkpoint_weight_patch import (
+        ...     load_checkpoint_weight_patches)
+        >>> load_checkpoint_weight_patches(model, rlmask.patch.vllm_patches("200.rlpatch"))
+
+    Raises:
+        ImportError: vLLM is not installed and no ``patch_class`` is given.
+        ValueError: as :func:`records`.
+    """
+    from rlmask.torch.dtypes import torch_dtype
+
+    patch_class = patch_class or _vllm_patch_class()
+    for r in records(path, fuse_experts=fuse_experts):
+        yield patch_class(
+            name=r["name"],
+            shape=tuple(r["shape"]),
+            dtype=torch_dtype(r["dtype"]),
+            values=r["values"],
+            indices=r["indices"],
+        )
+
+
+#: The ``format`` of a file of vLLM checkpoint patches (``patch convert --to vllm``).
+VLLM_FORMAT = "vllm_checkpoint_weight_patch"
+
+
+def read_vllm(path: PathArg, *, patch_class: Any = None) -> Iterator[Any]:
+    """The ``CheckpointWeightPatch`` objects of a file written by ``convert(to="vllm")``:
+    ``{name}.indices`` (int32, or int64 past 2^31 - 1 elements) and ``{name}.values`` per
+    tensor, every tensor's full shape and dtype in the metadata (``tensors``: JSON of ``{name:
+    [shape, dtype]}``), in the file's order. vLLM defines no file of its own for these (its
+    releases up to 0.34 send them over NCCL or in memory); this one holds exactly their fields.
+    ``patch_class`` as in :func:`vllm_patches`.
+
+    Raises:
+        CheckpointFormatError: not such a file.
+    """
+    from safetensors import safe_open
+
+    from rlmask.torch.dtypes import torch_dtype
+
+    patch_class = patch_class or _vllm_patch_class()
+    with safe_open(os.fspath(path), framework="pt") as h:
+        meta = h.metadata() or {}
+        if meta.get("format") != VLLM_FORMAT:
+            raise CheckpointFormatError(f"{path}: not a file of vLLM checkpoint patches")
+        try:
+            described = json.loads(meta["tensors"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointFormatError(f"{path}: no valid 'tensors' metadata ({e})") from None
+        for name, (shape, dtype) in described.items():
+            yield patch_class(
+                name=name,
+                shape=tuple(shape),
+                dtype=torch_dtype(dtype),
+                values=h.get_tensor(f"{name}.values"),
+                indices=h.get_tensor(f"{name}.indices"),
+            )
+
+
 #: TRL's delta-sync index encodings.
 TRL_ENCODINGS = ("raw", "gap_delta")
 
@@ -663,13 +790,15 @@ def convert(
     base: PathArg | None = None,
     encoding: str = "raw",
 ) -> None:
-    """Converts between rlmask patches and TRL's delta-sync files (needs torch).
+    """Converts rlmask patches to TRL's delta-sync files or vLLM's checkpoint patches, and
+    either back (needs torch).
 
     ``to="trl"``: an rlmask patch becomes a TRL file (``{name}.idx`` in ``encoding``: ``raw``
     int32, or ``gap_delta`` uint16, uint32 for a tensor whose gaps exceed 65535; ``{name}.val``;
-    dense tensors as all their indices). ``to="rlmask"``: a TRL file becomes an rlmask patch;
-    TRL files carry neither shapes nor fingerprints, so ``base`` (the weights the sync applies
-    to) is read for them.
+    dense tensors as all their indices). ``to="vllm"``: the patch's :func:`records` in a file
+    that :func:`read_vllm` turns into vLLM's ``CheckpointWeightPatch`` objects. ``to="rlmask"``:
+    a TRL or vLLM file becomes an rlmask patch; they carry no fingerprints (TRL's no shapes
+    either), so ``base`` (the weights the sync applies to) is read for them.
 
     Raises:
         ValueError: a wrong ``to`` or ``encoding``, or ``to="rlmask"`` without ``base``.
@@ -679,6 +808,16 @@ def convert(
     from safetensors.torch import save_file
 
     check_not_input(out, [src, base])
+    if to == "vllm":
+        check_output(out)
+        tensors, described = {}, {}
+        for r in records(src):
+            tensors[f"{r['name']}.indices"] = r["indices"]
+            tensors[f"{r['name']}.values"] = r["values"]
+            described[r["name"]] = [r["shape"], r["dtype"]]
+        meta = {"format": VLLM_FORMAT, "version": "1", "tensors": json.dumps(described)}
+        write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        return
     if to == "trl":
         if encoding not in TRL_ENCODINGS:
             raise ValueError(f"unknown encoding '{encoding}' ({', '.join(TRL_ENCODINGS)})")
@@ -699,13 +838,22 @@ def convert(
         write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         return
     if to != "rlmask":
-        raise ValueError(f"unknown target '{to}' (trl or rlmask)")
+        raise ValueError(f"unknown target '{to}' (trl, vllm or rlmask)")
     if base is None:
-        raise ValueError("converting a TRL file needs base= (--base): the weights it applies to")
+        raise ValueError(
+            "converting a TRL or vLLM file needs base= (--base): the weights it applies to"
+        )
     check_output(out)
     from safetensors import safe_open
 
-    trl = read_trl(src)
+    with safe_open(os.fspath(src), framework="pt") as h:
+        vllm = (h.metadata() or {}).get("format") == VLLM_FORMAT
+    if vllm:
+        trl = {
+            p["name"]: (p["indices"].long(), p["values"]) for p in read_vllm(src, patch_class=dict)
+        }
+    else:
+        trl = read_trl(src)
     ckpt = _rlmask.Checkpoint(resolve_checkpoint(base))
     missing = sorted(set(trl) - set(ckpt.names()))
     if missing:

@@ -87,28 +87,67 @@ def patch_create(
     "-o",
     "--output",
     type=DIRECTORY,
-    required=True,
     help="The checkpoint directory to write (must not exist, or be empty).",
+)
+@click.option(
+    "--in-place",
+    is_flag=True,
+    help="Update BASE's directory where it lies instead, rewriting only the pieces a patch "
+    "changes, with an undo journal (crash-safe; see `rlmask patch recover`).",
 )
 @quiet_option
 @user_errors
-def patch_apply(base: str, patch_files: tuple[str, ...], output: str, quiet: bool) -> None:
-    """Apply PATCH... in order to BASE, writing the result as a new checkpoint directory.
+def patch_apply(
+    base: str, patch_files: tuple[str, ...], output: str | None, in_place: bool, quiet: bool
+) -> None:
+    """Apply PATCH... in order to BASE, writing the result as a new checkpoint directory
+    (-o), or updating BASE's directory in place (--in-place).
 
     The output has BASE's sharding, headers, index and other files; every tensor is checked
     against the fingerprints each patch expects before and promises after, so a patch made
     from another base, a corrupt patch, or a chain with a patch missing, repeated or out of
-    order fails, naming the tensor. BASE is never modified.
+    order fails, naming the tensor, before anything is written. Without --in-place BASE is
+    never modified. With it, the old bytes of every changed element are journaled (synced)
+    before the first shard byte is written: a crash leaves the journal, and `rlmask patch
+    recover BASE` restores the old weights (every other command refuses the directory until
+    then).
 
     \b
     Examples:
       rlmask patch apply step-100/ 200.rlpatch 300.rlpatch -o step-300/
+      rlmask patch apply serving/ 200.rlpatch --in-place
     """
     from rlmask import patch as patches
 
+    if in_place == (output is not None):
+        raise click.UsageError("give either -o/--output DIR or --in-place")
+    if in_place:
+        patches.apply_in_place(base, list(patch_files), progress=not quiet)
+        click.echo(f"updated {base} in place")
+        return
+    assert output is not None
     check_outputs("table", None, None, inputs=[base, *patch_files], others=[output])
     out = patches.apply(base, list(patch_files), output, progress=not quiet)
     click.echo(f"wrote {out}")
+
+
+@patch.command("recover")
+@click.argument("checkpoint")
+@user_errors
+def patch_recover(checkpoint: str) -> None:
+    """Undo an interrupted `patch apply --in-place` of CHECKPOINT: write back the old bytes its
+    journal holds, check every restored tensor's fingerprint, remove the journal.
+
+    \b
+    Examples:
+      rlmask patch recover serving/
+    """
+    from rlmask import patch as patches
+
+    n = patches.recover(checkpoint)
+    click.echo(
+        f"restored {n} tensors of {checkpoint}" if n else f"{checkpoint}: nothing to recover"
+    )
 
 
 @patch.command("info")
@@ -130,14 +169,15 @@ def patch_info(file: str, by: str, fmt: str, output: str | None) -> None:
 @click.option("-o", "--output", type=FILE, required=True, help="The file to write.")
 @click.option(
     "--to",
-    type=click.Choice(["trl", "rlmask"]),
+    type=click.Choice(["trl", "vllm", "rlmask"]),
     required=True,
-    help="trl: an rlmask patch to TRL's delta-sync file; rlmask: a TRL file to an rlmask patch.",
+    help="trl: an rlmask patch to TRL's delta-sync file; vllm: to vLLM's checkpoint patches "
+    "(CheckpointWeightPatch fields); rlmask: a TRL or vLLM file to an rlmask patch.",
 )
 @click.option(
     "--base",
-    help="With --to rlmask: the checkpoint the TRL sync applies to (TRL files carry no shapes "
-    "or fingerprints).",
+    help="With --to rlmask: the checkpoint the TRL or vLLM file applies to (they carry no "
+    "fingerprints; TRL files no shapes either).",
 )
 @click.option(
     "--encoding",
@@ -148,17 +188,19 @@ def patch_info(file: str, by: str, fmt: str, output: str | None) -> None:
 )
 @user_errors
 def patch_convert(src: str, output: str, to: str, base: str | None, encoding: str) -> None:
-    """Convert SRC between rlmask patches and TRL's delta-sync files (needs torch).
+    """Convert SRC between rlmask patches, TRL's delta-sync files and vLLM's checkpoint
+    patches (needs torch).
 
     \b
     Examples:
       rlmask patch convert 200.rlpatch --to trl --encoding gap_delta -o sync-200.safetensors
+      rlmask patch convert 200.rlpatch --to vllm -o vllm-200.safetensors
       rlmask patch convert sync-200.safetensors --to rlmask --base step-100/ -o 200.rlpatch
     """
     from rlmask import patch as patches
 
     if to == "rlmask" and base is None:
-        raise click.UsageError("--to rlmask needs --base: the checkpoint the TRL file applies to")
+        raise click.UsageError("--to rlmask needs --base: the checkpoint the file applies to")
     check_outputs("table", None, None, inputs=[src, base], others=[output])
     patches.convert(src, output, to=to, base=base, encoding=encoding)
     click.echo(f"wrote {output}")

@@ -31,7 +31,8 @@ mod _rlmask {
     use super::names::{canonical_name, printable};
     #[pymodule_export]
     use super::patch::{
-        compact_bytes, fingerprint, patch_apply, patch_create, patch_verify, PatchEntry, PatchFile,
+        compact_bytes, fingerprint, patch_apply, patch_apply_in_place, patch_create, patch_recover,
+        patch_verify, PatchEntry, PatchFile,
     };
     #[pymodule_export]
     use super::plan::{pairing, Pairing, PlanOptions};
@@ -57,6 +58,7 @@ mod _rlmask {
         m.add(
             "DEFAULT_PATCH_CODEC",
             rlmask_core::patch::Codec::DEFAULT.name(),
-        )
+        )?;
+        m.add("APPLY_JOURNAL", rlmask_core::patch::JOURNAL)
     }
 }

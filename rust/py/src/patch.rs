@@ -208,6 +208,33 @@ pub fn patch_apply(
     Ok(())
 }
 
+/// Applies `patches` in order to the checkpoint directory of `base`, in place, with an undo
+/// journal (see `rlmask.patch.apply_in_place`).
+#[pyfunction]
+#[pyo3(signature = (base, patches, *, progress=None))]
+pub fn patch_apply_in_place(
+    py: Python<'_>,
+    base: &Checkpoint,
+    patches: Vec<PyRef<'_, PatchFile>>,
+    progress: Option<&Progress>,
+) -> PyResult<()> {
+    let watch = progress.map(Progress::shared).unwrap_or_default();
+    let a = base.inner.clone();
+    let ps: Vec<Arc<patch::Patch>> = patches.iter().map(|p| p.inner.clone()).collect();
+    py.detach(|| {
+        let refs: Vec<&patch::Patch> = ps.iter().map(|p| p.as_ref()).collect();
+        patch::apply_in_place(&a, &refs, &watch)
+    })
+    .map_err(CoreError)?;
+    Ok(())
+}
+
+/// Undoes an interrupted in-place apply of the directory `dir`; returns the tensors restored.
+#[pyfunction]
+pub fn patch_recover(py: Python<'_>, dir: PathBuf) -> PyResult<usize> {
+    Ok(py.detach(|| patch::recover(&dir)).map_err(CoreError)?)
+}
+
 /// Checks that `patch` applies to `base` and gives what it promises (and `tuned`, if given).
 #[pyfunction]
 #[pyo3(signature = (base, patch, tuned=None, *, progress=None))]

@@ -60,6 +60,10 @@ struct IndexFile {
     weight_map: HashMap<String, String>,
 }
 
+/// The undo journal of an in-place patch apply (`patch::apply_in_place`) inside a checkpoint
+/// directory: while it is there the directory may mix two versions, and is refused.
+pub const JOURNAL: &str = ".rlmask-apply.journal";
+
 const INDEX_NAME: &str = "model.safetensors.index.json";
 const SINGLE_NAME: &str = "model.safetensors";
 
@@ -161,6 +165,21 @@ impl Checkpoint {
                     crate::safetensors::file_kind(&meta)
                 ),
             ));
+        }
+        let dir = if meta.is_dir() {
+            path
+        } else {
+            path.parent().unwrap_or(Path::new("."))
+        };
+        let journal = dir.join(JOURNAL);
+        if journal.exists() {
+            return Err(Error::Changed {
+                path: journal,
+                reason: "an in-place patch apply was interrupted here, and the weights may mix \
+                         two versions: run `rlmask patch recover` on the directory (it restores \
+                         the weights from before it)"
+                    .into(),
+            });
         }
         if meta.is_file() {
             if path.to_string_lossy().ends_with(".json") {

@@ -64,7 +64,7 @@ impl AtomicFile {
 /// Checks that `patches` apply to `base` in this order, from their descriptions alone: the
 /// first describes exactly `base`'s tensors with their shapes and dtypes, and each next one
 /// starts from the fingerprints the one before ends at.
-fn check_chain(base: &Checkpoint, patches: &[&Patch]) -> Result<()> {
+pub(super) fn check_chain(base: &Checkpoint, patches: &[&Patch]) -> Result<()> {
     let Some(first) = patches.first() else {
         return Err(Error::InvalidArgument("no patch to apply".into()));
     };
@@ -124,7 +124,7 @@ fn check_chain(base: &Checkpoint, patches: &[&Patch]) -> Result<()> {
 /// Streams one tensor of `base` through `patches` in pieces: each piece is handed to `sink`
 /// after every patch has written over it; checks `base`'s fingerprint against the first
 /// patch and the result's against the last (and `tuned`'s bytes when given).
-fn stream_tensor(
+pub(super) fn stream_tensor(
     name: &str,
     bytes: &[u8],
     dtype: Dtype,

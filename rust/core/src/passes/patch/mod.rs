@@ -622,10 +622,12 @@ impl<'p> Changes<'p> {
 mod apply;
 mod create;
 mod fingerprint;
+mod inplace;
 
 pub use apply::{apply, is_model_file, verify};
 pub use create::{create, Created};
 pub use fingerprint::fingerprint;
+pub use inplace::{apply_in_place, recover, JOURNAL};
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,153 @@
+"""``patch apply --in-place`` (issue 31): the checkpoint directory updated where it lies, byte
+for byte the copying apply's result, refused when it is not the patch's base, and crash-safe:
+killed at any moment, the directory holds the old weights, the new ones, or a journal that
+every command refuses until ``rlmask patch recover`` restores the old weights."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import rlmask
+import rlmask.patch as P
+from rlmask.cli import cli
+from test_patch import _move, _tensors, _write_sharded
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> tuple[Path, Path, Path, Path, Path]:
+    rng = np.random.default_rng(1)
+    a = _tensors(rng)
+    b = _move(rng, a, 0.05)
+    c = _move(rng, b, 0.2)
+    for name, t in (("A", a), ("B", b), ("C", c)):
+        _write_sharded(tmp_path / name, t)
+    P.create(tmp_path / "A", tmp_path / "B", tmp_path / "ab.rlpatch", progress=False)
+    P.create(tmp_path / "B", tmp_path / "C", tmp_path / "bc.rlpatch", progress=False)
+    return (
+        tmp_path / "A",
+        tmp_path / "B",
+        tmp_path / "C",
+        tmp_path / "ab.rlpatch",
+        tmp_path / "bc.rlpatch",
+    )
+
+
+def test_in_place_is_the_copying_apply(run: tuple, tmp_path: Path) -> None:
+    a, _, c, ab, bc = run
+    served = tmp_path / "served"
+    shutil.copytree(a, served)
+    inodes = {p.name: p.stat().st_ino for p in served.iterdir()}
+    r = CliRunner().invoke(
+        cli, ["patch", "apply", str(served), str(ab), str(bc), "--in-place", "-q"]
+    )
+    assert r.exit_code == 0, r.output
+    assert _files(served) == _files(c)  # shards, index, config: byte for byte
+    assert {p.name: p.stat().st_ino for p in served.iterdir()} == inodes  # the same files
+    # Applied again, the chain no longer starts here: refused, nothing written.
+    before = _files(served)
+    with pytest.raises(rlmask.PairingError, match="fingerprint"):
+        P.apply_in_place(served, [ab], progress=False)
+    assert _files(served) == before
+    r = CliRunner().invoke(cli, ["patch", "apply", str(served), str(ab)])
+    assert r.exit_code == 2 and "--in-place" in r.output
+
+
+def test_a_crash_leaves_old_or_new_weights_or_a_journal_that_restores_the_old(
+    run: tuple, tmp_path: Path
+) -> None:
+    a, b, _, ab, _ = run
+    old, new = _files(a), _files(b)
+    outcomes = set()
+    for after in (1, 2, 3):
+        served = tmp_path / f"served-{after}"
+        shutil.copytree(a, served)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from rlmask.cli import main; main()",
+                "patch",
+                "apply",
+                str(served),
+                str(ab),
+                "--in-place",
+                "-q",
+            ],
+            env={**os.environ, "RLMASK_TEST_CRASH_AFTER_WRITES": str(after)},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert p.returncode == -signal.SIGABRT, p.stderr
+        journal = served / rlmask._rlmask.APPLY_JOURNAL
+        assert journal.is_file()
+        assert _files(served) not in (old, new) or after >= 3
+        # Refused while the journal is there, by every command that reads it.
+        for args in (
+            ["diff", str(served), str(a)],
+            ["patch", "apply", str(served), str(ab), "--in-place"],
+        ):
+            r = CliRunner().invoke(cli, args)
+            assert r.exit_code != 0 and "patch recover" in r.output, r.output
+        r = CliRunner().invoke(cli, ["patch", "recover", str(served)])
+        assert r.exit_code == 0 and "restored" in r.output, r.output
+        assert _files(served) == old
+        outcomes.add(after)
+        # And then the apply goes through.
+        P.apply_in_place(served, [ab], progress=False)
+        assert _files(served) == new
+    assert (
+        CliRunner()
+        .invoke(cli, ["patch", "recover", str(a)])
+        .output.endswith("nothing to recover\n")
+    )
+
+
+def test_killed_at_random_moments(run: tuple, tmp_path: Path) -> None:
+    """SIGKILL at moments spread over a whole apply: every outcome is the old weights, the new
+    ones, or a journal whose recovery gives the old ones."""
+    a, b, _, ab, _ = run
+    old, new = _files(a), _files(b)
+    seen = set()
+    for k in range(8):
+        served = tmp_path / f"k{k}"
+        shutil.copytree(a, served)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from rlmask.cli import main; main()",
+                "patch",
+                "apply",
+                str(served),
+                str(ab),
+                "--in-place",
+                "-q",
+            ],
+        )
+        time.sleep(0.05 + 0.15 * k)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        files = {k: v for k, v in _files(served).items() if not k.startswith(".rlmask")}
+        if (served / rlmask._rlmask.APPLY_JOURNAL).exists():
+            P.recover(served)
+            assert _files(served) == old
+            seen.add("journal")
+        else:
+            assert files in (old, new)
+            seen.add("old" if files == old else "new")
+    assert seen & {"old", "new"}
