@@ -48,9 +48,21 @@ impl Record {
         out.write_all(&(self.base.len() as u32).to_le_bytes())?;
         out.write_all(self.base.as_bytes())?;
         out.write_all(&(self.indices.len() as u64).to_le_bytes())?;
-        for i in &self.indices {
-            out.write_all(&i.to_le_bytes())?;
+        // Indices as u32 unless one needs more (a tensor past 2^32 elements).
+        let wide = self
+            .indices
+            .last()
+            .is_some_and(|&i| i > u64::from(u32::MAX));
+        out.write_all(&[u8::from(wide)])?;
+        let mut buf = Vec::with_capacity(self.indices.len() * if wide { 8 } else { 4 });
+        for &i in &self.indices {
+            if wide {
+                buf.extend_from_slice(&i.to_le_bytes());
+            } else {
+                buf.extend_from_slice(&(i as u32).to_le_bytes());
+            }
         }
+        out.write_all(&buf)?;
         out.write_all(&self.old)
     }
 
@@ -73,7 +85,16 @@ impl Record {
         let n = u32_(r)? as usize;
         let base = String::from_utf8(take(r, n)?.to_vec()).ok()?;
         let count = usize::try_from(u64_(r)?).ok()?;
-        let indices = (0..count).map(|_| u64_(r)).collect::<Option<Vec<u64>>>()?;
+        let wide = take(r, 1)?[0] == 1;
+        let indices = (0..count)
+            .map(|_| {
+                if wide {
+                    u64_(r)
+                } else {
+                    u32_(r).map(u64::from)
+                }
+            })
+            .collect::<Option<Vec<u64>>>()?;
         let old = take(r, count.checked_mul(size as usize)?)?.to_vec();
         Some(Record {
             name,
@@ -117,14 +138,18 @@ fn changed_elements(old: &[u8], new: &[u8], size: usize, first: u64, rec: &mut R
     if old == new {
         return;
     }
-    for (k, (o, n)) in old
-        .chunks_exact(size)
-        .zip(new.chunks_exact(size))
-        .enumerate()
-    {
-        if o != n {
-            rec.indices.push(first + k as u64);
-            rec.old.extend_from_slice(o);
+    // Eight bytes at a time (a whole number of elements when the size divides 8), each
+    // element looked at only in words that differ.
+    let step = if 8 % size == 0 { 8 } else { size };
+    for (w, (ow, nw)) in old.chunks(step).zip(new.chunks(step)).enumerate() {
+        if ow == nw {
+            continue;
+        }
+        for (k, (o, n)) in ow.chunks_exact(size).zip(nw.chunks_exact(size)).enumerate() {
+            if o != n {
+                rec.indices.push(first + (w * step / size + k) as u64);
+                rec.old.extend_from_slice(o);
+            }
         }
     }
 }
@@ -176,20 +201,28 @@ pub fn apply_in_place(base: &Checkpoint, patches: &[&Patch], progress: &Progress
                 old: Vec::new(),
             };
             let mut at = 0usize;
-            stream_tensor(name, bytes, t.dtype, patches, &base.path, &mut |piece| {
-                changed_elements(
-                    &bytes[at..at + piece.len()],
-                    piece,
-                    size,
-                    (at / size) as u64,
-                    &mut rec,
-                );
-                at += piece.len();
-                progress
-                    .done
-                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
-                Ok(())
-            })?;
+            stream_tensor(
+                name,
+                bytes,
+                t.dtype,
+                patches,
+                &base.path,
+                true,
+                &mut |piece| {
+                    changed_elements(
+                        &bytes[at..at + piece.len()],
+                        piece,
+                        size,
+                        (at / size) as u64,
+                        &mut rec,
+                    );
+                    at += piece.len();
+                    progress
+                        .done
+                        .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                    Ok(())
+                },
+            )?;
             Ok((!rec.indices.is_empty()).then_some(rec))
         })
         .filter_map(|r| r.transpose())
@@ -260,21 +293,29 @@ pub fn apply_in_place(base: &Checkpoint, patches: &[&Patch], progress: &Progress
         // Pieces are read from the map before they are written: each is written once, after
         // its own bytes were read, and no later piece overlaps it.
         let bytes = shard.bytes(t);
-        stream_tensor(name, bytes, t.dtype, patches, &base.path, &mut |piece| {
-            if bytes[at..at + piece.len()] != *piece {
-                file.write_all_at(piece, (t.offset + at) as u64)
-                    .map_err(|e| Error::output(&shard.path, e))?;
-                let n = pieces_written.fetch_add(1, Ordering::Relaxed) + 1;
-                if crash_after.is_some_and(|c| n >= c) {
-                    std::process::abort();
+        stream_tensor(
+            name,
+            bytes,
+            t.dtype,
+            patches,
+            &base.path,
+            false,
+            &mut |piece| {
+                if bytes[at..at + piece.len()] != *piece {
+                    file.write_all_at(piece, (t.offset + at) as u64)
+                        .map_err(|e| Error::output(&shard.path, e))?;
+                    let n = pieces_written.fetch_add(1, Ordering::Relaxed) + 1;
+                    if crash_after.is_some_and(|c| n >= c) {
+                        std::process::abort();
+                    }
                 }
-            }
-            at += piece.len();
-            progress
-                .done
-                .fetch_add(piece.len() as u64, Ordering::Relaxed);
-            Ok(())
-        })
+                at += piece.len();
+                progress
+                    .done
+                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                Ok(())
+            },
+        )
     });
     let written = written.and_then(|()| {
         handles
@@ -390,4 +431,65 @@ pub fn recover(dir: &Path) -> Result<usize> {
     std::fs::remove_file(&journal).map_err(|e| Error::output(&journal, e))?;
     crate::atomic::sync_dir(dir);
     Ok(records.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_read_back_as_written() {
+        for indices in [vec![0, 7, 1 << 20], vec![3, u64::from(u32::MAX) + 9]] {
+            let rec = Record {
+                name: "model.w".into(),
+                shard: 2,
+                offset: 4096,
+                size: 2,
+                base: "ab".repeat(32),
+                old: (0..2 * indices.len() as u8).collect(),
+                indices,
+            };
+            let mut bytes = Vec::new();
+            rec.write(&mut bytes).unwrap();
+            let mut r = bytes.as_slice();
+            let back = Record::read(&mut r).unwrap();
+            assert!(r.is_empty());
+            assert_eq!(
+                (back.name, back.shard, back.offset, back.size, back.base),
+                (rec.name, rec.shard, rec.offset, rec.size, rec.base)
+            );
+            assert_eq!((back.indices, back.old), (rec.indices, rec.old));
+            // Cut anywhere, it does not read.
+            for cut in 0..bytes.len() {
+                assert!(Record::read(&mut &bytes[..cut]).is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn changed_elements_against_a_plain_loop() {
+        for size in [1usize, 2, 4, 8, 3] {
+            let old: Vec<u8> = (0..size * 101).map(|i| (i * 7) as u8).collect();
+            let mut new = old.clone();
+            for e in [0usize, 5, 6, 50, 100] {
+                new[e * size + size - 1] ^= 1;
+            }
+            let mut rec = Record {
+                name: String::new(),
+                shard: 0,
+                offset: 0,
+                size: size as u32,
+                base: String::new(),
+                indices: Vec::new(),
+                old: Vec::new(),
+            };
+            changed_elements(&old, &new, size, 10, &mut rec);
+            assert_eq!(rec.indices, vec![10, 15, 16, 60, 110], "size {size}");
+            let want: Vec<u8> = [0usize, 5, 6, 50, 100]
+                .iter()
+                .flat_map(|&e| old[e * size..(e + 1) * size].to_vec())
+                .collect();
+            assert_eq!(rec.old, want);
+        }
+    }
 }
