@@ -48,20 +48,20 @@ impl Record {
         out.write_all(&(self.base.len() as u32).to_le_bytes())?;
         out.write_all(self.base.as_bytes())?;
         out.write_all(&(self.indices.len() as u64).to_le_bytes())?;
-        // Indices as u32 unless one needs more (a tensor past 2^32 elements).
-        let wide = self
-            .indices
-            .last()
-            .is_some_and(|&i| i > u64::from(u32::MAX));
-        out.write_all(&[u8::from(wide)])?;
-        let mut buf = Vec::with_capacity(self.indices.len() * if wide { 8 } else { 4 });
+        // The ascending indices as gaps (`index - previous - 1`, from -1) in LEB128 varints:
+        // a byte each at RL's densities.
+        let mut buf = Vec::with_capacity(self.indices.len() + 16);
+        let mut next = 0u64;
         for &i in &self.indices {
-            if wide {
-                buf.extend_from_slice(&i.to_le_bytes());
-            } else {
-                buf.extend_from_slice(&(i as u32).to_le_bytes());
+            let mut gap = i - next;
+            while gap >= 0x80 {
+                buf.push((gap as u8) | 0x80);
+                gap >>= 7;
             }
+            buf.push(gap as u8);
+            next = i + 1;
         }
+        out.write_all(&(buf.len() as u64).to_le_bytes())?;
         out.write_all(&buf)?;
         out.write_all(&self.old)
     }
@@ -85,16 +85,31 @@ impl Record {
         let n = u32_(r)? as usize;
         let base = String::from_utf8(take(r, n)?.to_vec()).ok()?;
         let count = usize::try_from(u64_(r)?).ok()?;
-        let wide = take(r, 1)?[0] == 1;
-        let indices = (0..count)
-            .map(|_| {
-                if wide {
-                    u64_(r)
-                } else {
-                    u32_(r).map(u64::from)
+        let gaps_len = usize::try_from(u64_(r)?).ok()?;
+        let mut gaps = take(r, gaps_len)?;
+        let mut indices = Vec::with_capacity(count.min(gaps_len));
+        let mut next = 0u64;
+        for _ in 0..count {
+            let (mut gap, mut shift) = (0u64, 0u32);
+            loop {
+                let (&b, rest) = gaps.split_first()?;
+                gaps = rest;
+                gap |= u64::from(b & 0x7f).checked_shl(shift)?;
+                if b & 0x80 == 0 {
+                    break;
                 }
-            })
-            .collect::<Option<Vec<u64>>>()?;
+                shift += 7;
+                if shift > 63 {
+                    return None;
+                }
+            }
+            let i = next.checked_add(gap)?;
+            indices.push(i);
+            next = i.checked_add(1)?;
+        }
+        if !gaps.is_empty() {
+            return None;
+        }
         let old = take(r, count.checked_mul(size as usize)?)?.to_vec();
         Some(Record {
             name,
@@ -138,18 +153,57 @@ fn changed_elements(old: &[u8], new: &[u8], size: usize, first: u64, rec: &mut R
     if old == new {
         return;
     }
-    // Eight bytes at a time (a whole number of elements when the size divides 8), each
-    // element looked at only in words that differ.
-    let step = if 8 % size == 0 { 8 } else { size };
-    for (w, (ow, nw)) in old.chunks(step).zip(new.chunks(step)).enumerate() {
-        if ow == nw {
+    match size {
+        1 => changed_words::<1>(old, new, first, rec),
+        2 => changed_words::<2>(old, new, first, rec),
+        4 => changed_words::<4>(old, new, first, rec),
+        8 => changed_words::<8>(old, new, first, rec),
+        _ => {
+            for (k, (o, n)) in old
+                .chunks_exact(size)
+                .zip(new.chunks_exact(size))
+                .enumerate()
+            {
+                if o != n {
+                    rec.indices.push(first + k as u64);
+                    rec.old.extend_from_slice(o);
+                }
+            }
+        }
+    }
+}
+
+/// [`changed_elements`] for elements of `S` bytes (a divisor of 8): eight bytes at a time as
+/// words; the elements of a word that differs found from the lanes of the XOR.
+fn changed_words<const S: usize>(old: &[u8], new: &[u8], first: u64, rec: &mut Record) {
+    let per = 8 / S;
+    let lane = if S == 8 {
+        u64::MAX
+    } else {
+        (1u64 << (8 * S)) - 1
+    };
+    let mut push = |k: usize| {
+        let o: [u8; S] = old[k * S..(k + 1) * S].try_into().expect("S bytes");
+        rec.indices.push(first + k as u64);
+        rec.old.extend_from_slice(&o);
+    };
+    let words = old.len() / 8;
+    for w in 0..words {
+        let o = u64::from_le_bytes(old[8 * w..8 * w + 8].try_into().expect("8 bytes"));
+        let n = u64::from_le_bytes(new[8 * w..8 * w + 8].try_into().expect("8 bytes"));
+        let x = o ^ n;
+        if x == 0 {
             continue;
         }
-        for (k, (o, n)) in ow.chunks_exact(size).zip(nw.chunks_exact(size)).enumerate() {
-            if o != n {
-                rec.indices.push(first + (w * step / size + k) as u64);
-                rec.old.extend_from_slice(o);
+        for j in 0..per {
+            if (x >> (8 * S * j)) & lane != 0 {
+                push(w * per + j);
             }
+        }
+    }
+    for k in words * per..old.len() / S {
+        if old[k * S..(k + 1) * S] != new[k * S..(k + 1) * S] {
+            push(k);
         }
     }
 }
@@ -200,6 +254,12 @@ pub fn apply_in_place(base: &Checkpoint, patches: &[&Patch], progress: &Progress
                 indices: Vec::new(),
                 old: Vec::new(),
             };
+            // At most the changes the patches state (grown past it only by a lying patch,
+            // which the fingerprints then refuse).
+            let stated: u64 = patches.iter().map(|p| p.entries[*name].changed).sum();
+            let cap = stated.min(t.numel).min(1 << 26) as usize;
+            rec.indices.reserve_exact(cap);
+            rec.old.reserve_exact(cap * size);
             let mut at = 0usize;
             stream_tensor(
                 name,
@@ -254,12 +314,20 @@ pub fn apply_in_place(base: &Checkpoint, patches: &[&Patch], progress: &Progress
     let out = |e| Error::output(&journal, e);
     w.write_all(&body).map_err(out)?;
     hasher.update(&body);
-    for r in &records {
-        let mut one = Vec::with_capacity(48 + r.indices.len() * 8 + r.old.len());
-        r.write(&mut one).map_err(out)?;
-        hasher.update(&one);
-        w.write_all(&one).map_err(out)?;
+    // Encoded in parallel (each record then dropped), hashed and written in order.
+    let blobs: Vec<Vec<u8>> = records
+        .into_par_iter()
+        .map(|r| {
+            let mut one = Vec::with_capacity(64 + r.name.len() + r.indices.len() + r.old.len());
+            r.write(&mut one).map(|()| one)
+        })
+        .collect::<std::io::Result<_>>()
+        .map_err(out)?;
+    for one in &blobs {
+        hasher.update_rayon(one);
+        w.write_all(one).map_err(out)?;
     }
+    drop(blobs);
     w.write_all(hasher.finalize().as_bytes()).map_err(out)?;
     let file = w.into_inner().map_err(|e| out(e.into_error()))?;
     staged.commit(Some(file))?;
@@ -439,7 +507,11 @@ mod tests {
 
     #[test]
     fn records_read_back_as_written() {
-        for indices in [vec![0, 7, 1 << 20], vec![3, u64::from(u32::MAX) + 9]] {
+        for indices in [
+            vec![0, 7, 1 << 20],
+            vec![3, 4, u64::from(u32::MAX) + 9],
+            vec![],
+        ] {
             let rec = Record {
                 name: "model.w".into(),
                 shard: 2,
