@@ -5,6 +5,7 @@ every command refuses until ``rlmask patch recover`` restores the old weights.""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -151,3 +153,75 @@ def test_killed_at_random_moments(run: tuple, tmp_path: Path) -> None:
             assert files in (old, new)
             seen.add("old" if files == old else "new")
     assert seen & {"old", "new"}
+
+
+def _rewrite(path: Path, meta: Any = None, frames: Any = None) -> None:
+    """Rewrites a patch file as a hostile sender might: ``meta`` edits the described tensors
+    (the ``tensors`` metadata), ``frames`` edits a compact tensor's frame table (int64 rows)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    data = bytearray(raw[8 + n :])
+    described = json.loads(header["__metadata__"]["tensors"])
+    if meta is not None:
+        meta(described)
+    header["__metadata__"]["tensors"] = json.dumps(described)
+    if frames is not None:
+        key = next(k for k in header if k.endswith(".frames"))
+        a, b = header[key]["data_offsets"]
+        table = np.frombuffer(bytes(data[a:b]), np.int64).reshape(-1, 3).copy()
+        frames(key.removesuffix(".frames"), table, described)
+        data[a:b] = table.tobytes()
+        header["__metadata__"]["tensors"] = json.dumps(described)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + bytes(data))
+
+
+def test_hostile_patches_get_clean_errors_at_bounded_cost(run: tuple, tmp_path: Path) -> None:
+    """Issue 31: a frame that claims a huge number of changes (the decoder sized its buffers
+    by the claim: 103 GB asked for by a 537-byte patch) and a later patch of a chain that lies
+    about a dtype (read with the base's element size, it panicked) are refused, one line."""
+    import resource
+
+    a, _, _, ab, bc = run
+    # A tensor said to be 2^36 elements whose first frame claims 2^35 changes, the entry's
+    # count raised to match: every other check passes.
+    huge = tmp_path / "huge.rlpatch"
+    huge.write_bytes(ab.read_bytes())
+
+    def claim(name: str, table: np.ndarray, described: dict) -> None:
+        extra = (1 << 35) - int(table[0, 1])
+        table[0, 1] = 1 << 35
+        described[name]["changed"] += extra
+        described[name]["shape"] = [1 << 20, 1 << 16]
+
+    _rewrite(huge, frames=claim)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for args in (
+        ["patch", "convert", str(huge), "--to", "trl", "-o", str(tmp_path / "t.safetensors")],
+        ["patch", "apply", str(a), str(huge), "-o", str(tmp_path / "out")],
+        ["patch", "info", str(huge)],
+    ):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+        assert r.output.count("\n") == 1 and "frame" in r.output, r.output
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+    # A second patch whose description gives a compact tensor another dtype than base's.
+    lying = tmp_path / "lying.rlpatch"
+    lying.write_bytes(bc.read_bytes())
+
+    said: list[str] = []
+
+    def f32(described: dict) -> None:
+        name = next(n for n, d in described.items() if d["form"] == "compact")
+        said.append("F64" if described[name]["dtype"] != "F64" else "U8")
+        described[name]["dtype"] = said[0]
+
+    _rewrite(lying, meta=f32)
+    r = CliRunner().invoke(
+        cli, ["patch", "apply", str(a), str(ab), str(lying), "-o", str(tmp_path / "o2")]
+    )
+    assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+    assert said[0] in r.output and "lying.rlpatch" in r.output, r.output
+    assert not (tmp_path / "o2").exists()

@@ -84,20 +84,26 @@ pub(super) fn check_chain(base: &Checkpoint, patches: &[&Patch]) -> Result<()> {
             ),
         });
     }
-    for (name, e) in &first.entries {
-        let (_, t) = base.get(name).expect("checked above");
-        if t.shape != e.shape || t.dtype.to_string() != e.dtype {
-            return Err(Error::Mismatch {
-                tensor: name.clone(),
-                detail: format!(
-                    "{} {:?} in base but {} {:?} in patch {}",
-                    t.dtype,
-                    t.shape,
-                    e.dtype,
-                    e.shape,
-                    first.path.display()
-                ),
-            });
+    // Every patch of the chain describes base's shapes and dtypes (a later one's entries are
+    // read with base's element size: one that says otherwise is refused here, not trusted).
+    for p in patches {
+        for (name, e) in &p.entries {
+            let Some((_, t)) = base.get(name) else {
+                continue; // a later patch's names are checked against the one before
+            };
+            if t.shape != e.shape || t.dtype.to_string() != e.dtype {
+                return Err(Error::Mismatch {
+                    tensor: name.clone(),
+                    detail: format!(
+                        "{} {:?} in base but {} {:?} in patch {}",
+                        t.dtype,
+                        t.shape,
+                        e.dtype,
+                        e.shape,
+                        p.path.display()
+                    ),
+                });
+            }
         }
     }
     for (k, pair) in patches.windows(2).enumerate() {

@@ -442,6 +442,15 @@ fn read_frames<'s>(
             bytes: v[2] as u64,
         };
         let after = frames.last().is_none_or(|p: &Frame| f.start > p.start);
+        if f.count > CHUNK as u64 {
+            // Create cuts a frame per span of CHUNK elements: a frame claiming more changes
+            // would only make the decoder reserve memory for them.
+            return Err(bad(format!(
+                "frame {} claims {} changes; a frame holds at most {CHUNK}",
+                frames.len(),
+                f.count
+            )));
+        }
         if !after || f.start >= e.numel() || f.count == 0 || f.count > e.numel() - f.start {
             return Err(bad(format!(
                 "frame {} (first element {}, {} changes) is out of order or range",
