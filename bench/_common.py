@@ -1,15 +1,20 @@
 """Shared by the benchmarks: run a small program in a fresh interpreter while sampling its
-peak RSS and peak anonymous memory, and the read floor every benchmark compares against."""
+peak RSS and peak anonymous memory, the read floor every benchmark compares against, and
+synthetic BF16 checkpoints."""
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 #: One pass that reads every byte of the given files (``readinto`` a reused 16 MiB buffer, one
 #: thread per core) and prints its wall time. Arguments: the files.
@@ -62,6 +67,26 @@ def evict(files: list[str]) -> None:
         fd = os.open(f, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
+
+
+def write_bf16(folder: Path, tensors: dict[str, np.ndarray]) -> None:
+    """``folder/model.safetensors`` holding each uint16 array of ``tensors`` as a BF16 tensor of
+    its shape (the header padded to 8 bytes, data in the order given)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header, offset = {}, 0
+    for name, bits in tensors.items():
+        header[name] = {
+            "dtype": "BF16",
+            "shape": list(bits.shape),
+            "data_offsets": [offset, offset + bits.nbytes],
+        }
+        offset += bits.nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for bits in tensors.values():
+            f.write(bits.tobytes())
 
 
 def llama_shapes(

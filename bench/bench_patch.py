@@ -25,15 +25,13 @@ Needs numpy, zstandard and about 3 GB of free disk (deleted after unless --keep)
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import struct
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import READ_FLOOR, llama_shapes, print_table, run_program, summarize
+from _common import READ_FLOOR, llama_shapes, print_table, run_program, summarize, write_bf16
 
 SHAPE = (1024, 2816, 16, 32000, 256)  # hidden, intermediate, layers, vocab, kv dim
 CODECS = ("plain", "compact")
@@ -95,24 +93,6 @@ print(time.perf_counter() - t)
 """
 
 
-def _write(folder: Path, tensors: dict[str, tuple[tuple[int, ...], np.ndarray]]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    header, offset = {}, 0
-    for name, (shape, bits) in tensors.items():
-        header[name] = {
-            "dtype": "BF16",
-            "shape": list(shape),
-            "data_offsets": [offset, offset + bits.nbytes],
-        }
-        offset += bits.nbytes
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(folder / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for _, bits in tensors.values():
-            f.write(bits.tobytes())
-
-
 def write_pairs(root: Path, densities: list[float]) -> int:
     """base/ and tuned-<d>/ for each density; returns the parameter count."""
     rng = np.random.default_rng(0)
@@ -121,7 +101,7 @@ def write_pairs(root: Path, densities: list[float]) -> int:
     for name, shape in shapes.items():
         w = (rng.standard_normal(shape).astype(np.float32) * 0.02).view(np.uint32)
         base[name] = (shape, (w >> 16).astype(np.uint16))
-    _write(root / "base", base)
+    write_bf16(root / "base", {n: bits for n, (_, bits) in base.items()})
     for d in densities:
         tuned = {}
         for name, (shape, bits) in base.items():
@@ -130,7 +110,7 @@ def write_pairs(root: Path, densities: list[float]) -> int:
             step = rng.integers(1, 4, bits.shape, dtype=np.int32) * rng.choice([-1, 1], bits.shape)
             new = np.where(moved, (bits.astype(np.int32) + step).astype(np.uint16), bits)
             tuned[name] = (shape, new)
-        _write(root / f"tuned-{d:g}", tuned)
+        write_bf16(root / f"tuned-{d:g}", {n: bits for n, (_, bits) in tuned.items()})
     return sum(int(np.prod(s)) for s in shapes.values())
 
 

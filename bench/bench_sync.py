@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -34,7 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import llama_shapes
+from _common import llama_shapes, write_bf16
 
 SHAPE = (2048, 5632, 22, 32000, 256)  # TinyLlama-1.1B: hidden, intermediate, layers, vocab, kv
 LINK = 1.25e9  # bytes per second of a 10 Gb/s link
@@ -53,24 +51,6 @@ print(time.perf_counter() - t)
 """
 
 
-def write(folder: Path, tensors: dict[str, np.ndarray]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    header, offset = {}, 0
-    for name, bits in tensors.items():
-        header[name] = {
-            "dtype": "BF16",
-            "shape": list(bits.shape),
-            "data_offsets": [offset, offset + bits.nbytes],
-        }
-        offset += bits.nbytes
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(folder / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for bits in tensors.values():
-            f.write(bits.tobytes())
-
-
 def make(root: Path, changed: float) -> int:
     rng = np.random.default_rng(0)
     base, tuned = {}, {}
@@ -83,8 +63,8 @@ def make(root: Path, changed: float) -> int:
         )
         base[name] = bits
         tuned[name] = np.where(moved, (bits.astype(np.int32) + step).astype(np.uint16), bits)
-    write(root / "base", base)
-    write(root / "tuned", tuned)
+    write_bf16(root / "base", base)
+    write_bf16(root / "tuned", tuned)
     return sum(b.size for b in base.values())
 
 

@@ -25,6 +25,22 @@ from rlmask.cli import cli
 from test_patch import _move, _tensors, _write_sharded
 
 
+def _in_place(served: Path, patch: Path) -> list[str]:
+    """The command line of an in-place apply in a process of its own."""
+    cli_main = "from rlmask.cli import main; main()"
+    return [
+        sys.executable,
+        "-c",
+        cli_main,
+        "patch",
+        "apply",
+        str(served),
+        str(patch),
+        "--in-place",
+        "-q",
+    ]
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -78,17 +94,7 @@ def test_a_crash_leaves_old_or_new_weights_or_a_journal_that_restores_the_old(
         served = tmp_path / f"served-{after}"
         shutil.copytree(a, served)
         p = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "from rlmask.cli import main; main()",
-                "patch",
-                "apply",
-                str(served),
-                str(ab),
-                "--in-place",
-                "-q",
-            ],
+            _in_place(served, ab),
             env={**os.environ, "RLMASK_TEST_CRASH_AFTER_WRITES": str(after)},
             capture_output=True,
             text=True,
@@ -129,17 +135,7 @@ def test_killed_at_random_moments(run: tuple, tmp_path: Path) -> None:
         served = tmp_path / f"k{k}"
         shutil.copytree(a, served)
         p = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from rlmask.cli import main; main()",
-                "patch",
-                "apply",
-                str(served),
-                str(ab),
-                "--in-place",
-                "-q",
-            ],
+            _in_place(served, ab),
         )
         time.sleep(0.05 + 0.15 * k)
         p.send_signal(signal.SIGKILL)
