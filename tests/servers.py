@@ -29,7 +29,7 @@ error_log {tmp}/error.log warn;
 events {{ worker_connections 512; }}
 http {{
     log_format ranges '$request_method $uri $status $body_bytes_sent "$http_range" '
-                      '"$http_authorization"';
+                      '"$http_authorization" $host';
     access_log {tmp}/access.log ranges;
     client_body_temp_path {tmp}/body;
     proxy_temp_path {tmp}/proxy;
@@ -50,6 +50,8 @@ http {{
             alias {root}/;
             if ($http_authorization != "Bearer hf_secret_token") {{ return 401; }}
         }}
+        # A hub's resolve URLs: a redirect to the file on another host name (a CDN).
+        location ~ ^/redirect/(.*)$ {{ return 302 http://localhost:{port}/$1; }}
         # A slow link, to interrupt a read in the middle.
         location /slow/ {{ alias {root}/; limit_rate 1m; }}
     }}
@@ -84,11 +86,15 @@ class Nginx:
 
     def requests(self) -> list[tuple[str, str, int, int, str, str]]:
         """Every request logged so far: (method, path, status, body bytes, Range, auth)."""
+        return [r[:6] for r in self.requests_by_host()]
+
+    def requests_by_host(self) -> list[tuple[str, str, int, int, str, str, str]]:
+        """:meth:`requests` with the host name each request was sent to."""
         out = []
         for line in self.log.read_text().splitlines():
-            head, rng, _, auth, _ = line.rsplit('"', 4)
+            head, rng, _, auth, host = line.rsplit('"', 4)
             method, uri, status, sent = head.split()
-            out.append((method, uri, int(status), int(sent), rng, auth))
+            out.append((method, uri, int(status), int(sent), rng, auth, host.strip()))
         return out
 
     def sent(self, under: str = "/") -> int:

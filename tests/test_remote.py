@@ -172,6 +172,35 @@ def test_hf_urls_use_the_hub_layout_endpoint_and_token(
     assert "hf_wrong_token" not in r.output and "Traceback" not in r.output
 
 
+def test_a_redirect_is_followed_once_per_file_and_never_given_the_token(
+    served: tuple[Nginx, list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the hub's resolve URLs do, /redirect/... answers 302 to the file on another host name
+    (a CDN): each shard's later range requests go to that location directly (one round trip,
+    not two), and the token sent to the resolve URL never reaches the other host."""
+    srv, local = served
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", srv.url + "/redirect")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
+    # A sample: many range requests per shard.
+    want = rlmask.diff(local[0], local[3], sample=0.3, seed=3, progress=False)
+    srv.clear_log()
+    got = rlmask.diff(f"{srv.url}/base", "hf://org/model", sample=0.3, seed=3, progress=False)
+    assert _figures(got) == _figures(want)
+    log = srv.requests_by_host()
+    shard = [r for r in log if r[1].endswith(".safetensors") and "resolve" in r[1]]
+    redirected = [r for r in shard if r[1].startswith("/redirect/")]
+    direct = [r for r in shard if not r[1].startswith("/redirect/")]
+    assert all(r[2] == 302 and r[5] == "Bearer hf_secret_token" for r in redirected)
+    assert all(r[6] == "localhost" and r[5] == "-" for r in direct), direct
+    # Through the redirect: each shard's opening and final check, and the first requests in
+    # flight before one came back (16 per file at most); every other request goes direct.
+    assert len(redirected) <= 3 * (2 + 16) and len(direct) > 4 * len(redirected), (
+        len(redirected),
+        len(direct),
+    )
+
+
 def test_a_sampled_remote_diff_reads_its_sample_only(served: tuple[Nginx, list[Path]]) -> None:
     srv, local = served
     want = rlmask.diff(local[0], local[2], sample=0.05, seed=7, progress=False)

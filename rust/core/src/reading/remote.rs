@@ -69,9 +69,21 @@ impl Client {
         })
     }
 
-    fn get(&self, url: &str, range: Option<(usize, usize)>) -> std::result::Result<Reply, Fail> {
+    /// A GET of `url` (of `range`, when given), with the client's headers; without its
+    /// `Authorization` when `url` is on another host than `origin` (a location a redirect led
+    /// to, asked directly: a CDN never gets the hub token).
+    fn get(
+        &self,
+        url: &str,
+        origin: &str,
+        range: Option<(usize, usize)>,
+    ) -> std::result::Result<Reply, Fail> {
         let mut req = self.agent.get(url);
+        let foreign = authority(url) != authority(origin);
         for (k, v) in &self.headers {
+            if foreign && k.eq_ignore_ascii_case("authorization") {
+                continue;
+            }
             req = req.header(k.as_str(), v.as_str());
         }
         if let Some((start, end)) = range {
@@ -90,12 +102,27 @@ impl Client {
     }
 }
 
+/// `scheme://host:port` of a URL (what decides whether credentials may go to it).
+fn authority(url: &str) -> &str {
+    let after = url.find("://").map_or(0, |i| i + 3);
+    let end = url[after..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| after + i);
+    &url[..end]
+}
+
 /// One response.
 struct Reply(ureq::http::Response<ureq::Body>);
 
 impl Reply {
     fn status(&self) -> u16 {
         self.0.status().as_u16()
+    }
+
+    /// The URL that answered, after any redirects.
+    fn location(&self) -> String {
+        use ureq::ResponseExt;
+        self.0.get_uri().to_string()
     }
 
     fn header(&self, name: &str) -> Option<&str> {
@@ -219,7 +246,7 @@ pub fn fetch_small(client: &Client, url: &str) -> Result<Option<Vec<u8>>> {
     let shown = PathBuf::from(shown_url(url));
     let never = || false;
     let got = retry(&never, || {
-        let mut reply = client.get(url, None)?;
+        let mut reply = client.get(url, url, None)?;
         match reply.status() {
             200 => {}
             404 | 410 => return Ok(None),
@@ -356,6 +383,8 @@ pub struct Remote {
     size: usize,
     etag: Option<String>,
     file: File,
+    /// Where the URL last redirected to, asked directly by later requests.
+    location: Mutex<Option<String>>,
     state: Mutex<Ranges>,
     ready: Condvar,
     /// Bytes fetched so far (retries counted once per byte written).
@@ -427,7 +456,7 @@ impl Remote {
         let shown = PathBuf::from(shown_url(url));
         let never = || false;
         let first = retry(&never, || {
-            let mut reply = client.get(url, Some((0, FIRST)))?;
+            let mut reply = client.get(url, url, Some((0, FIRST)))?;
             match reply.status() {
                 206 => {}
                 200 => return Err(ignores_range()),
@@ -471,6 +500,7 @@ impl Remote {
             size,
             etag,
             file: file.try_clone().map_err(|e| Error::io(Path::new(url), e))?,
+            location: Mutex::new(None),
             state: Mutex::new(Ranges::default()),
             ready: Condvar::new(),
             fetched: AtomicU64::new(body.len() as u64),
@@ -508,7 +538,7 @@ impl Remote {
     pub fn revalidate(&self) -> Result<()> {
         let never = || false;
         let now = retry(&never, || {
-            let reply = self.client.get(&self.url, Some((0, 1)))?;
+            let reply = self.client.get(&self.url, &self.url, Some((0, 1)))?;
             match reply.status() {
                 206 => Ok((
                     reply.content_range().map(|(_, _, total)| total),
@@ -626,11 +656,26 @@ impl Remote {
         let mut at = start;
         let mut buf = vec![0u8; PIECE.min(end - start)];
         retry(halt, || {
-            let mut reply = self.client.get(&self.url, Some((at, end)))?;
+            // Where a redirect led last time (a hub's CDN), asked directly: one round trip
+            // instead of two. A refusal there (a signed location expires) goes back to the URL.
+            let cached = self
+                .location
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let target = cached.as_deref().unwrap_or(&self.url);
+            let mut reply = self.client.get(target, &self.url, Some((at, end)))?;
             match reply.status() {
                 206 => {}
+                401 | 403 | 404 | 410 if cached.is_some() => {
+                    *self.location.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    return Err(Fail::Transient("the redirected location expired".into()));
+                }
                 200 => return Err(ignores_range()),
                 s => return Err(status_failure(s)),
+            }
+            if cached.is_none() && reply.location() != self.url {
+                *self.location.lock().unwrap_or_else(|e| e.into_inner()) = Some(reply.location());
             }
             let changed = |why: String| Fail::Fatal(Kind::Changed, why);
             match reply.content_range() {
