@@ -416,8 +416,10 @@ fn scratch_file(shown: &Path, size: usize) -> Result<File> {
     };
     #[cfg(not(target_os = "linux"))]
     let file = {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir();
-        let path = dir.join(format!("rlmask-remote-{}", std::process::id()));
+        let path = dir.join(format!("rlmask-remote-{}-{n}", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
