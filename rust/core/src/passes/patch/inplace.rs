@@ -21,9 +21,13 @@
 use super::apply::{check_chain, stream_tensor};
 use super::*;
 use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
 
 pub use crate::checkpoint::JOURNAL;
-const MAGIC: &[u8; 8] = b"RLMJRNL1";
+const MAGIC: &[u8; 8] = b"RLMJRNL2";
+/// What follows in a journal: one more record, or the end (then the hash of all before it).
+const RECORD: u8 = 1;
+const END: u8 = 0;
 
 /// One tensor's undo record.
 struct Record {
@@ -237,60 +241,6 @@ pub fn apply_in_place(base: &Checkpoint, patches: &[&Patch], progress: &Progress
         .collect();
     let names: Vec<&str> = base.names().collect();
 
-    // 1. Check everything and collect the undo records (nothing written yet).
-    let records: Vec<Record> = names
-        .par_iter()
-        .map(|name| -> Result<Option<Record>> {
-            progress.check()?;
-            let (shard, t) = base.get(name).expect("listed");
-            let size = t.dtype.size().max(1);
-            let bytes = shard.bytes(t);
-            let mut rec = Record {
-                name: name.to_string(),
-                shard: index[&(std::ptr::from_ref(shard) as usize)],
-                offset: t.offset as u64,
-                size: size as u32,
-                base: patches[0].entries[*name].base.clone(),
-                indices: Vec::new(),
-                old: Vec::new(),
-            };
-            // At most the changes the patches state (grown past it only by a lying patch,
-            // which the fingerprints then refuse).
-            let stated: u64 = patches.iter().map(|p| p.entries[*name].changed).sum();
-            let cap = stated.min(t.numel).min(1 << 26) as usize;
-            rec.indices.reserve_exact(cap);
-            rec.old.reserve_exact(cap * size);
-            let mut at = 0usize;
-            stream_tensor(
-                name,
-                bytes,
-                t.dtype,
-                patches,
-                &base.path,
-                true,
-                &mut |piece| {
-                    changed_elements(
-                        &bytes[at..at + piece.len()],
-                        piece,
-                        size,
-                        (at / size) as u64,
-                        &mut rec,
-                    );
-                    at += piece.len();
-                    progress
-                        .done
-                        .fetch_add(piece.len() as u64, Ordering::Relaxed);
-                    Ok(())
-                },
-            )?;
-            Ok((!rec.indices.is_empty()).then_some(rec))
-        })
-        .filter_map(|r| r.transpose())
-        .collect::<Result<_>>()?;
-    check_all_unchanged(base.shards.iter())?;
-    progress.check()?; // the last moment a cancel leaves everything as it was
-
-    // 2. The journal, complete and synced before the first byte of a shard is written.
     let files: Vec<String> = base
         .shards
         .iter()
@@ -302,32 +252,82 @@ pub fn apply_in_place(base: &Checkpoint, patches: &[&Patch], progress: &Progress
                 .into_owned()
         })
         .collect();
+
+    // 1. Check everything, streaming the undo records into the journal under its temporary
+    //    name (nothing of the checkpoint written yet; the temporary file is removed on any
+    //    failure). A record per 4 MiB piece with changes, written as soon as it is found, so
+    //    memory holds only the pieces in flight whatever the model's size.
     let (staged, file) = crate::atomic::Staged::file(&journal, "part")?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    let mut hasher = blake3::Hasher::new();
-    let mut body = Vec::new();
+    let out = |e| Error::output(&journal, e);
+    let sink = Mutex::new((
+        BufWriter::with_capacity(1 << 20, file),
+        blake3::Hasher::new(),
+    ));
+    let emit = |bytes: &[u8]| -> Result<()> {
+        let mut g = sink.lock().unwrap_or_else(|e| e.into_inner());
+        g.1.update(bytes);
+        g.0.write_all(bytes).map_err(out)
+    };
     let head = serde_json::to_vec(&files).expect("strings serialise");
+    let mut body = Vec::new();
     body.extend_from_slice(MAGIC);
     body.extend_from_slice(&(head.len() as u64).to_le_bytes());
     body.extend_from_slice(&head);
-    body.extend_from_slice(&(records.len() as u64).to_le_bytes());
-    let out = |e| Error::output(&journal, e);
-    w.write_all(&body).map_err(out)?;
-    hasher.update(&body);
-    // Encoded in parallel (each record then dropped), hashed and written in order.
-    let blobs: Vec<Vec<u8>> = records
-        .into_par_iter()
-        .map(|r| {
-            let mut one = Vec::with_capacity(64 + r.name.len() + r.indices.len() + r.old.len());
-            r.write(&mut one).map(|()| one)
-        })
-        .collect::<std::io::Result<_>>()
-        .map_err(out)?;
-    for one in &blobs {
-        hasher.update_rayon(one);
-        w.write_all(one).map_err(out)?;
-    }
-    drop(blobs);
+    emit(&body)?;
+    names.par_iter().try_for_each(|name| -> Result<()> {
+        progress.check()?;
+        let (shard, t) = base.get(name).expect("listed");
+        let size = t.dtype.size().max(1);
+        let bytes = shard.bytes(t);
+        let mut rec = Record {
+            name: name.to_string(),
+            shard: index[&(std::ptr::from_ref(shard) as usize)],
+            offset: t.offset as u64,
+            size: size as u32,
+            base: patches[0].entries[*name].base.clone(),
+            indices: Vec::new(),
+            old: Vec::new(),
+        };
+        let mut encoded = Vec::new();
+        let mut at = 0usize;
+        stream_tensor(
+            name,
+            bytes,
+            t.dtype,
+            patches,
+            &base.path,
+            true,
+            &mut |piece| {
+                changed_elements(
+                    &bytes[at..at + piece.len()],
+                    piece,
+                    size,
+                    (at / size) as u64,
+                    &mut rec,
+                );
+                if !rec.indices.is_empty() {
+                    encoded.clear();
+                    encoded.push(RECORD);
+                    rec.write(&mut encoded).map_err(out)?;
+                    emit(&encoded)?;
+                    rec.indices.clear();
+                    rec.old.clear();
+                }
+                at += piece.len();
+                progress
+                    .done
+                    .fetch_add(piece.len() as u64, Ordering::Relaxed);
+                Ok(())
+            },
+        )
+    })?;
+    check_all_unchanged(base.shards.iter())?;
+    progress.check()?; // the last moment a cancel leaves everything as it was
+
+    // 2. The journal closed (an end mark and the hash of all of it) and synced, and put in
+    //    place, before the first byte of a shard is written.
+    emit(&[END])?;
+    let (mut w, hasher) = sink.into_inner().unwrap_or_else(|e| e.into_inner());
     w.write_all(hasher.finalize().as_bytes()).map_err(out)?;
     let file = w.into_inner().map_err(|e| out(e.into_error()))?;
     staged.commit(Some(file))?;
@@ -441,16 +441,17 @@ pub fn recover(dir: &Path) -> Result<usize> {
         .and_then(|h| serde_json::from_slice(h).ok())
         .ok_or_else(|| bad("its header cannot be read"))?;
     r = &r[head_len..];
-    let count = u64::from_le_bytes(
-        r.get(..8)
-            .ok_or_else(|| bad("cut short"))?
-            .try_into()
-            .unwrap(),
-    );
-    r = &r[8..];
     let mut records = Vec::new();
-    for _ in 0..count {
-        records.push(Record::read(&mut r).ok_or_else(|| bad("a record cannot be read"))?);
+    loop {
+        let (&tag, rest) = r.split_first().ok_or_else(|| bad("cut short"))?;
+        r = rest;
+        match tag {
+            RECORD => {
+                records.push(Record::read(&mut r).ok_or_else(|| bad("a record cannot be read"))?)
+            }
+            END if r.is_empty() => break,
+            _ => return Err(bad("a record cannot be read")),
+        }
     }
     let handles: Vec<File> = files
         .iter()
@@ -477,10 +478,19 @@ pub fn recover(dir: &Path) -> Result<usize> {
         f.sync_all()
             .map_err(|e| Error::output(&dir.join(name), e))?;
     }
-    // The old weights, checked: each restored tensor's bytes have its old fingerprint.
-    for rec in &records {
+    // The old weights, checked: each restored tensor's bytes have its old fingerprint (a
+    // tensor has a record per piece with changes; each is checked once), each shard opened
+    // once.
+    let mut tensors: Vec<&Record> = records.iter().collect();
+    tensors.sort_by_key(|r| (r.shard, r.offset));
+    tensors.dedup_by_key(|r| (r.shard, r.offset));
+    let mut opened: HashMap<u32, Shard> = HashMap::new();
+    for rec in &tensors {
         let name = &files[rec.shard as usize];
-        let shard = Shard::open(&dir.join(name))?;
+        let shard = match opened.entry(rec.shard) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(Shard::open(&dir.join(name))?),
+        };
         let t = shard
             .tensors
             .iter()
@@ -498,7 +508,7 @@ pub fn recover(dir: &Path) -> Result<usize> {
     }
     std::fs::remove_file(&journal).map_err(|e| Error::output(&journal, e))?;
     crate::atomic::sync_dir(dir);
-    Ok(records.len())
+    Ok(tensors.len())
 }
 
 #[cfg(test)]
