@@ -41,6 +41,22 @@ def _in_place(served: Path, patch: Path) -> list[str]:
     ]
 
 
+def test_ctrl_c_leaves_the_old_weights_or_the_new(run: tuple, tmp_path: Path) -> None:
+    """SIGINT at moments spread over an apply: exit 130 with the old weights (a cancel while
+    writing rolls back from the journal), or exit 0 with the new ones; never a journal left."""
+    a, b, _, ab, _ = run
+    old, new = _files(a), _files(b)
+    for k in range(6):
+        served = tmp_path / f"i{k}"
+        shutil.copytree(a, served)
+        p = subprocess.Popen(_in_place(served, ab), stderr=subprocess.PIPE, text=True)
+        time.sleep(0.1 + 0.2 * k)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+        assert not (served / rlmask._rlmask.APPLY_JOURNAL).exists()
+        assert (p.returncode, _files(served)) in ((130, old), (0, new)), (p.returncode, err)
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 

@@ -369,6 +369,9 @@ pub fn apply_in_place(base: &Checkpoint, patches: &[&Patch], progress: &Progress
             &base.path,
             false,
             &mut |piece| {
+                // Ctrl-C while writing: the journal puts the old weights back (below), so a
+                // cancelled apply leaves the checkpoint as it found it, as it says.
+                progress.check()?;
                 if bytes[at..at + piece.len()] != *piece {
                     file.write_all_at(piece, (t.offset + at) as u64)
                         .map_err(|e| Error::output(&shard.path, e))?;
