@@ -3,7 +3,7 @@
 # build from PyTorch's own index (about 200 MB, no CUDA libraries, no triton) where that index is
 # reachable, else PyPI's default build (on Linux x86-64 the CUDA one: about 3 GB of NVIDIA
 # libraries and 1 GB of triton, which run on the CPU all the same). Then ".[dev]".
-# Usage: bash scripts/install_tests.sh && python scripts/fetch_vllm.py && cargo test --workspace && pytest
+# Usage: bash scripts/install_tests.sh && bash scripts/test_deps.sh && cargo test --workspace && pytest
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cpu_index="https://download.pytorch.org/whl/cpu"
