@@ -7,9 +7,9 @@ place, either way), warms the page cache and measures, each in a fresh interpret
 warm files:
 
   (a) ``rlmask diff --criterion exact`` and ``rlmask.patch.create`` on the same pair: create
-      throughput against diff's (goal: at least 70%);
+      throughput against diff's (goal: at least 50%);
   (b) ``rlmask.patch.apply`` against copying the base checkpoint (``shutil.copyfile`` of every
-      file, then fsync, as apply syncs): goal within 1.5x; and ``apply_in_place`` on a copy of
+      file, then fsync, as apply syncs): goal within 1.3x; and ``apply_in_place`` on a copy of
       the base (the copy not timed);
   (c) patch bytes per changed element at each density: the plain codec, the compact codec
       (``--codec compact``), and zstd (level 3, the `zstandard` package) over the XOR of the
@@ -169,8 +169,8 @@ def main() -> None:
                 r2 = summary[f"apply {codec}"]["seconds"] / summary["copy base"]["seconds"]
                 r3 = summary[f"in place {codec}"]["seconds"] / summary["copy base"]["seconds"]
                 print(
-                    f"{codec}: create throughput / diff's {100 * r1:.0f}% (goal: at least 70%);"
-                    f" apply time / copy time {r2:.2f}x (goal: at most 1.5x);"
+                    f"{codec}: create throughput / diff's {100 * r1:.0f}% (goal: at least 50%);"
+                    f" apply time / copy time {r2:.2f}x (goal: at most 1.3x);"
                     f" in place / copy {r3:.2f}x"
                 )
         print("\nbytes per changed element (and of the full model)")

@@ -681,3 +681,95 @@ def test_one_atomic_writer_for_concurrent_writes_and_leftovers(tmp_path: Path) -
     rebuilt = tmp_path / "rebuilt"
     rlmask.patch.apply(base, out, rebuilt, progress=False)
     assert rlmask.diff(tuned, rebuilt, criterion="exact", progress=False).changed == 0
+
+
+def _tree_fingerprint(data: bytes) -> str:
+    """The version-2 fingerprint (design §9) by the `xxhash` package: XXH3-128 of every 64 KiB
+    leaf in canonical form, then of the digests and the little-endian u64 length."""
+    import xxhash
+
+    leaves = b"".join(
+        xxhash.xxh3_128(data[i : i + (1 << 16)]).digest() for i in range(0, len(data), 1 << 16)
+    )
+    return xxhash.xxh3_128(leaves + len(data).to_bytes(8, "little")).hexdigest()
+
+
+def _rewrite_metadata(path: Path, out: Path, change: Any) -> None:
+    """Copies a patch file with its ``__metadata__`` passed through ``change``."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"] = change(header["__metadata__"])
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    out.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
+def test_fingerprints_against_xxhash_and_version_1_patches(tmp_path: Path) -> None:
+    """Every fingerprint a patch holds is the tree of XXH3-128 recomputed here (tensors of one
+    short leaf, exactly two leaves, 48 and a short one); a version-1 patch (BLAKE3
+    fingerprints, computed here with the `blake3` package) is still applied and checked; a
+    chain mixing the two is refused."""
+    import blake3
+
+    rng = np.random.default_rng(7)
+    sizes = {"big.weight": ("BF16", (1_600_003,)), "two.weight": ("U8", (2 << 16,))}
+    sizes["one.weight"] = ("F32", (3,))
+    base = [
+        (
+            n,
+            d,
+            s,
+            rng.integers(
+                0, 256, int(np.prod(s)) * (2 if d == "BF16" else 4 if d == "F32" else 1), np.uint8
+            ).tobytes(),
+        )
+        for n, (d, s) in sizes.items()
+    ]
+    tuned = []
+    for n, d, s, data in base:
+        raw = np.frombuffer(data, np.uint8).copy()
+        raw[rng.random(raw.size) < 0.01] ^= 1
+        tuned.append((n, d, s, raw.tobytes()))
+    for name, tensors in (("A", base), ("B", tuned)):
+        (tmp_path / name).mkdir()
+        write_raw(tmp_path / name / "model.safetensors", tensors, pad_to=8)
+    a, b = tmp_path / "A", tmp_path / "B"
+    p = tmp_path / "ab.rlpatch"
+    info = P.create(a, b, p, progress=False)
+    assert P.load(p).metadata["version"] == "2"
+    rows = {r["name"]: r for r in info.tensors.iter_rows(named=True)}
+    for (n, _, _, old), (_, _, _, new) in zip(base, tuned, strict=True):
+        assert rows[n]["base"] == _tree_fingerprint(old), n
+        assert rows[n]["tuned"] == _tree_fingerprint(new), n
+
+    # The same patch as an older rlmask wrote it: version 1, BLAKE3.
+    def as_v1(meta: dict[str, str], *, wrong: bool = False) -> dict[str, str]:
+        tensors = json.loads(meta["tensors"])
+        for (n, _, _, old), (_, _, _, new) in zip(base, tuned, strict=True):
+            tensors[n]["base"] = blake3.blake3(old).hexdigest()
+            tensors[n]["tuned"] = blake3.blake3(new if not wrong else new + b"x").hexdigest()
+        return meta | {"version": "1", "tensors": json.dumps(tensors)}
+
+    v1 = tmp_path / "v1.rlpatch"
+    _rewrite_metadata(p, v1, as_v1)
+    P.apply(a, [v1], tmp_path / "out1", progress=False)
+    _same_files(tmp_path / "out1", b)
+    P.verify(a, v1, b, progress=False)
+    bad = tmp_path / "v1-wrong.rlpatch"
+    _rewrite_metadata(p, bad, lambda m: as_v1(m, wrong=True))
+    with pytest.raises(rlmask.CheckpointFormatError, match="fingerprint the patch promises"):
+        P.apply(a, [bad], tmp_path / "out2", progress=False)
+    # A version-2 patch after a version-1 one: refused, saying why.
+    p2 = tmp_path / "ba.rlpatch"
+    P.create(b, a, p2, progress=False)
+    with pytest.raises(rlmask.PairingError, match="fingerprints of different kinds"):
+        P.apply(a, [v1, p2], tmp_path / "out3", progress=False)
+    # A fingerprint of the wrong kind for the version, and an unknown version.
+    mixed = tmp_path / "mixed.rlpatch"
+    _rewrite_metadata(p, mixed, lambda m: m | {"version": "1"})
+    with pytest.raises(rlmask.CheckpointFormatError, match="is not a fingerprint of a version"):
+        P.load(mixed)
+    _rewrite_metadata(p, mixed, lambda m: m | {"version": "3"})
+    with pytest.raises(rlmask.CheckpointFormatError, match="newer rlmask"):
+        P.load(mixed)

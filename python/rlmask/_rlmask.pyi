@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_PATCH_CODEC",
     "DEFAULT_TOL",
     "PATCH_CODECS",
+    "PATCH_VERSION",
     "Checkpoint",
     "CombineOp",
     "Criterion",
@@ -35,6 +36,7 @@ __all__ = [
     "compact_bytes",
     "diff",
     "fingerprint",
+    "fingerprint_matches",
     "mask_combine",
     "mask_count",
     "mask_overlap",
@@ -54,6 +56,7 @@ DEFAULT_TOL: float
 CRITERIA: tuple[str, ...]
 COMBINE_OPS: tuple[str, ...]
 PATCH_CODECS: tuple[str, ...]
+PATCH_VERSION: str
 DEFAULT_PATCH_CODEC: str
 APPLY_JOURNAL: str
 
@@ -377,6 +380,7 @@ class PatchFile:
     ) -> tuple[npt.NDArray[np.int64] | None, npt.NDArray[np.uint8]] | None: ...
 
 def fingerprint(data: npt.NDArray[np.uint8]) -> str: ...
+def fingerprint_matches(data: npt.NDArray[np.uint8], print: str) -> bool: ...
 def compact_bytes(
     indices: npt.NDArray[np.int64], values: npt.NDArray[np.uint8], size: int, numel: int
 ) -> int: ...

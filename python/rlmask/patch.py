@@ -2,7 +2,7 @@
 
 A patch turns checkpoint B into checkpoint C bit for bit: per changed tensor the flat indices
 of the elements whose bits differ and C's values there (or C's whole tensor where that is
-smaller), with the blake3 fingerprint of every tensor before and after, so that a patch applied
+smaller), with the fingerprint of every tensor before and after, so that a patch applied
 to another base, a corrupt patch, or a chain with a patch missing, repeated or out of order is
 refused, naming the tensor. The file is plain safetensors: ``safetensors`` and torch alone can
 read and apply it (see the README's ten-line snippet)::
@@ -71,7 +71,7 @@ class PatchInfo(Report):
         tensors: one row per tensor of the checkpoint it applies to: name, layer, module,
             dtype, shape, numel, changed, form (``none``, ``sparse``: plain indices and values,
             ``compact``: compact frames, ``dense``: stored whole), base and tuned
-            (blake3 fingerprints of the tensor's bytes before and after).
+            (fingerprints of the tensor's bytes before and after).
         stored: bytes stored, by kind: ``indices`` and ``values`` (plain codec), ``compact``
             (compact codec: frames and their table), ``dense`` (tensors stored whole).
         bytes: the size of the patch file.
@@ -386,6 +386,12 @@ def _fingerprint(t: Any) -> str:
     return _rlmask.fingerprint(_host_bytes(t))
 
 
+def _has_fingerprint(t: Any, print: str) -> bool:
+    """Whether a torch tensor's bytes have the fingerprint ``print`` (in the scheme it is
+    written in: BLAKE3 in patches of version 1)."""
+    return _rlmask.fingerprint_matches(_host_bytes(t), print)
+
+
 def tensor_entry(key: str, old: Any, new: Any, stored: dict[str, Any]) -> dict[str, Any]:
     """The patch entry of one tensor (design §9) from its ``old`` and ``new`` state, adding
     what the patch stores for it to ``stored`` (host tensors): the elements whose bits differ
@@ -427,7 +433,7 @@ def write_plain(
 
     meta = {
         "format": "rlmask-patch",
-        "version": "1",
+        "version": _rlmask.PATCH_VERSION,
         "rlmask_version": __version__,
         "tensors": json.dumps(dict(sorted(entries.items())), separators=(",", ":")),
     }

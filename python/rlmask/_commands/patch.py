@@ -58,7 +58,7 @@ def patch_create(
     """Write the patch that turns BASE into TUNED, bit for bit.
 
     Per changed tensor: the flat indices of the elements whose bits differ and TUNED's values
-    there (or the whole tensor where that is smaller), with blake3 fingerprints of every tensor
+    there (or the whole tensor where that is smaller), with fingerprints of every tensor
     before and after. One streaming pass; memory stays flat.
 
     \b

@@ -13,7 +13,13 @@ from rlmask import _rlmask
 from rlmask._io import PathArg
 from rlmask._report import few
 from rlmask.errors import CheckpointFormatError, MaskError, PairingError
-from rlmask.patch import _fingerprint, changes, tensor_entry, vllm_record, write_plain
+from rlmask.patch import (
+    _has_fingerprint,
+    changes,
+    tensor_entry,
+    vllm_record,
+    write_plain,
+)
 from rlmask.torch._common import (
     NameMap,
     _bits_view,
@@ -131,7 +137,7 @@ def apply_patch(model: torch.nn.Module, path: PathArg, *, name_map: NameMap = No
             t = state[by_key[key]]
             if e.form == "none":
                 continue
-            if _fingerprint(t) != e.base:
+            if not _has_fingerprint(t, e.base):
                 raise PairingError(
                     f"tensor '{key}' is not in the state patch {path} was made from (its "
                     "fingerprint differs): apply the patches in order, starting from the same "
@@ -145,7 +151,7 @@ def apply_patch(model: torch.nn.Module, path: PathArg, *, name_map: NameMap = No
                 flat.copy_(values.to(t.device))
             else:
                 flat[idx.to(t.device)] = values.to(t.device)
-            if _fingerprint(t) != e.tuned:
+            if not _has_fingerprint(t, e.tuned):
                 raise CheckpointFormatError(
                     f"corrupt patch {path}: tensor '{key}' does not have the fingerprint the "
                     "patch promises"

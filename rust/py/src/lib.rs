@@ -31,8 +31,8 @@ mod _rlmask {
     use super::names::{canonical_name, printable};
     #[pymodule_export]
     use super::patch::{
-        compact_bytes, fingerprint, patch_apply, patch_apply_in_place, patch_create, patch_recover,
-        patch_verify, PatchEntry, PatchFile,
+        compact_bytes, fingerprint, fingerprint_matches, patch_apply, patch_apply_in_place,
+        patch_create, patch_recover, patch_verify, PatchEntry, PatchFile,
     };
     #[pymodule_export]
     use super::plan::{pairing, Pairing, PlanOptions};
@@ -59,6 +59,7 @@ mod _rlmask {
             "DEFAULT_PATCH_CODEC",
             rlmask_core::patch::Codec::DEFAULT.name(),
         )?;
+        m.add("PATCH_VERSION", rlmask_core::patch::VERSION)?;
         m.add("APPLY_JOURNAL", rlmask_core::patch::JOURNAL)
     }
 }

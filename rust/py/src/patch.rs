@@ -154,13 +154,27 @@ pub fn compact_bytes(
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
-/// blake3 of the bytes of `data` (a uint8 array), hex: a tensor's fingerprint in a patch.
+/// The fingerprint a patch writes for the bytes of `data` (a uint8 array).
 #[pyfunction]
 pub fn fingerprint(py: Python<'_>, data: numpy::PyReadonlyArray1<'_, u8>) -> PyResult<String> {
     let bytes = data
         .as_slice()
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
     Ok(py.detach(|| patch::fingerprint(bytes)))
+}
+
+/// Whether the bytes of `data` (a uint8 array) have the fingerprint `print`, in the scheme it
+/// is written in (BLAKE3 in patches of version 1).
+#[pyfunction]
+pub fn fingerprint_matches(
+    py: Python<'_>,
+    data: numpy::PyReadonlyArray1<'_, u8>,
+    print: &str,
+) -> PyResult<bool> {
+    let bytes = data
+        .as_slice()
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(py.detach(|| patch::matches(bytes, print)))
 }
 
 /// Writes the patch that turns `base` into `tuned` to `out`, atomically; returns its entries

@@ -1,6 +1,7 @@
 //! Applying and verifying patches: the chain checked by fingerprint, then the base streamed
 //! into new files a piece at a time with each patch's entries written over it.
 
+use super::fingerprint::Streaming;
 use super::*;
 use crate::atomic::Staged;
 
@@ -108,6 +109,21 @@ pub(super) fn check_chain(base: &Checkpoint, patches: &[&Patch]) -> Result<()> {
     }
     for (k, pair) in patches.windows(2).enumerate() {
         let (p, q) = (&pair[0], &pair[1]);
+        if p.scheme != q.scheme {
+            return Err(Error::Pairing {
+                reason: format!(
+                    "patch {} ({}) and patch {} ({}) carry fingerprints of different kinds \
+                     (versions {} and {}): the chain cannot be checked across them; create the \
+                     older patch again with this rlmask",
+                    k + 1,
+                    p.path.display(),
+                    k + 2,
+                    q.path.display(),
+                    p.metadata.get("version").map_or("?", String::as_str),
+                    q.metadata.get("version").map_or("?", String::as_str),
+                ),
+            });
+        }
         for (name, e) in &p.entries {
             let next = q.entries.get(name);
             if next.is_none_or(|f| f.base != e.tuned) {
@@ -149,7 +165,11 @@ pub(super) fn stream_tensor(
             matches!(e.form, Form::Sparse | Form::Compact).then(|| Changes::new(p, name, e))
         })
         .collect();
-    let (mut before, mut after) = (blake3::Hasher::new(), blake3::Hasher::new());
+    let last = entries[entries.len() - 1];
+    let (mut before, mut after) = (
+        Streaming::like(&entries[0].base),
+        Streaming::like(&last.tuned),
+    );
     // Elements each dense entry actually changes, checked against the count it states.
     let mut dense_changed = vec![0u64; patches.len()];
     let mut buf = vec![0u8; PIECE.min(bytes.len())];
@@ -196,7 +216,7 @@ pub(super) fn stream_tensor(
     if !check {
         return Ok(());
     }
-    if before.finalize().to_hex().as_str() != entries[0].base {
+    if !before.matches(&entries[0].base) {
         return Err(Error::Pairing {
             reason: format!(
                 "tensor '{name}' of {} is not the one patch {} was made from (its fingerprint \
@@ -219,10 +239,9 @@ pub(super) fn stream_tensor(
             ));
         }
     }
-    let last = patches.last().expect("at least one");
-    if after.finalize().to_hex().as_str() != entries[entries.len() - 1].tuned {
+    if !after.matches(&last.tuned) {
         return Err(corrupt(
-            &last.path,
+            &patches[patches.len() - 1].path,
             Some(name),
             "corrupt patch: the patched tensor does not have the fingerprint the patch \
              promises",
@@ -393,7 +412,7 @@ pub fn verify(
             let (ts, tt) = c.get(name).ok_or_else(|| Error::Pairing {
                 reason: format!("tensor '{name}' is not in {}", c.path.display()),
             })?;
-            if fingerprint(ts.bytes(tt)) != patch.entries[*name].tuned {
+            if !matches(ts.bytes(tt), &patch.entries[*name].tuned) {
                 return Err(Error::Pairing {
                     reason: format!(
                         "tensor '{name}' of {} is not what patch {} gives",

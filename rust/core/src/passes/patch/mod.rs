@@ -2,8 +2,8 @@
 //! exactly. Per changed tensor, `NAME.indices` (I32 flat ascending, I64 past 2^31 elements) and
 //! `NAME.values` (C's values at those indices, in the tensor's own dtype), or `NAME.dense` (C's
 //! whole tensor) where that is smaller; `__metadata__` holds `format=rlmask-patch`, `version`,
-//! and `tensors`: every tensor of B with its shape, dtype, changed count, form and the blake3
-//! fingerprints of its bytes in B and in C. With `codec=compact` a sparse tensor is stored as
+//! and `tensors`: every tensor of B with its shape, dtype, changed count, form and the
+//! fingerprints of its bytes in B and in C ([`fingerprint`]). With `codec=compact` a sparse tensor is stored as
 //! `NAME.frames` (int64 rows: first element, changes, bytes) and `NAME.compact` (the frames of
 //! [`crate::codec`], one after another) instead of indices and values.
 //!
@@ -20,9 +20,6 @@ use std::io::{BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
-use blake3::hazmat::{
-    merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
-};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -37,8 +34,11 @@ use crate::sides::Side;
 
 /// The `format` of a patch file.
 pub const FORMAT: &str = "rlmask-patch";
-/// The version written and read.
-pub const VERSION: &str = "1";
+/// The version written: 2, fingerprints in the XXH3-128 tree ([`fingerprint`]).
+pub const VERSION: &str = "2";
+/// The versions read, with the scheme their fingerprints are written in: version 1 carries
+/// BLAKE3.
+const VERSIONS: [(&str, Scheme); 2] = [("1", Scheme::Blake3), ("2", Scheme::Tree)];
 
 /// Elements compared per unit of parallel work.
 const CHUNK: usize = 1 << 20;
@@ -103,7 +103,8 @@ pub struct Entry {
     /// Elements whose bits differ between B and C.
     pub changed: u64,
     pub form: Form,
-    /// blake3 of the tensor's raw bytes in B and in C, hex.
+    /// The fingerprints of the tensor's raw bytes in B and in C ([`fingerprint`]; BLAKE3 in
+    /// patches of version 1).
     pub base: String,
     pub tuned: String,
 }
@@ -122,6 +123,8 @@ pub struct Patch {
     pub entries: BTreeMap<String, Entry>,
     pub metadata: BTreeMap<String, String>,
     pub codec: Codec,
+    /// How its fingerprints are made (by its version).
+    pub scheme: Scheme,
     /// The frames of each compact sparse tensor, validated against its entry.
     frames: BTreeMap<String, Vec<Frame>>,
     /// Where each stored key (`NAME.indices`, `NAME.values`, ...) is in the shard's tensors:
@@ -155,13 +158,17 @@ impl Patch {
                 ),
             ));
         }
-        if meta.get("version").map(String::as_str) != Some(VERSION) {
+        let version = meta.get("version").map(String::as_str);
+        let Some(&(_, scheme)) = VERSIONS.iter().find(|(v, _)| Some(*v) == version) else {
             return Err(corrupt(
                 path,
                 None,
-                format!("patch version {:?} is not {VERSION}", meta.get("version")),
+                format!(
+                    "patch version {version:?} is not one this rlmask reads (1 or {VERSION}); \
+                     a newer rlmask may have written it"
+                ),
             ));
-        }
+        };
         let text = meta
             .get("tensors")
             .ok_or_else(|| corrupt(path, None, "the patch has no 'tensors' description"))?;
@@ -207,6 +214,18 @@ impl Patch {
                     (format!("{name}.compact"), Some(Dtype::U8), None),
                 ],
             };
+            for print in [&e.base, &e.tuned] {
+                if Scheme::of(print) != Some(scheme) {
+                    return Err(corrupt(
+                        path,
+                        Some(name),
+                        format!(
+                            "{print:?} is not a fingerprint of a version {version:?} patch",
+                            version = version.unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
             if (e.form == Form::None) != (e.changed == 0) || e.changed > e.numel() {
                 return Err(corrupt(
                     path,
@@ -267,6 +286,7 @@ impl Patch {
             entries,
             metadata,
             codec,
+            scheme,
             frames,
             index,
         })
@@ -635,22 +655,22 @@ mod inplace;
 
 pub use apply::{apply, is_model_file, verify};
 pub use create::{create, Created};
-pub use fingerprint::fingerprint;
+pub use fingerprint::{fingerprint, matches, Scheme, LEAF};
 pub use inplace::{apply_in_place, recover, JOURNAL};
 
 #[cfg(test)]
 mod tests {
-    use super::fingerprint::{merged_fingerprint, piece_print};
+    use super::fingerprint::{leaf, root, Streaming};
     use super::*;
 
-    /// The fingerprint merged from the pass's pieces is BLAKE3's hash of the whole tensor, for
-    /// every length around the pieces' boundaries: none, one short piece, exactly one, one
-    /// and a byte, and trees of 3, 4, 5 and 7 pieces (left subtrees of 2 and 4 pieces, right
-    /// ones of 1 and 3, a short right edge).
+    /// The fingerprint from leaves hashed piece by piece (as create hashes them), streamed (as
+    /// apply hashes them) and of the whole agree, for every length around the leaves'
+    /// boundaries: none, one short leaf, exactly one, one and a byte, several and a short one;
+    /// and they differ from the fingerprint of the same bytes one shorter.
     #[test]
-    fn pieces_merge_into_the_hash_of_the_whole() {
+    fn leaves_merge_into_the_fingerprint_of_the_whole() {
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let bytes: Vec<u8> = (0..(7 * CHUNK * 2))
+        let bytes: Vec<u8> = (0..(7 * LEAF + 9))
             .map(|_| {
                 state ^= state << 13;
                 state ^= state >> 7;
@@ -658,32 +678,40 @@ mod tests {
                 state as u8
             })
             .collect();
-        for size in [1usize, 2] {
-            let piece = CHUNK * size;
-            for len in [
-                0,
-                1,
-                1000,
-                piece,
-                piece + 1,
-                3 * piece - 5,
-                4 * piece,
-                5 * piece + 7,
-                7 * piece - 3,
-            ] {
-                let whole = &bytes[..len];
-                let n = len.div_ceil(piece);
-                let prints: Vec<ChainingValue> = whole
-                    .chunks(piece)
-                    .enumerate()
-                    .map(|(i, p)| piece_print(p, (i * piece) as u64, n == 1))
-                    .collect();
-                assert_eq!(
-                    merged_fingerprint(&prints),
-                    blake3::hash(whole).to_hex().to_string(),
-                    "size {size}, {len} bytes"
-                );
+        for len in [
+            0,
+            1,
+            1000,
+            LEAF,
+            LEAF + 1,
+            3 * LEAF - 5,
+            4 * LEAF,
+            7 * LEAF + 9,
+        ] {
+            let whole = &bytes[..len];
+            let print = fingerprint(whole);
+            assert_eq!(Scheme::of(&print), Some(Scheme::Tree));
+            for piece in [LEAF, 2 * LEAF, 64 * LEAF] {
+                let mut leaves = Vec::new();
+                let mut streamed = Streaming::like(&print);
+                for p in whole.chunks(piece) {
+                    leaves.extend(p.chunks(LEAF).map(leaf));
+                    streamed.update(p);
+                }
+                assert_eq!(root(&leaves, len as u64), print, "{len} bytes");
+                assert!(streamed.matches(&print), "{len} bytes streamed");
             }
+            assert!(matches(whole, &print));
+            if len > 0 {
+                assert_ne!(fingerprint(&whole[..len - 1]), print);
+            }
+            let old = blake3::hash(whole).to_hex().to_string();
+            assert!(matches(whole, &old));
+            let mut streamed = Streaming::like(&old);
+            whole.chunks(4 * LEAF).for_each(|p| streamed.update(p));
+            assert!(streamed.matches(&old));
         }
+        assert_eq!(Scheme::of(&"A".repeat(32)), None);
+        assert_eq!(Scheme::of("abc"), None);
     }
 }
