@@ -4,6 +4,7 @@
 use super::fingerprint::Streaming;
 use super::*;
 use crate::atomic::Staged;
+use std::os::unix::fs::FileExt;
 
 /// A file written under a temporary name beside its target, put in place by
 /// [`AtomicFile::finish`] ([`Staged::commit`]); removed if dropped unfinished.
@@ -276,51 +277,77 @@ pub fn apply(base: &Checkpoint, patches: &[&Patch], out: &Path, progress: &Progr
         .sum();
     progress.total.store(total, Ordering::Relaxed);
 
-    base.shards.par_iter().try_for_each(|shard| {
+    // The shards' files at their full length, the bytes around the tensors (header, padding)
+    // copied here; every tensor is then patched by whichever worker takes it and written at
+    // its place, so a checkpoint of one shard is patched on every core too, and its writing
+    // to disk is started as each tensor is done (the final sync waits for the rest only).
+    let mut files = Vec::with_capacity(base.shards.len());
+    for shard in &base.shards {
         let name = shard
             .path
             .file_name()
             .ok_or_else(|| Error::output(out, std::io::Error::other("a shard has no name")))?;
         let target = tmp.join(name);
         let file = File::create(&target).map_err(|e| Error::output(out, e))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
         let all = shard.file_bytes();
+        file.set_len(all.len() as u64)
+            .map_err(|e| Error::output(out, e))?;
         let mut tensors: Vec<&TensorInfo> = shard.tensors.iter().collect();
         tensors.sort_by_key(|t| t.offset);
-        let data_start = tensors.first().map_or(all.len(), |t| t.offset);
+        let mut around = Vec::new();
+        let mut at = 0;
+        for t in tensors {
+            around.push(at..t.offset.max(at));
+            at = at.max(t.offset + t.len);
+        }
+        around.push(at..all.len());
+        for r in around.into_iter().filter(|r| !r.is_empty()) {
+            file.write_all_at(&all[r.clone()], r.start as u64)
+                .map_err(|e| Error::output(out, e))?;
+            progress.done.fetch_add(r.len() as u64, Ordering::Relaxed);
+        }
+        files.push((file, target));
+    }
+    let work: Vec<(usize, &TensorInfo)> = base
+        .shards
+        .iter()
+        .enumerate()
+        .flat_map(|(k, s)| s.tensors.iter().map(move |t| (k, t)))
+        .collect();
+    work.par_iter().try_for_each(|&(k, t)| {
+        let (shard, file) = (&base.shards[k], &files[k].0);
+        let mut at = t.offset as u64;
         let mut write = |bytes: &[u8]| -> Result<()> {
             progress.check()?;
             progress
                 .done
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            w.write_all(bytes).map_err(|e| Error::output(out, e))
+            file.write_all_at(bytes, at)
+                .map_err(|e| Error::output(out, e))?;
+            at += bytes.len() as u64;
+            Ok(())
         };
-        write(&all[..data_start])?;
-        let mut at = data_start;
-        for t in tensors {
-            write(&all[at..t.offset])?;
-            stream_tensor(
-                &t.name,
-                shard.bytes(t),
-                t.dtype,
-                patches,
-                &base.path,
-                true,
-                &mut write,
-            )?;
-            at = t.offset + t.len;
-        }
-        write(&all[at..])?;
+        let path = &base.path;
+        stream_tensor(
+            &t.name,
+            shard.bytes(t),
+            t.dtype,
+            patches,
+            path,
+            true,
+            &mut write,
+        )?;
+        start_writeback(file, t.offset as u64, t.len as u64);
+        Ok(())
+    })?;
+    for (shard, (file, target)) in base.shards.iter().zip(&files) {
         shard.check_faults()?;
         shard.check_unchanged()?;
-        let f = w
-            .into_inner()
-            .map_err(|e| Error::output(out, e.into_error()))?;
-        f.sync_all().map_err(|e| Error::output(out, e))?;
+        file.sync_all().map_err(|e| Error::output(out, e))?;
         // The rebuilt shard is as private as the base's (a 0600 base stays 0600).
         let mode = std::fs::metadata(&shard.path).map_err(|e| Error::io(&shard.path, e))?;
-        std::fs::set_permissions(&target, mode.permissions()).map_err(|e| Error::output(out, e))
-    })?;
+        std::fs::set_permissions(target, mode.permissions()).map_err(|e| Error::output(out, e))?;
+    }
     // The rest of a checkpoint directory that describes the model: its index, config,
     // generation config and tokenizer files, never a trainer's state (optimizer, scheduler,
     // RNG), which belongs to the run that made the base. std::fs::copy keeps permissions.
@@ -348,6 +375,28 @@ pub fn apply(base: &Checkpoint, patches: &[&Patch], out: &Path, progress: &Progr
     }
     crate::atomic::sync_dir(&tmp); // the files' names in it, before it is put in place
     staged.commit(None)
+}
+
+/// Starts writing `len` bytes of `file` from `offset` to disk without waiting for them (Linux's
+/// `sync_file_range`), so that the disk works while the pass goes on; the `sync_all` that
+/// makes the file durable follows. Only a hint: an error shows at that sync.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a system call on a descriptor `file` owns for the length of the call; it
+        // reads and writes no memory of this process.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 /// Whether a file beside the shards describes the model (and so belongs in a checkpoint that
