@@ -236,6 +236,16 @@ impl Span {
     }
 }
 
+/// One compared chunk of a tensor (of job `job`): its changes, as [`Span`] gathers them.
+struct Part {
+    job: usize,
+    start: u64,
+    count: u64,
+    idx: Vec<u8>,
+    vals: Vec<u8>,
+    prints: (Vec<Leaf>, Vec<Leaf>),
+}
+
 /// One tensor to patch: its name in B and both sides.
 struct Job<'a> {
     name: &'a str,
@@ -333,106 +343,140 @@ pub fn create(
 
     let mut idx_file = Scratch::new(out, "indices")?;
     let mut val_file = Scratch::new(out, "values")?;
-    let window = 2 * rayon::current_num_threads().max(1);
-    // The pass's groups of chunks in the order it takes them (job by job, `window` chunks at
-    // a time), for the readers that read cold files ahead of it.
-    let group_len = window * CHUNK;
-    let groups = jobs.iter().flat_map(|job| {
-        let n = job.a.1.numel as usize;
-        (0..n).step_by(group_len).map(move |g| {
-            let len = group_len.min(n - g);
-            [job.a, job.b]
-                .map(|(shard, t)| readahead::Stretch {
-                    shard,
-                    offset: t.offset + g * t.dtype.size(),
-                    len: len * t.dtype.size(),
-                })
-                .to_vec()
+    // Every chunk of every tensor in order, (job, first element): the pass takes them
+    // `window` at a time across tensors (most tensors are a chunk or three, so groups within
+    // one tensor left a core idle), and stores each group's changes in order while the next
+    // group is compared.
+    let window = 8 * rayon::current_num_threads().max(1);
+    let items: Vec<(usize, usize)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, job)| {
+            (0..job.a.1.numel as usize)
+                .step_by(CHUNK)
+                .map(move |s| (j, s))
         })
+        .collect();
+    // Each chunk's stretches of both files, for the readers that read cold files ahead.
+    let stretches = items.iter().map(|&(j, s)| {
+        let job = &jobs[j];
+        let len = CHUNK.min(job.a.1.numel as usize - s);
+        [job.a, job.b]
+            .map(|(shard, t)| readahead::Stretch {
+                shard,
+                offset: t.offset + s * t.dtype.size(),
+                len: len * t.dtype.size(),
+            })
+            .to_vec()
     });
-    let mut spans = Vec::with_capacity(jobs.len());
-    readahead::ahead(groups, |took| -> Result<()> {
-        let mut taken = 0;
-        for job in &jobs {
-            let (t, size) = (job.a.1, job.a.1.dtype.size());
-            let n = t.numel as usize;
-            let wide = index_width(t.numel) == 8;
-            let (ra, rb) = (job.a.0.bytes(job.a.1), job.b.0.bytes(job.b.1));
-            let starts: Vec<usize> = (0..n).step_by(CHUNK).collect();
-            let mut span = Span {
-                changed: 0,
-                wide,
-                idx_at: idx_file.len,
-                val_at: val_file.len,
-                stored: 0,
-                frames: Vec::new(),
-                prints: (Vec::new(), Vec::new()),
-            };
-            for group in starts.chunks(window) {
-                took(taken);
-                taken += 1;
-                let parts = group
-                    .par_iter()
-                    .map(|&s| {
-                        progress.check()?;
-                        let len = CHUNK.min(n - s);
-                        let (x, y) = (
-                            &ra[s * size..(s + len) * size],
-                            &rb[s * size..(s + len) * size],
-                        );
-                        let (mut idx, mut vals) = (Vec::new(), Vec::new());
-                        // A leaf of each side at a time: compared, then hashed for the
-                        // fingerprints while it is in the cache.
-                        let leaves = x.len().div_ceil(LEAF);
-                        let mut prints = (Vec::with_capacity(leaves), Vec::with_capacity(leaves));
-                        for (k, (x, y)) in x.chunks(LEAF).zip(y.chunks(LEAF)).enumerate() {
-                            let first = (s + k * (LEAF / size)) as u64;
-                            changed_into(x, y, size, first, wide, &mut idx, &mut vals);
-                            prints.0.push(leaf(x));
-                            prints.1.push(leaf(y));
-                        }
-                        let count = (vals.len() / size.max(1)) as u64;
-                        if codec == Codec::Compact && count > 0 {
-                            // Offsets from the chunk's first element; the frame replaces both.
-                            let iw = if wide { 8 } else { 4 };
-                            let offsets = idx.chunks_exact(iw).map(|b| {
-                                let mut w = [0u8; 8];
-                                w[..iw].copy_from_slice(b);
-                                u64::from_le_bytes(w) - s as u64
-                            });
-                            vals = crate::codec::encode(offsets, &vals, size);
-                            idx.clear();
-                        }
-                        progress
-                            .done
-                            .fetch_add(2 * x.len() as u64, Ordering::Relaxed);
-                        job.a.0.check_faults()?;
-                        job.b.0.check_faults()?;
-                        Ok((s as u64, count, idx, vals, prints))
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                for (start, count, idx, vals, (pa, pb)) in parts {
-                    span.prints.0.extend(pa);
-                    span.prints.1.extend(pb);
-                    if count == 0 {
-                        continue;
-                    }
-                    span.changed += count;
-                    span.stored += (idx.len() + vals.len()) as u64;
-                    if codec == Codec::Compact {
-                        span.frames.push(Frame {
-                            start,
-                            count,
-                            bytes: vals.len() as u64,
-                        });
-                    }
-                    idx_file.write(out, &idx)?;
-                    val_file.write(out, &vals)?;
-                }
-            }
-            spans.push(span);
+    let mut spans: Vec<Span> = jobs
+        .iter()
+        .map(|job| Span {
+            changed: 0,
+            wide: index_width(job.a.1.numel) == 8,
+            idx_at: 0,
+            val_at: 0,
+            stored: 0,
+            frames: Vec::new(),
+            prints: (Vec::new(), Vec::new()),
+        })
+        .collect();
+    // One chunk compared: its changes (indices and values, or a compact frame) and the
+    // digests of its leaves on both sides.
+    let chunk = |&(j, s): &(usize, usize)| -> Result<Part> {
+        progress.check()?;
+        let job = &jobs[j];
+        let (t, size) = (job.a.1, job.a.1.dtype.size());
+        let wide = index_width(t.numel) == 8;
+        let len = CHUNK.min(t.numel as usize - s);
+        let (x, y) = (
+            &job.a.0.bytes(job.a.1)[s * size..(s + len) * size],
+            &job.b.0.bytes(job.b.1)[s * size..(s + len) * size],
+        );
+        let (mut idx, mut vals) = (Vec::new(), Vec::new());
+        // A leaf of each side at a time: compared, then hashed for the fingerprints while it
+        // is in the cache.
+        let leaves = x.len().div_ceil(LEAF);
+        let mut prints = (Vec::with_capacity(leaves), Vec::with_capacity(leaves));
+        for (k, (x, y)) in x.chunks(LEAF).zip(y.chunks(LEAF)).enumerate() {
+            let first = (s + k * (LEAF / size)) as u64;
+            changed_into(x, y, size, first, wide, &mut idx, &mut vals);
+            prints.0.push(leaf(x));
+            prints.1.push(leaf(y));
         }
-        Ok(())
+        let count = (vals.len() / size.max(1)) as u64;
+        if codec == Codec::Compact && count > 0 {
+            // Offsets from the chunk's first element; the frame replaces both.
+            let s = s as u64;
+            vals = if wide {
+                let offsets = idx
+                    .chunks_exact(8)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) - s);
+                crate::codec::encode(offsets, &vals, size)
+            } else {
+                let offsets = idx
+                    .chunks_exact(4)
+                    .map(|b| u64::from(u32::from_le_bytes(b.try_into().expect("4 bytes"))) - s);
+                crate::codec::encode(offsets, &vals, size)
+            };
+            idx.clear();
+        }
+        progress
+            .done
+            .fetch_add(2 * x.len() as u64, Ordering::Relaxed);
+        job.a.0.check_faults()?;
+        job.b.0.check_faults()?;
+        Ok(Part {
+            job: j,
+            start: s as u64,
+            count,
+            idx,
+            vals,
+            prints,
+        })
+    };
+    // Stores compared chunks' changes in the scratch files, in order.
+    let store = |spans: &mut Vec<Span>, files: [&mut Scratch; 2], parts: Vec<Part>| {
+        let [idx_file, val_file] = files;
+        for part in parts {
+            let span = &mut spans[part.job];
+            span.prints.0.extend(part.prints.0);
+            span.prints.1.extend(part.prints.1);
+            if part.count == 0 {
+                continue;
+            }
+            if span.stored == 0 {
+                (span.idx_at, span.val_at) = (idx_file.len, val_file.len);
+            }
+            span.changed += part.count;
+            span.stored += (part.idx.len() + part.vals.len()) as u64;
+            if codec == Codec::Compact {
+                span.frames.push(Frame {
+                    start: part.start,
+                    count: part.count,
+                    bytes: part.vals.len() as u64,
+                });
+            }
+            idx_file.write(out, &part.idx)?;
+            val_file.write(out, &part.vals)?;
+        }
+        Ok::<(), Error>(())
+    };
+    readahead::ahead(stretches, |took| -> Result<()> {
+        let mut pending = Vec::new();
+        for (g, group) in items.chunks(window).enumerate() {
+            (g * window..g * window + group.len()).for_each(took);
+            let (stored, parts) = rayon::join(
+                || {
+                    let done = std::mem::take(&mut pending);
+                    store(&mut spans, [&mut idx_file, &mut val_file], done)
+                },
+                || group.par_iter().map(chunk).collect::<Result<Vec<_>>>(),
+            );
+            stored?;
+            pending = parts?;
+        }
+        store(&mut spans, [&mut idx_file, &mut val_file], pending)
     })?;
     for f in [&mut idx_file, &mut val_file] {
         f.file.flush().map_err(|e| Error::output(out, e))?;
