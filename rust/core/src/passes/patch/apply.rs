@@ -380,7 +380,7 @@ pub fn apply(base: &Checkpoint, patches: &[&Patch], out: &Path, progress: &Progr
 /// Starts writing `len` bytes of `file` from `offset` to disk without waiting for them (Linux's
 /// `sync_file_range`), so that the disk works while the pass goes on; the `sync_all` that
 /// makes the file durable follows. Only a hint: an error shows at that sync.
-fn start_writeback(file: &File, offset: u64, len: u64) {
+pub(super) fn start_writeback(file: &File, offset: u64, len: u64) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;

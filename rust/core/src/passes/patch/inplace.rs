@@ -18,7 +18,7 @@
 //! in-place apply, or `rlmask patch recover`) writes them back and checks the old
 //! fingerprints. While a journal is present the checkpoint is refused by every other command.
 
-use super::apply::{check_chain, stream_tensor};
+use super::apply::{check_chain, start_writeback, stream_tensor};
 use super::*;
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
@@ -386,7 +386,9 @@ pub fn apply_in_place(base: &Checkpoint, patches: &[&Patch], progress: &Progress
                     .fetch_add(piece.len() as u64, Ordering::Relaxed);
                 Ok(())
             },
-        )
+        )?;
+        start_writeback(file, t.offset as u64, t.len as u64);
+        Ok(())
     });
     let written = written.and_then(|()| {
         handles
