@@ -773,3 +773,33 @@ def test_fingerprints_against_xxhash_and_version_1_patches(tmp_path: Path) -> No
     _rewrite_metadata(p, mixed, lambda m: m | {"version": "3"})
     with pytest.raises(rlmask.CheckpointFormatError, match="newer rlmask"):
         P.load(mixed)
+
+
+def test_each_change_is_written_once(tmp_path: Path) -> None:
+    """A patch whose changes fit in memory is written once: the bytes this process dirties in
+    the page cache while creating it (Linux's per-task I/O accounting) are the patch's own,
+    not also those of scratch files copied into it (they had been: twice the patch)."""
+    io_file = Path("/proc/self/io")
+    assert io_file.exists(), "needs Linux's per-task I/O accounting (/proc/self/io)"
+
+    def dirtied() -> int:
+        fields = dict(line.split(": ") for line in io_file.read_text().splitlines())
+        return int(fields["write_bytes"])
+
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 2**16, 2_000_000, dtype=np.uint16)
+    tuned = base.copy()
+    tuned[rng.random(base.size) < 0.2] ^= 1
+    for name, data in (("A", base), ("B", tuned)):
+        (tmp_path / name).mkdir()
+        write_raw(
+            tmp_path / name / "model.safetensors",
+            [("w", "BF16", (2_000_000,), data.tobytes())],
+            pad_to=8,
+        )
+    for codec in P.CODECS:
+        before = dirtied()
+        info = P.create(tmp_path / "A", tmp_path / "B", tmp_path / f"{codec}.rlpatch", codec=codec)
+        written = dirtied() - before
+        assert info.bytes > 500_000
+        assert info.bytes <= written < 1.1 * info.bytes + (64 << 10), (codec, written, info.bytes)

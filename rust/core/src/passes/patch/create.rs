@@ -152,36 +152,90 @@ fn changed_into_impl(
     vals.truncate(v0 + count * size);
 }
 
-/// A temporary file beside the output, removed when dropped.
+/// Bytes of changes each [`Scratch`] holds in memory before it spills to a file: two of them
+/// hold at most as much as the read-ahead window.
+const HELD: usize = 128 << 20;
+
+/// Where the pass's changes wait for the patch file to be assembled: in memory up to
+/// [`HELD`] bytes (reserved, not touched, until used), then in a temporary file beside the
+/// output, removed when dropped. A patch whose changes fit is so written once, into the patch;
+/// memory stays bounded whatever the patch's size.
 struct Scratch {
-    path: PathBuf,
-    file: BufWriter<File>,
+    tag: &'static str,
+    /// [`HELD`] (less in tests).
+    limit: usize,
+    held: Vec<u8>,
+    spill: Option<(PathBuf, BufWriter<File>)>,
     len: u64,
 }
 
 impl Scratch {
-    fn new(out: &Path, tag: &str) -> Result<Scratch> {
-        let path = crate::atomic::temporary_name(out, tag);
-        let file = crate::atomic::create_new(&path).map_err(|e| Error::output(out, e))?;
-        Ok(Scratch {
-            path,
-            file: BufWriter::with_capacity(1 << 20, file),
+    fn new(tag: &'static str, limit: usize) -> Scratch {
+        Scratch {
+            tag,
+            limit,
+            held: Vec::with_capacity(limit),
+            spill: None,
             len: 0,
-        })
+        }
     }
 
     fn write(&mut self, out: &Path, bytes: &[u8]) -> Result<()> {
-        self.file
-            .write_all(bytes)
-            .map_err(|e| Error::output(out, e))?;
+        let io = |e| Error::output(out, e);
+        if self.spill.is_none() && self.held.len() + bytes.len() > self.limit {
+            let path = crate::atomic::temporary_name(out, self.tag);
+            let file = crate::atomic::create_new(&path).map_err(io)?;
+            // Removed on drop from here on, whatever fails next.
+            let (_, w) = self
+                .spill
+                .insert((path, BufWriter::with_capacity(1 << 20, file)));
+            w.write_all(&std::mem::take(&mut self.held)).map_err(io)?;
+        }
+        match &mut self.spill {
+            Some((_, w)) => w.write_all(bytes).map_err(io)?,
+            None => self.held.extend_from_slice(bytes),
+        }
         self.len += bytes.len() as u64;
         Ok(())
+    }
+
+    /// Flushes what was spilled.
+    fn flush(&mut self, out: &Path) -> Result<()> {
+        match &mut self.spill {
+            Some((_, w)) => w.flush().map_err(|e| Error::output(out, e)),
+            None => Ok(()),
+        }
+    }
+
+    /// `len` bytes from `at`.
+    fn read(&self, out: &Path, at: u64, len: u64) -> Result<std::borrow::Cow<'_, [u8]>> {
+        use std::os::unix::fs::FileExt;
+        match &self.spill {
+            None => Ok(self.held[at as usize..(at + len) as usize].into()),
+            Some((_, w)) => {
+                let mut buf = vec![0u8; len as usize];
+                w.get_ref()
+                    .read_exact_at(&mut buf, at)
+                    .map_err(|e| Error::output(out, e))?;
+                Ok(buf.into())
+            }
+        }
+    }
+
+    /// Appends `len` bytes from `at` to `file` (file to file by the kernel when spilled).
+    fn copy_into(&self, file: &mut AtomicFile, at: u64, len: u64) -> Result<()> {
+        match &self.spill {
+            None => file.write(&self.held[at as usize..(at + len) as usize]),
+            Some((_, w)) => file.copy_from(w.get_ref(), at, len),
+        }
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Some((path, _)) = &self.spill {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -209,7 +263,7 @@ struct Span {
 }
 
 impl Span {
-    /// Decodes this tensor's compact frames back from the scratch file `scratch`.
+    /// Decodes this tensor's compact frames back from `scratch`.
     fn decode(
         &self,
         scratch: &Scratch,
@@ -217,13 +271,7 @@ impl Span {
         size: usize,
         numel: u64,
     ) -> Result<(Vec<u64>, Vec<u8>)> {
-        use std::os::unix::fs::FileExt;
-        let mut blob = vec![0u8; self.stored as usize];
-        scratch
-            .file
-            .get_ref()
-            .read_exact_at(&mut blob, self.val_at)
-            .map_err(|e| Error::output(out, e))?;
+        let blob = scratch.read(out, self.val_at, self.stored)?;
         let (mut idx, mut vals) = (Vec::new(), Vec::new());
         let mut at = 0usize;
         for (k, f) in self.frames.iter().enumerate() {
@@ -341,8 +389,8 @@ pub fn create(
     let total: u64 = jobs.iter().map(|j| 2 * j.a.1.len as u64).sum();
     progress.total.store(total, Ordering::Relaxed);
 
-    let mut idx_file = Scratch::new(out, "indices")?;
-    let mut val_file = Scratch::new(out, "values")?;
+    let mut idx_file = Scratch::new("indices", HELD);
+    let mut val_file = Scratch::new("values", HELD);
     // Every chunk of every tensor in order, (job, first element): the pass takes them
     // `window` at a time across tensors (most tensors are a chunk or three, so groups within
     // one tensor left a core idle), and stores each group's changes in order while the next
@@ -479,7 +527,7 @@ pub fn create(
         store(&mut spans, [&mut idx_file, &mut val_file], pending)
     })?;
     for f in [&mut idx_file, &mut val_file] {
-        f.file.flush().map_err(|e| Error::output(out, e))?;
+        f.flush(out)?;
     }
 
     let prints: Vec<(String, String)> = spans
@@ -647,12 +695,11 @@ fn write_file(
     let mut file = AtomicFile::create(out)?;
     file.write(&(text.len() as u64).to_le_bytes())?;
     file.write(&text)?;
-    // Scratch ranges are copied file to file (the kernel's copy_file_range where it can).
-    let (idx_raw, val_raw) = (idx_file.file.get_ref(), val_file.file.get_ref());
+
     for (_, _, _, _, source) in &stored {
         match source {
-            Source::Indices(at, len) => file.copy_from(idx_raw, *at, *len)?,
-            Source::Values(at, len) => file.copy_from(val_raw, *at, *len)?,
+            Source::Indices(at, len) => idx_file.copy_into(&mut file, *at, *len)?,
+            Source::Values(at, len) => val_file.copy_into(&mut file, *at, *len)?,
             Source::Dense(k) => file.write(jobs[*k].b.0.bytes(jobs[*k].b.1))?,
             Source::Table(bytes) => file.write(bytes)?,
         }
@@ -662,7 +709,38 @@ fn write_file(
 
 #[cfg(test)]
 mod tests {
-    use super::{changed_into, changed_into_impl, differing_bytes};
+    use super::{changed_into, changed_into_impl, differing_bytes, AtomicFile, Scratch};
+
+    /// Changes held in memory, then spilled to a file past the limit, read back and copied into
+    /// a file whole across the spill; the spill file goes with the scratch.
+    #[test]
+    fn scratch_holds_then_spills() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("p.rlpatch");
+        let want: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for limit in [0, 100, 5000] {
+            let mut s = Scratch::new("values", limit);
+            for piece in want.chunks(37) {
+                s.write(&out, piece).unwrap();
+            }
+            s.flush(&out).unwrap();
+            assert_eq!(s.spill.is_some(), limit < want.len(), "limit {limit}");
+            for (at, len) in [(0, 1000), (90, 30), (999, 1), (500, 0)] {
+                let got = s.read(&out, at as u64, len as u64).unwrap();
+                assert_eq!(&got[..], &want[at..at + len], "limit {limit}");
+            }
+            let mut f = AtomicFile::create(&out).unwrap();
+            s.copy_into(&mut f, 3, 900).unwrap();
+            s.copy_into(&mut f, 0, 3).unwrap();
+            f.finish().unwrap();
+            let written = std::fs::read(&out).unwrap();
+            assert_eq!(written, [&want[3..903], &want[..3]].concat());
+            drop(s);
+            let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+            assert_eq!(left.len(), 1, "only the patch is left (limit {limit})");
+            std::fs::remove_file(&out).unwrap();
+        }
+    }
 
     /// The changed elements found a block at a time equal a plain loop's, for every element
     /// size, lengths around the blocks' and spans' ends, sparse and dense changes (in any byte
