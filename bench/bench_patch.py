@@ -48,11 +48,15 @@ print(time.perf_counter() - t, r.changed)
 CREATE = """
 import sys, time
 import rlmask.patch
+def dirtied():  # bytes this process dirtied in the page cache (Linux)
+    fields = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+    return int(fields["write_bytes"])
+d = dirtied()
 t = time.perf_counter()
 info = rlmask.patch.create(
     sys.argv[1], sys.argv[2], sys.argv[3], codec=sys.argv[4], progress=False
 )
-print(time.perf_counter() - t, info.changed, info.bytes)
+print(time.perf_counter() - t, info.changed, info.bytes, dirtied() - d)
 """
 WRITE = """
 import sys, time, os
@@ -174,6 +178,10 @@ def main() -> None:
                 out = results[f"create {codec}"][0]["output"]
                 assert int(out[0]) == changed
                 row[codec] = int(out[1])
+                print(
+                    f"create {codec}: the patch {int(out[1]) / 1e6:.1f} MB, bytes written "
+                    f"(dirtied in the page cache) {int(out[2]) / 1e6:.1f} MB"
+                )
             row["zstd(XOR)"] = int(run_program(XOR_ZSTD, files)["output"][0])
             sizes.append((d, changed, row))
             print(f"\ndensity {100 * d:g}% ({changed:,} changed elements)")
