@@ -44,6 +44,9 @@ const VERSIONS: [(&str, Scheme); 2] = [("1", Scheme::Blake3), ("2", Scheme::Tree
 const CHUNK: usize = 1 << 20;
 /// Bytes streamed per piece when applying.
 const PIECE: usize = 4 << 20;
+// Every piece a pass hashes is whole leaves of the fingerprints' tree (the last may be short):
+// 2^20 elements of any size when creating, 4 MiB when applying.
+const _: () = assert!(CHUNK.is_multiple_of(LEAF) && PIECE.is_multiple_of(LEAF));
 
 /// How the changes of sparse tensors are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
