@@ -771,7 +771,10 @@ def test_fingerprints_against_xxhash_and_version_1_patches(tmp_path: Path) -> No
     with pytest.raises(rlmask.CheckpointFormatError, match="is not a fingerprint of a version"):
         P.load(mixed)
     _rewrite_metadata(p, mixed, lambda m: m | {"version": "3"})
-    with pytest.raises(rlmask.CheckpointFormatError, match="newer rlmask"):
+    with pytest.raises(rlmask.CheckpointFormatError, match='version "3" .*newer rlmask'):
+        P.load(mixed)
+    _rewrite_metadata(p, mixed, lambda m: {k: v for k, v in m.items() if k != "version"})
+    with pytest.raises(rlmask.CheckpointFormatError, match="states no version"):
         P.load(mixed)
 
 

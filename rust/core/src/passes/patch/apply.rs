@@ -327,15 +327,9 @@ pub fn apply(base: &Checkpoint, patches: &[&Patch], out: &Path, progress: &Progr
             at += bytes.len() as u64;
             Ok(())
         };
-        let path = &base.path;
+        let bytes = shard.bytes(t);
         stream_tensor(
-            &t.name,
-            shard.bytes(t),
-            t.dtype,
-            patches,
-            path,
-            true,
-            &mut write,
+            &t.name, bytes, t.dtype, patches, &base.path, true, &mut write,
         )?;
         start_writeback(file, t.offset as u64, t.len as u64);
         Ok(())

@@ -1,5 +1,5 @@
-//! Creating a patch: one streaming pass over both checkpoints, changed positions spilled to
-//! scratch files in order, then the patch file assembled.
+//! Creating a patch: one streaming pass over both checkpoints, changed positions held in
+//! order (in memory, spilled to scratch files past a bound), then the patch file assembled.
 
 use super::apply::AtomicFile;
 use super::fingerprint::{leaf, root, Leaf};
@@ -88,8 +88,9 @@ fn changed_into_impl(
 ) {
     let iw = if wide { 8 } else { 4 };
     let (i0, v0) = (idx.len(), vals.len());
-    let log = size.trailing_zeros(); // sizes are 1, 2, 4 or 8
-                                     // The bit of each element's first byte in a block's byte mask.
+    // Sizes are 1, 2, 4 or 8: an element's index is its byte offset shifted by `log`.
+    let log = size.trailing_zeros();
+    // The bit of each element's first byte in a block's byte mask.
     let firsts = match size {
         1 => u64::MAX,
         2 => 0x5555_5555_5555_5555,
@@ -100,29 +101,31 @@ fn changed_into_impl(
     // 8 bytes of slack for the word-wide writes), so only that much is zeroed: zeroing room for
     // every element of the chunk up front was a tenth of a patch's time.
     const SPAN: usize = 8 << 10;
-    let mut count = 0usize;
-    for (s, (xa, yb)) in a.chunks(SPAN).zip(b.chunks(SPAN)).enumerate() {
-        let more = xa.len() / size;
-        let (ni, nv) = (i0 + (count + more) * iw, v0 + (count + more) * size + 8);
+    let grow = |idx: &mut Vec<u8>, vals: &mut Vec<u8>, elements: usize| {
+        let (ni, nv) = (i0 + elements * iw, v0 + elements * size + 8);
         if idx.len() < ni {
             idx.resize(ni, 0);
         }
         if vals.len() < nv {
             vals.resize(nv, 0);
         }
+    };
+    let whole = a.len() / 64 * 64;
+    let mut count = 0usize;
+    for (s, (xa, yb)) in a[..whole]
+        .chunks(SPAN)
+        .zip(b[..whole].chunks(SPAN))
+        .enumerate()
+    {
+        grow(idx, vals, count + xa.len() / size);
         // A block of 64 bytes at a time: which bytes differ, as a mask (a few vector
         // instructions; at 1% changed three blocks in four of BF16 have none), then one step
-        // per changed element. The last block is padded with zeros on both sides.
-        for (k, (x, y)) in xa.chunks(64).zip(yb.chunks(64)).enumerate() {
-            let (mut xp, mut yp) = ([0u8; 64], [0u8; 64]);
-            let (x, y): (&[u8; 64], &[u8; 64]) = match (x.try_into(), y.try_into()) {
-                (Ok(x), Ok(y)) => (x, y),
-                _ => {
-                    xp[..x.len()].copy_from_slice(x);
-                    yp[..y.len()].copy_from_slice(y);
-                    (&xp, &yp)
-                }
-            };
+        // per changed element.
+        for (k, (x, y)) in xa.chunks_exact(64).zip(yb.chunks_exact(64)).enumerate() {
+            let (x, y): (&[u8; 64], &[u8; 64]) = (
+                x.try_into().expect("64 bytes"),
+                y.try_into().expect("64 bytes"),
+            );
             let m = differing(x, y);
             if m == 0 {
                 continue;
@@ -146,6 +149,17 @@ fn changed_into_impl(
                 count += 1;
                 e &= e - 1;
             }
+        }
+    }
+    // The last bytes short of a block (a tensor's end), element by element.
+    grow(idx, vals, count + (a.len() - whole) / size);
+    for e in whole / size..a.len() / size {
+        let y = &b[e * size..(e + 1) * size];
+        if a[e * size..(e + 1) * size] != *y {
+            let i = first + e as u64;
+            idx[i0 + count * iw..i0 + (count + 1) * iw].copy_from_slice(&i.to_le_bytes()[..iw]);
+            vals[v0 + count * size..v0 + (count + 1) * size].copy_from_slice(y);
+            count += 1;
         }
     }
     idx.truncate(i0 + count * iw);
@@ -695,7 +709,6 @@ fn write_file(
     let mut file = AtomicFile::create(out)?;
     file.write(&(text.len() as u64).to_le_bytes())?;
     file.write(&text)?;
-
     for (_, _, _, _, source) in &stored {
         match source {
             Source::Indices(at, len) => idx_file.copy_into(&mut file, *at, *len)?,

@@ -1,7 +1,7 @@
 //! Fingerprints of a tensor's bytes (design §9). What a patch writes: a tree of XXH3-128, each
-//! [`LEAF`] (64 KiB) of the tensor's bytes hashed alone (the last leaf may be short), then the leaves'
-//! digests (16 bytes each, big-endian, as xxHash's canonical form) and the byte length (u64,
-//! little-endian) hashed together; 32 hex digits. Leaves are hashed while a pass holds them
+//! [`LEAF`] (64 KiB) of the tensor's bytes hashed alone (the last leaf may be short), then the
+//! leaves' digests (16 bytes each, big-endian, as xxHash's canonical form) and the byte length
+//! (u64, little-endian) hashed together; 32 hex digits. Leaves are hashed while a pass holds them
 //! in the cache, in any order and on any core, and merged when the tensor is done.
 //! Patches of version 1 carry BLAKE3 (64 hex digits): they are still checked, by the scheme
 //! their fingerprints are written in.
@@ -48,7 +48,7 @@ impl Scheme {
 /// The digest of one leaf.
 pub type Leaf = u128;
 
-/// The digest of one leaf.
+/// Hashes one leaf.
 pub(super) fn leaf(bytes: &[u8]) -> Leaf {
     XxHash3_128::oneshot(bytes)
 }

@@ -3,13 +3,14 @@
 //! `NAME.values` (C's values at those indices, in the tensor's own dtype), or `NAME.dense` (C's
 //! whole tensor) where that is smaller; `__metadata__` holds `format=rlmask-patch`, `version`,
 //! and `tensors`: every tensor of B with its shape, dtype, changed count, form and the
-//! fingerprints of its bytes in B and in C ([`fingerprint`]). With `codec=compact` a sparse tensor is stored as
-//! `NAME.frames` (int64 rows: first element, changes, bytes) and `NAME.compact` (the frames of
-//! [`crate::codec`], one after another) instead of indices and values.
+//! fingerprints of its bytes in B and in C ([`fingerprint`]). With `codec=compact` a sparse
+//! tensor is stored as `NAME.frames` (int64 rows: first element, changes, bytes) and
+//! `NAME.compact` (the frames of [`crate::codec`], one after another) instead of indices and
+//! values.
 //!
-//! Creating is one streaming pass over both checkpoints (changed positions found eight bytes
-//! at a time, spilled to temporary files in order, so memory stays flat), then the patch file
-//! is assembled. Applying streams B's shards into new files a piece at a time, with each
+//! Creating is one streaming pass over both checkpoints (changed positions found a 64-byte
+//! block at a time, held in memory in order up to a bound and spilled to temporary files past
+//! it, so memory stays bounded), then the patch file is assembled. Applying streams B's shards into new files a piece at a time, with each
 //! patch's entries written over each piece in order, checking B's fingerprint before and C's
 //! after; patches chain by fingerprint, so a missing, repeated or reordered patch is refused
 //! before anything is written.
@@ -166,10 +167,13 @@ impl Patch {
             return Err(corrupt(
                 path,
                 None,
-                format!(
-                    "patch version {version:?} is not one this rlmask reads (1 or {VERSION}); \
-                     a newer rlmask may have written it"
-                ),
+                match version {
+                    Some(v) => format!(
+                        "patch version {v:?} is not one this rlmask reads (1 or {VERSION}); a \
+                         newer rlmask may have written it"
+                    ),
+                    None => "the patch states no version".to_string(),
+                },
             ));
         };
         let text = meta
