@@ -59,7 +59,7 @@ def patch_create(
 
     Per changed tensor: the flat indices of the elements whose bits differ and TUNED's values
     there (or the whole tensor where that is smaller), with fingerprints of every tensor
-    before and after. One streaming pass; memory stays flat.
+    before and after. One streaming pass; memory stays bounded.
 
     \b
     Examples:
