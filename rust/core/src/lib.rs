@@ -31,3 +31,23 @@ pub use kernel::Criterion;
 pub use plan::{pairing, Pairing, PlanOptions, PlannedPair};
 pub use safetensors::{Shard, TensorInfo};
 pub use sides::Skipped;
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// A xorshift64 generator: reproducible pseudo-random words from `seed` (not zero).
+    pub fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
+    /// `n` pseudo-random bytes from `seed`.
+    pub fn random_bytes(seed: u64, n: usize) -> Vec<u8> {
+        let mut next = xorshift(seed);
+        (0..n).map(|_| next() as u8).collect()
+    }
+}

@@ -1050,13 +1050,7 @@ mod tests {
     /// criterion, mixed dtypes and lengths that end mid-block.
     #[test]
     fn run_equals_pairwise_comparisons() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::testing::xorshift(0x9e37_79b9_7f4a_7c15u64);
         for (n, dtypes) in [
             (
                 1000usize,

@@ -13,7 +13,13 @@ pub(super) struct AtomicFile {
     staged: Staged,
     file: BufWriter<File>,
     len: u64,
+    /// Bytes handed to the disk so far ([`start_writeback`]).
+    handed: u64,
 }
+
+/// Bytes an [`AtomicFile`] collects before handing them to the disk: the disk writes while
+/// the rest is assembled, and the final sync waits for the last stretch only.
+const HAND_OFF: u64 = 8 << 20;
 
 impl AtomicFile {
     pub(super) fn create(path: &Path) -> Result<AtomicFile> {
@@ -23,7 +29,20 @@ impl AtomicFile {
             staged,
             file: BufWriter::with_capacity(1 << 20, file),
             len: 0,
+            handed: 0,
         })
+    }
+
+    /// Hands what was written since the last time to the disk, once it is [`HAND_OFF`] bytes.
+    fn hand_off(&mut self) -> Result<()> {
+        if self.len - self.handed >= HAND_OFF {
+            self.file
+                .flush()
+                .map_err(|e| Error::output(&self.path, e))?;
+            start_writeback(self.file.get_ref(), self.handed, self.len - self.handed);
+            self.handed = self.len;
+        }
+        Ok(())
     }
 
     pub(super) fn write(&mut self, bytes: &[u8]) -> Result<()> {
@@ -31,7 +50,7 @@ impl AtomicFile {
             .write_all(bytes)
             .map_err(|e| Error::output(&self.path, e))?;
         self.len += bytes.len() as u64;
-        Ok(())
+        self.hand_off()
     }
 
     /// Appends `len` bytes of `src` from offset `at`.
@@ -50,7 +69,7 @@ impl AtomicFile {
             ));
         }
         self.len += len;
-        Ok(())
+        self.hand_off()
     }
 
     pub(super) fn finish(self) -> Result<u64> {

@@ -6,8 +6,21 @@ use super::fingerprint::{leaf, root, Leaf};
 use super::*;
 use crate::plan::{plan, PlanOptions};
 
+/// Calls `$f::<S>($args)` with the element size `$size` (1, 2, 4 or 8) as `S`.
+macro_rules! by_size {
+    ($size:expr, $f:ident($($args:expr),*)) => {
+        match $size {
+            1 => $f::<1>($($args),*),
+            2 => $f::<2>($($args),*),
+            4 => $f::<4>($($args),*),
+            _ => $f::<8>($($args),*),
+        }
+    };
+}
+
 /// Appends the flat indices (`wide`: i64, else i32, little-endian) and `b`'s values of the
-/// elements of `size` bytes whose bits differ between `a` and `b`, the first at index `first`.
+/// elements of `size` bytes (1, 2, 4 or 8) whose bits differ between `a` and `b`, the first at
+/// index `first`.
 fn changed_into(
     a: &[u8],
     b: &[u8],
@@ -23,7 +36,36 @@ fn changed_into(
         // reported that it supports AVX2.
         return unsafe { changed_into_avx2(a, b, size, first, wide, idx, vals) };
     }
-    changed_into_impl(a, b, size, first, wide, idx, vals, differing_bytes)
+    by_size!(
+        size,
+        changed_into_impl(a, b, Sink::new(first, wide, idx, vals), differing_bytes)
+    )
+}
+
+/// [`changed_into`] for one leaf of each side, and the leaves' digests ([`leaf`]). With AVX2,
+/// a whole leaf is compared and hashed in one loop, each 64-byte block loaded once.
+fn compare_leaf(
+    a: &[u8],
+    b: &[u8],
+    size: usize,
+    first: u64,
+    wide: bool,
+    idx: &mut Vec<u8>,
+    vals: &mut Vec<u8>,
+) -> (Leaf, Leaf) {
+    #[cfg(target_arch = "x86_64")]
+    if a.len() == LEAF && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: `compare_leaf_avx2` requires only the AVX2 extension, and the CPU has just
+        // reported that it supports AVX2.
+        return unsafe {
+            by_size!(
+                size,
+                compare_leaf_avx2(a, b, Sink::new(first, wide, idx, vals))
+            )
+        };
+    }
+    changed_into(a, b, size, first, wide, idx, vals);
+    (leaf(a), leaf(b))
 }
 
 /// [`changed_into`] compiled for AVX2, its byte masks made by `vpcmpeqb`/`vpmovmskb`.
@@ -38,7 +80,45 @@ fn changed_into_avx2(
     idx: &mut Vec<u8>,
     vals: &mut Vec<u8>,
 ) {
-    changed_into_impl(a, b, size, first, wide, idx, vals, differing_bytes_avx2)
+    let differing = |x: &[u8; 64], y: &[u8; 64]| differing_avx2(load_avx2(x), load_avx2(y));
+    by_size!(
+        size,
+        changed_into_impl(a, b, Sink::new(first, wide, idx, vals), differing)
+    )
+}
+
+/// [`compare_leaf`] of a whole leaf with AVX2: each block's two halves loaded once, for the
+/// compare's mask and for both sides' XXH3 stripes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn compare_leaf_avx2<const S: usize>(a: &[u8], b: &[u8], mut sink: Sink<S>) -> (Leaf, Leaf) {
+    use super::fingerprint::avx2::{Acc, ROUND, ROUNDS};
+    let (a, b): (&[u8; LEAF], &[u8; LEAF]) = (
+        a.try_into().expect("a whole leaf"),
+        b.try_into().expect("a whole leaf"),
+    );
+    let (mut ha, mut hb) = (Acc::new(), Acc::new());
+    for r in 0..ROUNDS {
+        sink.grow(64 * ROUND / S);
+        for s in 0..ROUND {
+            let at = 64 * (ROUND * r + s);
+            let (x, y): (&[u8; 64], &[u8; 64]) = (
+                a[at..at + 64].try_into().expect("64 bytes"),
+                b[at..at + 64].try_into().expect("64 bytes"),
+            );
+            let (p, q) = (load_avx2(x), load_avx2(y));
+            ha.stripe(r, s, p);
+            hb.stripe(r, s, q);
+            let m = differing_avx2(p, q);
+            if m != 0 {
+                sink.block(m, y, at);
+            }
+        }
+        ha.end_round(r);
+        hb.end_round(r);
+    }
+    sink.finish();
+    (ha.finish(), hb.finish())
 }
 
 /// Bit `i` set where byte `i` of `x` and `y` differ.
@@ -57,67 +137,44 @@ fn differing_bytes(x: &[u8; 64], y: &[u8; 64]) -> u64 {
     m
 }
 
-/// [`differing_bytes`] with AVX2.
+/// A 64-byte block in two AVX2 registers.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn differing_bytes_avx2(x: &[u8; 64], y: &[u8; 64]) -> u64 {
-    use std::arch::x86_64::*;
-    // SAFETY: called only from `changed_into_avx2`, which runs with AVX2 enabled (checked by
-    // its caller); each load reads 32 bytes at offset 0 or 32 of a 64-byte array.
-    unsafe {
-        let half = |o: usize| {
-            let p = _mm256_loadu_si256(x.as_ptr().add(o).cast());
-            let q = _mm256_loadu_si256(y.as_ptr().add(o).cast());
-            !(_mm256_movemask_epi8(_mm256_cmpeq_epi8(p, q)) as u32) as u64
-        };
-        half(0) | (half(32) << 32)
-    }
+#[target_feature(enable = "avx2")]
+#[inline]
+fn load_avx2(x: &[u8; 64]) -> [std::arch::x86_64::__m256i; 2] {
+    use std::arch::x86_64::_mm256_loadu_si256;
+    // SAFETY: each load reads 32 bytes at offset 0 or 32 of a 64-byte array; unaligned loads.
+    unsafe { [0, 32].map(|o| _mm256_loadu_si256(x.as_ptr().add(o).cast())) }
 }
 
+/// [`differing_bytes`] of two blocks in AVX2 registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn differing_avx2(p: [std::arch::x86_64::__m256i; 2], q: [std::arch::x86_64::__m256i; 2]) -> u64 {
+    use std::arch::x86_64::*;
+    let half = |h: usize| !(_mm256_movemask_epi8(_mm256_cmpeq_epi8(p[h], q[h])) as u32) as u64;
+    half(0) | (half(1) << 32)
+}
+
+/// [`changed_into`] with elements of `S` bytes, each 64-byte block's differing bytes found by
+/// `differing`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn changed_into_impl(
+fn changed_into_impl<const S: usize>(
     a: &[u8],
     b: &[u8],
-    size: usize,
-    first: u64,
-    wide: bool,
-    idx: &mut Vec<u8>,
-    vals: &mut Vec<u8>,
+    mut sink: Sink<S>,
     differing: impl Fn(&[u8; 64], &[u8; 64]) -> u64,
 ) {
-    let iw = if wide { 8 } else { 4 };
-    let (i0, v0) = (idx.len(), vals.len());
-    // Sizes are 1, 2, 4 or 8: an element's index is its byte offset shifted by `log`.
-    let log = size.trailing_zeros();
-    // The bit of each element's first byte in a block's byte mask.
-    let firsts = match size {
-        1 => u64::MAX,
-        2 => 0x5555_5555_5555_5555,
-        4 => 0x1111_1111_1111_1111,
-        _ => 0x0101_0101_0101_0101,
-    };
-    // The buffers grow a span of blocks at a time, by the room that span may use (values with
-    // 8 bytes of slack for the word-wide writes), so only that much is zeroed: zeroing room for
-    // every element of the chunk up front was a tenth of a patch's time.
+    // The buffers grow a span of blocks at a time (see [`Sink::grow`]).
     const SPAN: usize = 8 << 10;
-    let grow = |idx: &mut Vec<u8>, vals: &mut Vec<u8>, elements: usize| {
-        let (ni, nv) = (i0 + elements * iw, v0 + elements * size + 8);
-        if idx.len() < ni {
-            idx.resize(ni, 0);
-        }
-        if vals.len() < nv {
-            vals.resize(nv, 0);
-        }
-    };
     let whole = a.len() / 64 * 64;
-    let mut count = 0usize;
     for (s, (xa, yb)) in a[..whole]
         .chunks(SPAN)
         .zip(b[..whole].chunks(SPAN))
         .enumerate()
     {
-        grow(idx, vals, count + xa.len() / size);
+        sink.grow(xa.len() / S);
         // A block of 64 bytes at a time: which bytes differ, as a mask (a few vector
         // instructions; at 1% changed three blocks in four of BF16 have none), then one step
         // per changed element.
@@ -127,43 +184,125 @@ fn changed_into_impl(
                 y.try_into().expect("64 bytes"),
             );
             let m = differing(x, y);
-            if m == 0 {
-                continue;
-            }
-            // Any byte of an element differing marks its first byte.
-            let mut e = (1..size).fold(m, |e, k| e | (m >> k)) & firsts;
-            // The values are copied eight bytes at a time from the block with 8 bytes of slack.
-            let mut ys = [0u8; 72];
-            ys[..64].copy_from_slice(y);
-            let at = (s * SPAN + 64 * k) as u64;
-            while e != 0 {
-                let p = e.trailing_zeros() as usize;
-                let i = first + ((at + p as u64) >> log);
-                if wide {
-                    idx[i0 + count * 8..i0 + count * 8 + 8].copy_from_slice(&i.to_le_bytes());
-                } else {
-                    idx[i0 + count * 4..i0 + count * 4 + 4]
-                        .copy_from_slice(&(i as u32).to_le_bytes());
-                }
-                vals[v0 + count * size..v0 + count * size + 8].copy_from_slice(&ys[p..p + 8]);
-                count += 1;
-                e &= e - 1;
+            if m != 0 {
+                sink.block(m, y, s * SPAN + 64 * k);
             }
         }
     }
     // The last bytes short of a block (a tensor's end), element by element.
-    grow(idx, vals, count + (a.len() - whole) / size);
-    for e in whole / size..a.len() / size {
-        let y = &b[e * size..(e + 1) * size];
-        if a[e * size..(e + 1) * size] != *y {
-            let i = first + e as u64;
-            idx[i0 + count * iw..i0 + (count + 1) * iw].copy_from_slice(&i.to_le_bytes()[..iw]);
-            vals[v0 + count * size..v0 + (count + 1) * size].copy_from_slice(y);
-            count += 1;
+    sink.grow((a.len() - whole) / S);
+    for e in whole / S..a.len() / S {
+        let y = &b[e * S..(e + 1) * S];
+        if a[e * S..(e + 1) * S] != *y {
+            sink.push(e, y.try_into().expect("S bytes"));
         }
     }
-    idx.truncate(i0 + count * iw);
-    vals.truncate(v0 + count * size);
+    sink.finish();
+}
+
+/// Where a compare appends the changed elements (of `S` bytes) it finds: their indices and
+/// values, each buffer grown (zeroed) a stretch of elements ahead of what it holds, so the
+/// compare writes each change at its place without growing per element, and only as much is
+/// zeroed as a stretch may use (zeroing room for every element of a chunk up front was a tenth
+/// of a patch's time).
+struct Sink<'v, const S: usize> {
+    idx: &'v mut Vec<u8>,
+    vals: &'v mut Vec<u8>,
+    /// i64 indices, else i32.
+    wide: bool,
+    /// The index of the compared bytes' first element.
+    first: u64,
+    /// What the buffers held before, and the changes found since.
+    i0: usize,
+    v0: usize,
+    count: usize,
+}
+
+impl<'v, const S: usize> Sink<'v, S> {
+    /// The bit of each element's first byte in a block's byte mask.
+    const FIRSTS: u64 = match S {
+        1 => u64::MAX,
+        2 => 0x5555_5555_5555_5555,
+        4 => 0x1111_1111_1111_1111,
+        _ => 0x0101_0101_0101_0101,
+    };
+
+    #[inline(always)]
+    fn new(first: u64, wide: bool, idx: &'v mut Vec<u8>, vals: &'v mut Vec<u8>) -> Sink<'v, S> {
+        let (i0, v0) = (idx.len(), vals.len());
+        Sink {
+            idx,
+            vals,
+            wide,
+            first,
+            i0,
+            v0,
+            count: 0,
+        }
+    }
+
+    /// Index width in bytes.
+    #[inline(always)]
+    fn iw(&self) -> usize {
+        if self.wide {
+            8
+        } else {
+            4
+        }
+    }
+
+    /// Room for `elements` more changes than found so far.
+    #[inline(always)]
+    fn grow(&mut self, elements: usize) {
+        let n = self.count + elements;
+        let (ni, nv) = (self.i0 + n * self.iw(), self.v0 + n * S);
+        if self.idx.len() < ni {
+            self.idx.resize(ni, 0);
+        }
+        if self.vals.len() < nv {
+            self.vals.resize(nv, 0);
+        }
+    }
+
+    /// Element `e` (from the first) changed to `y`.
+    #[inline(always)]
+    fn push(&mut self, e: usize, y: &[u8; S]) {
+        let (c, i) = (self.count, self.first + e as u64);
+        if self.wide {
+            self.idx[self.i0 + c * 8..][..8].copy_from_slice(&i.to_le_bytes());
+        } else {
+            self.idx[self.i0 + c * 4..][..4].copy_from_slice(&(i as u32).to_le_bytes());
+        }
+        self.vals[self.v0 + c * S..][..S].copy_from_slice(y);
+        self.count += 1;
+    }
+
+    /// The changes of the block of `y` at byte `at`, whose differing bytes are `m`'s bits.
+    #[inline(always)]
+    fn block(&mut self, m: u64, y: &[u8; 64], at: usize) {
+        // Any byte of an element differing marks its first byte.
+        let mut e = m;
+        let mut k = 1;
+        while k < S {
+            e |= e >> k;
+            k *= 2;
+        }
+        e &= Self::FIRSTS;
+        while e != 0 {
+            let p = e.trailing_zeros() as usize;
+            // An element never straddles blocks: blocks start at multiples of 64 bytes.
+            self.push((at + p) / S, y[p..p + S].try_into().expect("S bytes"));
+            e &= e - 1;
+        }
+    }
+
+    /// Cuts the buffers to the changes found.
+    #[inline(always)]
+    fn finish(self) {
+        let iw = self.iw();
+        self.idx.truncate(self.i0 + self.count * iw);
+        self.vals.truncate(self.v0 + self.count * S);
+    }
 }
 
 /// Bytes of changes each [`Scratch`] holds in memory before it spills to a file: two of them
@@ -462,9 +601,9 @@ pub fn create(
         let mut prints = (Vec::with_capacity(leaves), Vec::with_capacity(leaves));
         for (k, (x, y)) in x.chunks(LEAF).zip(y.chunks(LEAF)).enumerate() {
             let first = (s + k * (LEAF / size)) as u64;
-            changed_into(x, y, size, first, wide, &mut idx, &mut vals);
-            prints.0.push(leaf(x));
-            prints.1.push(leaf(y));
+            let (px, py) = compare_leaf(x, y, size, first, wide, &mut idx, &mut vals);
+            prints.0.push(px);
+            prints.1.push(py);
         }
         let count = (vals.len() / size.max(1)) as u64;
         if codec == Codec::Compact && count > 0 {
@@ -572,19 +711,54 @@ pub fn create(
         );
     }
 
-    let file = write_file(
-        out,
-        &jobs,
-        &spans,
-        &entries,
-        codec,
-        provenance,
-        [&idx_file, &val_file],
-    )?;
-    check_all_unchanged(jobs.iter().map(|j| j.b.0))?;
-    progress.check()?; // the last moment a cancel leaves nothing behind
-    let bytes = file.finish()?;
-    Ok(Created { entries, bytes })
+    // The file is written and synced while another core takes the inputs' pages out of this
+    // process's page tables (unmapping a pair's populated pages is about as long as writing
+    // and syncing a 1% patch; left to the checkpoints' drop it came after, on one core).
+    let (written, ()) = rayon::join(
+        || {
+            let file = write_file(
+                out,
+                &jobs,
+                &spans,
+                &entries,
+                codec,
+                provenance,
+                [&idx_file, &val_file],
+            )?;
+            check_all_unchanged(jobs.iter().map(|j| j.b.0))?;
+            progress.check()?; // the last moment a cancel leaves nothing behind
+            file.finish()
+        },
+        || release_inputs(&jobs, &entries),
+    );
+    Ok(Created {
+        entries,
+        bytes: written?,
+    })
+}
+
+/// Drops the pass's pages of both sides from this process's page tables
+/// ([`Shard::release`]), each shard's tensors in as few ranges as they are contiguous; tensors
+/// the patch stores dense are kept (the file is assembled from them).
+fn release_inputs(jobs: &[Job], entries: &BTreeMap<String, Entry>) {
+    let mut ranges: Vec<(&Shard, usize, usize)> = Vec::with_capacity(2 * jobs.len());
+    for job in jobs {
+        ranges.push((job.a.0, job.a.1.offset, job.a.1.offset + job.a.1.len));
+        if entries[job.name].form != Form::Dense {
+            ranges.push((job.b.0, job.b.1.offset, job.b.1.offset + job.b.1.len));
+        }
+    }
+    ranges.sort_by_key(|&(shard, start, _)| (std::ptr::from_ref(shard) as usize, start));
+    let mut merged: Vec<(&Shard, usize, usize)> = Vec::new();
+    for (shard, start, end) in ranges {
+        match merged.last_mut() {
+            Some((s, _, e)) if std::ptr::eq(*s, shard) && *e == start => *e = end,
+            _ => merged.push((shard, start, end)),
+        }
+    }
+    for (shard, start, end) in merged {
+        shard.release(start, end - start);
+    }
 }
 
 /// Assembles the patch file from the pass's spans and scratch files (stage three of
@@ -722,7 +896,10 @@ fn write_file(
 
 #[cfg(test)]
 mod tests {
-    use super::{changed_into, changed_into_impl, differing_bytes, AtomicFile, Scratch};
+    use super::{
+        changed_into, changed_into_impl, compare_leaf, differing_bytes, leaf, AtomicFile, Scratch,
+        Sink, LEAF,
+    };
 
     /// Changes held in memory, then spilled to a file past the limit, read back and copied into
     /// a file whole across the spill; the spill file goes with the scratch.
@@ -760,13 +937,7 @@ mod tests {
     /// of an element), both index widths, appended after what the buffers hold.
     #[test]
     fn changed_elements_against_a_plain_loop() {
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::testing::xorshift(0x2545_F491_4F6C_DD1Du64);
         for size in [1usize, 2, 4, 8] {
             for n in [0usize, 1, 7, 31, 64, 65, 1000, 8191, 8192 + 3, 20_000] {
                 for share in [0.0, 0.01, 0.3, 1.0] {
@@ -783,15 +954,14 @@ mod tests {
                         changed_into(&a, &b, size, first, wide, &mut idx, &mut vals);
                         // The portable path too (the dispatch takes AVX2 where there is).
                         let (mut idx2, mut vals2) = (vec![9u8; 3], vec![7u8; 5]);
-                        changed_into_impl(
-                            &a,
-                            &b,
+                        by_size!(
                             size,
-                            first,
-                            wide,
-                            &mut idx2,
-                            &mut vals2,
-                            differing_bytes,
+                            changed_into_impl(
+                                &a,
+                                &b,
+                                Sink::new(first, wide, &mut idx2, &mut vals2),
+                                differing_bytes
+                            )
                         );
                         assert_eq!((&idx, &vals), (&idx2, &vals2));
                         let (mut want_i, mut want_v) = (vec![9u8; 3], vec![7u8; 5]);
@@ -808,6 +978,46 @@ mod tests {
                         assert_eq!(idx, want_i, "size {size}, {n} elements, {share}, {wide}");
                         assert_eq!(vals, want_v, "size {size}, {n} elements, {share}, {wide}");
                     }
+                }
+            }
+        }
+    }
+
+    /// A whole leaf compared and hashed in one loop (the AVX2 path, where the CPU has it)
+    /// finds the same changes as the portable compare and the same digests as `twox-hash`, for
+    /// every element size, both index widths, and changes from none to all, in any byte.
+    #[test]
+    fn a_leaf_compared_and_hashed_at_once() {
+        let mut next = crate::testing::xorshift(0x9E37_79B9_7F4A_7C15u64);
+        let a = crate::testing::random_bytes(0x51_7CC1_B727_220Au64, LEAF);
+        for size in [1usize, 2, 4, 8] {
+            for share in [0.0, 0.001, 0.05, 0.5, 1.0] {
+                let mut b = a.clone();
+                for e in 0..LEAF / size {
+                    if ((next() % 10_000) as f64) < share * 10_000.0 {
+                        b[e * size + (next() as usize % size)] ^= 1 + (next() % 255) as u8;
+                    }
+                }
+                for wide in [false, true] {
+                    let first = 3_000_000u64;
+                    let (mut idx, mut vals) = (vec![1u8; 2], vec![2u8; 3]);
+                    let prints = compare_leaf(&a, &b, size, first, wide, &mut idx, &mut vals);
+                    let (mut want_i, mut want_v) = (vec![1u8; 2], vec![2u8; 3]);
+                    by_size!(
+                        size,
+                        changed_into_impl(
+                            &a,
+                            &b,
+                            Sink::new(first, wide, &mut want_i, &mut want_v),
+                            differing_bytes
+                        )
+                    );
+                    assert_eq!(prints, (leaf(&a), leaf(&b)), "size {size}, {share}");
+                    assert_eq!(
+                        (idx, vals),
+                        (want_i, want_v),
+                        "size {size}, {share}, {wide}"
+                    );
                 }
             }
         }

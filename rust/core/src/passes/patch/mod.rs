@@ -676,15 +676,7 @@ mod tests {
     /// and they differ from the fingerprint of the same bytes one shorter.
     #[test]
     fn leaves_merge_into_the_fingerprint_of_the_whole() {
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let bytes: Vec<u8> = (0..(7 * LEAF + 9))
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                state as u8
-            })
-            .collect();
+        let bytes = crate::testing::random_bytes(0x9E37_79B9_7F4A_7C15u64, 7 * LEAF + 9);
         for len in [
             0,
             1,
