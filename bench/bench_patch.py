@@ -48,15 +48,17 @@ print(time.perf_counter() - t, r.changed)
 CREATE = """
 import sys, time
 import rlmask.patch
-def dirtied():  # bytes this process dirtied in the page cache (Linux)
+def io():  # bytes this process dirtied in the page cache, and of those, dropped unwritten
     fields = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
-    return int(fields["write_bytes"])
-d = dirtied()
+    return int(fields["write_bytes"]), int(fields["cancelled_write_bytes"])
+d = io()
 t = time.perf_counter()
 info = rlmask.patch.create(
     sys.argv[1], sys.argv[2], sys.argv[3], codec=sys.argv[4], progress=False
 )
-print(time.perf_counter() - t, info.changed, info.bytes, dirtied() - d)
+dt = time.perf_counter() - t
+e = io()
+print(dt, info.changed, info.bytes, e[0] - d[0], e[1] - d[1])
 """
 WRITE = """
 import sys, time, os
@@ -180,7 +182,9 @@ def main() -> None:
                 row[codec] = int(out[1])
                 print(
                     f"create {codec}: the patch {int(out[1]) / 1e6:.1f} MB, bytes written "
-                    f"(dirtied in the page cache) {int(out[2]) / 1e6:.1f} MB"
+                    f"(dirtied in the page cache) {int(out[2]) / 1e6:.1f} MB, of which dropped"
+                    f" before reaching the disk (scratch files removed first) "
+                    f"{int(out[3]) / 1e6:.1f} MB"
                 )
             row["zstd(XOR)"] = int(run_program(XOR_ZSTD, files)["output"][0])
             sizes.append((d, changed, row))
