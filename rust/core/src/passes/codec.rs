@@ -112,7 +112,20 @@ pub fn decode(
     values: &mut Vec<u8>,
 ) -> Result<(), String> {
     let bound = count.saturating_mul(10 + size);
-    let raw = zstd::bulk::decompress(frame, bound).map_err(|e| format!("zstd: {e}"))?;
+    // One decompressor per thread, kept, as for compressing.
+    thread_local! {
+        static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let raw = DECOMPRESSOR
+        .with_borrow_mut(|d| {
+            let d = match d {
+                Some(d) => d,
+                None => d.insert(zstd::bulk::Decompressor::new()?),
+            };
+            d.decompress(frame, bound)
+        })
+        .map_err(|e| format!("zstd: {e}"))?;
     let mut at = 0;
     let mut prev = u64::MAX;
     offsets.reserve(count);
