@@ -10,10 +10,10 @@
 //!
 //! Creating is one streaming pass over both checkpoints (changed positions found a 64-byte
 //! block at a time, held in memory in order up to a bound and spilled to temporary files past
-//! it, so memory stays bounded), then the patch file is assembled. Applying streams B's shards into new files a piece at a time, with each
-//! patch's entries written over each piece in order, checking B's fingerprint before and C's
-//! after; patches chain by fingerprint, so a missing, repeated or reordered patch is refused
-//! before anything is written.
+//! it, so memory stays bounded), then the patch file is assembled. Applying streams B's shards
+//! into new files a piece at a time, with each patch's entries written over each piece in
+//! order, checking B's fingerprint before and C's after; patches chain by fingerprint, so a
+//! missing, repeated or reordered patch is refused before anything is written.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
