@@ -193,7 +193,8 @@ def test_compact_frames_against_a_python_decoder(
     a, b, _ = chain
     plain = P.create(a, b, tmp_path / "p.rlpatch", codec="plain", progress=False)
     info = P.create(a, b, tmp_path / "c.rlpatch", codec="compact", progress=False)
-    assert info.plain_bytes == plain.plain_bytes == plain.bytes - _header_bytes(plain.path)
+    data = plain.bytes - _header_bytes(plain.path) - _padding_bytes(plain.path)
+    assert info.plain_bytes == plain.plain_bytes == data
     f = rlmask._rlmask.PatchFile(tmp_path / "c.rlpatch")
     # Each tensor in the smallest form: compact where frames beat plain indices and values.
     sizes = dict(DTYPES)
@@ -230,6 +231,53 @@ def _raw(folder: Path, name: str) -> np.ndarray:
 def _header_bytes(path: str) -> int:
     with open(path, "rb") as fh:
         return 8 + int.from_bytes(fh.read(8), "little")
+
+
+def _header(path: str | Path) -> dict[str, Any]:
+    with open(path, "rb") as fh:
+        return json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+
+
+def _padding_bytes(path: str | Path) -> int:
+    """Bytes of the `NAME.pad` tensors that align a version-3 patch's pieces."""
+    spans = [v["data_offsets"] for k, v in _header(path).items() if k.endswith(".pad")]
+    return sum(end - start for start, end in spans)
+
+
+@pytest.mark.parametrize("codec", P.CODECS)
+def test_stored_tensors_are_aligned_without_holes(
+    chain: tuple[Path, Path, Path], tmp_path: Path, codec: str
+) -> None:
+    """Version 3 lays each tensor's pieces out in B's order as the pass finishes them: read
+    from the raw header, the stored tensors cover the data exactly (no hole, no overlap), each
+    starts at a multiple of its element size in the file, and padding is one `NAME.pad` of 1
+    to 7 bytes at most per tensor; the official reader opens it."""
+    a, b, c = chain
+    for x, y, name in ((a, b, "ab"), (b, c, "bc"), (a, c, "ac")):
+        out = tmp_path / f"{name}.rlpatch"
+        P.create(x, y, out, codec=codec, progress=False)
+        header = _header(out)
+        assert header["__metadata__"]["version"] == "3"
+        start = _header_bytes(str(out))
+        assert start % 8 == 0
+        width = {"BOOL": 1, "U8": 1, "I32": 4} | dict(DTYPES)
+        spans = sorted(
+            (v["data_offsets"], k, v["dtype"]) for k, v in header.items() if k != "__metadata__"
+        )
+        at = 0
+        for (begin, end), key, dtype in spans:
+            assert begin == at, key
+            assert (start + begin) % width[dtype] == 0, (key, dtype, begin)
+            at = end
+        assert start + at == out.stat().st_size
+        pads = [k for _, k, _ in spans if k.endswith(".pad")]
+        assert len(pads) == len(set(pads))
+        for k in pads:
+            begin, end = header[k]["data_offsets"]
+            assert header[k]["dtype"] == "U8" and 1 <= end - begin <= 7, k
+            assert k.removesuffix(".pad") in json.loads(header["__metadata__"]["tensors"])
+        with safe_open(str(out), "np") as h:
+            assert sorted(h.keys()) == sorted(k for _, k, _ in spans)
 
 
 @pytest.mark.parametrize(
@@ -273,14 +321,25 @@ def test_corrupt_patches_are_refused(
     p = tmp_path / "ab.rlpatch"
     P.create(a, b, p, codec=codec, progress=False)
     data = bytearray(p.read_bytes())
-    # A flipped last byte (a value, or a compact frame's checksum): the result no longer has
-    # the promised fingerprint, or the frame no longer decodes.
-    data[-1] ^= 0xFF
+    header = _header(p)
+    stored = {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"}
+    last = max((v[1], k) for k, v in stored.items() if not k.endswith(".pad"))[0]
+    # A flipped last byte of the last stored piece (a value, or a compact frame's checksum):
+    # the result no longer has the promised fingerprint, or the frame no longer decodes.
+    data[_header_bytes(str(p)) + last - 1] ^= 0xFF
     bad = tmp_path / "flipped.rlpatch"
     bad.write_bytes(bytes(data))
     with pytest.raises(rlmask.CheckpointFormatError, match="corrupt patch") as e:
         P.apply(a, [bad], tmp_path / "out", progress=False)
     assert e.value.tensor is not None and not (tmp_path / "out").exists()
+    # A byte of padding that is not zero: refused on opening, naming the tensor.
+    pad = next(k for k in stored if k.endswith(".pad"))
+    data = bytearray(p.read_bytes())
+    data[_header_bytes(str(p)) + stored[pad][0]] = 1
+    bad.write_bytes(bytes(data))
+    with pytest.raises(rlmask.CheckpointFormatError, match="padding .* not zeros") as e:
+        P.load(bad)
+    assert e.value.tensor == pad.removesuffix(".pad")
     # Not a patch at all.
     with pytest.raises(rlmask.CheckpointFormatError, match="not an rlmask patch"):
         P.load(next(a.glob("*.safetensors")))
@@ -694,15 +753,27 @@ def _tree_fingerprint(data: bytes) -> str:
     return xxhash.xxh3_128(leaves + len(data).to_bytes(8, "little")).hexdigest()
 
 
-def _rewrite_metadata(path: Path, out: Path, change: Any) -> None:
-    """Copies a patch file with its ``__metadata__`` passed through ``change``."""
+def _rewrite_metadata(path: Path, out: Path, change: Any, *, relayout: bool = True) -> None:
+    """Copies a patch file with its ``__metadata__`` passed through ``change`` and (with
+    ``relayout``) its data laid out as versions 1 and 2 were: no `NAME.pad`, stored tensors by
+    element size, largest first (each stays aligned)."""
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + n])
-    header["__metadata__"] = change(header["__metadata__"])
-    text = json.dumps(header, separators=(",", ":")).encode()
+    meta = change(header.pop("__metadata__"))
+    width = {"U8": 1, "I32": 4} | dict(DTYPES)
+    keys = sorted(
+        (k for k in header if not (relayout and k.endswith(".pad"))),
+        key=lambda k: -width[header[k]["dtype"]] if relayout else header[k]["data_offsets"][0],
+    )
+    data, layout = b"", {"__metadata__": meta}
+    for k in keys:
+        begin, end = header[k]["data_offsets"]
+        layout[k] = header[k] | {"data_offsets": [len(data), len(data) + end - begin]}
+        data += raw[8 + n + begin : 8 + n + end]
+    text = json.dumps(layout, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    out.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+    out.write_bytes(len(text).to_bytes(8, "little") + text + data)
 
 
 def test_fingerprints_against_xxhash_and_version_1_patches(tmp_path: Path) -> None:
@@ -737,7 +808,7 @@ def test_fingerprints_against_xxhash_and_version_1_patches(tmp_path: Path) -> No
     a, b = tmp_path / "A", tmp_path / "B"
     p = tmp_path / "ab.rlpatch"
     info = P.create(a, b, p, progress=False)
-    assert P.load(p).metadata["version"] == "2"
+    assert P.load(p).metadata["version"] == "3"
     rows = {r["name"]: r for r in info.tensors.iter_rows(named=True)}
     for (n, _, _, old), (_, _, _, new) in zip(base, tuned, strict=True):
         assert rows[n]["base"] == _tree_fingerprint(old), n
@@ -760,9 +831,22 @@ def test_fingerprints_against_xxhash_and_version_1_patches(tmp_path: Path) -> No
     _rewrite_metadata(p, bad, lambda m: as_v1(m, wrong=True))
     with pytest.raises(rlmask.CheckpointFormatError, match="fingerprint the patch promises"):
         P.apply(a, [bad], tmp_path / "out2", progress=False)
-    # A version-2 patch after a version-1 one: refused, saying why.
+    # The same patch as version 2 wrote it (no padding): applied, and chained with version 3.
+    v2 = tmp_path / "v2.rlpatch"
+    _rewrite_metadata(p, v2, lambda m: m | {"version": "2"})
+    assert P.load(v2).metadata["version"] == "2"
+    P.apply(a, [v2], tmp_path / "out2b", progress=False)
+    _same_files(tmp_path / "out2b", b)
     p2 = tmp_path / "ba.rlpatch"
     P.create(b, a, p2, progress=False)
+    P.apply(a, [v2, p2], tmp_path / "out2c", progress=False)
+    _same_files(tmp_path / "out2c", a)
+    # Padding in a version 2 patch: refused (that version had none).
+    _rewrite_metadata(p, v2, lambda m: m | {"version": "2"}, relayout=False)
+    assert any(k.endswith(".pad") for k in _header(v2))
+    with pytest.raises(rlmask.CheckpointFormatError, match="stored in the patch but not described"):
+        P.load(v2)
+    # A version-3 patch after a version-1 one: refused, saying why.
     with pytest.raises(rlmask.PairingError, match="fingerprints of different kinds"):
         P.apply(a, [v1, p2], tmp_path / "out3", progress=False)
     # A fingerprint of the wrong kind for the version, and an unknown version.
@@ -770,8 +854,8 @@ def test_fingerprints_against_xxhash_and_version_1_patches(tmp_path: Path) -> No
     _rewrite_metadata(p, mixed, lambda m: m | {"version": "1"})
     with pytest.raises(rlmask.CheckpointFormatError, match="is not a fingerprint of a version"):
         P.load(mixed)
-    _rewrite_metadata(p, mixed, lambda m: m | {"version": "3"})
-    with pytest.raises(rlmask.CheckpointFormatError, match='version "3" .*newer rlmask'):
+    _rewrite_metadata(p, mixed, lambda m: m | {"version": "4"})
+    with pytest.raises(rlmask.CheckpointFormatError, match='version "4" .*newer rlmask'):
         P.load(mixed)
     _rewrite_metadata(p, mixed, lambda m: {k: v for k, v in m.items() if k != "version"})
     with pytest.raises(rlmask.CheckpointFormatError, match="states no version"):
@@ -779,9 +863,10 @@ def test_fingerprints_against_xxhash_and_version_1_patches(tmp_path: Path) -> No
 
 
 def test_each_change_is_written_once(tmp_path: Path) -> None:
-    """A patch whose changes fit in memory is written once: the bytes this process dirties in
-    the page cache while creating it (Linux's per-task I/O accounting) are the patch's own,
-    not also those of scratch files copied into it (they had been: twice the patch)."""
+    """A patch is written once: the bytes this process dirties in the page cache while
+    creating it (Linux's per-task I/O accounting) are the patch's own, not also those of
+    scratch files copied into it (they had been: twice the patch). A tensor past what is held
+    in memory is placed instead (tested in the core: `tensors_past_the_held_limit_...`)."""
     io_file = Path("/proc/self/io")
     assert io_file.exists(), "needs Linux's per-task I/O accounting (/proc/self/io)"
 

@@ -50,4 +50,33 @@ pub(crate) mod testing {
         let mut next = xorshift(seed);
         (0..n).map(|_| next() as u8).collect()
     }
+
+    /// Writes a safetensors file of `tensors` (name, dtype, shape, raw bytes) in this order,
+    /// its header padded to 8 bytes.
+    pub fn write_tensors(
+        path: &std::path::Path,
+        tensors: &[(&str, crate::dtype::Dtype, Vec<u64>, Vec<u8>)],
+    ) {
+        let mut header = serde_json::Map::new();
+        let mut at = 0usize;
+        for (name, dtype, shape, bytes) in tensors {
+            header.insert(
+                name.to_string(),
+                serde_json::json!({
+                    "dtype": dtype.name(),
+                    "shape": shape,
+                    "data_offsets": [at, at + bytes.len()],
+                }),
+            );
+            at += bytes.len();
+        }
+        let mut text = serde_json::to_vec(&header).unwrap();
+        text.resize(text.len().div_ceil(8) * 8, b' ');
+        let mut file = (text.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(&text);
+        for (_, _, _, bytes) in tensors {
+            file.extend_from_slice(bytes);
+        }
+        std::fs::write(path, file).unwrap();
+    }
 }

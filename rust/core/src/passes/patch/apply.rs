@@ -53,23 +53,26 @@ impl AtomicFile {
         self.hand_off()
     }
 
-    /// Appends `len` bytes of `src` from offset `at`.
-    pub(super) fn copy_from(&mut self, src: &File, at: u64, len: u64) -> Result<()> {
-        let f = &mut self.file;
-        f.flush().map_err(|e| Error::output(&self.path, e))?;
-        let mut src = src;
-        src.seek(std::io::SeekFrom::Start(at))
-            .map_err(|e| Error::output(&self.path, e))?;
-        let copied = std::io::copy(&mut src.take(len), f.get_mut())
-            .map_err(|e| Error::output(&self.path, e))?;
-        if copied != len {
-            return Err(Error::output(
-                &self.path,
-                std::io::Error::other("a temporary file was shorter than written"),
-            ));
-        }
-        self.len += len;
-        self.hand_off()
+    /// Leaves the next `n` bytes to be written later ([`AtomicFile::write_at`]), handing
+    /// what was written before them to the disk.
+    pub(super) fn skip(&mut self, n: u64) -> Result<()> {
+        let io = |e| Error::output(&self.path, e);
+        self.file.flush().map_err(io)?;
+        start_writeback(self.file.get_ref(), self.handed, self.len - self.handed);
+        self.len += n;
+        self.handed = self.len;
+        self.file
+            .seek(std::io::SeekFrom::Start(self.len))
+            .map_err(io)?;
+        Ok(())
+    }
+
+    /// Writes `bytes` at `offset`, in what was skipped ([`AtomicFile::skip`]).
+    pub(super) fn write_at(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.file
+            .get_ref()
+            .write_all_at(bytes, offset)
+            .map_err(|e| Error::output(&self.path, e))
     }
 
     pub(super) fn finish(self) -> Result<u64> {

@@ -1,10 +1,11 @@
-//! Creating a patch: one streaming pass over both checkpoints, changed positions held in
-//! order (in memory, spilled to scratch files past a bound), then the patch file assembled.
+//! Creating a patch: one streaming pass over both checkpoints, each tensor's changes written
+//! into the patch as soon as its last chunk is compared ([`Assembly`]).
 
 use super::apply::AtomicFile;
 use super::fingerprint::{leaf, root, Leaf};
 use super::*;
 use crate::plan::{plan, PlanOptions};
+use crate::safetensors::MAX_HEADER_LEN;
 
 /// Calls `$f::<S>($args)` with the element size `$size` (1, 2, 4 or 8) as `S`.
 macro_rules! by_size {
@@ -320,92 +321,10 @@ impl<'v, const S: usize> Sink<'v, S> {
     }
 }
 
-/// Bytes of changes each [`Scratch`] holds in memory before it spills to a file: two of them
-/// hold at most as much as the read-ahead window.
-const HELD: usize = 128 << 20;
-
-/// Where the pass's changes wait for the patch file to be assembled: in memory up to
-/// [`HELD`] bytes (reserved, not touched, until used), then in a temporary file beside the
-/// output, removed when dropped. A patch whose changes fit is so written once, into the patch;
-/// memory stays bounded whatever the patch's size.
-struct Scratch {
-    tag: &'static str,
-    /// [`HELD`] (less in tests).
-    limit: usize,
-    held: Vec<u8>,
-    spill: Option<(PathBuf, BufWriter<File>)>,
-    len: u64,
-}
-
-impl Scratch {
-    fn new(tag: &'static str, limit: usize) -> Scratch {
-        Scratch {
-            tag,
-            limit,
-            held: Vec::with_capacity(limit),
-            spill: None,
-            len: 0,
-        }
-    }
-
-    fn write(&mut self, out: &Path, bytes: &[u8]) -> Result<()> {
-        let io = |e| Error::output(out, e);
-        if self.spill.is_none() && self.held.len() + bytes.len() > self.limit {
-            let path = crate::atomic::temporary_name(out, self.tag);
-            let file = crate::atomic::create_new(&path).map_err(io)?;
-            // Removed on drop from here on, whatever fails next.
-            let (_, w) = self
-                .spill
-                .insert((path, BufWriter::with_capacity(1 << 20, file)));
-            w.write_all(&std::mem::take(&mut self.held)).map_err(io)?;
-        }
-        match &mut self.spill {
-            Some((_, w)) => w.write_all(bytes).map_err(io)?,
-            None => self.held.extend_from_slice(bytes),
-        }
-        self.len += bytes.len() as u64;
-        Ok(())
-    }
-
-    /// Flushes what was spilled.
-    fn flush(&mut self, out: &Path) -> Result<()> {
-        match &mut self.spill {
-            Some((_, w)) => w.flush().map_err(|e| Error::output(out, e)),
-            None => Ok(()),
-        }
-    }
-
-    /// `len` bytes from `at`.
-    fn read(&self, out: &Path, at: u64, len: u64) -> Result<std::borrow::Cow<'_, [u8]>> {
-        use std::os::unix::fs::FileExt;
-        match &self.spill {
-            None => Ok(self.held[at as usize..(at + len) as usize].into()),
-            Some((_, w)) => {
-                let mut buf = vec![0u8; len as usize];
-                w.get_ref()
-                    .read_exact_at(&mut buf, at)
-                    .map_err(|e| Error::output(out, e))?;
-                Ok(buf.into())
-            }
-        }
-    }
-
-    /// Appends `len` bytes from `at` to `file` (file to file by the kernel when spilled).
-    fn copy_into(&self, file: &mut AtomicFile, at: u64, len: u64) -> Result<()> {
-        match &self.spill {
-            None => file.write(&self.held[at as usize..(at + len) as usize]),
-            Some((_, w)) => file.copy_from(w.get_ref(), at, len),
-        }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if let Some((path, _)) = &self.spill {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
+/// Bytes of one tensor's changes held in memory while its chunks are stored (its stored pieces
+/// are laid out once its count is known): as much as the read-ahead window. Past it, the
+/// tensor is placed before it is done ([`Assembly::place`]).
+const HELD: usize = 256 << 20;
 
 /// What [`create`] did, per tensor of B (name as stored in B).
 pub struct Created {
@@ -414,42 +333,515 @@ pub struct Created {
     pub bytes: u64,
 }
 
-/// Where one tensor's changes went in the scratch files.
-struct Span {
+/// What became of a tensor whose held changes passed the limit.
+#[derive(Default)]
+enum Over {
+    /// Held in memory.
+    #[default]
+    No,
+    /// Plain codec, sparse: its changes were counted to its end (`total`) and room made for
+    /// them; indices go to data offset `idx_at` and values to `val_at` as they come.
+    Placed {
+        total: u64,
+        idx_at: u64,
+        val_at: u64,
+    },
+    /// Plain codec, counted to its end (`total`) and stored whole: its changes are counted only.
+    Dense { total: u64 },
+    /// Compact codec: its frames are written from data offset `from` as they come.
+    Streamed { from: u64 },
+}
+
+/// What has been stored of the tensor being assembled.
+#[derive(Default)]
+struct Open {
     changed: u64,
-    /// int64 indices (plain).
-    wide: bool,
-    /// Offsets of its indices and values (plain) or frames (compact) in the scratch files.
-    idx_at: u64,
-    val_at: u64,
-    /// Bytes spilled for it in both.
-    stored: u64,
-    /// Its frames (compact).
+    /// Plain codec: indices and values; compact: the frames, one after another, in `vals`.
+    idx: Vec<u8>,
+    vals: Vec<u8>,
     frames: Vec<Frame>,
     /// The digests of its leaves in base and in tuned, in order (see [`root`]).
     prints: (Vec<Leaf>, Vec<Leaf>),
+    over: Over,
 }
 
-impl Span {
-    /// Decodes this tensor's compact frames back from `scratch`.
-    fn decode(
-        &self,
-        scratch: &Scratch,
-        out: &Path,
-        size: usize,
-        numel: u64,
-    ) -> Result<(Vec<u64>, Vec<u8>)> {
-        let blob = scratch.read(out, self.val_at, self.stored)?;
-        let (mut idx, mut vals) = (Vec::new(), Vec::new());
-        let mut at = 0usize;
-        for (k, f) in self.frames.iter().enumerate() {
-            let frame = &blob[at..at + f.bytes as usize];
-            crate::codec::decode_nth(&self.frames, k, frame, size, numel, &mut idx, &mut vals)
-                .map_err(|why| Error::output(out, std::io::Error::other(why)))?;
-            at += f.bytes as usize;
-        }
-        Ok((idx, vals))
+/// A stored tensor of the patch: key, dtype, shape, data offsets.
+type Stored = (String, Dtype, Vec<u64>, [u64; 2]);
+
+/// The patch file as the pass writes it (design §9, version 3): room for the header at the
+/// front ([`header_room`]), then each tensor's stored pieces as soon as its last chunk is
+/// stored (the pass stores chunks in order, so tensors finish in order), each tensor starting
+/// on an 8-byte boundary and ending on one after a `NAME.pad` of up to 7 bytes, with its
+/// piece of the larger element first, so every piece is aligned to its element size. Each
+/// change is so written once, into the patch; memory holds at most [`HELD`] bytes of one
+/// tensor's changes.
+struct Assembly<'a> {
+    jobs: &'a [Job<'a>],
+    codec: Codec,
+    out: &'a Path,
+    /// [`HELD`] (less in tests).
+    limit: usize,
+    file: AtomicFile,
+    /// Bytes kept for the header, a multiple of 8.
+    room: u64,
+    /// Stored tensors in file order.
+    stored: Vec<Stored>,
+    /// Data bytes laid out so far (past the header's room).
+    at: u64,
+    entries: BTreeMap<String, Entry>,
+    /// The next tensor to finish, and what has been stored of it.
+    next: usize,
+    open: Open,
+}
+
+impl<'a> Assembly<'a> {
+    fn new(
+        jobs: &'a [Job<'a>],
+        codec: Codec,
+        out: &'a Path,
+        limit: usize,
+        room: u64,
+    ) -> Result<Assembly<'a>> {
+        let mut file = AtomicFile::create(out)?;
+        file.skip(8 + room)?;
+        Ok(Assembly {
+            jobs,
+            codec,
+            out,
+            limit,
+            file,
+            room,
+            stored: Vec::new(),
+            at: 0,
+            entries: BTreeMap::new(),
+            next: 0,
+            open: Open::default(),
+        })
     }
+
+    /// Where data offset `at` is in the file.
+    fn pos(&self, at: u64) -> u64 {
+        8 + self.room + at
+    }
+
+    /// Appends `bytes` as the stored tensor `key`.
+    fn piece(&mut self, key: String, dtype: Dtype, shape: Vec<u64>, bytes: &[u8]) -> Result<()> {
+        self.file.write(bytes)?;
+        let span = [self.at, self.at + bytes.len() as u64];
+        self.stored.push((key, dtype, shape, span));
+        self.at = span[1];
+        Ok(())
+    }
+
+    /// Pads to the next 8-byte boundary with `NAME.pad` (zeros).
+    fn align(&mut self, name: &str) -> Result<()> {
+        let pad = (8 - self.at % 8) % 8;
+        if pad > 0 {
+            let zeros = [0u8; 8];
+            self.piece(
+                format!("{name}.pad"),
+                Dtype::U8,
+                vec![pad],
+                &zeros[..pad as usize],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Appends tensor `name`'s table of compact `frames` (int64 rows: first element, changes,
+    /// bytes).
+    fn frame_table(&mut self, name: &str, frames: &[Frame]) -> Result<()> {
+        let table: Vec<u8> = frames
+            .iter()
+            .flat_map(|f| [f.start, f.count, f.bytes])
+            .flat_map(|v| (v as i64).to_le_bytes())
+            .collect();
+        let shape = vec![frames.len() as u64, 3];
+        self.piece(format!("{name}.frames"), Dtype::I64, shape, &table)
+    }
+
+    /// Appends the whole tensor of `job` in C.
+    fn dense(&mut self, job: &Job) -> Result<()> {
+        let (shard, t) = job.b;
+        self.piece(
+            format!("{}.dense", job.name),
+            t.dtype,
+            t.shape.clone(),
+            shard.bytes(t),
+        )
+    }
+
+    /// Stores compared chunks' changes, in order, finishing each tensor with its last chunk.
+    fn store(&mut self, parts: Vec<Part>) -> Result<()> {
+        for part in parts {
+            while self.next < part.job {
+                self.finish_tensor()?; // tensors of no elements have no chunks
+            }
+            let t = self.jobs[part.job].a.1;
+            let last = part.start + CHUNK as u64 >= t.numel;
+            let (size, iw) = (t.dtype.size() as u64, index_width(t.numel) as u64);
+            let o = &mut self.open;
+            o.prints.0.extend(part.prints.0);
+            o.prints.1.extend(part.prints.1);
+            if part.count > 0 {
+                if self.codec == Codec::Compact {
+                    o.frames.push(Frame {
+                        start: part.start,
+                        count: part.count,
+                        bytes: part.vals.len() as u64,
+                    });
+                }
+                let done = o.changed;
+                o.changed += part.count;
+                match o.over {
+                    Over::No => {
+                        o.idx.extend_from_slice(&part.idx);
+                        o.vals.extend_from_slice(&part.vals);
+                        if o.idx.len() + o.vals.len() > self.limit && !last {
+                            self.place(part.job, part.start + CHUNK as u64)?;
+                        }
+                    }
+                    Over::Placed { idx_at, val_at, .. } => {
+                        let (i, v) = (self.pos(idx_at + done * iw), self.pos(val_at + done * size));
+                        self.file.write_at(i, &part.idx)?;
+                        self.file.write_at(v, &part.vals)?;
+                    }
+                    Over::Dense { .. } => {}
+                    Over::Streamed { .. } => {
+                        self.file.write(&part.vals)?;
+                        self.at += part.vals.len() as u64;
+                    }
+                }
+            }
+            if last {
+                self.finish_tensor()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensor being assembled (of job `j`) holds more changes than the limit, and its
+    /// chunks from element `from` on are still to come. Compact: what it holds is written and
+    /// the rest follows as it comes (it stays compact). Plain: its changes from `from` to its
+    /// end are counted now (a compare without storing, on every core), so its form is known
+    /// and room is made for its indices and values, which are written at their places as they
+    /// come.
+    fn place(&mut self, j: usize, from: u64) -> Result<()> {
+        let job = &self.jobs[j];
+        let t = job.a.1;
+        let (size, iw) = (t.dtype.size() as u64, index_width(t.numel) as u64);
+        let o = std::mem::take(&mut self.open);
+        let (idx, vals) = (o.idx, o.vals);
+        let mut open = Open {
+            changed: o.changed,
+            frames: o.frames,
+            prints: o.prints,
+            ..Open::default()
+        };
+        if self.codec == Codec::Compact {
+            open.over = Over::Streamed { from: self.at };
+            self.file.write(&vals)?;
+            self.at += vals.len() as u64;
+        } else {
+            let s = (from * size) as usize;
+            let rest = count_changed(
+                &job.a.0.bytes(t)[s..],
+                &job.b.0.bytes(job.b.1)[s..],
+                size as usize,
+            );
+            let total = o.changed + rest;
+            open.over = if choose_form(total, t.numel, size, None).0 == Form::Dense {
+                Over::Dense { total }
+            } else {
+                // The piece of the larger element first: both stay aligned.
+                let (idx_at, val_at) = if size >= iw {
+                    (self.at + total * size, self.at)
+                } else {
+                    (self.at, self.at + total * iw)
+                };
+                self.file.skip(total * (iw + size))?;
+                self.at += total * (iw + size);
+                self.file.write_at(self.pos(idx_at), &idx)?;
+                self.file.write_at(self.pos(val_at), &vals)?;
+                Over::Placed {
+                    total,
+                    idx_at,
+                    val_at,
+                }
+            };
+        }
+        self.open = open;
+        Ok(())
+    }
+
+    /// Lays out the next tensor's stored pieces and describes it.
+    fn finish_tensor(&mut self) -> Result<()> {
+        let job = &self.jobs[self.next];
+        self.next += 1;
+        let o = std::mem::take(&mut self.open);
+        let (name, t) = (job.name, job.a.1);
+        let (size, iw) = (t.dtype.size() as u64, index_width(t.numel) as u64);
+        let idt = if iw == 8 { Dtype::I64 } else { Dtype::I32 };
+        let counted = |total: u64| {
+            if o.changed == total {
+                Ok(())
+            } else {
+                Err(Error::tensor(
+                    &job.b.0.path,
+                    name,
+                    format!(
+                        "changed while it was read: {total} changes counted ahead, {} found",
+                        o.changed
+                    ),
+                ))
+            }
+        };
+        let form = match o.over {
+            Over::No => {
+                let compact = (self.codec == Codec::Compact)
+                    .then(|| o.vals.len() as u64 + 24 * o.frames.len() as u64);
+                let form = choose_form(o.changed, t.numel, size, compact).0;
+                match form {
+                    Form::None => {}
+                    Form::Dense => self.dense(job)?,
+                    Form::Sparse => {
+                        let (idx, vals) = if self.codec == Codec::Compact {
+                            // Frames larger than plain indices and values (few changes).
+                            let (idx, vals) = decode(&o.frames, &o.vals, size, t.numel)
+                                .map_err(|why| Error::output(self.out, why))?;
+                            let idx: Vec<u8> = idx
+                                .iter()
+                                .flat_map(|i| i.to_le_bytes()[..iw as usize].to_vec())
+                                .collect();
+                            (idx, vals)
+                        } else {
+                            (o.idx, o.vals)
+                        };
+                        let shape = vec![o.changed];
+                        let indices = (format!("{name}.indices"), idt, shape.clone(), idx);
+                        let values = (format!("{name}.values"), t.dtype, shape, vals);
+                        let pieces = if size >= iw {
+                            [values, indices]
+                        } else {
+                            [indices, values]
+                        };
+                        for (key, dtype, shape, bytes) in pieces {
+                            self.piece(key, dtype, shape, &bytes)?;
+                        }
+                    }
+                    Form::Compact => {
+                        self.frame_table(name, &o.frames)?;
+                        let len = o.vals.len() as u64;
+                        self.piece(format!("{name}.compact"), Dtype::U8, vec![len], &o.vals)?;
+                    }
+                }
+                form
+            }
+            Over::Placed {
+                total,
+                idx_at,
+                val_at,
+            } => {
+                counted(total)?;
+                let mut pieces = [
+                    (format!("{name}.indices"), idt, idx_at, iw),
+                    (format!("{name}.values"), t.dtype, val_at, size),
+                ];
+                pieces.sort_by_key(|p| p.2);
+                for (key, dtype, at, width) in pieces {
+                    self.stored
+                        .push((key, dtype, vec![total], [at, at + total * width]));
+                }
+                Form::Sparse
+            }
+            Over::Dense { total } => {
+                counted(total)?;
+                self.dense(job)?;
+                Form::Dense
+            }
+            Over::Streamed { from } => {
+                let len = self.at - from;
+                self.stored.push((
+                    format!("{name}.compact"),
+                    Dtype::U8,
+                    vec![len],
+                    [from, self.at],
+                ));
+                self.align(name)?;
+                self.frame_table(name, &o.frames)?;
+                Form::Compact
+            }
+        };
+        self.align(name)?;
+        let len = t.len as u64;
+        self.entries.insert(
+            name.to_string(),
+            Entry {
+                shape: t.shape.clone(),
+                dtype: t.dtype.to_string(),
+                changed: o.changed,
+                form,
+                base: root(&o.prints.0, len),
+                tuned: root(&o.prints.1, len),
+            },
+        );
+        Ok(())
+    }
+
+    /// Finishes the tensors still open and writes the header into its room (JSON padded with
+    /// spaces): the file, under its temporary name, and every tensor's entry.
+    fn finish(
+        mut self,
+        provenance: &BTreeMap<String, String>,
+    ) -> Result<(AtomicFile, BTreeMap<String, Entry>)> {
+        while self.next < self.jobs.len() {
+            self.finish_tensor()?;
+        }
+        let mut text = header(
+            &metadata(provenance, self.codec, &self.entries),
+            &self.stored,
+        );
+        check_header_len(self.out, text.len() as u64, self.entries.len())?;
+        if text.len() as u64 > self.room {
+            return Err(Error::output(
+                self.out,
+                std::io::Error::other(format!(
+                    "its header ({} bytes) outgrew the room kept for it ({} bytes)",
+                    text.len(),
+                    self.room
+                )),
+            ));
+        }
+        text.resize(self.room as usize, b' ');
+        let mut head = self.room.to_le_bytes().to_vec();
+        head.extend_from_slice(&text);
+        self.file.write_at(0, &head)?;
+        Ok((self.file, self.entries))
+    }
+}
+
+/// The changes in compact `frames` (one after another in `blob`) of a tensor of `numel`
+/// elements of `size` bytes, decoded: flat indices and values.
+fn decode(
+    frames: &[Frame],
+    blob: &[u8],
+    size: u64,
+    numel: u64,
+) -> std::result::Result<(Vec<u64>, Vec<u8>), std::io::Error> {
+    let (mut idx, mut vals) = (Vec::new(), Vec::new());
+    let mut at = 0usize;
+    for (k, f) in frames.iter().enumerate() {
+        let frame = &blob[at..at + f.bytes as usize];
+        crate::codec::decode_nth(frames, k, frame, size as usize, numel, &mut idx, &mut vals)
+            .map_err(std::io::Error::other)?;
+        at += f.bytes as usize;
+    }
+    Ok((idx, vals))
+}
+
+/// Elements whose bits differ between `a` and `b` (of `size` bytes each), on every core.
+fn count_changed(a: &[u8], b: &[u8], size: usize) -> u64 {
+    a.par_chunks(CHUNK * size)
+        .zip(b.par_chunks(CHUNK * size))
+        .map(|(x, y)| {
+            let (mut idx, mut vals) = (Vec::new(), Vec::new());
+            changed_into(x, y, size, 0, true, &mut idx, &mut vals);
+            (vals.len() / size) as u64
+        })
+        .sum()
+}
+
+/// A patch's `__metadata__`: `provenance`, format, version, codec and the tensors' entries.
+fn metadata(
+    provenance: &BTreeMap<String, String>,
+    codec: Codec,
+    entries: &BTreeMap<String, Entry>,
+) -> BTreeMap<String, String> {
+    let mut metadata = provenance.clone();
+    metadata.insert("format".into(), FORMAT.into());
+    metadata.insert("version".into(), VERSION.into());
+    metadata.insert("codec".into(), codec.name().into());
+    metadata.insert(
+        "tensors".into(),
+        serde_json::to_string(entries).expect("serialisable"),
+    );
+    metadata
+}
+
+/// A stored tensor's entry in a safetensors header, `"KEY":{...}`.
+fn stored_json(key: &str, dtype: Dtype, shape: &[u64], span: [u64; 2]) -> String {
+    let value = serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": span});
+    format!(
+        "{}:{}",
+        serde_json::to_string(key).expect("a string"),
+        serde_json::to_string(&value).expect("serialisable")
+    )
+}
+
+/// The JSON header of a patch with `metadata` and the `stored` tensors.
+fn header(metadata: &BTreeMap<String, String>, stored: &[Stored]) -> Vec<u8> {
+    let mut text = format!(
+        "{{\"__metadata__\":{}",
+        serde_json::to_string(metadata).expect("serialisable")
+    );
+    for (key, dtype, shape, span) in stored {
+        text.push(',');
+        text.push_str(&stored_json(key, *dtype, shape, *span));
+    }
+    text.push('}');
+    text.into_bytes()
+}
+
+/// An upper bound on the header of the patch of `jobs` (a multiple of 8): the metadata with
+/// every tensor's count at its number of elements and its form at the longest name, and per
+/// tensor the longest set of stored pieces its codec allows, every number at the widest any
+/// offset can be.
+fn header_room(jobs: &[Job], codec: Codec, provenance: &BTreeMap<String, String>) -> u64 {
+    let print = "0".repeat(32);
+    let worst: BTreeMap<String, Entry> = jobs
+        .iter()
+        .map(|j| {
+            let t = j.a.1;
+            let entry = Entry {
+                shape: t.shape.clone(),
+                dtype: t.dtype.to_string(),
+                changed: t.numel,
+                form: Form::Compact,
+                base: print.clone(),
+                tuned: print.clone(),
+            };
+            (j.name.to_string(), entry)
+        })
+        .collect();
+    // No offset is past the sum of every tensor's largest form: whole, plain, or compact
+    // frames (each at most its varint gaps and values, as zstd bounds a frame, and its row).
+    let most = |t: &TensorInfo| {
+        let chunks = t.numel.div_ceil(CHUNK as u64);
+        t.numel * (16 + 2 * t.dtype.size() as u64) + 256 * chunks + 8
+    };
+    let max: u64 = jobs.iter().map(|j| most(j.a.1)).sum();
+    let stored: u64 = jobs
+        .iter()
+        .map(|j| {
+            let (name, t) = (j.name, j.a.1);
+            let len = |suffix: &str, dtype: Dtype, shape: &[u64]| {
+                stored_json(&format!("{name}.{suffix}"), dtype, shape, [max, max]).len() as u64 + 1
+            };
+            let pad = len("pad", Dtype::U8, &[7]);
+            let dense = len("dense", t.dtype, &t.shape);
+            let plain = len("indices", Dtype::I64, &[t.numel]) + len("values", t.dtype, &[t.numel]);
+            let chunks = t.numel.div_ceil(CHUNK as u64);
+            let compact = match codec {
+                Codec::Compact => {
+                    len("frames", Dtype::I64, &[chunks, 3]) + len("compact", Dtype::U8, &[max])
+                }
+                Codec::Plain => 0,
+            };
+            dense.max(plain).max(compact) + pad
+        })
+        .sum();
+    let room = header(&metadata(provenance, codec, &worst), &[]).len() as u64 + stored;
+    room.div_ceil(8) * 8
 }
 
 /// One compared chunk of a tensor (of job `job`): its changes, as [`Span`] gathers them.
@@ -536,6 +928,23 @@ pub fn create(
     provenance: &BTreeMap<String, String>,
     progress: &Progress,
 ) -> Result<Created> {
+    create_holding(
+        base, tuned, out, name_map, codec, provenance, progress, HELD,
+    )
+}
+
+/// [`create`] holding at most `limit` bytes of a tensor's changes in memory.
+#[allow(clippy::too_many_arguments)]
+fn create_holding(
+    base: &Checkpoint,
+    tuned: &Checkpoint,
+    out: &Path,
+    name_map: &[(String, String)],
+    codec: Codec,
+    provenance: &BTreeMap<String, String>,
+    progress: &Progress,
+    limit: usize,
+) -> Result<Created> {
     let sa = Side::stored(base, "base", name_map)?;
     let sb = Side::stored(tuned, "tuned", name_map)?;
     let jobs = plan_patch(base, tuned, &sa, &sb)?;
@@ -557,8 +966,10 @@ pub fn create(
     let total: u64 = jobs.iter().map(|j| 2 * j.a.1.len as u64).sum();
     progress.total.store(total, Ordering::Relaxed);
 
-    let mut idx_file = Scratch::new("indices", HELD);
-    let mut val_file = Scratch::new("values", HELD);
+    // The header's room is kept before the pass, so each tensor's pieces are written as it
+    // finishes.
+    let room = header_room(&jobs, codec, provenance).min(MAX_HEADER_LEN);
+    let mut assembly = Assembly::new(&jobs, codec, out, limit, room)?;
     // Every chunk of every tensor in order, (job, first element): the pass takes them
     // `window` at a time across tensors (most tensors are a chunk or three, so groups within
     // one tensor left a core idle), and stores each group's changes in order while the next
@@ -585,18 +996,6 @@ pub fn create(
             })
             .to_vec()
     });
-    let mut spans: Vec<Span> = jobs
-        .iter()
-        .map(|job| Span {
-            changed: 0,
-            wide: index_width(job.a.1.numel) == 8,
-            idx_at: 0,
-            val_at: 0,
-            stored: 0,
-            frames: Vec::new(),
-            prints: (Vec::new(), Vec::new()),
-        })
-        .collect();
     // One chunk compared: its changes (indices and values, or a compact frame) and the
     // digests of its leaves on both sides.
     let chunk = |&(j, s): &(usize, usize)| -> Result<Part> {
@@ -651,116 +1050,45 @@ pub fn create(
             prints,
         })
     };
-    // Stores compared chunks' changes in the scratch files, in order.
-    let store = |spans: &mut Vec<Span>, files: [&mut Scratch; 2], parts: Vec<Part>| {
-        let [idx_file, val_file] = files;
-        for part in parts {
-            let span = &mut spans[part.job];
-            span.prints.0.extend(part.prints.0);
-            span.prints.1.extend(part.prints.1);
-            if part.count == 0 {
-                continue;
-            }
-            if span.stored == 0 {
-                (span.idx_at, span.val_at) = (idx_file.len, val_file.len);
-            }
-            span.changed += part.count;
-            span.stored += (part.idx.len() + part.vals.len()) as u64;
-            if codec == Codec::Compact {
-                span.frames.push(Frame {
-                    start: part.start,
-                    count: part.count,
-                    bytes: part.vals.len() as u64,
-                });
-            }
-            idx_file.write(out, &part.idx)?;
-            val_file.write(out, &part.vals)?;
-        }
-        Ok::<(), Error>(())
-    };
     readahead::ahead(stretches, |took| -> Result<()> {
         let mut pending = Vec::new();
         for (g, group) in items.chunks(window).enumerate() {
             (g * window..g * window + group.len()).for_each(took);
             let (stored, parts) = rayon::join(
-                || {
-                    let done = std::mem::take(&mut pending);
-                    store(&mut spans, [&mut idx_file, &mut val_file], done)
-                },
+                || assembly.store(std::mem::take(&mut pending)),
                 || group.par_iter().map(chunk).collect::<Result<Vec<_>>>(),
             );
             stored?;
             pending = parts?;
         }
-        store(&mut spans, [&mut idx_file, &mut val_file], pending)
+        assembly.store(pending)
     })?;
-    for f in [&mut idx_file, &mut val_file] {
-        f.flush(out)?;
-    }
-
-    let prints: Vec<(String, String)> = spans
-        .iter()
-        .zip(&jobs)
-        .map(|(s, j)| {
-            let len = j.a.1.len as u64;
-            (root(&s.prints.0, len), root(&s.prints.1, len))
-        })
-        .collect();
     check_all_unchanged(jobs.iter().flat_map(|j| [j.a.0, j.b.0]))?;
-    let mut entries = BTreeMap::new();
-    for ((job, span), (fa, fb)) in jobs.iter().zip(&spans).zip(prints) {
-        let (t, changed) = (job.a.1, span.changed);
-        let compact =
-            (codec == Codec::Compact).then(|| span.stored + 24 * span.frames.len() as u64);
-        let (form, _) = choose_form(changed, t.numel, t.dtype.size() as u64, compact);
-        entries.insert(
-            job.name.to_string(),
-            Entry {
-                shape: t.shape.clone(),
-                dtype: t.dtype.to_string(),
-                changed,
-                form,
-                base: fa,
-                tuned: fb,
-            },
-        );
-    }
 
-    // The file is written and synced while another core takes the inputs' pages out of this
-    // process's page tables (unmapping a pair's populated pages is about as long as writing
-    // and syncing a 1% patch; left to the checkpoints' drop it came after, on one core).
+    // The header is written and the file synced while another core takes the inputs' pages
+    // out of this process's page tables (unmapping a pair's populated pages is about as long
+    // as syncing a 1% patch; left to the checkpoints' drop it came after, on one core).
     let (written, ()) = rayon::join(
         || {
-            let file = write_file(
-                out,
-                &jobs,
-                &spans,
-                &entries,
-                codec,
-                provenance,
-                [&idx_file, &val_file],
-            )?;
-            check_all_unchanged(jobs.iter().map(|j| j.b.0))?;
+            let (file, entries) = assembly.finish(provenance)?;
             progress.check()?; // the last moment a cancel leaves nothing behind
-            file.finish()
+            Ok::<_, Error>(Created {
+                bytes: file.finish()?,
+                entries,
+            })
         },
-        || release_inputs(&jobs, &entries),
+        || release_inputs(&jobs),
     );
-    Ok(Created {
-        entries,
-        bytes: written?,
-    })
+    written
 }
 
 /// Drops the pass's pages of both sides from this process's page tables
-/// ([`Shard::release`]), each shard's tensors in as few ranges as they are contiguous; tensors
-/// the patch stores dense are kept (the file is assembled from them).
-fn release_inputs(jobs: &[Job], entries: &BTreeMap<String, Entry>) {
+/// ([`Shard::release`]), each shard's tensors in as few ranges as they are contiguous.
+fn release_inputs(jobs: &[Job]) {
     let mut ranges: Vec<(&Shard, usize, usize)> = Vec::with_capacity(2 * jobs.len());
     for job in jobs {
-        ranges.push((job.a.0, job.a.1.offset, job.a.1.offset + job.a.1.len));
-        if entries[job.name].form != Form::Dense {
-            ranges.push((job.b.0, job.b.1.offset, job.b.1.offset + job.b.1.len));
+        for (shard, t) in [job.a, job.b] {
+            ranges.push((shard, t.offset, t.offset + t.len));
         }
     }
     ranges.sort_by_key(|&(shard, start, _)| (std::ptr::from_ref(shard) as usize, start));
@@ -776,175 +1104,134 @@ fn release_inputs(jobs: &[Job], entries: &BTreeMap<String, Entry>) {
     }
 }
 
-/// Assembles the patch file from the pass's spans and scratch files (stage three of
-/// [`create`]), under its temporary name: the caller puts it in place.
-fn write_file(
-    out: &Path,
-    jobs: &[Job],
-    spans: &[Span],
-    entries: &BTreeMap<String, Entry>,
-    codec: Codec,
-    provenance: &BTreeMap<String, String>,
-    [idx_file, val_file]: [&Scratch; 2],
-) -> Result<AtomicFile> {
-    // The file: stored tensors ordered by alignment (8, 4, 2, 1 bytes), so that each stays
-    // aligned to its element size behind the 8-byte-padded header.
-    enum Source {
-        Indices(u64, u64),
-        Values(u64, u64),
-        Dense(usize),
-        /// Bytes made here: a frame table, or decoded indices and values.
-        Table(Vec<u8>),
-    }
-    let mut stored: Vec<(String, Dtype, Vec<u64>, u64, Source)> = Vec::new();
-    for (k, (job, span)) in jobs.iter().zip(spans).enumerate() {
-        let e = &entries[job.name];
-        let (dtype, size, changed) = (job.a.1.dtype, job.a.1.dtype.size() as u64, span.changed);
-        match (e.form, codec) {
-            (Form::None, _) => {}
-            (Form::Dense, _) => stored.push((
-                format!("{}.dense", job.name),
-                dtype,
-                e.shape.clone(),
-                job.a.1.len as u64,
-                Source::Dense(k),
-            )),
-            (Form::Sparse, _) => {
-                let (idt, iw) = if span.wide {
-                    (Dtype::I64, 8)
-                } else {
-                    (Dtype::I32, 4)
-                };
-                let (idx, vals) = if codec == Codec::Plain {
-                    (
-                        Source::Indices(span.idx_at, changed * iw),
-                        Source::Values(span.val_at, changed * size),
-                    )
-                } else {
-                    // Frames larger than plain indices and values (few changes): decoded
-                    // from the scratch file and stored plain.
-                    let (idx, vals) = span.decode(val_file, out, size as usize, job.a.1.numel)?;
-                    let idx = idx
-                        .iter()
-                        .flat_map(|&i| i.to_le_bytes()[..iw as usize].to_vec())
-                        .collect();
-                    (Source::Table(idx), Source::Table(vals))
-                };
-                stored.push((
-                    format!("{}.indices", job.name),
-                    idt,
-                    vec![changed],
-                    changed * iw,
-                    idx,
-                ));
-                stored.push((
-                    format!("{}.values", job.name),
-                    dtype,
-                    vec![changed],
-                    changed * size,
-                    vals,
-                ));
-            }
-            (Form::Compact, _) => {
-                let table: Vec<u8> = span
-                    .frames
-                    .iter()
-                    .flat_map(|f| [f.start, f.count, f.bytes])
-                    .flat_map(|v| (v as i64).to_le_bytes())
-                    .collect();
-                stored.push((
-                    format!("{}.frames", job.name),
-                    Dtype::I64,
-                    vec![span.frames.len() as u64, 3],
-                    table.len() as u64,
-                    Source::Table(table),
-                ));
-                stored.push((
-                    format!("{}.compact", job.name),
-                    Dtype::U8,
-                    vec![span.stored],
-                    span.stored,
-                    Source::Values(span.val_at, span.stored),
-                ));
-            }
-        }
-    }
-    stored.sort_by_key(|s| std::cmp::Reverse(s.1.size()));
-    let mut metadata = provenance.clone();
-    metadata.insert("format".into(), FORMAT.into());
-    metadata.insert("version".into(), VERSION.into());
-    metadata.insert("codec".into(), codec.name().into());
-    metadata.insert(
-        "tensors".into(),
-        serde_json::to_string(&entries).expect("serialisable"),
-    );
-    let mut header = serde_json::Map::new();
-    header.insert(
-        "__metadata__".into(),
-        serde_json::to_value(&metadata).expect("strings"),
-    );
-    let mut offset = 0u64;
-    for (name, dtype, shape, len, _) in &stored {
-        header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + len]}),
-        );
-        offset += len;
-    }
-    let mut text = serde_json::to_vec(&header).expect("serialisable");
-    text.resize(text.len().div_ceil(8) * 8, b' ');
-    check_header_len(out, text.len() as u64, entries.len())?;
-
-    let mut file = AtomicFile::create(out)?;
-    file.write(&(text.len() as u64).to_le_bytes())?;
-    file.write(&text)?;
-    for (_, _, _, _, source) in &stored {
-        match source {
-            Source::Indices(at, len) => idx_file.copy_into(&mut file, *at, *len)?,
-            Source::Values(at, len) => val_file.copy_into(&mut file, *at, *len)?,
-            Source::Dense(k) => file.write(jobs[*k].b.0.bytes(jobs[*k].b.1))?,
-            Source::Table(bytes) => file.write(bytes)?,
-        }
-    }
-    Ok(file)
-}
-
 #[cfg(test)]
 mod tests {
     use super::{
-        changed_into, changed_into_impl, compare_leaf, differing_bytes, leaf, AtomicFile, Scratch,
-        Sink, LEAF,
+        changed_into, changed_into_impl, compare_leaf, create_holding, differing_bytes, leaf,
+        Codec, Form, Sink, HELD, LEAF,
     };
+    use crate::checkpoint::Checkpoint;
+    use crate::diff::Progress;
+    use crate::dtype::Dtype;
+    use crate::patch::{apply, Patch};
+    use crate::safetensors::Shard;
+    use std::collections::BTreeMap;
 
-    /// Changes held in memory, then spilled to a file past the limit, read back and copied into
-    /// a file whole across the spill; the spill file goes with the scratch.
+    /// Tensors whose changes pass what is held in memory: in the plain codec counted to their
+    /// end and placed (values first for 8-byte elements, indices first for 2-byte ones) or
+    /// stored whole, in the compact codec streamed. At every limit the patch opens, holds
+    /// exactly the changes a byte-by-byte compare finds, every stored tensor aligned to its
+    /// element size, applies to the tuned checkpoint byte for byte, and nothing else is left
+    /// beside it; in the plain codec every tensor takes the form it takes when held.
     #[test]
-    fn scratch_holds_then_spills() {
+    fn tensors_past_the_held_limit_are_placed_or_streamed() {
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("p.rlpatch");
-        let want: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
-        for limit in [0, 100, 5000] {
-            let mut s = Scratch::new("values", limit);
-            for piece in want.chunks(37) {
-                s.write(&out, piece).unwrap();
+        let d = dir.path();
+        let mut next = crate::testing::xorshift(0xD1B5_4A32_D192_ED03);
+        let n = (1usize << 20) + 4099; // two chunks
+        let specs: [(&str, Dtype, usize, f64); 6] = [
+            ("w.bf16", Dtype::BF16, n, 0.02),
+            ("w.f64", Dtype::F64, (1 << 20) + 77, 0.03),
+            ("w.dense", Dtype::BF16, (1 << 20) + 5, 0.6),
+            ("w.i8", Dtype::I8, 21, 0.1),
+            ("w.same", Dtype::U8, (1 << 20) + 1, 0.0),
+            ("w.empty", Dtype::BF16, 0, 0.5),
+        ];
+        let (mut base, mut tuned) = (Vec::new(), Vec::new());
+        for (name, dtype, numel, share) in specs {
+            let size = dtype.size();
+            let a = crate::testing::random_bytes(next(), numel * size);
+            let mut b = a.clone();
+            for e in 0..numel {
+                if ((next() % 10_000) as f64) < share * 10_000.0 || (name == "w.i8" && e == 3) {
+                    b[e * size + next() as usize % size] ^= 1 + (next() % 255) as u8;
+                }
             }
-            s.flush(&out).unwrap();
-            assert_eq!(s.spill.is_some(), limit < want.len(), "limit {limit}");
-            for (at, len) in [(0, 1000), (90, 30), (999, 1), (500, 0)] {
-                let got = s.read(&out, at as u64, len as u64).unwrap();
-                assert_eq!(&got[..], &want[at..at + len], "limit {limit}");
-            }
-            let mut f = AtomicFile::create(&out).unwrap();
-            s.copy_into(&mut f, 3, 900).unwrap();
-            s.copy_into(&mut f, 0, 3).unwrap();
-            f.finish().unwrap();
-            let written = std::fs::read(&out).unwrap();
-            assert_eq!(written, [&want[3..903], &want[..3]].concat());
-            drop(s);
-            let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-            assert_eq!(left.len(), 1, "only the patch is left (limit {limit})");
-            std::fs::remove_file(&out).unwrap();
+            base.push((name, dtype, vec![numel as u64], a));
+            tuned.push((name, dtype, vec![numel as u64], b));
         }
+        for (side, tensors) in [("a", &base), ("b", &tuned)] {
+            std::fs::create_dir(d.join(side)).unwrap();
+            crate::testing::write_tensors(&d.join(side).join("model.safetensors"), tensors);
+        }
+        let (a, b) = (
+            Checkpoint::open(&d.join("a")).unwrap(),
+            Checkpoint::open(&d.join("b")).unwrap(),
+        );
+        let p = Progress::default();
+        for codec in [Codec::Plain, Codec::Compact] {
+            let mut held_forms = BTreeMap::new();
+            for limit in [HELD, 0, 1000] {
+                let tag = format!("{}-{limit}", codec.name());
+                let out = d.join(format!("{tag}.rlpatch"));
+                let made =
+                    create_holding(&a, &b, &out, &[], codec, &BTreeMap::new(), &p, limit).unwrap();
+                let patch = Patch::open(&out).unwrap();
+                assert_eq!(patch.entries, made.entries, "{tag}");
+                for t in &Shard::open(&out).unwrap().tensors {
+                    assert_eq!(t.offset % t.dtype.size(), 0, "{tag}: {}", t.name);
+                }
+                for ((name, dtype, _, x), (_, _, _, y)) in base.iter().zip(&tuned) {
+                    let size = dtype.size();
+                    let want: Vec<u64> = (0..x.len() / size)
+                        .filter(|&e| x[e * size..][..size] != y[e * size..][..size])
+                        .map(|e| e as u64)
+                        .collect();
+                    let e = &patch.entries[*name];
+                    assert_eq!(e.changed, want.len() as u64, "{tag}: {name}");
+                    let got = patch.changes(name).unwrap();
+                    match e.form {
+                        Form::None => assert_eq!(got, None, "{tag}: {name}"),
+                        Form::Dense => assert_eq!(got, Some((None, y.clone())), "{tag}: {name}"),
+                        _ => {
+                            let vals: Vec<u8> = want
+                                .iter()
+                                .flat_map(|&i| y[i as usize * size..][..size].to_vec())
+                                .collect();
+                            assert_eq!(got, Some((Some(want), vals)), "{tag}: {name}");
+                        }
+                    }
+                }
+                let forms: BTreeMap<String, Form> = patch
+                    .entries
+                    .iter()
+                    .map(|(k, e)| (k.clone(), e.form))
+                    .collect();
+                if limit == HELD {
+                    held_forms = forms;
+                } else if codec == Codec::Plain {
+                    assert_eq!(forms, held_forms, "{tag}");
+                } else {
+                    assert_eq!(
+                        forms["w.dense"],
+                        Form::Compact,
+                        "{tag}: streamed, stays compact"
+                    );
+                }
+                let rebuilt = d.join(format!("out-{tag}"));
+                apply(&a, &[&patch], &rebuilt, &p).unwrap();
+                assert_eq!(
+                    std::fs::read(rebuilt.join("model.safetensors")).unwrap(),
+                    std::fs::read(d.join("b/model.safetensors")).unwrap(),
+                    "{tag}"
+                );
+            }
+            if codec == Codec::Plain {
+                assert_eq!(held_forms["w.dense"], Form::Dense);
+            }
+            assert_eq!(held_forms["w.same"], Form::None);
+        }
+        let mut left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with("out-"))
+            .collect();
+        left.sort();
+        assert_eq!(
+            left.len(),
+            2 + 6,
+            "only the inputs and the patches: {left:?}"
+        );
     }
 
     /// The changed elements found a block at a time equal a plain loop's, for every element

@@ -9,15 +9,16 @@
 //! values.
 //!
 //! Creating is one streaming pass over both checkpoints (changed positions found a 64-byte
-//! block at a time, held in memory in order up to a bound and spilled to temporary files past
-//! it, so memory stays bounded), then the patch file is assembled. Applying streams B's shards
+//! block at a time), each tensor's pieces written into the patch as the tensor finishes, in
+//! B's order, aligned by `NAME.pad` (version 3), the header written last into room kept for
+//! it: each change is written once and memory holds one tensor's changes at most. Applying streams B's shards
 //! into new files a piece at a time, with each patch's entries written over each piece in
 //! order, checking B's fingerprint before and C's after; patches chain by fingerprint, so a
 //! missing, repeated or reordered patch is refused before anything is written.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, Write};
+use std::io::{BufWriter, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
@@ -35,11 +36,16 @@ use crate::sides::Side;
 
 /// The `format` of a patch file.
 pub const FORMAT: &str = "rlmask-patch";
-/// The version written: 2, fingerprints in the XXH3-128 tree ([`fingerprint`]).
-pub const VERSION: &str = "2";
+/// The version written: 3, fingerprints in the XXH3-128 tree ([`fingerprint`]), stored
+/// tensors in B's order with `NAME.pad` between them.
+pub const VERSION: &str = "3";
 /// The versions read, with the scheme their fingerprints are written in: version 1 carries
-/// BLAKE3.
-const VERSIONS: [(&str, Scheme); 2] = [("1", Scheme::Blake3), ("2", Scheme::Tree)];
+/// BLAKE3; version 2 has no `NAME.pad`.
+const VERSIONS: [(&str, Scheme); 3] = [
+    ("1", Scheme::Blake3),
+    ("2", Scheme::Tree),
+    ("3", Scheme::Tree),
+];
 
 /// Elements compared per unit of parallel work.
 const CHUNK: usize = 1 << 20;
@@ -169,7 +175,7 @@ impl Patch {
                 None,
                 match version {
                     Some(v) => format!(
-                        "patch version {v:?} is not one this rlmask reads (1 or {VERSION}); a \
+                        "patch version {v:?} is not one this rlmask reads (1 to {VERSION}); a \
                          newer rlmask may have written it"
                     ),
                     None => "the patch states no version".to_string(),
@@ -268,11 +274,35 @@ impl Patch {
                 described.insert(key);
             }
         }
-        if let Some(t) = shard.tensors.iter().find(|t| !described.contains(&t.name)) {
+        // Version 3 aligns each tensor's pieces with up to 7 bytes of `NAME.pad` (U8).
+        let padding = |t: &TensorInfo| {
+            version == Some("3")
+                && t.name
+                    .strip_suffix(".pad")
+                    .is_some_and(|n| entries.contains_key(n))
+                && t.dtype == Dtype::U8
+                && matches!(t.shape[..], [1..=7])
+        };
+        if let Some(t) = shard
+            .tensors
+            .iter()
+            .find(|t| !described.contains(&t.name) && !padding(t))
+        {
             return Err(corrupt(
                 path,
                 Some(&t.name),
                 "stored in the patch but not described",
+            ));
+        }
+        if let Some(t) = shard
+            .tensors
+            .iter()
+            .find(|t| padding(t) && shard.bytes(t).iter().any(|&b| b != 0))
+        {
+            return Err(corrupt(
+                path,
+                t.name.strip_suffix(".pad"),
+                format!("its padding ('{}') is not zeros", t.name),
             ));
         }
         let index: HashMap<String, usize> = shard
@@ -305,7 +335,7 @@ impl Patch {
     }
 
     /// Bytes stored, by kind: `indices`, `values` (plain sparse), `compact` (frames and
-    /// their table), `dense`.
+    /// their table), `dense` (padding not counted).
     pub fn bytes(&self) -> BTreeMap<&'static str, u64> {
         let mut out: BTreeMap<&'static str, u64> = ["indices", "values", "compact", "dense"]
             .into_iter()
@@ -316,6 +346,7 @@ impl Patch {
                 Some("indices") => "indices",
                 Some("values") => "values",
                 Some("frames" | "compact") => "compact",
+                Some("pad") => continue,
                 _ => "dense",
             };
             *out.get_mut(kind).expect("listed") += t.len as u64;
