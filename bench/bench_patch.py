@@ -183,7 +183,7 @@ def main() -> None:
                 print(
                     f"create {codec}: the patch {int(out[1]) / 1e6:.1f} MB, bytes written "
                     f"(dirtied in the page cache) {int(out[2]) / 1e6:.1f} MB, of which dropped"
-                    f" before reaching the disk (scratch files removed first) "
+                    f" before reaching the disk "
                     f"{int(out[3]) / 1e6:.1f} MB"
                 )
             row["zstd(XOR)"] = int(run_program(XOR_ZSTD, files)["output"][0])
