@@ -280,16 +280,22 @@ impl<'v, const S: usize> Sink<'v, S> {
         }
     }
 
+    /// Writes change `c` (index `i`, value `y`) into the buffers' free room `idx` and `vals`.
+    #[inline(always)]
+    fn put(idx: &mut [u8], vals: &mut [u8], wide: bool, c: usize, i: u64, y: &[u8; S]) {
+        if wide {
+            idx[c * 8..][..8].copy_from_slice(&i.to_le_bytes());
+        } else {
+            idx[c * 4..][..4].copy_from_slice(&(i as u32).to_le_bytes());
+        }
+        vals[c * S..][..S].copy_from_slice(y);
+    }
+
     /// Element `e` (from the first) changed to `y`.
     #[inline(always)]
     fn push(&mut self, e: usize, y: &[u8; S]) {
-        let (c, i) = (self.count, self.first + e as u64);
-        if self.wide {
-            self.idx[self.i0 + c * 8..][..8].copy_from_slice(&i.to_le_bytes());
-        } else {
-            self.idx[self.i0 + c * 4..][..4].copy_from_slice(&(i as u32).to_le_bytes());
-        }
-        self.vals[self.v0 + c * S..][..S].copy_from_slice(y);
+        let (idx, vals) = (&mut self.idx[self.i0..], &mut self.vals[self.v0..]);
+        Self::put(idx, vals, self.wide, self.count, self.first + e as u64, y);
         self.count += 1;
     }
 
@@ -304,12 +310,20 @@ impl<'v, const S: usize> Sink<'v, S> {
             k *= 2;
         }
         e &= Self::FIRSTS;
+        // The buffers' free room as slices, taken once per block: their bounds then stay in
+        // registers (through the vectors, every byte written may alias their lengths, which
+        // were loaded again for each change).
+        let (wide, first, mut c) = (self.wide, self.first + (at / S) as u64, self.count);
+        let (idx, vals) = (&mut self.idx[self.i0..], &mut self.vals[self.v0..]);
         while e != 0 {
             let p = e.trailing_zeros() as usize;
             // An element never straddles blocks: blocks start at multiples of 64 bytes.
-            self.push((at + p) / S, y[p..p + S].try_into().expect("S bytes"));
+            let y = y[p..p + S].try_into().expect("S bytes");
+            Self::put(idx, vals, wide, c, first + (p / S) as u64, y);
+            c += 1;
             e &= e - 1;
         }
+        self.count = c;
     }
 
     /// Cuts the buffers to the changes found.
@@ -356,9 +370,10 @@ enum Over {
 #[derive(Default)]
 struct Open {
     changed: u64,
-    /// Plain codec: indices and values; compact: the frames, one after another, in `vals`.
-    idx: Vec<u8>,
-    vals: Vec<u8>,
+    /// Each stored chunk's indices and values (plain codec) or frame (compact: the second),
+    /// in order, and the memory they take.
+    parts: Vec<(Vec<u8>, Vec<u8>)>,
+    held: usize,
     frames: Vec<Frame>,
     /// The digests of its leaves in base and in tuned, in order (see [`root`]).
     prints: (Vec<Leaf>, Vec<Leaf>),
@@ -424,12 +439,20 @@ impl<'a> Assembly<'a> {
         8 + self.room + at
     }
 
-    /// Appends `bytes` as the stored tensor `key`.
-    fn piece(&mut self, key: String, dtype: Dtype, shape: Vec<u64>, bytes: &[u8]) -> Result<()> {
-        self.file.write(bytes)?;
-        let span = [self.at, self.at + bytes.len() as u64];
-        self.stored.push((key, dtype, shape, span));
-        self.at = span[1];
+    /// Appends `bytes`, one slice after another, as the stored tensor `key`.
+    fn piece<'b>(
+        &mut self,
+        key: String,
+        dtype: Dtype,
+        shape: Vec<u64>,
+        bytes: impl IntoIterator<Item = &'b [u8]>,
+    ) -> Result<()> {
+        let from = self.at;
+        for b in bytes {
+            self.file.write(b)?;
+            self.at += b.len() as u64;
+        }
+        self.stored.push((key, dtype, shape, [from, self.at]));
         Ok(())
     }
 
@@ -442,7 +465,7 @@ impl<'a> Assembly<'a> {
                 format!("{name}.pad"),
                 Dtype::U8,
                 vec![pad],
-                &zeros[..pad as usize],
+                [&zeros[..pad as usize]],
             )?;
         }
         Ok(())
@@ -457,7 +480,7 @@ impl<'a> Assembly<'a> {
             .flat_map(|v| (v as i64).to_le_bytes())
             .collect();
         let shape = vec![frames.len() as u64, 3];
-        self.piece(format!("{name}.frames"), Dtype::I64, shape, &table)
+        self.piece(format!("{name}.frames"), Dtype::I64, shape, [&table[..]])
     }
 
     /// Appends the whole tensor of `job` in C.
@@ -467,7 +490,7 @@ impl<'a> Assembly<'a> {
             format!("{}.dense", job.name),
             t.dtype,
             t.shape.clone(),
-            shard.bytes(t),
+            [shard.bytes(t)],
         )
     }
 
@@ -495,9 +518,9 @@ impl<'a> Assembly<'a> {
                 o.changed += part.count;
                 match o.over {
                     Over::No => {
-                        o.idx.extend_from_slice(&part.idx);
-                        o.vals.extend_from_slice(&part.vals);
-                        if o.idx.len() + o.vals.len() > self.limit && !last {
+                        o.held += part.idx.capacity() + part.vals.capacity();
+                        o.parts.push((part.idx, part.vals));
+                        if o.held > self.limit && !last {
                             self.place(part.job, part.start + CHUNK as u64)?;
                         }
                     }
@@ -531,7 +554,6 @@ impl<'a> Assembly<'a> {
         let t = job.a.1;
         let (size, iw) = (t.dtype.size() as u64, index_width(t.numel) as u64);
         let o = std::mem::take(&mut self.open);
-        let (idx, vals) = (o.idx, o.vals);
         let mut open = Open {
             changed: o.changed,
             frames: o.frames,
@@ -540,8 +562,10 @@ impl<'a> Assembly<'a> {
         };
         if self.codec == Codec::Compact {
             open.over = Over::Streamed { from: self.at };
-            self.file.write(&vals)?;
-            self.at += vals.len() as u64;
+            for (_, frame) in &o.parts {
+                self.file.write(frame)?;
+                self.at += frame.len() as u64;
+            }
         } else {
             let s = (from * size) as usize;
             let rest = count_changed(
@@ -561,8 +585,12 @@ impl<'a> Assembly<'a> {
                 };
                 self.file.skip(total * (iw + size))?;
                 self.at += total * (iw + size);
-                self.file.write_at(self.pos(idx_at), &idx)?;
-                self.file.write_at(self.pos(val_at), &vals)?;
+                let (mut i, mut v) = (self.pos(idx_at), self.pos(val_at));
+                for (idx, vals) in &o.parts {
+                    self.file.write_at(i, idx)?;
+                    self.file.write_at(v, vals)?;
+                    (i, v) = (i + idx.len() as u64, v + vals.len() as u64);
+                }
                 Over::Placed {
                     total,
                     idx_at,
@@ -599,40 +627,44 @@ impl<'a> Assembly<'a> {
         let form = match o.over {
             Over::No => {
                 let compact = (self.codec == Codec::Compact)
-                    .then(|| o.vals.len() as u64 + 24 * o.frames.len() as u64);
+                    .then(|| blob_len(&o.frames) + 24 * o.frames.len() as u64);
                 let form = choose_form(o.changed, t.numel, size, compact).0;
                 match form {
                     Form::None => {}
                     Form::Dense => self.dense(job)?,
                     Form::Sparse => {
-                        let (idx, vals) = if self.codec == Codec::Compact {
+                        let parts = if self.codec == Codec::Compact {
                             // Frames larger than plain indices and values (few changes).
-                            let (idx, vals) = decode(&o.frames, &o.vals, size, t.numel)
+                            let frames = o.parts.iter().map(|(_, f)| &f[..]);
+                            let (idx, vals) = decode(&o.frames, frames, size, t.numel)
                                 .map_err(|why| Error::output(self.out, why))?;
                             let idx: Vec<u8> = idx
                                 .iter()
                                 .flat_map(|i| i.to_le_bytes()[..iw as usize].to_vec())
                                 .collect();
-                            (idx, vals)
+                            vec![(idx, vals)]
                         } else {
-                            (o.idx, o.vals)
+                            o.parts
                         };
                         let shape = vec![o.changed];
-                        let indices = (format!("{name}.indices"), idt, shape.clone(), idx);
-                        let values = (format!("{name}.values"), t.dtype, shape, vals);
+                        let indices = (format!("{name}.indices"), idt, true);
+                        let values = (format!("{name}.values"), t.dtype, false);
                         let pieces = if size >= iw {
                             [values, indices]
                         } else {
                             [indices, values]
                         };
-                        for (key, dtype, shape, bytes) in pieces {
-                            self.piece(key, dtype, shape, &bytes)?;
+                        for (key, dtype, first) in pieces {
+                            let bytes =
+                                parts.iter().map(|p| &(if first { &p.0 } else { &p.1 })[..]);
+                            self.piece(key, dtype, shape.clone(), bytes)?;
                         }
                     }
                     Form::Compact => {
                         self.frame_table(name, &o.frames)?;
-                        let len = o.vals.len() as u64;
-                        self.piece(format!("{name}.compact"), Dtype::U8, vec![len], &o.vals)?;
+                        let blob = o.parts.iter().map(|(_, f)| &f[..]);
+                        let len = vec![blob_len(&o.frames)];
+                        self.piece(format!("{name}.compact"), Dtype::U8, len, blob)?;
                     }
                 }
                 form
@@ -720,21 +752,23 @@ impl<'a> Assembly<'a> {
     }
 }
 
-/// The changes in compact `frames` (one after another in `blob`) of a tensor of `numel`
+/// Bytes of compact `frames`, one after another.
+fn blob_len(frames: &[Frame]) -> u64 {
+    frames.iter().map(|f| f.bytes).sum()
+}
+
+/// The changes in compact `frames` (their bytes in `blobs`, in order) of a tensor of `numel`
 /// elements of `size` bytes, decoded: flat indices and values.
-fn decode(
+fn decode<'b>(
     frames: &[Frame],
-    blob: &[u8],
+    blobs: impl Iterator<Item = &'b [u8]>,
     size: u64,
     numel: u64,
 ) -> std::result::Result<(Vec<u64>, Vec<u8>), std::io::Error> {
     let (mut idx, mut vals) = (Vec::new(), Vec::new());
-    let mut at = 0usize;
-    for (k, f) in frames.iter().enumerate() {
-        let frame = &blob[at..at + f.bytes as usize];
+    for (k, frame) in blobs.enumerate() {
         crate::codec::decode_nth(frames, k, frame, size as usize, numel, &mut idx, &mut vals)
             .map_err(std::io::Error::other)?;
-        at += f.bytes as usize;
     }
     Ok((idx, vals))
 }
@@ -1034,7 +1068,7 @@ fn create_holding(
                     .map(|b| u64::from(u32::from_le_bytes(b.try_into().expect("4 bytes"))) - s);
                 crate::codec::encode(offsets, &vals, size)
             };
-            idx.clear();
+            idx = Vec::new();
         }
         progress
             .done
