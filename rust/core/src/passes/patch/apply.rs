@@ -27,7 +27,9 @@ impl AtomicFile {
         Ok(AtomicFile {
             path: path.to_path_buf(),
             staged,
-            file: BufWriter::with_capacity(1 << 20, file),
+            // Small pieces (headers, tables, padding) are gathered; a chunk's changes are
+            // mostly larger and go to the file without a copy.
+            file: BufWriter::with_capacity(64 << 10, file),
             len: 0,
             handed: 0,
         })

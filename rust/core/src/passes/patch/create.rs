@@ -895,6 +895,11 @@ struct Job<'a> {
     b: (&'a Shard, &'a TensorInfo),
 }
 
+thread_local! {
+    /// The share of elements changed in the last chunk this thread compared.
+    static LAST_SHARE: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
+}
+
 /// The plan of a patch: the shared [`plan`] of two sides read as stored (bytes, not values),
 /// with a patch's stricter demands: both sides hold the same tensors with the same shapes and
 /// dtypes (a patch keeps them all). One job per tensor.
@@ -1042,7 +1047,15 @@ fn create_holding(
             &job.a.0.bytes(job.a.1)[s * size..(s + len) * size],
             &job.b.0.bytes(job.b.1)[s * size..(s + len) * size],
         );
-        let (mut idx, mut vals) = (Vec::new(), Vec::new());
+        // Room for as many changes as this thread's last chunk had, and some: RL's changes
+        // are spread evenly, so the buffers are rarely moved as they grow (each move copied
+        // what they held).
+        let expect = (LAST_SHARE.get() * 1.125 * len as f64) as usize + 1024;
+        let iw = if wide { 8 } else { 4 };
+        let (mut idx, mut vals) = (
+            Vec::with_capacity(expect.min(len) * iw),
+            Vec::with_capacity(expect.min(len) * size),
+        );
         // A leaf of each side at a time: compared, then hashed for the fingerprints while it
         // is in the cache.
         let leaves = x.len().div_ceil(LEAF);
@@ -1054,6 +1067,7 @@ fn create_holding(
             prints.1.push(py);
         }
         let count = (vals.len() / size.max(1)) as u64;
+        LAST_SHARE.set(count as f64 / len as f64);
         if codec == Codec::Compact && count > 0 {
             // Offsets from the chunk's first element; the frame replaces both.
             let s = s as u64;
