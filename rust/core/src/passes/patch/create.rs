@@ -878,7 +878,8 @@ fn header_room(jobs: &[Job], codec: Codec, provenance: &BTreeMap<String, String>
     room.div_ceil(8) * 8
 }
 
-/// One compared chunk of a tensor (of job `job`): its changes, as [`Span`] gathers them.
+/// One compared chunk of a tensor (of job `job`): its changes, as [`Assembly::store`] takes
+/// them.
 struct Part {
     job: usize,
     start: u64,

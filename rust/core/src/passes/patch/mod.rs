@@ -11,10 +11,11 @@
 //! Creating is one streaming pass over both checkpoints (changed positions found a 64-byte
 //! block at a time), each tensor's pieces written into the patch as the tensor finishes, in
 //! B's order, aligned by `NAME.pad` (version 3), the header written last into room kept for
-//! it: each change is written once and memory holds one tensor's changes at most. Applying streams B's shards
-//! into new files a piece at a time, with each patch's entries written over each piece in
-//! order, checking B's fingerprint before and C's after; patches chain by fingerprint, so a
-//! missing, repeated or reordered patch is refused before anything is written.
+//! it: each change is written once and memory holds one tensor's changes at most. Applying
+//! streams B's shards into new files a piece at a time, with each patch's entries written
+//! over each piece in order, checking B's fingerprint before and C's after; patches chain by
+//! fingerprint, so a missing, repeated or reordered patch is refused before anything is
+//! written.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
